@@ -1,0 +1,1 @@
+"""DecDEC runtime: config, op graph, compile, executors, engine, profiler and CLI."""

@@ -1,0 +1,62 @@
+"""Text for calibration and evaluation, and its cutting into token windows.
+
+The embedded default corpus is CPython's language reference (`pydoc_data.topics`, ~465 k
+characters, shipped with every Python): topics in name order alternate between the calibration
+half (even positions) and the evaluation half (odd), so the two never share a topic.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from runtime.errors import ConfigError
+
+HALVES = ("calibration", "eval")
+
+
+def pydoc_half(half: str) -> str:
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)[HALVES.index(half) :: 2]
+    return "\n\n".join(topics[name] for name in names)
+
+
+def corpus_text(corpus: str, half: str) -> str:
+    """'pydoc' gives the named half of the embedded corpus; anything else is a UTF-8 text file."""
+    if corpus == "pydoc":
+        return pydoc_half(half)
+    path = Path(corpus).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"config field '{half}.corpus' = '{corpus}': no such text file (or use 'pydoc')")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config field '{half}.corpus' = '{corpus}' is not UTF-8 text ({e})") from e
+
+
+def check_disjoint(calibration: str, evaluation: str) -> None:
+    """Calibration must not see the evaluation text: same user file for both is refused."""
+    if calibration != "pydoc" and Path(calibration).resolve() == Path(evaluation).resolve():
+        raise ConfigError(
+            f"'calibration.corpus' and 'eval.corpus' are the same file ({calibration}): "
+            "calibration and evaluation text must not overlap"
+        )
+
+
+def token_windows(tokenizer, text: str, ctx: int, max_tokens: int) -> list[torch.Tensor]:
+    """Non-overlapping windows of `ctx` tokens, each starting with BOS (when the model has one) and
+    followed by the next ctx-1 tokens of text, until `max_tokens` predicted tokens are covered."""
+    ids = tokenizer.encode(text, add_bos=False)
+    bos = [tokenizer.bos_id] if tokenizer.add_bos_default and tokenizer.bos_id is not None else []
+    body = ctx - len(bos)
+    windows = []
+    for start in range(0, min(len(ids), max_tokens), body):
+        chunk = ids[start : start + body]
+        if len(chunk) < 2:
+            break
+        windows.append(torch.tensor(bos + chunk, dtype=torch.int64))
+    if not windows:
+        raise ConfigError(f"corpus is too short: {len(ids)} tokens, need at least 2")
+    return windows

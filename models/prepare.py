@@ -1,0 +1,149 @@
+"""`decdec prepare`: model -> quantized weights, residual tables, calibrated thresholds -> artifacts.
+
+    load model -> calibration windows -> activations of every linear group
+      -> per group: quantize (RTN / AWQ at the layer's bits), residual R = W' - deq(Q) at 4 bits,
+         threshold profile and channel means of x~ = x * act_scale
+      -> safetensors + manifest (reused next time when model and config match)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from models import artifacts
+from models.arch import LINEAR_KINDS
+from models.calibrate import (
+    bits_per_layer,
+    collect_activations,
+    layer_sensitivity,
+    mean_abs,
+    threshold_profile,
+)
+from models.corpus import check_disjoint, corpus_text, token_windows
+from models.loader import LoadedModel, load_model
+from models.quantize import QuantizedLinear, quantize_awq, quantize_rtn
+from models.residual import ResidualTable, build_residual, effective_weight
+from runtime.config import Config, load_config
+
+Group = tuple[int, str]
+SENSITIVITY_WINDOWS = 2  # windows of calibration text for the 3.5-bit layer ranking (2 x ctx tokens)
+
+
+@dataclass
+class PreparedGroup:
+    """Everything DecDEC keeps for one linear group."""
+
+    q: QuantizedLinear
+    residual: ResidualTable
+    thresholds: torch.Tensor  # float32 [in], see models/calibrate.threshold_profile
+    mean_abs: torch.Tensor  # float32 [in]
+
+
+@dataclass
+class Prepared:
+    model: LoadedModel
+    groups: dict[Group, PreparedGroup]
+    layer_bits: list[int]
+    config: Config
+    folder: Path
+
+
+def artifact_key(model: LoadedModel, cfg: Config) -> dict:
+    """What artifacts depend on: the model's bytes and the config that shapes preparation."""
+    return {
+        "model_sha256": model.sha256,
+        "quant": dataclasses.asdict(cfg.quant),
+        "calibration": dataclasses.asdict(cfg.calibration),
+        "residual_bits": cfg.decdec.residual_bits,
+    }
+
+
+def calibration_windows(model: LoadedModel, cfg: Config) -> list[torch.Tensor]:
+    cal = cfg.calibration
+    check_disjoint(cal.corpus, cfg.eval.corpus)
+    if model.tokenizer is None:  # synthetic model: random tokens are as good as any
+        gen = torch.Generator().manual_seed(0)
+        n = max(1, cal.tokens // cal.ctx)
+        return [torch.randint(0, model.args.vocab_size, (cal.ctx,), generator=gen) for _ in range(n)]
+    return token_windows(model.tokenizer, corpus_text(cal.corpus, "calibration"), cal.ctx, cal.tokens)
+
+
+def quantize_group(weight: torch.Tensor, x: torch.Tensor, bits: int, cfg: Config) -> QuantizedLinear:
+    if cfg.quant.method == "awq":
+        return quantize_awq(weight, x, bits, cfg.quant.group_size)
+    return quantize_rtn(weight, bits, cfg.quant.group_size)
+
+
+def build(model: LoadedModel, cfg: Config, progress: bool = True) -> tuple[dict[Group, PreparedGroup], list[int]]:
+    args, weights = model.args, model.weights
+    windows = calibration_windows(model, cfg)
+    with tqdm(total=len(windows), desc="calibration activations", disable=not progress) as bar:
+        acts = collect_activations(args, weights, windows, bar)
+    groups = [(layer, kind) for layer in range(args.n_layers) for kind in LINEAR_KINDS]
+    candidate_bits = [3, 4] if cfg.quant.bits == 3.5 else [int(cfg.quant.bits)]
+    quantized: dict[tuple[int, str, int], QuantizedLinear] = {}
+    for layer, kind in tqdm(groups, desc=f"quantizing ({cfg.quant.method})", disable=not progress):
+        w = weights[f"layers.{layer}.{kind}"]
+        for bits in candidate_bits:
+            quantized[layer, kind, bits] = quantize_group(w, acts[layer, kind], bits, cfg)
+    sensitivity = None
+    if cfg.quant.bits == 3.5:
+        def applied(layer, kind, bits):  # the weight applied to x itself: deq(Q) * act_scale
+            q = quantized[layer, kind, bits]
+            return q.dequantize() * q.act_scale
+
+        sensitivity = layer_sensitivity(args, weights, windows[:SENSITIVITY_WINDOWS], applied)
+    layer_bits = bits_per_layer(cfg.quant.bits, sensitivity, args.n_layers)
+    prepared = {}
+    for layer, kind in tqdm(groups, desc="residuals + thresholds", disable=not progress):
+        q = quantized[layer, kind, layer_bits[layer]]
+        x_seen = acts[layer, kind] * q.act_scale  # what the quantized GEMV (and the selector) sees
+        residual = build_residual(effective_weight(weights[f"layers.{layer}.{kind}"], q), q)
+        prepared[layer, kind] = PreparedGroup(q, residual, threshold_profile(x_seen), mean_abs(x_seen))
+    return prepared, layer_bits
+
+
+def _to_tensors(groups: dict[Group, PreparedGroup]) -> dict[str, dict[str, torch.Tensor]]:
+    out: dict[str, dict[str, torch.Tensor]] = {name: {} for name in artifacts.FILES}
+    for (layer, kind), g in groups.items():
+        prefix = f"layers.{layer}.{kind}"
+        out["quantized"].update(g.q.to_tensors(prefix))
+        out["residuals"].update(g.residual.to_tensors(prefix))
+        out["calibration"][f"{prefix}.thresholds"] = g.thresholds
+        out["calibration"][f"{prefix}.mean_abs"] = g.mean_abs
+    return out
+
+
+def _from_tensors(tensors, layer_bits: list[int], cfg: Config) -> dict[Group, PreparedGroup]:
+    groups = {}
+    for layer, bits in enumerate(layer_bits):
+        for kind in LINEAR_KINDS:
+            prefix = f"layers.{layer}.{kind}"
+            groups[layer, kind] = PreparedGroup(
+                QuantizedLinear.from_tensors(tensors["quantized"], prefix, bits, cfg.quant.group_size),
+                ResidualTable.from_tensors(tensors["residuals"], prefix),
+                tensors["calibration"][f"{prefix}.thresholds"],
+                tensors["calibration"][f"{prefix}.mean_abs"],
+            )
+    return groups
+
+
+def prepare(cfg, force: bool = False, progress: bool = True, model: LoadedModel | None = None) -> Prepared:
+    """Prepared artifacts for `cfg`: reused from its folder when model and config match, else built."""
+    cfg = load_config(cfg)
+    model = model or load_model(cfg.model.source, cfg.model.max_seq_len)
+    folder = cfg.artifact_dir()
+    key = artifact_key(model, cfg)
+    manifest = artifacts.read_manifest(folder)
+    if manifest is not None and not force:
+        tensors, info = artifacts.load_artifacts(folder, key)
+        return Prepared(model, _from_tensors(tensors, info["layer_bits"], cfg), info["layer_bits"], cfg, folder)
+    groups, layer_bits = build(model, cfg, progress)
+    info = {"layer_bits": layer_bits, "source": model.source, "family": model.args.family}
+    artifacts.save_artifacts(folder, key, _to_tensors(groups), info)
+    return Prepared(model, groups, layer_bits, cfg, folder)

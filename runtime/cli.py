@@ -1,0 +1,108 @@
+"""`decdec` command line. Every verb works with no CFG on a fresh machine (the embedded default model).
+
+Bad input prints one line, `error: ...`, and exits with status 2; nothing half-written is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from runtime.errors import ConfigError, DecDECError
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _config(args) -> "Config":  # noqa: F821 - imported lazily to keep `decdec --help` fast
+    from runtime.config import load_config
+
+    cfg = load_config(args.cfg)
+    overrides: dict = {}
+    if getattr(args, "corpus", None):
+        overrides.setdefault("eval", {})["corpus"] = args.corpus
+    if getattr(args, "ctx", None):
+        overrides.setdefault("eval", {})["ctx"] = args.ctx
+    if getattr(args, "max_tokens", None):
+        overrides.setdefault("eval", {})["tokens"] = args.max_tokens
+    if getattr(args, "artifacts", None):
+        overrides["artifacts"] = args.artifacts
+    if not overrides:
+        return cfg
+    merged = dataclasses.asdict(cfg)
+    for key, value in overrides.items():
+        merged[key] = {**merged[key], **value} if isinstance(value, dict) else value
+    return load_config(merged)
+
+
+def cmd_prepare(args) -> None:
+    from models.prepare import prepare
+
+    prepared = prepare(_config(args), force=args.force)
+    bits = prepared.layer_bits
+    print(f"artifacts ready in {prepared.folder} ({len(prepared.groups)} linear groups, layer bits {bits})")
+
+
+def cmd_eval(args) -> None:
+    from models.prepare import prepare
+    from runtime.evaluate import eval_rows, format_table
+
+    cfg = _config(args)
+    selections = args.selection.split(",")
+    for mode in selections:
+        if mode not in ("bucket", "exact", "static"):
+            raise ConfigError(f"--selection '{mode}' is not allowed: allowed are bucket, exact, static")
+    prepared = prepare(cfg, force=args.force)
+    rows = eval_rows(prepared, args.k_chunk, selections, reference=not args.no_reference)
+    print(format_table(rows))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"rows": rows}, indent=1))
+        print(f"wrote {args.json}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="decdec", description="DecDEC: low-bit LLM decoding with dynamic error compensation")
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    def verb(name: str, help: str, fn):
+        v = sub.add_parser(name, help=help)
+        v.add_argument("cfg", nargs="?", default=None, help="model config (YAML); default: the embedded Gemma 3 270M, 3-bit AWQ")
+        v.add_argument("--artifacts", help="artifact folder (overrides the config)")
+        v.set_defaults(fn=fn)
+        return v
+
+    v = verb("prepare", "quantize, build residuals, calibrate thresholds, write artifacts", cmd_prepare)
+    v.add_argument("--force", action="store_true", help="rebuild even if matching artifacts exist")
+
+    v = verb("eval", "perplexity: reference / quantized / quantized + DecDEC", cmd_eval)
+    v.add_argument("--corpus", help="evaluation text file (default: CPython's language reference, eval half)")
+    v.add_argument("--ctx", type=int, help="window length in tokens")
+    v.add_argument("--max-tokens", type=int, help="tokens evaluated")
+    v.add_argument("--k-chunk", type=_int_list, default=[0, 8, 16, 32, 64], help="comma-separated k_chunk values")
+    v.add_argument("--selection", default="bucket,exact,static", help="comma-separated: bucket, exact, static")
+    v.add_argument("--no-reference", action="store_true", help="skip the full-precision row")
+    v.add_argument("--json", help="write {'rows': [...]} here")
+    v.add_argument("--force", action="store_true", help="rebuild artifacts")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except DecDECError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

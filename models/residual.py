@@ -30,7 +30,7 @@ def _pack_rows(codes: torch.Tensor) -> torch.Tensor:
     return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
 
 
-def _unpack_rows(rows: torch.Tensor, out_features: int) -> torch.Tensor:
+def unpack_rows(rows: torch.Tensor, out_features: int) -> torch.Tensor:
     """uint8 rows [k, ceil(out / 2)] -> signed codes float32 [k, out] (padding dropped)."""
     nibbles = torch.stack([rows & 0x0F, rows >> 4], dim=-1).reshape(rows.shape[0], -1)
     return nibbles[:, :out_features].float() - NIBBLE_OFFSET
@@ -66,7 +66,7 @@ class ResidualTable:
     def dequantize_rows(self, idx: torch.Tensor) -> torch.Tensor:
         """float32 [len(idx), out]: the residual rows of input channels `idx`, dequantized —
         what the kernel's fetch + dequant step produces for the channels it picked."""
-        return _unpack_rows(self.rows[idx], self.out_features) * self.scales.float()
+        return unpack_rows(self.rows[idx], self.out_features) * self.scales.float()
 
     def dequantize(self) -> torch.Tensor:
         """R_hat, float32 [out, in]."""

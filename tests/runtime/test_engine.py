@@ -1,0 +1,105 @@
+"""engine.step() token by token gives the logits of the batch simulation that perplexity uses.
+
+Tolerance: the step computes R_hat[:, idx] @ x[idx] and the simulation (x * mask) @ R_hat^T, the
+same float32 terms summed in another order, so logits agree to ~1e-6 relative; we require
+max |diff| <= 1e-4 * max |logit|. The selections themselves must be identical.
+"""
+
+import pytest
+import torch
+
+import runtime
+from models.arch import forward
+from runtime.errors import ConfigError
+from runtime.evaluate import decdec_linear, dense_groups
+
+TINY = {"family": "llama", "vocab_size": 300, "dim": 128, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
+        "head_dim": 32, "ffn_dim": 1536, "max_seq_len": 64}
+
+
+def tiny_cfg(tmp_path, k_chunk=64, selection="bucket", family="llama", method="rtn"):
+    spec = {**TINY, "family": family}
+    if family == "gemma3":
+        spec.update(sliding_window=4, sliding_pattern=2)
+    return {
+        "model": {"source": {"synthetic": spec}, "max_seq_len": 64},
+        "quant": {"method": method, "bits": 3},
+        "decdec": {"k_chunk": k_chunk, "selection": selection},
+        "calibration": {"tokens": 128, "ctx": 32},
+        "artifacts": str(tmp_path / "art"),
+    }
+
+
+def step_logits(engine, tokens) -> torch.Tensor:
+    engine.reset()
+    return torch.stack([engine.step(int(t)) for t in tokens])
+
+
+def assert_close_logits(got, want):
+    err = (got - want).abs().max().item()
+    assert err <= 1e-4 * want.abs().max().item(), f"max |logit diff| {err}"
+
+
+@pytest.mark.parametrize("family,method", [("llama", "rtn"), ("gemma3", "awq")])
+def test_step_equals_batch_simulation(tmp_path, family, method):
+    engine = runtime.compile(tiny_cfg(tmp_path, family=family, method=method), progress=False)
+    tokens = torch.randint(0, TINY["vocab_size"], (24,), generator=torch.Generator().manual_seed(4))
+    p = engine.prepared
+    groups = dense_groups(p)
+    sim = forward(p.model.args, p.model.weights, tokens, decdec_linear(groups, "bucket", 64))
+    assert_close_logits(step_logits(engine, tokens), sim)
+    base = forward(p.model.args, p.model.weights, tokens, decdec_linear(groups, "none"))
+    assert (sim - base).abs().max() > 1e-3, "compensation changed nothing: the test would prove nothing"
+
+
+def test_step_without_decdec_equals_quantized_model(tmp_path):
+    engine = runtime.compile(tiny_cfg(tmp_path, selection="none"), progress=False)
+    assert not any(n.op == "selector" for n in engine.graph.nodes)
+    tokens = torch.randint(0, TINY["vocab_size"], (10,), generator=torch.Generator().manual_seed(5))
+    p = engine.prepared
+    want = forward(p.model.args, p.model.weights, tokens, decdec_linear(dense_groups(p), "none"))
+    assert_close_logits(step_logits(engine, tokens), want)
+
+
+def test_prefill_then_steps_continue_the_sequence(tmp_path):
+    engine = runtime.compile(tiny_cfg(tmp_path, selection="none"), progress=False)
+    tokens = torch.randint(0, TINY["vocab_size"], (12,), generator=torch.Generator().manual_seed(6))
+    full = step_logits(engine, tokens)
+    engine.reset()
+    pre = engine.prefill(tokens[:8])
+    rest = torch.stack([engine.step(int(t)) for t in tokens[8:]])
+    assert_close_logits(torch.cat([pre, rest]), full)
+
+
+def test_graph_has_selector_dma_correction_per_group(tmp_path):
+    engine = runtime.compile(tiny_cfg(tmp_path), progress=False)
+    ops = [n.op for n in engine.graph.nodes if n.layer == 0]
+    assert ops.count("selector") == ops.count("dma") == ops.count("correction") == 4  # qkv, o, gate_up, down
+    side = [it for it in engine.plan.items if it.stream == 1]
+    assert {it.node.op for it in side} == {"selector", "dma", "correction"}
+    assert all(it.node.attr("k_chunk") == 64 for it in side)
+
+
+def test_sequence_longer_than_cache_is_a_clear_error(tmp_path):
+    engine = runtime.compile(tiny_cfg(tmp_path, selection="none"), progress=False)
+    with pytest.raises(ConfigError, match="exceeds model.max_seq_len = 64"):
+        engine.prefill(list(range(65)))
+
+
+def test_exact_selection_is_not_an_engine_mode(tmp_path):
+    with pytest.raises(ConfigError, match="'decdec.selection' = 'exact' is an evaluation baseline"):
+        runtime.compile(tiny_cfg(tmp_path, selection="exact"), progress=False)
+
+
+@pytest.mark.slow
+def test_step_equals_simulation_on_gemma3(tmp_path):
+    """The real default model, 3-bit RTN (quick to prepare), first 64 positions of eval text."""
+    cfg = {"model": {"source": "gemma3-270m", "max_seq_len": 128}, "quant": {"method": "rtn", "bits": 3},
+           "decdec": {"k_chunk": 32}, "calibration": {"tokens": 256, "ctx": 128}, "artifacts": str(tmp_path / "g")}
+    engine = runtime.compile(cfg, progress=False)
+    from models.corpus import corpus_text
+
+    tokens = torch.tensor(engine.tokenizer.encode(corpus_text("pydoc", "eval")[:2000]))[:64]
+    p = engine.prepared
+    sim = forward(p.model.args, p.model.weights, tokens, decdec_linear(dense_groups(p), "bucket", 32))
+    assert_close_logits(step_logits(engine, tokens), sim)

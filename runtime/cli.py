@@ -68,6 +68,58 @@ def cmd_eval(args) -> None:
         print(f"wrote {args.json}")
 
 
+def cmd_run(args) -> None:
+    import runtime
+    from runtime.evaluate import eval_rows, format_table
+
+    cfg = _config(args)
+    engine = runtime.compile(cfg, force=args.force)
+    print(f"\nmodel {engine.prepared.model.source}, {cfg.quant.method} {cfg.quant.bits:g}-bit, "
+          f"DecDEC k_chunk {engine.k_chunk} ({cfg.decdec.selection} selection), device {cfg.device}")
+    text = engine.generate(args.prompt, max_new_tokens=args.max_new_tokens)
+    print(f"\n{args.prompt}{text}\n")
+    if args.ppl_tokens > 0:
+        small = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, tokens=args.ppl_tokens))
+        prepared = dataclasses.replace(engine.prepared, config=small)
+        ks = [engine.k_chunk] if engine.k_chunk else []
+        print(format_table(eval_rows(prepared, ks, ["bucket"], reference=True)))
+
+
+def _layer_bits(cfg, args_model) -> list[int]:
+    from models.artifacts import read_manifest
+
+    if cfg.quant.bits != 3.5:
+        return [int(cfg.quant.bits)] * args_model.n_layers
+    manifest = read_manifest(cfg.artifact_dir())
+    if manifest is None:
+        raise ConfigError("3.5-bit layer bits are chosen by `decdec prepare`: run it first")
+    return manifest["info"]["layer_bits"]
+
+
+def cmd_graph(args) -> None:
+    from models.graph import build_graph
+    from models.loader import load_model
+    from runtime.engine import engine_k_chunk
+    from scheduler.plan import schedule
+
+    cfg = _config(args)
+    model = load_model(cfg.model.source, cfg.model.max_seq_len)
+    graph = build_graph(model.args, _layer_bits(cfg, model.args), engine_k_chunk(cfg))
+    print(schedule(graph).format())
+    counts: dict[str, int] = {}
+    for node in graph.nodes:
+        counts[node.op] = counts.get(node.op, 0) + 1
+    print(f"\n{len(graph.nodes)} nodes: " + ", ".join(f"{op} {n}" for op, n in counts.items()))
+
+
+def cmd_profile(args) -> None:
+    import runtime
+    from runtime.profiler import profile_steps
+
+    engine = runtime.compile(_config(args), force=args.force)
+    print(profile_steps(engine, args.steps, args.trace))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="decdec", description="DecDEC: low-bit LLM decoding with dynamic error compensation")
     sub = p.add_subparsers(dest="verb", required=True)
@@ -90,6 +142,19 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--selection", default="bucket,exact,static", help="comma-separated: bucket, exact, static")
     v.add_argument("--no-reference", action="store_true", help="skip the full-precision row")
     v.add_argument("--json", help="write {'rows': [...]} here")
+    v.add_argument("--force", action="store_true", help="rebuild artifacts")
+
+    v = verb("run", "generate text with DecDEC and print a short perplexity comparison", cmd_run)
+    v.add_argument("--prompt", default="The capital of France is")
+    v.add_argument("--max-new-tokens", type=int, default=32)
+    v.add_argument("--ppl-tokens", type=int, default=512, help="tokens for the perplexity comparison (0: skip)")
+    v.add_argument("--force", action="store_true", help="rebuild artifacts")
+
+    verb("graph", "print the compiled op graph: per layer, ops in order with streams and k_chunk", cmd_graph)
+
+    v = verb("profile", "decode some steps and print a per-op timeline; write a Chrome trace", cmd_profile)
+    v.add_argument("--steps", type=int, default=8)
+    v.add_argument("--trace", help="write a Chrome-trace JSON here (opens in Perfetto)")
     v.add_argument("--force", action="store_true", help="rebuild artifacts")
     return p
 

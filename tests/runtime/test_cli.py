@@ -1,0 +1,100 @@
+"""The CLI end to end on a tiny synthetic model, and bad input turned into one clear error."""
+
+import json
+
+import pytest
+import yaml
+
+from runtime.cli import main
+from runtime.config import load_config
+from runtime.errors import ConfigError
+
+TINY = {"family": "llama", "vocab_size": 200, "dim": 64, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1,
+        "head_dim": 32, "ffn_dim": 128, "max_seq_len": 64}
+
+
+@pytest.fixture
+def cfg_file(tmp_path):
+    cfg = {"model": {"source": {"synthetic": TINY}, "max_seq_len": 64}, "quant": {"method": "rtn", "bits": 3},
+           "decdec": {"k_chunk": 256}, "calibration": {"tokens": 64, "ctx": 32}, "eval": {"tokens": 64, "ctx": 32},
+           "artifacts": str(tmp_path / "art")}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_prepare_eval_graph_profile(cfg_file, tmp_path, capsys):
+    assert main(["prepare", str(cfg_file)]) == 0
+    out_json = tmp_path / "eval.json"
+    assert main(["eval", str(cfg_file), "--k-chunk", "0,128", "--json", str(out_json)]) == 0
+    rows = json.loads(out_json.read_text())["rows"]
+    assert [(r["method"], r["selection"], r["k_chunk"]) for r in rows] == [
+        ("reference", "none", 0), ("rtn", "none", 0), ("rtn", "bucket", 128), ("rtn", "exact", 128), ("rtn", "static", 128)]
+    assert all(r["ppl"] > 1 and r["tokens"] == 62 for r in rows)
+    assert main(["graph", str(cfg_file)]) == 0
+    out = capsys.readouterr().out
+    assert "L0.qkv.selector" in out and "side" in out
+    trace = tmp_path / "trace.json"
+    assert main(["profile", str(cfg_file), "--steps", "3", "--trace", str(trace)]) == 0
+    out = capsys.readouterr().out
+    assert "summary by op type" in out and "plain step" in out
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert {e["tid"] for e in events if e["ph"] == "X"} == {0, 1}
+
+
+BAD_CONFIGS = [
+    ({"quant": {"bitz": 3}}, "unknown config field 'bitz' in section 'quant'"),
+    ({"quant": {"bits": 2}}, r"'quant.bits' = 2 is not allowed: allowed are \[3, 4, 3.5\]"),
+    ({"decdec": {"k_chunk": 4096}}, r"'decdec.k_chunk' = 4096 is out of range: allowed 0 .. 1024"),
+    ({"decdec": {"k_chunk": "many"}}, "'decdec.k_chunk' = 'many' has the wrong type"),
+    ({"decdec": {"target_slowdown": -0.1}}, "'decdec.target_slowdown' = -0.1 is out of range"),
+    ({"device": "tpu"}, "'device' = 'tpu' is not allowed"),
+    ({"eval": "lots"}, "section 'eval' must be a mapping"),
+]
+
+
+@pytest.mark.parametrize("cfg,message", BAD_CONFIGS)
+def test_bad_config_fields(cfg, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(cfg)
+
+
+def test_bad_yaml_and_missing_model_print_one_error(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    assert main(["prepare", str(bad)]) == 2
+    assert "is not valid YAML" in capsys.readouterr().err
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(yaml.safe_dump({"model": {"source": str(tmp_path / "nope.gguf")}}))
+    assert main(["prepare", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: model source") and "not found" in err and "Traceback" not in err
+
+
+def test_mismatched_artifacts_are_refused(cfg_file, capsys):
+    assert main(["prepare", str(cfg_file)]) == 0
+    cfg = yaml.safe_load(cfg_file.read_text())
+    cfg["quant"]["bits"] = 4  # same artifact folder, another config
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    assert main(["eval", str(cfg_file), "--k-chunk", "0"]) == 2
+    assert "were made with quant = " in capsys.readouterr().err
+
+
+def test_corrupt_artifacts_are_refused(cfg_file, tmp_path, capsys):
+    assert main(["prepare", str(cfg_file)]) == 0
+    f = tmp_path / "art" / "residuals.safetensors"
+    f.write_bytes(f.read_bytes()[:-10] + b"0123456789")
+    assert main(["eval", str(cfg_file), "--k-chunk", "0"]) == 2
+    assert "is corrupt (sha256 differs from the manifest)" in capsys.readouterr().err
+
+
+def test_interrupted_prepare_leaves_nothing_trusted(cfg_file, tmp_path, monkeypatch, capsys):
+    from models import artifacts
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(artifacts, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        main(["prepare", str(cfg_file)])
+    assert not (tmp_path / "art" / "manifest.json").exists()

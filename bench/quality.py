@@ -47,11 +47,16 @@ def main() -> None:
         # quantization hurts most, gets the real (bucket) selection too.
         selections = {("awq", 3): ["bucket", "exact", "static"], ("rtn", 3): ["bucket"]}.get((method, bits), [])
         rows += eval_rows(prepared, k_chunks if selections else [], selections, reference=not rows)
+        write(a, rows, started, complete=(method, bits) == QUANT_POINTS[-1])  # partial results survive
     print(format_table(rows))
-    result = {**run_meta(), "model": a.model, "ctx": a.ctx, "eval_tokens": rows[0]["tokens"],
-              "calibration_tokens": a.calib_tokens, "seconds": round(time.time() - started), "rows": rows}
-    Path(a.out).write_text(json.dumps(result, indent=1))
     print(f"wrote {a.out}")
+
+
+def write(a, rows: list[dict], started: float, complete: bool) -> None:
+    result = {**run_meta(), "model": a.model, "ctx": a.ctx, "eval_tokens": rows[0]["tokens"],
+              "calibration_tokens": a.calib_tokens, "seconds": round(time.time() - started),
+              "complete": complete, "rows": rows}
+    Path(a.out).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ class DecDECSection:
 @dataclass(frozen=True)
 class CorpusSection:
     corpus: str = "pydoc"  # "pydoc" (CPython's language reference, split by topic) or a text file
-    tokens: int = 4096  # tokens used
+    tokens: int = 2048  # tokens used (4 windows of 512: AWQ and thresholds settle by then; CPU-bound)
     ctx: int = 512  # window length
 
 
@@ -54,14 +54,15 @@ class Config:
     calibration: CorpusSection = field(default_factory=CorpusSection)
     eval: CorpusSection = field(default_factory=lambda: CorpusSection(tokens=8192))
     device: str = "cpu"  # cpu | cuda
-    artifacts: str | None = None  # folder; default artifacts/<model>-<method><bits>
+    artifacts: str | None = None  # folder; default artifacts/<model>-<method><bits>-cal<tokens>x<ctx>
 
     def artifact_dir(self) -> Path:
         if self.artifacts:
             return Path(self.artifacts)
         src = self.model.source
         name = "synthetic" if isinstance(src, dict) else Path(str(src)).name.removesuffix(".gguf")
-        return Path("artifacts") / f"{name}-{self.quant.method}{self.quant.bits:g}"
+        cal = self.calibration  # in the name, so changing it picks a new folder instead of a refusal
+        return Path("artifacts") / f"{name}-{self.quant.method}{self.quant.bits:g}-cal{cal.tokens}x{cal.ctx}"
 
 
 ALLOWED = {  # field path -> allowed values (checked after the type)

@@ -75,6 +75,19 @@ def file_sha256(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
+def layer_weights(args: ModelArgs, names: dict, fetch: Callable[[int, str, str], torch.Tensor]) -> dict:
+    """Canonical per-layer weights: `names` maps ours -> theirs (a list: rows concatenated);
+    `fetch(layer, their_name, ours)` returns one of their tensors as float32 torch."""
+    expected = args.weight_shapes()
+    weights = {}
+    for i in range(args.n_layers):
+        for ours, theirs in names.items():
+            if f"layers.{i}.{ours}" in expected:
+                parts = [fetch(i, t, ours) for t in ([theirs] if isinstance(theirs, str) else theirs)]
+                weights[f"layers.{i}.{ours}"] = torch.cat(parts, dim=0)
+    return weights
+
+
 def check_weights(args: ModelArgs, weights: dict[str, torch.Tensor], where: str) -> None:
     """Every expected tensor present with the shape the config implies: else one clear error."""
     for name, shape in args.weight_shapes().items():
@@ -171,17 +184,15 @@ def load_gguf(path: Path, source_name: str | None = None, max_seq_len: int | Non
     weights: dict[str, torch.Tensor] = {"embed": torch.from_numpy(tensor("token_embd.weight"))}
     weights["lm_head"] = weights["embed"] if args.tied_embeddings else torch.from_numpy(tensor("output.weight"))
     weights["norm"] = torch.from_numpy(tensor("output_norm.weight"))
-    expected = args.weight_shapes()
-    for i in range(args.n_layers):
-        for ours, theirs in GGUF_NAMES.items():
-            if f"layers.{i}.{ours}" not in expected:
-                continue
-            suffix = ".bias" if ours.endswith("_bias") else ".weight"
-            parts = [tensor(f"blk.{i}.{t}{suffix}") for t in ([theirs] if isinstance(theirs, str) else theirs)]
-            if args.family == "llama" and ours == "qkv":  # only llama.cpp's Llama permutes q and k
-                parts[0] = _unpermute_rope(parts[0], args.n_heads)
-                parts[1] = _unpermute_rope(parts[1], args.n_kv_heads)
-            weights[f"layers.{i}.{ours}"] = torch.from_numpy(np.concatenate(parts, axis=0))
+    heads = {"attn_q": args.n_heads, "attn_k": args.n_kv_heads}
+
+    def fetch(i: int, theirs: str, ours: str) -> torch.Tensor:
+        w = tensor(f"blk.{i}.{theirs}{'.bias' if ours.endswith('_bias') else '.weight'}")
+        if args.family == "llama" and ours == "qkv" and theirs in heads:  # only llama.cpp's Llama permutes q, k
+            w = _unpermute_rope(w, heads[theirs])
+        return torch.from_numpy(w)
+
+    weights.update(layer_weights(args, GGUF_NAMES, fetch))
     # Gemma's norms are `1 + w`; llama.cpp's converter already stored the sum, which is our convention.
     check_weights(args, weights, str(path))
     return LoadedModel(args, weights, tokenizer_from_gguf_metadata(meta), source_name or str(path), file_sha256([Path(path)]))
@@ -291,16 +302,12 @@ def load_hf_folder(folder: Path, max_seq_len: int | None = None) -> LoadedModel:
 
     weights = {"embed": tensor("model.embed_tokens.weight"), "norm": tensor("model.norm.weight") + norm_offset}
     weights["lm_head"] = weights["embed"] if args.tied_embeddings else tensor("lm_head.weight")
-    expected = args.weight_shapes()
-    names = {**HF_NAMES, **HF_NORMS[args.family]}
-    for i in range(args.n_layers):
-        for ours, theirs in names.items():
-            if f"layers.{i}.{ours}" not in expected:
-                continue
-            suffix = ".bias" if ours.endswith("_bias") else ".weight"
-            parts = [tensor(f"model.layers.{i}.{t}{suffix}") for t in ([theirs] if isinstance(theirs, str) else theirs)]
-            w = torch.cat(parts, dim=0)
-            weights[f"layers.{i}.{ours}"] = w + norm_offset if ours.endswith("norm") else w
+
+    def fetch(i: int, theirs: str, ours: str) -> torch.Tensor:
+        w = tensor(f"model.layers.{i}.{theirs}{'.bias' if ours.endswith('_bias') else '.weight'}")
+        return w + norm_offset if ours.endswith("norm") else w
+
+    weights.update(layer_weights(args, {**HF_NAMES, **HF_NORMS[args.family]}, fetch))
     check_weights(args, weights, str(folder))
     tok_path = folder / "tokenizer.json"
     tokenizer = None

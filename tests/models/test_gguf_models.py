@@ -37,3 +37,21 @@ def test_user_gguf_path_runs_prepare_and_eval(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["method"] for r in rows] == ["reference", "rtn", "rtn"]
     assert rows[0]["ppl"] < rows[1]["ppl"]  # 3-bit RTN is worse than the reference
+
+
+def test_unsupported_gguf_architecture_is_named(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    from models.loader import load_model
+    from runtime.errors import UnsupportedModelError
+
+    path = tmp_path / "phi.gguf"
+    w = gguf.GGUFWriter(str(path), "phi3")
+    w.add_tensor("token_embd.weight", np.ones((8, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UnsupportedModelError, match=r"GGUF architecture 'phi3' is not supported: supported are \['llama', 'qwen2', 'gemma3'\]"):
+        load_model(str(path))

@@ -1,0 +1,68 @@
+"""Latency model fit and tuner, on synthetic measurements from a known profile (no GPU needed)."""
+
+import pytest
+
+from runtime.errors import ConfigError
+from scheduler.latency import DeviceProfile, fit_profile, predict_base_us, predict_corr_us, predict_pair_us
+from scheduler.plan import schedule
+from scheduler.tuner import predicted_step_us, tune
+
+TRUE = DeviceProfile("test-gpu", n_sm=132, hbm_bytes_per_us=2.4e6, base_fixed_us=3.0, pcie_bytes_per_us=45e3,
+                     per_tb_bytes_per_us=6e3, corr_fixed_us=4.0, steal=0.5, pair_fixed_us=0.1)
+SHAPES = {"qkv": (6144, 4096, 3, 32), "o": (4096, 4096, 3, 32), "gate_up": (28672, 4096, 3, 32), "down": (4096, 14336, 3, 32)}
+
+
+def measurements(p: DeviceProfile) -> list[dict]:
+    rows = []
+    for out, inp, bits, _ in SHAPES.values():
+        rows.append({"out": out, "in": inp, "bits": bits, "k_chunk": 0, "n_tb": 0, "base_us": predict_base_us(p, out, inp, bits)})
+        for k in (8, 32, 128):
+            for tb in (2, 8, 32):
+                rows.append({"out": out, "in": inp, "bits": bits, "k_chunk": k, "n_tb": tb,
+                             "base_us": predict_base_us(p, out, inp, bits),
+                             "corr_us": predict_corr_us(p, out, inp, k, tb),
+                             "pair_us": predict_pair_us(p, out, inp, bits, k, tb)})
+    return rows
+
+
+def test_fit_recovers_predictions():
+    rows = measurements(TRUE)
+    fitted = fit_profile("test-gpu", 132, rows)
+    for r in rows:
+        if r["k_chunk"]:
+            got = predict_pair_us(fitted, r["out"], r["in"], r["bits"], r["k_chunk"], r["n_tb"])
+            assert got == pytest.approx(r["pair_us"], rel=0.10)
+
+
+def test_more_budget_never_less_compensation():
+    step = 1.25 * sum(predict_base_us(TRUE, o, i, b) * n for o, i, b, n in SHAPES.values())
+    previous = None
+    for target in (0.025, 0.05, 0.10, 0.20):
+        choices = tune(TRUE, SHAPES, step, target)
+        ks = {name: c.k_chunk for name, c in choices.items()}
+        assert predicted_step_us(TRUE, SHAPES, choices, step) <= step * (1 + target) + 1e-6
+        if previous:
+            assert all(ks[n] >= previous[n] for n in ks)
+        previous = ks
+    assert max(previous.values()) > 0
+
+
+def test_unreachable_target_is_a_clear_error():
+    step = sum(predict_base_us(TRUE, o, i, b) * n for o, i, b, n in SHAPES.values())
+    with pytest.raises(ConfigError, match=r"target slowdown 0.0% cannot be met on test-gpu"):
+        tune(TRUE, SHAPES, step, 0.0)
+    with pytest.raises(ConfigError, match="is negative"):
+        tune(TRUE, SHAPES, step, -0.1)
+
+
+def test_plan_puts_side_ops_on_the_side_stream():
+    from models.arch import ModelArgs
+    from models.graph import build_graph
+
+    args = ModelArgs("llama", 100, 64, 2, 2, 1, 32, 128, 1e-5, 1e4)
+    plan = schedule(build_graph(args, [3, 3], 16))
+    ops = [(it.node.op, it.stream) for it in plan.items if it.node.layer == 0][:8]
+    assert ops[:5] == [("rms_norm", 0), ("selector", 1), ("dma", 1), ("correction", 1), ("base_gemv", 0)]
+    waits = {it.wait for it in plan.items if it.wait}
+    records = {it.record for it in plan.items if it.record}
+    assert waits == records  # every wait has its event recorded

@@ -32,13 +32,15 @@ class Plan:
 
     def format(self) -> str:
         """One line per node: order, stream, layer, op, k_chunk, events."""
-        lines = [f"{'#':>4} {'stream':<6} {'layer':>5} {'node':<28} {'k_chunk':>7}  events"]
+        lines = [f"{'#':>4} {'stream':<6} {'layer':>5} {'node':<28} {'out x in':>11} {'bits':>4} {'k_chunk':>7}  events"]
         for i, it in enumerate(self.items):
             n = it.node
             events = " ".join(filter(None, [f"wait {it.wait}" if it.wait else "", f"record {it.record}" if it.record else ""]))
             k = n.attr("k_chunk", "")
             layer = "" if n.layer is None else n.layer
-            lines.append(f"{i:>4} {'side' if it.stream else 'main':<6} {layer:>5} {n.name:<28} {k!s:>7}  {events}")
+            shape = "x".join(map(str, n.attr("shape", ()))) or ""
+            lines.append(f"{i:>4} {'side' if it.stream else 'main':<6} {layer:>5} {n.name:<28} {shape:>11} "
+                         f"{n.attr('bits', '')!s:>4} {k!s:>7}  {events}")
         return "\n".join(lines)
 
 

@@ -34,7 +34,7 @@ def main() -> None:
     a = ap.parse_args()
     k_chunks = [int(k) for k in a.k_chunk.split(",")]
     model = load_model(a.model)
-    rows, started = [], time.time()
+    rows, started, meta = [], time.time(), run_meta()  # provenance of the code that ran, taken at the start
     for method, bits in QUANT_POINTS:
         cfg = load_config({
             "model": {"source": a.model},
@@ -47,13 +47,13 @@ def main() -> None:
         # quantization hurts most, gets the real (bucket) selection too.
         selections = {("awq", 3): ["bucket", "exact", "static"], ("rtn", 3): ["bucket"]}.get((method, bits), [])
         rows += eval_rows(prepared, k_chunks if selections else [], selections, reference=not rows)
-        write(a, rows, started, complete=(method, bits) == QUANT_POINTS[-1])  # partial results survive
+        write(a, meta, rows, started, complete=(method, bits) == QUANT_POINTS[-1])  # partial results survive
     print(format_table(rows))
     print(f"wrote {a.out}")
 
 
-def write(a, rows: list[dict], started: float, complete: bool) -> None:
-    result = {**run_meta(), "model": a.model, "ctx": a.ctx, "eval_tokens": rows[0]["tokens"],
+def write(a, meta: dict, rows: list[dict], started: float, complete: bool) -> None:
+    result = {**meta, "model": a.model, "ctx": a.ctx, "eval_tokens": rows[0]["tokens"],
               "calibration_tokens": a.calib_tokens, "seconds": round(time.time() - started),
               "complete": complete, "rows": rows}
     Path(a.out).write_text(json.dumps(result, indent=1))

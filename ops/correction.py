@@ -1,0 +1,299 @@
+"""Correction op: out = base_out + R_hat[:, sel] @ x~[sel], the DecDEC dynamic error compensation.
+
+x~ = x * act_scale is what the GEMV sees; `sel` is `ops.selector.select_bucket(x~, k_chunk, bounds)`;
+R_hat[o, i] = (nibble - 8) * scales[o] from the residual table (docs/FORMATS.md, "Residual table").
+
+`correction_reference` is the CPU version. `correction_cuda` / `Correction` is one fused Numba kernel on
+`n_tb` thread blocks: each block selects the chunk's channels itself (the same `select_chunk` as
+`ops.selector_cuda`, so every block agrees on the set), fetches the chosen residual rows from mapped host
+memory (zero-copy, `ops.dma.PinnedTable`) or device memory, dequantizes, multiplies by the chosen
+activations and merges into the output. It is meant to run on a second stream while the base GEMV runs.
+
+The merge (Numba has no fp16 atomic add, and the two kernels run concurrently, so neither may simply
+add into the other's output): the correction is one more *part* of the base GEMV's split output
+(`ops.base_gemv.SplitOutput`). Each block owns whole row tiles of the base GEMV and writes its float32
+correction of those rows as the last part, then arrives at each tile's int32 counter; whichever kernel
+completes a tile last (base K blocks or correction) sums the parts in a fixed order and writes fp16.
+Why it is fast: no float atomics, no memset, no extra launch or finishing kernel, no waiting: the
+only extra traffic is 8 bytes per output row (one float32 written, read back once) and one int32 atomic
+per 64 rows. The sum order is fixed, so the result is deterministic, as is the selection.
+Stand-alone (no `merge`), each block writes out[o] = base_out[o] + corr[o] for its rows.
+
+Launch it on a high-priority side stream (torch.cuda.Stream(priority=-1)): its few blocks are then
+dispatched before the base GEMV's, which cut the overlapped slowdown several-fold on the H100.
+Measured there (bench/gpu_ops.py, zero-copy tables rotated past L2): alone, a floor of ~12-17 us per
+launch, 40 GB/s at 256 rows x 14 KB (28672x4096, k_chunk 64, n_tb 16) but ~3 GB/s for 56 rows x 2 KB
+(scattered small rows: likely the GPU's page translation of host memory, not the selection: making
+its loads coalesced and its histogram contention-free changed nothing). Overlapped with the base GEMV
+at priority -1: +7-10 % at 28672x4096 for k_chunk <= 16 (n_tb 8-16), +12-15 % at 14336x4096 for
+k_chunk <= 8; the floor dominates 4096-row and small-model layers (+60-200 %).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from numba import cuda, float32, int8, int32, uint32
+
+from ops.base_gemv import FLAG_CAP, SplitOutput, arrive_tiles, jit_with_bounds, nib_float
+from ops.selector import BucketBounds, chunk_ks, select_bucket
+from ops.selector_cuda import (BK_SIZE, CUTS_SIZE, HIST_SIZE, MAX_CHUNK, SCAN_SIZE, SEL_CAP, pass_chunks,
+                               select_chunks)
+
+WORD_OUTPUTS = 8  # outputs per uint32 word of a residual row (8 nibbles)
+UNROLL = 8  # chosen rows whose (PCIe) loads one thread has in flight at once
+THREADS = 512  # ptxas needs up to 128 registers (no spills): 512 x 128 fills the register file
+RED_SIZE = max(SEL_CAP, THREADS * WORD_OUTPUTS)  # floats: the picks' x~, then the reduction (16 KiB)
+TILE_ROWS = 64  # default merge tile: the base GEMV's 8 warps x 8 rows
+
+__all__ = ["correction_reference", "residual_codes", "correction_cuda", "Correction", "CorrectionPlan",
+           "plan_correction"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# CPU reference
+
+
+def residual_codes(rows: torch.Tensor, out_features: int) -> torch.Tensor:
+    """uint8 rows [..., ceil(out / 2)] -> int codes in [-8, 7] [..., out] (low nibble = even output)."""
+    rows = torch.as_tensor(np.asarray(rows) if not isinstance(rows, torch.Tensor) else rows).to(torch.int16)
+    nibbles = torch.stack([rows & 0xF, rows >> 4], dim=-1).flatten(-2)
+    return nibbles[..., :out_features] - 8
+
+
+def correction_reference(x: torch.Tensor, base_out: torch.Tensor, residual_rows, residual_scales,
+                         bounds: BucketBounds, k_chunk: int, act_scale=None) -> torch.Tensor:
+    """base_out + R_hat[:, sel] @ x[sel] in float32; x [..., in] is x~ (times act_scale if given)."""
+    xs = x.to(torch.float32)
+    if act_scale is not None:
+        xs = xs * torch.as_tensor(act_scale, dtype=torch.float32)
+    scales = torch.as_tensor(np.asarray(residual_scales, dtype=np.float32) if not isinstance(
+        residual_scales, torch.Tensor) else residual_scales).to(torch.float32)
+    out_features = scales.shape[0]
+    rows = torch.as_tensor(np.asarray(residual_rows)) if not isinstance(residual_rows, torch.Tensor) else residual_rows
+    sel = select_bucket(xs, k_chunk, bounds)  # [..., n]
+    if sel.shape[-1] == 0:
+        return base_out.to(torch.float32).clone()
+    flat_x, flat_sel = xs.reshape(-1, xs.shape[-1]), sel.reshape(-1, sel.shape[-1])
+    corr = torch.stack([
+        (residual_codes(rows[s], out_features).to(torch.float32) * scales).T @ xt[s]
+        for xt, s in zip(flat_x, flat_sel)
+    ]).reshape(base_out.shape)
+    return base_out.to(torch.float32) + corr
+
+
+# ----------------------------------------------------------------------------------------------------
+# the fused kernel
+
+
+@dataclass(frozen=True)
+class CorrectionPlan:
+    """Blocks own `tiles_per_block` row tiles; threads form ks_n groups of wc_n word columns."""
+
+    n_tb: int
+    threads: int
+    wc_n: int  # word columns (8 outputs each) a pass covers
+    ks_n: int  # thread groups splitting the chosen rows (> 1 only when a block owns few words)
+    tile_rows: int
+    n_tiles: int
+    tiles_per_block: int
+
+    @property
+    def blocks(self) -> int:
+        return -(-self.n_tiles // self.tiles_per_block)
+
+
+def plan_correction(out_features: int, n_tb: int, tile_rows: int = TILE_ROWS) -> CorrectionPlan:
+    """Split the row tiles over n_tb blocks of 512 threads: one word column (8 outputs) per thread and
+    pass; a block owning fewer than 512 words splits the chosen rows over ks_n = 512 // words groups."""
+    if n_tb < 1:
+        raise ValueError(f"n_tb = {n_tb}: at least one thread block is needed")
+    if tile_rows % WORD_OUTPUTS:
+        raise ValueError(f"tile_rows = {tile_rows}: must be a multiple of {WORD_OUTPUTS}")
+    n_tiles = -(-out_features // tile_rows)
+    per_block = -(-n_tiles // n_tb)
+    words = -(-min(per_block * tile_rows, out_features) // WORD_OUTPUTS)
+    wc_n = min(words, THREADS)
+    return CorrectionPlan(n_tb, THREADS, wc_n, THREADS // wc_n, tile_rows, n_tiles, per_block)
+
+
+@functools.lru_cache(maxsize=None)
+def _correction_kernel(merge: bool):
+    """The fused select + fetch + dequantize + GEMV + merge kernel (one compiled variant per merge mode)."""
+
+    @cuda.jit(device=True)
+    def emit(o, v, o_hi, rscale, base_out, out, partials, n_parts, n_out):
+        """Row o's correction v * scale[o]: into the split output's last part, or added to base_out."""
+        if o < o_hi:
+            corr = float32(rscale[o]) * v
+            if merge:
+                partials[(n_parts - 1) * n_out + o] = corr
+            else:
+                out[o] = float32(base_out[o]) + corr
+
+    @jit_with_bounds(THREADS, 1)
+    def kernel(x, act_scale, rows, rscale, base_out, out, partials, counters, n_parts,
+               a, b, hi_scale, lo_scale, k_chunk, batch, n_out, tile_rows, n_tiles, tiles_per_block, wc_n, ks_n):
+        """Correction of rows [t0 * tile_rows, t1 * tile_rows) of block (t0, t1 = its tiles).
+
+        Layout: x fp16 [in], act_scale f32 [in], rows uint32 [in, stride / 4] (mapped host or device),
+        rscale fp16 [out]; out / base_out [out]; partials flat f32 [n_parts * out], counters i32 [tiles].
+        Launch: grid (blocks,), block `threads` (plan_correction); thread (ks, wc) = (tid // wc_n,
+        tid % wc_n) owns word column wc (8 outputs) of each pass and picks ks, ks + ks_n, ... in groups
+        of UNROLL loads in flight. Every block selects every chunk itself (`select_chunks`, up to 16
+        chunks per pass sharing their barriers; x from L2), then streams all of the pass's picks at once.
+        Bytes: per block, 4 B of each chosen row's slice it owns over PCIe (all blocks together: each
+        chosen row once), x and act_scale once per block from L2, 2 B scale + 4-8 B out per row.
+        """
+        bk = cuda.shared.array(BK_SIZE, int8)
+        hist = cuda.shared.array(HIST_SIZE, int32)
+        cuts = cuda.shared.array(CUTS_SIZE, int32)
+        scan = cuda.shared.array(SCAN_SIZE, int32)
+        sel_idx = cuda.shared.array(SEL_CAP, int32)
+        sel_x = cuda.shared.array(RED_SIZE, float32)  # the picks' x~; after the last pass, the reduction
+        flags = cuda.shared.array(FLAG_CAP, int32)
+        tid = cuda.threadIdx.x
+        nthr = cuda.blockDim.x
+        t0 = cuda.blockIdx.x * tiles_per_block
+        t1 = min(t0 + tiles_per_block, n_tiles)
+        if t0 >= t1:
+            return
+        o_hi = min(t1 * tile_rows, n_out)
+        w_lo = t0 * tile_rows // 8
+        w_hi = (o_hi + 7) // 8
+        width = x.shape[0]
+        n_chunks = (width + MAX_CHUNK - 1) // MAX_CHUNK
+        ks = tid // wc_n
+        wc = tid % wc_n
+        acc = cuda.local.array(8, float32)
+        wv = cuda.local.array(UNROLL, uint32)
+        xu = cuda.local.array(UNROLL, float32)
+        for wp in range(w_lo, w_hi, wc_n):
+            w = wp + wc
+            mine = ks < ks_n and w < w_hi
+            for j in range(8):
+                acc[j] = float32(0)
+            X = float32(0)  # sum of the chosen x~ this thread saw: folds the 1 + code/16 offset
+            for c0 in range(0, n_chunks if k_chunk > 0 else 0, batch):
+                nb = min(batch, n_chunks - c0)
+                select_chunks(x, act_scale, True, MAX_CHUNK, c0, nb, k_chunk, a, b, hi_scale, lo_scale,
+                              bk, hist, cuts, scan, sel_idx, sel_x)
+                last = min(MAX_CHUNK, width - (c0 + nb - 1) * MAX_CHUNK)
+                n_sel = (nb - 1) * k_chunk + k_chunk * last // MAX_CHUNK
+                if mine:
+                    for s0 in range(ks * UNROLL, n_sel, ks_n * UNROLL):
+                        for m in range(UNROLL):  # issue every load before the first use
+                            s = s0 + m
+                            if s < n_sel:
+                                wv[m] = rows[sel_idx[s], w]
+                                xu[m] = sel_x[s]
+                            else:
+                                wv[m] = uint32(0)
+                                xu[m] = float32(0)
+                        for m in range(UNROLL):
+                            X += xu[m]
+                            for j in range(8):
+                                acc[j] += nib_float(wv[m], j) * xu[m]
+                cuda.syncthreads()  # sel_idx / sel_x are rewritten by the next pass
+            red = sel_x
+            # sum_s (code - 8) x_s = 16 sum_s f x_s - 24 sum_s x_s, with f = 1 + code / 16
+            if ks_n == 1:
+                if mine:
+                    for j in range(8):
+                        emit(8 * w + j, float32(16) * acc[j] - float32(24) * X, o_hi, rscale, base_out, out,
+                             partials, n_parts, n_out)
+            else:
+                if mine:
+                    for j in range(8):
+                        red[(ks * 8 + j) * wc_n + wc] = float32(16) * acc[j] - float32(24) * X
+                cuda.syncthreads()
+                for e in range(tid, wc_n * 8, nthr):
+                    j = e // wc_n
+                    c = e % wc_n
+                    total = float32(0)
+                    for k in range(ks_n):  # fixed order: deterministic
+                        total += red[(k * 8 + j) * wc_n + c]
+                    if wp + c < w_hi:
+                        emit(8 * (wp + c) + j, total, o_hi, rscale, base_out, out, partials, n_parts, n_out)
+                cuda.syncthreads()
+        if merge:
+            arrive_tiles(partials, counters, out, n_out, n_parts, tile_rows, t0, t1 - t0, flags)
+
+    return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _ones(width: int):
+    """A device act_scale of ones, for callers whose x is already x~."""
+    return cuda.to_device(np.ones(width, np.float32))
+
+
+@functools.lru_cache(maxsize=None)
+def _dummy(dtype):
+    return cuda.to_device(np.zeros(1, dtype))
+
+
+def _row_words(rows):
+    """The residual table as uint32 [in, stride / 4] (rows: uint8 [in, stride], stride % 4 == 0)."""
+    if rows.dtype == np.uint32:
+        return rows
+    if rows.shape[1] % 4:
+        raise ValueError(f"residual row stride {rows.shape[1]} bytes: must be a multiple of 4 (see ops.dma.pad_rows)")
+    n, stride = rows.shape
+    return rows.reshape(n * stride).view(np.uint32).reshape(n, stride // 4)
+
+
+class Correction:
+    """A prepared correction of one linear group: table, scales, bounds, k_chunk and plan; call per token.
+
+    residual_rows: uint8 [in, stride] device array, stride >= ceil(out / 2) and a multiple of 4
+    (`ops.dma.PinnedTable.device_array()` for zero-copy, or a device copy of `ops.dma.pad_rows(table)`);
+    residual_scales: fp16 [out] device array. Launch on a high-priority stream (see the module notes).
+    """
+
+    def __init__(self, residual_rows, residual_scales, bounds: BucketBounds, k_chunk: int, *, n_tb: int = 8,
+                 tile_rows: int = TILE_ROWS):
+        self.rows = _row_words(residual_rows)
+        self.rscale = residual_scales
+        self.out_features = residual_scales.shape[0]
+        if self.rows.shape[1] * WORD_OUTPUTS < self.out_features:
+            raise ValueError(f"residual rows hold {self.rows.shape[1] * WORD_OUTPUTS} outputs, "
+                             f"scales {self.out_features}")
+        chunk_ks(self.rows.shape[0], k_chunk)  # validates k_chunk
+        self.k_chunk = k_chunk
+        self.bounds = tuple(np.float32(v) for v in (bounds.a, bounds.b, bounds.hi_scale, bounds.lo_scale))
+        self.plan = plan_correction(self.out_features, n_tb, tile_rows)
+
+    def __call__(self, x, act_scale=None, *, base_out=None, out=None, merge: SplitOutput | None = None,
+                 stream=0) -> None:
+        """Launch on `stream`. With `merge`: add into the base GEMV's split output (concurrently with it);
+        else out = base_out + correction (out defaults to base_out, in place)."""
+        p = self.plan
+        if act_scale is None:
+            act_scale = _ones(x.shape[0])
+        if merge is not None:
+            if merge.tile_rows != p.tile_rows or merge.n_out != self.out_features:
+                raise ValueError("merge scratch and correction disagree on tile rows or outputs")
+            kernel, base_out, partials, counters, n_parts = (
+                _correction_kernel(True), _dummy(np.float16), merge.partials, merge.counters, merge.n_parts)
+        else:
+            if base_out is None:
+                raise ValueError("give base_out (stand-alone) or merge (fused with the base GEMV)")
+            out = base_out if out is None else out
+            kernel, partials, counters, n_parts = _correction_kernel(False), _dummy(np.float32), _dummy(np.int32), 1
+        a, b, hi_scale, lo_scale = self.bounds
+        kernel[p.blocks, p.threads, stream](
+            x, act_scale, self.rows, self.rscale, base_out, out, partials, counters, n_parts,
+            a, b, hi_scale, lo_scale, self.k_chunk, pass_chunks(self.k_chunk), self.out_features, p.tile_rows,
+            p.n_tiles, p.tiles_per_block, p.wc_n, p.ks_n)
+
+
+def correction_cuda(x, base_out, residual_rows, residual_scales, bounds: BucketBounds, k_chunk: int,
+                    act_scale=None, *, out=None, n_tb: int = 8, tile_rows: int = TILE_ROWS,
+                    merge: SplitOutput | None = None, stream=0) -> None:
+    """One-shot GPU `correction_reference` (x: the GEMV's fp16 input; x~ = x * act_scale)."""
+    Correction(residual_rows, residual_scales, bounds, k_chunk, n_tb=n_tb, tile_rows=tile_rows)(
+        x, act_scale, base_out=base_out, out=out, merge=merge, stream=stream)

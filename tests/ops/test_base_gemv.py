@@ -1,0 +1,160 @@
+"""Base GEMV: the CPU reference against FORMATS.md, and the Numba kernel against the reference.
+
+Without DECDEC_GPU_TESTS=1 the kernels run in Numba's CUDA simulator on tiny shapes; with it (and a
+GPU) every comparison runs on the device, plus the `gpu`-marked ones at Llama-3-8B shapes.
+"""
+
+from tests.ops.cudasim import GPU_RUN, ON_GPU, SIMULATED, cuda, gpu, kernels  # noqa: F401 - first: the simulator
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from ops import base_gemv as bg  # noqa: E402
+
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Codes [out, in] -> int32 qweight, written straight from FORMATS.md (a second, independent packer)."""
+    codes = np.asarray(codes, np.uint64)
+    out_features, in_features = codes.shape
+    if bits == 4:
+        words = (codes.reshape(out_features, -1, 8) << (4 * np.arange(8, dtype=np.uint64))).sum(-1)
+    else:
+        units = codes.reshape(out_features, -1, 32)
+        two = 2 * np.arange(16, dtype=np.uint64)
+        words = np.stack([((units[..., :16] & 3) << two).sum(-1), ((units[..., 16:] & 3) << two).sum(-1),
+                          ((units >> 2) << np.arange(32, dtype=np.uint64)).sum(-1)], axis=-1)
+    return words.reshape(out_features, -1).astype(np.uint32).view(np.int32)
+
+
+def random_linear(rng, bits: int, out_features: int, in_features: int, group_size: int = 128):
+    """Fresh random (codes, qweight, scales, zeros, act_scale): never zeros, integer zero points."""
+    groups = -(-in_features // group_size)
+    codes = rng.integers(0, 2**bits, (out_features, in_features))
+    scales = (rng.random((out_features, groups)) * 0.02 + 0.005).astype(np.float16)
+    zeros = rng.integers(0, 2**bits, (out_features, groups)).astype(np.float16)
+    act_scale = (rng.random(in_features) + 0.5).astype(np.float32)
+    return codes, pack_codes(codes, bits), scales, zeros, act_scale
+
+
+def assert_close_fp16(got: np.ndarray, ref: np.ndarray) -> None:
+    """fp16 output of a float32 accumulation: within fp16 rounding of the output's scale; all written."""
+    assert not np.isnan(got).any(), f"{np.isnan(got).sum()} outputs were never written"
+    np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-3 * float(np.abs(ref).max()))
+
+
+# ---------------------------------------------------------------------------------------------------
+# reference
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_unpack_reads_formats_layout(bits):
+    rng = np.random.default_rng(bits)
+    codes = rng.integers(0, 2**bits, (3, 64))
+    q = pack_codes(codes, bits).view(np.uint32)
+    literal = np.zeros_like(codes)
+    for o in range(3):  # FORMATS.md, element by element
+        for i in range(64):
+            if bits == 4:
+                literal[o, i] = (int(q[o, i // 8]) >> (4 * (i % 8))) & 0xF
+            else:
+                w = q[o, 3 * (i // 32): 3 * (i // 32) + 3].astype(np.int64)
+                j = i % 32
+                lo = (w[0] >> (2 * j)) & 3 if j < 16 else (w[1] >> (2 * (j - 16))) & 3
+                literal[o, i] = lo | (((w[2] >> j) & 1) << 2)
+    assert (literal == codes).all()
+    assert (bg.unpack_codes(torch.from_numpy(pack_codes(codes, bits)), bits, 64).numpy() == codes).all()
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_reference_is_dequantized_matmul(bits):
+    rng = np.random.default_rng(10 + bits)
+    codes, q, scales, zeros, act = random_linear(rng, bits, 5, 576)  # 576: a last partial group of 64
+    x = rng.standard_normal((2, 576)).astype(np.float32)
+    group = np.arange(576) // 128
+    w = (codes - zeros.astype(np.float64)[:, group]) * scales.astype(np.float64)[:, group]
+    want = (x.astype(np.float64) * act) @ w.T
+    got = bg.base_gemv_reference(torch.from_numpy(x), *map(torch.from_numpy, (q, scales, zeros, act)), bits)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_packing_agrees_with_models_quantize(bits):
+    quantize = pytest.importorskip("models.quantize")
+    codes = np.random.default_rng(20 + bits).integers(0, 2**bits, (4, 96))
+    theirs = quantize.pack_codes(torch.from_numpy(codes), bits).numpy()
+    assert (theirs == pack_codes(codes, bits)).all()
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_plan_covers_k_in_whole_steps_within_the_staging(bits):
+    for out_features, in_features in [(4096, 4096), (28672, 4096), (4096, 14336), (640, 1024), (576, 1536)]:
+        for rows_per_warp, pipeline in [(8, False), (4, False), (8, True)]:
+            p = bg.plan_gemv(out_features, in_features, bits, rows_per_warp=rows_per_warp, pipeline=pipeline)
+            assert p.units_per_kblock % 32 == 0 and p.units_per_kblock * p.unit <= bg.STAGE_INPUTS
+            assert (p.k_blocks - 1) * p.units_per_kblock < in_features // p.unit <= p.k_blocks * p.units_per_kblock
+    assert bg.plan_gemv(4096, 4096, bits).k_blocks > 1  # 64 row tiles alone would leave most SMs idle
+    with pytest.raises(ValueError):
+        bg.plan_gemv(64, 100, bits)
+
+
+# ---------------------------------------------------------------------------------------------------
+# kernel (simulator, tiny shapes)
+
+
+def run_kernel(rng, bits, out_features, in_features, k_blocks=None, rows_per_warp=bg.ROWS_PER_WARP,
+               pipeline=True):
+    _, q, scales, zeros, act = random_linear(rng, bits, out_features, in_features)
+    x = rng.standard_normal(in_features).astype(np.float16)
+    ref = bg.base_gemv_reference(torch.from_numpy(x.astype(np.float32)),
+                                 *map(torch.from_numpy, (q, scales, zeros, act)), bits).numpy()
+    plan = bg.plan_gemv(out_features, in_features, bits, rows_per_warp=rows_per_warp, k_blocks=k_blocks,
+                        pipeline=pipeline)
+    gemv = bg.BaseGemv(*(cuda.to_device(a) for a in (q, scales, zeros, act)), bits, plan=plan)
+    out = cuda.to_device(np.full(out_features, np.nan, np.float16))  # poison: every row must be written
+    xd = cuda.to_device(x)
+    gemv(xd, out)
+    return out.copy_to_host().astype(np.float32), ref, gemv, xd, out
+
+
+@kernels
+@pytest.mark.parametrize("bits, out_features, in_features, k_blocks, pipeline", [
+    (4, 72, 640, 2, False),  # partial row tile; K split in 2: merge through counters
+    (3, 40, 576, 1, False),  # partial tile and a partial last group; direct fp16 write
+    (4, 32, 1088, 1, True),  # pipelined: 68 units, three steps, a partial last one
+    (3, 24, 1088, 2, True),  # 3-bit K split (34 units over 2 blocks), pipelined
+])
+def test_kernel_matches_reference(bits, out_features, in_features, k_blocks, pipeline):
+    rng = np.random.default_rng(100 * bits + out_features)
+    got, ref, *_ = run_kernel(rng, bits, out_features, in_features, k_blocks, pipeline=pipeline)
+    assert_close_fp16(got, ref)
+
+
+@kernels
+def test_kernel_four_rows_per_warp_and_repeat_is_bitwise_equal():
+    rng = np.random.default_rng(7)
+    got, ref, gemv, xd, out = run_kernel(rng, 4, 32, 640, k_blocks=2, rows_per_warp=4, pipeline=False)
+    assert_close_fp16(got, ref)
+    gemv(xd, out)  # the counters were reset by the first launch; parts sum in a fixed order
+    assert (out.copy_to_host().astype(np.float32) == got).all()
+
+
+# ---------------------------------------------------------------------------------------------------
+# real GPU, real shapes
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("out_features, in_features", [(4096, 4096), (14336, 4096), (4096, 14336), (640, 1024)])
+def test_kernel_matches_reference_on_gpu(bits, out_features, in_features):
+    rng = np.random.default_rng(out_features + in_features + bits)
+    codes, q, scales, zeros, act = random_linear(rng, bits, out_features, in_features)
+    x = rng.standard_normal(in_features).astype(np.float16)
+    w = bg.dequantize(*map(torch.from_numpy, (q, scales, zeros)), bits, in_features).cuda()
+    ref = (w.double() @ (torch.from_numpy(x).cuda().double() * torch.from_numpy(act).cuda().double())).cpu().numpy()
+    gemv = bg.BaseGemv(*(cuda.to_device(a) for a in (q, scales, zeros, act)), bits)
+    out = cuda.to_device(np.full(out_features, np.nan, np.float16))
+    gemv(cuda.to_device(x), out)
+    assert_close_fp16(out.copy_to_host().astype(np.float32), ref)

@@ -1,0 +1,158 @@
+"""Correction: the reference against a dense mask formula, the fused kernel against the reference
+(stand-alone and merged into the base GEMV's split output, in both arrival orders), in the simulator;
+on a real GPU (DECDEC_GPU_TESTS=1) also at Llama-3-8B shapes with zero-copy rows on two streams."""
+
+from tests.ops.cudasim import GPU_RUN, ON_GPU, SIMULATED, cuda, gpu, kernels  # noqa: F401 - first: the simulator
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from ops import base_gemv as bg  # noqa: E402
+from ops import correction as co  # noqa: E402
+from ops import dma, selector  # noqa: E402
+from tests.ops.test_base_gemv import assert_close_fp16, random_linear  # noqa: E402
+
+
+
+def profile(rng, width: int) -> np.ndarray:
+    calib = rng.standard_t(df=3, size=(16, width)).astype(np.float32)
+    return np.sort(np.abs(calib), axis=-1)[:, ::-1].max(axis=0).astype(np.float32)
+
+
+def random_residual(rng, width: int, out_features: int):
+    """uint8 rows [in, ceil(out / 2)] with codes in [-7, 7] (nibbles 1..15) and fp16 scales [out]."""
+    nibbles = rng.integers(1, 16, (width, 2 * -(-out_features // 2)))
+    rows = (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).astype(np.uint8)
+    scales = (rng.random(out_features) * 0.01 + 0.001).astype(np.float16)
+    return rows, scales
+
+
+def case(rng, width: int, out_features: int, k_chunk: int):
+    """Fresh activation (fp16), act_scale, bounds, residual table and a base output."""
+    x = rng.standard_t(df=3, size=width).astype(np.float16)
+    act = (rng.random(width) + 0.5).astype(np.float32)
+    bounds = selector.bucket_bounds(profile(rng, width), k_chunk)
+    rows, rscale = random_residual(rng, width, out_features)
+    base = rng.standard_normal(out_features).astype(np.float16)
+    return x, act, bounds, rows, rscale, base
+
+
+# ---------------------------------------------------------------------------------------------------
+# reference
+
+
+def test_reference_is_dense_masked_product():
+    rng = np.random.default_rng(0)
+    width, out_features, k_chunk = 1536, 37, 40  # odd output count: the last byte's high nibble is padding
+    rows, rscale = random_residual(rng, width, out_features)
+    x = rng.standard_normal((3, width)).astype(np.float32)
+    base = rng.standard_normal((3, out_features)).astype(np.float32)
+    bounds = selector.bucket_bounds(profile(rng, width), k_chunk)
+    mask = selector.selection_mask(selector.select_bucket(torch.from_numpy(x), k_chunk, bounds), width).numpy()
+    nib = np.stack([rows & 0xF, rows >> 4], -1).reshape(width, -1)[:, :out_features].astype(np.float64)
+    r_hat = (nib - 8).T * rscale.astype(np.float64)[:, None]  # [out, in]
+    want = base + (x * mask) @ r_hat.T
+    got = co.correction_reference(torch.from_numpy(x), torch.from_numpy(base), rows, rscale, bounds, k_chunk)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_codes_agree_with_models_residual():
+    residual = pytest.importorskip("models.residual")
+    rows, _ = random_residual(np.random.default_rng(1), 8, 21)
+    theirs = residual.unpack_rows(torch.from_numpy(rows), 21).numpy()
+    assert (co.residual_codes(rows, 21).numpy() == theirs).all()
+
+
+def test_plan_covers_every_tile_once():
+    for out_features, n_tb in [(40, 3), (576, 1), (4096, 8), (28672, 4), (28672, 16)]:
+        p = co.plan_correction(out_features, n_tb)
+        assert p.blocks <= n_tb and p.blocks * p.tiles_per_block >= p.n_tiles
+        assert p.wc_n * p.ks_n <= p.threads == co.THREADS
+
+
+# ---------------------------------------------------------------------------------------------------
+# kernel (simulator, tiny shapes)
+
+
+@kernels
+@pytest.mark.parametrize("width, out_features, k_chunk, n_tb", [
+    (640, 96, 37, 2),  # two blocks, one tile each; chosen rows split over 64 thread groups
+    (576, 40, 1024, 3),  # k_chunk = chunk: every channel; more blocks than tiles
+    (2112, 48, 1024, 1),  # three chunks (the last 64 wide) at k_chunk = 1024: two selection passes
+    (1536, 200, 64, 1),  # a partial second chunk (512 wide takes 32); one block owns 4 tiles
+    (640, 64, 0, 2),  # nothing chosen: out = base
+])
+def test_standalone_kernel_matches_reference(width, out_features, k_chunk, n_tb):
+    rng = np.random.default_rng(width + out_features + k_chunk)
+    x, act, bounds, rows, rscale, base = case(rng, width, out_features, k_chunk)
+    xs = torch.from_numpy(x.astype(np.float32)) * torch.from_numpy(act)
+    want = co.correction_reference(xs, torch.from_numpy(base), rows, rscale, bounds, k_chunk).numpy()
+    out = cuda.to_device(np.full(out_features, np.nan, np.float16))  # poison
+    co.correction_cuda(cuda.to_device(x), cuda.to_device(base), cuda.to_device(dma.pad_rows(rows)),
+                       cuda.to_device(rscale), bounds, k_chunk, cuda.to_device(act), out=out, n_tb=n_tb)
+    assert_close_fp16(out.copy_to_host().astype(np.float32), want)
+
+
+@kernels
+@pytest.mark.parametrize("bits, k_blocks, order", [
+    (4, 2, ("correction", "base")),  # two steps: either kernel merges; the second reuses reset counters
+    (3, None, ("base",)),
+])
+def test_merged_into_base_gemv_in_either_order(bits, k_blocks, order):
+    """Base K blocks and the correction are parts of one split output: whoever arrives last merges."""
+    rng = np.random.default_rng(40 + bits)
+    width, out_features, k_chunk = 640, 40, 48
+    _, q, scales, zeros, act = random_linear(rng, bits, out_features, width)
+    gemv = bg.BaseGemv(*(cuda.to_device(a) for a in (q, scales, zeros, act)), bits,
+                       plan=bg.plan_gemv(out_features, width, bits, k_blocks=k_blocks))
+    _, _, bounds, rows, rscale, _ = case(rng, width, out_features, k_chunk)
+    corr = co.Correction(cuda.to_device(dma.pad_rows(rows)), cuda.to_device(rscale), bounds, k_chunk, n_tb=2)
+    split = gemv.split_output(extra_parts=1)
+    act_d = cuda.to_device(act)
+    for first in order:
+        x = rng.standard_t(df=3, size=width).astype(np.float16)
+        xt = torch.from_numpy(x.astype(np.float32))
+        base_ref = bg.base_gemv_reference(xt, *map(torch.from_numpy, (q, scales, zeros, act)), bits)
+        want = co.correction_reference(xt, base_ref, rows, rscale, bounds, k_chunk, act_scale=torch.from_numpy(act))
+        x_d = cuda.to_device(x)
+        out = cuda.to_device(np.full(out_features, np.nan, np.float16))
+        launches = [lambda: gemv(x_d, out, merge=split), lambda: corr(x_d, act_d, out=out, merge=split)]
+        for launch in launches if first == "base" else launches[::-1]:
+            launch()
+        assert_close_fp16(out.copy_to_host().astype(np.float32), want.numpy())
+        assert (split.counters.copy_to_host() == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------------
+# real GPU, real shapes: zero-copy rows, base and correction on two streams
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("out_features, width, k_chunk, n_tb", [(4096, 4096, 16, 8), (28672, 4096, 8, 16),
+                                                                 (4096, 14336, 32, 8), (1536, 640, 1024, 4)])
+def test_fused_on_two_streams_on_gpu(bits, out_features, width, k_chunk, n_tb):
+    rng = np.random.default_rng(out_features + width + bits)
+    _, q, scales, zeros, act = random_linear(rng, bits, out_features, width)
+    x, _, bounds, rows, rscale, _ = case(rng, width, out_features, k_chunk)
+    xt = torch.from_numpy(x.astype(np.float32))
+    w = bg.dequantize(*map(torch.from_numpy, (q, scales, zeros)), bits, width)
+    base_ref = (xt.double() * torch.from_numpy(act).double()) @ w.double().T
+    want = co.correction_reference(xt, base_ref.float(), rows, rscale, bounds, k_chunk,
+                                   act_scale=torch.from_numpy(act)).numpy()
+    gemv = bg.BaseGemv(*(cuda.to_device(a) for a in (q, scales, zeros, act)), bits)
+    with dma.PinnedTable.from_array(rows) as pinned:
+        corr = co.Correction(pinned.device_array(), cuda.to_device(rscale), bounds, k_chunk, n_tb=n_tb)
+        split = gemv.split_output(extra_parts=1)
+        x_d, act_d = cuda.to_device(x), cuda.to_device(act)
+        out = cuda.to_device(np.full(out_features, np.nan, np.float16))
+        main, side = cuda.stream(), cuda.stream()
+        for _ in range(3):  # repeated steps: counters must come back to zero each time
+            gemv(x_d, out, stream=main, merge=split)
+            corr(x_d, act_d, out=out, merge=split, stream=side)
+            main.synchronize()
+            side.synchronize()
+            assert_close_fp16(out.copy_to_host().astype(np.float32), want)
+        assert (split.counters.copy_to_host() == 0).all()

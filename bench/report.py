@@ -55,6 +55,62 @@ def cpu_step_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def gpu_tables(path: Path) -> str:
+    d = json.loads(path.read_text())
+    env, bw = d["env"], d["bandwidth"]
+    out = [f"{env['device']}, torch {env['torch']}, numba-cuda {env['numba_cuda']} (`{path.relative_to(RESULTS.parent.parent)}`); "
+           f"measured in the same run: HBM read {bw['hbm_read_GBps']:.0f} GB/s, zero-copy read (128 MiB) "
+           f"{bw['zero_copy_read_128MiB_GBps']:.1f} GB/s.", "",
+           "Base GEMV, batch 1, inside CUDA graphs, weights rotated past L2 (µs; fraction of measured HBM read):", "",
+           "| out x in | ours 3-bit | ours 4-bit | torch int4 | torch fp16 |", "|---|---:|---:|---:|---:|"]
+    shapes = sorted({(r["out"], r["in"]) for r in d["gemv"]}, key=lambda s: -s[0] * s[1])
+    for o, i in shapes:
+        cell = {}
+        for r in d["gemv"]:
+            if (r["out"], r["in"]) == (o, i) and "us" in r:  # rows with "error" did not run
+                key = r["bits"] if r["kernel"] == "numba" else r["kernel"]
+                frac = f" ({r['frac_hbm_read']:.0%})" if "frac_hbm_read" in r else ""
+                cell[key] = f"{r['us']:.1f}{frac}"
+        out.append(f"| {o}x{i} | {cell.get(3, '-')} | {cell.get(4, '-')} | "
+                   f"{cell.get('torch _weight_int4pack_mm', 'fails')} | {cell.get('torch F.linear fp16', '-')} |")
+    out += ["", "Correction kernel alone (zero-copy fetch + dequantize + GEMV), best n_tb per k_chunk: µs, PCIe GB/s, "
+            "fraction of the zero-copy peak:", "", "| out x in | k_chunk | n_tb | µs | GB/s | of peak |", "|---|---:|---:|---:|---:|---:|"]
+    for (o, i) in sorted({(r["out"], r["in"]) for r in d["correction"]}):
+        for k in sorted({r["k_chunk"] for r in d["correction"]}):
+            rs = [r for r in d["correction"] if (r["out"], r["in"], r["k_chunk"]) == (o, i, k)]
+            b = min(rs, key=lambda r: r["us"])
+            out.append(f"| {o}x{i} | {k} | {b['n_tb']} | {b['us']:.1f} | {b['pcie_GBps']:.1f} | {b['frac_zero_copy_peak']:.0%} |")
+    ov = [r for r in d["overlap"] if r["side_priority"] == -1 and r["bits"] == 3]
+    ks = sorted({r["k_chunk"] for r in ov})
+    out += ["", "Base GEMV (3-bit) and correction concurrently, correction on a high-priority side stream: slowdown of "
+            "the pair over the base alone, best n_tb in brackets:", "",
+            "| out x in | base µs | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|---:|" + "---:|" * len(ks)]
+    for (o, i) in sorted({(r["out"], r["in"]) for r in ov}, key=lambda s: -s[0] * s[1]):
+        rs = [r for r in ov if (r["out"], r["in"]) == (o, i)]
+        cells = []
+        for k in ks:
+            b = min((r for r in rs if r["k_chunk"] == k), key=lambda r: r["slowdown"])
+            cells.append(f"{b['slowdown']:+.0%} ({b['n_tb']})")
+        out.append(f"| {o}x{i} | {rs[0]['base_us']:.1f} | " + " | ".join(cells) + " |")
+    out += ["", "Zero-copy against memcpy (one `cudaMemcpyAsync` per selected row):", "",
+            "| out x in | k_chunk | rows | memcpy µs | zero-copy correction µs |", "|---|---:|---:|---:|---:|"]
+    for r in d["memcpy"]:
+        out.append(f"| {r['out']}x{r['in']} | {r['k_chunk']} | {r['rows']} | {r['memcpy_rows_us']:.1f} | {r['zero_copy_correction_us']:.1f} |")
+    return "\n".join(out)
+
+
+def recall_table(path: Path) -> str:
+    d = json.loads(path.read_text())
+    ks = sorted({r["k_chunk"] for r in d["rows"]})
+    out = [f"Selector recall against exact top-k, {d['model']}, {d['positions']} positions of evaluation text "
+           f"(`{path.relative_to(RESULTS.parent.parent)}`): bucket (static in brackets)", "",
+           "| group | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---:|" * len(ks)]
+    for g in ("qkv", "o", "gate_up", "down"):
+        cells = [next(f"{r['bucket_recall']:.2f} ({r['static_recall']:.2f})" for r in d["rows"] if r["group"] == g and r["k_chunk"] == k) for k in ks]
+        out.append(f"| {g} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main() -> None:
     for path in sorted(RESULTS.glob("quality_*.json")):
         print(quality_table(path), end="\n\n")
@@ -62,6 +118,10 @@ def main() -> None:
         print(parity_table(RESULTS / "parity.json"), end="\n\n")
     for path in sorted(RESULTS.glob("cpu_step_*.json")):
         print(cpu_step_table(path), end="\n\n")
+    for path in sorted(RESULTS.glob("gpu_ops_*.json")):
+        print(gpu_tables(path), end="\n\n")
+    for path in sorted(RESULTS.glob("selector_recall_*.json")):
+        print(recall_table(path), end="\n\n")
 
 
 if __name__ == "__main__":

@@ -47,7 +47,9 @@ def check_disjoint(calibration: str, evaluation: str) -> None:
 
 def token_windows(tokenizer, text: str, ctx: int, max_tokens: int) -> list[torch.Tensor]:
     """Non-overlapping windows of `ctx` tokens, each starting with BOS (when the model has one) and
-    followed by the next ctx-1 tokens of text, until `max_tokens` predicted tokens are covered."""
+    followed by the next ctx-1 tokens of text. Windows start until `max_tokens` text tokens are
+    reached, and the last one is kept whole, so up to one window more than max_tokens is used (the
+    perplexity functions report the exact count)."""
     ids = tokenizer.encode(text, add_bos=False)
     bos = [tokenizer.bos_id] if tokenizer.add_bos_default and tokenizer.bos_id is not None else []
     body = ctx - len(bos)

@@ -100,7 +100,8 @@ def eval_rows(
     rows = []
 
     def add(row: dict, linear) -> None:
-        ppl, tokens = perplexity(model.args, model.weights, windows, linear, desc=str(row), progress=progress)
+        desc = f"perplexity {row['method']} {row['bits']:g}-bit {row['selection']} k={row['k_chunk']}"
+        ppl, tokens = perplexity(model.args, model.weights, windows, linear, desc=desc, progress=progress)
         rows.append({**row, "ppl": ppl, "tokens": tokens})
         if progress:
             tqdm.write(f"  {row['method']:>9} {row['bits']:>4} {row['selection']:>6} k={row['k_chunk']:<4} ppl {ppl:.3f}")

@@ -47,13 +47,6 @@ def mean_abs(x: torch.Tensor) -> torch.Tensor:
     return x.abs().mean(dim=0).to(torch.float32)
 
 
-def subsample_rows(x: torch.Tensor, n: int) -> torch.Tensor:
-    """At most n rows, evenly strided (deterministic), for searches that need only a sample."""
-    if x.shape[0] <= n:
-        return x
-    return x[torch.linspace(0, x.shape[0] - 1, n).round().long()]
-
-
 @torch.no_grad()
 def layer_sensitivity(
     args: ModelArgs, weights, windows: list[torch.Tensor], quantized_weight: Callable[[int, str, int], torch.Tensor]

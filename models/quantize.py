@@ -19,12 +19,18 @@ from typing import ClassVar
 
 import torch
 
+from ops.layout import (  # noqa: F401 - the packed layout lives with the ops that read it
+    SUPPORTED_BITS,
+    WORD_BITS,
+    _check_bits,
+    _check_width,
+    dequantize_codes,
+    pack_codes,
+    unpack_codes,
+)
 from runtime.errors import ArtifactError
 
-SUPPORTED_BITS = (3, 4)
 GROUP_SIZE = 128  # inputs sharing one scale/zero (FORMATS.md; AWQ's and GPTQ's usual choice)
-PACK_INPUTS = 32  # inputs per packing unit: 3-bit packs 32 inputs into 3 int32 words
-WORD_BITS = 32  # qweight words are int32
 
 AWQ_SEARCH_ROWS = 512  # calibration rows for the alpha search (llm-awq also searches on 512 tokens)
 AWQ_MIN_CHANNEL_SCALE = 1e-4  # floor on mean|x|^alpha: a channel that is always 0 gets a finite s
@@ -34,96 +40,6 @@ CLIP_MIN_RATIO = 0.5  # ... evenly from 1.0 (no clipping) down to this (half the
 
 # ---------------------------------------------------------------------------------------------
 # Packed layout (FORMATS.md)
-
-
-def _check_bits(bits: int) -> None:
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
-
-
-def _check_width(in_features: int) -> None:
-    if in_features <= 0 or in_features % PACK_INPUTS:
-        raise ValueError(
-            f"input width must be a positive multiple of {PACK_INPUTS} to pack, got {in_features}"
-        )
-
-
-def _words_to_int32(words: torch.Tensor) -> torch.Tensor:
-    """Unsigned 32-bit values held in int64 -> the same bits as int32 (two's complement)."""
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-
-
-def _int32_to_words(qweight: torch.Tensor) -> torch.Tensor:
-    """int32 words -> their unsigned 32-bit values in int64, so right shifts bring in zeros."""
-    return qweight.to(torch.int64) & 0xFFFFFFFF
-
-
-def _or_fields(fields: torch.Tensor, width: int) -> torch.Tensor:
-    """Pack the last dim of `fields` (each < 2**width) into one word, field j at bits width*j."""
-    shifts = torch.arange(fields.shape[-1], dtype=torch.int64) * width
-    # the fields occupy disjoint bits, so a sum is a bitwise OR
-    return (fields.to(torch.int64) << shifts).sum(-1)
-
-
-def _split_fields(words: torch.Tensor, width: int, count: int) -> torch.Tensor:
-    """Inverse of `_or_fields`: words [...] -> fields [..., count]."""
-    shifts = torch.arange(count, dtype=torch.int64) * width
-    return (words[..., None] >> shifts) & ((1 << width) - 1)
-
-
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack integer codes [out, in] (each in [0, 2**bits)) into int32 words [out, in * bits / 32].
-
-    4-bit: word w holds inputs 8w..8w+7, input 8w+j at bits 4j..4j+3.
-    3-bit: per 32 inputs, word 0 = low 2 bits of inputs 0..15 (input j at bits 2j, 2j+1),
-    word 1 = low 2 bits of inputs 16..31, word 2 = high bit of inputs 0..31 (input j at bit j).
-    """
-    _check_bits(bits)
-    if codes.dim() != 2:
-        raise ValueError(f"codes must be 2-D [out, in], got shape {tuple(codes.shape)}")
-    out_features, in_features = codes.shape
-    _check_width(in_features)
-    codes = codes.to(torch.int64)
-    if codes.numel() and (codes.min() < 0 or codes.max() >= 2**bits):
-        raise ValueError(f"codes must lie in [0, {2**bits - 1}] for {bits} bits")
-    if bits == 4:
-        words = _or_fields(codes.reshape(out_features, -1, WORD_BITS // 4), 4)
-    else:
-        units = codes.reshape(out_features, -1, PACK_INPUTS)  # [out, in/32, 32]
-        low = units & 0b11
-        half = PACK_INPUTS // 2  # 16 two-bit fields per word
-        words = torch.stack(
-            [
-                _or_fields(low[..., :half], 2),  # word 0: low bits of inputs 0..15
-                _or_fields(low[..., half:], 2),  # word 1: low bits of inputs 16..31
-                _or_fields(units >> 2, 1),  # word 2: high bits of inputs 0..31
-            ],
-            dim=-1,
-        )  # [out, in/32, 3]
-    return _words_to_int32(words.reshape(out_features, -1))
-
-
-def unpack_codes(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
-    """Inverse of `pack_codes`: int32 [out, in * bits / 32] -> uint8 codes [out, in]."""
-    _check_bits(bits)
-    _check_width(in_features)
-    if qweight.dim() != 2 or qweight.shape[1] * WORD_BITS != in_features * bits:
-        raise ValueError(
-            f"qweight of shape {tuple(qweight.shape)} does not hold {in_features} inputs "
-            f"at {bits} bits"
-        )
-    out_features = qweight.shape[0]
-    words = _int32_to_words(qweight)
-    if bits == 4:
-        codes = _split_fields(words, 4, WORD_BITS // 4)  # [out, in/8, 8]
-    else:
-        units = words.reshape(out_features, -1, 3)  # [out, in/32, (low 0..15, low 16..31, high)]
-        half = PACK_INPUTS // 2
-        low = torch.cat(
-            [_split_fields(units[..., 0], 2, half), _split_fields(units[..., 1], 2, half)], dim=-1
-        )
-        codes = low | (_split_fields(units[..., 2], 1, PACK_INPUTS) << 2)  # [out, in/32, 32]
-    return codes.reshape(out_features, in_features).to(torch.uint8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,15 +109,6 @@ def fake_quantize(
     codes = torch.round(groups / scales_f[..., None]) + zeros[..., None]
     codes = codes.clamp(0, max_code).to(torch.uint8)
     return _ungrouped(codes, weight.shape[-1]), scales, zeros.to(torch.float16)
-
-
-def dequantize_codes(
-    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int = GROUP_SIZE
-) -> torch.Tensor:
-    """codes [out, in] with per-group scales/zeros [out, n_groups] -> float32 (q - zero) * scale."""
-    groups = _grouped(codes.float(), group_size)  # padding becomes garbage, dropped below
-    deq = (groups - zeros.float()[..., None]) * scales.float()[..., None]
-    return _ungrouped(deq, codes.shape[-1])
 
 
 # ---------------------------------------------------------------------------------------------

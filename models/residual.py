@@ -13,27 +13,11 @@ from typing import ClassVar
 import torch
 
 from models.quantize import QuantizedLinear
+from ops.layout import NIBBLE_OFFSET, pack_rows, unpack_rows  # noqa: F401 - FORMATS.md layouts
 from runtime.errors import ArtifactError
 
 RESIDUAL_MAX_CODE = 7  # symmetric 4-bit codes in [-7, 7]: 0 is exact and -8 is left unused
-NIBBLE_OFFSET = 8  # a code is stored as code + 8, so every nibble is unsigned (1..15; 8 means 0)
 SCALE_GRID = 32  # candidate scales max|R_row| / 7 * c / 32, c = 1..32 (DecDEC's grid search)
-
-
-def _pack_rows(codes: torch.Tensor) -> torch.Tensor:
-    """Signed codes [out, in] -> uint8 rows [in, ceil(out / 2)]: byte j of row i holds output 2j in
-    its low nibble and output 2j+1 in its high nibble. An odd last output is padded with a zero
-    residual (nibble 8), so a reader that decodes the pad gets 0, never garbage."""
-    nibbles = (codes.T.to(torch.int16) + NIBBLE_OFFSET).to(torch.uint8)  # [in, out]
-    if nibbles.shape[1] % 2:
-        nibbles = torch.nn.functional.pad(nibbles, (0, 1), value=NIBBLE_OFFSET)
-    return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
-
-
-def unpack_rows(rows: torch.Tensor, out_features: int) -> torch.Tensor:
-    """uint8 rows [k, ceil(out / 2)] -> signed codes float32 [k, out] (padding dropped)."""
-    nibbles = torch.stack([rows & 0x0F, rows >> 4], dim=-1).reshape(rows.shape[0], -1)
-    return nibbles[:, :out_features].float() - NIBBLE_OFFSET
 
 
 @dataclass
@@ -132,4 +116,4 @@ def build_residual(weight_eff: torch.Tensor, qlinear: QuantizedLinear) -> Residu
     residual = weight_eff.float() - deq
     scales = search_row_scales(residual)
     codes = _quantize_rows(residual, scales)
-    return ResidualTable(_pack_rows(codes), scales, out_features=residual.shape[0])
+    return ResidualTable(pack_rows(codes), scales, out_features=residual.shape[0])

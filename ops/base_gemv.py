@@ -41,6 +41,8 @@ import numpy as np
 import torch
 from numba import cuda, float32, int32, uint32, uint64
 
+from ops.layout import dequantize, unpack_codes  # noqa: F401 - re-exported: the reference's decoding
+
 SIMULATED = cuda.jit.__module__.startswith("numba.cuda.simulator")  # the CUDA simulator runs these kernels
 
 WARPS = 8  # warps per block; each owns its own rows (no cross-warp K split: staging is per block)
@@ -62,35 +64,12 @@ __all__ = [
 # CPU reference
 
 
-def unpack_codes(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
-    """int32 qweight [out, in * bits / 32] -> int64 codes [out, in], exactly as FORMATS.md packs them."""
-    q = qweight.to(torch.int64) & 0xFFFFFFFF  # the words as unsigned
-    out_features = q.shape[0]
-    if bits == 4:
-        codes = (q[:, :, None] >> (4 * torch.arange(8))) & 0xF  # word w, input 8w + j at bits 4j..4j+3
-        return codes.reshape(out_features, -1)[:, :in_features]
-    if bits == 3:
-        t = q.reshape(out_features, -1, 3)  # 32 inputs per 3 words
-        two = 2 * torch.arange(16)
-        lo = torch.cat([(t[:, :, 0:1] >> two) & 3, (t[:, :, 1:2] >> two) & 3], dim=-1)
-        hi = (t[:, :, 2:3] >> torch.arange(32)) & 1
-        return (lo | (hi << 2)).reshape(out_features, -1)[:, :in_features]
-    raise ValueError(f"bits = {bits}: allowed 3 or 4")
-
-
-def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
-               in_features: int, group_size: int = 128) -> torch.Tensor:
-    """W' = (q - zero) * scale, float32 [out, in]; scales and zeros are per (row, group of 128 inputs)."""
-    codes = unpack_codes(qweight, bits, in_features).to(torch.float32)
-    group = torch.arange(in_features) // group_size
-    return (codes - zeros.to(torch.float32)[:, group]) * scales.to(torch.float32)[:, group]
-
-
 def base_gemv_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                         act_scale: torch.Tensor, bits: int, group_size: int = 128) -> torch.Tensor:
     """(x * act_scale) @ deq(Q)^T in float32 on the CPU; x [..., in] -> [..., out]."""
     act_scale = torch.as_tensor(act_scale, dtype=torch.float32)
-    w = dequantize(qweight, scales, zeros, bits, act_scale.shape[-1], group_size)
+    w = dequantize(torch.as_tensor(qweight), torch.as_tensor(scales), torch.as_tensor(zeros), bits,
+                   act_scale.shape[-1], group_size)
     return (x.to(torch.float32) * act_scale) @ w.T
 
 

@@ -39,6 +39,7 @@ import torch
 from numba import cuda, float32, int8, int32, uint32
 
 from ops.base_gemv import FLAG_CAP, SplitOutput, arrive_tiles, jit_with_bounds, nib_float
+from ops.layout import unpack_rows
 from ops.selector import BucketBounds, chunk_ks, select_bucket
 from ops.selector_cuda import (BK_SIZE, CUTS_SIZE, HIST_SIZE, MAX_CHUNK, SCAN_SIZE, SEL_CAP, pass_chunks,
                                select_chunks)
@@ -49,19 +50,12 @@ THREADS = 512  # ptxas needs up to 128 registers (no spills): 512 x 128 fills th
 RED_SIZE = max(SEL_CAP, THREADS * WORD_OUTPUTS)  # floats: the picks' x~, then the reduction (16 KiB)
 TILE_ROWS = 64  # default merge tile: the base GEMV's 8 warps x 8 rows
 
-__all__ = ["correction_reference", "residual_codes", "correction_cuda", "Correction", "CorrectionPlan",
+__all__ = ["correction_reference", "correction_cuda", "Correction", "CorrectionPlan",
            "plan_correction"]
 
 
 # ----------------------------------------------------------------------------------------------------
 # CPU reference
-
-
-def residual_codes(rows: torch.Tensor, out_features: int) -> torch.Tensor:
-    """uint8 rows [..., ceil(out / 2)] -> int codes in [-8, 7] [..., out] (low nibble = even output)."""
-    rows = torch.as_tensor(np.asarray(rows) if not isinstance(rows, torch.Tensor) else rows).to(torch.int16)
-    nibbles = torch.stack([rows & 0xF, rows >> 4], dim=-1).flatten(-2)
-    return nibbles[..., :out_features] - 8
 
 
 def correction_reference(x: torch.Tensor, base_out: torch.Tensor, residual_rows, residual_scales,
@@ -79,7 +73,7 @@ def correction_reference(x: torch.Tensor, base_out: torch.Tensor, residual_rows,
         return base_out.to(torch.float32).clone()
     flat_x, flat_sel = xs.reshape(-1, xs.shape[-1]), sel.reshape(-1, sel.shape[-1])
     corr = torch.stack([
-        (residual_codes(rows[s], out_features).to(torch.float32) * scales).T @ xt[s]
+        (unpack_rows(rows[s], out_features) * scales).T @ xt[s]
         for xt, s in zip(flat_x, flat_sel)
     ]).reshape(base_out.shape)
     return base_out.to(torch.float32) + corr

@@ -11,6 +11,7 @@ from models.graph import build_graph
 from models.prepare import Prepared, prepare
 from runtime.config import Config, load_config
 from runtime.errors import ConfigError, DeviceError
+from runtime.evaluate import decdec_linear
 from runtime.executor_cpu import CPUExecutor, cpu_groups
 from runtime.graph import Graph
 from scheduler.plan import Plan, schedule
@@ -38,17 +39,14 @@ class Engine:
                 f"sequence of {self.position + n} tokens exceeds model.max_seq_len = {self.max_seq_len}"
             )
 
-    def _base_linear(self, layer: int, kind: str, x: torch.Tensor) -> torch.Tensor:
-        g = self.executor.groups[layer, kind]
-        return (x * g.act_scale) @ g.weight.T
-
     @torch.no_grad()
     def prefill(self, token_ids) -> torch.Tensor:
         """Logits [T, vocab] of a prompt, with the base (uncompensated) kernels, filling the KV cache."""
         tokens = torch.as_tensor(token_ids, dtype=torch.int64).reshape(-1)
         self._check_room(tokens.shape[0])
         args, weights = self.prepared.model.args, self.prepared.model.weights
-        logits = forward(args, weights, tokens, self._base_linear, self.position, self.executor.cache)
+        base = decdec_linear(self.executor.groups, "none")  # the quantized weights, no compensation
+        logits = forward(args, weights, tokens, base, self.position, self.executor.cache)
         self.position += tokens.shape[0]
         return logits
 

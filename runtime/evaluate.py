@@ -49,7 +49,8 @@ def select(mode: str, x: torch.Tensor, k_chunk: int, group: DenseGroup) -> torch
 
 
 def decdec_linear(groups: dict[tuple[int, str], DenseGroup], selection: str = "none", k_chunk: int = 0) -> Linear:
-    """The quantized linear, with DecDEC's compensation simulated when selection != 'none'."""
+    """The quantized linear, with DecDEC's compensation simulated when selection != 'none'.
+    With selection 'none' any group with `weight` and `act_scale` will do (the CPU executor's too)."""
 
     def linear(layer: int, kind: str, x: torch.Tensor) -> torch.Tensor:
         g = groups[layer, kind]

@@ -15,7 +15,7 @@ import torch
 
 from models.arch import KVCache, ModelArgs, act_mul, attend, embed, residual_add, rms_norm
 from models.prepare import PreparedGroup
-from models.residual import unpack_rows
+from ops.layout import unpack_rows
 from ops.selector import BucketBounds, bucket_bounds, select_bucket
 from scheduler.plan import Plan
 

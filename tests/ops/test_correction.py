@@ -57,13 +57,6 @@ def test_reference_is_dense_masked_product():
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_reference_codes_agree_with_models_residual():
-    residual = pytest.importorskip("models.residual")
-    rows, _ = random_residual(np.random.default_rng(1), 8, 21)
-    theirs = residual.unpack_rows(torch.from_numpy(rows), 21).numpy()
-    assert (co.residual_codes(rows, 21).numpy() == theirs).all()
-
-
 def test_plan_covers_every_tile_once():
     for out_features, n_tb in [(40, 3), (576, 1), (4096, 8), (28672, 4), (28672, 16)]:
         p = co.plan_correction(out_features, n_tb)

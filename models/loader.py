@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from models.arch import FAMILIES, ModelArgs
 from runtime.errors import ModelFileError, UnsupportedModelError
@@ -80,7 +81,8 @@ def layer_weights(args: ModelArgs, names: dict, fetch: Callable[[int, str, str],
     `fetch(layer, their_name, ours)` returns one of their tensors as float32 torch."""
     expected = args.weight_shapes()
     weights = {}
-    for i in range(args.n_layers):
+    # disable=None: a bar on a terminal (dequantizing takes seconds), silence in logs and tests
+    for i in tqdm(range(args.n_layers), desc="loading weights", unit="layer", leave=False, disable=None):
         for ours, theirs in names.items():
             if f"layers.{i}.{ours}" in expected:
                 parts = [fetch(i, t, ours) for t in ([theirs] if isinstance(theirs, str) else theirs)]

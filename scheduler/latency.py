@@ -20,6 +20,8 @@ from pathlib import Path
 
 from ops.selector import n_selected
 
+TB_CHOICES = (1, 2, 4, 6, 8, 12, 16, 24, 32)  # thread blocks the analytic model may give a correction
+
 
 @dataclass(frozen=True)
 class DeviceProfile:
@@ -32,6 +34,16 @@ class DeviceProfile:
     corr_fixed_us: float
     steal: float  # fraction of an SM's share of the GEMV lost per correction block
     pair_fixed_us: float
+
+    # The interface the tuner uses; MeasuredModel has the same three methods.
+    def base_us(self, out: int, inp: int, bits: int) -> float:
+        return predict_base_us(self, out, inp, bits)
+
+    def pair_us(self, out: int, inp: int, bits: int, k_chunk: int, n_tb: int) -> float:
+        return predict_pair_us(self, out, inp, bits, k_chunk, n_tb)
+
+    def n_tb_choices(self, out: int, inp: int, bits: int) -> list[int]:
+        return list(TB_CHOICES)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=1))
@@ -116,3 +128,63 @@ def fit_profile(device: str, n_sm: int, rows: list[dict]) -> DeviceProfile:
         if best is None or err < best[0]:
             best = (err, steal, fixed)
     return DeviceProfile(**{**asdict(profile), "steal": best[1], "pair_fixed_us": best[2]})
+
+
+@dataclass
+class MeasuredModel:
+    """The latency model as measurements: per layer shape and bits, the base GEMV alone and the pair
+    (base + correction concurrently) at each measured (k_chunk, n_tb); in between measured k_chunk
+    values it interpolates linearly, and it never predicts outside what was measured (the tuner only
+    picks measured n_tb and k_chunk within the measured range). `decdec tune` measures the model's
+    own shapes, so every prediction the tuner needs is near a measurement."""
+
+    device: str
+    base: dict[str, float]  # "out x in x bits" -> µs
+    pair: dict[str, list[list[float]]]  # "out x in x bits x n_tb" -> sorted [[k_chunk, µs], ...]
+
+    @staticmethod
+    def key(*parts) -> str:
+        return "x".join(str(int(p)) for p in parts)
+
+    @classmethod
+    def from_rows(cls, device: str, rows: list[dict]) -> "MeasuredModel":
+        """Rows {out, in, bits, k_chunk, n_tb, base_us, pair_us}; repeated points are averaged."""
+        base: dict[str, list[float]] = {}
+        pair: dict[str, dict[int, list[float]]] = {}
+        for r in rows:
+            base.setdefault(cls.key(r["out"], r["in"], r["bits"]), []).append(r["base_us"])
+            if r["k_chunk"] > 0:
+                pts = pair.setdefault(cls.key(r["out"], r["in"], r["bits"], r["n_tb"]), {})
+                pts.setdefault(int(r["k_chunk"]), []).append(r["pair_us"])
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        return cls(device, {k: mean(v) for k, v in base.items()},
+                   {k: [[kc, mean(us)] for kc, us in sorted(v.items())] for k, v in pair.items()})
+
+    def base_us(self, out: int, inp: int, bits: int) -> float:
+        return self.base[self.key(out, inp, bits)]
+
+    def n_tb_choices(self, out: int, inp: int, bits: int) -> list[int]:
+        prefix = self.key(out, inp, bits) + "x"
+        return sorted(int(k[len(prefix):]) for k in self.pair if k.startswith(prefix))
+
+    def k_range(self, out: int, inp: int, bits: int, n_tb: int) -> tuple[int, int]:
+        pts = self.pair[self.key(out, inp, bits, n_tb)]
+        return int(pts[0][0]), int(pts[-1][0])
+
+    def pair_us(self, out: int, inp: int, bits: int, k_chunk: int, n_tb: int) -> float:
+        if k_chunk == 0:
+            return self.base_us(out, inp, bits)
+        pts = self.pair[self.key(out, inp, bits, n_tb)]
+        if not pts[0][0] <= k_chunk <= pts[-1][0]:
+            return float("inf")  # not measured: never chosen
+        for (k0, t0), (k1, t1) in zip(pts, pts[1:]):
+            if k0 <= k_chunk <= k1:
+                return t0 + (t1 - t0) * (k_chunk - k0) / (k1 - k0)
+        return pts[0][1]  # a single measured k_chunk
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MeasuredModel":
+        return cls(**json.loads(Path(path).read_text()))

@@ -10,10 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from runtime.errors import ConfigError
-from scheduler.latency import DeviceProfile, predict_base_us, predict_pair_us
+from scheduler.latency import DeviceProfile, MeasuredModel
 
 K_CHOICES = tuple(range(1, 17)) + tuple(range(20, 129, 4)) + tuple(range(160, 1025, 32))
-TB_CHOICES = (1, 2, 4, 6, 8, 12, 16, 24, 32)
 
 
 @dataclass(frozen=True)
@@ -28,39 +27,76 @@ class Choice:
         return self.pair_us / self.base_us - 1
 
 
-def best_for_shape(p: DeviceProfile, out: int, inp: int, bits: int, max_slowdown: float) -> Choice:
+def best_for_shape(p: DeviceProfile | MeasuredModel, out: int, inp: int, bits: int, max_slowdown: float) -> Choice:
     """Largest k_chunk (then fewest blocks) predicted within `max_slowdown`; k_chunk 0 if none is."""
-    base = predict_base_us(p, out, inp, bits)
+    base = p.base_us(out, inp, bits)
     best = Choice(0, 0, base, base)
     for k in K_CHOICES:
-        fits = [Choice(k, tb, base, predict_pair_us(p, out, inp, bits, k, tb)) for tb in TB_CHOICES]
+        fits = [Choice(k, tb, base, p.pair_us(out, inp, bits, k, tb)) for tb in p.n_tb_choices(out, inp, bits)]
         fits = [c for c in fits if c.slowdown <= max_slowdown]
         if fits:
             best = min(fits, key=lambda c: (c.pair_us, c.n_tb))
     return best
 
 
-def tune(p: DeviceProfile, shapes: dict[str, tuple[int, int, int, int]], step_us: float, target: float) -> dict[str, Choice]:
+def frontier(p, out: int, inp: int, bits: int) -> list[Choice]:
+    """The cheapest n_tb for each k_chunk, keeping only points that cost more as k_chunk grows
+    (a larger k_chunk that is no dearer makes the smaller one pointless)."""
+    base = p.base_us(out, inp, bits)
+    best: list[Choice] = []
+    for k in K_CHOICES:
+        pairs = [Choice(k, tb, base, p.pair_us(out, inp, bits, k, tb)) for tb in p.n_tb_choices(out, inp, bits)]
+        pairs = [c for c in pairs if c.pair_us < float("inf")]
+        if pairs:
+            best.append(min(pairs, key=lambda c: (c.pair_us, c.n_tb)))
+    kept: list[Choice] = []
+    for c in reversed(best):  # from the largest k_chunk down: keep strictly cheaper points
+        if not kept or c.pair_us < kept[-1].pair_us:
+            kept.append(c)
+    return kept[::-1]
+
+
+def tune(p: DeviceProfile | MeasuredModel, shapes: dict[str, tuple[int, int, int, int]], step_us: float,
+         target: float) -> dict[str, Choice]:
     """`shapes`: name -> (out, in, bits, count per step); `step_us`: the base decode step's time.
-    Returns a Choice per shape; raises ConfigError when not even k_chunk 1 fits the target."""
+
+    Spends the budget target * step_us greedily: at each move, among the shapes whose next frontier
+    point still fits the budget, the one that adds the most corrected residual weights
+    (k_chunk / 1024 of out * in * count) per µs of step time. Raises ConfigError when not even the
+    cheapest move fits."""
     if target < 0:
         raise ConfigError(f"target slowdown {target} is negative: allowed 0 .. 10 (a fraction, 0.05 = 5 %)")
-    linear_us = sum(predict_base_us(p, o, i, b) * n for o, i, b, n in shapes.values())
-    per_layer = target * step_us / linear_us
-    choices = {name: best_for_shape(p, o, i, b, per_layer) for name, (o, i, b, n) in shapes.items()}
-    if all(c.k_chunk == 0 for c in choices.values()):
-        cheapest = min(
-            (predict_pair_us(p, o, i, b, 1, tb) - predict_base_us(p, o, i, b)) * n / step_us
-            for o, i, b, n in shapes.values() for tb in TB_CHOICES
-        )
+    budget = target * step_us
+    fronts = {name: frontier(p, o, i, b) for name, (o, i, b, n) in shapes.items()}
+    chosen = {name: Choice(0, 0, p.base_us(o, i, b), p.base_us(o, i, b)) for name, (o, i, b, n) in shapes.items()}
+    step_of = {name: 0 for name in shapes}
+    spent = 0.0
+    while True:
+        moves = []
+        for name, (o, i, b, n) in shapes.items():
+            if step_of[name] < len(fronts[name]):
+                nxt, cur = fronts[name][step_of[name]], chosen[name]
+                cost = (nxt.pair_us - cur.pair_us) * n
+                gain = (nxt.k_chunk - cur.k_chunk) * o * i * n
+                if spent + cost <= budget:
+                    moves.append((gain / max(cost, 1e-9), cost, name, nxt))
+        if not moves:
+            break
+        _, cost, name, nxt = max(moves, key=lambda m: (m[0], m[2]))
+        spent += cost
+        chosen[name] = nxt
+        step_of[name] += 1
+    if all(c.k_chunk == 0 for c in chosen.values()):
+        cheapest = min(((f[0].pair_us - f[0].base_us) * shapes[name][3] / step_us
+                        for name, f in fronts.items() if f), default=float("inf"))
         raise ConfigError(
             f"target slowdown {target:.1%} cannot be met on {p.device}: the least compensation "
-            f"(k_chunk 1 on one layer shape) already costs {cheapest:.1%} of the step"
+            f"(the smallest k_chunk on one layer shape) already costs {cheapest:.1%} of the step"
         )
-    return choices
+    return chosen
 
 
-def predicted_step_us(p: DeviceProfile, shapes, choices: dict[str, Choice], step_us: float) -> float:
+def predicted_step_us(p: DeviceProfile | MeasuredModel, shapes, choices: dict[str, Choice], step_us: float) -> float:
     """The base step plus every group's predicted extra time at its chosen k_chunk and n_tb."""
     extra = sum((choices[name].pair_us - choices[name].base_us) * n for name, (o, i, b, n) in shapes.items())
     return step_us + extra

@@ -1,5 +1,6 @@
 """`runtime.compile(cfg)` -> Engine: prepare (or reuse) artifacts, build the op graph, schedule it,
-and bind an executor. `step()` is one decode step of the static graph.
+and bind an executor (CPU reference, or CUDA: one captured graph per step). `step()` is one decode
+step of the static graph.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from scheduler.plan import Plan, schedule
 
 
 class Engine:
-    def __init__(self, prepared: Prepared, graph: Graph, plan: Plan, executor: CPUExecutor, k_chunk: int):
+    def __init__(self, prepared: Prepared, graph: Graph, plan: Plan, executor, k_chunk: int, prefill_executor=None):
         self.prepared, self.graph, self.plan, self.executor = prepared, graph, plan, executor
         self.k_chunk = k_chunk
+        self.prefill_executor = prefill_executor  # CUDA: the base-only step, replayed per prompt token
         self.config: Config = prepared.config
         self.tokenizer = prepared.model.tokenizer
         self.position = 0
@@ -45,8 +47,12 @@ class Engine:
         tokens = torch.as_tensor(token_ids, dtype=torch.int64).reshape(-1)
         self._check_room(tokens.shape[0])
         args, weights = self.prepared.model.args, self.prepared.model.weights
-        base = decdec_linear(self.executor.groups, "none")  # the quantized weights, no compensation
-        logits = forward(args, weights, tokens, base, self.position, self.executor.cache)
+        if self.prefill_executor is not None:  # CUDA: token by token through the base-only step graph
+            rows = [self.prefill_executor.run(int(t), self.position + i) for i, t in enumerate(tokens.tolist())]
+            logits = torch.stack(rows) if rows else torch.empty(0, args.vocab_size)
+        else:
+            base = decdec_linear(self.executor.groups, "none")  # the quantized weights, no compensation
+            logits = forward(args, weights, tokens, base, self.position, self.executor.cache)
         self.position += tokens.shape[0]
         return logits
 
@@ -89,7 +95,8 @@ def engine_k_chunk(cfg: Config) -> int:
         )
     if d.k_chunk is None:
         raise ConfigError(
-            "config field 'decdec.target_slowdown' needs the GPU tuner (device: cuda); on the CPU set 'decdec.k_chunk'"
+            "config field 'decdec.target_slowdown' needs the tuner, which compile does not run yet: "
+            "set 'decdec.k_chunk'"
         )
     return d.k_chunk
 
@@ -97,14 +104,30 @@ def engine_k_chunk(cfg: Config) -> int:
 def compile(model_cfg, progress: bool = True, force: bool = False) -> Engine:
     """Config (YAML path, dict or Config) -> a ready decode engine."""
     cfg = load_config(model_cfg)
-    if cfg.device == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceError("config asks for device 'cuda', but no CUDA device is available here")
-        raise DeviceError("the CUDA executor is not built yet: use device 'cpu'")
+    if cfg.device == "cuda" and not torch.cuda.is_available():  # before the minutes of prepare
+        raise DeviceError("config asks for device 'cuda', but no CUDA device is available here")
     k_chunk = engine_k_chunk(cfg)
     prepared = prepare(cfg, force=force, progress=progress)
     graph = build_graph(prepared.model.args, prepared.layer_bits, k_chunk)
     plan = schedule(graph)
+    if cfg.device == "cuda":
+        executor, prefill_executor = cuda_executors(prepared, plan, k_chunk, cfg.model.max_seq_len)
+        return Engine(prepared, graph, plan, executor, k_chunk, prefill_executor)
     groups = cpu_groups(prepared.groups, {key: k_chunk for key in prepared.groups})
     executor = CPUExecutor(prepared.model.args, prepared.model.weights, groups, plan, cfg.model.max_seq_len)
     return Engine(prepared, graph, plan, executor, k_chunk)
+
+
+def cuda_executors(prepared: Prepared, plan: Plan, k_chunk: int, max_seq_len: int, capture: bool = True):
+    """(decode executor, prefill executor): the plan's step on the GPU, and the base-only step that
+    prefill replays token by token (the same executor when nothing is compensated). One copy of the
+    weights, one KV cache."""
+    from runtime.executor_cuda import CUDAExecutor, DeviceModel  # Numba's CUDA loads only when asked for
+
+    args = prepared.model.args
+    model = DeviceModel.from_prepared(args, prepared.model.weights, prepared.groups, residuals=k_chunk > 0)
+    decode = CUDAExecutor(model, plan, max_seq_len, capture=capture)
+    if k_chunk == 0:
+        return decode, decode
+    base_plan = schedule(build_graph(args, prepared.layer_bits, 0))
+    return decode, CUDAExecutor(model, base_plan, max_seq_len, capture=capture, cache=decode.cache)

@@ -2,7 +2,10 @@
 
 On the CPU each op is timed with the host clock around its reference call; ops of both plan
 streams run one after another there, so the profiled step is the sum of its ops plus the timer's
-own cost. The plain step (no per-op timing) is timed too, and both totals are printed.
+own cost. On the GPU (runtime/executor_cuda.py) the profiled steps are launched op by op instead of
+replayed, with CUDA events around each op on its own stream: side-stream ops overlap the main
+stream's, and the launch gaps of Python are in the timeline. The plain step (no per-op timing; on
+the GPU the graph replay) is timed too, and both totals are printed.
 """
 
 from __future__ import annotations

@@ -1,0 +1,477 @@
+"""The CUDA executor: its pure parts on the CPU, and on a GPU the engine against the CPU engine.
+
+On the CPU: the RoPE tables and the device-side attention against models/arch.py, the buffer plan,
+the plan checks; the whole torch half of the step (`DecodeState`, fp16 buffers and KV cache) with the
+two kernels emulated by their CPU references, against the CPU engine; and the executor's own code
+(binding, events, capture/replay, run, prefill, per-op timing) on a fake device whose GPU-only parts
+are CPU stand-ins with the same signatures and the split-output merge semantics.
+
+On the GPU (`DECDEC_GPU_TESTS=1`): `device: cuda` engines against `device: cpu` engines on the
+same artifacts, 32 decode steps, DecDEC on and off; the captured replay against the eager path.
+
+Tolerance against the CPU engine (float32 throughout): GEMV inputs and outputs and the KV cache are
+fp16 on the GPU (relative rounding 2^-11 per value, through every layer) and the lm_head is an fp16
+matmul. Without compensation, or with k_chunk 1024 (every channel picked, so nothing depends on the
+selection), we require max |logit diff| <= 1e-2 * max |logit| (the CPU emulation below measures
+1.3e-3 on the tiny models, 1.2e-3 at k_chunk 1024 and 3.9e-3 without DecDEC on Gemma 3 270M).
+With k_chunk < 1024 the selection sees fp16 activations, so a channel near the edge of the last,
+partly taken bucket can flip in or out, and one flipped channel moves the logits by a visible share
+of the compensation itself (emulated: up to 5 % of max |logit| on the tiny llama, 9 % on Gemma 3
+3-bit RTN, where compensation moves them by 44 % / 83 %). There we require the error to stay below
+35 % of the compensation's own effect (max |DecDEC - base| on the CPU): flips measure 7-11 %, while a
+wiring bug (wrong group, scale, bounds or buffer) costs about the whole effect.
+The captured replay runs the same launches as the eager path: equal to 1e-3 * max |logit|.
+"""
+
+from tests.ops.cudasim import gpu  # noqa: F401 - first: the CUDA simulator (or the GPU) is chosen there
+
+import contextlib  # noqa: E402
+import os  # noqa: E402
+import types  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import runtime  # noqa: E402
+from models.arch import KVCache, ModelArgs, attend, forward, rope  # noqa: E402
+from models.graph import build_graph  # noqa: E402
+from models.loader import synthetic_model  # noqa: E402
+from ops import dma  # noqa: E402
+from ops.correction import correction_reference  # noqa: E402
+from runtime import executor_cuda as xc  # noqa: E402
+from runtime.errors import DeviceError, ModelFileError  # noqa: E402
+from scheduler.plan import MAIN, SIDE, Plan, PlanItem, schedule  # noqa: E402
+from tests.runtime.test_engine import TINY, tiny_cfg  # noqa: E402
+
+STEPS = 32
+GPU_TOL = 1e-2  # of max |logit|: fp16 buffers, cache and lm_head against float32 (module notes)
+FLIP_SHARE = 0.35  # of the compensation's effect, where fp16 activations may flip a selected channel
+REPLAY_TOL = 1e-3  # of max |logit|: captured replay against eager launches of the same kernels
+K_CASES = [0, 1024, 64]  # no compensation; every channel (selection-free); the usual partial selection
+
+
+def assert_close(got, want, tol):
+    err = (got - want).abs().max().item()
+    assert err <= tol * want.abs().max().item(), f"max |logit diff| {err} > {tol} * {want.abs().max().item()}"
+
+
+def assert_matches_cpu(got, want, base, k_chunk: int):
+    """`got` against the CPU engine's logits `want` (and its uncompensated `base`), as the module notes say."""
+    if k_chunk in (0, 1024):
+        assert_close(got, want, GPU_TOL)
+        return
+    err, effect = (got - want).abs().max().item(), (want - base).abs().max().item()
+    assert err <= FLIP_SHARE * effect, f"max |logit diff| {err} > {FLIP_SHARE} * compensation effect {effect}"
+
+
+def tiny_k_cfg(tmp_path, k_chunk: int, family: str, method: str) -> dict:
+    """The tiny model at one k_chunk (0: selection 'none'); all k share the artifacts in tmp_path."""
+    return tiny_cfg(tmp_path, k_chunk=k_chunk, selection="bucket" if k_chunk else "none", family=family,
+                    method=method)
+
+
+def small_args(family: str) -> tuple[ModelArgs, dict]:
+    spec = {**TINY, "family": family, "n_layers": 2}
+    if family == "gemma3":
+        spec.update(sliding_window=4, sliding_pattern=2, query_scale=0.1)
+    model = synthetic_model(spec)
+    return model.args, model.weights
+
+
+# ---------------------------------------------------------------------------------------------------
+# pure helpers, on the CPU
+
+
+@pytest.mark.parametrize("head_dim, base", [(32, 10_000.0), (256, 1_000_000.0)])
+def test_rope_table_lookup_equals_arch_rope(head_dim, base):
+    cos, sin = xc.rope_table(head_dim, base, 300)
+    gen = torch.Generator().manual_seed(0)
+    for pos in ([0], [7], [299], [3, 150]):
+        positions = torch.tensor(pos)
+        x = torch.randn(len(pos), 4, head_dim, generator=gen)
+        want = rope(x, positions, base)
+        got = xc.rope_at(x, cos[positions], sin[positions])
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+def test_decode_attention_equals_arch_attend(family):
+    """Step by step over more positions than Gemma's sliding window, on both a sliding and a global
+    layer: same outputs as `arch.attend` with its own cache, and the same cache contents."""
+    args, weights = small_args(family)
+    max_seq = 16
+    ours, theirs = KVCache.allocate(args, max_seq), KVCache.allocate(args, max_seq)
+    tables = {b: xc.rope_table(args.head_dim, b, max_seq) for b in (args.rope_base, args.rope_local_base)}
+    k_pos = torch.arange(max_seq)
+    gen = torch.Generator().manual_seed(1)
+    width = args.q_dim + 2 * args.kv_dim
+    for pos in range(10):
+        position = torch.tensor([pos])
+        for layer in range(args.n_layers):
+            qkv = torch.randn(1, width, generator=gen)
+            table = tables[args.rope_local_base if args.is_sliding(layer) else args.rope_base]
+            got = xc.decode_attention(args, weights, layer, qkv, position, ours, table, k_pos)
+            want = attend(args, weights, layer, qkv, position, theirs)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.k, theirs.k)
+    torch.testing.assert_close(ours.v, theirs.v)
+
+
+def test_buffer_plan_dtypes_and_aliases():
+    args, _ = small_args("llama")
+    plan = schedule(build_graph(args, [3, 3], 64))
+    specs, aliases = xc.buffer_specs(args, [it.node for it in plan.items])
+    for i in range(args.n_layers):
+        for name in (f"h.{i}", f"attn.{i}", f"h2.{i}", f"a.{i}"):  # GEMV inputs
+            assert specs[name][1] == torch.float16
+        for group in ("qkv", "o", "gate_up", "down"):  # GEMV outputs, completed in place by the merge
+            assert specs[f"{group}.{i}.base"][1] == torch.float16
+            assert not any(f"{group}.{i}.{t}" in specs for t in ("idx", "rows", "corr"))
+        assert aliases[f"qkv.{i}"] == f"qkv.{i}.base"
+        for name in (f"x.{i}", f"xa.{i}", f"x.{i + 1}"):  # the residual stream stays float32
+            assert specs[name][1] == torch.float32
+    assert specs["hf"] == (args.dim, torch.float16)
+    assert specs["logits"] == (args.vocab_size, torch.float32)
+    assert specs["gate_up.0.base"][0] == 2 * args.ffn_dim and specs["a.0"][0] == args.ffn_dim
+
+
+def test_check_plan_accepts_schedules_and_rejects_broken_ones():
+    args, _ = small_args("gemma3")
+    for k in (0, 64):
+        xc.check_plan(schedule(build_graph(args, [3, 3], k)))
+    items = schedule(build_graph(args, [3, 3], 64)).items
+    merge = next(i for i, it in enumerate(items) if it.node.op == "merge")
+    unjoined = items[:merge] + (PlanItem(items[merge].node, MAIN),) + items[merge + 1:]
+    with pytest.raises(ValueError, match="never joins back"):
+        xc.check_plan(Plan(unjoined, 2))
+    with pytest.raises(ValueError, match="only .* may"):
+        xc.check_plan(Plan((PlanItem(items[0].node, SIDE),) + items[1:], 2))
+    first_side = next(i for i, it in enumerate(items) if it.stream == SIDE)
+    early = (items[first_side],) + items[:first_side] + items[first_side + 1:]
+    with pytest.raises(ValueError, match="before anything records it"):
+        xc.check_plan(Plan(early, 2))
+
+
+def test_default_n_tb():
+    assert xc.default_n_tb(28672, 4096) == xc.default_n_tb(4096, 4096) == 16
+    assert xc.default_n_tb(1536, 640) == xc.default_n_tb(1024, 4096) == 8
+
+
+def test_device_weights_keep_ties_and_drop_linear_groups():
+    args, weights = small_args("qwen2")
+    w = xc.device_weights(weights, "cpu")
+    assert w["lm_head"] is w["embed"] and w["embed"].dtype == torch.float16
+    assert "layers.0.qkv" not in w and "layers.1.down" not in w
+    assert w["layers.0.qkv_bias"].dtype == w["layers.0.attn_norm"].dtype == w["norm"].dtype == torch.float32
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where CUDA is absent")
+def test_cuda_device_without_cuda_is_a_clear_error(tmp_path):
+    cfg = {**tiny_cfg(tmp_path), "device": "cuda"}
+    with pytest.raises(DeviceError, match="no CUDA device is available"):
+        runtime.compile(cfg, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the torch half of the step on the CPU, with the two kernels emulated by their references
+
+
+def emulated_steps(engine, tokens) -> torch.Tensor:
+    """Logits of the CUDA executor's step with `DecodeState` on the CPU: torch ops as on the GPU (fp16
+    buffers and cache), the base GEMV as a float32 accumulation of the fp16 input written once as fp16
+    (plus the correction's part when compensated, as the split-output arrival does), the fused
+    correction as `correction_reference` on the fp16 input."""
+    args, plan, groups = engine.prepared.model.args, engine.plan, engine.executor.groups
+    nodes = [it.node for it in plan.items]
+    state = xc.DecodeState(args, xc.device_weights(engine.prepared.model.weights, "cpu"), nodes,
+                           engine.max_seq_len, "cpu")
+    out = []
+    for position, token in enumerate(tokens.tolist()):
+        state.token.fill_(token)
+        state.position.fill_(position)
+        corrections = {}
+        for item in plan.items:
+            node = item.node
+            key = (node.layer, node.attr("group"))
+            if node.op in xc.TORCH_OPS:
+                xc.TORCH_OPS[node.op](state, node)
+            elif node.op == "correction":  # issued before its base GEMV, as on the side stream
+                g, x = groups[key], state.buf[node.inputs[0]].float()
+                zero = torch.zeros(g.residual_scales.shape[0])
+                corrections[key] = correction_reference(x, zero, g.residual_rows, g.residual_scales, g.bounds,
+                                                        node.attr("k_chunk"), act_scale=g.act_scale)
+            elif node.op == "base_gemv":
+                g = groups[key]
+                y = (state.buf[node.inputs[0]].float() * g.act_scale) @ g.weight.T
+                state.buf[node.outputs[0]].copy_(y + corrections.get(key, 0))
+        out.append(state.buf["logits"].clone())
+    return torch.stack(out)
+
+
+def cpu_steps(engine, tokens) -> torch.Tensor:
+    engine.reset()
+    return torch.stack([engine.step(int(t)) for t in tokens])
+
+
+def prefill_then_steps(engine, tokens, n_prefill: int = 8) -> torch.Tensor:
+    engine.reset()
+    prompt = engine.prefill(tokens[:n_prefill])
+    return torch.cat([prompt, torch.stack([engine.step(int(t)) for t in tokens[n_prefill:]])])
+
+
+@pytest.mark.parametrize("family, method", [("llama", "rtn"), ("gemma3", "awq")])
+@pytest.mark.parametrize("k_chunk", K_CASES)
+def test_fp16_step_emulation_matches_cpu_engine(tmp_path, family, method, k_chunk):
+    engine = runtime.compile(tiny_k_cfg(tmp_path, k_chunk, family, method), progress=False)
+    base = runtime.compile(tiny_k_cfg(tmp_path, 0, family, method), progress=False)
+    tokens = torch.randint(0, TINY["vocab_size"], (STEPS,), generator=torch.Generator().manual_seed(7))
+    assert_matches_cpu(emulated_steps(engine, tokens), cpu_steps(engine, tokens), cpu_steps(base, tokens), k_chunk)
+
+
+@pytest.mark.slow
+def test_fp16_step_emulation_matches_cpu_engine_on_gemma3(tmp_path):
+    engine = runtime.compile(gemma_cfg(tmp_path, "cpu", 32), progress=False)
+    base = runtime.compile(gemma_cfg(tmp_path, "cpu", 0), progress=False)
+    tokens = gemma_tokens(engine)
+    assert_matches_cpu(emulated_steps(engine, tokens), cpu_steps(engine, tokens), cpu_steps(base, tokens), 32)
+
+
+def gemma_cfg(tmp_path, device: str, k_chunk: int = 32) -> dict:
+    """Gemma 3 270M, 3-bit RTN (quick to prepare), as the slow CPU test; DECDEC_GEMMA_GGUF may name the file."""
+    decdec = {"k_chunk": k_chunk, "selection": "bucket" if k_chunk else "none"}
+    return {"model": {"source": os.environ.get("DECDEC_GEMMA_GGUF", "gemma3-270m"), "max_seq_len": 128},
+            "quant": {"method": "rtn", "bits": 3}, "decdec": decdec,
+            "calibration": {"tokens": 256, "ctx": 128}, "artifacts": str(tmp_path / "g"), "device": device}
+
+
+def gemma_tokens(engine) -> torch.Tensor:
+    from models.corpus import corpus_text
+
+    return torch.tensor(engine.tokenizer.encode(corpus_text("pydoc", "eval")[:2000]))[:STEPS]
+
+
+# ---------------------------------------------------------------------------------------------------
+# the executor's own code (binding, events, buffers, run, prefill, profiling) on a fake device
+
+
+class FakeSplit:
+    """`SplitOutput` semantics: parts arrive in any order; the last one writes the sum as fp16."""
+
+    def __init__(self, n_parts: int):
+        self.n_parts, self.parts = n_parts, []
+
+    def arrive(self, part, out):
+        self.parts.append(part)
+        if len(self.parts) == self.n_parts:
+            out.copy_(sum(self.parts))
+            self.parts = []
+
+
+class FakeGemv:
+    """`BaseGemv` on the CPU, same signatures; checks what the executor hands it."""
+
+    def __init__(self, qweight, scales, zeros, act_scale, bits, group_size=128, plan=None):
+        from ops.layout import dequantize
+
+        self.weight = dequantize(qweight, scales, zeros, bits, act_scale.shape[0], group_size)
+        self.act_scale = act_scale
+        out_features, in_features = self.weight.shape
+        self.plan = types.SimpleNamespace(out_features=out_features, in_features=in_features, tile_rows=64)
+
+    def split_output(self, extra_parts=0):
+        return FakeSplit(1 + extra_parts)
+
+    def __call__(self, x, out, stream=0, merge=None):
+        assert x.dtype == out.dtype == torch.float16 and tuple(x.shape) == (self.plan.in_features,)
+        assert tuple(out.shape) == (self.plan.out_features,) and stream.name == "main"
+        y = (x.float() * self.act_scale) @ self.weight.T
+        merge.arrive(y, out) if merge is not None else out.copy_(y)
+
+
+class FakeCorrection:
+    """The fused `Correction` on the CPU (its reference), same signatures."""
+
+    def __init__(self, residual_rows, residual_scales, bounds, k_chunk, *, n_tb=8, tile_rows=64):
+        self.rows, self.scales, self.bounds, self.k_chunk = residual_rows, residual_scales.float(), bounds, k_chunk
+        assert n_tb >= 1 and tile_rows == 64
+
+    def __call__(self, x, act_scale=None, *, base_out=None, out=None, merge=None, stream=0):
+        assert x.dtype == out.dtype == torch.float16 and merge is not None and stream.name == "side"
+        corr = correction_reference(x.float(), torch.zeros(out.shape[0]), self.rows, self.scales, self.bounds,
+                                    self.k_chunk, act_scale=act_scale)
+        merge.arrive(corr, out)
+
+
+class FakeTable:
+    def __init__(self, table):
+        self.table, self.nbytes = torch.from_numpy(dma.pad_rows(table)), table.nbytes
+
+    from_array = classmethod(lambda cls, table: cls(table))
+    device_array = lambda self: self.table  # noqa: E731
+    close = lambda self: None  # noqa: E731
+
+
+class FakeStream:
+    count = 0
+
+    def __init__(self, priority=0):
+        FakeStream.count += 1
+        self.cuda_stream, self.priority = FakeStream.count, priority
+
+    def wait_event(self, event):
+        assert event.recorded, "waits for an event that was never recorded"
+
+
+class FakeEvent:
+    clock = 0
+
+    def __init__(self, enable_timing=False):
+        self.recorded, self.time = False, None
+
+    def record(self, stream=None):
+        FakeEvent.clock += 1
+        self.recorded, self.time = True, FakeEvent.clock
+
+    def elapsed_time(self, end):
+        return float(end.time - self.time)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """The CUDA executor's GPU-only pieces replaced by CPU stand-ins that keep their contracts; a
+    graph 'replay' re-issues the launches. Returns the executors made, to check what they did."""
+    made = []
+    streams = {}
+
+    def external_stream(handle):
+        return types.SimpleNamespace(name=streams[handle])
+
+    def make_stream(priority=0):
+        s = FakeStream(priority)
+        streams[s.cuda_stream] = "side" if priority < 0 else "main"
+        return s
+
+    fake_numba = types.SimpleNamespace(external_stream=external_stream, as_cuda_array=lambda t, sync=True: t)
+    for name, value in {"DEVICE": "cpu", "require_cuda": lambda: None, "cuda": fake_numba, "BaseGemv": FakeGemv,
+                        "Correction": FakeCorrection, "PinnedTable": FakeTable}.items():
+        monkeypatch.setattr(xc, name, value)
+    for name, value in {"is_available": lambda: True, "Stream": make_stream, "Event": FakeEvent,
+                        "stream": lambda s: contextlib.nullcontext(), "synchronize": lambda: None,
+                        "CUDAGraph": lambda: types.SimpleNamespace(replay=None),
+                        "graph": lambda g, stream=None: contextlib.nullcontext()}.items():
+        monkeypatch.setattr(torch.cuda, name, value, raising=False)
+    init = xc.CUDAExecutor.__init__
+
+    def tracking_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if self.graph is not None:
+            self.graph.replay = self._issue
+        made.append(self)
+
+    monkeypatch.setattr(xc.CUDAExecutor, "__init__", tracking_init)
+    return made
+
+
+@pytest.mark.parametrize("k_chunk", K_CASES)
+def test_cuda_executor_on_a_fake_device_matches_cpu_engine(tmp_path, fake_cuda, k_chunk):
+    cfg = tiny_k_cfg(tmp_path, k_chunk, "gemma3", "awq")
+    cpu = runtime.compile(cfg, progress=False)
+    base = runtime.compile(tiny_k_cfg(tmp_path, 0, "gemma3", "awq"), progress=False)
+    dev = runtime.compile({**cfg, "device": "cuda"}, progress=False)
+    assert len(fake_cuda) == (1 if k_chunk == 0 else 2) and dev.prefill_executor.cache is dev.executor.cache
+    tokens = torch.randint(0, TINY["vocab_size"], (STEPS,), generator=torch.Generator().manual_seed(7))
+    assert_matches_cpu(cpu_steps(dev, tokens), cpu_steps(cpu, tokens), cpu_steps(base, tokens), k_chunk)
+    # prefill (the base-only graph, token by token) then steps continue the sequence as on the CPU
+    got, want, plain = (prefill_then_steps(e, tokens[:12]) for e in (dev, cpu, base))
+    assert_close(got[:8], want[:8], GPU_TOL)
+    assert_matches_cpu(got, want, plain, k_chunk)
+    # the eager path with per-op timings: one (item, start, end) per plan item, as the profiler reads them
+    timings: list = []
+    dev.executor.run(int(tokens[0]), 0, timings)
+    assert [t[0] for t in timings] == list(dev.plan.items) and all(s <= e for _, s, e in timings)
+    from runtime.profiler import profile_steps
+
+    assert "summary by op type" in profile_steps(dev, 2)
+
+
+def test_fp16_reference_groups_on_a_fake_device_match_the_reference_model(fake_cuda):
+    """bench/gpu_engine.py's fp16 baseline: dense fp16 groups (torch.mv) in the same executor."""
+    args, weights = small_args("gemma3")
+    groups = {(i, kind): xc.DeviceGroup(args.linear_shape(kind), None, (),
+                                        dense=weights[f"layers.{i}.{kind}"].to(torch.float16))
+              for i in range(args.n_layers) for kind in ("qkv", "o", "gate_up", "down")}
+    ex = xc.CUDAExecutor(xc.DeviceModel(args, weights, groups), schedule(build_graph(args, [3, 3], 0)), 16)
+    tokens = torch.randint(0, args.vocab_size, (10,), generator=torch.Generator().manual_seed(9))
+    got = torch.stack([ex.run(int(t), p) for p, t in enumerate(tokens)])
+    assert_close(got, forward(args, weights, tokens), GPU_TOL)
+
+
+# ---------------------------------------------------------------------------------------------------
+# on the GPU
+
+
+def cpu_and_gpu(cfg: dict):
+    """Engines on the same artifacts (the second compile reuses what the first prepared)."""
+    cpu = runtime.compile({**cfg, "device": "cpu"}, progress=False)
+    return cpu, runtime.compile({**cfg, "device": "cuda"}, progress=False)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("family, method", [("llama", "rtn"), ("gemma3", "awq")])
+@pytest.mark.parametrize("k_chunk", K_CASES)
+def test_gpu_steps_equal_cpu_engine(tmp_path, family, method, k_chunk):
+    cpu, dev = cpu_and_gpu(tiny_k_cfg(tmp_path, k_chunk, family, method))
+    assert isinstance(dev.executor, xc.CUDAExecutor) and dev.executor.graph is not None
+    base = runtime.compile(tiny_k_cfg(tmp_path, 0, family, method), progress=False)
+    tokens = torch.randint(0, TINY["vocab_size"], (STEPS,), generator=torch.Generator().manual_seed(7))
+    assert_matches_cpu(cpu_steps(dev, tokens), cpu_steps(cpu, tokens), cpu_steps(base, tokens), k_chunk)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_prefill_then_steps_equal_cpu_engine(tmp_path):
+    cpu, dev = cpu_and_gpu(tiny_k_cfg(tmp_path, 1024, "llama", "rtn"))
+    tokens = torch.randint(0, TINY["vocab_size"], (12,), generator=torch.Generator().manual_seed(6))
+    assert_close(prefill_then_steps(dev, tokens), prefill_then_steps(cpu, tokens), GPU_TOL)
+
+
+@pytest.mark.gpu
+@gpu
+def test_captured_replay_equals_eager_launches(tmp_path):
+    dev = runtime.compile({**tiny_cfg(tmp_path, family="gemma3"), "device": "cuda"}, progress=False)
+    ex = dev.executor
+    tokens = torch.randint(0, TINY["vocab_size"], (16,), generator=torch.Generator().manual_seed(8))
+    replayed = torch.stack([ex.run(int(t), p) for p, t in enumerate(tokens)])
+    steps = []
+    eager = []
+    for p, t in enumerate(tokens):
+        timings: list = []
+        eager.append(ex.run(int(t), p, timings))
+        steps.append(timings)
+    assert_close(torch.stack(eager), replayed, REPLAY_TOL)
+    for timings in steps:  # the profiler's shape: one (item, start, end) per plan item, side items on stream 1
+        assert [t[0] for t in timings] == list(ex.plan.items)
+        assert all(start <= end for _, start, end in timings)
+    from runtime.profiler import profile_steps
+
+    assert "summary by op type" in profile_steps(dev, 3)
+
+
+@pytest.fixture(scope="module")
+def gemma_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("gemma")  # one preparation for every k_chunk (artifacts do not depend on it)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("k_chunk", [0, 1024, 32])
+def test_gpu_steps_equal_cpu_engine_on_gemma3(gemma_dir, k_chunk):
+    try:
+        cpu, dev = cpu_and_gpu(gemma_cfg(gemma_dir, "cpu", k_chunk))
+    except (ModelFileError, ImportError) as e:
+        pytest.skip(f"Gemma 3 270M is not available here ({e}); set DECDEC_GEMMA_GGUF to its .gguf file")
+    base = runtime.compile(gemma_cfg(gemma_dir, "cpu", 0), progress=False)
+    tokens = gemma_tokens(cpu)
+    assert_matches_cpu(cpu_steps(dev, tokens), cpu_steps(cpu, tokens), cpu_steps(base, tokens), k_chunk)

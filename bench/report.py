@@ -111,6 +111,17 @@ def recall_table(path: Path) -> str:
     return "\n".join(out)
 
 
+def gpu_engine_table(path: Path) -> str:
+    d = json.loads(path.read_text())
+    out = [f"{d['device']}, `{' '.join(d['command'].split()[:4])} ...` (`{path.relative_to(RESULTS.parent.parent)}`), "
+           f"max_seq {d['max_seq']}, {d['rows'][0]['steps']} timed steps:", "",
+           "| model | k_chunk | ms/step (graph replay) | tokens/s | slowdown |", "|---|---:|---:|---:|---:|"]
+    for r in d["rows"]:
+        out.append(f"| {r['model']} {r['weights']} {r['bits']}-bit | {r['k_chunk']} | {r['graph_ms']:.2f} | "
+                   f"{r['tokens_per_s']:.1f} | {r['slowdown']:+.1%} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     for path in sorted(RESULTS.glob("quality_*.json")):
         print(quality_table(path), end="\n\n")
@@ -120,6 +131,8 @@ def main() -> None:
         print(cpu_step_table(path), end="\n\n")
     for path in sorted(RESULTS.glob("gpu_ops_*.json")):
         print(gpu_tables(path), end="\n\n")
+    for path in sorted(RESULTS.glob("gpu_engine_*.json")):
+        print(gpu_engine_table(path), end="\n\n")
     for path in sorted(RESULTS.glob("selector_recall_*.json")):
         print(recall_table(path), end="\n\n")
 

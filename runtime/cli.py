@@ -59,6 +59,9 @@ def cmd_eval(args) -> None:
     for mode in selections:
         if mode not in ("bucket", "exact", "static"):
             raise ConfigError(f"--selection '{mode}' is not allowed: allowed are bucket, exact, static")
+    for k in args.k_chunk:  # before minutes of preparation, not after
+        if not 0 <= k <= cfg.decdec.chunk_size:
+            raise ConfigError(f"--k-chunk {k} is out of range: allowed 0 .. {cfg.decdec.chunk_size} (the chunk size)")
     prepared = prepare(cfg, force=args.force)
     rows = eval_rows(prepared, args.k_chunk, selections, reference=not args.no_reference)
     print(format_table(rows))

@@ -71,6 +71,11 @@ def test_bad_yaml_and_missing_model_print_one_error(tmp_path, capsys):
     assert err.startswith("error: model source") and "not found" in err and "Traceback" not in err
 
 
+def test_k_chunk_out_of_range_on_the_command_line(cfg_file, capsys):
+    assert main(["eval", str(cfg_file), "--k-chunk", "0,2048"]) == 2
+    assert "--k-chunk 2048 is out of range: allowed 0 .. 1024" in capsys.readouterr().err
+
+
 def test_mismatched_artifacts_are_refused(cfg_file, capsys):
     assert main(["prepare", str(cfg_file)]) == 0
     cfg = yaml.safe_load(cfg_file.read_text())

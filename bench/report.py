@@ -11,17 +11,29 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def row(*cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def header(*columns: str) -> list[str]:
+    """A markdown table head: the first column left-aligned, the numeric ones right-aligned."""
+    return [row(*columns), "|---|" + "---:|" * (len(columns) - 1)]
+
+
+def source(path: Path) -> str:
+    return f"`{path.relative_to(RESULTS.parent.parent)}`"
+
+
 def quality_table(path: Path) -> str:
     d = json.loads(path.read_text())
     rows = d["rows"]
     plain = [r for r in rows if r["selection"] == "none"]
     lines = [f"**{d['model']}** — {d['eval_tokens']} evaluation tokens, windows of {d['ctx']}, "
              f"calibration {d['calibration_tokens']} tokens; {d['device']}, commit {d['commit'][:7]} "
-             f"(`{path.relative_to(RESULTS.parent.parent)}`)", "",
-             "| model | perplexity |", "|---|---:|"]
+             f"({source(path)})", "", *header("model", "perplexity")]
     for r in plain:
         name = "reference (dequantized GGUF)" if r["method"] == "reference" else f"{r['method'].upper()} {r['bits']:g}-bit"
-        lines.append(f"| {name} | {r['ppl']:.2f} |")
+        lines.append(row(name, f"{r['ppl']:.2f}"))
     for method in ("awq", "rtn"):
         dyn = [r for r in rows if r["method"] == method and r["bits"] == 3 and r["selection"] != "none"]
         if not dyn:
@@ -29,18 +41,18 @@ def quality_table(path: Path) -> str:
         modes = [m for m in ("bucket", "exact", "static") if any(r["selection"] == m for r in dyn)]
         ks = sorted({r["k_chunk"] for r in dyn})
         lines += ["", f"{method.upper()} 3-bit + DecDEC (k_chunk per 1024 channels):", "",
-                  "| selection | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---:|" * len(ks)]
+                  *header("selection", *(f"k={k}" for k in ks))]
         for m in modes:
             cells = [next(f"{r['ppl']:.2f}" for r in dyn if r["selection"] == m and r["k_chunk"] == k) for k in ks]
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            lines.append(row(m, *cells))
     return "\n".join(lines)
 
 
 def parity_table(path: Path) -> str:
     d = json.loads(path.read_text())
-    lines = ["| model | tokens | top-1 agreement | max abs logit diff |", "|---|---:|---:|---:|"]
+    lines = header("model", "tokens", "top-1 agreement", "max abs logit diff")
     for r in d["rows"]:
-        lines.append(f"| {r['model']} | {r['tokens']} | {r['top1_agreement']:.1%} | {r['max_abs_logit_diff']:.1e} |")
+        lines.append(row(r["model"], r["tokens"], f"{r['top1_agreement']:.1%}", f"{r['max_abs_logit_diff']:.1e}"))
     return "\n".join(lines)
 
 
@@ -48,21 +60,21 @@ def cpu_step_table(path: Path) -> str:
     d = json.loads(path.read_text())
     lines = [f"CPU figure ({d['device']}, {d['cpu_threads']} threads, float32 reference executor), "
              f"{d['model']} {d['quant']['method'].upper()} {d['quant']['bits']:g}-bit:", "",
-             "| decode | tokens/s | ms/step |", "|---|---:|---:|"]
+             *header("decode", "tokens/s", "ms/step")]
     for r in d["rows"]:
         what = "base only" if r["selection"] == "none" else f"DecDEC, k_chunk {r['k_chunk']}"
-        lines.append(f"| {what} | {r['tokens_per_s']:.2f} | {r['median_step_ms']:.1f} |")
+        lines.append(row(what, f"{r['tokens_per_s']:.2f}", f"{r['median_step_ms']:.1f}"))
     return "\n".join(lines)
 
 
 def gpu_tables(path: Path) -> str:
     d = json.loads(path.read_text())
     env, bw = d["env"], d["bandwidth"]
-    out = [f"{env['device']}, torch {env['torch']}, numba-cuda {env['numba_cuda']} (`{path.relative_to(RESULTS.parent.parent)}`); "
+    out = [f"{env['device']}, torch {env['torch']}, numba-cuda {env['numba_cuda']} ({source(path)}); "
            f"measured in the same run: HBM read {bw['hbm_read_GBps']:.0f} GB/s, zero-copy read (128 MiB) "
            f"{bw['zero_copy_read_128MiB_GBps']:.1f} GB/s.", "",
            "Base GEMV, batch 1, inside CUDA graphs, weights rotated past L2 (µs; fraction of measured HBM read):", "",
-           "| out x in | ours 3-bit | ours 4-bit | torch int4 | torch fp16 |", "|---|---:|---:|---:|---:|"]
+           *header("out x in", "ours 3-bit", "ours 4-bit", "torch int4", "torch fp16")]
     shapes = sorted({(r["out"], r["in"]) for r in d["gemv"]}, key=lambda s: -s[0] * s[1])
     for o, i in shapes:
         cell = {}
@@ -71,31 +83,33 @@ def gpu_tables(path: Path) -> str:
                 key = r["bits"] if r["kernel"] == "numba" else r["kernel"]
                 frac = f" ({r['frac_hbm_read']:.0%})" if "frac_hbm_read" in r else ""
                 cell[key] = f"{r['us']:.1f}{frac}"
-        out.append(f"| {o}x{i} | {cell.get(3, '-')} | {cell.get(4, '-')} | "
-                   f"{cell.get('torch _weight_int4pack_mm', 'fails')} | {cell.get('torch F.linear fp16', '-')} |")
+        out.append(row(f"{o}x{i}", cell.get(3, "-"), cell.get(4, "-"),
+                       cell.get("torch _weight_int4pack_mm", "fails"), cell.get("torch F.linear fp16", "-")))
     out += ["", "Correction kernel alone (zero-copy fetch + dequantize + GEMV), best n_tb per k_chunk: µs, PCIe GB/s, "
-            "fraction of the zero-copy peak:", "", "| out x in | k_chunk | n_tb | µs | GB/s | of peak |", "|---|---:|---:|---:|---:|---:|"]
+            "fraction of the zero-copy peak:", "", *header("out x in", "k_chunk", "n_tb", "µs", "GB/s", "of peak")]
     for (o, i) in sorted({(r["out"], r["in"]) for r in d["correction"]}):
         for k in sorted({r["k_chunk"] for r in d["correction"]}):
             rs = [r for r in d["correction"] if (r["out"], r["in"], r["k_chunk"]) == (o, i, k)]
             b = min(rs, key=lambda r: r["us"])
-            out.append(f"| {o}x{i} | {k} | {b['n_tb']} | {b['us']:.1f} | {b['pcie_GBps']:.1f} | {b['frac_zero_copy_peak']:.0%} |")
+            out.append(row(f"{o}x{i}", k, b["n_tb"], f"{b['us']:.1f}", f"{b['pcie_GBps']:.1f}",
+                           f"{b['frac_zero_copy_peak']:.0%}"))
     ov = [r for r in d["overlap"] if r["side_priority"] == -1 and r["bits"] == 3]
     ks = sorted({r["k_chunk"] for r in ov})
     out += ["", "Base GEMV (3-bit) and correction concurrently, correction on a high-priority side stream: slowdown of "
             "the pair over the base alone, best n_tb in brackets:", "",
-            "| out x in | base µs | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|---:|" + "---:|" * len(ks)]
+            *header("out x in", "base µs", *(f"k={k}" for k in ks))]
     for (o, i) in sorted({(r["out"], r["in"]) for r in ov}, key=lambda s: -s[0] * s[1]):
         rs = [r for r in ov if (r["out"], r["in"]) == (o, i)]
         cells = []
         for k in ks:
             b = min((r for r in rs if r["k_chunk"] == k), key=lambda r: r["slowdown"])
             cells.append(f"{b['slowdown']:+.0%} ({b['n_tb']})")
-        out.append(f"| {o}x{i} | {rs[0]['base_us']:.1f} | " + " | ".join(cells) + " |")
+        out.append(row(f"{o}x{i}", f"{rs[0]['base_us']:.1f}", *cells))
     out += ["", "Zero-copy against memcpy (one `cudaMemcpyAsync` per selected row):", "",
-            "| out x in | k_chunk | rows | memcpy µs | zero-copy correction µs |", "|---|---:|---:|---:|---:|"]
+            *header("out x in", "k_chunk", "rows", "memcpy µs", "zero-copy correction µs")]
     for r in d["memcpy"]:
-        out.append(f"| {r['out']}x{r['in']} | {r['k_chunk']} | {r['rows']} | {r['memcpy_rows_us']:.1f} | {r['zero_copy_correction_us']:.1f} |")
+        out.append(row(f"{r['out']}x{r['in']}", r["k_chunk"], r["rows"], f"{r['memcpy_rows_us']:.1f}",
+                       f"{r['zero_copy_correction_us']:.1f}"))
     return "\n".join(out)
 
 
@@ -103,22 +117,21 @@ def recall_table(path: Path) -> str:
     d = json.loads(path.read_text())
     ks = sorted({r["k_chunk"] for r in d["rows"]})
     out = [f"Selector recall against exact top-k, {d['model']}, {d['positions']} positions of evaluation text "
-           f"(`{path.relative_to(RESULTS.parent.parent)}`): bucket (static in brackets)", "",
-           "| group | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---:|" * len(ks)]
+           f"({source(path)}): bucket (static in brackets)", "", *header("group", *(f"k={k}" for k in ks))]
     for g in ("qkv", "o", "gate_up", "down"):
         cells = [next(f"{r['bucket_recall']:.2f} ({r['static_recall']:.2f})" for r in d["rows"] if r["group"] == g and r["k_chunk"] == k) for k in ks]
-        out.append(f"| {g} | " + " | ".join(cells) + " |")
+        out.append(row(g, *cells))
     return "\n".join(out)
 
 
 def gpu_engine_table(path: Path) -> str:
     d = json.loads(path.read_text())
-    out = [f"{d['device']}, `{' '.join(d['command'].split()[:4])} ...` (`{path.relative_to(RESULTS.parent.parent)}`), "
+    out = [f"{d['device']}, `{' '.join(d['command'].split()[:4])} ...` ({source(path)}), "
            f"max_seq {d['max_seq']}, {d['rows'][0]['steps']} timed steps:", "",
-           "| model | k_chunk | ms/step (graph replay) | tokens/s | slowdown |", "|---|---:|---:|---:|---:|"]
+           *header("model", "k_chunk", "ms/step (graph replay)", "tokens/s", "slowdown")]
     for r in d["rows"]:
-        out.append(f"| {r['model']} {r['weights']} {r['bits']}-bit | {r['k_chunk']} | {r['graph_ms']:.2f} | "
-                   f"{r['tokens_per_s']:.1f} | {r['slowdown']:+.1%} |")
+        out.append(row(f"{r['model']} {r['weights']} {r['bits']}-bit", r["k_chunk"], f"{r['graph_ms']:.2f}",
+                       f"{r['tokens_per_s']:.1f}", f"{r['slowdown']:+.1%}"))
     return "\n".join(out)
 
 

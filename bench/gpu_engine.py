@@ -194,7 +194,6 @@ def main(argv=None) -> None:
     ks = (0, 8) if args.quick else K_CHUNKS
     steps = 16 if args.quick else args.steps
     meta = run_meta()
-    meta["commit"] = os.environ.get("DECDEC_COMMIT", meta["commit"])
     try:
         from importlib.metadata import version
 

@@ -23,13 +23,10 @@ as JSON to --out. Nothing in the product imports this file.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -44,6 +41,7 @@ from numba import cuda, uint64  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.meta import run_meta  # noqa: E402
 from ops import base_gemv as bg  # noqa: E402
 from ops import correction as co  # noqa: E402
 from ops import dma, selector  # noqa: E402
@@ -472,30 +470,20 @@ def memcpy_path(s: CorrectionSetup, gemvs, split, base_us: float, out_n, ks, n_t
 # report
 
 
-def environment(argv) -> dict:
-    def version(pkg):
+def environment() -> dict:
+    """bench/meta.py's provenance, plus what this GPU is and the kernel toolchain's versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(pkg: str) -> str | None:
         try:
-            from importlib.metadata import version as v
-            return v(pkg)
-        except Exception:
+            return version(pkg)
+        except PackageNotFoundError:
             return None
 
-    commit = os.environ.get("DECDEC_COMMIT")  # the device copy of the tree may have no .git
-    if not commit:
-        try:
-            r = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], capture_output=True, text=True, timeout=10,
-                               cwd=Path(__file__).parent)
-            commit = r.stdout.strip() if r.returncode == 0 else None
-        except Exception:
-            commit = None
     props = torch.cuda.get_device_properties(0)
-    return {"device": torch.cuda.get_device_name(0), "sm_count": props.multi_processor_count,
-            "l2_bytes": props.L2_cache_size, "memory_bytes": props.total_memory,
-            "torch": torch.__version__, "numba": version("numba"), "numba_cuda": version("numba-cuda"),
-            "numpy": np.__version__, "cuda_bindings": version("cuda-bindings"), "python": platform.python_version(),
-            "commit": commit or "unknown",
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join([sys.executable, sys.argv[0], *argv])}
+    return {**run_meta(), "sm_count": props.multi_processor_count, "l2_bytes": props.L2_cache_size,
+            "memory_bytes": props.total_memory, "numba": installed("numba"), "numba_cuda": installed("numba-cuda"),
+            "numpy": np.__version__, "cuda_bindings": installed("cuda-bindings")}
 
 
 def table(title: str, rows: list[dict], cols: list[tuple[str, str]]) -> str:
@@ -543,7 +531,7 @@ def main(argv=None) -> int:
     setup_streams()
     rng = np.random.default_rng(2024)
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    report = {"env": environment(argv), "config": {k: v for k, v in cfg.items()}, "errors": {}, "seconds": {}}
+    report = {"env": environment(), "config": {k: v for k, v in cfg.items()}, "errors": {}, "seconds": {}}
     out_path = Path(args.out)
 
     def run(name, fn):

@@ -50,7 +50,6 @@ THREADS = 32 * WARPS
 ROWS_PER_WARP = 8  # rows sharing one register copy of the activations (R = 4 measured slower)
 STAGE_INPUTS = 4096  # inputs of x * act_scale one block stages in shared memory (16.5 KiB as float32)
 PAD = 33  # shared row pitch: 32 lanes + 1, so staging writes hit distinct banks
-BLOCK_OVERHEAD_STEPS = 2  # a block's staging + reduction + arrival cost about two steps (plan cost model)
 FLAG_CAP = 256  # tiles one arrival round decides at once (<= threads of any kernel that arrives)
 MAGIC_ONE = 0x3F800000  # float32 1.0: codes are or-ed into its mantissa
 
@@ -156,7 +155,8 @@ def arrive_tiles(partials, counters, out, n_out, n_parts, tile_rows, first_tile,
 
 @dataclass(frozen=True)
 class GemvPlan:
-    """How one weight shape is cut: R rows per warp, tiles of 8 R rows per block, K in `k_blocks`."""
+    """How one weight shape is cut: R rows per warp, tiles of 8 R rows, K in `k_blocks`, and each block
+    taking `tiles_per_block` tiles (grid.x = ceil(n_tiles / tiles_per_block))."""
 
     bits: int
     out_features: int
@@ -165,8 +165,10 @@ class GemvPlan:
     rows_per_warp: int
     k_blocks: int
     units_per_kblock: int  # units (16 inputs at 4-bit, 32 at 3-bit) per K block, a multiple of 32
-    pipeline: bool = True  # prefetch the next step's weights: 127 registers, 2 blocks / SM, and on the
+    pipeline: bool = True  # prefetch the next (tile, step)'s weights: 2 blocks / SM, and on the
     # H100 faster than without (28672x4096: 47.5 vs 50.7 us at 4 bits, 51.3 vs 52.2 at 3; bench/gpu_ops.py)
+    tiles_per_block: int = 1  # > 1: a block stages its inputs once and streams several tiles
+    paired: bool = False  # 4-bit: decode two codes per shift (`_step_source`)
 
     @property
     def unit(self) -> int:
@@ -182,7 +184,7 @@ class GemvPlan:
 
     @property
     def grid(self) -> tuple[int, int]:
-        return (self.n_tiles, self.k_blocks)
+        return (-(-self.n_tiles // self.tiles_per_block), self.k_blocks)
 
     @property
     def weight_bytes(self) -> int:
@@ -190,13 +192,15 @@ class GemvPlan:
 
 
 def plan_gemv(out_features: int, in_features: int, bits: int, group_size: int = 128, n_sm: int = 132,
-              rows_per_warp: int = ROWS_PER_WARP, k_blocks: int | None = None, pipeline: bool = True) -> GemvPlan:
-    """Pick the K split by a small cost model: time ~ waves x (per-block overhead + steps per block).
+              rows_per_warp: int = ROWS_PER_WARP, k_blocks: int | None = None, pipeline: bool = True,
+              persistent: bool = True, paired: bool | None = None) -> GemvPlan:
+    """Pick the K split by a small cost model: time ~ waves x (staging + tiles x (steps + epilogue)).
 
-    A block runs its warps' steps one after another and pays a fixed cost around them (staging,
-    reduction, arrival: ~BLOCK_OVERHEAD_STEPS steps), and blocks run in waves of `slots` (blocks per
-    SM x SMs, by registers): splitting K shortens blocks but adds waves and overhead. Each K block
-    stages at most STAGE_INPUTS inputs and gets at least one full 32-lane step.
+    Blocks run in waves of `slots` (blocks per SM x SMs, by registers). A block stages its K range's
+    inputs once (~1 step) and, `persistent`, takes ceil(tiles x K blocks / slots) row tiles, each
+    costing its steps plus an epilogue (reduction, arrival: ~1 step); otherwise one tile. Splitting K
+    shortens tiles but adds epilogues. Each K block stages at most STAGE_INPUTS inputs and gets at
+    least one full 32-lane step. `paired` defaults to True at 4 bits.
     """
     if bits not in (3, 4):
         raise ValueError(f"bits = {bits}: allowed 3 or 4")
@@ -204,6 +208,9 @@ def plan_gemv(out_features: int, in_features: int, bits: int, group_size: int = 
         raise ValueError(f"in_features = {in_features}, group_size = {group_size}: both must be multiples of 32")
     if 32 % rows_per_warp:
         raise ValueError(f"rows_per_warp = {rows_per_warp}: allowed 1, 2, 4, 8, 16, 32")
+    paired = bits == 4 if paired is None else paired
+    if paired and bits != 4:
+        raise ValueError("paired decoding is for 4-bit weights")
     unit = 16 if bits == 4 else 32
     n_units = in_features // unit
     max_units = STAGE_INPUTS // unit
@@ -213,16 +220,20 @@ def plan_gemv(out_features: int, in_features: int, bits: int, group_size: int = 
     def units_for(kb: int) -> int:  # whole 32-lane steps per K block
         return min(max_units, -(-(-(-n_units // kb)) // 32) * 32)
 
+    def tiles_for(kb: int) -> int:
+        return -(-n_tiles * kb // slots) if persistent else 1
+
     def cost(kb: int) -> tuple[int, int]:
-        units = units_for(kb)
-        blocks = n_tiles * -(-n_units // units)
-        return -(-blocks // slots) * (BLOCK_OVERHEAD_STEPS + units // 32), kb
+        units, tiles = units_for(kb), tiles_for(kb)
+        blocks = -(-n_tiles // tiles) * -(-n_units // units)
+        return -(-blocks // slots) * (1 + tiles * (1 + units // 32)), kb
 
     if k_blocks is None:
         k_blocks = min(range(-(-n_units // max_units), -(-n_units // 32) + 1), key=cost)
     units = units_for(k_blocks)
-    return GemvPlan(bits, out_features, in_features, group_size, rows_per_warp, -(-n_units // units), units,
-                    pipeline)
+    k_blocks = -(-n_units // units)
+    return GemvPlan(bits, out_features, in_features, group_size, rows_per_warp, k_blocks, units, pipeline,
+                    tiles_for(k_blocks), paired)
 
 
 @dataclass
@@ -270,14 +281,36 @@ def jit_with_bounds(max_threads: int, min_blocks: int):
     return cuda.jit
 
 
-def _step_source(bits: int, R: int, row_words: int) -> str:
+PAIR_SHIFT = (15, 7, -1, -9)  # 4-bit pairs (j, j + 1), j = 0, 2, 4, 6 of a word: left shift that puts
+# nibble j at mantissa bits 15..18 and nibble j + 1 at 19..22 of 1.0 (f = 1 + c / 256 and 1 + c / 16)
+
+
+def pair_scale(j: int) -> float:
+    """M_j of the paired 4-bit decode: input j of a unit gives f_j = 1 + code / M_j."""
+    return 256.0 if j % 2 == 0 else 16.0
+
+
+def _pair_lines(word: str, pair: int, name: str) -> list[str]:
+    """Two floats 1 + c / 256, 1 + c / 16 from nibbles 2 pair, 2 pair + 1 of `word`: one shift, two LOP3."""
+    sh = PAIR_SHIFT[pair]
+    shifted = f"({word} << uint32({sh}))" if sh >= 0 else f"({word} >> uint32({-sh}))"
+    return [f"    t = {shifted}",
+            f"    {name}a = int_as_float(int32((t & uint32(0x00078000)) | uint32(MAGIC_ONE)))",
+            f"    {name}b = int_as_float(int32((t & uint32(0x00780000)) | uint32(MAGIC_ONE)))"]
+
+
+def _step_source(bits: int, R: int, row_words: int, paired: bool = False) -> str:
     """Source of one lane's step over R rows, as two device functions written out statement by statement.
 
     Numba keeps the R-row block in registers only when every index is a constant, and NVVM does not
     fully unroll loops this large by itself (a 3-bit R = 8 step went to local memory), so the step is
     generated unrolled. `load` issues all R rows' weight loads of one unit (R loads in flight) and
     returns the words; `dots` then, for each input j, reads x~_j from shared memory once for all R rows
-    and returns (S, s_0 .. s_{R-1}) with S = sum_j x~_j and s_r = sum_j f_rj x~_j, f = 1 + code / M.
+    and returns (A, S, s_0 .. s_{R-1}) with s_r = sum_j f_rj x~_j, f = 1 + code / M, S = sum_j x~_j and
+    A = M S, so that sum_j code_rj x~_j = M s_r - A.
+    `paired` (4-bit): the staged inputs are M_j x~_j (`pair_scale`: 256 for even j, 16 for odd), two codes
+    are decoded per shift, and then sum_j code_rj x~_j = s_r - A with A = sum_j M_j x~_j (returned
+    with M = 1 for the caller).
     """
     unit = 16 if bits == 4 else 32
     load = ["def load(qw, row0, last_row, gu):"]
@@ -299,7 +332,18 @@ def _step_source(bits: int, R: int, row_words: int) -> str:
                      f"    hi{r} = uint32(words[{r}] >> uint64(32))"]
         else:
             dots += [f"    a{r} = words[{3 * r}]", f"    c{r} = words[{3 * r + 1}]", f"    h{r} = words[{3 * r + 2}]"]
-    dots += ["    S = float32(0)"] + [f"    s{r} = float32(0)" for r in range(R)]
+    dots += ["    S = float32(0)", "    T = float32(0)"] + [f"    s{r} = float32(0)" for r in range(R)]
+    if paired:
+        for j in range(0, unit, 2):
+            dots += [f"    x = xs[xoff + uint64({j * PAD})]", f"    y = xs[xoff + uint64({(j + 1) * PAD})]",
+                     "    S += x", "    T += y"]
+            for r in range(R):
+                dots += _pair_lines(f"{'hi' if j >= 8 else 'lo'}{r}", (j % 8) // 2, "f")
+                dots += [f"    s{r} += fa * x", f"    s{r} += fb * y"]
+        # S, T: the even / odd inputs' staged sums; sum_j (f_j - 1) M_j x~_j = s - (S + T), sum_j x~_j below
+        dots.append(f"    return (S + T, S * float32({1 / pair_scale(0)}) + T * float32({1 / pair_scale(1)}), "
+                    + ", ".join(f"s{r}" for r in range(R)) + ")")
+        return "\n".join(load) + "\n\n\n" + "\n".join(dots) + "\n"
     for j in range(unit):
         dots += [f"    x = xs[xoff + uint64({j * PAD})]", "    S += x"]
         for r in range(R):
@@ -308,35 +352,39 @@ def _step_source(bits: int, R: int, row_words: int) -> str:
             else:
                 f = f"code3_float({'c' if j >= 16 else 'a'}{r}, h{r}, {j})"
             dots.append(f"    s{r} += {f} * x")
-    dots.append("    return (S, " + ", ".join(f"s{r}" for r in range(R)) + ")")
+    m = 16 if bits == 4 else 8  # sum_j (f_j - 1) M x~_j = M s - M S
+    dots.append(f"    return (S * float32({m}), S, " + ", ".join(f"s{r}" for r in range(R)) + ")")
     return "\n".join(load) + "\n\n\n" + "\n".join(dots) + "\n"
 
 
 @functools.lru_cache(maxsize=None)
-def _make_step(bits: int, R: int, row_words: int):
+def _make_step(bits: int, R: int, row_words: int, paired: bool = False):
     """Compile `_step_source` into device functions (load, dots); the simulator runs the same source."""
-    src = _step_source(bits, R, row_words)
-    name = f"<base_gemv.step bits={bits} R={R} row_words={row_words}>"
+    src = _step_source(bits, R, row_words, paired)
+    name = f"<base_gemv.step bits={bits} R={R} row_words={row_words} paired={paired}>"
     linecache.cache[name] = (len(src), None, src.splitlines(True), name)  # tracebacks show the source
-    scope = {"uint32": uint32, "uint64": uint64, "float32": float32, "nib_float": nib_float,
-             "code3_float": code3_float}
+    scope = {"uint32": uint32, "uint64": uint64, "int32": int32, "float32": float32, "nib_float": nib_float,
+             "code3_float": code3_float, "int_as_float": int_as_float, "MAGIC_ONE": MAGIC_ONE}
     exec(compile(src, name, "exec"), scope)
     return cuda.jit(device=True)(scope["load"]), cuda.jit(device=True)(scope["dots"])
 
 
 @functools.lru_cache(maxsize=None)
 def _gemv_kernel(bits: int, rows_per_warp: int, row_words: int, n_groups: int, group_size: int,
-                 pipeline: bool = False):
+                 pipeline: bool = False, paired: bool = False):
     """Kernel for one (bits, R, row stride, group count, group size): strides become immediates.
-    `pipeline`: load step s + 1's weights before computing step s (twice the word registers)."""
+    `pipeline`: load the next (tile, step)'s weights before computing this one (twice the word
+    registers); `paired`: the 4-bit decode of two codes per shift (`_step_source`)."""
     R = rows_per_warp
     UNIT = 16 if bits == 4 else 32  # inputs one lane takes per step
-    M = float32(16 if bits == 4 else 8)  # code scale of the f = 1 + code / M trick
+    M = float32(1 if paired else 16 if bits == 4 else 8)  # see `_step_source`: sum code x~ = M s - A
     STEP_IN = 32 * UNIT  # inputs one warp covers per step
     STAGE = (STAGE_INPUTS // STEP_IN) * UNIT * PAD
+    STAGE_PER_THREAD = STAGE_INPUTS // THREADS
+    TILE = WARPS * R
     P = 32 // R  # threads summing one row's 32 lane values in the epilogue
     RED = THREADS * R  # shared sizes must be literal constants for Numba
-    load, dots = _make_step(bits, R, row_words)
+    load, dots = _make_step(bits, R, row_words, paired)
 
     @jit_with_bounds(THREADS, _min_blocks(bits, R, pipeline))
     def kernel(x, act_scale, qw, scales, zeros, out, partials, counters, n_out, n_in, units_per_kblock,
@@ -345,11 +393,13 @@ def _gemv_kernel(bits: int, rows_per_warp: int, row_words: int, n_groups: int, g
 
         Layout: qw flat uint64 [out * in / 16] (4-bit) or uint32 [out * 3 in / 32] (3-bit); scales,
         zeros flat fp16 [out * n_groups]; out fp16 [out]; partials flat f32 [n_parts * out].
-        Launch: grid (n_tiles, k_blocks), block 256; block (t, kb) owns rows [t * 8R, (t + 1) * 8R)
-        and units [kb * U, (kb + 1) * U) (U = units_per_kblock); warp w the R rows from t * 8R + w R.
+        Launch: grid (G, k_blocks), block 256. Block (b, kb) stages the inputs of units
+        [kb * U, (kb + 1) * U) (U = units_per_kblock) once, then takes row tiles b, b + G, b + 2G, ...
+        (8R rows each; warp w the R rows from tile * 8R + w R), streaming the weights as one sequence of
+        (tile, step) pairs so that the next tile's first loads are in flight during this tile's last step.
         Bytes: the packed weights once, scales + zeros once (4 B per row and group), x and act_scale
-        once per block from L2 (6 B per input per block of 8R rows), 2 B per row out
-        (+ 4 B per row and K block, read back once, when K is split or merged).
+        once per block from L2 (6 B per input per block), 2 B per row out (+ 4 B per row and K block,
+        read back once, when K is split or merged).
         """
         xs = cuda.shared.array(STAGE, float32)
         red = cuda.shared.array(RED, float32)
@@ -357,69 +407,97 @@ def _gemv_kernel(bits: int, rows_per_warp: int, row_words: int, n_groups: int, g
         tid = cuda.threadIdx.x
         lane = tid % 32
         warp = tid // 32
-        tile = cuda.blockIdx.x
         kb = cuda.blockIdx.y
         u0 = kb * units_per_kblock
         n_units = min(units_per_kblock, n_in // UNIT - u0)
-        row0 = uint64(tile * WARPS * R + warp * R)
+        n_steps = (n_units + 31) // 32
+        n_tiles = (n_out + TILE - 1) // TILE
+        stride = cuda.gridDim.x
+        tile = cuda.blockIdx.x
+        n_iter = ((n_tiles - tile + stride - 1) // stride) * n_steps  # this block's (tile, step) pairs
         last_row = uint64(n_out - 1)
         last_unit = n_units - 1  # lanes past the end load a valid unit and discard it
-        words = load(qw, row0, last_row, uint64(u0 + min(lane, last_unit)))  # in flight during the staging
-        # stage x * act_scale: input e of the block goes to (step, j, lane) = (e // STEP_IN, e % UNIT, ...)
-        for e in range(tid, n_units * UNIT, THREADS):
-            i = u0 * UNIT + e
-            u = e // UNIT
-            xs[((u // 32) * UNIT + e % UNIT) * PAD + u % 32] = float32(x[i]) * float32(act_scale[i])
+        warp_row = uint64(warp * R)
+        words = load(qw, uint64(tile * TILE) + warp_row, last_row, uint64(u0 + min(lane, last_unit)))
+        # stage x * act_scale (times M_j when paired): input e of the block goes to (step, j, lane) =
+        # (e // STEP_IN, e % UNIT, (e // UNIT) % 32); all of a thread's loads go out before any store
+        vals = cuda.local.array(STAGE_PER_THREAD, float32)
+        n_stage = n_units * UNIT
+        for q in range(STAGE_PER_THREAD):
+            e = tid + q * THREADS
+            if e < n_stage:
+                vals[q] = float32(x[u0 * UNIT + e]) * act_scale[u0 * UNIT + e]
+        for q in range(STAGE_PER_THREAD):
+            e = tid + q * THREADS
+            if e < n_stage:
+                u = e // UNIT
+                j = e % UNIT
+                v = vals[q]
+                if paired:
+                    v *= float32(256) if j % 2 == 0 else float32(16)  # pair_scale(j)
+                xs[((u // 32) * UNIT + j) * PAD + u % 32] = v
         cuda.syncthreads()
 
         acc = cuda.local.array(R, float32)
         for r in range(R):
             acc[r] = float32(0)
-        n_steps = (n_units + 31) // 32
-        for step in range(n_steps):
+        step = 0
+        for it in range(n_iter):
+            row0 = uint64(tile * TILE) + warp_row
             u = step * 32 + lane
+            next_step = step + 1
+            next_tile = tile
+            if next_step == n_steps:
+                next_step = 0
+                next_tile = tile + stride
             if pipeline:
                 ahead = words
-                if step + 1 < n_steps:
-                    ahead = load(qw, row0, last_row, uint64(u0 + min(u + 32, last_unit)))
-            elif step > 0:
+                if it + 1 < n_iter:
+                    ahead = load(qw, uint64(next_tile * TILE) + warp_row, last_row,
+                                 uint64(u0 + min(next_step * 32 + lane, last_unit)))
+            elif it > 0:
                 words = load(qw, row0, last_row, uint64(u0 + min(u, last_unit)))
             if u < n_units:
                 g = uint64(u0 + u) * uint64(UNIT) // uint64(group_size)
-                res = dots(words, xs, uint64(step * UNIT * PAD + lane))  # (S, s_0 .. s_{R-1})
+                res = dots(words, xs, uint64(step * UNIT * PAD + lane))  # (A, S, s_0 .. s_{R-1})
                 for r in range(R):
                     gi = min(row0 + uint64(r), last_row) * uint64(n_groups) + g
-                    acc[r] += float32(scales[gi]) * (M * res[1 + r] - (M + float32(zeros[gi])) * res[0])
+                    acc[r] += float32(scales[gi]) * (M * res[2 + r] - res[0] - float32(zeros[gi]) * res[1])
             if pipeline:
                 words = ahead
-
-        # reduce the 32 lanes of each row through shared memory (the simulator has no shuffles):
-        # P threads per row add R lane values each, then one thread adds the P sums
-        for r in range(R):
-            red[(warp * R + r) * 32 + lane] = acc[r]
-        cuda.syncthreads()
-        row_local = tid // P
-        part = tid % P
-        s = float32(0)
-        for q in range(R):
-            s += red[row_local * 32 + part * R + q]
-        cuda.syncthreads()
-        red[tid] = s
-        cuda.syncthreads()
-        if tid < WARPS * R:
-            total = float32(0)
-            for p in range(P):
-                total += red[tid * P + p]
-            row = tile * WARPS * R + tid
-            if row < n_out:
+            if next_step == 0:  # the tile is complete: sum each row's 32 lane values through shared
+                # memory (the simulator has no shuffles): P threads per row add R lane values each, then
+                # one thread adds the P sums and writes the fp16 row (one K block) or its float32 part
+                for r in range(R):
+                    red[(warp * R + r) * 32 + lane] = acc[r]
+                    acc[r] = float32(0)
+                cuda.syncthreads()
+                s = float32(0)
+                for q in range(R):
+                    s += red[(tid // P) * 32 + (tid % P) * R + q]
+                cuda.syncthreads()
+                red[tid] = s
+                cuda.syncthreads()
+                if tid < TILE:
+                    total = float32(0)
+                    for p in range(P):
+                        total += red[tid * P + p]
+                    row = tile * TILE + tid
+                    if row < n_out:
+                        if direct:
+                            out[row] = total
+                        else:
+                            partials[kb * n_out + row] = total
                 if direct:
-                    out[row] = total
+                    cuda.syncthreads()  # the next tile's epilogue rewrites `red`
                 else:
-                    partials[kb * n_out + row] = total
-        if not direct:
-            arrive_tiles(partials, counters, out, n_out, n_parts, WARPS * R, tile, 1, flags)
+                    arrive_tiles(partials, counters, out, n_out, n_parts, TILE, tile, 1, flags)
+            tile = next_tile
+            step = next_step
 
     return kernel
+
+
 
 
 def _flat(a, dtype=None):
@@ -456,7 +534,7 @@ class BaseGemv:
         self.scales, self.zeros, self.act_scale = _flat(scales), _flat(zeros), act_scale
         row_words = in_features // 16 if bits == 4 else 3 * in_features // 32
         self.kernel = _gemv_kernel(bits, self.plan.rows_per_warp, row_words, self.n_groups, group_size,
-                                   self.plan.pipeline)
+                                   self.plan.pipeline, self.plan.paired)
         self._own_split: SplitOutput | None = None
 
     def split_output(self, extra_parts: int = 0) -> SplitOutput:

@@ -104,13 +104,13 @@ def test_plan_covers_k_in_whole_steps_within_the_staging(bits):
 
 
 def run_kernel(rng, bits, out_features, in_features, k_blocks=None, rows_per_warp=bg.ROWS_PER_WARP,
-               pipeline=True):
+               pipeline=True, **plan_args):
     _, q, scales, zeros, act = random_linear(rng, bits, out_features, in_features)
     x = rng.standard_normal(in_features).astype(np.float16)
     ref = bg.base_gemv_reference(torch.from_numpy(x.astype(np.float32)),
                                  *map(torch.from_numpy, (q, scales, zeros, act)), bits).numpy()
     plan = bg.plan_gemv(out_features, in_features, bits, rows_per_warp=rows_per_warp, k_blocks=k_blocks,
-                        pipeline=pipeline)
+                        pipeline=pipeline, **plan_args)
     gemv = bg.BaseGemv(*(cuda.to_device(a) for a in (q, scales, zeros, act)), bits, plan=plan)
     out = cuda.to_device(np.full(out_features, np.nan, np.float16))  # poison: every row must be written
     xd = cuda.to_device(x)
@@ -128,6 +128,20 @@ def run_kernel(rng, bits, out_features, in_features, k_blocks=None, rows_per_war
 def test_kernel_matches_reference(bits, out_features, in_features, k_blocks, pipeline):
     rng = np.random.default_rng(100 * bits + out_features)
     got, ref, *_ = run_kernel(rng, bits, out_features, in_features, k_blocks, pipeline=pipeline)
+    assert_close_fp16(got, ref)
+
+
+@kernels
+@pytest.mark.parametrize("bits, out_features, k_blocks, pipeline, paired", [
+    (4, 200, 1, True, True),  # 4 tiles over 2 blocks (one SM): 2 tiles each, the last one partial
+    (4, 200, 2, False, False),  # the same with K split, unpaired 4-bit decode, no prefetch
+    (3, 136, 2, True, False),  # 3-bit, 3 tiles over 1 block per K block, pipelined across tiles
+])
+def test_blocks_that_stream_several_tiles_match_reference(bits, out_features, k_blocks, pipeline, paired):
+    rng = np.random.default_rng(300 + out_features + k_blocks)
+    got, ref, gemv, *_ = run_kernel(rng, bits, out_features, 1088, k_blocks, pipeline=pipeline, paired=paired,
+                                    n_sm=1)  # one SM: few block slots, so each block takes several tiles
+    assert gemv.plan.tiles_per_block > 1
     assert_close_fp16(got, ref)
 
 

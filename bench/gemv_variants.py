@@ -142,10 +142,11 @@ def sass_histogram(plan: bg.GemvPlan) -> dict:
     gemv(cuda.as_cuda_array(x), cuda.as_cuda_array(out))
     torch.cuda.synchronize()
     k = gemv.kernel
-    sig = list(k.overloads)[0]
-    info = {"regs": k.get_regs_per_thread(sig), "local_bytes": k.get_local_mem_per_thread(sig)}
+    info = {}
     try:
-        sass = k.inspect_sass(sig)
+        info = {"regs": str(k.get_regs_per_thread()), "local_bytes": str(k.get_local_mem_per_thread())}
+        sass = k.inspect_sass()
+        sass = sass if isinstance(sass, str) else "\n".join(sass.values())
         ops = collections.Counter(line.split()[1].split(".")[0] for line in sass.splitlines()
                                   if line.strip().startswith("/*") and len(line.split()) > 2
                                   and line.split()[1][0].isupper())

@@ -97,24 +97,6 @@ def nib_float(word, j):
 
 
 @cuda.jit(device=True)
-def code3_float(lo_word, hi_word, j):
-    """1 + (3-bit code j of a 32-input unit) / 8: low 2 bits from lo_word at bit 2 (j % 16), high bit
-    from hi_word at bit j, placed at mantissa bits 20..22 of 1.0."""
-    jj = j % 16
-    sl = 20 - 2 * jj
-    if sl >= 0:
-        lo = lo_word << uint32(sl)
-    else:
-        lo = lo_word >> uint32(-sl)
-    sh = 22 - j
-    if sh >= 0:
-        hi = hi_word << uint32(sh)
-    else:
-        hi = hi_word >> uint32(-sh)
-    return int_as_float(int32((lo & uint32(0x00300000)) | (hi & uint32(0x00400000)) | uint32(MAGIC_ONE)))
-
-
-@cuda.jit(device=True)
 def arrive_tiles(partials, counters, out, n_out, n_parts, tile_rows, first_tile, n_tiles, flags):
     """Count this block's part in at row tiles [first_tile, first_tile + n_tiles); finish full tiles.
 
@@ -290,16 +272,17 @@ def pair_scale(j: int) -> float:
     return 256.0 if j % 2 == 0 else 16.0
 
 
-def _pair_lines(word: str, pair: int, name: str) -> list[str]:
-    """Two floats 1 + c / 256, 1 + c / 16 from nibbles 2 pair, 2 pair + 1 of `word`: one shift, two LOP3."""
-    sh = PAIR_SHIFT[pair]
-    shifted = f"({word} << uint32({sh}))" if sh >= 0 else f"({word} >> uint32({-sh}))"
-    return [f"    t = {shifted}",
-            f"    {name}a = int_as_float(int32((t & uint32(0x00078000)) | uint32(MAGIC_ONE)))",
-            f"    {name}b = int_as_float(int32((t & uint32(0x00780000)) | uint32(MAGIC_ONE)))"]
+def _code_float(field: str, mask: int) -> str:
+    """Source of the float 1.0 with the bits `mask` of `field` in its mantissa: one LOP3, as the
+    constant 1.0 arrives in a register (`one`, a kernel argument: with an immediate ptxas needs two)."""
+    return f"int_as_float(int32(({field} & uint32({mask:#x})) | one))"
 
 
-def _step_source(bits: int, R: int, row_words: int, paired: bool = False) -> str:
+def _shifted(word: str, sh: int) -> str:
+    return f"({word} << uint32({sh}))" if sh >= 0 else f"({word} >> uint32({-sh}))"
+
+
+def _step_source(bits: int, R: int, row_words: int, paired: bool = False, exact: bool = False) -> str:
     """Source of one lane's step over R rows, as two device functions written out statement by statement.
 
     Numba keeps the R-row block in registers only when every index is a constant, and NVVM does not
@@ -311,21 +294,26 @@ def _step_source(bits: int, R: int, row_words: int, paired: bool = False) -> str
     `paired` (4-bit): the staged inputs are M_j x~_j (`pair_scale`: 256 for even j, 16 for odd), two codes
     are decoded per shift, and then sum_j code_rj x~_j = s_r - A with A = sum_j M_j x~_j (returned
     with M = 1 for the caller).
+    `exact`: the rows fill whole tiles, so no row is clamped and row r's words sit at a constant offset
+    from row 0's (folded into the load instruction).
     """
     unit = 16 if bits == 4 else 32
     load = ["def load(qw, row0, last_row, gu):"]
+    if exact:
+        load.append(f"    base = row0 * uint64({row_words}) + {'gu' if bits == 4 else 'uint64(3) * gu'}")
     for r in range(R):
-        row = f"min(row0 + uint64({r}), last_row) * uint64({row_words})"
+        row = f"base + uint64({r * row_words})" if exact else \
+            f"min(row0 + uint64({r}), last_row) * uint64({row_words}) + {'gu' if bits == 4 else 'uint64(3) * gu'}"
         if bits == 4:
-            load.append(f"    w{r} = qw[{row} + gu]")
+            load.append(f"    w{r} = qw[{row}]")
         else:
-            load += [f"    b{r} = {row} + uint64(3) * gu",
+            load += [f"    b{r} = {row}",
                      f"    a{r} = uint32(qw[b{r}])",
                      f"    c{r} = uint32(qw[b{r} + uint64(1)])",
                      f"    h{r} = uint32(qw[b{r} + uint64(2)])"]
     names = [f"w{r}" for r in range(R)] if bits == 4 else [f"{v}{r}" for r in range(R) for v in "ach"]
     load.append(f"    return ({', '.join(names)},)")
-    dots = ["def dots(words, xs, xoff):"]
+    dots = ["def dots(words, xs, xoff, one):"]
     for r in range(R):
         if bits == 4:
             dots += [f"    lo{r} = uint32(words[{r}] & uint64(0xFFFFFFFF))",
@@ -338,8 +326,10 @@ def _step_source(bits: int, R: int, row_words: int, paired: bool = False) -> str
             dots += [f"    x = xs[xoff + uint64({j * PAD})]", f"    y = xs[xoff + uint64({(j + 1) * PAD})]",
                      "    S += x", "    T += y"]
             for r in range(R):
-                dots += _pair_lines(f"{'hi' if j >= 8 else 'lo'}{r}", (j % 8) // 2, "f")
-                dots += [f"    s{r} += fa * x", f"    s{r} += fb * y"]
+                # one shift puts nibble j at mantissa bits 15..18 and nibble j + 1 at 19..22
+                t = _shifted(f"{'hi' if j >= 8 else 'lo'}{r}", PAIR_SHIFT[(j % 8) // 2])
+                dots += [f"    t = {t}", f"    s{r} += {_code_float('t', 0x00078000)} * x",
+                         f"    s{r} += {_code_float('t', 0x00780000)} * y"]
         # S, T: the even / odd inputs' staged sums; sum_j (f_j - 1) M_j x~_j = s - (S + T), sum_j x~_j below
         dots.append(f"    return (S + T, S * float32({1 / pair_scale(0)}) + T * float32({1 / pair_scale(1)}), "
                     + ", ".join(f"s{r}" for r in range(R)) + ")")
@@ -347,10 +337,12 @@ def _step_source(bits: int, R: int, row_words: int, paired: bool = False) -> str
     for j in range(unit):
         dots += [f"    x = xs[xoff + uint64({j * PAD})]", "    S += x"]
         for r in range(R):
-            if bits == 4:
-                f = f"nib_float({'hi' if j >= 8 else 'lo'}{r}, {j % 8})"
-            else:
-                f = f"code3_float({'c' if j >= 16 else 'a'}{r}, h{r}, {j})"
+            if bits == 4:  # nibble j % 8 to mantissa bits 19..22
+                f = _code_float(_shifted(f"{'hi' if j >= 8 else 'lo'}{r}", 19 - 4 * (j % 8)), 0x00780000)
+            else:  # low 2 bits (16 per word) to mantissa bits 20..21, high bit (32 per word) to 22
+                lo = _shifted(f"{'c' if j >= 16 else 'a'}{r}", 20 - 2 * (j % 16))
+                hi = _shifted(f"h{r}", 22 - j)
+                f = f"int_as_float(int32(({lo} & uint32(0x00300000)) | ({hi} & uint32(0x00400000)) | one))"
             dots.append(f"    s{r} += {f} * x")
     m = 16 if bits == 4 else 8  # sum_j (f_j - 1) M x~_j = M s - M S
     dots.append(f"    return (S * float32({m}), S, " + ", ".join(f"s{r}" for r in range(R)) + ")")
@@ -358,23 +350,23 @@ def _step_source(bits: int, R: int, row_words: int, paired: bool = False) -> str
 
 
 @functools.lru_cache(maxsize=None)
-def _make_step(bits: int, R: int, row_words: int, paired: bool = False):
+def _make_step(bits: int, R: int, row_words: int, paired: bool = False, exact: bool = False):
     """Compile `_step_source` into device functions (load, dots); the simulator runs the same source."""
-    src = _step_source(bits, R, row_words, paired)
-    name = f"<base_gemv.step bits={bits} R={R} row_words={row_words} paired={paired}>"
+    src = _step_source(bits, R, row_words, paired, exact)
+    name = f"<base_gemv.step bits={bits} R={R} row_words={row_words} paired={paired} exact={exact}>"
     linecache.cache[name] = (len(src), None, src.splitlines(True), name)  # tracebacks show the source
-    scope = {"uint32": uint32, "uint64": uint64, "int32": int32, "float32": float32, "nib_float": nib_float,
-             "code3_float": code3_float, "int_as_float": int_as_float, "MAGIC_ONE": MAGIC_ONE}
+    scope = {"uint32": uint32, "uint64": uint64, "int32": int32, "float32": float32, "int_as_float": int_as_float}
     exec(compile(src, name, "exec"), scope)
     return cuda.jit(device=True)(scope["load"]), cuda.jit(device=True)(scope["dots"])
 
 
 @functools.lru_cache(maxsize=None)
 def _gemv_kernel(bits: int, rows_per_warp: int, row_words: int, n_groups: int, group_size: int,
-                 pipeline: bool = False, paired: bool = False):
+                 pipeline: bool = False, paired: bool = False, exact: bool = False):
     """Kernel for one (bits, R, row stride, group count, group size): strides become immediates.
     `pipeline`: load the next (tile, step)'s weights before computing this one (twice the word
-    registers); `paired`: the 4-bit decode of two codes per shift (`_step_source`)."""
+    registers); `paired`: the 4-bit decode of two codes per shift; `exact`: the rows fill whole tiles
+    (no clamping; see `_step_source`)."""
     R = rows_per_warp
     UNIT = 16 if bits == 4 else 32  # inputs one lane takes per step
     M = float32(1 if paired else 16 if bits == 4 else 8)  # see `_step_source`: sum code x~ = M s - A
@@ -384,11 +376,11 @@ def _gemv_kernel(bits: int, rows_per_warp: int, row_words: int, n_groups: int, g
     TILE = WARPS * R
     P = 32 // R  # threads summing one row's 32 lane values in the epilogue
     RED = THREADS * R  # shared sizes must be literal constants for Numba
-    load, dots = _make_step(bits, R, row_words, paired)
+    load, dots = _make_step(bits, R, row_words, paired, exact)
 
     @jit_with_bounds(THREADS, _min_blocks(bits, R, pipeline))
     def kernel(x, act_scale, qw, scales, zeros, out, partials, counters, n_out, n_in, units_per_kblock,
-               direct, n_parts):
+               direct, n_parts, one_bits):
         """y[row] = sum over this block's K range of deq(Q)[row, i] * x[i] * act_scale[i].
 
         Layout: qw flat uint64 [out * in / 16] (4-bit) or uint32 [out * 3 in / 32] (3-bit); scales,
@@ -399,8 +391,10 @@ def _gemv_kernel(bits: int, rows_per_warp: int, row_words: int, n_groups: int, g
         (tile, step) pairs so that the next tile's first loads are in flight during this tile's last step.
         Bytes: the packed weights once, scales + zeros once (4 B per row and group), x and act_scale
         once per block from L2 (6 B per input per block), 2 B per row out (+ 4 B per row and K block,
-        read back once, when K is split or merged).
+        read back once, when K is split or merged). `one_bits` = MAGIC_ONE, an argument so that it
+        sits in a register.
         """
+        one = uint32(one_bits)
         xs = cuda.shared.array(STAGE, float32)
         red = cuda.shared.array(RED, float32)
         flags = cuda.shared.array(FLAG_CAP, int32)
@@ -459,9 +453,13 @@ def _gemv_kernel(bits: int, rows_per_warp: int, row_words: int, n_groups: int, g
                 words = load(qw, row0, last_row, uint64(u0 + min(u, last_unit)))
             if u < n_units:
                 g = uint64(u0 + u) * uint64(UNIT) // uint64(group_size)
-                res = dots(words, xs, uint64(step * UNIT * PAD + lane))  # (A, S, s_0 .. s_{R-1})
+                res = dots(words, xs, uint64(step * UNIT * PAD + lane), one)  # (A, S, s_0 .. s_{R-1})
+                gbase = row0 * uint64(n_groups) + g
                 for r in range(R):
-                    gi = min(row0 + uint64(r), last_row) * uint64(n_groups) + g
+                    if exact:  # a constant offset, folded into the load
+                        gi = gbase + uint64(r * n_groups)
+                    else:
+                        gi = min(row0 + uint64(r), last_row) * uint64(n_groups) + g
                     acc[r] += float32(scales[gi]) * (M * res[2 + r] - res[0] - float32(zeros[gi]) * res[1])
             if pipeline:
                 words = ahead
@@ -534,7 +532,7 @@ class BaseGemv:
         self.scales, self.zeros, self.act_scale = _flat(scales), _flat(zeros), act_scale
         row_words = in_features // 16 if bits == 4 else 3 * in_features // 32
         self.kernel = _gemv_kernel(bits, self.plan.rows_per_warp, row_words, self.n_groups, group_size,
-                                   self.plan.pipeline, self.plan.paired)
+                                   self.plan.pipeline, self.plan.paired, self.plan.out_features % self.plan.tile_rows == 0)
         self._own_split: SplitOutput | None = None
 
     def split_output(self, extra_parts: int = 0) -> SplitOutput:
@@ -558,7 +556,7 @@ class BaseGemv:
         n_parts = merge.n_parts if merge else 1
         self.kernel[p.grid, THREADS, stream](
             x, self.act_scale, self.qw, self.scales, self.zeros, out, partials, counters,
-            p.out_features, p.in_features, p.units_per_kblock, direct, n_parts)
+            p.out_features, p.in_features, p.units_per_kblock, direct, n_parts, MAGIC_ONE)
 
 
 @functools.lru_cache(maxsize=None)

@@ -8,13 +8,16 @@ and plain Numba is bound by instructions long before that. The kernel therefore
 - gives each warp R rows that share the activations held in registers (one activation load per R rows);
 - stages x * act_scale once per block in shared memory as float32, laid out so that lane l of step s
   reads its 16 (4-bit) or 32 (3-bit) inputs conflict-free: index (s * UNIT + j) * 33 + l;
-- turns a code into a float without a conversion instruction: the code is masked into the top mantissa
-  bits of 1.0, giving f = 1 + code / M (M = 16 or 8: shift, LOP3, FFMA per code), and folds both that
-  offset and the zero point through the sum S of the unit's activations:
-      sum_j (q_j - z) s x_j = s * (M * sum_j f_j x_j - (M + z) * S);
-- loads weights 64 bits a lane (4-bit) and issues all R rows' loads before using any; the first step's
-  loads go out before the staging barrier, and (`pipeline`, the default) step s + 1's before step s
-  is computed;
+- turns a code into a float without a conversion instruction: the code is masked into the mantissa of
+  1.0, giving f = 1 + code / M, and folds both that offset and the zero point through the sum S of the
+  unit's activations: sum_j (q_j - z) s x_j = s * (M * sum_j f_j x_j - (M + z) * S). At 4 bits one
+  shift places two nibbles at once (mantissa bits 15..18 and 19..22: M = 256 and 16, the staged
+  inputs carry M_j); 1.0 arrives as a kernel argument so that the mask-and-or is one LOP3;
+- loads weights 64 bits a lane (4-bit) and issues all R rows' loads before using any; rows of whole
+  tiles sit at constant offsets from the warp's first row (folded into the load instruction);
+- lets a block stream several row tiles (`tiles_per_block`) as one sequence of (tile, step) pairs: the
+  inputs are staged once, and the next step's loads (the next tile's first, at a tile's end) go out
+  before the current step is computed (`pipeline`);
 - specialises the kernel on the row stride and group size, so row offsets are immediates and the
   group index is a shift (the step body is generated unrolled: see `_step_source`);
 - splits K over blocks (grid.y) when a shape has too few rows to fill the GPU, or more inputs than the
@@ -23,11 +26,13 @@ and plain Numba is bound by instructions long before that. The kernel therefore
   the parts in a fixed order and writes fp16. The same arrival also merges the DecDEC correction
   (`ops.correction`), which runs concurrently on another stream and is simply one more part.
 
-Measured on the lent H100 (bench/gpu_ops.py, CUDA graph, weights rotated past L2): 28672x4096 in 46-48 us
-at 4 bits (1.23-1.26 TB/s of packed weights; torch's int4 tinygemm 32 us) and 49-52 us at 3 bits;
-4096x4096 in 11 / 12 us (tinygemm 6.9). Nsight Compute: issue-bound (SM ~69 %, DRAM ~32 % at base
-clocks), 25 % occupancy (127 registers), 1.7 waves at 28672 rows. Next levers: fewer instructions per
-code and per row-step, and a grid without the partial last wave.
+Measured on the lent H100 (bench/gemv_variants.py, CUDA graph, weights rotated past L2; HBM read 2856
+GB/s in the same run): 28672x4096 at 4 bits in 36.7 us (60 % of HBM; torch's int4 tinygemm 33.0 us;
+one tile per block 42.3, unpaired decode 40.3; session 1's kernel 46.4), 45.6 us at 3 bits; 4096x4096
+in 11.5 / 12.3 us (tinygemm 6.8). Local SASS (ptxas sm_90): ~540 instructions per 4-bit warp step of
+128 codes, 145 of them FFMA. What is left: the partial last wave (448 tiles on 264 block slots), the
+pipelined words' register copies, the scale / zero loads per row and step, and for small shapes the
+fixed cost of staging, epilogue and arrival around two steps per block.
 """
 
 from __future__ import annotations

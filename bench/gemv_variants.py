@@ -16,13 +16,11 @@ import collections
 import json
 import math
 import os
-import statistics
 import sys
 from pathlib import Path
 
 os.environ.setdefault("NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS", "0")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from numba import cuda  # noqa: E402
 
@@ -30,31 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.meta import run_meta  # noqa: E402
 from ops import base_gemv as bg  # noqa: E402
+from ops.timing import Streams, event_us, graph_us  # noqa: E402
 
 SHAPES = [(28672, 4096), (14336, 4096), (6144, 4096), (4096, 4096), (4096, 14336), (1024, 4096)]
-
-
-def graph_us(launch, n: int, reps: int, stream: torch.cuda.Stream) -> float:
-    """Median µs per launch of a CUDA graph of launch(0) .. launch(n - 1) (each run once before capture)."""
-    with torch.cuda.stream(stream):
-        for i in range(n):
-            launch(i)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=stream):
-        for i in range(n):
-            launch(i)
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / n)
-    return statistics.median(times)
 
 
 def operands(out_f: int, in_f: int, bits: int, gen) -> tuple:
@@ -105,14 +81,15 @@ def variants(out_f: int, in_f: int, bits: int, n_sm: int, quick: bool) -> dict[s
     return unique
 
 
-def torch_int4_us(out_f: int, in_f: int, n: int, reps: int, stream, gen) -> float | None:
+def torch_int4_us(out_f: int, in_f: int, n: int, reps: int, streams: Streams, gen) -> float | None:
     try:
         packed = [torch._convert_weight_to_int4pack(
             torch.randint(0, 256, (out_f, in_f // 2), dtype=torch.uint8, device="cuda", generator=gen), 8)
             for _ in range(n)]
         sz = (torch.rand(in_f // 128, out_f, 2, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
         xq = torch.randn(1, in_f, device="cuda", generator=gen).to(torch.bfloat16)
-        return graph_us(lambda i: torch._weight_int4pack_mm(xq, packed[i % n], 128, sz), max(n, 100), reps, stream)
+        return graph_us(lambda i: torch._weight_int4pack_mm(xq, packed[i % n], 128, sz), max(n, 100), reps,
+                        streams)["us"]
     except Exception as e:  # private op: record, do not stop
         print(f"torch int4 at {out_f}x{in_f}: {type(e).__name__}: {e}"[:200])
         return None
@@ -121,17 +98,7 @@ def torch_int4_us(out_f: int, in_f: int, n: int, reps: int, stream, gen) -> floa
 def hbm_read_GBps(reps: int) -> float:
     """GB/s of torch's sum over 1 GiB (reads only)."""
     a = torch.ones(1 << 28, dtype=torch.float32, device="cuda")
-    a.sum()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        a.sum()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    return (1 << 30) / statistics.median(times) / 1e9
+    return (1 << 30) / event_us(a.sum, reps) / 1e3
 
 
 def sass_histogram(plan: bg.GemvPlan) -> dict:
@@ -182,8 +149,7 @@ def main(argv=None) -> int:
             gemv(x, out)
         torch.cuda.synchronize()
         return 0
-    stream = torch.cuda.Stream()
-    nstream = cuda.external_stream(stream.cuda_stream)
+    streams = Streams.make(())
     gen = torch.Generator(device="cuda").manual_seed(0)
     report = {"meta": run_meta(), "device": props.name, "hbm_read_GBps": hbm_read_GBps(args.reps), "rows": []}
     print(f"{props.name}: HBM read {report['hbm_read_GBps']:.0f} GB/s")
@@ -205,7 +171,8 @@ def main(argv=None) -> int:
             for name, plan in variants(out_f, in_f, bits, n_sm, args.quick).items():
                 err = check(plan, case)
                 gemvs = [bg.BaseGemv(*w, bits, plan=plan) for w in weights]
-                us = graph_us(lambda i: gemvs[i % n](x, out, stream=nstream), max(n, 100), args.reps, stream)
+                us = graph_us(lambda i: gemvs[i % n](x, out, stream=streams.main_n), max(n, 100), args.reps,
+                              streams)["us"]
                 moved = plan.weight_bytes + 4 * out_f * -(-in_f // 128)
                 row = {"out": out_f, "in": in_f, "bits": bits, "variant": name, "k_blocks": plan.k_blocks,
                        "tiles_per_block": plan.tiles_per_block, "rows_per_warp": plan.rows_per_warp,
@@ -215,7 +182,7 @@ def main(argv=None) -> int:
                 print(f"{out_f:>6} {in_f:>6} {bits:>2} {name:<30} {plan.k_blocks:>3} {plan.tiles_per_block:>3} "
                       f"{us:>7.1f} {row['GBps']:>6.0f} {row['frac_hbm_read']:>5.0%} {err:>8.1e}", flush=True)
             if bits == 4:
-                t = torch_int4_us(out_f, in_f, n, args.reps, stream, gen)
+                t = torch_int4_us(out_f, in_f, n, args.reps, streams, gen)
                 if t is not None:
                     report["rows"].append({"out": out_f, "in": in_f, "bits": 4, "variant": "torch int4", "us": t})
                     print(f"{out_f:>6} {in_f:>6} {4:>2} {'torch _weight_int4pack_mm':<30} {'':>3} {'':>3} {t:>7.1f}")

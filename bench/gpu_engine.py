@@ -1,22 +1,26 @@
-"""Decode speed of the CUDA engine: one captured step per token, base alone vs DecDEC (issue 5).
+"""End-to-end decode on the GPU: tokens/s of whole models, base alone and tuned to each target slowdown.
 
-    DECDEC_COMMIT=<sha> python bench/gpu_engine.py --out $OUT/gpu_engine.json           # ~3-4 min on an H100
-    DECDEC_COMMIT=<sha> python bench/gpu_engine.py --only llama --quick --out ...        # smoke run
+    DECDEC_COMMIT=<sha> python bench/gpu_engine.py --out $OUT/gpu_engine.json [--only llama,smollm,gemma]
+        [--gemma PATH] [--quick]
     (--gemma names the Gemma 3 270M source: the packaged model or a .gguf path; DECDEC_COMMIT names the
     commit where the device copy of the tree has no .git)
 
 Models:
-  gemma3-270m    the real model, 3-bit RTN with a small calibration (prepared on the device's CPUs)
   llama3-8b      Llama-3-8B shapes (dim 4096, 32 layers, 32 / 8 heads, ffn 14336, vocab 128256) at 3 bits;
-                 random packed weights, residual tables and thresholds made directly (no CPU preparation:
-                 timing does not depend on the values); plus torch's fp16 GEMV (torch.mv) in the same
-                 executor as the fp16 reference
-Each model's weights go to the GPU once (`DeviceModel`); each k_chunk (0 = base alone, then 4, 8, 16)
-gets its own plan and captured executor. Per configuration:
-  graph_ms      GPU time of one step: CUDA events around `steps` back-to-back replays, position advancing
-  tokens_per_s  1000 / graph_ms
-  step_ms       median wall time of `executor.run` (fill inputs, replay, logits to the host)
-  slowdown      graph_ms over the base model's
+                 random packed weights, residual tables (pinned) and thresholds made directly (timing does
+                 not depend on the values)
+  smollm2-135m   SmolLM2-135M's shapes the same way (its tuned k_chunk feed the quality table)
+  gemma3-270m    the real model, 3-bit RTN with a small calibration (prepared on the device's CPUs)
+For each model, in one run:
+  1. the base step (k_chunk 0), captured: graph_ms = CUDA events around `steps` back-to-back replays
+     (position advancing), tokens_per_s = 1000 / graph_ms, step_ms = median wall time of `run`
+     (inputs in, replay, logits to the host);
+  2. `decdec tune`'s measurement of this GPU on the model's own linear shapes (runtime/tune.py);
+  3. per target slowdown: the tuner's choice (k_chunk, n_tb per group shape) and predicted step, then
+     that plan captured and measured like the base: slowdown = graph_ms / base graph_ms - 1;
+  4. the same shapes with torch's fp16 GEMV and torch's int4 kernel in place of ours (random weights,
+     same executor), and the roofline: weight + lm_head bytes per step / the HBM read rate measured
+     in step 2, over the step time.
 Attention reads the whole KV cache (max_seq 256, masked), so steps cost the same at every position.
 Nothing in the product imports this file.
 """
@@ -24,6 +28,7 @@ Nothing in the product imports this file.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -42,13 +47,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.meta import run_meta  # noqa: E402
 from models.arch import LINEAR_KINDS, ModelArgs  # noqa: E402
-from models.graph import build_graph  # noqa: E402
-from runtime.executor_cuda import CUDAExecutor, DeviceGroup, DeviceModel, quantized_group  # noqa: E402
+from models.graph import build_graph, group_shapes  # noqa: E402
+from runtime.errors import ConfigError  # noqa: E402
+from runtime.executor_cuda import (CUDAExecutor, DeviceGroup, DeviceModel, fp16_matvec,  # noqa: E402
+                                   quantized_group, torch_int4_matvec)
+from runtime.tune import measure_profile  # noqa: E402
+from scheduler.latency import weight_bytes  # noqa: E402
 from scheduler.plan import MAIN, schedule  # noqa: E402
+from scheduler.tuner import tune_groups  # noqa: E402
 
 LLAMA3_8B = dict(family="llama", vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
                  ffn_dim=14336, norm_eps=1e-5, rope_base=500_000.0, max_seq_len=8192)
-K_CHUNKS = (0, 4, 8, 16)
+SMOLLM2_135M = dict(family="llama", vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
+                    ffn_dim=1536, norm_eps=1e-5, rope_base=100_000.0, max_seq_len=8192)
+TARGETS = (0.025, 0.05, 0.10, 0.20)
 MAX_SEQ = 256
 BITS = 3
 
@@ -74,20 +86,74 @@ def measure(ex: CUDAExecutor, steps: int, warmup: int = 3) -> dict:
             "steps": steps}
 
 
-def time_model(name: str, model: DeviceModel, layer_bits: list[int], ks, steps: int, kind: str = "quantized") -> list:
-    rows = []
-    for k in ks:
-        t0 = time.perf_counter()
-        ex = CUDAExecutor(model, schedule(build_graph(model.args, layer_bits, k)), MAX_SEQ)
-        build_s = time.perf_counter() - t0
-        r = {"model": name, "weights": kind, "bits": 16 if kind == "fp16" else layer_bits[0], "k_chunk": k,
-             **measure(ex, steps), "build_s": build_s}
-        base = next((b for b in rows if b["k_chunk"] == 0), None)
-        r["slowdown"] = r["graph_ms"] / base["graph_ms"] - 1 if base else 0.0
-        rows.append(r)
-        print(f"  {name:<12} {kind:<9} k={k:<3} {r['graph_ms']:7.3f} ms/step  {r['tokens_per_s']:7.1f} tok/s  "
-              f"step {r['step_ms']:6.3f} ms  {r['slowdown']:+.1%}  (built in {build_s:.1f} s)", flush=True)
+def step_bytes(args: ModelArgs, weights: str) -> int:
+    """Bytes a step must read from HBM at least: every linear group's weights (packed codes with fp16
+    scale and zero per group of 128; fp16 for 'fp16'; int4 for 'torch int4') and the fp16 lm_head."""
+    total = 2 * args.vocab_size * args.dim
+    for kind in LINEAR_KINDS:
+        out, inp = args.linear_shape(kind)
+        total += args.n_layers * (2 * out * inp if weights == "fp16" else
+                                  weight_bytes(out, inp, 4 if weights == "torch int4" else BITS))
+    return int(total)
+
+
+def report(name: str, weights: str, r: dict, hbm_GBps: float | None, args: ModelArgs, **extra) -> dict:
+    row = {"model": name, "weights": weights, **extra, **r, "bytes_per_step": step_bytes(args, weights)}
+    if hbm_GBps:
+        row["frac_roofline"] = row["bytes_per_step"] / (hbm_GBps * 1e6) / row["graph_ms"]
+    print(f"  {name:<13} {weights:<10} {str(extra.get('target', '')):<6} {r['graph_ms']:7.3f} ms/step "
+          f"{r['tokens_per_s']:7.1f} tok/s  step {r['step_ms']:6.3f} ms  {extra.get('slowdown', 0):+.1%}"
+          + (f"  predicted {extra['predicted_ms']:.3f} ms" if "predicted_ms" in extra else ""), flush=True)
+    return row
+
+
+def tuned_rows(name: str, model: DeviceModel, layer_bits: list[int], steps: int, targets, quick: bool) -> dict:
+    """Base step, this GPU's profile on the model's shapes, and a captured plan per target."""
+    args = model.args
+    shapes = group_shapes(args, layer_bits)
+    base_ex = CUDAExecutor(model, schedule(build_graph(args, layer_bits, 0)), MAX_SEQ)
+    base = measure(base_ex, steps)
+    t0 = time.perf_counter()
+    profile = measure_profile(shapes, quick=quick, progress=False)
+    print(f"  {name}: measured {len(shapes)} group shapes in {time.perf_counter() - t0:.0f} s "
+          f"(HBM read {profile.hbm_read_GBps:.0f} GB/s, zero-copy {profile.zero_copy_GBps:.1f} GB/s)", flush=True)
+    hbm = profile.hbm_read_GBps
+    rows = [report(name, "quantized", base, hbm, args, target=0.0, slowdown=0.0)]
+    for target in targets:
+        try:
+            t = tune_groups(profile.model, shapes, base["graph_ms"] * 1e3, target)
+        except ConfigError as e:  # an unreachable target is a result too
+            rows.append({"model": name, "weights": "quantized", "target": target, "error": str(e)})
+            print(f"  {name:<13} target {target:.1%}: {e}", flush=True)
+            continue
+        ex = CUDAExecutor(model, schedule(build_graph(args, layer_bits, t.k_chunks, t.n_tbs)), MAX_SEQ,
+                          cache=base_ex.cache)
+        r = measure(ex, steps)
+        choices = {f"{kind}@{bits}": {"k_chunk": c.k_chunk, "n_tb": c.n_tb, "base_us": c.base_us,
+                                      "pair_us": c.pair_us} for (kind, bits), c in t.choices.items()}
+        rows.append(report(name, "quantized", r, hbm, args, target=target, slowdown=r["graph_ms"] / base["graph_ms"] - 1,
+                           predicted_ms=t.predicted_step_us / 1e3,
+                           predicted_error=r["graph_ms"] / (t.predicted_step_us / 1e3) - 1, choices=choices))
         del ex
+        torch.cuda.empty_cache()
+    again = measure(base_ex, steps)  # drift check: the base once more, after every target
+    rows.append(report(name, "quantized", again, hbm, args, target="base again",
+                       slowdown=again["graph_ms"] / base["graph_ms"] - 1))
+    return {"rows": rows, "profile": dataclasses.asdict(profile), "hbm_read_GBps": hbm}
+
+
+def baseline_rows(name: str, args: ModelArgs, weights: dict, steps: int, hbm: float, gen) -> list:
+    """The same model with torch's fp16 GEMV, then with torch's int4 kernel, in place of ours."""
+    rows = []
+    for kind, groups_for in (("fp16", fp16_groups), ("torch int4", int4_groups)):
+        try:
+            model = DeviceModel(args, weights, groups_for(args, gen))
+            ex = CUDAExecutor(model, schedule(build_graph(args, [BITS] * args.n_layers, 0)), MAX_SEQ)
+            rows.append(report(name, kind, measure(ex, steps), hbm, args))
+            del ex, model
+        except Exception as e:  # noqa: BLE001 - torch's int4 kernel rejects some widths (576)
+            rows.append({"model": name, "weights": kind, "error": f"{type(e).__name__}: {e}"[:500]})
+            print(f"  {name:<13} {kind}: {rows[-1]['error'][:200]}", flush=True)
         torch.cuda.empty_cache()
     return rows
 
@@ -96,7 +162,7 @@ def time_model(name: str, model: DeviceModel, layer_bits: list[int], ks, steps: 
 # models
 
 
-def gemma(source: str, ks, steps: int) -> list:
+def gemma(source: str, steps: int, targets, quick: bool) -> dict:
     from models.prepare import prepare
     from runtime.config import load_config
 
@@ -105,11 +171,15 @@ def gemma(source: str, ks, steps: int) -> list:
     t0 = time.perf_counter()
     prepared = prepare(cfg, progress=False)
     print(f"  gemma3-270m prepared in {time.perf_counter() - t0:.1f} s", flush=True)
-    model = DeviceModel.from_prepared(prepared.model.args, prepared.model.weights, prepared.groups)
+    args = prepared.model.args
+    model = DeviceModel.from_prepared(args, prepared.model.weights, prepared.groups)
     try:
-        return time_model("gemma3-270m", model, prepared.layer_bits, ks, steps)
+        result = tuned_rows("gemma3-270m", model, prepared.layer_bits, steps, targets, quick)
     finally:
         model.close()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    result["rows"] += baseline_rows("gemma3-270m", args, prepared.model.weights, steps, result["hbm_read_GBps"], gen)
+    return result
 
 
 def threshold_profile(rng, width: int) -> np.ndarray:
@@ -153,31 +223,40 @@ def fp16_groups(args: ModelArgs, gen: torch.Generator) -> dict:
         for kind in LINEAR_KINDS:
             out_f, in_f = args.linear_shape(kind)
             w = torch.randn(out_f, in_f, device="cuda", generator=gen, dtype=torch.float16) / math.sqrt(in_f)
-            groups[i, kind] = DeviceGroup((out_f, in_f), None, (), dense=w)
+            groups[i, kind] = DeviceGroup((out_f, in_f), None, (), matvec=fp16_matvec(w))
     return groups
 
 
-def llama(ks, steps: int, fp16: bool) -> list:
-    args = ModelArgs(**LLAMA3_8B)
+def int4_groups(args: ModelArgs, gen: torch.Generator) -> dict:
+    """Random int4 weights in torch's tinygemm layout, group 128 (scales small enough to stay finite)."""
+    groups = {}
+    for i in range(args.n_layers):
+        for kind in LINEAR_KINDS:
+            out_f, in_f = args.linear_shape(kind)
+            codes = torch.randint(0, 256, (out_f, in_f // 2), dtype=torch.uint8, device="cuda", generator=gen)
+            sz = torch.empty(-(-in_f // 128), out_f, 2, device="cuda")
+            sz[..., 0], sz[..., 1] = 1 / (4.6 * math.sqrt(in_f)), 0.0
+            groups[i, kind] = DeviceGroup((out_f, in_f), None, (), matvec=torch_int4_matvec(codes, sz))
+    return groups
+
+
+def synthetic(name: str, spec: dict, steps: int, targets, quick: bool) -> dict:
+    """A random 3-bit model of real shapes with pinned residual tables; then the torch baselines."""
+    args = ModelArgs(**spec)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    rng = np.random.default_rng(0)
     weights = synthetic_weights(args, gen)
     t0 = time.perf_counter()
-    model = DeviceModel(args, weights, random_quantized(args, BITS, gen, rng))
-    print(f"  llama3-8b random 3-bit model + {sum(g.table.nbytes for g in model.groups.values()) / 2**30:.2f} GiB "
+    model = DeviceModel(args, weights, random_quantized(args, BITS, gen, np.random.default_rng(0)))
+    print(f"  {name} random 3-bit model + {sum(g.table.nbytes for g in model.groups.values()) / 2**30:.2f} GiB "
           f"of pinned residual tables in {time.perf_counter() - t0:.1f} s", flush=True)
     try:
-        rows = time_model("llama3-8b", model, [BITS] * args.n_layers, ks, steps)
+        result = tuned_rows(name, model, [BITS] * args.n_layers, steps, targets, quick)
     finally:
         model.close()
         del model
         torch.cuda.empty_cache()
-    if fp16:
-        dense = DeviceModel(args, weights, fp16_groups(args, gen))
-        rows += time_model("llama3-8b", dense, [BITS] * args.n_layers, [0], steps, kind="fp16")
-        del dense
-        torch.cuda.empty_cache()
-    return rows
+    result["rows"] += baseline_rows(name, args, weights, steps, result["hbm_read_GBps"], gen)
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -186,12 +265,13 @@ def llama(ks, steps: int, fp16: bool) -> list:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--only", default="gemma,llama", help="comma list of: gemma, llama")
+    ap.add_argument("--only", default="llama,smollm,gemma", help="comma list of: llama, smollm, gemma")
     ap.add_argument("--gemma", default="gemma3-270m", help="Gemma 3 270M source: packaged name or .gguf path")
     ap.add_argument("--steps", type=int, default=64)
-    ap.add_argument("--quick", action="store_true", help="k_chunk 0 and 8 only, 16 steps, no fp16 reference")
+    ap.add_argument("--targets", default=",".join(str(t) for t in TARGETS), help="comma list of target slowdowns")
+    ap.add_argument("--quick", action="store_true", help="quick profile grid, 16 steps")
     args = ap.parse_args(argv)
-    ks = (0, 8) if args.quick else K_CHUNKS
+    targets = [float(t) for t in args.targets.split(",")]
     steps = 16 if args.quick else args.steps
     meta = run_meta()
     try:
@@ -200,20 +280,21 @@ def main(argv=None) -> None:
         meta["numba_cuda"] = version("numba-cuda")
     except Exception:  # noqa: BLE001 - provenance only
         meta["numba_cuda"] = None
-    result = {**meta, "max_seq": MAX_SEQ, "bits": BITS, "rows": [], "errors": []}
-    only = set(args.only.split(","))
-    sections = [("gemma", lambda: gemma(args.gemma, ks, steps)), ("llama", lambda: llama(ks, steps, not args.quick))]
-    for name, run in sections:
-        if name not in only:
-            continue
+    result = {**meta, "max_seq": MAX_SEQ, "bits": BITS, "targets": targets, "steps": steps, "models": {},
+              "errors": []}
+    sections = {"llama": ("llama3-8b", lambda: synthetic("llama3-8b", LLAMA3_8B, steps, targets, args.quick)),
+                "smollm": ("smollm2-135m", lambda: synthetic("smollm2-135m", SMOLLM2_135M, steps, targets, args.quick)),
+                "gemma": ("gemma3-270m", lambda: gemma(args.gemma, steps, targets, args.quick))}
+    for key in args.only.split(","):
+        name, run = sections[key]
         print(f"{name}:", flush=True)
         try:
-            result["rows"] += run()
-        except Exception as e:  # noqa: BLE001 - one model failing must not lose the other's numbers
+            result["models"][name] = run()
+        except Exception as e:  # noqa: BLE001 - one model failing must not lose the others' numbers
             traceback.print_exc()
             result["errors"].append({"section": name, "error": f"{type(e).__name__}: {e}"[:2000]})
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        Path(args.out).write_text(json.dumps(result, indent=1, default=str))
     print(f"wrote {args.out}")
 
 

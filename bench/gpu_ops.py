@@ -17,16 +17,15 @@ Sections (each checked or timed on fresh random data, never zeros):
               over base alone
   memcpy      the same rows by one cudaMemcpyAsync per row (indices known on the host, best case)
 It prints short tables and writes everything, with device, versions, commit, date and command line,
-as JSON to --out. Nothing in the product imports this file.
+as JSON to --out. The timing, the L2 rotation, the random operands, the bandwidths and the overlap pairs
+come from ops/timing.py, which `decdec tune` measures with too. Nothing in the product imports this file.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -37,7 +36,7 @@ os.environ.setdefault("NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS", "0")  # small grids a
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from numba import cuda, uint64  # noqa: E402
+from numba import cuda  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -46,126 +45,12 @@ from ops import base_gemv as bg  # noqa: E402
 from ops import correction as co  # noqa: E402
 from ops import dma, selector  # noqa: E402
 from ops.selector_cuda import select_bucket_cuda  # noqa: E402
+from ops.timing import (CorrectionSetup, GemvSetup, Streams, bandwidth, copies_for, graph_us,  # noqa: E402
+                        measure_pairs, random_gemv, thresholds)
 
 LLAMA_SHAPES = [(4096, 4096), (1024, 4096), (6144, 4096), (14336, 4096), (28672, 4096), (4096, 14336)]  # (out, in)
 SMALL_SHAPES = [(1536, 640), (640, 1024), (4096, 640), (640, 2048),  # Gemma 3 270M: qkv, o, gate_up, down
                 (960, 576), (576, 576), (3072, 576), (576, 1536)]  # SmolLM2-135M
-MAX_COPIES = 64  # rotation copies of one small weight / table (memory and capture time stay small)
-
-
-# ----------------------------------------------------------------------------------------------------
-# timing
-
-
-def graph_us(step, n_steps: int, reps: int, streams=()) -> dict:
-    """Median and spread of microseconds per step of a CUDA graph replaying step(0) .. step(n - 1).
-
-    step(i) launches on the capture stream (torch's current stream while it runs; `CAPTURE[0]` for
-    Numba). Every step runs once outside the capture first (compilation, cuBLAS handles, lazily made
-    scratch), as a first library call inside a capture would invalidate it.
-    """
-    main = CAPTURE[1]
-    with torch.cuda.stream(main):
-        for i in range(n_steps):
-            step(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=main):
-        for i in range(n_steps):
-            step(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / n_steps)
-    del graph
-    return {"us": statistics.median(times), "us_min": min(times), "us_max": max(times), "steps": n_steps,
-            "reps": reps}
-
-
-def event_us(fn, reps: int) -> float:
-    """Median microseconds of fn() on the current stream, by CUDA events (for large single operations)."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
-
-
-CAPTURE: list = []  # numba and torch capture stream; then side streams (numba, torch) by priority
-SIDE: dict = {}
-
-
-def setup_streams() -> None:
-    main = torch.cuda.Stream()
-    CAPTURE[:] = [cuda.external_stream(main.cuda_stream), main]
-    for priority in (0, -1):  # -1: the higher priority torch offers; its blocks are dispatched first
-        side = torch.cuda.Stream(priority=priority)
-        SIDE[priority] = (cuda.external_stream(side.cuda_stream), side)
-
-
-def fork(fn_main, fn_side, priority: int = 0) -> None:
-    """Run fn_main on the capture stream and fn_side on a side stream, joined again (graph-safe)."""
-    nmain, main = CAPTURE
-    nside, side = SIDE[priority]
-    forked = torch.cuda.Event()
-    forked.record(main)
-    side.wait_event(forked)
-    fn_main(nmain)
-    fn_side(nside)
-    joined = torch.cuda.Event()
-    joined.record(side)
-    main.wait_event(joined)
-
-
-def copies_for(nbytes: int, l2_bytes: int) -> int:
-    """How many copies of an nbytes operand to rotate through so that replays stream from HBM."""
-    return max(2, min(MAX_COPIES, math.ceil(3 * l2_bytes / max(nbytes, 1))))
-
-
-# ----------------------------------------------------------------------------------------------------
-# random operands (on the GPU, fresh for every copy)
-
-
-def random_gemv(out_f: int, in_f: int, bits: int, gen: torch.Generator, plan=None) -> bg.BaseGemv:
-    groups = -(-in_f // 128)
-    qweight = torch.randint(-2**31, 2**31, (out_f, in_f * bits // 32), dtype=torch.int32, device="cuda",
-                            generator=gen)  # any 32-bit pattern is a valid packing
-    scales = (torch.rand(out_f, groups, device="cuda", generator=gen) * 0.02 + 0.005).half()
-    zeros = torch.randint(0, 2**bits, (out_f, groups), device="cuda", generator=gen).half()
-    act = torch.rand(in_f, device="cuda", generator=gen) + 0.5
-    return bg.BaseGemv(qweight, scales, zeros, act, bits, plan=plan)
-
-
-def thresholds(rng, width: int) -> np.ndarray:
-    """A calibrated profile from heavy-tailed samples, as models/calibrate.py computes one."""
-    calib = rng.standard_t(df=3, size=(64, width)).astype(np.float32)
-    return np.sort(np.abs(calib), axis=-1)[:, ::-1].max(axis=0).astype(np.float32)
-
-
-def activations(rng, width: int, n: int):
-    """n fresh fp16 activations (device arrays) from the calibration distribution."""
-    return [cuda.to_device(rng.standard_t(df=3, size=width).astype(np.float16)) for _ in range(n)]
-
-
-def pinned_tables(rng, width: int, out_f: int, n: int) -> list[dma.PinnedTable]:
-    row = -(-out_f // 2)
-    tables = []
-    for _ in range(n):
-        nib = rng.integers(1, 16, (width, 2 * row), dtype=np.uint8)
-        tables.append(dma.PinnedTable.from_array(nib[:, 0::2] | (nib[:, 1::2] << 4)))
-    return tables
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -234,41 +119,7 @@ def section_checks(rng) -> list[dict]:
     return results
 
 
-@cuda.jit
-def _xor_read(a, out):
-    """Reads every uint64 of a once (grid-stride), so the loads cannot be optimised away."""
-    i = cuda.grid(1)
-    s = uint64(0)
-    for j in range(i, a.shape[0], cuda.gridsize(1)):
-        s ^= a[j]
-    out[i] = s
-
-
-def section_bandwidth(reps: int) -> dict:
-    props = torch.cuda.get_device_properties(0)
-    threads, blocks = 256, props.multi_processor_count * 8
-    sink = cuda.device_array(threads * blocks, np.uint64)
-    res = {}
-    n = 1 << 30
-    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    res["hbm_copy_GBps"] = 2 * n / event_us(lambda: dst.copy_(src), reps) / 1e3
-    src_n = cuda.as_cuda_array(src.view(torch.int64)).view(np.uint64)
-    res["hbm_read_GBps"] = n / event_us(lambda: _xor_read[blocks, threads](src_n, sink), reps) / 1e3
-    for mib in (128, 16, 1):
-        nbytes = mib << 20
-        with dma.PinnedTable(nbytes // 4096, 4096) as pinned:
-            pinned.host[:] = np.random.default_rng(mib).integers(0, 255, pinned.host.shape, dtype=np.uint8)
-            arr = pinned.device_array(np.uint64).reshape(nbytes // 8)
-            us = event_us(lambda: _xor_read[blocks, threads](arr, sink), reps)
-            res[f"zero_copy_read_{mib}MiB_GBps"] = nbytes / us / 1e3
-    host = torch.empty(256 << 20, dtype=torch.uint8).pin_memory()
-    dev = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    res["h2d_memcpy_256MiB_GBps"] = (256 << 20) / event_us(lambda: dev.copy_(host, non_blocking=True), reps) / 1e3
-    return res
-
-
-def section_gemv(shapes, bits_list, reps: int, l2: int, hbm_read: float) -> list[dict]:
+def section_gemv(streams: Streams, shapes, bits_list, reps: int, l2: int, hbm_read: float) -> list[dict]:
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(0)
     for out_f, in_f in shapes:
@@ -279,25 +130,25 @@ def section_gemv(shapes, bits_list, reps: int, l2: int, hbm_read: float) -> list
             plan = bg.plan_gemv(out_f, in_f, bits, n_sm=torch.cuda.get_device_properties(0).multi_processor_count)
             n = copies_for(plan.weight_bytes, l2)
             gemvs = [random_gemv(out_f, in_f, bits, gen) for _ in range(n)]
-            t = graph_us(lambda i: gemvs[i % n](x_n, out_n, stream=CAPTURE[0]), max(n, 100), reps)
+            t = graph_us(lambda i: gemvs[i % n](x_n, out_n, stream=streams.main_n), max(n, 100), reps, streams)
             moved = plan.weight_bytes + 4 * out_f * -(-in_f // 128) + 6 * in_f + 2 * out_f
             rows.append({"out": out_f, "in": in_f, "bits": bits, "kernel": "numba", **t, "copies": n,
                          "k_blocks": plan.k_blocks, "rows_per_warp": plan.rows_per_warp,
                          "weight_GBps": plan.weight_bytes / t["us"] / 1e3, "bytes_GBps": moved / t["us"] / 1e3,
                          "frac_hbm_read": moved / t["us"] / 1e3 / hbm_read})
 
-        rows += baselines(out_f, in_f, x, reps, l2, gen)
+        rows += baselines(streams, out_f, in_f, x, reps, l2, gen)
         torch.cuda.empty_cache()
     return rows
 
 
-def baselines(out_f: int, in_f: int, x: torch.Tensor, reps: int, l2: int, gen) -> list[dict]:
+def baselines(streams: Streams, out_f: int, in_f: int, x: torch.Tensor, reps: int, l2: int, gen) -> list[dict]:
     """fp16 F.linear and torch's int4 tinygemm at the same shape, same rotation and timing."""
     rows = []
     n = copies_for(2 * out_f * in_f, l2)
     ws = [torch.randn(out_f, in_f, device="cuda", generator=gen).half() for _ in range(n)]
     xb = x[None]
-    t = graph_us(lambda i: F.linear(xb, ws[i % n]), max(n, 100), reps)
+    t = graph_us(lambda i: F.linear(xb, ws[i % n]), max(n, 100), reps, streams)
     rows.append({"out": out_f, "in": in_f, "bits": 16, "kernel": "torch F.linear fp16", **t, "copies": n,
                  "weight_GBps": 2 * out_f * in_f / t["us"] / 1e3})
     ws.clear()
@@ -309,7 +160,7 @@ def baselines(out_f: int, in_f: int, x: torch.Tensor, reps: int, l2: int, gen) -
             packed.append(torch._convert_weight_to_int4pack(w, 8))
         sz = (torch.rand(in_f // 128, out_f, 2, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
         xq = x[None].to(torch.bfloat16)
-        t = graph_us(lambda i: torch._weight_int4pack_mm(xq, packed[i % n], 128, sz), max(n, 100), reps)
+        t = graph_us(lambda i: torch._weight_int4pack_mm(xq, packed[i % n], 128, sz), max(n, 100), reps, streams)
         rows.append({"out": out_f, "in": in_f, "bits": 4, "kernel": "torch _weight_int4pack_mm", **t, "copies": n,
                      "weight_GBps": out_f * in_f / 2 / t["us"] / 1e3})
     except Exception as e:  # the private op changes between torch versions: record, do not stop
@@ -318,7 +169,7 @@ def baselines(out_f: int, in_f: int, x: torch.Tensor, reps: int, l2: int, gen) -
     return rows
 
 
-def section_gemv_variants(shapes, bits_list, reps: int, l2: int) -> list[dict]:
+def section_gemv_variants(streams: Streams, shapes, bits_list, reps: int, l2: int) -> list[dict]:
     """The base GEMV's tuning knobs at a few shapes: rows per warp, software pipelining, K blocks."""
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(2)
@@ -340,7 +191,7 @@ def section_gemv_variants(shapes, bits_list, reps: int, l2: int) -> list[dict]:
             for plan in plans:
                 n = copies_for(plan.weight_bytes, l2)
                 gemvs = [random_gemv(out_f, in_f, bits, gen, plan) for _ in range(n)]
-                t = graph_us(lambda i: gemvs[i % n](x_n, out_n, stream=CAPTURE[0]), max(n, 100), reps)
+                t = graph_us(lambda i: gemvs[i % n](x_n, out_n, stream=streams.main_n), max(n, 100), reps, streams)
                 rows.append({"out": out_f, "in": in_f, "bits": bits, "rows_per_warp": plan.rows_per_warp,
                              "pipeline": plan.pipeline, "k_blocks": plan.k_blocks, **t, "copies": n,
                              "weight_GBps": plan.weight_bytes / t["us"] / 1e3})
@@ -348,33 +199,8 @@ def section_gemv_variants(shapes, bits_list, reps: int, l2: int) -> list[dict]:
     return rows
 
 
-class CorrectionSetup:
-    """Pinned tables (rotated past L2), activations, bounds and scales for one (out, in) shape."""
-
-    def __init__(self, rng, out_f: int, in_f: int, l2: int):
-        self.out_f, self.in_f = out_f, in_f
-        self.n_tables = copies_for(in_f * -(-out_f // 2), l2)
-        self.tables = pinned_tables(rng, in_f, out_f, self.n_tables)
-        self.xs = activations(rng, in_f, 8)
-        self.act = cuda.to_device((rng.random(in_f) + 0.5).astype(np.float32))
-        self.rscale = cuda.to_device((rng.random(out_f) * 0.01 + 0.001).astype(np.float16))
-        self.base = cuda.to_device(rng.standard_normal(out_f).astype(np.float16))
-        self.out = cuda.device_array(out_f, np.float16)
-        self.t = thresholds(rng, in_f)
-
-    def corrections(self, k_chunk: int, n_tb: int) -> list[co.Correction]:
-        bounds = selector.bucket_bounds(self.t, k_chunk)
-        return [co.Correction(t.device_array(), self.rscale, bounds, k_chunk, n_tb=n_tb) for t in self.tables]
-
-    def pcie_bytes(self, k_chunk: int) -> int:
-        return selector.n_selected(self.in_f, k_chunk) * -(-self.out_f // 2)
-
-    def close(self) -> None:
-        for t in self.tables:
-            t.close()
-
-
-def section_correction(rng, shapes, ks, n_tbs, reps: int, l2: int, zero_copy_peak: float) -> list[dict]:
+def section_correction(streams: Streams, rng, shapes, ks, n_tbs, reps: int, l2: int,
+                       zero_copy_peak: float) -> list[dict]:
     rows = []
     for out_f, in_f in shapes:
         s = CorrectionSetup(rng, out_f, in_f, l2)
@@ -383,7 +209,7 @@ def section_correction(rng, shapes, ks, n_tbs, reps: int, l2: int, zero_copy_pea
                 corrs = s.corrections(k, n_tb)
                 n = len(corrs)
                 t = graph_us(lambda i: corrs[i % n](s.xs[i % 8], s.act, base_out=s.base, out=s.out,
-                                                   stream=CAPTURE[0]), max(2 * n, 64), reps)
+                                                   stream=streams.main_n), max(2 * n, 64), reps, streams)
                 gbps = s.pcie_bytes(k) / t["us"] / 1e3
                 rows.append({"out": out_f, "in": in_f, "k_chunk": k, "n_tb": n_tb, **t, "tables": n,
                              "pcie_bytes": s.pcie_bytes(k), "pcie_GBps": gbps,
@@ -392,7 +218,7 @@ def section_correction(rng, shapes, ks, n_tbs, reps: int, l2: int, zero_copy_pea
     return rows
 
 
-def section_overlap(rng, shapes, bits_list, ks, n_tbs, reps: int, l2: int, memcpy_ks,
+def section_overlap(streams: Streams, rng, shapes, bits_list, ks, n_tbs, reps: int, l2: int, memcpy_ks,
                     priorities=(0,)) -> tuple[list, list]:
     """Slowdown of base GEMV + concurrent correction over base alone; and the memcpy path beside it.
     `priorities`: side-stream priorities to try (-1 dispatches the correction's blocks first)."""
@@ -400,66 +226,50 @@ def section_overlap(rng, shapes, bits_list, ks, n_tbs, reps: int, l2: int, memcp
     gen = torch.Generator(device="cuda").manual_seed(1)
     for out_f, in_f in shapes:
         s = CorrectionSetup(rng, out_f, in_f, l2)
-        out_n = cuda.as_cuda_array(torch.empty(out_f, dtype=torch.float16, device="cuda"))
         for bits in bits_list:
-            plan = bg.plan_gemv(out_f, in_f, bits, n_sm=torch.cuda.get_device_properties(0).multi_processor_count)
-            n = copies_for(plan.weight_bytes, l2)
-            gemvs = [random_gemv(out_f, in_f, bits, gen) for _ in range(n)]
-            split = gemvs[0].split_output(extra_parts=1)
-            steps = max(n, s.n_tables, 64)
-            base = graph_us(lambda i: gemvs[i % n](s.xs[i % 8], out_n, stream=CAPTURE[0]), steps, reps)
-            for k in ks:
-                for n_tb in n_tbs:
-                    corrs = s.corrections(k, n_tb)
-                    for priority in priorities:
-
-                        def step(i, corrs=corrs, priority=priority):
-                            fork(lambda st: gemvs[i % n](s.xs[i % 8], out_n, stream=st, merge=split),
-                                 lambda st: corrs[i % len(corrs)](s.xs[i % 8], s.act, out=out_n, merge=split,
-                                                                  stream=st), priority)
-
-                        t = graph_us(step, steps, reps)
-                        rows.append({"out": out_f, "in": in_f, "bits": bits, "k_chunk": k, "n_tb": n_tb,
-                                     "side_priority": priority, "base_us": base["us"], "fused_us": t["us"],
-                                     "fused_us_min": t["us_min"], "fused_us_max": t["us_max"],
-                                     "slowdown": t["us"] / base["us"] - 1, "pcie_bytes": s.pcie_bytes(k)})
+            g = GemvSetup(out_f, in_f, bits, gen, l2)
+            pairs = measure_pairs(streams, s, g, bits, ks, n_tbs, reps, priorities)
+            rows += [{**{k: r[k] for k in ("out", "in", "bits", "k_chunk", "n_tb", "side_priority", "base_us")},
+                      "fused_us": r["pair_us"], "fused_us_min": r["pair_us_min"], "fused_us_max": r["pair_us_max"],
+                      "slowdown": r["pair_us"] / r["base_us"] - 1, "pcie_bytes": s.pcie_bytes(r["k_chunk"])}
+                     for r in pairs]
             if bits == bits_list[0]:
-                memcpy_rows += memcpy_path(s, gemvs, split, base["us"], out_n, memcpy_ks, n_tbs[len(n_tbs) // 2], reps)
-
+                memcpy_rows += memcpy_path(streams, s, g, pairs[0]["base_us"], memcpy_ks, n_tbs[len(n_tbs) // 2], reps)
         s.close()
         torch.cuda.empty_cache()
     return rows, memcpy_rows
 
 
-def memcpy_path(s: CorrectionSetup, gemvs, split, base_us: float, out_n, ks, n_tb: int, reps: int) -> list[dict]:
+def memcpy_path(streams: Streams, s: CorrectionSetup, g: GemvSetup, base_us: float, ks, n_tb: int,
+                reps: int) -> list[dict]:
     """Rows by cudaMemcpyAsync (one per row, indices from the CPU selection of a fixed x) into a device
     table, then the same correction kernel reading device memory: alone and overlapped with the GEMV."""
     rows = []
     dev_table = cuda.to_device(np.full((s.in_f, s.tables[0].stride), 0x88, np.uint8))
     x0 = s.xs[0]
     xt = torch.from_numpy(x0.copy_to_host().astype(np.float32)) * torch.from_numpy(s.act.copy_to_host())
-    n = len(gemvs)
     for k in ks:
         bounds = selector.bucket_bounds(s.t, k)
         idx = selector.select_bucket(xt, k, bounds).numpy()
-        corr = co.Correction(dev_table, s.rscale, bounds, k, n_tb=n_tb)
+        corr = co.Correction(dev_table, s.rscale, bounds, k, n_tb=n_tb, tile_rows=g.tile_rows)
         tables = s.tables
 
         def copy_rows(i, st):
             dma.copy_rows_memcpy(tables[i % len(tables)], idx, dev_table, st, scatter=True)
 
-        alone = graph_us(lambda i: copy_rows(i, CAPTURE[1]), max(len(tables), 16), reps)
+        alone = graph_us(lambda i: copy_rows(i, streams.main), max(len(tables), 16), reps, streams)
         zero_copy = s.corrections(k, n_tb)
         zero = graph_us(lambda i: zero_copy[i % len(zero_copy)](x0, s.act, base_out=s.base, out=s.out,
-                                                                stream=CAPTURE[0]), max(len(tables), 16), reps)
+                                                                stream=streams.main_n), max(len(tables), 16),
+                        reps, streams)
 
         def step(i):
             def side(st):
-                copy_rows(i, SIDE[0][1])
-                corr(x0, s.act, out=out_n, merge=split, stream=st)
-            fork(lambda st: gemvs[i % n](x0, out_n, stream=st, merge=split), side)
+                copy_rows(i, streams.side[0][1])
+                corr(x0, s.act, out=g.out, merge=g.split, stream=st)
+            streams.fork(lambda st: g(i, x0, st, merge=g.split), side, priority=0)
 
-        fused = graph_us(step, max(n, len(tables), 16), reps)
+        fused = graph_us(step, max(len(g.gemvs), len(tables), 16), reps, streams)
         rows.append({"out": s.out_f, "in": s.in_f, "k_chunk": k, "n_tb": n_tb, "rows": int(idx.size),
                      "memcpy_rows_us": alone["us"], "zero_copy_correction_us": zero["us"],
                      "base_us": base_us, "fused_memcpy_us": fused["us"], "slowdown_memcpy": fused["us"] / base_us - 1})
@@ -528,7 +338,7 @@ def main(argv=None) -> int:
     cfg = config(args.quick)
     only = set(filter(None, args.only.split(","))) or {"checks", "bandwidth", "gemv", "correction", "overlap",
                                                          "variants"}
-    setup_streams()
+    streams = Streams.make()
     rng = np.random.default_rng(2024)
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     report = {"env": environment(), "config": {k: v for k, v in cfg.items()}, "errors": {}, "seconds": {}}
@@ -549,16 +359,16 @@ def main(argv=None) -> int:
         return report.get(name)
 
     run("checks", lambda: section_checks(rng))
-    bw = run("bandwidth", lambda: section_bandwidth(cfg["reps"])) or {}
+    bw = run("bandwidth", lambda: bandwidth(cfg["reps"])) or {}
     hbm_read = bw.get("hbm_read_GBps", 3000.0)
     zc_peak = bw.get("zero_copy_read_128MiB_GBps", 50.0)
-    run("gemv", lambda: section_gemv(cfg["gemv_shapes"], [3, 4], cfg["reps"], l2, hbm_read))
-    run("variants", lambda: section_gemv_variants(cfg["variant_shapes"], [3, 4], cfg["reps"], l2))
-    run("correction", lambda: section_correction(rng, cfg["corr_shapes"], cfg["corr_ks"], cfg["corr_tbs"],
+    run("gemv", lambda: section_gemv(streams, cfg["gemv_shapes"], [3, 4], cfg["reps"], l2, hbm_read))
+    run("variants", lambda: section_gemv_variants(streams, cfg["variant_shapes"], [3, 4], cfg["reps"], l2))
+    run("correction", lambda: section_correction(streams, rng, cfg["corr_shapes"], cfg["corr_ks"], cfg["corr_tbs"],
                                                  cfg["reps"], l2, zc_peak))
 
     def overlap():
-        rows, memcpy_rows = section_overlap(rng, cfg["overlap_shapes"], cfg["overlap_bits"], cfg["overlap_ks"],
+        rows, memcpy_rows = section_overlap(streams, rng, cfg["overlap_shapes"], cfg["overlap_bits"], cfg["overlap_ks"],
                                             cfg["overlap_tbs"], cfg["reps"], l2, cfg["memcpy_ks"], cfg["priorities"])
         report["memcpy"] = memcpy_rows
         return rows

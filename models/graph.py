@@ -8,13 +8,40 @@ output. q/k/v share one group (one selection, one fetch), and so do gate/up.
 
 from __future__ import annotations
 
-from models.arch import ModelArgs
+from models.arch import LINEAR_KINDS, ModelArgs
 from ops.selector import n_selected
 from runtime.graph import Graph
 
+PerGroup = int | None | dict  # one value for all groups, or a dict by kind or by (kind, bits)
 
-def add_linear(g: Graph, layer: int, group: str, x: str, out: str, shape: tuple[int, int], bits: int, k_chunk: int) -> None:
-    """The nodes of one linear group reading `x` and writing `out`."""
+
+def per_group(value: PerGroup, kind: str, bits: int, name: str) -> int:
+    """`value` for the linear groups of one kind at one bit width: an int (None = 0) for all, or a dict
+    keyed by (kind, bits) or by kind (the (kind, bits) entry wins)."""
+    if not isinstance(value, dict):
+        return value or 0
+    for key in ((kind, bits), kind):
+        if key in value:
+            return value[key] or 0
+    raise ValueError(f"{name} has no value for the {kind} groups at {bits} bits: "
+                     f"keys are {sorted(map(str, value))}")
+
+
+def group_shapes(args: ModelArgs, layer_bits: list[int]) -> dict[tuple[str, int], tuple[int, int, int, int]]:
+    """(kind, bits) -> (out, in, bits, groups per decode step): the linear shapes a step runs, as the
+    tuner and `decdec tune` take them (a 3.5-bit model has each kind at 3 and at 4 bits)."""
+    shapes = {}
+    for bits in sorted(set(layer_bits)):
+        count = layer_bits.count(bits)
+        for kind in LINEAR_KINDS:
+            shapes[kind, bits] = (*args.linear_shape(kind), bits, count)
+    return shapes
+
+
+def add_linear(g: Graph, layer: int, group: str, x: str, out: str, shape: tuple[int, int], bits: int, k_chunk: int,
+               n_tb: int = 0) -> None:
+    """The nodes of one linear group reading `x` and writing `out`; `n_tb` (0: the executor's
+    default) goes on the correction node."""
     n_out, n_in = shape
     common = dict(group=group, shape=shape, bits=bits)
     if k_chunk == 0:
@@ -22,30 +49,38 @@ def add_linear(g: Graph, layer: int, group: str, x: str, out: str, shape: tuple[
         return
     p = f"{group}.{layer}"
     n_sel = n_selected(n_in, k_chunk)
+    blocks = {"n_tb": n_tb} if n_tb else {}
     g.add("base_gemv", [x], [f"{p}.base"], layer, **common)
     g.add("selector", [x], [f"{p}.idx"], layer, **common, k_chunk=k_chunk, n_selected=n_sel)
     g.add("dma", [f"{p}.idx"], [f"{p}.rows"], layer, **common, k_chunk=k_chunk, row_bytes=(n_out + 1) // 2)
-    g.add("correction", [x, f"{p}.idx", f"{p}.rows"], [f"{p}.corr"], layer, **common, k_chunk=k_chunk)
+    g.add("correction", [x, f"{p}.idx", f"{p}.rows"], [f"{p}.corr"], layer, **common, k_chunk=k_chunk, **blocks)
     g.add("merge", [f"{p}.base", f"{p}.corr"], [out], layer, **common)
 
 
-def build_graph(args: ModelArgs, layer_bits: list[int], k_chunk: dict[str, int] | int) -> Graph:
-    """The decode-step graph; `k_chunk` per group kind (qkv, o, gate_up, down) or one for all."""
-    ks = k_chunk if isinstance(k_chunk, dict) else {kind: k_chunk for kind in ("qkv", "o", "gate_up", "down")}
+def build_graph(args: ModelArgs, layer_bits: list[int], k_chunk: PerGroup, n_tb: PerGroup = None) -> Graph:
+    """The decode-step graph. `k_chunk` and `n_tb` (correction thread blocks; 0 / None: the executor's
+    default) are each one value for all groups, or a dict by group kind (qkv, o, gate_up, down) or by
+    (kind, bits), as `scheduler.tuner.Tuning` gives them."""
     g = Graph()
     g.add("embed", ["token"], ["x.0"], scale=args.is_gemma)
     for i in range(args.n_layers):
         x, bits = f"x.{i}", layer_bits[i]
+
+        def linear(kind: str, x_in: str, out: str) -> None:
+            k = per_group(k_chunk, kind, bits, "k_chunk")
+            add_linear(g, i, kind, x_in, out, args.linear_shape(kind), bits, k,
+                       per_group(n_tb, kind, bits, "n_tb") if k else 0)  # no correction: no n_tb asked
+
         g.add("rms_norm", [x], [f"h.{i}"], i, weight=f"layers.{i}.attn_norm")
-        add_linear(g, i, "qkv", f"h.{i}", f"qkv.{i}", args.linear_shape("qkv"), bits, ks["qkv"])
+        linear("qkv", f"h.{i}", f"qkv.{i}")
         g.add("attention", [f"qkv.{i}", "position"], [f"attn.{i}"], i, sliding=args.is_sliding(i))
-        add_linear(g, i, "o", f"attn.{i}", f"o.{i}", args.linear_shape("o"), bits, ks["o"])
+        linear("o", f"attn.{i}", f"o.{i}")
         g.add("residual_add", [x, f"o.{i}"], [f"xa.{i}"], i,
               post_norm=f"layers.{i}.post_attn_norm" if args.is_gemma else None)
         g.add("rms_norm", [f"xa.{i}"], [f"h2.{i}"], i, weight=f"layers.{i}.ffn_norm")
-        add_linear(g, i, "gate_up", f"h2.{i}", f"gu.{i}", args.linear_shape("gate_up"), bits, ks["gate_up"])
+        linear("gate_up", f"h2.{i}", f"gu.{i}")
         g.add("act_mul", [f"gu.{i}"], [f"a.{i}"], i, act="gelu_tanh" if args.is_gemma else "silu")
-        add_linear(g, i, "down", f"a.{i}", f"d.{i}", args.linear_shape("down"), bits, ks["down"])
+        linear("down", f"a.{i}", f"d.{i}")
         g.add("residual_add", [f"xa.{i}", f"d.{i}"], [f"x.{i + 1}"], i,
               post_norm=f"layers.{i}.post_ffn_norm" if args.is_gemma else None)
     g.add("rms_norm", [f"x.{args.n_layers}"], ["hf"], weight="norm")

@@ -73,18 +73,23 @@ def cmd_eval(args) -> None:
 
 def cmd_run(args) -> None:
     import runtime
-    from runtime.evaluate import eval_rows, format_table
+    from runtime.evaluate import eval_rows, format_table, per_group_k
 
     cfg = _config(args)
     engine = runtime.compile(cfg, force=args.force)
+    k_text = f"k_chunk {engine.k_chunk}" if engine.tuning is None else "k_chunk tuned per group (below)"
     print(f"\nmodel {engine.prepared.model.source}, {cfg.quant.method} {cfg.quant.bits:g}-bit, "
-          f"DecDEC k_chunk {engine.k_chunk} ({cfg.decdec.selection} selection), device {cfg.device}")
+          f"DecDEC {k_text} ({cfg.decdec.selection} selection), device {cfg.device}")
+    if engine.tuning is not None:
+        print(engine.tuning.format())
     text = engine.generate(args.prompt, max_new_tokens=args.max_new_tokens)
     print(f"\n{args.prompt}{text}\n")
     if args.ppl_tokens > 0:
         small = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, tokens=args.ppl_tokens))
         prepared = dataclasses.replace(engine.prepared, config=small)
-        ks = [engine.k_chunk] if engine.k_chunk else []
+        ks = [engine.k_chunk] if isinstance(engine.k_chunk, int) and engine.k_chunk else []
+        if engine.tuning is not None:  # the tuned mix, per group, as the engine runs it
+            ks = [per_group_k(prepared.layer_bits, engine.tuning.k_chunks)]
         print(format_table(eval_rows(prepared, ks, ["bucket"], reference=True)))
 
 
@@ -106,13 +111,41 @@ def cmd_graph(args) -> None:
     from scheduler.plan import schedule
 
     cfg = _config(args)
-    model = load_model(cfg.model.source, cfg.model.max_seq_len)
-    graph = build_graph(model.args, _layer_bits(cfg, model.args), engine_k_chunk(cfg))
-    print(schedule(graph).format())
+    k_chunk = engine_k_chunk(cfg)
+    if k_chunk is None:  # the tuner chooses k_chunk and n_tb on the GPU, at compile time
+        import runtime
+
+        engine = runtime.compile(cfg)
+        graph = engine.graph
+        print(engine.plan.format())
+        print(engine.tuning.format())
+    else:
+        model = load_model(cfg.model.source, cfg.model.max_seq_len)
+        graph = build_graph(model.args, _layer_bits(cfg, model.args), k_chunk)
+        print(schedule(graph).format())
     counts: dict[str, int] = {}
     for node in graph.nodes:
         counts[node.op] = counts.get(node.op, 0) + 1
     print(f"\n{len(graph.nodes)} nodes: " + ", ".join(f"{op} {n}" for op, n in counts.items()))
+
+
+def cmd_tune(args) -> None:
+    from runtime.tune import format_profile, measure_profile, profile_path, require_gpu
+
+    cfg = _config(args)
+    require_gpu("`decdec tune`")  # before loading the model or anything slow
+    import torch
+
+    from models.graph import group_shapes
+    from models.loader import load_model
+
+    model = load_model(cfg.model.source, cfg.model.max_seq_len)
+    shapes = group_shapes(model.args, _layer_bits(cfg, model.args))
+    profile = measure_profile(shapes, quick=args.quick)
+    path = Path(args.out) if args.out else profile_path(cfg, torch.cuda.get_device_name())
+    profile.save(path)
+    print(format_profile(profile, shapes))
+    print(f"wrote {path}")
 
 
 def cmd_profile(args) -> None:
@@ -153,7 +186,12 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--ppl-tokens", type=int, default=512, help="tokens for the perplexity comparison (0: skip)")
     v.add_argument("--force", action="store_true", help="rebuild artifacts")
 
-    verb("graph", "print the compiled op graph: per layer, ops in order with streams and k_chunk", cmd_graph)
+    verb("graph", "print the compiled op graph: per layer, ops in order with streams, k_chunk and n_tb", cmd_graph)
+
+    v = verb("tune", "measure this GPU on the model's linear shapes: the device profile the tuner uses", cmd_tune)
+    v.add_argument("--out", help="profile JSON to write (default: decdec.device_profile, else "
+                                 "artifacts/device-profiles/<GPU name>.json)")
+    v.add_argument("--quick", action="store_true", help="a smaller k_chunk x n_tb grid and fewer repetitions")
 
     v = verb("profile", "decode some steps and print a per-op timeline; write a Chrome trace", cmd_profile)
     v.add_argument("--steps", type=int, default=8)

@@ -35,7 +35,8 @@ class DecDECSection:
     chunk_size: int = 1024  # channels per selection chunk (one thread block scans one)
     n_buckets: int = 32  # approximate top-k resolution
     k_chunk: int | None = 32  # channels fetched per 1024-channel chunk
-    target_slowdown: float | None = None  # e.g. 0.05: the tuner picks k_chunk per layer (GPU)
+    target_slowdown: float | None = None  # e.g. 0.05: the tuner picks k_chunk and n_tb per group shape (GPU)
+    device_profile: str | None = None  # `decdec tune`'s JSON; default artifacts/device-profiles/<GPU name>.json
     selection: str = "bucket"  # bucket | exact | static | none
 
 

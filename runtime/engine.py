@@ -1,28 +1,40 @@
 """`runtime.compile(cfg)` -> Engine: prepare (or reuse) artifacts, build the op graph, schedule it,
 and bind an executor (CPU reference, or CUDA: one captured graph per step). `step()` is one decode
 step of the static graph.
+
+With `decdec.target_slowdown` (device cuda only) compile tunes: it loads this GPU's device profile
+(`decdec tune`), captures the base-only step and times its replays, and lets the tuner spend
+target x that time over the model's (kind, bits) group shapes; the decode graph then carries each
+group's k_chunk and n_tb, and `engine.tuning` keeps the choices and the predicted step time.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from models.arch import forward
-from models.graph import build_graph
+from models.graph import build_graph, group_shapes
 from models.prepare import Prepared, prepare
 from runtime.config import Config, load_config
 from runtime.errors import ConfigError, DeviceError
 from runtime.evaluate import decdec_linear
 from runtime.executor_cpu import CPUExecutor, cpu_groups
 from runtime.graph import Graph
+from runtime.tune import load_profile, measure_step_us
 from scheduler.plan import Plan, schedule
+from scheduler.profile import MeasuredProfile
+from scheduler.tuner import Tuning, check_shapes, tune_groups
 
 
 class Engine:
-    def __init__(self, prepared: Prepared, graph: Graph, plan: Plan, executor, k_chunk: int, prefill_executor=None):
+    def __init__(self, prepared: Prepared, graph: Graph, plan: Plan, executor, k_chunk: int | dict,
+                 prefill_executor=None, tuning: Tuning | None = None):
         self.prepared, self.graph, self.plan, self.executor = prepared, graph, plan, executor
-        self.k_chunk = k_chunk
+        self.k_chunk = k_chunk  # one for every group, or the tuner's (kind, bits) -> k_chunk
         self.prefill_executor = prefill_executor  # CUDA: the base-only step, replayed per prompt token
+        self.tuning = tuning  # with decdec.target_slowdown: choices, measured base step, predicted step
         self.config: Config = prepared.config
         self.tokenizer = prepared.model.tokenizer
         self.position = 0
@@ -84,7 +96,9 @@ class Engine:
         return self.tokenizer.decode(out)
 
 
-def engine_k_chunk(cfg: Config) -> int:
+def engine_k_chunk(cfg: Config) -> int | None:
+    """The k_chunk of every group, or None where the tuner chooses per group (decdec.target_slowdown).
+    The tuner needs this GPU's measured latency model, so a target on the CPU is an error."""
     d = cfg.decdec
     if d.selection == "none":
         return 0
@@ -93,12 +107,16 @@ def engine_k_chunk(cfg: Config) -> int:
             f"config field 'decdec.selection' = '{d.selection}' is an evaluation baseline: "
             "the engine runs 'bucket' or 'none'"
         )
-    if d.k_chunk is None:
+    if d.k_chunk is not None:
+        return d.k_chunk
+    if d.target_slowdown is None:
+        raise ConfigError("config fields 'decdec.k_chunk' and 'decdec.target_slowdown' are both unset: set one")
+    if cfg.device != "cuda":
         raise ConfigError(
-            "config field 'decdec.target_slowdown' needs the tuner, which compile does not run yet: "
-            "set 'decdec.k_chunk'"
+            f"config field 'decdec.target_slowdown' = {d.target_slowdown} needs device 'cuda' (the tuner "
+            f"spends it on the GPU's measured latency model); device is '{cfg.device}': set 'decdec.k_chunk'"
         )
-    return d.k_chunk
+    return None
 
 
 def compile(model_cfg, progress: bool = True, force: bool = False) -> Engine:
@@ -107,27 +125,43 @@ def compile(model_cfg, progress: bool = True, force: bool = False) -> Engine:
     if cfg.device == "cuda" and not torch.cuda.is_available():  # before the minutes of prepare
         raise DeviceError("config asks for device 'cuda', but no CUDA device is available here")
     k_chunk = engine_k_chunk(cfg)
+    profile, path = None, None
+    if k_chunk is None:  # a missing or foreign device profile fails now, not after prepare
+        name = str(model_cfg) if isinstance(model_cfg, (str, Path)) else "CFG"
+        profile, path = load_profile(cfg, torch.cuda.get_device_name(), name)
     prepared = prepare(cfg, force=force, progress=progress)
+    if cfg.device == "cuda":
+        return compile_cuda(prepared, k_chunk, profile, path)
     graph = build_graph(prepared.model.args, prepared.layer_bits, k_chunk)
     plan = schedule(graph)
-    if cfg.device == "cuda":
-        executor, prefill_executor = cuda_executors(prepared, plan, k_chunk, cfg.model.max_seq_len)
-        return Engine(prepared, graph, plan, executor, k_chunk, prefill_executor)
     groups = cpu_groups(prepared.groups, {key: k_chunk for key in prepared.groups})
     executor = CPUExecutor(prepared.model.args, prepared.model.weights, groups, plan, cfg.model.max_seq_len)
     return Engine(prepared, graph, plan, executor, k_chunk)
 
 
-def cuda_executors(prepared: Prepared, plan: Plan, k_chunk: int, max_seq_len: int, capture: bool = True):
-    """(decode executor, prefill executor): the plan's step on the GPU, and the base-only step that
-    prefill replays token by token (the same executor when nothing is compensated). One copy of the
-    weights, one KV cache."""
+def compile_cuda(prepared: Prepared, k_chunk: int | None, profile: MeasuredProfile | None = None,
+                 profile_path: Path | None = None) -> Engine:
+    """The CUDA engine. The base-only step is built first: prefill replays it token by token, and with
+    a target (`k_chunk` None, `profile` loaded from `profile_path`) its replay time is the tuner's step.
+    The decode step shares its weights (one `DeviceModel`) and KV cache; without compensation it is
+    the base step itself."""
     from runtime.executor_cuda import CUDAExecutor, DeviceModel  # Numba's CUDA loads only when asked for
 
-    args = prepared.model.args
-    model = DeviceModel.from_prepared(args, prepared.model.weights, prepared.groups, residuals=k_chunk > 0)
-    decode = CUDAExecutor(model, plan, max_seq_len, capture=capture)
+    args, bits, max_seq = prepared.model.args, prepared.layer_bits, prepared.config.model.max_seq_len
+    shapes = group_shapes(args, bits)
+    if profile is not None:  # before the weights go to the GPU
+        check_shapes(profile.model, shapes, profile_path)
+    model = DeviceModel.from_prepared(args, prepared.model.weights, prepared.groups, residuals=k_chunk != 0)
+    base_graph = build_graph(args, bits, 0)
+    base = CUDAExecutor(model, schedule(base_graph), max_seq)
     if k_chunk == 0:
-        return decode, decode
-    base_plan = schedule(build_graph(args, prepared.layer_bits, 0))
-    return decode, CUDAExecutor(model, base_plan, max_seq_len, capture=capture, cache=decode.cache)
+        return Engine(prepared, base_graph, base.plan, base, 0, base)
+    n_tb, tuning = None, None
+    if profile is not None:
+        tuning = tune_groups(profile.model, shapes, measure_step_us(base), prepared.config.decdec.target_slowdown,
+                             profile_path)
+        k_chunk, n_tb = tuning.k_chunks, tuning.n_tbs
+    graph = build_graph(args, bits, k_chunk, n_tb)
+    plan = schedule(graph)
+    decode = CUDAExecutor(model, plan, max_seq, cache=base.cache)
+    return Engine(prepared, graph, plan, decode, k_chunk, base, tuning)

@@ -48,16 +48,19 @@ def select(mode: str, x: torch.Tensor, k_chunk: int, group: DenseGroup) -> torch
     raise ValueError(f"unknown selection mode {mode!r}: allowed are {selector.MODES}")
 
 
-def decdec_linear(groups: dict[tuple[int, str], DenseGroup], selection: str = "none", k_chunk: int = 0) -> Linear:
-    """The quantized linear, with DecDEC's compensation simulated when selection != 'none'.
+def decdec_linear(groups: dict[tuple[int, str], DenseGroup], selection: str = "none",
+                  k_chunk: int | dict[tuple[int, str], int] = 0) -> Linear:
+    """The quantized linear, with DecDEC's compensation simulated when selection != 'none'; `k_chunk`
+    for every group, or per (layer, kind) as a tuned engine runs it (missing groups: 0).
     With selection 'none' any group with `weight` and `act_scale` will do (the CPU executor's too)."""
 
     def linear(layer: int, kind: str, x: torch.Tensor) -> torch.Tensor:
         g = groups[layer, kind]
+        k = k_chunk.get((layer, kind), 0) if isinstance(k_chunk, dict) else k_chunk
         xs = x * g.act_scale
         out = xs @ g.weight.T
-        if selection != "none" and k_chunk > 0:
-            mask = selector.selection_mask(select(selection, xs, k_chunk, g), xs.shape[-1])
+        if selection != "none" and k > 0:
+            mask = selector.selection_mask(select(selection, xs, k, g), xs.shape[-1])
             out = out + (xs * mask) @ g.residual.T
         return out
 
@@ -88,7 +91,7 @@ def eval_windows(prepared: Prepared) -> list[torch.Tensor]:
 
 def eval_rows(
     prepared: Prepared,
-    k_chunks: list[int],
+    k_chunks: list[int | dict],
     selections: list[str],
     reference: bool = True,
     progress: bool = True,
@@ -111,11 +114,18 @@ def eval_rows(
         add({**base, "method": "reference", "bits": 16, "selection": "none", "k_chunk": 0}, None)
     groups = dense_groups(prepared)
     add({**base, "selection": "none", "k_chunk": 0}, decdec_linear(groups))
-    for k in (k for k in k_chunks if k > 0):
+    for k in (k for k in k_chunks if isinstance(k, dict) or k > 0):
         for mode in selections:
-            if mode != "none":
-                add({**base, "selection": mode, "k_chunk": k}, decdec_linear(groups, mode, k))
+            if mode != "none":  # a per-group dict (a tuned engine's) is labelled 'tuned'
+                add({**base, "selection": mode, "k_chunk": "tuned" if isinstance(k, dict) else k},
+                    decdec_linear(groups, mode, k))
     return rows
+
+
+def per_group_k(layer_bits: list[int], k_chunks: dict[tuple[str, int], int]) -> dict[tuple[int, str], int]:
+    """A tuned engine's k_chunk per (kind, bits) as the simulation takes it: per (layer, kind)."""
+    return {(layer, kind): k for layer, bits in enumerate(layer_bits) for (kind, b), k in k_chunks.items()
+            if b == bits}
 
 
 def format_table(rows: list[dict]) -> str:
@@ -123,6 +133,6 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(
             f"{str(r['model'])[:16]:<16} {r['method']:<9} {r['bits']:>4g} {r['selection']:<9} "
-            f"{r['k_chunk']:>7} {r['ppl']:>9.3f} {r['tokens']:>7}"
+            f"{str(r['k_chunk']):>7} {r['ppl']:>9.3f} {r['tokens']:>7}"
         )
     return "\n".join(lines)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -244,12 +245,30 @@ class DeviceGroup:
     """One linear group on the GPU: the quantized GEMV and, for DecDEC, its residual table."""
 
     shape: tuple[int, int]  # (out, in)
-    gemv: BaseGemv | None  # None: `dense` is used instead
+    gemv: BaseGemv | None  # None: `matvec` is used instead
     tensors: tuple  # the torch tensors the kernels read through Numba views (kept alive here)
     table: PinnedTable | None = None  # residual rows [in, stride], pinned and mapped (zero-copy)
     rscale: object = None  # Numba fp16 [out] view of the residual scales, on the GPU
     thresholds: np.ndarray | None = None  # float32 [in], the calibrated profile (bucket bounds per k_chunk)
-    dense: torch.Tensor | None = None  # fp16 [out, in]: torch's GEMV instead (the fp16 reference of bench/)
+    matvec: Callable | None = None  # matvec(x, out): a torch GEMV instead of ours (bench/'s baselines)
+
+
+def fp16_matvec(weight: torch.Tensor) -> Callable:
+    """matvec(x, out) = torch's fp16 GEMV of `weight` ([out, in], put on the GPU as fp16): the fp16
+    reference of bench/gpu_engine.py."""
+    w = weight.to(DEVICE, torch.float16).contiguous()
+    return lambda x, out: torch.mv(w, x, out=out)
+
+
+def torch_int4_matvec(codes: torch.Tensor, scales_zeros: torch.Tensor, group_size: int = 128) -> Callable:
+    """matvec(x, out) through torch's int4 kernel (`_weight_int4pack_mm`, bf16 activations): codes
+    uint8 [out, in / 2] (two per byte, as `torch._convert_weight_to_int4pack` takes them),
+    scales_zeros bf16 [in / group_size, out, 2]. The torch int4 path of bench/gpu_engine.py; its fp16
+    to bf16 casts and the copy out are part of what that path costs."""
+    packed = torch._convert_weight_to_int4pack(codes.to(DEVICE), 8)
+    sz = scales_zeros.to(DEVICE, torch.bfloat16).contiguous()
+    return lambda x, out: out.copy_(torch._weight_int4pack_mm(x.view(1, -1).to(torch.bfloat16), packed,
+                                                              group_size, sz).view(-1))
 
 
 def quantized_group(qweight, scales, zeros, act_scale, bits: int, group_size: int = 128, *, rows=None,
@@ -314,7 +333,8 @@ class CUDAExecutor:
     """Runs a plan on the GPU: captured into one CUDA graph (`capture=True`), or launch by launch.
 
     `cache`: share a KV cache with another executor of the same model (prefill's base-only step).
-    `n_tb`: thread blocks of every correction (default: `default_n_tb` per shape).
+    Thread blocks of a correction: its graph node's `n_tb` attribute (the tuner's choice) where set,
+    else `n_tb`, else `default_n_tb` of its shape.
     """
 
     def __init__(self, model: DeviceModel, plan: Plan, max_seq_len: int, *, capture: bool = True,
@@ -361,7 +381,7 @@ class CUDAExecutor:
         if g.table is None or g.gemv is None:
             raise ConfigError(f"{node.name}: group {key} has no residual table (model built without residuals)")
         k_chunk = node.attr("k_chunk")
-        tb = n_tb or default_n_tb(*g.shape)
+        tb = node.attr("n_tb") or n_tb or default_n_tb(*g.shape)
         self.corrections[key] = Correction(g.table.device_array(), g.rscale, bucket_bounds(g.thresholds, k_chunk),
                                            k_chunk, n_tb=tb, tile_rows=g.gemv.plan.tile_rows)
         self.splits[key] = g.gemv.split_output(extra_parts=1)
@@ -375,9 +395,9 @@ class CUDAExecutor:
             return functools.partial(TORCH_OPS[node.op], self.state, node)
         if node.op == "base_gemv":
             g, x, out = self.model.groups[key], node.inputs[0], node.outputs[0]
-            if g.gemv is None:  # the fp16 reference: torch's GEMV
-                w, xb, ob = g.dense, self.state.buf[x], self.state.buf[out]
-                return lambda: torch.mv(w, xb, out=ob)
+            if g.gemv is None:  # a torch baseline (fp16 torch.mv, torch's int4 kernel)
+                matvec, xb, ob = g.matvec, self.state.buf[x], self.state.buf[out]
+                return lambda: matvec(xb, ob)
             gemv, x_n, out_n = g.gemv, self.views[x], self.views[out]
             stream, merge = self.numba_streams[MAIN], self.splits.get(key)
             return lambda: gemv(x_n, out_n, stream, merge=merge)

@@ -163,6 +163,10 @@ class MeasuredModel:
     def base_us(self, out: int, inp: int, bits: int) -> float:
         return self.base[self.key(out, inp, bits)]
 
+    def measured(self, out: int, inp: int, bits: int) -> bool:
+        """Whether this shape has a base time and at least one measured n_tb."""
+        return self.key(out, inp, bits) in self.base and bool(self.n_tb_choices(out, inp, bits))
+
     def n_tb_choices(self, out: int, inp: int, bits: int) -> list[int]:
         prefix = self.key(out, inp, bits) + "x"
         return sorted(int(k[len(prefix):]) for k in self.pair if k.startswith(prefix))

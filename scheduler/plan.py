@@ -31,8 +31,9 @@ class Plan:
     n_streams: int
 
     def format(self) -> str:
-        """One line per node: order, stream, layer, op, k_chunk, events."""
-        lines = [f"{'#':>4} {'stream':<6} {'layer':>5} {'node':<28} {'out x in':>11} {'bits':>4} {'k_chunk':>7}  events"]
+        """One line per node: order, stream, layer, op, k_chunk, n_tb (where set), events."""
+        lines = [f"{'#':>4} {'stream':<6} {'layer':>5} {'node':<28} {'out x in':>11} {'bits':>4} {'k_chunk':>7} "
+                 f"{'n_tb':>4}  events"]
         for i, it in enumerate(self.items):
             n = it.node
             events = " ".join(filter(None, [f"wait {it.wait}" if it.wait else "", f"record {it.record}" if it.record else ""]))
@@ -40,7 +41,7 @@ class Plan:
             layer = "" if n.layer is None else n.layer
             shape = "x".join(map(str, n.attr("shape", ()))) or ""
             lines.append(f"{i:>4} {'side' if it.stream else 'main':<6} {layer:>5} {n.name:<28} {shape:>11} "
-                         f"{n.attr('bits', '')!s:>4} {k!s:>7}  {events}")
+                         f"{n.attr('bits', '')!s:>4} {k!s:>7} {n.attr('n_tb', '')!s:>4}  {events}")
         return "\n".join(lines)
 
 

@@ -1,13 +1,15 @@
 """Tuner: k_chunk and n_tb per linear-group shape, to compensate as much as a target slowdown allows.
 
-The target is for the whole decode step. Linear groups are only part of a step, so the budget of
-extra time, target * step_us, is spread as one uniform slowdown over the groups' base time; each
-shape then takes the largest k_chunk whose best n_tb keeps its predicted slowdown under that bound.
+The target is for the whole decode step: the budget of extra time is target * step_us (the measured
+base step), spent greedily over each shape's frontier of (k_chunk, n_tb) points (`tune`).
+`tune_groups` is what `runtime.compile` calls: the model's groups keyed by (kind, bits), a measured
+latency model, the measured step -> a `Tuning` (choices and the predicted step).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from runtime.errors import ConfigError
 from scheduler.latency import DeviceProfile, MeasuredModel
@@ -100,3 +102,60 @@ def predicted_step_us(p: DeviceProfile | MeasuredModel, shapes, choices: dict[st
     """The base step plus every group's predicted extra time at its chosen k_chunk and n_tb."""
     extra = sum((choices[name].pair_us - choices[name].base_us) * n for name, (o, i, b, n) in shapes.items())
     return step_us + extra
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """What compile chose for a target slowdown: k_chunk and n_tb per (kind, bits) linear-group shape."""
+
+    target: float
+    step_us: float  # the base decode step, measured (median of graph replays)
+    predicted_step_us: float  # step_us plus every group's predicted extra time at its choice
+    choices: dict  # (kind, bits) -> Choice
+    shapes: dict  # (kind, bits) -> (out, in, bits, groups per step)
+    profile: str = ""  # the device profile the predictions come from
+
+    @property
+    def predicted_slowdown(self) -> float:
+        return self.predicted_step_us / self.step_us - 1
+
+    @property
+    def k_chunks(self) -> dict:
+        """(kind, bits) -> k_chunk, as `models.graph.build_graph` takes it."""
+        return {key: c.k_chunk for key, c in self.choices.items()}
+
+    @property
+    def n_tbs(self) -> dict:
+        """(kind, bits) -> n_tb (0 where k_chunk is 0)."""
+        return {key: c.n_tb for key, c in self.choices.items()}
+
+    def format(self) -> str:
+        lines = [f"{'group':<8} {'bits':>4} {'out x in':>11} {'count':>5} {'base µs':>8} {'k_chunk':>7} {'n_tb':>4} "
+                 f"{'pair µs':>8} {'slowdown':>8}"]
+        for (kind, bits), c in sorted(self.choices.items()):
+            out, inp, _, count = self.shapes[kind, bits]
+            lines.append(f"{kind:<8} {bits:>4} {f'{out}x{inp}':>11} {count:>5} {c.base_us:>8.1f} {c.k_chunk:>7} "
+                         f"{c.n_tb:>4} {c.pair_us:>8.1f} {c.slowdown:>+8.1%}")
+        lines.append(f"step: {self.step_us:.1f} µs measured without DecDEC, {self.predicted_step_us:.1f} µs "
+                     f"predicted with it ({self.predicted_slowdown:+.1%}; target {self.target:.1%})")
+        return "\n".join(lines)
+
+
+def check_shapes(model: MeasuredModel, shapes: dict, where: str | Path = "") -> None:
+    """ConfigError naming every shape of `shapes` that `model` (loaded from `where`) did not measure."""
+    missing = [f"{kind} {o}x{i} at {b} bits" for (kind, _), (o, i, b, _) in shapes.items()
+               if not model.measured(o, i, b)]
+    if missing:
+        profile = f"device profile '{where}'" if where else "the device profile"
+        raise ConfigError(f"{profile} ({model.device}) has no measurements of {', '.join(missing)}: "
+                          "run `decdec tune CFG` with this model's config")
+
+
+def tune_groups(model: MeasuredModel, shapes: dict, step_us: float, target: float,
+                where: str | Path = "") -> Tuning:
+    """`shapes`: (kind, bits) -> (out, in, bits, count per step) (`models.graph.group_shapes`);
+    `step_us`: the base decode step, measured. ConfigError when `where` lacks one of the shapes, or
+    when the target cannot be met (`tune`)."""
+    check_shapes(model, shapes, where)
+    choices = tune(model, shapes, step_us, target)
+    return Tuning(target, step_us, predicted_step_us(model, shapes, choices, step_us), choices, shapes, str(where))

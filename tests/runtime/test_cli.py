@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 import yaml
 
 from runtime.cli import main
@@ -48,6 +49,7 @@ BAD_CONFIGS = [
     ({"decdec": {"k_chunk": 4096}}, r"'decdec.k_chunk' = 4096 is out of range: allowed 0 .. 1024"),
     ({"decdec": {"k_chunk": "many"}}, "'decdec.k_chunk' = 'many' has the wrong type"),
     ({"decdec": {"target_slowdown": -0.1}}, "'decdec.target_slowdown' = -0.1 is out of range"),
+    ({"decdec": {"device_profile": 3}}, "'decdec.device_profile' = 3 has the wrong type"),
     ({"device": "tpu"}, "'device' = 'tpu' is not allowed"),
     ({"eval": "lots"}, "section 'eval' must be a mapping"),
 ]
@@ -74,6 +76,21 @@ def test_bad_yaml_and_missing_model_print_one_error(tmp_path, capsys):
 def test_k_chunk_out_of_range_on_the_command_line(cfg_file, capsys):
     assert main(["eval", str(cfg_file), "--k-chunk", "0,2048"]) == 2
     assert "--k-chunk 2048 is out of range: allowed 0 .. 1024" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where CUDA is absent")
+def test_tune_without_a_gpu_is_one_clear_error(cfg_file, capsys):
+    assert main(["tune", str(cfg_file), "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: `decdec tune` measures this machine's GPU, but no CUDA device is available here\n"
+
+
+def test_graph_with_a_target_on_the_cpu_is_one_clear_error(tmp_path, capsys):
+    cfg = {"model": {"source": {"synthetic": TINY}}, "decdec": {"target_slowdown": 0.05}}
+    path = tmp_path / "target.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["graph", str(path)]) == 2
+    assert "'decdec.target_slowdown' = 0.05 needs device 'cuda'" in capsys.readouterr().err
 
 
 def test_mismatched_artifacts_are_refused(cfg_file, capsys):

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import runtime
-from models.arch import forward
+from models.arch import LINEAR_KINDS, forward
 from runtime.errors import ConfigError
-from runtime.evaluate import decdec_linear, dense_groups
+from runtime.evaluate import decdec_linear, dense_groups, per_group_k
 
 TINY = {"family": "llama", "vocab_size": 300, "dim": 128, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
         "head_dim": 32, "ffn_dim": 1536, "max_seq_len": 64}
@@ -52,6 +52,21 @@ def test_step_equals_batch_simulation(tmp_path, family, method):
     assert (sim - base).abs().max() > 1e-3, "compensation changed nothing: the test would prove nothing"
 
 
+def test_simulation_takes_k_chunk_per_group(tmp_path):
+    """A tuned engine's per-(kind, bits) k_chunk, spread per (layer, kind), simulates group by group."""
+    engine = runtime.compile(tiny_cfg(tmp_path, family="llama", method="rtn"), progress=False)
+    p = engine.prepared
+    groups = dense_groups(p)
+    tokens = torch.randint(0, TINY["vocab_size"], (12,), generator=torch.Generator().manual_seed(6))
+    run = lambda k: forward(p.model.args, p.model.weights, tokens, decdec_linear(groups, "bucket", k))  # noqa: E731
+    bits = p.layer_bits
+    assert (run(per_group_k(bits, {(kind, bits[0]): 64 for kind in LINEAR_KINDS})) == run(64)).all()
+    only_down = per_group_k(bits, {("down", bits[0]): 64})
+    assert set(only_down) == {(layer, "down") for layer in range(len(bits))}
+    mixed, base, every = run(only_down), run(0), run(64)
+    assert (mixed - base).abs().max() > 0 and (mixed - every).abs().max() > 0
+
+
 def test_step_without_decdec_equals_quantized_model(tmp_path):
     engine = runtime.compile(tiny_cfg(tmp_path, selection="none"), progress=False)
     assert not any(n.op == "selector" for n in engine.graph.nodes)
@@ -89,6 +104,15 @@ def test_sequence_longer_than_cache_is_a_clear_error(tmp_path):
 def test_exact_selection_is_not_an_engine_mode(tmp_path):
     with pytest.raises(ConfigError, match="'decdec.selection' = 'exact' is an evaluation baseline"):
         runtime.compile(tiny_cfg(tmp_path, selection="exact"), progress=False)
+
+
+def test_target_slowdown_needs_the_gpu(tmp_path):
+    """The tuner spends the target on a GPU's measured latency model: on the CPU it is one clear error,
+    raised before any preparation."""
+    cfg = {**tiny_cfg(tmp_path), "decdec": {"target_slowdown": 0.05}}
+    with pytest.raises(ConfigError, match="'decdec.target_slowdown' = 0.05 needs device 'cuda'.*set 'decdec.k_chunk'"):
+        runtime.compile(cfg, progress=False)
+    assert not (tmp_path / "art").exists()
 
 
 @pytest.mark.slow

@@ -294,6 +294,7 @@ class FakeCorrection:
     def __init__(self, residual_rows, residual_scales, bounds, k_chunk, *, n_tb=8, tile_rows=64):
         self.rows, self.scales, self.bounds, self.k_chunk = residual_rows, residual_scales.float(), bounds, k_chunk
         assert n_tb >= 1 and tile_rows == 64
+        self.n_tb = n_tb
 
     def __call__(self, x, act_scale=None, *, base_out=None, out=None, merge=None, stream=0):
         assert x.dtype == out.dtype == torch.float16 and merge is not None and stream.name == "side"
@@ -334,6 +335,9 @@ class FakeEvent:
 
     def elapsed_time(self, end):
         return float(end.time - self.time)
+
+    def synchronize(self):
+        assert self.recorded
 
 
 @pytest.fixture
@@ -395,15 +399,101 @@ def test_cuda_executor_on_a_fake_device_matches_cpu_engine(tmp_path, fake_cuda, 
 
 
 def test_fp16_reference_groups_on_a_fake_device_match_the_reference_model(fake_cuda):
-    """bench/gpu_engine.py's fp16 baseline: dense fp16 groups (torch.mv) in the same executor."""
+    """bench/gpu_engine.py's fp16 baseline: fp16 groups (torch.mv) in the same executor."""
     args, weights = small_args("gemma3")
     groups = {(i, kind): xc.DeviceGroup(args.linear_shape(kind), None, (),
-                                        dense=weights[f"layers.{i}.{kind}"].to(torch.float16))
+                                        matvec=xc.fp16_matvec(weights[f"layers.{i}.{kind}"]))
               for i in range(args.n_layers) for kind in ("qkv", "o", "gate_up", "down")}
     ex = xc.CUDAExecutor(xc.DeviceModel(args, weights, groups), schedule(build_graph(args, [3, 3], 0)), 16)
     tokens = torch.randint(0, args.vocab_size, (10,), generator=torch.Generator().manual_seed(9))
     got = torch.stack([ex.run(int(t), p) for p, t in enumerate(tokens)])
     assert_close(got, forward(args, weights, tokens), GPU_TOL)
+
+
+def test_node_n_tb_reaches_the_correction(tmp_path, fake_cuda):
+    dev = runtime.compile({**tiny_k_cfg(tmp_path, 64, "llama", "rtn"), "device": "cuda"}, progress=False)
+    args = dev.prepared.model.args
+    graph = build_graph(args, [3, 3], 64, {"qkv": 3, "o": 0, ("gate_up", 3): 5, "down": 7})
+    ex = xc.CUDAExecutor(dev.executor.model, schedule(graph), 16, n_tb=2)
+    for layer in range(args.n_layers):
+        got = {kind: ex.corrections[layer, kind].n_tb for kind in ("qkv", "o", "gate_up", "down")}
+        assert got == {"qkv": 3, "o": 2, "gate_up": 5, "down": 7}  # o: no attribute, the executor's n_tb
+    default = xc.CUDAExecutor(dev.executor.model, schedule(build_graph(args, [3, 3], 64)), 16)
+    assert default.corrections[0, "gate_up"].n_tb == xc.default_n_tb(*args.linear_shape("gate_up"))
+
+
+FAKE_GPU = "Fake GPU"
+TUNE_COST = {"qkv": 0.05, "o": 0.2, "gate_up": 0.02, "down": 0.5}  # µs per k_chunk at n_tb 8 (n_tb 2: twice)
+
+
+def tiny_profile(path, device: str = FAKE_GPU, drop=()) -> None:
+    """A hand-made profile of the tiny llama's shapes (pair = 10 µs + k x cost at k 4, 16, 64)."""
+    from models.graph import group_shapes
+    from scheduler.latency import MeasuredModel
+    from scheduler.profile import MeasuredProfile
+
+    args, _ = small_args("llama")
+    rows = [{"out": out, "in": inp, "bits": bits, "k_chunk": k, "n_tb": tb, "base_us": 10.0,
+             "pair_us": 10.0 + k * TUNE_COST[kind] * (2.0 if tb == 2 else 1.0)}
+            for (kind, _), (out, inp, bits, _) in group_shapes(args, [3, 3]).items() if kind not in drop
+            for k in (4, 16, 64) for tb in (2, 8)]
+    MeasuredProfile(device, 132, 3000.0, 49.0, MeasuredModel.from_rows(device, rows), [4, 16, 64], [2, 8]).save(path)
+
+
+def tuned_cfg(tmp_path, target: float, profile) -> dict:
+    return {**tiny_k_cfg(tmp_path, 64, "llama", "rtn"), "device": "cuda",
+            "decdec": {"target_slowdown": target, "device_profile": str(profile)}}
+
+
+def test_compile_with_a_target_on_a_fake_device(tmp_path, fake_cuda, monkeypatch):
+    """The base step is built and timed first (fake events: 1000 µs a replay), the tuner's k_chunk and
+    n_tb reach every correction, and the steps equal a CPU executor of the same per-group k_chunk."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: FAKE_GPU)
+    tiny_profile(tmp_path / "p.json")
+    dev = runtime.compile(tuned_cfg(tmp_path, 0.05, tmp_path / "p.json"), progress=False)
+    tuning = dev.tuning
+    assert len(fake_cuda) == 2 and dev.prefill_executor.cache is dev.executor.cache
+    assert tuning.step_us == pytest.approx(1000.0) and tuning.profile == str(tmp_path / "p.json")
+    assert 1000.0 < tuning.predicted_step_us <= 1050.0 + 1e-9
+    assert dev.k_chunk == tuning.k_chunks and len(set(tuning.k_chunks.values())) > 1
+    for (layer, kind), corr in dev.executor.corrections.items():
+        assert (corr.k_chunk, corr.n_tb) == (tuning.k_chunks[kind, 3], tuning.n_tbs[kind, 3])
+    assert len(dev.executor.corrections) == 2 * sum(k > 0 for k in tuning.k_chunks.values())
+    tokens = torch.randint(0, TINY["vocab_size"], (STEPS,), generator=torch.Generator().manual_seed(7))
+    want, base = tuned_cpu_steps(tmp_path, dev, tokens)
+    assert_matches_cpu(cpu_steps(dev, tokens), want, base, 64)
+
+
+def tuned_cpu_steps(tmp_path, dev, tokens) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of a CPU executor running a tuned tiny-llama engine's plan with the same k_chunk per group,
+    and of the CPU engine without compensation."""
+    from runtime.executor_cpu import CPUExecutor, cpu_groups
+
+    cpu = runtime.compile(tiny_k_cfg(tmp_path, 0, "llama", "rtn"), progress=False)
+    ks = {(layer, kind): dev.tuning.k_chunks[kind, 3] for layer, kind in cpu.prepared.groups}
+    ex = CPUExecutor(cpu.prepared.model.args, cpu.prepared.model.weights, cpu_groups(cpu.prepared.groups, ks),
+                     dev.plan, cpu.max_seq_len)
+    return torch.stack([ex.run(int(t), p) for p, t in enumerate(tokens)]), cpu_steps(cpu, tokens)
+
+
+def test_target_errors_on_a_fake_device(tmp_path, fake_cuda, monkeypatch):
+    from runtime.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: FAKE_GPU)
+    missing = tmp_path / "none.json"
+    with pytest.raises(ConfigError, match=f"'{missing}' was not found: run `decdec tune CFG` first"):
+        runtime.compile(tuned_cfg(tmp_path, 0.05, missing), progress=False)
+    tiny_profile(tmp_path / "other.json", device="Other GPU")
+    with pytest.raises(ConfigError, match="measured on 'Other GPU', but this GPU is 'Fake GPU'"):
+        runtime.compile(tuned_cfg(tmp_path, 0.05, tmp_path / "other.json"), progress=False)
+    assert not fake_cuda and not (tmp_path / "art").exists()  # both before preparing anything
+    tiny_profile(tmp_path / "part.json", drop=("down",))
+    with pytest.raises(ConfigError, match=r"has no measurements of down 128x1536 at 3 bits"):
+        runtime.compile(tuned_cfg(tmp_path, 0.05, tmp_path / "part.json"), progress=False)
+    assert not fake_cuda  # before any weight went to the device
+    tiny_profile(tmp_path / "p.json")
+    with pytest.raises(ConfigError, match="target slowdown 0.0% cannot be met on Fake GPU"):
+        runtime.compile(tuned_cfg(tmp_path, 0.0, tmp_path / "p.json"), progress=False)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -475,3 +565,38 @@ def test_gpu_steps_equal_cpu_engine_on_gemma3(gemma_dir, k_chunk):
     base = runtime.compile(gemma_cfg(gemma_dir, "cpu", 0), progress=False)
     tokens = gemma_tokens(cpu)
     assert_matches_cpu(cpu_steps(dev, tokens), cpu_steps(cpu, tokens), cpu_steps(base, tokens), k_chunk)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_tune_then_compile_with_a_target(tmp_path, capsys):
+    """`decdec tune --quick` measures the tiny llama's shapes on this GPU; compile with a target loads
+    that profile, times the base step and captures the tuned step. Its k_chunk and n_tb reach the
+    kernels, and its logits match a CPU executor of the same per-group k_chunk: within the fp16 bound,
+    or (small k_chunk picks few channels, so a flipped one weighs more) within FLIP_SHARE of the
+    compensation's effect."""
+    import yaml
+
+    from runtime.cli import main
+    from runtime.tune import measure_step_us
+    from scheduler.profile import MeasuredProfile
+
+    cfg = tiny_k_cfg(tmp_path, 64, "llama", "rtn")
+    cfg_path, profile = tmp_path / "cfg.yaml", tmp_path / "profile.json"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    assert main(["tune", str(cfg_path), "--quick", "--out", str(profile)]) == 0
+    assert "frontier" in capsys.readouterr().out
+    assert MeasuredProfile.load(profile).device == torch.cuda.get_device_name()
+    dev = runtime.compile({**cfg, "device": "cuda", "decdec": {"target_slowdown": 1.0, "device_profile": str(profile)}},
+                          progress=False)
+    tuning = dev.tuning
+    assert tuning.step_us > 0 and tuning.step_us < tuning.predicted_step_us <= 2 * tuning.step_us + 1e-6
+    for (layer, kind), corr in dev.executor.corrections.items():
+        assert (corr.k_chunk, corr.plan.n_tb) == (tuning.k_chunks[kind, 3], tuning.n_tbs[kind, 3])
+    tokens = torch.randint(0, TINY["vocab_size"], (STEPS,), generator=torch.Generator().manual_seed(7))
+    got = cpu_steps(dev, tokens)
+    want, base = tuned_cpu_steps(tmp_path, dev, tokens)
+    err, effect = (got - want).abs().max().item(), (want - base).abs().max().item()
+    assert err <= max(GPU_TOL * want.abs().max().item(), FLIP_SHARE * effect), (err, effect)
+    measured = measure_step_us(dev.executor)
+    print(f"\n{tuning.format()}\nmeasured tuned step {measured:.1f} µs ({measured / tuning.step_us - 1:+.1%})")

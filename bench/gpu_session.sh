@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The GPU runs behind the README's GPU tables, in stages that fit one device call each (DESIGN.md §6:
+# 64 MiB travel per call, so Gemma's GGUF arrives in parts, appended to /tmp/gemma.gguf, one per stage).
+#   bash bench/gpu_session.sh STAGE       (STAGE: a b c d e; $OUT: where results go; DECDEC_COMMIT set)
+# a: tiny-model GPU tests of the engine + tune, Llama-3-8B end to end
+# b: kernel benchmarks (bench/gpu_ops.py) and kernel GPU tests
+# c: SmolLM2-shaped end to end, base GEMV variants
+# d: (transfer only)
+# e: Gemma 3 270M: sha256 of the GGUF, GPU vs CPU engine tests, end to end, `decdec tune` + `decdec profile`
+set -uo pipefail
+stage=$1
+export PYTHONPATH=/tmp/site:$PWD NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS=0 PYTHONUNBUFFERED=1
+if [ ! -d /tmp/site/numpy ]; then  # NumPy 2.4.6 for numba-cuda 0.30.4 (DESIGN.md §6), once per machine
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+fi
+case $stage in a) part=.gguf/p0;; b) part=.gguf/p1;; c) part=.gguf/p2;; d) part=.gguf/p3;; e) part=.gguf/p4;; esac
+[ -f "$part" ] && cat "$part" >> /tmp/gemma.gguf && echo "appended $part: $(stat -c %s /tmp/gemma.gguf) bytes"
+nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
+case $stage in
+a)
+  DECDEC_GPU_TESTS=1 timeout 200 python -m pytest -q -x -m gpu tests/runtime/test_engine_cuda.py -k "not on_gemma3" \
+    2>&1 | tee $OUT/engine_cuda_tests.log | tail -4
+  timeout 330 python bench/gpu_engine.py --only llama --out $OUT/gpu_engine_llama.json 2>&1 | tee $OUT/gpu_engine_llama.log
+  ;;
+b)
+  timeout 240 python bench/gpu_ops.py --only checks,bandwidth,gemv,correction,overlap --out $OUT/gpu_ops.json \
+    2>&1 | tee $OUT/gpu_ops.log | tail -80
+  ;;
+c)
+  timeout 200 python bench/gpu_engine.py --only smollm --out $OUT/gpu_engine_smollm.json 2>&1 | tee $OUT/gpu_engine_smollm.log
+  timeout 150 python bench/gemv_variants.py --out $OUT/gemv_variants.json 2>&1 | tee $OUT/gemv_variants.log | tail -40
+  ;;
+d)
+  ;;
+e)
+  echo "$(cat .gguf/sha256)  /tmp/gemma.gguf" | sha256sum -c - || exit 1
+  export DECDEC_GEMMA_GGUF=/tmp/gemma.gguf
+  DECDEC_GPU_TESTS=1 timeout 240 python -m pytest -q -x -m gpu tests/runtime/test_engine_cuda.py \
+    -k gpu_steps_equal_cpu_engine_on_gemma3 2>&1 | tee $OUT/engine_gemma_tests.log | tail -4
+  timeout 200 python bench/gpu_engine.py --only gemma --gemma /tmp/gemma.gguf --out $OUT/gpu_engine_gemma.json \
+    2>&1 | tee $OUT/gpu_engine_gemma.log
+  cat > /tmp/gemma.yaml <<EOF
+model: {source: /tmp/gemma.gguf, max_seq_len: 256}
+quant: {method: rtn, bits: 3}
+calibration: {tokens: 256, ctx: 128}
+decdec: {target_slowdown: 0.05, device_profile: /tmp/gemma-profile.json}
+artifacts: /tmp/decdec-gemma-cli
+device: cuda
+EOF
+  timeout 120 python -m runtime.cli tune /tmp/gemma.yaml --out /tmp/gemma-profile.json 2>&1 | tee $OUT/tune_gemma.log | tail -8
+  timeout 120 python -m runtime.cli profile /tmp/gemma.yaml --steps 8 --trace $OUT/profile_gemma_trace.json \
+    2>&1 | tee $OUT/profile_gemma.log | tail -30
+  ;;
+esac

@@ -1,0 +1,326 @@
+"""GPU micro-benchmarks the product needs: `decdec tune` measures the latency model with them, and
+`bench/gpu_ops.py` builds its tables on them (nothing here imports `bench`).
+
+- `graph_us`: launches captured into one CUDA graph, replayed and timed by CUDA events (per launch);
+  `event_us`: CUDA events around a single large operation (or one graph replay).
+- Operands are random (any bit pattern is a valid packing) and rotated through enough copies that
+  every replay streams from HBM, not from the 50 MB L2 (`copies_for`, DESIGN.md §6).
+- `measure_pairs` / `measure_shape`: one linear shape's base GEMV alone, and base + fused correction
+  concurrently (correction on a priority -1 side stream, merged through the GEMV's split output, as
+  `runtime/executor_cuda.py` runs them), over a k_chunk x n_tb grid: the rows `MeasuredModel.from_rows`
+  takes.
+- `bandwidth`: HBM copy and read, zero-copy read of mapped host memory, H2D memcpy.
+
+Numba's CUDA module and the kernels load only inside the functions, so `import ops.timing` works on
+a machine without a GPU (and does not pre-empt the CUDA simulator the tests switch on).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+MAX_COPIES = 64  # rotation copies of one small weight / table (memory and capture time stay small)
+SIDE_PRIORITY = -1  # the higher priority torch offers: the correction's few blocks are dispatched first
+N_ACTIVATIONS = 8  # fresh activations cycled through the steps of one timing
+
+
+# ----------------------------------------------------------------------------------------------------
+# streams and timing
+
+
+@dataclass
+class Streams:
+    """The capture stream (torch, and its Numba view) and one side stream per priority."""
+
+    main: object  # torch.cuda.Stream
+    main_n: object  # Numba external stream on `main`
+    side: dict  # priority -> (Numba stream, torch stream)
+
+    @classmethod
+    def make(cls, priorities=(0, SIDE_PRIORITY)) -> "Streams":
+        from numba import cuda
+
+        main = torch.cuda.Stream()
+        side = {}
+        for priority in priorities:
+            stream = torch.cuda.Stream(priority=priority)
+            side[priority] = (cuda.external_stream(stream.cuda_stream), stream)
+        return cls(main, cuda.external_stream(main.cuda_stream), side)
+
+    def fork(self, fn_main, fn_side, priority: int = SIDE_PRIORITY) -> None:
+        """fn_main(Numba stream) on the capture stream and fn_side on a side stream, joined again by
+        torch events (graph-safe)."""
+        nside, side = self.side[priority]
+        forked = torch.cuda.Event()
+        forked.record(self.main)
+        side.wait_event(forked)
+        fn_main(self.main_n)
+        fn_side(nside)
+        joined = torch.cuda.Event()
+        joined.record(side)
+        self.main.wait_event(joined)
+
+
+def graph_us(step: Callable[[int], None], n_steps: int, reps: int, streams: Streams) -> dict:
+    """Median and spread of microseconds per step of a CUDA graph replaying step(0) .. step(n - 1).
+
+    step(i) launches on the capture stream (torch's current stream while it runs; `streams.main_n`
+    for Numba). Every step runs once outside the capture first (compilation, cuBLAS handles, lazily
+    made scratch), as a first library call inside a capture would invalidate it.
+    """
+    with torch.cuda.stream(streams.main):
+        for i in range(n_steps):
+            step(i)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=streams.main):
+        for i in range(n_steps):
+            step(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / n_steps)
+    del graph
+    return {"us": statistics.median(times), "us_min": min(times), "us_max": max(times), "steps": n_steps,
+            "reps": reps}
+
+
+def event_us(fn: Callable[[], None], reps: int, warmup: int = 1) -> float:
+    """Median microseconds of fn() on the current stream, by CUDA events (large single operations,
+    or one replay of a captured graph)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
+def copies_for(nbytes: int, l2_bytes: int) -> int:
+    """How many copies of an nbytes operand to rotate through so that replays stream from HBM."""
+    return max(2, min(MAX_COPIES, math.ceil(3 * l2_bytes / max(nbytes, 1))))
+
+
+def device_info() -> dict:
+    """Name, SM count and L2 size of the current GPU."""
+    props = torch.cuda.get_device_properties(0)
+    return {"device": torch.cuda.get_device_name(0), "n_sm": props.multi_processor_count,
+            "l2_bytes": props.L2_cache_size}
+
+
+# ----------------------------------------------------------------------------------------------------
+# random operands (on the GPU, fresh for every copy)
+
+
+def random_gemv(out_f: int, in_f: int, bits: int, gen: torch.Generator, plan=None):
+    """A `BaseGemv` of random packed codes, scales, zero points and activation scales."""
+    from ops.base_gemv import BaseGemv
+
+    groups = -(-in_f // 128)
+    qweight = torch.randint(-2**31, 2**31, (out_f, in_f * bits // 32), dtype=torch.int32, device="cuda",
+                            generator=gen)  # any 32-bit pattern is a valid packing
+    scales = (torch.rand(out_f, groups, device="cuda", generator=gen) * 0.02 + 0.005).half()
+    zeros = torch.randint(0, 2**bits, (out_f, groups), device="cuda", generator=gen).half()
+    act = torch.rand(in_f, device="cuda", generator=gen) + 0.5
+    return BaseGemv(qweight, scales, zeros, act, bits, plan=plan)
+
+
+def thresholds(rng: np.random.Generator, width: int) -> np.ndarray:
+    """A calibrated profile from heavy-tailed samples, as models/calibrate.py computes one."""
+    calib = rng.standard_t(df=3, size=(64, width)).astype(np.float32)
+    return np.sort(np.abs(calib), axis=-1)[:, ::-1].max(axis=0).astype(np.float32)
+
+
+def activations(rng: np.random.Generator, width: int, n: int) -> list:
+    """n fresh fp16 activations (device arrays) from the calibration distribution."""
+    from numba import cuda
+
+    return [cuda.to_device(rng.standard_t(df=3, size=width).astype(np.float16)) for _ in range(n)]
+
+
+def pinned_tables(rng: np.random.Generator, width: int, out_f: int, n: int) -> list:
+    """n random residual tables (`ops.dma.PinnedTable`, zero-copy) of `width` rows for `out_f` outputs."""
+    from ops.dma import PinnedTable
+
+    row = -(-out_f // 2)
+    tables = []
+    for _ in range(n):
+        nib = rng.integers(1, 16, (width, 2 * row), dtype=np.uint8)
+        tables.append(PinnedTable.from_array(nib[:, 0::2] | (nib[:, 1::2] << 4)))
+    return tables
+
+
+class CorrectionSetup:
+    """Pinned tables (rotated past L2), activations, bounds and scales for one (out, in) shape."""
+
+    def __init__(self, rng: np.random.Generator, out_f: int, in_f: int, l2: int):
+        from numba import cuda
+
+        self.out_f, self.in_f = out_f, in_f
+        self.n_tables = copies_for(in_f * -(-out_f // 2), l2)
+        self.tables = pinned_tables(rng, in_f, out_f, self.n_tables)
+        self.xs = activations(rng, in_f, N_ACTIVATIONS)
+        self.act = cuda.to_device((rng.random(in_f) + 0.5).astype(np.float32))
+        self.rscale = cuda.to_device((rng.random(out_f) * 0.01 + 0.001).astype(np.float16))
+        self.base = cuda.to_device(rng.standard_normal(out_f).astype(np.float16))
+        self.out = cuda.device_array(out_f, np.float16)
+        self.t = thresholds(rng, in_f)
+
+    def corrections(self, k_chunk: int, n_tb: int, tile_rows: int | None = None) -> list:
+        """One `Correction` per rotated table; `tile_rows` must match the GEMV it merges into."""
+        from ops import correction, selector
+
+        bounds = selector.bucket_bounds(self.t, k_chunk)
+        tile_rows = tile_rows or correction.TILE_ROWS
+        return [correction.Correction(t.device_array(), self.rscale, bounds, k_chunk, n_tb=n_tb, tile_rows=tile_rows)
+                for t in self.tables]
+
+    def pcie_bytes(self, k_chunk: int) -> int:
+        from ops.selector import n_selected
+
+        return n_selected(self.in_f, k_chunk) * -(-self.out_f // 2)
+
+    def close(self) -> None:
+        for t in self.tables:
+            t.close()
+
+
+class GemvSetup:
+    """Random GEMVs of one shape rotated past L2, their output, and the split output that a concurrent
+    correction merges into (one extra part, as in runtime/executor_cuda.py)."""
+
+    def __init__(self, out_f: int, in_f: int, bits: int, gen: torch.Generator, l2: int):
+        from numba import cuda
+
+        first = random_gemv(out_f, in_f, bits, gen)
+        self.gemvs = [first] + [random_gemv(out_f, in_f, bits, gen) for _ in range(
+            copies_for(first.plan.weight_bytes, l2) - 1)]
+        self.split = first.split_output(extra_parts=1)
+        self.tile_rows = first.plan.tile_rows
+        self.out = cuda.as_cuda_array(torch.empty(out_f, dtype=torch.float16, device="cuda"))
+
+    def __call__(self, i: int, x, stream, merge=None) -> None:
+        self.gemvs[i % len(self.gemvs)](x, self.out, stream=stream, merge=merge)
+
+
+# ----------------------------------------------------------------------------------------------------
+# what decdec tune measures
+
+
+def supported_n_tbs(out_f: int, n_tbs, tile_rows: int) -> list[int]:
+    """The thread-block counts a correction of `out_f` outputs really launches for the asked ones:
+    blocks own whole row tiles, so asking for more blocks than tiles (or a count that does not divide
+    them evenly) launches fewer; each count appears once."""
+    from ops.correction import plan_correction
+
+    return sorted({plan_correction(out_f, n_tb, tile_rows).blocks for n_tb in n_tbs})
+
+
+def measure_pairs(streams: Streams, s: CorrectionSetup, g: GemvSetup, bits: int, k_chunks, n_tbs, reps: int,
+                  priorities=(SIDE_PRIORITY,)) -> list[dict]:
+    """Rows {out, in, bits, k_chunk, n_tb, side_priority, base_us, pair_us, pair_us_min, pair_us_max}:
+    the GEMV alone, and GEMV + correction on a side stream of each priority, merged (per launch)."""
+    steps = max(len(g.gemvs), s.n_tables, 64)
+    base = graph_us(lambda i: g(i, s.xs[i % N_ACTIVATIONS], streams.main_n), steps, reps, streams)
+    rows = []
+    for k in k_chunks:
+        for n_tb in n_tbs:
+            corrs = s.corrections(k, n_tb, g.tile_rows)
+            for priority in priorities:
+
+                def step(i, corrs=corrs, priority=priority):
+                    x = s.xs[i % N_ACTIVATIONS]
+                    streams.fork(lambda st: g(i, x, st, merge=g.split),
+                                 lambda st: corrs[i % len(corrs)](x, s.act, out=g.out, merge=g.split, stream=st),
+                                 priority)
+
+                t = graph_us(step, steps, reps, streams)
+                rows.append({"out": s.out_f, "in": s.in_f, "bits": bits, "k_chunk": k, "n_tb": n_tb,
+                             "side_priority": priority, "base_us": base["us"], "pair_us": t["us"],
+                             "pair_us_min": t["us_min"], "pair_us_max": t["us_max"]})
+    return rows
+
+
+def measure_shape(out_f: int, in_f: int, bits: int, k_chunks, n_tbs, reps: int = 10, *,
+                  streams: Streams | None = None, seed: int = 0) -> list[dict]:
+    """One linear shape on this GPU: rows {out, in, bits, k_chunk, n_tb, base_us, pair_us, ...} over
+    k_chunks x n_tbs (n_tbs reduced to the counts the correction really launches, `supported_n_tbs`),
+    the correction on the priority -1 side stream as the CUDA executor runs it."""
+    streams = streams or Streams.make((SIDE_PRIORITY,))
+    rng, gen = np.random.default_rng(seed), torch.Generator(device="cuda").manual_seed(seed)
+    l2 = device_info()["l2_bytes"]
+    s = CorrectionSetup(rng, out_f, in_f, l2)
+    try:
+        g = GemvSetup(out_f, in_f, bits, gen, l2)
+        return measure_pairs(streams, s, g, bits, k_chunks, supported_n_tbs(out_f, n_tbs, g.tile_rows), reps)
+    finally:
+        s.close()
+        torch.cuda.empty_cache()
+
+
+@functools.lru_cache(maxsize=None)
+def _xor_read_kernel():
+    from numba import cuda, uint64
+
+    @cuda.jit
+    def xor_read(a, out):
+        """Reads every uint64 of a once (grid-stride), so the loads cannot be optimised away."""
+        i = cuda.grid(1)
+        s = uint64(0)
+        for j in range(i, a.shape[0], cuda.gridsize(1)):
+            s ^= a[j]
+        out[i] = s
+
+    return xor_read
+
+
+def bandwidth(reps: int, zero_copy_mib=(128, 16, 1), extras: bool = True) -> dict:
+    """GB/s of: HBM read (a kernel summing 1 GiB) and zero-copy read of mapped host memory
+    ("zero_copy_read_<MiB>MiB_GBps"); with `extras` also HBM copy and a 256 MiB H2D memcpy."""
+    from numba import cuda
+
+    from ops.dma import PinnedTable
+
+    kernel = _xor_read_kernel()
+    threads, blocks = 256, device_info()["n_sm"] * 8
+    sink = cuda.device_array(threads * blocks, np.uint64)
+    res = {}
+    n = 1 << 30
+    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
+    if extras:
+        dst = torch.empty_like(src)
+        res["hbm_copy_GBps"] = 2 * n / event_us(lambda: dst.copy_(src), reps) / 1e3
+    src_n = cuda.as_cuda_array(src.view(torch.int64)).view(np.uint64)
+    res["hbm_read_GBps"] = n / event_us(lambda: kernel[blocks, threads](src_n, sink), reps) / 1e3
+    for mib in zero_copy_mib:
+        nbytes = mib << 20
+        with PinnedTable(nbytes // 4096, 4096) as pinned:
+            pinned.host[:] = np.random.default_rng(mib).integers(0, 255, pinned.host.shape, dtype=np.uint8)
+            arr = pinned.device_array(np.uint64).reshape(nbytes // 8)
+            us = event_us(lambda: kernel[blocks, threads](arr, sink), reps)
+            res[f"zero_copy_read_{mib}MiB_GBps"] = nbytes / us / 1e3
+    if extras:
+        host = torch.empty(256 << 20, dtype=torch.uint8).pin_memory()
+        dev = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+        res["h2d_memcpy_256MiB_GBps"] = (256 << 20) / event_us(lambda: dev.copy_(host, non_blocking=True), reps) / 1e3
+    torch.cuda.empty_cache()
+    return res

@@ -1,0 +1,144 @@
+"""The device profile (JSON), the model's group shapes, per-group k_chunk / n_tb in the graph, and the
+compile-side tuning (`tune_groups`) on a hand-made measured model: all pure Python, no GPU."""
+
+import json
+
+import pytest
+
+from models.arch import LINEAR_KINDS, ModelArgs
+from models.graph import build_graph, group_shapes
+from runtime.errors import ConfigError
+from scheduler.latency import MeasuredModel
+from scheduler.plan import schedule
+from scheduler.profile import MeasuredProfile, default_path, slug
+from scheduler.tuner import predicted_step_us, tune_groups
+
+ARGS = ModelArgs("llama", 100, 64, 4, 2, 1, 32, 128, 1e-5, 1e4)  # dim 64, 4 layers, ffn 128
+MIXED_BITS = [4, 3, 3, 4]  # a 3.5-bit model: half the layers at 4 bits
+
+
+def hand_made(shapes: dict, cost: dict, base_us: float = 10.0) -> MeasuredModel:
+    """Pair time base + k * cost[kind] at n_tb 8 and twice that at n_tb 2, measured at k 4, 16, 64."""
+    rows = []
+    for (kind, bits), (out, inp, b, _) in shapes.items():
+        for k in (4, 16, 64):
+            for tb, factor in ((2, 2.0), (8, 1.0)):
+                rows.append({"out": out, "in": inp, "bits": b, "k_chunk": k, "n_tb": tb, "base_us": base_us,
+                             "pair_us": base_us + k * cost[kind] * factor})
+    return MeasuredModel.from_rows("Test GPU", rows)
+
+
+def profile_of(model: MeasuredModel) -> MeasuredProfile:
+    return MeasuredProfile("Test GPU", 132, 3000.0, 49.5, model, [4, 16, 64], [2, 8])
+
+
+SHAPES = group_shapes(ARGS, MIXED_BITS)
+COST = {"qkv": 0.1, "o": 0.4, "gate_up": 0.05, "down": 1.0}
+
+
+def test_group_shapes_of_a_mixed_bit_model():
+    assert set(SHAPES) == {(kind, bits) for kind in LINEAR_KINDS for bits in (3, 4)}
+    for (kind, bits), (out, inp, b, count) in SHAPES.items():
+        assert (out, inp) == ARGS.linear_shape(kind) and b == bits and count == 2
+    uniform = group_shapes(ARGS, [3] * 4)
+    assert set(uniform) == {(kind, 3) for kind in LINEAR_KINDS} and uniform["down", 3] == (64, 128, 3, 4)
+
+
+def test_profile_json_round_trip(tmp_path):
+    profile = profile_of(hand_made(SHAPES, COST))
+    path = tmp_path / "sub" / "gpu.json"
+    profile.save(path)
+    assert not list(path.parent.glob("*.tmp"))
+    loaded = MeasuredProfile.load(path)
+    assert loaded == profile
+    assert loaded.model.pair_us(64, 128, 3, 10, 8) == profile.model.pair_us(64, 128, 3, 10, 8)
+    assert (64, 128, 3) in loaded.shapes() and (64, 128, 4) in loaded.shapes()
+    assert json.loads(path.read_text())["format"] == 1  # plain JSON, readable by anything
+
+
+def test_profile_errors_name_the_path(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        MeasuredProfile.load(tmp_path / "none.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match=f"'{bad}' is not a valid profile"):
+        MeasuredProfile.load(bad)
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"format": 0}))
+    with pytest.raises(ConfigError, match="has format 0"):
+        MeasuredProfile.load(old)
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps({"format": 1, "device": "x"}))
+    with pytest.raises(ConfigError, match="is not a valid profile"):
+        MeasuredProfile.load(partial)
+    profile = profile_of(hand_made(SHAPES, COST))
+    profile.check_device("Test GPU", "p.json")
+    with pytest.raises(ConfigError, match="measured on 'Test GPU', but this GPU is 'Other GPU'.*decdec tune"):
+        profile.check_device("Other GPU", "p.json")
+
+
+def test_default_path_is_a_slug_of_the_gpu_name():
+    assert slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert default_path("NVIDIA H200").as_posix() == "artifacts/device-profiles/nvidia-h200.json"
+
+
+def corrections(graph) -> dict:
+    return {(n.layer, n.attr("group")): n for n in graph.nodes if n.op == "correction"}
+
+
+def test_build_graph_takes_k_chunk_and_n_tb_per_kind_and_bits():
+    k = {("qkv", 3): 8, ("qkv", 4): 16, "o": 0, "gate_up": 32, ("down", 4): 4, ("down", 3): 12}
+    tb = {("qkv", 3): 4, "qkv": 16, "gate_up": 0, "down": 8}  # (kind, bits) wins over kind; o is never asked
+    graph = build_graph(ARGS, MIXED_BITS, k, tb)
+    corr = corrections(graph)
+    for layer, bits in enumerate(MIXED_BITS):
+        assert (layer, "o") not in corr
+        assert corr[layer, "qkv"].attr("k_chunk") == (8 if bits == 3 else 16)
+        assert corr[layer, "qkv"].attr("n_tb") == (4 if bits == 3 else 16)
+        assert corr[layer, "gate_up"].attr("k_chunk") == 32 and corr[layer, "gate_up"].attr("n_tb") is None
+        assert corr[layer, "down"].attr("k_chunk") == (12 if bits == 3 else 4) and corr[layer, "down"].attr("n_tb") == 8
+    # one int for all, n_tb unset: the graph of before (no n_tb attribute anywhere)
+    plain = build_graph(ARGS, MIXED_BITS, 16)
+    assert all(n.attr("k_chunk") == 16 and n.attr("n_tb") is None for n in corrections(plain).values())
+    with pytest.raises(ValueError, match="k_chunk has no value for the down groups at 3 bits"):
+        build_graph(ARGS, MIXED_BITS, {"qkv": 8, "o": 8, "gate_up": 8, ("down", 4): 8})
+
+
+def test_plan_format_shows_n_tb_where_set():
+    text = schedule(build_graph(ARGS, [3] * 4, 16, {"qkv": 12, "o": 0, "gate_up": 0, "down": 0})).format()
+    assert "n_tb" in text.splitlines()[0]
+    qkv = next(line for line in text.splitlines() if "L0.qkv.correction" in line)
+    down = next(line for line in text.splitlines() if "L0.down.correction" in line)
+    assert qkv.split()[6:8] == ["16", "12"] and down.split()[6] == "16" and down.split()[7] != "12"
+
+
+def test_tune_groups_spends_the_target_per_kind_and_bits():
+    model = hand_made(SHAPES, COST)
+    step = 1000.0
+    tuning = tune_groups(model, SHAPES, step, 0.05, "p.json")
+    assert set(tuning.choices) == set(SHAPES)
+    assert tuning.step_us == step and tuning.target == 0.05 and tuning.profile == "p.json"
+    assert tuning.predicted_step_us == pytest.approx(predicted_step_us(model, SHAPES, tuning.choices, step))
+    assert step < tuning.predicted_step_us <= step * 1.05 + 1e-9
+    # cheap shapes get more channels than dear ones, every chosen n_tb is the cheaper one measured
+    assert tuning.k_chunks["gate_up", 3] > tuning.k_chunks["down", 3]
+    assert all(tuning.n_tbs[key] == (8 if k else 0) for key, k in tuning.k_chunks.items())
+    # the graph takes the tuning as it is
+    corr = corrections(build_graph(ARGS, MIXED_BITS, tuning.k_chunks, tuning.n_tbs))
+    for (layer, kind), node in corr.items():
+        assert node.attr("k_chunk") == tuning.k_chunks[kind, MIXED_BITS[layer]] > 0
+        assert node.attr("n_tb") == tuning.n_tbs[kind, MIXED_BITS[layer]]
+    assert "target 5.0%" in tuning.format() and "gate_up" in tuning.format()
+    # more budget, at least as much compensation everywhere
+    more = tune_groups(model, SHAPES, step, 0.5)
+    assert all(more.k_chunks[key] >= k for key, k in tuning.k_chunks.items())
+
+
+def test_tune_groups_errors():
+    model = hand_made({key: s for key, s in SHAPES.items() if key != ("down", 4)}, COST)
+    with pytest.raises(ConfigError, match=r"'p.json' \(Test GPU\) has no measurements of down 64x128 at 4 bits.*"
+                                          "decdec tune"):
+        tune_groups(model, SHAPES, 1000.0, 0.05, "p.json")
+    full = hand_made(SHAPES, COST)
+    with pytest.raises(ConfigError, match="target slowdown 0.0% cannot be met on Test GPU"):
+        tune_groups(full, SHAPES, 1000.0, 0.0)

@@ -54,7 +54,7 @@ from runtime.executor_cuda import (CUDAExecutor, DeviceGroup, DeviceModel, fp16_
 from runtime.tune import measure_profile  # noqa: E402
 from scheduler.latency import weight_bytes  # noqa: E402
 from scheduler.plan import MAIN, schedule  # noqa: E402
-from scheduler.tuner import tune_groups  # noqa: E402
+from scheduler.tuner import tune_measured  # noqa: E402
 
 LLAMA3_8B = dict(family="llama", vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
                  ffn_dim=14336, norm_eps=1e-5, rope_base=500_000.0, max_seq_len=8192)
@@ -107,8 +107,11 @@ def report(name: str, weights: str, r: dict, hbm_GBps: float | None, args: Model
     return row
 
 
-def tuned_rows(name: str, model: DeviceModel, layer_bits: list[int], steps: int, targets, quick: bool) -> dict:
-    """Base step, this GPU's profile on the model's shapes, and a captured plan per target."""
+def tuned_rows(name: str, model: DeviceModel, layer_bits: list[int], steps: int, targets, quick: bool,
+               out: dict, save) -> None:
+    """Base step, this GPU's profile on the model's shapes, and per target the plan that
+    `scheduler.tuner.tune_measured` accepts (tuned, captured, measured; retuned while over the target).
+    Rows go into out["rows"], and save() runs after each (partial results survive a cut-off run)."""
     args = model.args
     shapes = group_shapes(args, layer_bits)
     base_ex = CUDAExecutor(model, schedule(build_graph(args, layer_bits, 0)), MAX_SEQ)
@@ -117,29 +120,41 @@ def tuned_rows(name: str, model: DeviceModel, layer_bits: list[int], steps: int,
     profile = measure_profile(shapes, quick=quick, progress=False)
     print(f"  {name}: measured {len(shapes)} group shapes in {time.perf_counter() - t0:.0f} s "
           f"(HBM read {profile.hbm_read_GBps:.0f} GB/s, zero-copy {profile.zero_copy_GBps:.1f} GB/s)", flush=True)
-    hbm = profile.hbm_read_GBps
-    rows = [report(name, "quantized", base, hbm, args, target=0.0, slowdown=0.0)]
+    hbm = out["hbm_read_GBps"] = profile.hbm_read_GBps
+    out["profile"] = dataclasses.asdict(profile)
+    rows = out.setdefault("rows", [])
+    rows.append(report(name, "quantized", base, hbm, args, target=0.0, slowdown=0.0))
+    save()
+
+    def build(t) -> CUDAExecutor:
+        return CUDAExecutor(model, schedule(build_graph(args, layer_bits, t.k_chunks, t.n_tbs)), MAX_SEQ,
+                            cache=base_ex.cache)
+
     for target in targets:
         try:
-            t = tune_groups(profile.model, shapes, base["graph_ms"] * 1e3, target)
+            t, ex = tune_measured(profile.model, shapes, base["graph_ms"] * 1e3, target, build,
+                                  lambda ex: measure(ex, steps)["graph_ms"] * 1e3)
         except ConfigError as e:  # an unreachable target is a result too
             rows.append({"model": name, "weights": "quantized", "target": target, "error": str(e)})
             print(f"  {name:<13} target {target:.1%}: {e}", flush=True)
+            save()
             continue
-        ex = CUDAExecutor(model, schedule(build_graph(args, layer_bits, t.k_chunks, t.n_tbs)), MAX_SEQ,
-                          cache=base_ex.cache)
         r = measure(ex, steps)
         choices = {f"{kind}@{bits}": {"k_chunk": c.k_chunk, "n_tb": c.n_tb, "base_us": c.base_us,
                                       "pair_us": c.pair_us} for (kind, bits), c in t.choices.items()}
+        rounds = [{"budget": x.budget, "predicted_ms": x.predicted_step_us / 1e3, "measured_ms": x.measured_step_us / 1e3}
+                  for x in t.rounds]
         rows.append(report(name, "quantized", r, hbm, args, target=target, slowdown=r["graph_ms"] / base["graph_ms"] - 1,
                            predicted_ms=t.predicted_step_us / 1e3,
-                           predicted_error=r["graph_ms"] / (t.predicted_step_us / 1e3) - 1, choices=choices))
+                           predicted_error=r["graph_ms"] / (t.predicted_step_us / 1e3) - 1, choices=choices,
+                           rounds=rounds))
+        save()
         del ex
         torch.cuda.empty_cache()
     again = measure(base_ex, steps)  # drift check: the base once more, after every target
     rows.append(report(name, "quantized", again, hbm, args, target="base again",
                        slowdown=again["graph_ms"] / base["graph_ms"] - 1))
-    return {"rows": rows, "profile": dataclasses.asdict(profile), "hbm_read_GBps": hbm}
+    save()
 
 
 def baseline_rows(name: str, args: ModelArgs, weights: dict, steps: int, hbm: float, gen) -> list:
@@ -162,7 +177,7 @@ def baseline_rows(name: str, args: ModelArgs, weights: dict, steps: int, hbm: fl
 # models
 
 
-def gemma(source: str, steps: int, targets, quick: bool) -> dict:
+def gemma(source: str, steps: int, targets, quick: bool, baselines: bool, out: dict, save) -> None:
     from models.prepare import prepare
     from runtime.config import load_config
 
@@ -174,12 +189,12 @@ def gemma(source: str, steps: int, targets, quick: bool) -> dict:
     args = prepared.model.args
     model = DeviceModel.from_prepared(args, prepared.model.weights, prepared.groups)
     try:
-        result = tuned_rows("gemma3-270m", model, prepared.layer_bits, steps, targets, quick)
+        tuned_rows("gemma3-270m", model, prepared.layer_bits, steps, targets, quick, out, save)
     finally:
         model.close()
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    result["rows"] += baseline_rows("gemma3-270m", args, prepared.model.weights, steps, result["hbm_read_GBps"], gen)
-    return result
+    if baselines:
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        out["rows"] += baseline_rows("gemma3-270m", args, prepared.model.weights, steps, out["hbm_read_GBps"], gen)
 
 
 def threshold_profile(rng, width: int) -> np.ndarray:
@@ -240,7 +255,7 @@ def int4_groups(args: ModelArgs, gen: torch.Generator) -> dict:
     return groups
 
 
-def synthetic(name: str, spec: dict, steps: int, targets, quick: bool) -> dict:
+def synthetic(name: str, spec: dict, steps: int, targets, quick: bool, baselines: bool, out: dict, save) -> None:
     """A random 3-bit model of real shapes with pinned residual tables; then the torch baselines."""
     args = ModelArgs(**spec)
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -250,13 +265,13 @@ def synthetic(name: str, spec: dict, steps: int, targets, quick: bool) -> dict:
     print(f"  {name} random 3-bit model + {sum(g.table.nbytes for g in model.groups.values()) / 2**30:.2f} GiB "
           f"of pinned residual tables in {time.perf_counter() - t0:.1f} s", flush=True)
     try:
-        result = tuned_rows(name, model, [BITS] * args.n_layers, steps, targets, quick)
+        tuned_rows(name, model, [BITS] * args.n_layers, steps, targets, quick, out, save)
     finally:
         model.close()
         del model
         torch.cuda.empty_cache()
-    result["rows"] += baseline_rows(name, args, weights, steps, result["hbm_read_GBps"], gen)
-    return result
+    if baselines:
+        out["rows"] += baseline_rows(name, args, weights, steps, out["hbm_read_GBps"], gen)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -270,6 +285,7 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--targets", default=",".join(str(t) for t in TARGETS), help="comma list of target slowdowns")
     ap.add_argument("--quick", action="store_true", help="quick profile grid, 16 steps")
+    ap.add_argument("--no-baselines", action="store_true", help="skip the fp16 and torch int4 models")
     args = ap.parse_args(argv)
     targets = [float(t) for t in args.targets.split(",")]
     steps = 16 if args.quick else args.steps
@@ -282,19 +298,28 @@ def main(argv=None) -> None:
         meta["numba_cuda"] = None
     result = {**meta, "max_seq": MAX_SEQ, "bits": BITS, "targets": targets, "steps": steps, "models": {},
               "errors": []}
-    sections = {"llama": ("llama3-8b", lambda: synthetic("llama3-8b", LLAMA3_8B, steps, targets, args.quick)),
-                "smollm": ("smollm2-135m", lambda: synthetic("smollm2-135m", SMOLLM2_135M, steps, targets, args.quick)),
-                "gemma": ("gemma3-270m", lambda: gemma(args.gemma, steps, targets, args.quick))}
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        out_path.write_text(json.dumps(result, indent=1, default=str))
+
+    base_line = not args.no_baselines
+    sections = {
+        "llama": ("llama3-8b", lambda out: synthetic("llama3-8b", LLAMA3_8B, steps, targets, args.quick, base_line, out, save)),
+        "smollm": ("smollm2-135m", lambda out: synthetic("smollm2-135m", SMOLLM2_135M, steps, targets, args.quick,
+                                                         base_line, out, save)),
+        "gemma": ("gemma3-270m", lambda out: gemma(args.gemma, steps, targets, args.quick, base_line, out, save)),
+    }
     for key in args.only.split(","):
         name, run = sections[key]
         print(f"{name}:", flush=True)
         try:
-            result["models"][name] = run()
+            run(result["models"].setdefault(name, {}))
         except Exception as e:  # noqa: BLE001 - one model failing must not lose the others' numbers
             traceback.print_exc()
             result["errors"].append({"section": name, "error": f"{type(e).__name__}: {e}"[:2000]})
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1, default=str))
+        save()
     print(f"wrote {args.out}")
 
 

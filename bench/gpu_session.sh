@@ -28,7 +28,6 @@ b)
   ;;
 c)
   timeout 200 python bench/gpu_engine.py --only smollm --out $OUT/gpu_engine_smollm.json 2>&1 | tee $OUT/gpu_engine_smollm.log
-  timeout 150 python bench/gemv_variants.py --out $OUT/gemv_variants.json 2>&1 | tee $OUT/gemv_variants.log | tail -40
   ;;
 d)
   ;;

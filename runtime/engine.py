@@ -25,7 +25,7 @@ from runtime.graph import Graph
 from runtime.tune import load_profile, measure_step_us
 from scheduler.plan import Plan, schedule
 from scheduler.profile import MeasuredProfile
-from scheduler.tuner import Tuning, check_shapes, tune_groups
+from scheduler.tuner import Tuning, check_shapes, tune_measured
 
 
 class Engine:
@@ -156,12 +156,16 @@ def compile_cuda(prepared: Prepared, k_chunk: int | None, profile: MeasuredProfi
     base = CUDAExecutor(model, schedule(base_graph), max_seq)
     if k_chunk == 0:
         return Engine(prepared, base_graph, base.plan, base, 0, base)
-    n_tb, tuning = None, None
-    if profile is not None:
-        tuning = tune_groups(profile.model, shapes, measure_step_us(base), prepared.config.decdec.target_slowdown,
-                             profile_path)
-        k_chunk, n_tb = tuning.k_chunks, tuning.n_tbs
-    graph = build_graph(args, bits, k_chunk, n_tb)
-    plan = schedule(graph)
-    decode = CUDAExecutor(model, plan, max_seq, cache=base.cache)
-    return Engine(prepared, graph, plan, decode, k_chunk, base, tuning)
+
+    def build(k, n_tb=None) -> tuple[Graph, CUDAExecutor]:
+        graph = build_graph(args, bits, k, n_tb)
+        return graph, CUDAExecutor(model, schedule(graph), max_seq, cache=base.cache)
+
+    if profile is None:
+        graph, decode = build(k_chunk)
+        return Engine(prepared, graph, decode.plan, decode, k_chunk, base)
+    # tuned, then checked by measuring the captured step (scheduler.tuner.tune_measured)
+    tuning, (graph, decode) = tune_measured(
+        profile.model, shapes, measure_step_us(base), prepared.config.decdec.target_slowdown,
+        lambda t: build(t.k_chunks, t.n_tbs), lambda built: measure_step_us(built[1]), profile_path)
+    return Engine(prepared, graph, decode.plan, decode, tuning.k_chunks, base, tuning)

@@ -11,7 +11,7 @@ from runtime.errors import ConfigError
 from scheduler.latency import MeasuredModel
 from scheduler.plan import schedule
 from scheduler.profile import MeasuredProfile, default_path, slug
-from scheduler.tuner import predicted_step_us, tune_groups
+from scheduler.tuner import TOLERANCE, predicted_step_us, tune_groups, tune_measured
 
 ARGS = ModelArgs("llama", 100, 64, 4, 2, 1, 32, 128, 1e-5, 1e4)  # dim 64, 4 layers, ffn 128
 MIXED_BITS = [4, 3, 3, 4]  # a 3.5-bit model: half the layers at 4 bits
@@ -142,3 +142,39 @@ def test_tune_groups_errors():
     full = hand_made(SHAPES, COST)
     with pytest.raises(ConfigError, match="target slowdown 0.0% cannot be met on Test GPU"):
         tune_groups(full, SHAPES, 1000.0, 0.0)
+
+
+def whole_step(step: float, factor: float, builds: list):
+    """build / measure stand-ins: the built plan is its tuning; the measured step costs `factor` times
+    the predicted extra time (the whole step dearer than the profile's isolated pairs)."""
+    def build(tuning):
+        builds.append(tuning)
+        return tuning
+
+    return build, lambda tuning: step + factor * (tuning.predicted_step_us - step)
+
+
+def test_tune_measured_accepts_a_step_that_meets_the_target_at_once():
+    model, step, builds = hand_made(SHAPES, COST), 1000.0, []
+    tuning, built = tune_measured(model, SHAPES, step, 0.05, *whole_step(step, 1.0, builds))
+    assert built is builds[0] and len(tuning.rounds) == 1 and tuning.target == 0.05
+    assert tuning.measured_step_us == pytest.approx(tuning.predicted_step_us)
+    assert "round 1: tuned for 5.00%" in tuning.format()
+
+
+def test_tune_measured_shrinks_the_budget_until_the_measured_step_meets_the_target():
+    model, step, builds = hand_made(SHAPES, COST), 1000.0, []
+    tuning, built = tune_measured(model, SHAPES, step, 0.05, *whole_step(step, 3.0, builds))
+    assert len(tuning.rounds) >= 2 and built is builds[-1]
+    assert tuning.measured_step_us / step - 1 <= 0.05 + TOLERANCE
+    assert tuning.rounds[0].measured_step_us / step - 1 > 0.05 + TOLERANCE  # the first plan was over
+    assert all(b.budget < a.budget for a, b in zip(tuning.rounds, tuning.rounds[1:]))
+    assert sum(tuning.k_chunks.values()) < sum(builds[0].k_chunks.values())  # less compensation than asked first
+    assert tuning.target == 0.05  # the user's target, not the shrunken budget
+
+
+def test_tune_measured_fails_clearly_when_no_round_meets_the_target():
+    model, step = hand_made(SHAPES, COST), 1000.0
+    with pytest.raises(ConfigError, match=r"target slowdown 5.0% cannot be met on Test GPU: measured on the whole "
+                                          r"step.*tuned for 5.00%: predicted \+[0-9.]+%, measured \+"):
+        tune_measured(model, SHAPES, step, 0.05, *whole_step(step, 1000.0, []))

@@ -70,9 +70,12 @@ def cpu_step_table(path: Path) -> str:
 def gpu_tables(path: Path) -> str:
     d = json.loads(path.read_text())
     env, bw = d["env"], d["bandwidth"]
-    out = [f"{env['device']}, torch {env['torch']}, numba-cuda {env['numba_cuda']} ({source(path)}); "
-           f"measured in the same run: HBM read {bw['hbm_read_GBps']:.0f} GB/s, zero-copy read (128 MiB) "
-           f"{bw['zero_copy_read_128MiB_GBps']:.1f} GB/s.", "",
+    zero_copy = {k[len("zero_copy_read_"):-len("_GBps")]: v for k, v in bw.items() if k.startswith("zero_copy_read")}
+    peak = max(zero_copy.values())  # one reading can come out low; the best of the run is the ceiling
+    out = [f"{env['device']}, torch {env['torch']}, numba-cuda {env['numba_cuda']} ({source(path)}, commit "
+           f"{d.get('meta', {}).get('commit', env.get('commit', '?'))[:7]}); measured in the same run: HBM read "
+           f"{bw['hbm_read_GBps']:.0f} GB/s, zero-copy read "
+           + ", ".join(f"{v:.1f} GB/s ({k})" for k, v in zero_copy.items()) + ".", "",
            "Base GEMV, batch 1, inside CUDA graphs, weights rotated past L2 (µs; fraction of measured HBM read):", "",
            *header("out x in", "ours 3-bit", "ours 4-bit", "torch int4", "torch fp16")]
     shapes = sorted({(r["out"], r["in"]) for r in d["gemv"]}, key=lambda s: -s[0] * s[1])
@@ -86,13 +89,13 @@ def gpu_tables(path: Path) -> str:
         out.append(row(f"{o}x{i}", cell.get(3, "-"), cell.get(4, "-"),
                        cell.get("torch _weight_int4pack_mm", "fails"), cell.get("torch F.linear fp16", "-")))
     out += ["", "Correction kernel alone (zero-copy fetch + dequantize + GEMV), best n_tb per k_chunk: µs, PCIe GB/s, "
-            "fraction of the zero-copy peak:", "", *header("out x in", "k_chunk", "n_tb", "µs", "GB/s", "of peak")]
+            f"fraction of the best zero-copy read of the run ({peak:.1f} GB/s):", "", *header("out x in", "k_chunk", "n_tb", "µs", "GB/s", "of peak")]
     for (o, i) in sorted({(r["out"], r["in"]) for r in d["correction"]}):
         for k in sorted({r["k_chunk"] for r in d["correction"]}):
             rs = [r for r in d["correction"] if (r["out"], r["in"], r["k_chunk"]) == (o, i, k)]
             b = min(rs, key=lambda r: r["us"])
             out.append(row(f"{o}x{i}", k, b["n_tb"], f"{b['us']:.1f}", f"{b['pcie_GBps']:.1f}",
-                           f"{b['frac_zero_copy_peak']:.0%}"))
+                           f"{b['pcie_GBps'] / peak:.0%}"))
     ov = [r for r in d["overlap"] if r["side_priority"] == -1 and r["bits"] == 3]
     ks = sorted({r["k_chunk"] for r in ov})
     out += ["", "Base GEMV (3-bit) and correction concurrently, correction on a high-priority side stream: slowdown of "
@@ -124,14 +127,77 @@ def recall_table(path: Path) -> str:
     return "\n".join(out)
 
 
-def gpu_engine_table(path: Path) -> str:
+def _ks(choices: dict) -> str:
+    """k_chunk (n_tb) per group kind, in graph order."""
+    cells = []
+    for kind in ("qkv", "o", "gate_up", "down"):
+        c = next((c for key, c in choices.items() if key.split("@")[0] == kind), None)
+        cells.append("-" if c is None or not c["k_chunk"] else f"{c['k_chunk']:g} ({c['n_tb']})")
+    return " / ".join(cells)
+
+
+def gpu_engine_table(paths: list[Path]) -> str:
+    """End to end: one block of rows per model and run (bench/gpu_engine.py's JSON, one file per run).
+    'tuner': 'predicted' where the plan is the tuner's first choice, 'measured' where it was checked
+    by measuring the captured step and retuned while over the target (`tune_measured`)."""
+    out = [*header("model", "weights", "tuner", "target", "k_chunk (n_tb): qkv / o / gate_up / down",
+                   "predicted ms", "measured ms", "measured vs predicted", "slowdown", "tokens/s", "of roofline")]
+    notes = []
+    for path in paths:
+        d = json.loads(path.read_text())
+        notes.append(f"{source(path)}: {d['device']}, commit {d['commit'][:7]}, {d['steps']} timed steps")
+        for name, m in d["models"].items():
+            checked = any("rounds" in r for r in m["rows"]) or any("measured on the whole step" in r.get("error", "")
+                                                                   for r in m["rows"])
+            tuner = "measured" if checked else "predicted"
+            for r in m["rows"]:
+                target = r.get("target")
+                ours = r.get("weights") == "quantized"
+                weights = "ours 3-bit" if ours else r.get("weights")
+                if target == "base again":
+                    continue
+                if "error" in r:
+                    out.append(row(name, weights, tuner if ours else "", f"{target:.1%}" if ours else "",
+                                   "unreachable" if ours else "fails", "", "", "", "", "", ""))
+                    continue
+                tuned = "choices" in r
+                out.append(row(name, weights, tuner if ours else "",
+                               f"{target:.1%}" if tuned else ("base" if ours else ""),
+                               _ks(r["choices"]) if tuned else "",
+                               f"{r['predicted_ms']:.2f}" if tuned else "", f"{r['graph_ms']:.2f}",
+                               f"{r['predicted_error']:+.1%}" if tuned else "",
+                               f"{r['slowdown']:+.1%}" if tuned else "",
+                               f"{r['tokens_per_s']:.1f}", f"{r['frac_roofline']:.0%}" if "frac_roofline" in r else ""))
+    return "\n".join(out + [""] + [f"- {n}" for n in notes])
+
+
+def tradeoff_table(path: Path) -> str:
     d = json.loads(path.read_text())
-    out = [f"{d['device']}, `{' '.join(d['command'].split()[:4])} ...` ({source(path)}), "
-           f"max_seq {d['max_seq']}, {d['rows'][0]['steps']} timed steps:", "",
-           *header("model", "k_chunk", "ms/step (graph replay)", "tokens/s", "slowdown")]
+    out = [f"Perplexity (CPU batch simulation, 3-bit AWQ, bucket selection) at the k_chunk the tuner chose on "
+           f"the GPU ({source(path)}; GPU runs: {', '.join(d['engine_json'])}):", "",
+           *header("model", "target", "measured slowdown", "tokens/s", "k_chunk (n_tb): qkv / o / gate_up / down",
+                   "perplexity")]
     for r in d["rows"]:
-        out.append(row(f"{r['model']} {r['weights']} {r['bits']}-bit", r["k_chunk"], f"{r['graph_ms']:.2f}",
-                       f"{r['tokens_per_s']:.1f}", f"{r['slowdown']:+.1%}"))
+        if "error" in r:
+            out.append(row(r["model"], f"{r['target']:.1%}", "unreachable", "", "", ""))
+            continue
+        target = "3-bit alone" if r["target"] == 0.0 else f"{r['target']:.1%}"
+        out.append(row(r["model"], target, f"{r['slowdown']:+.1%}", f"{r['tokens_per_s']:.1f}",
+                       _ks(r.get("choices", {})) if r.get("choices") else "-", f"{r['ppl']:.2f}"))
+    return "\n".join(out)
+
+
+def variants_table(path: Path) -> str:
+    d = json.loads(path.read_text())
+    out = [f"{d['device']}, HBM read {d['hbm_read_GBps']:.0f} GB/s in the same run ({source(path)}, commit "
+           f"{d['meta']['commit'][:7]}):", "", *header("out x in", "bits", "variant", "k_blocks", "tiles/block", "µs",
+                                                        "of HBM")]
+    for r in d["rows"]:
+        if r["variant"] == "torch int4":
+            out.append(row(f"{r['out']}x{r['in']}", 4, "torch `_weight_int4pack_mm`", "", "", f"{r['us']:.1f}", ""))
+        else:
+            out.append(row(f"{r['out']}x{r['in']}", r["bits"], r["variant"], r["k_blocks"], r["tiles_per_block"],
+                           f"{r['us']:.1f}", f"{r['frac_hbm_read']:.0%}"))
     return "\n".join(out)
 
 
@@ -144,8 +210,13 @@ def main() -> None:
         print(cpu_step_table(path), end="\n\n")
     for path in sorted(RESULTS.glob("gpu_ops_*.json")):
         print(gpu_tables(path), end="\n\n")
-    for path in sorted(RESULTS.glob("gpu_engine_*.json")):
-        print(gpu_engine_table(path), end="\n\n")
+    for path in sorted(RESULTS.glob("gemv_variants_quick_*.json")):
+        print(variants_table(path), end="\n\n")
+    engine = sorted(RESULTS.glob("gpu_engine_*.json"))
+    if engine:
+        print(gpu_engine_table(engine), end="\n\n")
+    for path in sorted(RESULTS.glob("tradeoff_*.json")):
+        print(tradeoff_table(path), end="\n\n")
     for path in sorted(RESULTS.glob("selector_recall_*.json")):
         print(recall_table(path), end="\n\n")
 

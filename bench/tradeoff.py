@@ -1,7 +1,8 @@
 """Quality against measured slowdown: the perplexity the batch simulation gives at the k_chunk per group
 that the tuner chose on the GPU for each target slowdown (bench/gpu_engine.py's JSON).
 
-    python bench/tradeoff.py --engine bench/results/gpu_engine_h100.json --out bench/results/tradeoff.json
+    python bench/tradeoff.py --engine bench/results/gpu_engine_{gemma,smollm}_h100.json \
+        --out bench/results/tradeoff_h100.json
 
 For Gemma 3 270M and SmolLM2-135M (3-bit AWQ, the quality bench's calibration and evaluation text),
 each tuned target of the GPU run becomes one row: target, measured slowdown and tokens/s on the GPU,
@@ -35,18 +36,19 @@ def tuned_k(row: dict) -> dict[tuple[str, int], int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--engine", required=True, help="bench/gpu_engine.py's JSON")
+    ap.add_argument("--engine", required=True, nargs="+", help="bench/gpu_engine.py's JSON files")
     ap.add_argument("--tokens", type=int, default=2048, help="evaluation tokens")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--calib-tokens", type=int, default=2048)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
-    engine = json.loads(Path(a.engine).read_text())
-    result = {**run_meta(), "engine_json": a.engine, "engine_commit": engine.get("commit"),
-              "engine_device": engine.get("device"), "rows": []}
+    runs = [json.loads(Path(path).read_text()) for path in a.engine]
+    models = {name: m for run in runs for name, m in run["models"].items()}
+    result = {**run_meta(), "engine_json": a.engine, "engine_commit": sorted({r.get("commit") for r in runs}),
+              "engine_device": sorted({r.get("device") for r in runs}), "rows": []}
     started = time.time()
     for name in MODELS:
-        gpu = engine["models"].get(name)
+        gpu = models.get(name)
         if gpu is None:
             print(f"{name}: not in {a.engine}, skipped")
             continue

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+from ops.selector import n_selected
 from runtime.errors import ConfigError
 from scheduler.latency import DeviceProfile, MeasuredModel
 
@@ -46,10 +47,11 @@ def best_for_shape(p: DeviceProfile | MeasuredModel, out: int, inp: int, bits: i
 
 def frontier(p, out: int, inp: int, bits: int) -> list[Choice]:
     """The cheapest n_tb for each k_chunk, keeping only points that cost more as k_chunk grows
-    (a larger k_chunk that is no dearer makes the smaller one pointless)."""
+    (a larger k_chunk that is no dearer makes the smaller one pointless). A k_chunk that selects no
+    channel at this width (k is floor-scaled in a partial chunk: k = 1 picks none of 576) is no point."""
     base = p.base_us(out, inp, bits)
     best: list[Choice] = []
-    for k in K_CHOICES:
+    for k in (k for k in K_CHOICES if n_selected(inp, k) > 0):
         pairs = [Choice(k, tb, base, p.pair_us(out, inp, bits, k, tb)) for tb in p.n_tb_choices(out, inp, bits)]
         pairs = [c for c in pairs if c.pair_us < float("inf")]
         if pairs:
@@ -67,7 +69,7 @@ def tune(p: DeviceProfile | MeasuredModel, shapes: dict[str, tuple[int, int, int
 
     Spends the budget target * step_us greedily: at each move, among the shapes whose next frontier
     point still fits the budget, the one that adds the most corrected residual weights
-    (k_chunk / 1024 of out * in * count) per µs of step time. Raises ConfigError when not even the
+    (selected channels x out x count) per µs of step time. Raises ConfigError when not even the
     cheapest move fits."""
     if target < 0:
         raise ConfigError(f"target slowdown {target} is negative: allowed 0 .. 10 (a fraction, 0.05 = 5 %)")
@@ -82,7 +84,7 @@ def tune(p: DeviceProfile | MeasuredModel, shapes: dict[str, tuple[int, int, int
             if step_of[name] < len(fronts[name]):
                 nxt, cur = fronts[name][step_of[name]], chosen[name]
                 cost = (nxt.pair_us - cur.pair_us) * n
-                gain = (nxt.k_chunk - cur.k_chunk) * o * i * n
+                gain = (n_selected(i, nxt.k_chunk) - n_selected(i, cur.k_chunk)) * o * n  # residual weights fetched
                 if spent + cost <= budget:
                     moves.append((gain / max(cost, 1e-9), cost, name, nxt))
         if not moves:

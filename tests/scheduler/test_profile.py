@@ -7,11 +7,12 @@ import pytest
 
 from models.arch import LINEAR_KINDS, ModelArgs
 from models.graph import build_graph, group_shapes
+from ops.selector import n_selected
 from runtime.errors import ConfigError
 from scheduler.latency import MeasuredModel
 from scheduler.plan import schedule
 from scheduler.profile import MeasuredProfile, default_path, slug
-from scheduler.tuner import TOLERANCE, predicted_step_us, tune_groups, tune_measured
+from scheduler.tuner import TOLERANCE, frontier, predicted_step_us, tune_groups, tune_measured
 
 ARGS = ModelArgs("llama", 100, 64, 4, 2, 1, 32, 128, 1e-5, 1e4)  # dim 64, 4 layers, ffn 128
 MIXED_BITS = [4, 3, 3, 4]  # a 3.5-bit model: half the layers at 4 bits
@@ -178,3 +179,15 @@ def test_tune_measured_fails_clearly_when_no_round_meets_the_target():
     with pytest.raises(ConfigError, match=r"target slowdown 5.0% cannot be met on Test GPU: measured on the whole "
                                           r"step.*tuned for 5.00%: predicted \+[0-9.]+%, measured \+"):
         tune_measured(model, SHAPES, step, 0.05, *whole_step(step, 1000.0, []))
+
+
+def test_tuner_never_picks_a_k_chunk_that_selects_no_channel():
+    """k_chunk is floor-scaled in a partial chunk: k = 4 picks no channel of these 64-wide inputs
+    (and k = 1 none of SmolLM2's 576), yet its correction would cost a launch. Such points are not
+    on the frontier, and the budget buys channels actually fetched."""
+    model = hand_made(SHAPES, COST)
+    for (kind, bits), (out, inp, b, _) in SHAPES.items():
+        assert all(n_selected(inp, c.k_chunk) > 0 for c in frontier(model, out, inp, b))
+    tuning = tune_groups(model, SHAPES, 1000.0, 0.5)
+    assert all(k == 0 or n_selected(SHAPES[key][1], k) > 0 for key, k in tuning.k_chunks.items())
+    assert any(k for k in tuning.k_chunks.values())

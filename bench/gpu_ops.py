@@ -2,13 +2,12 @@
 
     DECDEC_COMMIT=<sha> python bench/gpu_ops.py --out $OUT/gpu_ops.json          # full run, ~2.5 min on an H100
     DECDEC_COMMIT=<sha> python bench/gpu_ops.py --quick --out $OUT/gpu_ops.json  # smoke run, ~1 min
-    (--only checks,bandwidth,gemv,variants,correction,overlap runs a subset; DECDEC_COMMIT names the
+    (--only checks,bandwidth,gemv,correction,overlap runs a subset; DECDEC_COMMIT names the
     commit where the device copy of the tree has no .git)
 
 Sections (each checked or timed on fresh random data, never zeros):
   checks      every kernel against its CPU / float64 reference before anything is timed
   bandwidth   HBM copy and read, zero-copy read of mapped host memory (128 / 16 / 1 MiB), H2D memcpy
-  variants    the GEMV's knobs (rows per warp, pipelining, K blocks) at a few shapes
   gemv        base GEMV at Llama-3-8B and small-model shapes, 3 and 4 bit, vs fp16 F.linear and
               torch._weight_int4pack_mm; weights rotated through copies > 3x L2, launches captured in
               a CUDA graph and timed by CUDA events (median of replays, per launch)
@@ -169,36 +168,6 @@ def baselines(streams: Streams, out_f: int, in_f: int, x: torch.Tensor, reps: in
     return rows
 
 
-def section_gemv_variants(streams: Streams, shapes, bits_list, reps: int, l2: int) -> list[dict]:
-    """The base GEMV's tuning knobs at a few shapes: rows per warp, software pipelining, K blocks."""
-    rows = []
-    gen = torch.Generator(device="cuda").manual_seed(2)
-    n_sm = torch.cuda.get_device_properties(0).multi_processor_count
-    for out_f, in_f in shapes:
-        x_n = cuda.as_cuda_array(torch.randn(in_f, device="cuda", generator=gen).half())
-        out_n = cuda.as_cuda_array(torch.empty(out_f, dtype=torch.float16, device="cuda"))
-        for bits in bits_list:
-            plans = []
-            for rows_per_warp in (8, 4):
-                for pipeline in (False, True):
-                    plan = bg.plan_gemv(out_f, in_f, bits, n_sm=n_sm, rows_per_warp=rows_per_warp, pipeline=pipeline)
-                    plans.append(plan)
-                    for kb in (plan.k_blocks // 2, plan.k_blocks * 2):
-                        if rows_per_warp == 8 and not pipeline and kb >= 1:
-                            alt = bg.plan_gemv(out_f, in_f, bits, n_sm=n_sm, k_blocks=kb)
-                            if alt.k_blocks != plan.k_blocks and alt not in plans:
-                                plans.append(alt)
-            for plan in plans:
-                n = copies_for(plan.weight_bytes, l2)
-                gemvs = [random_gemv(out_f, in_f, bits, gen, plan) for _ in range(n)]
-                t = graph_us(lambda i: gemvs[i % n](x_n, out_n, stream=streams.main_n), max(n, 100), reps, streams)
-                rows.append({"out": out_f, "in": in_f, "bits": bits, "rows_per_warp": plan.rows_per_warp,
-                             "pipeline": plan.pipeline, "k_blocks": plan.k_blocks, **t, "copies": n,
-                             "weight_GBps": plan.weight_bytes / t["us"] / 1e3})
-        torch.cuda.empty_cache()
-    return rows
-
-
 def section_correction(streams: Streams, rng, shapes, ks, n_tbs, reps: int, l2: int,
                        zero_copy_peak: float) -> list[dict]:
     rows = []
@@ -316,11 +285,11 @@ def config(quick: bool) -> dict:
         return dict(gemv_shapes=[(4096, 4096), (28672, 4096), (1536, 640)], corr_shapes=[(4096, 4096)],
                     corr_ks=[8, 32], corr_tbs=[4, 16], overlap_shapes=[(4096, 4096), (28672, 4096)],
                     overlap_bits=[3], overlap_ks=[8, 32], overlap_tbs=[8], memcpy_ks=[8], priorities=[0, -1],
-                    variant_shapes=[(28672, 4096)], reps=10)
+                    reps=10)
     return dict(gemv_shapes=LLAMA_SHAPES + SMALL_SHAPES, corr_shapes=[(4096, 4096), (28672, 4096), (4096, 14336)],
                 corr_ks=[4, 8, 16, 32, 64], corr_tbs=[2, 4, 8, 16, 32], overlap_shapes=LLAMA_SHAPES + SMALL_SHAPES[:4],
                 overlap_bits=[3, 4], overlap_ks=[4, 8, 16, 32], overlap_tbs=[4, 8, 16], memcpy_ks=[8, 32],
-                priorities=[0, -1], variant_shapes=[(4096, 4096), (14336, 4096), (28672, 4096), (4096, 14336)],
+                priorities=[0, -1],
                 reps=20)
 
 
@@ -330,14 +299,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--quick", action="store_true", help="a 1-minute smoke run")
     ap.add_argument("--only", default="",
-                    help="comma list of sections to run (checks,bandwidth,gemv,variants,correction,overlap)")
+                    help="comma list of sections to run (checks,bandwidth,gemv,correction,overlap); the GEMV's "
+                         "variants are bench/gemv_variants.py's")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/gpu_ops.py needs a CUDA GPU", file=sys.stderr)
         return 2
     cfg = config(args.quick)
-    only = set(filter(None, args.only.split(","))) or {"checks", "bandwidth", "gemv", "correction", "overlap",
-                                                         "variants"}
+    only = set(filter(None, args.only.split(","))) or {"checks", "bandwidth", "gemv", "correction", "overlap"}
     streams = Streams.make()
     rng = np.random.default_rng(2024)
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
@@ -364,7 +333,6 @@ def main(argv=None) -> int:
     # the best zero-copy read of the run: one reading can come out low (33 against 45-50 GB/s seen once)
     zc_peak = max((v for k, v in bw.items() if k.startswith("zero_copy_read")), default=50.0)
     run("gemv", lambda: section_gemv(streams, cfg["gemv_shapes"], [3, 4], cfg["reps"], l2, hbm_read))
-    run("variants", lambda: section_gemv_variants(streams, cfg["variant_shapes"], [3, 4], cfg["reps"], l2))
     run("correction", lambda: section_correction(streams, rng, cfg["corr_shapes"], cfg["corr_ks"], cfg["corr_tbs"],
                                                  cfg["reps"], l2, zc_peak))
 
@@ -390,10 +358,6 @@ def print_summary(report: dict) -> None:
         print(table("\nbase GEMV (us per launch in a CUDA graph, weights rotated past L2)", report["gemv"],
                     [("out", "out"), ("in", "in"), ("bits", "bits"), ("kernel", "kernel"), ("us", "us"),
                      ("weight GB/s", "weight_GBps"), ("frac HBM", "frac_hbm_read"), ("k_blocks", "k_blocks")]))
-    if report.get("variants"):
-        print(table("\nbase GEMV variants", report["variants"],
-                    [("out", "out"), ("in", "in"), ("bits", "bits"), ("R", "rows_per_warp"), ("pipeline", "pipeline"),
-                     ("k_blocks", "k_blocks"), ("us", "us"), ("weight GB/s", "weight_GBps")]))
     if report.get("correction"):
         print(table("\ncorrection alone (zero-copy)", report["correction"],
                     [("out", "out"), ("in", "in"), ("k_chunk", "k_chunk"), ("n_tb", "n_tb"), ("us", "us"),

@@ -232,27 +232,28 @@ def random_quantized(args: ModelArgs, bits: int, gen: torch.Generator, rng) -> d
     return groups
 
 
+def torch_groups(args: ModelArgs, matvec_for) -> dict:
+    """Every linear group as a torch baseline: matvec_for(out, in) -> DeviceGroup.matvec."""
+    return {(i, kind): DeviceGroup(args.linear_shape(kind), None, (), matvec=matvec_for(*args.linear_shape(kind)))
+            for i in range(args.n_layers) for kind in LINEAR_KINDS}
+
+
 def fp16_groups(args: ModelArgs, gen: torch.Generator) -> dict:
-    groups = {}
-    for i in range(args.n_layers):
-        for kind in LINEAR_KINDS:
-            out_f, in_f = args.linear_shape(kind)
-            w = torch.randn(out_f, in_f, device="cuda", generator=gen, dtype=torch.float16) / math.sqrt(in_f)
-            groups[i, kind] = DeviceGroup((out_f, in_f), None, (), matvec=fp16_matvec(w))
-    return groups
+    """Random fp16 weights through torch.mv."""
+    return torch_groups(args, lambda out_f, in_f: fp16_matvec(
+        torch.randn(out_f, in_f, device="cuda", generator=gen, dtype=torch.float16) / math.sqrt(in_f)))
 
 
 def int4_groups(args: ModelArgs, gen: torch.Generator) -> dict:
     """Random int4 weights in torch's tinygemm layout, group 128 (scales small enough to stay finite)."""
-    groups = {}
-    for i in range(args.n_layers):
-        for kind in LINEAR_KINDS:
-            out_f, in_f = args.linear_shape(kind)
-            codes = torch.randint(0, 256, (out_f, in_f // 2), dtype=torch.uint8, device="cuda", generator=gen)
-            sz = torch.empty(-(-in_f // 128), out_f, 2, device="cuda")
-            sz[..., 0], sz[..., 1] = 1 / (4.6 * math.sqrt(in_f)), 0.0
-            groups[i, kind] = DeviceGroup((out_f, in_f), None, (), matvec=torch_int4_matvec(codes, sz))
-    return groups
+
+    def matvec_for(out_f: int, in_f: int):
+        codes = torch.randint(0, 256, (out_f, in_f // 2), dtype=torch.uint8, device="cuda", generator=gen)
+        sz = torch.zeros(-(-in_f // 128), out_f, 2, device="cuda")
+        sz[..., 0] = 1 / (4.6 * math.sqrt(in_f))
+        return torch_int4_matvec(codes, sz)
+
+    return torch_groups(args, matvec_for)
 
 
 def synthetic(name: str, spec: dict, steps: int, targets, quick: bool, baselines: bool, out: dict, save) -> None:

@@ -3,7 +3,7 @@
 # 64 MiB travel per call, so Gemma's GGUF arrives in parts, appended to /tmp/gemma.gguf, one per stage).
 #   bash bench/gpu_session.sh STAGE       (STAGE: a b c d e; $OUT: where results go; DECDEC_COMMIT set)
 # a: tiny-model GPU tests of the engine + tune, Llama-3-8B end to end
-# b: kernel benchmarks (bench/gpu_ops.py) and kernel GPU tests
+# b: kernel benchmarks (bench/gpu_ops.py), the kernel GPU tests under compute-sanitizer memcheck
 # c: SmolLM2-shaped end to end, base GEMV variants
 # d: (transfer only)
 # e: Gemma 3 270M: sha256 of the GGUF, GPU vs CPU engine tests, end to end, `decdec tune` + `decdec profile`
@@ -25,6 +25,8 @@ a)
 b)
   timeout 240 python bench/gpu_ops.py --only checks,bandwidth,gemv,correction,overlap --out $OUT/gpu_ops.json \
     2>&1 | tee $OUT/gpu_ops.log | tail -80
+  DECDEC_GPU_TESTS=1 timeout 200 compute-sanitizer --tool memcheck python -m pytest -q tests/ops -k "not slow" \
+    2>&1 | tee $OUT/memcheck_kernels.log | tail -3
   ;;
 c)
   timeout 200 python bench/gpu_engine.py --only smollm --out $OUT/gpu_engine_smollm.json 2>&1 | tee $OUT/gpu_engine_smollm.log

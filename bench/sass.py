@@ -1,0 +1,92 @@
+"""SASS of the base GEMV kernel without a GPU: Numba -> PTX -> ptxas (sm_90) -> cuobjdump; opcode counts.
+
+    python bench/sass.py [--bits 4] [--out 28672] [--in 4096] [--unpaired] [--sass FILE]
+
+Needs what the GPU image has but this machine does not, from pip wheels (docs/STATUS.md, "Tools"):
+numba-cuda 0.30.4 with nvidia-cuda-nvrtc-cu12 in a venv, and `ptxas` (nvidia-cuda-nvcc-cu12),
+`cuobjdump` + `nvdisasm` (nvidia-cuda-cuobjdump, nvidia-cuda-nvdisasm) on PATH. Numba asks the
+(absent) driver for the compute capability when it compiles device functions, so that one call is
+answered with (9, 0). The counts matched the H100's own `inspect_sass` within 1 %. Prints ptxas's
+register / spill line, the whole kernel's opcode histogram, and that of its largest FFMA block (the
+step body).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import subprocess
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numba.cuda.dispatcher as dispatcher  # noqa: E402
+from numba import cuda  # noqa: E402
+from numba import types as nt  # noqa: E402
+
+from ops import base_gemv as bg  # noqa: E402
+
+dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=(9, 0))
+
+
+def instructions(sass: str) -> list[str]:
+    """Opcodes in program order (predicates and modifiers stripped)."""
+    ops = []
+    for line in sass.splitlines():
+        m = re.match(r"\s+/\*[0-9a-f]{4}\*/\s+(.*?);", line)
+        if m:
+            ops.append(re.sub(r"^@!?U?P\w+\s+", "", m.group(1)).split()[0].split(".")[0])
+    return ops
+
+
+def step_body(ops: list[str]) -> list[str]:
+    """The longest run between branches that holds FFMAs: the unrolled step."""
+    runs, cur = [], []
+    for op in ops:
+        if op in ("BRA", "BAR", "EXIT"):
+            runs.append(cur)
+            cur = []
+        else:
+            cur.append(op)
+    runs.append(cur)
+    return max(runs, key=lambda r: r.count("FFMA"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--out", type=int, default=28672)
+    ap.add_argument("--in", dest="inp", type=int, default=4096)
+    ap.add_argument("--unpaired", action="store_true")
+    ap.add_argument("--sass", help="write the full SASS here")
+    a = ap.parse_args()
+    plan = bg.plan_gemv(a.out, a.inp, a.bits, paired=False if a.unpaired else None)
+    row_words = a.inp // 16 if a.bits == 4 else 3 * a.inp // 32
+    kernel = bg._gemv_kernel(a.bits, plan.rows_per_warp, row_words, -(-a.inp // 128), 128, plan.pipeline,
+                             plan.paired, a.out % plan.tile_rows == 0)
+    words = nt.uint64 if a.bits == 4 else nt.uint32
+    f16, f32 = nt.float16[::1], nt.float32[::1]
+    sig = nt.void(f16, f32, words[::1], f16, f16, f16, f32, nt.int32[::1], nt.int64, nt.int64, nt.int64,
+                  nt.boolean, nt.int64, nt.int64)
+    ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "k.ptx").write_text(ptx)
+        r = subprocess.run(["ptxas", "-arch=sm_90", "-v", f"{tmp}/k.ptx", "-o", f"{tmp}/k.cubin"],
+                           capture_output=True, text=True, check=True)
+        sass = subprocess.run(["cuobjdump", "-sass", f"{tmp}/k.cubin"], capture_output=True, text=True,
+                              check=True).stdout
+    if a.sass:
+        Path(a.sass).write_text(sass)
+    ops = instructions(sass)
+    body = step_body(ops)
+    print(next((line for line in r.stderr.splitlines() if "registers" in line), "").strip())
+    print(f"kernel: {len(ops)} instructions", dict(collections.Counter(ops).most_common(12)))
+    print(f"step body: {len(body)} instructions", dict(collections.Counter(body).most_common(12)))
+
+
+if __name__ == "__main__":
+    main()

@@ -5,8 +5,10 @@
 Each variant (rows per warp, pipelining, persistent blocks that stream several row tiles, the paired
 4-bit decode, K split) is first checked against the float32 dequantized reference on the GPU, then
 timed per launch inside a CUDA graph with the weights rotated through copies larger than 3x L2, next
-to torch's int4 tinygemm and an HBM read in the same run. `--sass` also prints the opcode histogram
-of the default 4-bit kernel and its register / local-memory use.
+to torch's int4 tinygemm and an HBM read in the same run (`ops.timing.bandwidth`'s kernel, as
+bench/gpu_ops.py measures it; `gemv_variants_quick_h100.json`, from commit 8183263, used torch's
+sum). `--sass` also prints the opcode histogram of the default 4-bit kernel and its register /
+local-memory use.
 """
 
 from __future__ import annotations
@@ -28,24 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.meta import run_meta  # noqa: E402
 from ops import base_gemv as bg  # noqa: E402
-from ops.timing import Streams, event_us, graph_us  # noqa: E402
+from ops.timing import Streams, bandwidth, graph_us, random_gemv, random_operands  # noqa: E402
 
 SHAPES = [(28672, 4096), (14336, 4096), (6144, 4096), (4096, 4096), (4096, 14336), (1024, 4096)]
 
 
-def operands(out_f: int, in_f: int, bits: int, gen) -> tuple:
-    qweight = torch.randint(-2**31, 2**31, (out_f, in_f * bits // 32), dtype=torch.int32, device="cuda",
-                            generator=gen)
-    groups = -(-in_f // 128)
-    scales = (torch.rand(out_f, groups, device="cuda", generator=gen) * 0.02 + 0.005).half()
-    zeros = torch.randint(0, 2**bits, (out_f, groups), device="cuda", generator=gen).half()
-    act = torch.rand(in_f, device="cuda", generator=gen) + 0.5
-    return qweight, scales, zeros, act
-
-
 def reference_case(out_f: int, in_f: int, bits: int, gen) -> tuple:
     """(operands, x, float32 reference on the CPU): one per shape, shared by every variant's check."""
-    ops = operands(out_f, in_f, bits, gen)
+    ops = random_operands(out_f, in_f, bits, gen)
     x = torch.randn(in_f, device="cuda", generator=gen).half()
     return ops, x, bg.base_gemv_reference(x.float().cpu(), *(t.cpu() for t in ops), bits)
 
@@ -95,15 +87,8 @@ def torch_int4_us(out_f: int, in_f: int, n: int, reps: int, streams: Streams, ge
         return None
 
 
-def hbm_read_GBps(reps: int) -> float:
-    """GB/s of torch's sum over 1 GiB (reads only)."""
-    a = torch.ones(1 << 28, dtype=torch.float32, device="cuda")
-    return (1 << 30) / event_us(a.sum, reps) / 1e3
-
-
 def sass_histogram(plan: bg.GemvPlan) -> dict:
-    gemv = bg.BaseGemv(*operands(plan.out_features, plan.in_features, plan.bits, torch.Generator("cuda")), plan.bits,
-                       plan=plan)
+    gemv = random_gemv(plan.out_features, plan.in_features, plan.bits, torch.Generator("cuda"), plan)
     x = torch.randn(plan.in_features, device="cuda").half()
     out = torch.empty(plan.out_features, dtype=torch.float16, device="cuda")
     gemv(cuda.as_cuda_array(x), cuda.as_cuda_array(out))
@@ -141,8 +126,7 @@ def main(argv=None) -> int:
     n_sm, l2 = props.multi_processor_count, props.L2_cache_size
     if args.launch_only:
         out_f, in_f, bits = map(int, args.launch_only.split("x"))
-        gemv = bg.BaseGemv(*operands(out_f, in_f, bits, torch.Generator("cuda")), bits,
-                           plan=bg.plan_gemv(out_f, in_f, bits, n_sm=n_sm))
+        gemv = random_gemv(out_f, in_f, bits, torch.Generator("cuda"), bg.plan_gemv(out_f, in_f, bits, n_sm=n_sm))
         x = cuda.as_cuda_array(torch.randn(in_f, device="cuda").half())
         out = cuda.as_cuda_array(torch.empty(out_f, dtype=torch.float16, device="cuda"))
         for _ in range(5):
@@ -151,7 +135,8 @@ def main(argv=None) -> int:
         return 0
     streams = Streams.make(())
     gen = torch.Generator(device="cuda").manual_seed(0)
-    report = {"meta": run_meta(), "device": props.name, "hbm_read_GBps": hbm_read_GBps(args.reps), "rows": []}
+    hbm = bandwidth(args.reps, zero_copy_mib=(), extras=False)["hbm_read_GBps"]  # as bench/gpu_ops.py measures it
+    report = {"meta": run_meta(), "device": props.name, "hbm_read_GBps": hbm, "rows": []}
     print(f"{props.name}: HBM read {report['hbm_read_GBps']:.0f} GB/s")
     if args.sass:
         report["sass"] = sass_histogram(bg.plan_gemv(28672, 4096, 4, n_sm=n_sm))
@@ -166,7 +151,7 @@ def main(argv=None) -> int:
             n = max(2, min(64, math.ceil(3 * l2 / ref_plan.weight_bytes)))
             x = cuda.as_cuda_array(torch.randn(in_f, device="cuda", generator=gen).half())
             out = cuda.as_cuda_array(torch.empty(out_f, dtype=torch.float16, device="cuda"))
-            weights = [operands(out_f, in_f, bits, gen) for _ in range(n)]
+            weights = [random_operands(out_f, in_f, bits, gen) for _ in range(n)]
             case = reference_case(out_f, in_f, bits, gen)
             for name, plan in variants(out_f, in_f, bits, n_sm, args.quick).items():
                 err = check(plan, case)

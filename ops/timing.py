@@ -131,17 +131,23 @@ def device_info() -> dict:
 # random operands (on the GPU, fresh for every copy)
 
 
-def random_gemv(out_f: int, in_f: int, bits: int, gen: torch.Generator, plan=None):
-    """A `BaseGemv` of random packed codes, scales, zero points and activation scales."""
-    from ops.base_gemv import BaseGemv
-
+def random_operands(out_f: int, in_f: int, bits: int, gen: torch.Generator) -> tuple:
+    """(qweight, scales, zeros, act_scale) on the GPU: random packed codes (any 32-bit pattern is a
+    valid packing), scales, integer zero points and activation scales, group 128."""
     groups = -(-in_f // 128)
     qweight = torch.randint(-2**31, 2**31, (out_f, in_f * bits // 32), dtype=torch.int32, device="cuda",
-                            generator=gen)  # any 32-bit pattern is a valid packing
+                            generator=gen)
     scales = (torch.rand(out_f, groups, device="cuda", generator=gen) * 0.02 + 0.005).half()
     zeros = torch.randint(0, 2**bits, (out_f, groups), device="cuda", generator=gen).half()
     act = torch.rand(in_f, device="cuda", generator=gen) + 0.5
-    return BaseGemv(qweight, scales, zeros, act, bits, plan=plan)
+    return qweight, scales, zeros, act
+
+
+def random_gemv(out_f: int, in_f: int, bits: int, gen: torch.Generator, plan=None):
+    """A `BaseGemv` of `random_operands`."""
+    from ops.base_gemv import BaseGemv
+
+    return BaseGemv(*random_operands(out_f, in_f, bits, gen), bits, plan=plan)
 
 
 def thresholds(rng: np.random.Generator, width: int) -> np.ndarray:

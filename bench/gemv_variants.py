@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import json
 import math
 import os
@@ -56,11 +55,6 @@ def variants(out_f: int, in_f: int, bits: int, n_sm: int, quick: bool) -> dict[s
     p = lambda **kw: bg.plan_gemv(out_f, in_f, bits, n_sm=n_sm, **kw)  # noqa: E731
     v = {"default": p()}
     v["one tile per block"] = p(persistent=False)
-    v["balanced"] = p(balanced=True)
-    d = v["default"]
-    G = min(bg._min_blocks(bits, d.rows_per_warp, d.pipeline) * n_sm // d.k_blocks, d.n_tiles * d._steps_per_tile()[-1])
-    if G != d.grid[0]:  # an even split over one wave whether or not the plan's rule would take it
-        v["even split, forced"] = dataclasses.replace(d, blocks_per_kblock=G, whole_tiles=False)
     if bits == 4:
         v["unpaired"] = p(paired=False)
         v["unpaired, one tile per block"] = p(paired=False, persistent=False)
@@ -68,6 +62,7 @@ def variants(out_f: int, in_f: int, bits: int, n_sm: int, quick: bool) -> dict[s
         v["no prefetch"] = p(pipeline=False)
         v["R=4"] = p(rows_per_warp=4)
         v["R=4 no prefetch"] = p(rows_per_warp=4, pipeline=False)
+        d = v["default"]
         for kb in {max(1, d.k_blocks // 2), d.k_blocks * 2}:
             if kb != d.k_blocks:
                 v[f"k_blocks={kb}"] = p(k_blocks=kb)
@@ -149,7 +144,7 @@ def main(argv=None) -> int:
     shapes = SHAPES[:1] + SHAPES[3:4] if args.quick else SHAPES
     if args.shapes:
         shapes = [tuple(map(int, t.split("x"))) for t in args.shapes.split(",")]
-    print(f"{'out':>6} {'in':>6} {'b':>2} {'variant':<30} {'kb':>3} {'tpb':>4} {'us':>7} {'GB/s':>6} {'HBM':>5} {'err':>8}")
+    print(f"{'out':>6} {'in':>6} {'b':>2} {'variant':<30} {'kb':>3} {'tpb':>3} {'us':>7} {'GB/s':>6} {'HBM':>5} {'err':>8}")
     for out_f, in_f in shapes:
         for bits in (4, 3):
             ref_plan = bg.plan_gemv(out_f, in_f, bits, n_sm=n_sm)
@@ -165,18 +160,17 @@ def main(argv=None) -> int:
                               streams)["us"]
                 moved = plan.weight_bytes + 4 * out_f * -(-in_f // 128)
                 row = {"out": out_f, "in": in_f, "bits": bits, "variant": name, "k_blocks": plan.k_blocks,
-                       "tiles_per_block": plan.tiles_per_block, "blocks": plan.grid[0], "tile_parts": plan.tile_parts,
-                       "rows_per_warp": plan.rows_per_warp,
+                       "tiles_per_block": plan.tiles_per_block, "rows_per_warp": plan.rows_per_warp,
                        "pipeline": plan.pipeline, "paired": plan.paired, "us": us, "rel_err": err,
                        "GBps": moved / us / 1e3, "frac_hbm_read": moved / us / 1e3 / report["hbm_read_GBps"]}
                 report["rows"].append(row)
-                print(f"{out_f:>6} {in_f:>6} {bits:>2} {name:<30} {plan.k_blocks:>3} {plan.tiles_per_block:>4.1f} "
+                print(f"{out_f:>6} {in_f:>6} {bits:>2} {name:<30} {plan.k_blocks:>3} {plan.tiles_per_block:>3} "
                       f"{us:>7.1f} {row['GBps']:>6.0f} {row['frac_hbm_read']:>5.0%} {err:>8.1e}", flush=True)
             if bits == 4:
                 t = torch_int4_us(out_f, in_f, n, args.reps, streams, gen)
                 if t is not None:
                     report["rows"].append({"out": out_f, "in": in_f, "bits": 4, "variant": "torch int4", "us": t})
-                    print(f"{out_f:>6} {in_f:>6} {4:>2} {'torch _weight_int4pack_mm':<30} {'':>3} {'':>4} {t:>7.1f}")
+                    print(f"{out_f:>6} {in_f:>6} {4:>2} {'torch _weight_int4pack_mm':<30} {'':>3} {'':>3} {t:>7.1f}")
             del weights
             torch.cuda.empty_cache()
             Path(args.out).write_text(json.dumps(report, indent=1))

@@ -1,6 +1,6 @@
 """SASS of the base GEMV kernel without a GPU: Numba -> PTX -> ptxas (sm_90) -> cuobjdump; opcode counts.
 
-    python bench/sass.py [--bits 4] [--out 28672] [--in 4096] [--unpaired] [--balanced] [--sass FILE]
+    python bench/sass.py [--bits 4] [--out 28672] [--in 4096] [--unpaired] [--sass FILE]
 
 Needs what the GPU image has but this machine does not, from pip wheels (docs/STATUS.md, "Tools"):
 numba-cuda 0.30.4 with nvidia-cuda-nvrtc-cu12 in a venv, and `ptxas` (nvidia-cuda-nvcc-cu12),
@@ -62,17 +62,16 @@ def main() -> None:
     ap.add_argument("--out", type=int, default=28672)
     ap.add_argument("--in", dest="inp", type=int, default=4096)
     ap.add_argument("--unpaired", action="store_true")
-    ap.add_argument("--balanced", action="store_true", help="plan_gemv(balanced=True)")
     ap.add_argument("--sass", help="write the full SASS here")
     a = ap.parse_args()
-    plan = bg.plan_gemv(a.out, a.inp, a.bits, paired=False if a.unpaired else None, balanced=a.balanced)
+    plan = bg.plan_gemv(a.out, a.inp, a.bits, paired=False if a.unpaired else None)
     row_words = a.inp // 16 if a.bits == 4 else 3 * a.inp // 32
     kernel = bg._gemv_kernel(a.bits, plan.rows_per_warp, row_words, -(-a.inp // 128), 128, plan.pipeline,
                              plan.paired, a.out % plan.tile_rows == 0)
     words = nt.uint64 if a.bits == 4 else nt.uint32
     f16, f32 = nt.float16[::1], nt.float32[::1]
     sig = nt.void(f16, f32, words[::1], f16, f16, f16, f32, nt.int32[::1], nt.int64, nt.int64, nt.int64,
-                  nt.boolean, nt.int64, nt.boolean, nt.int64, nt.int64)
+                  nt.boolean, nt.int64, nt.int64)
     ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "k.ptx").write_text(ptx)
@@ -84,7 +83,7 @@ def main() -> None:
         Path(a.sass).write_text(sass)
     ops = instructions(sass)
     body = step_body(ops)
-    print(*(line.strip() for line in r.stderr.splitlines() if "registers" in line or "spill" in line), sep="\n")
+    print(next((line for line in r.stderr.splitlines() if "registers" in line), "").strip())
     print(f"kernel: {len(ops)} instructions", dict(collections.Counter(ops).most_common(12)))
     print(f"step body: {len(body)} instructions", dict(collections.Counter(body).most_common(12)))
 

@@ -102,14 +102,13 @@ def nib_float(word, j):
 
 
 @cuda.jit(device=True)
-def arrive_tiles(partials, counters, out, n_out, n_parts, tile_rows, first_tile, n_tiles, flags, weight):
+def arrive_tiles(partials, counters, out, n_out, n_parts, tile_rows, first_tile, n_tiles, flags):
     """Count this block's part in at row tiles [first_tile, first_tile + n_tiles); finish full tiles.
 
     Every thread of the block calls it after writing its float32 partial rows to `partials` (flat,
     [n_parts * n_out]). For each tile one int32 atomic counts the arrivals; the block that brings the
     count to n_parts sums the parts in order 0..n_parts-1 (deterministic whoever arrives last), writes
-    `out` and resets the counter to 0 for the next step. `weight`: how many parts this arrival stands
-    for (a GEMV block that ends a tile cut between blocks also stands for the parts it zeroed). Nothing waits, so the kernels that share a tile
+    `out` and resets the counter to 0 for the next step. Nothing waits, so the kernels that share a tile
     may run in any order or concurrently. Fences: release before the count, acquire after it.
     """
     tid = cuda.threadIdx.x
@@ -120,9 +119,9 @@ def arrive_tiles(partials, counters, out, n_out, n_parts, tile_rows, first_tile,
         n_here = min(FLAG_CAP, n_tiles - base)
         for t in range(tid, n_here, nthr):
             tile = first_tile + base + t
-            old = cuda.atomic.add(counters, tile, weight)
-            flags[t] = 1 if old + weight == n_parts else 0
-            if old + weight == n_parts:
+            old = cuda.atomic.add(counters, tile, 1)
+            flags[t] = 1 if old == n_parts - 1 else 0
+            if old == n_parts - 1:
                 counters[tile] = 0  # every part has arrived: nobody else touches it this step
         cuda.syncthreads()
         cuda.threadfence()
@@ -143,14 +142,8 @@ def arrive_tiles(partials, counters, out, n_out, n_parts, tile_rows, first_tile,
 
 @dataclass(frozen=True)
 class GemvPlan:
-    """How one weight shape is cut: R rows per warp, tiles of 8 R rows, K in `k_blocks`, and per K block
-    `blocks_per_kblock` blocks (grid.x) that split the sequence of (tile, step) pairs between them.
-
-    Block b of G takes the pairs [s(b), s(b + 1)) with s(b) = floor(b N / G) items of `item_steps` steps
-    (N items in all). `whole_tiles`: an item is a tile, so every tile is one block's. Otherwise an item
-    is one step (a "stream-K" split): every block gets the same number of steps to within one, and a
-    tile cut between blocks is summed from `tile_parts` parts through the split output's counters.
-    """
+    """How one weight shape is cut: R rows per warp, tiles of 8 R rows, K in `k_blocks`, and each block
+    taking `tiles_per_block` tiles (grid.x = ceil(n_tiles / tiles_per_block))."""
 
     bits: int
     out_features: int
@@ -161,20 +154,8 @@ class GemvPlan:
     units_per_kblock: int  # units (16 inputs at 4-bit, 32 at 3-bit) per K block, a multiple of 32
     pipeline: bool = True  # prefetch the next (tile, step)'s weights: 2 blocks / SM, and on the
     # H100 faster than without (28672x4096: 47.5 vs 50.7 us at 4 bits, 51.3 vs 52.2 at 3; bench/gpu_ops.py)
-    blocks_per_kblock: int = 0  # G; 0: one block per row tile
-    whole_tiles: bool = True
+    tiles_per_block: int = 1  # > 1: a block stages its inputs once and streams several tiles
     paired: bool = False  # 4-bit: decode two codes per shift (`_step_source`)
-
-    def __post_init__(self):
-        if self.blocks_per_kblock > self.n_tiles * self._steps_per_tile()[-1]:
-            raise ValueError(f"{self.blocks_per_kblock} blocks per K block: more than the "
-                             f"{self.n_tiles * self._steps_per_tile()[-1]} (tile, step) pairs of the last K block")
-
-    def _steps_per_tile(self) -> list[int]:
-        """Steps of one tile in each K block (the last K block may be shorter)."""
-        n_units = self.in_features // self.unit
-        return [-(-min(self.units_per_kblock, n_units - kb * self.units_per_kblock) // 32)
-                for kb in range(self.k_blocks)]
 
     @property
     def unit(self) -> int:
@@ -190,39 +171,16 @@ class GemvPlan:
 
     @property
     def grid(self) -> tuple[int, int]:
-        return (self.blocks_per_kblock or self.n_tiles, self.k_blocks)
-
-    @property
-    def tiles_per_block(self) -> float:
-        return self.n_tiles / self.grid[0]
-
-    @property
-    def tile_parts(self) -> int:
-        """The most blocks of one K block that share a row tile (P): 1 with `whole_tiles`."""
-        if self.whole_tiles:
-            return 1
-        return max(_max_sharing(self.n_tiles, n, self.grid[0]) for n in set(self._steps_per_tile()))
-
-    @property
-    def parts(self) -> int:
-        """Parts of the split output the GEMV writes: P per K block."""
-        return self.k_blocks * self.tile_parts
+        return (-(-self.n_tiles // self.tiles_per_block), self.k_blocks)
 
     @property
     def weight_bytes(self) -> int:
         return self.out_features * self.in_features * self.bits // 8
 
 
-def _max_sharing(n_tiles: int, n_steps: int, blocks: int) -> int:
-    """The most blocks whose step ranges meet one tile, when `blocks` split n_tiles x n_steps steps."""
-    total = n_tiles * n_steps
-    owner = lambda g: ((g + 1) * blocks + total - 1) // total - 1  # noqa: E731 - the block of step g
-    return max(owner(t * n_steps + n_steps - 1) - owner(t * n_steps) + 1 for t in range(n_tiles))
-
-
 def plan_gemv(out_features: int, in_features: int, bits: int, group_size: int = 128, n_sm: int = 132,
               rows_per_warp: int = ROWS_PER_WARP, k_blocks: int | None = None, pipeline: bool = True,
-              persistent: bool = True, balanced: bool = False, paired: bool | None = None) -> GemvPlan:
+              persistent: bool = True, paired: bool | None = None) -> GemvPlan:
     """Pick the K split by a small cost model: time ~ waves x (staging + tiles x (steps + epilogue)).
 
     Blocks run in waves of `slots` (blocks per SM x SMs, by registers). A block stages its K range's
@@ -230,10 +188,6 @@ def plan_gemv(out_features: int, in_features: int, bits: int, group_size: int = 
     costing its steps plus an epilogue (reduction, arrival: ~1 step); otherwise one tile. Splitting K
     shortens tiles but adds epilogues. Each K block stages at most STAGE_INPUTS inputs and gets at
     least one full 32-lane step. `paired` defaults to True at 4 bits.
-
-    `balanced` (with `persistent`): where whole tiles leave the busiest SM with at least 5 % more
-    steps than an even split of the (tile, step) pairs over one wave of blocks would (plus ~1 step for
-    the extra epilogue), split them evenly instead, cutting tiles between blocks (`GemvPlan`).
     """
     if bits not in (3, 4):
         raise ValueError(f"bits = {bits}: allowed 3 or 4")
@@ -265,25 +219,15 @@ def plan_gemv(out_features: int, in_features: int, bits: int, group_size: int = 
         k_blocks = min(range(-(-n_units // max_units), -(-n_units // 32) + 1), key=cost)
     units = units_for(k_blocks)
     k_blocks = -(-n_units // units)
-    tiles, steps = tiles_for(k_blocks), units // 32
-    G = -(-n_tiles // tiles)
-    whole = True
-    if persistent and balanced:  # the busiest SM's steps: whole tiles against an even split
-        G_even = min(slots // k_blocks, n_tiles * steps)
-        busiest_whole = -(-G * k_blocks // n_sm) * tiles * steps
-        busiest_even = -(-G_even * k_blocks // n_sm) * -(-n_tiles * steps // G_even) + 1
-        if G_even > 0 and busiest_even < 0.95 * busiest_whole:
-            G, whole = G_even, False
     return GemvPlan(bits, out_features, in_features, group_size, rows_per_warp, k_blocks, units, pipeline,
-                    0 if G == n_tiles else G, whole, paired)
+                    tiles_for(k_blocks), paired)
 
 
 @dataclass
 class SplitOutput:
     """Scratch for an output summed from `n_parts` parts: float32 partials and one counter per row tile.
 
-    Parts 0 .. plan.parts - 1 are the GEMV's (`tile_parts` per K block, in K block order); a concurrent
-    correction writes part n_parts - 1.
+    Parts 0 .. k_blocks-1 are the GEMV's K blocks; a concurrent correction writes part n_parts - 1.
     Counters must be zero before a step; the block that completes a tile resets its counter.
     """
 
@@ -441,20 +385,18 @@ def _gemv_kernel(bits: int, rows_per_warp: int, row_words: int, n_groups: int, g
 
     @jit_with_bounds(THREADS, _min_blocks(bits, R, pipeline))
     def kernel(x, act_scale, qw, scales, zeros, out, partials, counters, n_out, n_in, units_per_kblock,
-               whole_tiles, tile_parts, direct, n_parts, one_bits):
+               direct, n_parts, one_bits):
         """y[row] = sum over this block's K range of deq(Q)[row, i] * x[i] * act_scale[i].
 
         Layout: qw flat uint64 [out * in / 16] (4-bit) or uint32 [out * 3 in / 32] (3-bit); scales,
         zeros flat fp16 [out * n_groups]; out fp16 [out]; partials flat f32 [n_parts * out].
         Launch: grid (G, k_blocks), block 256. Block (b, kb) stages the inputs of units
-        [kb * U, (kb + 1) * U) (U = units_per_kblock) once, then takes its contiguous range of the
-        (tile, step) pairs (`GemvPlan`: whole tiles, or an even split that cuts tiles between blocks;
-        8R rows a tile, warp w the R rows from tile * 8R + w R), streaming the weights so that the next
-        pair's loads are in flight while this one computes.
+        [kb * U, (kb + 1) * U) (U = units_per_kblock) once, then takes row tiles b, b + G, b + 2G, ...
+        (8R rows each; warp w the R rows from tile * 8R + w R), streaming the weights as one sequence of
+        (tile, step) pairs so that the next tile's first loads are in flight during this tile's last step.
         Bytes: the packed weights once, scales + zeros once (4 B per row and group), x and act_scale
-        once per block from L2 (6 B per input per block), 2 B per row out (+ 4 B per row and part,
-        read back once, when K is split, a tile is cut or a correction merged; tile_parts - 1 parts
-        of a cut tile's last block are zeros). `one_bits` = MAGIC_ONE, an argument so that it
+        once per block from L2 (6 B per input per block), 2 B per row out (+ 4 B per row and K block,
+        read back once, when K is split or merged). `one_bits` = MAGIC_ONE, an argument so that it
         sits in a register.
         """
         one = uint32(one_bits)
@@ -469,21 +411,13 @@ def _gemv_kernel(bits: int, rows_per_warp: int, row_words: int, n_groups: int, g
         n_units = min(units_per_kblock, n_in // UNIT - u0)
         n_steps = (n_units + 31) // 32
         n_tiles = (n_out + TILE - 1) // TILE
-        # this block's (tile, step) pairs: items [floor(b N / G), floor((b + 1) N / G)) of N, an item
-        # being a whole tile or one step (GemvPlan)
-        b = cuda.blockIdx.x
-        G = cuda.gridDim.x
-        item_steps = n_steps if whole_tiles else 1
-        n_items = n_tiles * n_steps // item_steps
-        g0 = (b * n_items // G) * item_steps
-        n_iter = ((b + 1) * n_items // G) * item_steps - g0
-        tile = g0 // n_steps
-        step = g0 % n_steps
-        seg_first = step  # the first step of the tile's part that this block computes
+        stride = cuda.gridDim.x
+        tile = cuda.blockIdx.x
+        n_iter = ((n_tiles - tile + stride - 1) // stride) * n_steps  # this block's (tile, step) pairs
         last_row = uint64(n_out - 1)
         last_unit = n_units - 1  # lanes past the end load a valid unit and discard it
         warp_row = uint64(warp * R)
-        words = load(qw, uint64(tile * TILE) + warp_row, last_row, uint64(u0 + min(step * 32 + lane, last_unit)))
+        words = load(qw, uint64(tile * TILE) + warp_row, last_row, uint64(u0 + min(lane, last_unit)))
         # stage x * act_scale (times M_j when paired): input e of the block goes to (step, j, lane) =
         # (e // STEP_IN, e % UNIT, (e // UNIT) % 32); all of a thread's loads go out before any store
         vals = cuda.local.array(STAGE_PER_THREAD, float32)
@@ -506,6 +440,7 @@ def _gemv_kernel(bits: int, rows_per_warp: int, row_words: int, n_groups: int, g
         acc = cuda.local.array(R, float32)
         for r in range(R):
             acc[r] = float32(0)
+        step = 0
         for it in range(n_iter):
             row0 = uint64(tile * TILE) + warp_row
             u = step * 32 + lane
@@ -513,7 +448,7 @@ def _gemv_kernel(bits: int, rows_per_warp: int, row_words: int, n_groups: int, g
             next_tile = tile
             if next_step == n_steps:
                 next_step = 0
-                next_tile = tile + 1
+                next_tile = tile + stride
             if pipeline:
                 ahead = words
                 if it + 1 < n_iter:
@@ -533,8 +468,8 @@ def _gemv_kernel(bits: int, rows_per_warp: int, row_words: int, n_groups: int, g
                     acc[r] += float32(scales[gi]) * (M * res[2 + r] - res[0] - float32(zeros[gi]) * res[1])
             if pipeline:
                 words = ahead
-            if next_step == 0 or it == n_iter - 1:  # this block's part of the tile is done: sum each
-                # row's 32 lane values through shared memory (the simulator has no shuffles): P threads per row add R lane values each, then
+            if next_step == 0:  # the tile is complete: sum each row's 32 lane values through shared
+                # memory (the simulator has no shuffles): P threads per row add R lane values each, then
                 # one thread adds the P sums and writes the fp16 row (one K block) or its float32 part
                 for r in range(R):
                     red[(warp * R + r) * 32 + lane] = acc[r]
@@ -546,34 +481,20 @@ def _gemv_kernel(bits: int, rows_per_warp: int, row_words: int, n_groups: int, g
                 cuda.syncthreads()
                 red[tid] = s
                 cuda.syncthreads()
-                # a tile cut between blocks: part p of P (= tile_parts) of this K block is the p-th block
-                # to meet it; the block that ends it zeroes the parts p + 1 .. P - 1 no block wrote and
-                # counts as P - p arrivals, so that every tile of every step needs n_parts arrivals
-                ends = next_step == 0
-                whole = ends and seg_first == 0
-                part = 0
-                if not whole_tiles:
-                    n_all = n_tiles * n_steps
-                    part = b - (((tile * n_steps + 1) * G + n_all - 1) // n_all - 1)
                 if tid < TILE:
                     total = float32(0)
                     for p in range(P):
                         total += red[tid * P + p]
                     row = tile * TILE + tid
                     if row < n_out:
-                        if direct and whole:
+                        if direct:
                             out[row] = total
                         else:
-                            partials[(kb * tile_parts + part) * n_out + row] = total
-                            if ends:
-                                for q in range(part + 1, tile_parts):
-                                    partials[(kb * tile_parts + q) * n_out + row] = float32(0)
-                if direct and whole:
+                            partials[kb * n_out + row] = total
+                if direct:
                     cuda.syncthreads()  # the next tile's epilogue rewrites `red`
                 else:
-                    arrive_tiles(partials, counters, out, n_out, n_parts, TILE, tile, 1, flags,
-                                 tile_parts - part if ends else 1)
-                seg_first = 0
+                    arrive_tiles(partials, counters, out, n_out, n_parts, TILE, tile, 1, flags)
             tile = next_tile
             step = next_step
 
@@ -622,26 +543,25 @@ class BaseGemv:
     def split_output(self, extra_parts: int = 0) -> SplitOutput:
         """Scratch for this GEMV's K blocks plus `extra_parts` merged parts (1 for a DecDEC correction)."""
         p = self.plan
-        return SplitOutput.allocate(p.out_features, p.tile_rows, p.parts + extra_parts)
+        return SplitOutput.allocate(p.out_features, p.tile_rows, p.k_blocks + extra_parts)
 
     def __call__(self, x, out, stream=0, merge: SplitOutput | None = None) -> None:
         """Launch on `stream`: out (fp16 [out]) = deq(Q) @ (x * act_scale), plus any merged part."""
         p = self.plan
-        direct = merge is None and p.k_blocks == 1  # whole tiles are this launch's alone: write fp16
-        if merge is None and p.parts > 1:
+        if merge is None and p.k_blocks > 1:
             if self._own_split is None:
                 self._own_split = self.split_output()
             merge = self._own_split
         if merge is not None and (merge.n_out != p.out_features or merge.tile_rows != p.tile_rows
-                                  or merge.n_parts < p.parts):
+                                  or merge.n_parts < p.k_blocks):
             raise ValueError("merge scratch was made for another GEMV plan")
+        direct = merge is None
         partials = merge.partials if merge else _dummy(np.float32)
         counters = merge.counters if merge else _dummy(np.int32)
         n_parts = merge.n_parts if merge else 1
         self.kernel[p.grid, THREADS, stream](
             x, self.act_scale, self.qw, self.scales, self.zeros, out, partials, counters,
-            p.out_features, p.in_features, p.units_per_kblock, p.whole_tiles, p.tile_parts, direct, n_parts,
-            MAGIC_ONE)
+            p.out_features, p.in_features, p.units_per_kblock, direct, n_parts, MAGIC_ONE)
 
 
 @functools.lru_cache(maxsize=None)

@@ -214,7 +214,7 @@ def _correction_kernel(merge: bool):
                         emit(8 * (wp + c) + j, total, o_hi, rscale, base_out, out, partials, n_parts, n_out)
                 cuda.syncthreads()
         if merge:
-            arrive_tiles(partials, counters, out, n_out, n_parts, tile_rows, t0, t1 - t0, flags, 1)
+            arrive_tiles(partials, counters, out, n_out, n_parts, tile_rows, t0, t1 - t0, flags)
 
     return kernel
 

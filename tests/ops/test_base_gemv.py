@@ -145,62 +145,6 @@ def test_blocks_that_stream_several_tiles_match_reference(bits, out_features, k_
     assert_close_fp16(got, ref)
 
 
-def cut_plan(bits, out_features, in_features, k_blocks, blocks):
-    """A plan whose `blocks` blocks per K block split the (tile, step) pairs evenly, cutting tiles."""
-    import dataclasses
-    plan = bg.plan_gemv(out_features, in_features, bits, k_blocks=k_blocks)
-    return dataclasses.replace(plan, blocks_per_kblock=blocks, whole_tiles=False)
-
-
-@pytest.mark.parametrize("n_tiles, n_steps, blocks, parts", [(4, 3, 4, 1), (4, 3, 3, 2), (4, 3, 5, 2), (4, 3, 10, 3),
-                                                             (448, 8, 264, 2), (224, 8, 264, 2)])
-def test_tile_parts_counts_the_blocks_that_meet_a_tile(n_tiles, n_steps, blocks, parts):
-    total = n_tiles * n_steps
-    starts = [b * total // blocks for b in range(blocks + 1)]  # the kernel's split
-    sharing = max(sum(1 for b in range(blocks) if starts[b] < (t + 1) * n_steps and starts[b + 1] > t * n_steps)
-                  for t in range(n_tiles))
-    assert bg._max_sharing(n_tiles, n_steps, blocks) == sharing == parts
-
-
-def test_balanced_plans_cut_tiles_only_where_whole_tiles_leave_an_uneven_wave():
-    p = bg.plan_gemv(28672, 4096, 4, balanced=True)  # 448 tiles on 264 slots: some SMs 4 tiles, others 2
-    assert not p.whole_tiles and p.grid == (264, 1) and p.tile_parts == 2 and p.parts == 2
-    assert bg.plan_gemv(28672, 4096, 4).whole_tiles  # off unless asked
-    assert bg.plan_gemv(4096, 4096, 4, balanced=True).whole_tiles  # 64 x 4 K blocks fill the wave already
-
-
-@kernels
-@pytest.mark.parametrize("bits, out_features, in_features, k_blocks, blocks, merged", [
-    (4, 200, 1088, 1, 5, False),  # 4 tiles (the last partial) x 3 steps over 5 blocks: P = 2, direct
-    (4, 256, 1088, 1, 10, False),  # whole tiles at constant offsets (exact), P = 3
-    (3, 200, 2112, 2, 3, False),  # K split (2 + 1 steps): one K block cuts a tile, the other does not
-    (4, 200, 1088, 1, 7, True),  # cut tiles plus a merged correction part
-])
-def test_blocks_that_cut_tiles_match_reference(bits, out_features, in_features, k_blocks, blocks, merged):
-    """An even split of the (tile, step) pairs: a tile's parts arrive from 2-3 blocks in any order,
-    the block that ends it stands for the parts nobody wrote; counters are reset for the next launch."""
-    rng = np.random.default_rng(500 + out_features + blocks)
-    _, q, scales, zeros, act = random_linear(rng, bits, out_features, in_features)
-    plan = cut_plan(bits, out_features, in_features, k_blocks, blocks)
-    assert plan.tile_parts > 1 and not plan.whole_tiles
-    gemv = bg.BaseGemv(*(cuda.to_device(a) for a in (q, scales, zeros, act)), bits, plan=plan)
-    split = gemv.split_output(extra_parts=1) if merged else None
-    got = []
-    for _ in range(2):
-        x = rng.standard_normal(in_features).astype(np.float16)
-        ref = bg.base_gemv_reference(torch.from_numpy(x.astype(np.float32)),
-                                     *map(torch.from_numpy, (q, scales, zeros, act)), bits).numpy()
-        out = cuda.to_device(np.full(out_features, np.nan, np.float16))
-        if merged:  # a zero correction part arrives first: the GEMV's last arrival finishes every tile
-            split.partials[(split.n_parts - 1) * out_features:] = np.zeros(out_features, np.float32)
-            cuda.to_device(np.ones(plan.n_tiles, np.int32), to=split.counters)
-        gemv(cuda.to_device(x), out, merge=split)
-        got.append(out.copy_to_host().astype(np.float32))
-        assert_close_fp16(got[-1], ref)
-        counters = (split or gemv._own_split).counters.copy_to_host()
-        assert (counters == 0).all()
-
-
 @kernels
 def test_kernel_four_rows_per_warp_and_repeat_is_bitwise_equal():
     rng = np.random.default_rng(7)

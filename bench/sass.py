@@ -83,7 +83,7 @@ def main() -> None:
         Path(a.sass).write_text(sass)
     ops = instructions(sass)
     body = step_body(ops)
-    print(next((line for line in r.stderr.splitlines() if "registers" in line), "").strip())
+    print(*(line.strip() for line in r.stderr.splitlines() if "registers" in line or "spill" in line), sep="\n")
     print(f"kernel: {len(ops)} instructions", dict(collections.Counter(ops).most_common(12)))
     print(f"step body: {len(body)} instructions", dict(collections.Counter(body).most_common(12)))
 

@@ -49,7 +49,7 @@ artifacts: /tmp/decdec-gemma-cli
 device: cuda
 EOF
   timeout 120 python -m runtime.cli tune /tmp/gemma.yaml --out /tmp/gemma-profile.json 2>&1 | tee $OUT/tune_gemma.log | tail -8
-  timeout 120 python -m runtime.cli profile /tmp/gemma.yaml --steps 8 --trace $OUT/profile_gemma_trace.json \
+  timeout 120 python -m runtime.cli profile /tmp/gemma.yaml --steps 8 --eager --trace $OUT/profile_gemma_trace.json \
     2>&1 | tee $OUT/profile_gemma.log | tail -30
   ;;
 esac

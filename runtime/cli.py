@@ -153,7 +153,7 @@ def cmd_profile(args) -> None:
     from runtime.profiler import profile_steps
 
     engine = runtime.compile(_config(args), force=args.force)
-    print(profile_steps(engine, args.steps, args.trace))
+    print(profile_steps(engine, args.steps, args.trace, eager=args.eager))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -196,6 +196,9 @@ def parser() -> argparse.ArgumentParser:
     v = verb("profile", "decode some steps and print a per-op timeline; write a Chrome trace", cmd_profile)
     v.add_argument("--steps", type=int, default=8)
     v.add_argument("--trace", help="write a Chrome-trace JSON here (opens in Perfetto)")
+    v.add_argument("--eager", action="store_true",
+                   help="GPU: also time the step launched op by op from Python (mostly launch gaps), "
+                        "beside the per-op timing inside the graph replay")
     v.add_argument("--force", action="store_true", help="rebuild artifacts")
     return p
 

@@ -13,6 +13,14 @@ Everything is allocated at construction; a step allocates nothing and costs one 
   captures the step with `torch.cuda.graph(g, stream=main)`. `run(token, position)` writes the
   inputs on the replay stream, replays, and returns the logits.
 
+Per-op timing (`run(..., timings)`, what `decdec profile` reads): a second graph, the "profiled
+graph", is captured on the first timed step: the same launches with CUDA events recorded as graph
+nodes (`external=True`, cudaEventRecordExternal) at the step's start and around every plan item on
+its stream. Its replay is the real step (same kernels, same fork/join, no Python between ops) plus
+two event-record nodes per op; events recorded inside a capture without `external` would only order
+streams and could not be timed. `eager=True` launches item by item instead (as without a graph),
+with ordinary timing events: that timeline is mostly Python launch gaps.
+
 Streams and events (scheduler/plan.py): torch ops and base GEMVs run on the main stream. A
 compensated group's side items wait for the fork event of its input on a high-priority side stream
 (priority -1: measured on the H100, the pair slows down by ~8 % instead of 50-90 % at priority 0,
@@ -329,6 +337,29 @@ def _nothing() -> None:
     pass
 
 
+@dataclass
+class StepEvents:
+    """The timing events of one step: `start` on the main stream before the first item, and a (start,
+    end) pair per plan item on that item's stream. The profiled graph's events are its nodes: made once
+    at its capture and read after every replay."""
+
+    start: torch.cuda.Event
+    marks: list[tuple[torch.cuda.Event, torch.cuda.Event]]
+
+    @classmethod
+    def make(cls, n_items: int, external: bool) -> "StepEvents":
+        def event():
+            return torch.cuda.Event(enable_timing=True, external=external)
+
+        return cls(event(), [(event(), event()) for _ in range(n_items)])
+
+    def times(self, items, host_start: float) -> list[tuple]:
+        """(plan item, start s, end s) per item: GPU times after `start`, placed after the host's clock
+        at the step's start (call once the step has completed)."""
+        ms = self.start.elapsed_time
+        return [(item, host_start + ms(s) / 1e3, host_start + ms(e) / 1e3) for item, (s, e) in zip(items, self.marks)]
+
+
 class CUDAExecutor:
     """Runs a plan on the GPU: captured into one CUDA graph (`capture=True`), or launch by launch.
 
@@ -360,16 +391,14 @@ class CUDAExecutor:
                 self._prepare_correction(n, n_tb)
         self.launches = [self._bind(it) for it in plan.items]
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.profiled: tuple[torch.cuda.CUDAGraph, StepEvents] | None = None  # captured by the first timed run
         # warm-up on the capture stream: Numba compiles, cuBLAS / SDPA initialise, lazy scratch is made
         # (a first cuBLAS call inside a capture invalidates it); it writes the cache at position 0 only
         with torch.no_grad(), torch.cuda.stream(self.streams[MAIN]):
             self._issue()
         torch.cuda.synchronize()
         if capture:
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.no_grad(), torch.cuda.graph(self.graph, stream=self.streams[MAIN]):
-                self._issue()
-            torch.cuda.synchronize()
+            self.graph = self._capture()
 
     @property
     def max_seq_len(self) -> int:
@@ -413,50 +442,72 @@ class CUDAExecutor:
             return _nothing
         raise ValueError(f"the CUDA executor has no launch for op '{node.op}'")
 
-    def _issue(self, marks: list | None = None) -> None:
-        """Issue every plan item on its stream with its events; with `marks`, timing events around each."""
-        for item, launch in zip(self.plan.items, self.launches):
+    def _capture(self, timing: StepEvents | None = None) -> torch.cuda.CUDAGraph:
+        """The step captured on the main stream (with `timing`: its events become nodes of the graph)."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph, stream=self.streams[MAIN]):
+            self._issue(timing)
+        torch.cuda.synchronize()
+        return graph
+
+    def _capture_profiled(self) -> tuple[torch.cuda.CUDAGraph, StepEvents]:
+        timing = StepEvents.make(len(self.plan.items), external=True)
+        return self._capture(timing), timing
+
+    def _issue(self, timing: StepEvents | None = None) -> None:
+        """Issue every plan item on its stream with its events; with `timing`, records its step start on
+        the main stream and its pair around each item (after the item's wait, so a side item's start is
+        when it may begin, not when its stream was last idle)."""
+        if timing is not None:
+            timing.start.record(self.streams[MAIN])
+        for i, (item, launch) in enumerate(zip(self.plan.items, self.launches)):
             stream = self.streams[item.stream]
             if item.wait is not None:
                 stream.wait_event(self.events[item.wait])
-            if marks is not None:
-                start = torch.cuda.Event(enable_timing=True)
-                start.record(stream)
+            if timing is not None:
+                timing.marks[i][0].record(stream)
             launch()
-            if marks is not None:
-                end = torch.cuda.Event(enable_timing=True)
-                end.record(stream)
-                marks.append((item, start, end))
+            if timing is not None:
+                timing.marks[i][1].record(stream)
             if item.record is not None:
                 self.events[item.record].record(stream)
 
     @torch.no_grad()
-    def run(self, token: int, position: int, timings: list | None = None) -> torch.Tensor:
-        """One decode step; logits [vocab] float32 on the CPU. Replays the graph, or with `timings` (or
-        without a graph) launches item by item, appending (plan item, start s, end s) per item as
-        runtime/profiler.py expects (GPU times from CUDA events, placed after the host's step start)."""
+    def run(self, token: int, position: int, timings: list | None = None, *, eager: bool = False) -> torch.Tensor:
+        """One decode step; logits [vocab] float32 on the CPU. Replays the graph; with `timings`, replays
+        the profiled graph instead and appends (plan item, start s, end s) per item as runtime/profiler.py
+        expects (GPU times from its events, placed after the host's clock at the step's start). With
+        `eager` (or without a graph) the items are launched one by one, timed with ordinary events."""
         if not 0 <= position < self.max_seq_len:
             raise ConfigError(f"position {position} is outside the KV cache (model.max_seq_len = {self.max_seq_len})")
+        eager = eager or self.graph is None
+        if timings is not None and not eager and self.profiled is None:
+            self.profiled = self._capture_profiled()  # before the inputs are written: capture synchronizes
         main = self.streams[MAIN]
         with torch.cuda.stream(main):
             # the graph's inputs, written on the replay stream before the replay (DESIGN.md §6's race)
             self.state.token.fill_(token)
             self.state.position.fill_(position)
-            if timings is None and self.graph is not None:
-                self.graph.replay()
-            else:
-                host_start = time.perf_counter()
-                step_start = torch.cuda.Event(enable_timing=True)
-                step_start.record(main)
-                marks = [] if timings is not None else None
-                self._issue(marks)
+            host_start = time.perf_counter()
+            timing = self._step(timings is not None, eager)
             logits = self.state.buf["logits"].to("cpu", copy=True)  # waits for main, which joined the side
-        if timings is not None:
+        if timing is not None:
             torch.cuda.synchronize()
-            for item, start, end in marks:
-                timings.append((item, host_start + step_start.elapsed_time(start) / 1e3,
-                                host_start + step_start.elapsed_time(end) / 1e3))
+            timings.extend(timing.times(self.plan.items, host_start))
         return logits
+
+    def _step(self, timed: bool, eager: bool) -> StepEvents | None:
+        """Issue one step on the current (main) stream; its timing events when `timed`."""
+        if eager:
+            timing = StepEvents.make(len(self.plan.items), external=False) if timed else None
+            self._issue(timing)
+            return timing
+        if not timed:
+            self.graph.replay()
+            return None
+        graph, timing = self.profiled
+        graph.replay()
+        return timing
 
     def replay_only(self, position: int) -> None:
         """Set the position and replay, leaving the logits on the GPU (for timing the step alone)."""

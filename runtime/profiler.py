@@ -1,11 +1,18 @@
 """`decdec profile`: a per-op timeline of decode steps, a summary by op type, and a Chrome trace.
 
-On the CPU each op is timed with the host clock around its reference call; ops of both plan
-streams run one after another there, so the profiled step is the sum of its ops plus the timer's
-own cost. On the GPU (runtime/executor_cuda.py) the profiled steps are launched op by op instead of
-replayed, with CUDA events around each op on its own stream: side-stream ops overlap the main
-stream's, and the launch gaps of Python are in the timeline. The plain step (no per-op timing; on
-the GPU the graph replay) is timed too, and both totals are printed.
+The profiled step's total is its span, from the first op's start to the last op's end over both
+plan streams (not the sum of its ops: on the GPU side-stream ops overlap the main stream's).
+
+On the CPU each op is timed with the host clock around its reference call; ops of both streams run
+one after another there, so the span is the sum of the ops plus the timer's own cost.
+
+On the GPU (runtime/executor_cuda.py) the profiled steps are replays of the "profiled graph": the
+captured step with CUDA timing events as nodes of the graph (one at the step's start, two around
+each op on its stream). The timeline is the replayed step's own, and its span is the plain graph
+replay plus the cost of two event nodes per op. The plain step (`engine.step`, no per-op timing: on
+the GPU one replay of the captured graph) is timed too, and with `eager` also the step launched op
+by op from Python with events around each op, as `decdec profile` did before the profiled graph
+(Gemma 3 270M on the H100: 49.4 ms against a 3.96 ms replay, so that timeline shows launch gaps).
 """
 
 from __future__ import annotations
@@ -15,46 +22,90 @@ import time
 from pathlib import Path
 
 
-def _timed_step(engine, token: int) -> list[tuple]:
-    timings: list = []
-    engine.executor.run(token, engine.position, timings)
-    engine.position += 1
-    return timings
+def step_span(step: list[tuple]) -> float:
+    """Seconds from the first op's start to the last op's end of one step's (item, start, end)."""
+    return max(end for _, _, end in step) - min(start for _, start, _ in step)
 
 
-def profile_steps(engine, steps: int, trace_path: str | None = None) -> str:
-    """Decode `steps` steps with per-op timing; returns the report, writes the trace if asked."""
-    args = engine.prepared.model.args
-    token = args.bos_id if args.bos_id is not None else 0
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def _timed_steps(engine, token: int, steps: int, **run_args) -> list[list[tuple]]:
+    """Per step, the executor's (plan item, start s, end s) of every op, from position 0."""
     engine.reset()
-    all_steps = [_timed_step(engine, token) for _ in range(steps)]
+    all_steps = []
+    for _ in range(steps):
+        timings: list = []
+        engine.executor.run(token, engine.position, timings, **run_args)
+        engine.position += 1
+        all_steps.append(timings)
+    return all_steps
+
+
+def _plain_steps(engine, token: int, steps: int) -> list[float]:
+    """Host wall seconds of each `engine.step` (on the GPU: a graph replay and the logits' copy)."""
     engine.reset()
-    plain = []
+    times = []
     for _ in range(steps):
         start = time.perf_counter()
         engine.step(token)
-        plain.append(time.perf_counter() - start)
+        times.append(time.perf_counter() - start)
+    return times
 
-    last, t0 = all_steps[-1], all_steps[-1][0][1]
-    lines = [f"per-op timeline of step {steps} (µs from step start)",
+
+def _timeline(step: list[tuple], index: int) -> list[str]:
+    t0 = min(start for _, start, _ in step)
+    lines = [f"per-op timeline of step {index} (µs from step start)",
              f"{'layer':>5} {'op':<26} {'stream':<6} {'start':>9} {'end':>9} {'dur':>8}"]
-    for item, start, end in last:
+    for item, start, end in step:
         layer = "" if item.node.layer is None else item.node.layer
         lines.append(f"{layer:>5} {item.node.name:<26} {'side' if item.stream else 'main':<6} "
                      f"{(start - t0) * 1e6:>9.1f} {(end - t0) * 1e6:>9.1f} {(end - start) * 1e6:>8.1f}")
+    return lines
+
+
+def _summary(all_steps: list[list[tuple]], span: float) -> list[str]:
+    """Per op type: count, mean summed duration per step, and its share of the step's span."""
     by_op: dict[str, list[float]] = {}
     for step in all_steps:
         for item, start, end in step:
             by_op.setdefault(item.node.op, []).append(end - start)
-    profiled = sum(end - start for _, start, end in last)
-    lines += ["", f"summary by op type (mean per step over {steps} steps)",
-              f"{'op':<14} {'count':>6} {'total µs':>10} {'share':>7}"]
+    n = len(all_steps)
+    lines = [f"summary by op type (mean per step over {n} steps; share of the profiled step's span: side-stream "
+             "ops overlapping the main stream's, on the GPU, make shares add up to more than 100 %)",
+             f"{'op':<14} {'count':>6} {'total µs':>10} {'share':>7}"]
     for op, times in sorted(by_op.items(), key=lambda kv: -sum(kv[1])):
-        per_step = sum(times) / steps
-        lines.append(f"{op:<14} {len(times) // steps:>6} {per_step * 1e6:>10.1f} {per_step / (profiled or 1):>7.1%}")
-    plain_ms = sorted(plain)[len(plain) // 2] * 1e3
-    lines += ["", f"profiled step (sum of timed ops, last step): {profiled * 1e3:.2f} ms; "
-                  f"plain step (median, no per-op timing): {plain_ms:.2f} ms"]
+        per_step = sum(times) / n
+        lines.append(f"{op:<14} {len(times) // n:>6} {per_step * 1e6:>10.1f} {per_step / (span or 1):>7.1%}")
+    return lines
+
+
+def profile_steps(engine, steps: int, trace_path: str | None = None, eager: bool = False) -> str:
+    """Decode `steps` steps with per-op timing; returns the report, writes the trace if asked.
+
+    `eager` (GPU only): also time the step launched op by op, the executor's path without a graph."""
+    args = engine.prepared.model.args
+    token = args.bos_id if args.bos_id is not None else 0
+    captured = getattr(engine.executor, "graph", None) is not None  # a CUDA executor's captured step
+    all_steps = _timed_steps(engine, token, steps)
+    eager_steps = _timed_steps(engine, token, steps, eager=True) if eager and captured else None
+    plain = _plain_steps(engine, token, steps)
+
+    span = _median([step_span(s) for s in all_steps])
+    how = ("timing events inside the graph replay: the real step plus 2 event nodes per op" if captured
+           else "ops run one after another, each timed on its own")
+    lines = _timeline(all_steps[-1], steps) + [""] + _summary(all_steps, span) + [""]
+    lines.append(f"profiled step: {span * 1e3:.2f} ms (first op's start to last op's end, median over "
+                 f"{steps} steps; {how})")
+    lines.append(f"plain step: {_median(plain) * 1e3:.2f} ms (median wall time of engine.step, no per-op timing"
+                 + ("; one replay of the captured graph)" if captured else ")"))
+    if eager_steps is not None:
+        eager_span = _median([step_span(s) for s in eager_steps])
+        lines.append(f"eager step: {eager_span * 1e3:.2f} ms (ops launched one by one from Python with timing "
+                     "events, first op's start to last op's end: mostly launch gaps)")
+    elif eager:
+        lines.append("eager step: not timed (only a captured GPU step has a separate launch-by-launch path)")
     if trace_path:
         write_chrome_trace(all_steps, trace_path)
         lines.append(f"wrote {trace_path} (open in Perfetto or chrome://tracing)")
@@ -63,7 +114,7 @@ def profile_steps(engine, steps: int, trace_path: str | None = None) -> str:
 
 def write_chrome_trace(steps: list[list[tuple]], path: str) -> None:
     """Chrome trace events: one track per stream, one complete ('X') event per op."""
-    t0 = steps[0][0][1]
+    t0 = min(start for _, start, _ in steps[0])
     events = [{"name": "thread_name", "ph": "M", "pid": 0, "tid": s, "args": {"name": name}}
               for s, name in ((0, "main stream"), (1, "side stream"))]
     for step_index, step in enumerate(steps):

@@ -36,9 +36,10 @@ def test_prepare_eval_graph_profile(cfg_file, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "L0.qkv.selector" in out and "side" in out
     trace = tmp_path / "trace.json"
-    assert main(["profile", str(cfg_file), "--steps", "3", "--trace", str(trace)]) == 0
+    assert main(["profile", str(cfg_file), "--steps", "3", "--trace", str(trace), "--eager"]) == 0
     out = capsys.readouterr().out
-    assert "summary by op type" in out and "plain step" in out
+    assert "summary by op type" in out and "profiled step" in out and "plain step" in out
+    assert "eager step: not timed" in out  # the CPU step has no graph: it already runs op by op
     events = json.loads(trace.read_text())["traceEvents"]
     assert {e["tid"] for e in events if e["ph"] == "X"} == {0, 1}
 

@@ -7,7 +7,8 @@ two kernels emulated by their CPU references, against the CPU engine; and the ex
 are CPU stand-ins with the same signatures and the split-output merge semantics.
 
 On the GPU (`DECDEC_GPU_TESTS=1`): `device: cuda` engines against `device: cpu` engines on the
-same artifacts, 32 decode steps, DecDEC on and off; the captured replay against the eager path.
+same artifacts, 32 decode steps, DecDEC on and off; the captured replay against the eager path
+and the profiled replay (timing events in the graph).
 
 Tolerance against the CPU engine (float32 throughout): GEMV inputs and outputs and the KV cache are
 fp16 on the GPU (relative rounding 2^-11 per value, through every layer) and the lm_head is an fp16
@@ -20,7 +21,8 @@ of the compensation itself (emulated: up to 5 % of max |logit| on the tiny llama
 3-bit RTN, where compensation moves them by 44 % / 83 %). There we require the error to stay below
 35 % of the compensation's own effect (max |DecDEC - base| on the CPU): flips measure 7-11 %, while a
 wiring bug (wrong group, scale, bounds or buffer) costs about the whole effect.
-The captured replay runs the same launches as the eager path: equal to 1e-3 * max |logit|.
+The captured replay runs the same launches as the eager path and the profiled replay: equal to
+1e-3 * max |logit|.
 """
 
 from tests.ops.cudasim import gpu  # noqa: F401 - first: the CUDA simulator (or the GPU) is chosen there
@@ -326,8 +328,8 @@ class FakeStream:
 class FakeEvent:
     clock = 0
 
-    def __init__(self, enable_timing=False):
-        self.recorded, self.time = False, None
+    def __init__(self, enable_timing=False, external=False):
+        self.recorded, self.time, self.external = False, None, external
 
     def record(self, stream=None):
         FakeEvent.clock += 1
@@ -338,6 +340,16 @@ class FakeEvent:
 
     def synchronize(self):
         assert self.recorded
+
+
+def assert_timings(timings: list, plan: Plan) -> None:
+    """The profiler's shape: one (item, start, end) per plan item, in plan order, start <= end, and the
+    items of one stream one after another (a side item may overlap main ones, but need not)."""
+    assert [t[0] for t in timings] == list(plan.items)
+    assert all(start <= end for _, start, end in timings)
+    for stream in (MAIN, SIDE):
+        spans = [(start, end) for item, start, end in timings if item.stream == stream]
+        assert all(prev_end <= start for (_, prev_end), (start, _) in zip(spans, spans[1:])), stream
 
 
 @pytest.fixture
@@ -372,7 +384,15 @@ def fake_cuda(monkeypatch):
             self.graph.replay = self._issue
         made.append(self)
 
+    capture_profiled = xc.CUDAExecutor._capture_profiled
+
+    def tracking_capture_profiled(self):
+        graph, timing = capture_profiled(self)
+        graph.replay = lambda: self._issue(timing)  # a replay records the events captured into the graph
+        return graph, timing
+
     monkeypatch.setattr(xc.CUDAExecutor, "__init__", tracking_init)
+    monkeypatch.setattr(xc.CUDAExecutor, "_capture_profiled", tracking_capture_profiled)
     return made
 
 
@@ -389,13 +409,20 @@ def test_cuda_executor_on_a_fake_device_matches_cpu_engine(tmp_path, fake_cuda, 
     got, want, plain = (prefill_then_steps(e, tokens[:12]) for e in (dev, cpu, base))
     assert_close(got[:8], want[:8], GPU_TOL)
     assert_matches_cpu(got, want, plain, k_chunk)
-    # the eager path with per-op timings: one (item, start, end) per plan item, as the profiler reads them
-    timings: list = []
-    dev.executor.run(int(tokens[0]), 0, timings)
-    assert [t[0] for t in timings] == list(dev.plan.items) and all(s <= e for _, s, e in timings)
+    # per-op timings, in the profiled graph's replay and launched eagerly: same logits as the plain replay
+    ex, plain = dev.executor, dev.executor.run(int(tokens[0]), 0)
+    for eager in (False, True, False):
+        timings: list = []
+        assert_close(ex.run(int(tokens[0]), 0, timings, eager=eager), plain, REPLAY_TOL)
+        assert_timings(timings, ex.plan)
+    _, timing = ex.profiled  # captured once, on the first timed replay; its events are graph nodes
+    assert timing.start.external and all(e.external for pair in timing.marks for e in pair)
+    ex.run(int(tokens[1]), 1, [])
+    assert ex.profiled[1] is timing
     from runtime.profiler import profile_steps
 
-    assert "summary by op type" in profile_steps(dev, 2)
+    report = profile_steps(dev, 2, eager=True)
+    assert "summary by op type" in report and "inside the graph replay" in report and "eager step" in report
 
 
 def test_fp16_reference_groups_on_a_fake_device_match_the_reference_model(fake_cuda):
@@ -535,19 +562,19 @@ def test_captured_replay_equals_eager_launches(tmp_path):
     ex = dev.executor
     tokens = torch.randint(0, TINY["vocab_size"], (16,), generator=torch.Generator().manual_seed(8))
     replayed = torch.stack([ex.run(int(t), p) for p, t in enumerate(tokens)])
-    steps = []
-    eager = []
-    for p, t in enumerate(tokens):
-        timings: list = []
-        eager.append(ex.run(int(t), p, timings))
-        steps.append(timings)
-    assert_close(torch.stack(eager), replayed, REPLAY_TOL)
-    for timings in steps:  # the profiler's shape: one (item, start, end) per plan item, side items on stream 1
-        assert [t[0] for t in timings] == list(ex.plan.items)
-        assert all(start <= end for _, start, end in timings)
+    assert ex.profiled is None
+    for eager in (False, True):  # per-op timing in the profiled graph's replay, then launched one by one
+        timed = []
+        for p, t in enumerate(tokens):
+            timings: list = []
+            timed.append(ex.run(int(t), p, timings, eager=eager))
+            assert_timings(timings, ex.plan)
+        assert_close(torch.stack(timed), replayed, REPLAY_TOL)
+    assert ex.profiled is not None
     from runtime.profiler import profile_steps
 
-    assert "summary by op type" in profile_steps(dev, 3)
+    report = profile_steps(dev, 3, eager=True)
+    assert "summary by op type" in report and "inside the graph replay" in report and "eager step" in report
 
 
 @pytest.fixture(scope="module")

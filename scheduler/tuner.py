@@ -95,13 +95,19 @@ def tune(p: DeviceProfile | MeasuredModel, shapes: dict[str, tuple[int, int, int
         chosen[name] = nxt
         step_of[name] += 1
     if all(c.k_chunk == 0 for c in chosen.values()):
-        cheapest = min(((f[0].pair_us - f[0].base_us) * shapes[name][3] / step_us
-                        for name, f in fronts.items() if f), default=float("inf"))
+        cheapest = cheapest_slowdown(p, shapes, step_us)
         raise ConfigError(
             f"target slowdown {target:.1%} cannot be met on {p.device}: the least compensation "
             f"(the smallest k_chunk on one layer shape) already costs {cheapest:.1%} of the step"
         )
     return chosen
+
+
+def cheapest_slowdown(p: DeviceProfile | MeasuredModel, shapes: dict, step_us: float) -> float:
+    """The step slowdown of the least compensation: the smallest k_chunk on the cheapest shape."""
+    costs = [(f[0].pair_us - f[0].base_us) * n / step_us
+             for f, (o, i, b, n) in ((frontier(p, *shape[:3]), shape) for shape in shapes.values()) if f]
+    return min(costs, default=float("inf"))
 
 
 def predicted_step_us(p: DeviceProfile | MeasuredModel, shapes, choices: dict[str, Choice], step_us: float) -> float:
@@ -193,17 +199,14 @@ def tune_measured(model: MeasuredModel, shapes: dict, step_us: float, target: fl
     more than the sum (seen on Llama-3-8B shapes: gigabytes of residual tables, whose host pages the
     GPU must translate on every fetch, against a profile that rotated a few tables); so while the
     measured slowdown exceeds target + tolerance, the budget shrinks by the measured over the predicted
-    extra time and the tuner runs again. A fetch-heavy step varies by a few % of itself between
+    extra time and the tuner runs again; a budget below the least compensation (one shape at its
+    smallest k_chunk) becomes that plan's cost, tried once. A fetch-heavy step varies by a few % of itself between
     measurements, so each plan is measured `repeats` times and the slowest decides. Returns (tuning
     with its rounds, the accepted build); ConfigError when no round meets the target."""
     budget, history = target, []
+    floor = cheapest_slowdown(model, shapes, step_us) * (1 + 1e-9)  # the least compensation's budget
     for _ in range(rounds):
-        try:
-            t = tune_groups(model, shapes, step_us, budget, where)
-        except ConfigError:
-            if not history:
-                raise
-            break  # not even the cheapest move fits the shrunken budget
+        t = tune_groups(model, shapes, step_us, budget, where)  # ConfigError when even round 1 cannot fit
         built = build(t)
         samples = tuple(measure(built) for _ in range(repeats))
         measured = max(samples)
@@ -213,6 +216,10 @@ def tune_measured(model: MeasuredModel, shapes: dict, step_us: float, target: fl
         del built  # frees the rejected capture before the next one
         predicted_extra, measured_extra = t.predicted_step_us - step_us, measured - step_us
         budget = min(0.9 * budget, target * max(predicted_extra, 0.0) / measured_extra)  # measured_extra > 0 here
+        if budget < floor:  # below the least compensation: try that one plan, unless this round was it
+            if t.predicted_slowdown <= floor:
+                break
+            budget = floor
     tried = "; ".join(f"tuned for {r.budget:.2%}: predicted {r.predicted_step_us / step_us - 1:+.1%}, measured "
                       f"{r.measured_step_us / step_us - 1:+.1%}" for r in history)
     raise ConfigError(f"target slowdown {target:.1%} cannot be met on {model.device}: measured on the whole step, "

@@ -6,15 +6,18 @@
 # b: kernel benchmarks (bench/gpu_ops.py), the kernel GPU tests under compute-sanitizer memcheck
 # c: SmolLM2-shaped end to end, base GEMV variants
 # d: (transfer only)
-# e: Gemma 3 270M: sha256 of the GGUF, GPU vs CPU engine tests, end to end, `decdec tune` + `decdec profile`
+# e: Gemma 3 270M: sha256 of the GGUF, GPU vs CPU engine tests, end to end, then stage cli (unless NO_CLI=1)
+# cli: `decdec tune`, `decdec profile`, `decdec graph` on Gemma 3 270M at a 5 % target (the GGUF already sent)
+# TRANSFER_ONLY=1 bash bench/gpu_session.sh X: only append stage X's part
 set -uo pipefail
 stage=$1
 export PYTHONPATH=/tmp/site:$PWD NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS=0 PYTHONUNBUFFERED=1
 if [ ! -d /tmp/site/numpy ]; then  # NumPy 2.4.6 for numba-cuda 0.30.4 (DESIGN.md §6), once per machine
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
-case $stage in a) part=.gguf/p0;; b) part=.gguf/p1;; c) part=.gguf/p2;; d) part=.gguf/p3;; e) part=.gguf/p4;; esac
+case $stage in a) part=.gguf/p0;; b) part=.gguf/p1;; c) part=.gguf/p2;; d) part=.gguf/p3;; e) part=.gguf/p4;; *) part=;; esac
 [ -f "$part" ] && cat "$part" >> /tmp/gemma.gguf && echo "appended $part: $(stat -c %s /tmp/gemma.gguf) bytes"
+[ -n "${TRANSFER_ONLY:-}" ] && exit 0  # TRANSFER_ONLY=1: append the stage's part, run nothing
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
 case $stage in
 a)
@@ -40,6 +43,10 @@ e)
     -k gpu_steps_equal_cpu_engine_on_gemma3 2>&1 | tee $OUT/engine_gemma_tests.log | tail -4
   timeout 200 python bench/gpu_engine.py --only gemma --gemma /tmp/gemma.gguf --out $OUT/gpu_engine_gemma.json \
     2>&1 | tee $OUT/gpu_engine_gemma.log
+  [ -n "${NO_CLI:-}" ] || bash "$0" cli
+  ;;
+cli)  # the CLI on Gemma 3 270M at a 5 % target: tune, profile (in the replay and eager), the tuned graph
+  echo "$(cat .gguf/sha256)  /tmp/gemma.gguf" | sha256sum -c - || exit 1
   cat > /tmp/gemma.yaml <<EOF
 model: {source: /tmp/gemma.gguf, max_seq_len: 256}
 quant: {method: rtn, bits: 3}
@@ -48,8 +55,11 @@ decdec: {target_slowdown: 0.05, device_profile: /tmp/gemma-profile.json}
 artifacts: /tmp/decdec-gemma-cli
 device: cuda
 EOF
-  timeout 120 python -m runtime.cli tune /tmp/gemma.yaml --out /tmp/gemma-profile.json 2>&1 | tee $OUT/tune_gemma.log | tail -8
-  timeout 120 python -m runtime.cli profile /tmp/gemma.yaml --steps 8 --eager --trace $OUT/profile_gemma_trace.json \
-    2>&1 | tee $OUT/profile_gemma.log | tail -30
+  timeout 120 python -m runtime.cli tune /tmp/gemma.yaml --out /tmp/gemma-profile.json 2>&1 | grep -v it/s \
+    | tee $OUT/tune_gemma.log | tail -8
+  timeout 150 python -m runtime.cli profile /tmp/gemma.yaml --steps 8 --eager --trace $OUT/profile_gemma_trace.json \
+    2>&1 | grep -v it/s > $OUT/profile_gemma.log; tail -24 $OUT/profile_gemma.log
+  timeout 150 python -m runtime.cli graph /tmp/gemma.yaml 2>&1 | grep -v it/s > $OUT/graph_gemma_tuned.log
+  grep -i "round\|step:\|error" $OUT/graph_gemma_tuned.log
   ;;
 esac

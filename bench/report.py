@@ -187,16 +187,17 @@ def tradeoff_table(path: Path) -> str:
     return "\n".join(out)
 
 
-def variants_table(path: Path) -> str:
+def variants_table(path: Path, only: tuple = ()) -> str:
+    """`only`: the variants to show (all when empty)."""
     d = json.loads(path.read_text())
     out = [f"{d['device']}, HBM read {d['hbm_read_GBps']:.0f} GB/s in the same run ({source(path)}, commit "
            f"{d['meta']['commit'][:7]}):", "", *header("out x in", "bits", "variant", "k_blocks", "tiles/block", "µs",
                                                         "of HBM")]
-    for r in d["rows"]:
+    for r in (r for r in d["rows"] if not only or r["variant"] in only):
         if r["variant"] == "torch int4":
             out.append(row(f"{r['out']}x{r['in']}", 4, "torch `_weight_int4pack_mm`", "", "", f"{r['us']:.1f}", ""))
         else:
-            out.append(row(f"{r['out']}x{r['in']}", r["bits"], r["variant"], r["k_blocks"], r["tiles_per_block"],
+            out.append(row(f"{r['out']}x{r['in']}", r["bits"], r["variant"], r["k_blocks"], f"{r['tiles_per_block']:.3g}",
                            f"{r['us']:.1f}", f"{r['frac_hbm_read']:.0%}"))
     return "\n".join(out)
 
@@ -212,6 +213,8 @@ def main() -> None:
         print(gpu_tables(path), end="\n\n")
     for path in sorted(RESULTS.glob("gemv_variants_quick_*.json")):
         print(variants_table(path), end="\n\n")
+    for path in sorted(RESULTS.glob("gemv_variants_balanced_*.json")):
+        print(variants_table(path, ("default", "balanced", "even split, forced", "torch int4")), end="\n\n")
     engine = sorted(RESULTS.glob("gpu_engine_*.json"))
     if engine:
         print(gpu_engine_table(engine), end="\n\n")

@@ -3,7 +3,8 @@
 # 64 MiB travel per call, so Gemma's GGUF arrives in parts, appended to /tmp/gemma.gguf, one per stage).
 #   bash bench/gpu_session.sh STAGE       (STAGE: a b c d e; $OUT: where results go; DECDEC_COMMIT set)
 # a: tiny-model GPU tests of the engine + tune, Llama-3-8B end to end
-# b: kernel benchmarks (bench/gpu_ops.py), the kernel GPU tests under compute-sanitizer memcheck
+# b: kernel benchmarks (bench/gpu_ops.py)
+# m: the kernel GPU tests under compute-sanitizer memcheck (200 s was too short for the current GEMV)
 # c: SmolLM2-shaped end to end, base GEMV variants
 # d: (transfer only)
 # e: Gemma 3 270M: sha256 of the GGUF, GPU vs CPU engine tests, end to end, then stage cli (unless NO_CLI=1)
@@ -28,7 +29,9 @@ a)
 b)
   timeout 240 python bench/gpu_ops.py --only checks,bandwidth,gemv,correction,overlap --out $OUT/gpu_ops.json \
     2>&1 | tee $OUT/gpu_ops.log | tail -80
-  DECDEC_GPU_TESTS=1 timeout 200 compute-sanitizer --tool memcheck python -m pytest -q tests/ops -k "not slow" \
+  ;;
+m)  # the kernel GPU tests under compute-sanitizer memcheck (~10x slower than without: a call of its own)
+  DECDEC_GPU_TESTS=1 timeout 560 compute-sanitizer --tool memcheck python -m pytest -q tests/ops -k "not slow" \
     2>&1 | tee $OUT/memcheck_kernels.log | tail -3
   ;;
 c)

@@ -22,9 +22,14 @@ import time
 from pathlib import Path
 
 
+def step_start(step: list[tuple]) -> float:
+    """The first op's start of one step's (item, start, end), whichever stream it ran on."""
+    return min(start for _, start, _ in step)
+
+
 def step_span(step: list[tuple]) -> float:
     """Seconds from the first op's start to the last op's end of one step's (item, start, end)."""
-    return max(end for _, _, end in step) - min(start for _, start, _ in step)
+    return max(end for _, _, end in step) - step_start(step)
 
 
 def _median(values: list[float]) -> float:
@@ -55,7 +60,7 @@ def _plain_steps(engine, token: int, steps: int) -> list[float]:
 
 
 def _timeline(step: list[tuple], index: int) -> list[str]:
-    t0 = min(start for _, start, _ in step)
+    t0 = step_start(step)
     lines = [f"per-op timeline of step {index} (µs from step start)",
              f"{'layer':>5} {'op':<26} {'stream':<6} {'start':>9} {'end':>9} {'dur':>8}"]
     for item, start, end in step:
@@ -114,7 +119,7 @@ def profile_steps(engine, steps: int, trace_path: str | None = None, eager: bool
 
 def write_chrome_trace(steps: list[list[tuple]], path: str) -> None:
     """Chrome trace events: one track per stream, one complete ('X') event per op."""
-    t0 = min(start for _, start, _ in steps[0])
+    t0 = step_start(steps[0])
     events = [{"name": "thread_name", "ph": "M", "pid": 0, "tid": s, "args": {"name": name}}
               for s, name in ((0, "main stream"), (1, "side stream"))]
     for step_index, step in enumerate(steps):

@@ -105,8 +105,11 @@ def tune(p: DeviceProfile | MeasuredModel, shapes: dict[str, tuple[int, int, int
 
 def cheapest_slowdown(p: DeviceProfile | MeasuredModel, shapes: dict, step_us: float) -> float:
     """The step slowdown of the least compensation: the smallest k_chunk on the cheapest shape."""
-    costs = [(f[0].pair_us - f[0].base_us) * n / step_us
-             for f, (o, i, b, n) in ((frontier(p, *shape[:3]), shape) for shape in shapes.values()) if f]
+    costs = []
+    for out, inp, bits, count in shapes.values():
+        front = frontier(p, out, inp, bits)
+        if front:
+            costs.append((front[0].pair_us - front[0].base_us) * count / step_us)
     return min(costs, default=float("inf"))
 
 

@@ -55,15 +55,16 @@ def variants(out_f: int, in_f: int, bits: int, n_sm: int, quick: bool) -> dict[s
     p = lambda **kw: bg.plan_gemv(out_f, in_f, bits, n_sm=n_sm, **kw)  # noqa: E731
     v = {"default": p()}
     v["one tile per block"] = p(persistent=False)
-    if bits == 4:
-        v["unpaired"] = p(paired=False)
-        v["unpaired, one tile per block"] = p(paired=False, persistent=False)
+    d = v["default"]
+    if bits == 4:  # the tensor-core kernel (default) against the CUDA-core one
+        v["mma R=16"] = p(rows_per_warp=16)
+        v["cuda cores"] = p(mma=False)
+        v["cuda cores, unpaired"] = p(mma=False, paired=False)
     if not quick:
-        v["no prefetch"] = p(pipeline=False)
-        v["R=4"] = p(rows_per_warp=4)
-        v["R=4 no prefetch"] = p(rows_per_warp=4, pipeline=False)
-        d = v["default"]
-        for kb in {max(1, d.k_blocks // 2), d.k_blocks * 2}:
+        cc = {"mma": False} if bits == 4 else {}
+        v["cuda cores, no prefetch"] = p(pipeline=False, **cc)
+        v["cuda cores, R=4"] = p(rows_per_warp=4, **cc)
+        for kb in {max(1, d.k_blocks // 2), d.k_blocks * 2, d.k_blocks + 1}:
             if kb != d.k_blocks:
                 v[f"k_blocks={kb}"] = p(k_blocks=kb)
     unique: dict[str, bg.GemvPlan] = {}
@@ -161,7 +162,7 @@ def main(argv=None) -> int:
                 moved = plan.weight_bytes + 4 * out_f * -(-in_f // 128)
                 row = {"out": out_f, "in": in_f, "bits": bits, "variant": name, "k_blocks": plan.k_blocks,
                        "tiles_per_block": plan.tiles_per_block, "rows_per_warp": plan.rows_per_warp,
-                       "pipeline": plan.pipeline, "paired": plan.paired, "us": us, "rel_err": err,
+                       "pipeline": plan.pipeline, "paired": plan.paired, "mma": plan.mma, "us": us, "rel_err": err,
                        "GBps": moved / us / 1e3, "frac_hbm_read": moved / us / 1e3 / report["hbm_read_GBps"]}
                 report["rows"].append(row)
                 print(f"{out_f:>6} {in_f:>6} {bits:>2} {name:<30} {plan.k_blocks:>3} {plan.tiles_per_block:>3} "

@@ -1,6 +1,6 @@
 """SASS of the base GEMV kernel without a GPU: Numba -> PTX -> ptxas (sm_90) -> cuobjdump; opcode counts.
 
-    python bench/sass.py [--bits 4] [--out 28672] [--in 4096] [--unpaired] [--sass FILE]
+    python bench/sass.py [--bits 4] [--out 28672] [--in 4096] [--unpaired] [--cuda-cores] [--rows R] [--sass FILE]
 
 Needs what the GPU image has but this machine does not, from pip wheels (docs/STATUS.md, "Tools"):
 numba-cuda 0.30.4 with nvidia-cuda-nvrtc-cu12 in a venv, and `ptxas` (nvidia-cuda-nvcc-cu12),
@@ -44,7 +44,7 @@ def instructions(sass: str) -> list[str]:
 
 
 def step_body(ops: list[str]) -> list[str]:
-    """The longest run between branches that holds FFMAs: the unrolled step."""
+    """The run between branches with the most FFMA / HMMA: the unrolled step."""
     runs, cur = [], []
     for op in ops:
         if op in ("BRA", "BAR", "EXIT"):
@@ -53,7 +53,7 @@ def step_body(ops: list[str]) -> list[str]:
         else:
             cur.append(op)
     runs.append(cur)
-    return max(runs, key=lambda r: r.count("FFMA"))
+    return max(runs, key=lambda r: r.count("FFMA") + r.count("HMMA"))
 
 
 def main() -> None:
@@ -62,17 +62,27 @@ def main() -> None:
     ap.add_argument("--out", type=int, default=28672)
     ap.add_argument("--in", dest="inp", type=int, default=4096)
     ap.add_argument("--unpaired", action="store_true")
+    ap.add_argument("--cuda-cores", action="store_true", help="the CUDA-core kernel, not the tensor-core one (4-bit)")
+    ap.add_argument("--rows", type=int, help="rows per warp (default: the plan's)")
     ap.add_argument("--sass", help="write the full SASS here")
     a = ap.parse_args()
-    plan = bg.plan_gemv(a.out, a.inp, a.bits, paired=False if a.unpaired else None)
-    row_words = a.inp // 16 if a.bits == 4 else 3 * a.inp // 32
-    kernel = bg._gemv_kernel(a.bits, plan.rows_per_warp, row_words, -(-a.inp // 128), 128, plan.pipeline,
-                             plan.paired, a.out % plan.tile_rows == 0)
-    words = nt.uint64 if a.bits == 4 else nt.uint32
+    plan = bg.plan_gemv(a.out, a.inp, a.bits, paired=False if a.unpaired else None,
+                        mma=False if a.cuda_cores else None, rows_per_warp=a.rows)
+    exact = a.out % plan.tile_rows == 0
+    if plan.mma:
+        kernel = bg._mma_kernel(plan.rows_per_warp // bg.MMA_ROWS, a.inp // 8, -(-a.inp // 128), exact,
+                                a.inp % 128 == 0)
+        words = nt.uint32
+    else:
+        row_words = a.inp // 16 if a.bits == 4 else 3 * a.inp // 32
+        kernel = bg._gemv_kernel(a.bits, plan.rows_per_warp, row_words, -(-a.inp // 128), 128, plan.pipeline,
+                                 plan.paired, exact)
+        words = nt.uint64 if a.bits == 4 else nt.uint32
     f16, f32 = nt.float16[::1], nt.float32[::1]
     sig = nt.void(f16, f32, words[::1], f16, f16, f16, f32, nt.int32[::1], nt.int64, nt.int64, nt.int64,
                   nt.boolean, nt.int64, nt.int64)
-    ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))
+    bounds = (bg.THREADS, bg.MMA_MIN_BLOCKS if plan.mma else bg._min_blocks(a.bits, plan.rows_per_warp, plan.pipeline))
+    ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0), launch_bounds=bounds)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "k.ptx").write_text(ptx)
         r = subprocess.run(["ptxas", "-arch=sm_90", "-v", f"{tmp}/k.ptx", "-o", f"{tmp}/k.cubin"],

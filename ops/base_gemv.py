@@ -47,6 +47,7 @@ import torch
 from numba import cuda, float32, int32, uint32, uint64
 
 from ops.layout import dequantize, unpack_codes  # noqa: F401 - re-exported: the reference's decoding
+from ops.ptx import MMA_SWAP, half2_floats, load_u32x4, mma_f16, pack_half2
 
 SIMULATED = cuda.jit.__module__.startswith("numba.cuda.simulator")  # the CUDA simulator runs these kernels
 
@@ -84,10 +85,15 @@ if SIMULATED:
     def int_as_float(bits):
         """The float32 whose bit pattern is `bits` (the simulator's stand-in for libdevice)."""
         return np.array(bits).astype(np.uint32).view(np.float32)[()]
+
+    def float_as_int(v):
+        """The bit pattern of the float32 `v` as int32 (the simulator's stand-in for libdevice)."""
+        return np.array(v, np.float32).view(np.int32)[()]
 else:
     from numba.cuda import libdevice
 
     int_as_float = libdevice.int_as_float
+    float_as_int = libdevice.float_as_int
 
 
 @cuda.jit(device=True)
@@ -149,17 +155,19 @@ class GemvPlan:
     out_features: int
     in_features: int
     group_size: int
-    rows_per_warp: int
+    rows_per_warp: int  # with `mma`, 16 per mma tile
     k_blocks: int
-    units_per_kblock: int  # units (16 inputs at 4-bit, 32 at 3-bit) per K block, a multiple of 32
+    units_per_kblock: int  # units per K block: 16 inputs (4-bit) or 32 (3-bit), a multiple of 32; with
+    # `mma` one unit is a 128-input group
     pipeline: bool = True  # prefetch the next (tile, step)'s weights: 2 blocks / SM, and on the
     # H100 faster than without (28672x4096: 47.5 vs 50.7 us at 4 bits, 51.3 vs 52.2 at 3; bench/gpu_ops.py)
     tiles_per_block: int = 1  # > 1: a block stages its inputs once and streams several tiles
     paired: bool = False  # 4-bit: decode two codes per shift (`_step_source`)
+    mma: bool = False  # 4-bit, group 128: the tensor-core kernel (`_mma_kernel`; always pipelined)
 
     @property
     def unit(self) -> int:
-        return 16 if self.bits == 4 else 32
+        return MMA_GROUP if self.mma else 16 if self.bits == 4 else 32
 
     @property
     def tile_rows(self) -> int:
@@ -179,33 +187,42 @@ class GemvPlan:
 
 
 def plan_gemv(out_features: int, in_features: int, bits: int, group_size: int = 128, n_sm: int = 132,
-              rows_per_warp: int = ROWS_PER_WARP, k_blocks: int | None = None, pipeline: bool = True,
-              persistent: bool = True, paired: bool | None = None) -> GemvPlan:
+              rows_per_warp: int | None = None, k_blocks: int | None = None, pipeline: bool = True,
+              persistent: bool = True, paired: bool | None = None, mma: bool | None = None) -> GemvPlan:
     """Pick the K split by a small cost model: time ~ waves x (staging + tiles x (steps + epilogue)).
 
     Blocks run in waves of `slots` (blocks per SM x SMs, by registers). A block stages its K range's
-    inputs once (~1 step) and, `persistent`, takes ceil(tiles x K blocks / slots) row tiles, each
-    costing its steps plus an epilogue (reduction, arrival: ~1 step); otherwise one tile. Splitting K
-    shortens tiles but adds epilogues. Each K block stages at most STAGE_INPUTS inputs and gets at
-    least one full 32-lane step. `paired` defaults to True at 4 bits.
+    inputs once and, `persistent`, takes ceil(tiles x K blocks / slots) row tiles, each costing its
+    steps plus an epilogue (~1 step); otherwise one tile. Splitting K shortens tiles but adds
+    epilogues. Each K block stages at most STAGE_INPUTS inputs. `mma` (the tensor-core kernel)
+    defaults to True for 4-bit weights in groups of 128, with 32 rows per warp; its step is one group
+    and its staging (three barriers) costs ~2 steps. Otherwise a step is 32 units (a warp's 32
+    lanes), staging ~1 step, 8 rows per warp, and `paired` defaults to True at 4 bits.
     """
     if bits not in (3, 4):
         raise ValueError(f"bits = {bits}: allowed 3 or 4")
     if in_features % 32 or group_size % 32:
         raise ValueError(f"in_features = {in_features}, group_size = {group_size}: both must be multiples of 32")
-    if 32 % rows_per_warp:
+    mma = (bits == 4 and group_size == MMA_GROUP) if mma is None else mma
+    if mma and (bits != 4 or group_size != MMA_GROUP):
+        raise ValueError(f"the tensor-core kernel takes 4-bit weights in groups of {MMA_GROUP}")
+    rows_per_warp = (2 * MMA_ROWS if mma else ROWS_PER_WARP) if rows_per_warp is None else rows_per_warp
+    if mma and rows_per_warp % MMA_ROWS:
+        raise ValueError(f"rows_per_warp = {rows_per_warp}: the tensor-core kernel takes multiples of {MMA_ROWS}")
+    if not mma and 32 % rows_per_warp:
         raise ValueError(f"rows_per_warp = {rows_per_warp}: allowed 1, 2, 4, 8, 16, 32")
-    paired = bits == 4 if paired is None else paired
-    if paired and bits != 4:
-        raise ValueError("paired decoding is for 4-bit weights")
-    unit = 16 if bits == 4 else 32
-    n_units = in_features // unit
+    paired = (bits == 4 and not mma) if paired is None else paired
+    if paired and (bits != 4 or mma):
+        raise ValueError("paired decoding is for 4-bit weights on the CUDA-core kernel")
+    unit = MMA_GROUP if mma else 16 if bits == 4 else 32
+    step_units, stage_cost = (1, 2) if mma else (32, 1)  # units per step; staging in steps
+    n_units = -(-in_features // unit)
     max_units = STAGE_INPUTS // unit
     n_tiles = -(-out_features // (WARPS * rows_per_warp))
-    slots = n_sm * _min_blocks(bits, rows_per_warp, pipeline)
+    slots = n_sm * (MMA_MIN_BLOCKS if mma else _min_blocks(bits, rows_per_warp, pipeline))
 
-    def units_for(kb: int) -> int:  # whole 32-lane steps per K block
-        return min(max_units, -(-(-(-n_units // kb)) // 32) * 32)
+    def units_for(kb: int) -> int:  # whole steps per K block
+        return min(max_units, -(-(-(-n_units // kb)) // step_units) * step_units)
 
     def tiles_for(kb: int) -> int:
         return -(-n_tiles * kb // slots) if persistent else 1
@@ -213,14 +230,14 @@ def plan_gemv(out_features: int, in_features: int, bits: int, group_size: int = 
     def cost(kb: int) -> tuple[int, int]:
         units, tiles = units_for(kb), tiles_for(kb)
         blocks = -(-n_tiles // tiles) * -(-n_units // units)
-        return -(-blocks // slots) * (1 + tiles * (1 + units // 32)), kb
+        return -(-blocks // slots) * (stage_cost + tiles * (1 + units // step_units)), kb
 
     if k_blocks is None:
-        k_blocks = min(range(-(-n_units // max_units), -(-n_units // 32) + 1), key=cost)
+        k_blocks = min(range(-(-n_units // max_units), -(-n_units // step_units) + 1), key=cost)
     units = units_for(k_blocks)
     k_blocks = -(-n_units // units)
-    return GemvPlan(bits, out_features, in_features, group_size, rows_per_warp, k_blocks, units, pipeline,
-                    tiles_for(k_blocks), paired)
+    return GemvPlan(bits, out_features, in_features, group_size, rows_per_warp, k_blocks, units,
+                    pipeline or mma, tiles_for(k_blocks), paired, mma)
 
 
 @dataclass
@@ -501,6 +518,232 @@ def _gemv_kernel(bits: int, rows_per_warp: int, row_words: int, n_groups: int, g
     return kernel
 
 
+# ----------------------------------------------------------------------------------------------------
+# the tensor-core kernel (4-bit, group 128)
+#
+# A batch-1 GEMV has one input column, so it wastes 7 of the mma's 8 columns; what it gains is the
+# arithmetic. One mma.m16n8k16 multiplies 16 rows x 16 inputs in one instruction, and a 4-bit code
+# becomes an fp16 operand with one LOP3: (word & 0x000F000F) | 0x64006400 is the half2
+# (1024 + q_j, 1024 + q_j+4); with mask 0x00F000F0 it is (1024 + 16 q, ...), and after `word >> 8` the
+# other two pairs. So 8 codes cost 1 shift + 4 LOP3 + 1 mma's share instead of ~28 instructions on
+# the CUDA cores. The 1024 offset is not subtracted per code: the mma sums in float32, and
+# sum_k (1024 + q_k) b_k = 1024 sum_k b_k + sum_k q_k b_k, so each group's 1024 sum b is subtracted
+# once per row (C below). The inputs b are x * act_scale * f in fp16, with f a power of two chosen per
+# block so that the largest |b| lies in [2^14, 2^15): no overflow, no precision lost to the scaling.
+#
+# Layout: k may be permuted freely inside a group as long as A and B agree, so lane (g, t) (g = lane
+# // 4, t = lane % 4) loads the 4 words (one 128-bit load, 32 inputs) t of its group for rows g and g+8
+# and uses them as they are: word m's pairs P0..P3 = inputs (0, 4), (1, 5), (2, 6), (3, 7) of the word
+# are the A registers of two mmas. The staged B holds the matching inputs in the same order:
+# xs[group * 80 + t * 20 + m * 4 + alpha] = half2 of inputs 32 t + 8 m + (alpha, alpha + 4), with odd
+# alpha divided by 16 (their A carries 16 q). Pitch 20 (not 16) keeps the four t's reads in distinct banks.
+
+MMA_ROWS = 16  # rows of one mma tile
+MMA_GROUP = 128  # inputs of one step: one quantization group
+MMA_PITCH = 20  # uint32 per (group, t) in the staged inputs: 16 pairs + 4 pad
+MMA_MAGIC = 0x64006400  # fp16x2 (1024, 1024): codes are or-ed into its mantissas
+MMA_MIN_BLOCKS = 3  # blocks per SM asked of ptxas
+MMA_STAGE_GROUPS = STAGE_INPUTS // MMA_GROUP
+_MASK_LO, _MASK_HI = 0x000F000F, 0x00F000F0
+
+
+def _mma_step_source(m_tiles: int, row_words: int, n_groups: int, exact_rows: bool) -> str:
+    """Source of one lane's step over `m_tiles` mma tiles, as `load` and `dots` (generated unrolled, as
+    `_step_source`: every register index a constant). `load` issues both 128-bit weight loads of each
+    tile (rows g and g + 8) and the lane's row scale and zero, and returns them untouched (fp16 still:
+    converting would wait for the load); rows of whole tiles sit at constant offsets from the first
+    (folded into the load instruction). `dots` goes word by word (4 staged pairs live at a time),
+    running each tile's 2 mmas of the word, and returns per tile the lane's row's
+    scale * (sum_k (q_k - z) b_k)."""
+    load = ["def load(qw, scales, zeros, row0, last_row, wo, gi, sel8):"]
+    if exact_rows:
+        load += [f"    wb = row0 * uint64({row_words}) + wo", f"    sb = (row0 + sel8) * uint64({n_groups}) + gi"]
+    ret = []
+    for mt in range(m_tiles):
+        for h in range(2):  # rows g and g + 8
+            off = MMA_ROWS * mt + 8 * h
+            addr = f"wb + uint64({off * row_words})" if exact_rows else \
+                f"min(row0 + uint64({off}), last_row) * uint64({row_words}) + wo"
+            load.append(f"    w{mt}{h} = load_u32x4(qw, {addr})")
+            ret += [f"w{mt}{h}[{i}]" for i in range(4)]
+        addr = f"sb + uint64({MMA_ROWS * mt * n_groups})" if exact_rows else \
+            f"min(row0 + uint64({MMA_ROWS * mt}) + sel8, last_row) * uint64({n_groups}) + gi"
+        load += [f"    s{mt} = scales[{addr}]", f"    z{mt} = zeros[{addr}]"]
+        ret += [f"s{mt}", f"z{mt}"]
+    load.append(f"    return ({', '.join(ret)},)")
+    per_tile = 10  # 8 words + scale + zero
+    dots = ["def dots(v, xs, xo, c, sz, upper, magic, swap):"]
+    dots += [f"    d{mt} = (float32(0), float32(0), float32(0), float32(0))" for mt in range(m_tiles)]
+    for m in range(4):
+        dots += [f"    x{a} = xs[xo + uint32({4 * m + a})]" for a in range(4)]  # unsigned: no wraparound
+        for mt in range(m_tiles):
+            lo, hi = f"v[{per_tile * mt + m}]", f"v[{per_tile * mt + 4 + m}]"
+            for shift, (xa, xb) in ((0, (0, 1)), (8, (2, 3))):
+                a, b = (lo, hi) if shift == 0 else (f"({lo} >> uint32(8))", f"({hi} >> uint32(8))")
+                dots.append(f"    d{mt} = mma_f16(({a} & uint32({_MASK_LO:#x})) | magic, "
+                            f"({b} & uint32({_MASK_LO:#x})) | magic, ({a} & uint32({_MASK_HI:#x})) | magic, "
+                            f"({b} & uint32({_MASK_HI:#x})) | magic, x{xa}, x{xb}, d{mt}[0], d{mt}[1], d{mt}[2], "
+                            f"d{mt}[3], swap)")
+    outs = []
+    for mt in range(m_tiles):
+        s, z = f"v[{per_tile * mt + 8}]", f"v[{per_tile * mt + 9}]"
+        dots.append(f"    e{mt} = float32({s}) * ((d{mt}[2] if upper else d{mt}[0]) - (c + float32({z}) * sz))")
+        outs.append(f"e{mt}")
+    dots.append(f"    return ({', '.join(outs)},)")
+    return "\n".join(load) + "\n\n\n" + "\n".join(dots) + "\n"
+
+
+@functools.lru_cache(maxsize=None)
+def _make_mma_step(m_tiles: int, row_words: int, n_groups: int, exact_rows: bool):
+    src = _mma_step_source(m_tiles, row_words, n_groups, exact_rows)
+    name = f"<base_gemv.mma_step m_tiles={m_tiles} row_words={row_words} n_groups={n_groups} exact={exact_rows}>"
+    linecache.cache[name] = (len(src), None, src.splitlines(True), name)
+    scope = {"uint32": uint32, "uint64": uint64, "float32": float32, "load_u32x4": load_u32x4, "mma_f16": mma_f16}
+    exec(compile(src, name, "exec"), scope)
+    return cuda.jit(device=True)(scope["load"]), cuda.jit(device=True)(scope["dots"])
+
+
+@functools.lru_cache(maxsize=None)
+def _mma_kernel(m_tiles: int, row_words: int, n_groups: int, exact_rows: bool, exact_k: bool):
+    """The tensor-core 4-bit kernel for one (m_tiles, row stride, group count); `exact_rows`: the rows
+    fill whole tiles, `exact_k`: the inputs whole groups (no clamps). See the section comment."""
+    TILE = WARPS * MMA_ROWS * m_tiles
+    GROUP_WORDS = 4 * MMA_PITCH
+    XS_WORDS = MMA_STAGE_GROUPS * GROUP_WORDS  # shared sizes must be literal constants for Numba
+    STAGE_GROUPS = MMA_STAGE_GROUPS
+    CHUNK = 16  # inputs one thread stages: a quarter-word pair of one t
+    assert MMA_STAGE_GROUPS * MMA_GROUP == CHUNK * THREADS  # one chunk per thread stages a full K block
+    SWAP = THREADS * MMA_SWAP if SIMULATED else 1
+    load, dots = _make_mma_step(m_tiles, row_words, n_groups, exact_rows)
+
+    @jit_with_bounds(THREADS, MMA_MIN_BLOCKS)
+    def kernel(x, act_scale, qw, scales, zeros, out, partials, counters, n_out, n_in, groups_per_kblock,
+               direct, n_parts, magic_bits):
+        """y[row] = sum over this block's K range of deq(Q)[row, i] * x[i] * act_scale[i], on tensor cores.
+
+        Layout: qw flat uint32 [out * in / 8]; scales, zeros flat fp16 [out * n_groups]; out fp16 [out];
+        partials flat f32 [n_parts * out]. Launch: grid (G, k_blocks), block 256. Block (b, kb) stages
+        the inputs of groups [kb * P, (kb + 1) * P) (P = groups_per_kblock) once as fp16 pairs, then
+        takes row tiles b, b + G, ... (128 m_tiles rows; warp w the 16 m_tiles rows from tile * TILE +
+        16 m_tiles w), one (tile, group) step after another with the next step's loads in flight.
+        Bytes: the packed weights once (128-bit loads, each row's 64 bytes of a group by 4 lanes),
+        scales + zeros once (4 B per row and group), x and act_scale once per block (6 B per input),
+        2 B per row out (+ 4 B per row and K block when K is split or merged).
+        """
+        magic = uint32(magic_bits)
+        xs = cuda.shared.array(XS_WORDS, uint32)
+        part_c = cuda.shared.array(THREADS, float32)
+        part_s = cuda.shared.array(THREADS, float32)
+        grp_c = cuda.shared.array(STAGE_GROUPS, float32)
+        grp_s = cuda.shared.array(STAGE_GROUPS, float32)
+        amax = cuda.shared.array(1, int32)
+        flags = cuda.shared.array(FLAG_CAP, int32)
+        swap = cuda.shared.array(SWAP, uint32)
+        tid = cuda.threadIdx.x
+        lane = tid % 32
+        warp = tid // 32
+        t = lane % 4
+        kb = cuda.blockIdx.y
+        grp0 = kb * groups_per_kblock
+        n_grp = min(groups_per_kblock, (n_in + MMA_GROUP - 1) // MMA_GROUP - grp0)
+
+        # stage: thread tid takes inputs [16 p, 16 p + 16) of group tid // 8 (p = tid % 8), i.e. words
+        # 2 (p % 2) and 2 (p % 2) + 1 of lane t = p // 2; zeros past the end of the input
+        if tid == 0:
+            amax[0] = 0
+        cuda.syncthreads()
+        sg = tid // 8
+        p = tid % 8
+        e0 = (grp0 + sg) * MMA_GROUP + CHUNK * p
+        vals = cuda.local.array(CHUNK, float32)
+        vmax = float32(0)
+        for i in range(CHUNK):
+            v = float32(0)
+            if sg < n_grp and e0 + i < n_in:
+                v = float32(x[e0 + i]) * act_scale[e0 + i]
+            vals[i] = v
+            vmax = max(vmax, abs(v))
+        cuda.atomic.max(amax, 0, float_as_int(vmax))  # non-negative floats order as their bits do
+        cuda.syncthreads()
+        f_exp = min(max(268 - ((amax[0] >> 23) & 0xFF), 1), 253)  # largest |b| in [2^14, 2^15)
+        f = int_as_float(int32(f_exp << 23))
+        inv_f = int_as_float(int32((254 - f_exp) << 23))
+        c_sum = float32(0)
+        s_sum = float32(0)
+        for i in range(8):  # pair (word 2 (p % 2) + i // 4, alpha = i % 4)
+            j = 8 * (i // 4) + i % 4
+            odd = i % 2 == 1
+            mult = f * (float32(0.0625) if odd else float32(1))
+            h = pack_half2(vals[j] * mult, vals[j + 4] * mult)
+            if sg < n_grp:
+                xs[sg * GROUP_WORDS + (p // 2) * MMA_PITCH + (2 * (p % 2) + i // 4) * 4 + i % 4] = h
+            lo, hi = half2_floats(h)
+            c_sum += lo + hi
+            s_sum += (lo + hi) * (float32(16) if odd else float32(1))
+        part_c[tid] = c_sum
+        part_s[tid] = s_sum
+        cuda.syncthreads()
+        if tid < n_grp:
+            c_sum = float32(0)
+            s_sum = float32(0)
+            for q in range(8):
+                c_sum += part_c[8 * tid + q]
+                s_sum += part_s[8 * tid + q]
+            grp_c[tid] = float32(1024) * c_sum
+            grp_s[tid] = s_sum
+        cuda.syncthreads()
+
+        n_tiles = (n_out + TILE - 1) // TILE
+        stride = cuda.gridDim.x
+        tile = cuda.blockIdx.x
+        n_iter = ((n_tiles - tile + stride - 1) // stride) * n_grp  # this block's (tile, step) pairs
+        # indices in uint32 (a weight matrix has < 2^32 words): 64-bit index math costs twice the instructions
+        last_row = uint32(n_out - 1)
+        lane_row = uint32(warp * MMA_ROWS * m_tiles + lane // 4)
+        sel8 = uint32(8 * (t // 2))  # lanes t = 0, 1 finish row g, lanes 2, 3 row g + 8
+        upper = t >= 2
+        t4 = uint32(4 * t)
+        t_pitch = uint32(t * MMA_PITCH)
+        max_wo = uint32(row_words - 4)  # lanes past a partial last group re-read a valid word (b = 0 there)
+        gw = uint32(grp0 * 16)
+        wo = gw + t4 if exact_k else min(gw + t4, max_wo)
+        words = load(qw, scales, zeros, uint32(tile * TILE) + lane_row, last_row, wo, uint32(grp0), sel8)
+        acc = cuda.local.array(m_tiles, float32)
+        for mt in range(m_tiles):
+            acc[mt] = float32(0)
+        step = 0
+        for it in range(n_iter):
+            next_step = step + 1
+            next_tile = tile
+            if next_step == n_grp:
+                next_step = 0
+                next_tile = tile + stride
+            ahead = words
+            if it + 1 < n_iter:
+                gw = uint32((grp0 + next_step) * 16)
+                wo = gw + t4 if exact_k else min(gw + t4, max_wo)
+                ahead = load(qw, scales, zeros, uint32(next_tile * TILE) + lane_row, last_row, wo,
+                             uint32(grp0 + next_step), sel8)
+            ustep = uint32(step)  # unsigned indices: Numba adds a negative-index wraparound to signed ones
+            e = dots(words, xs, ustep * uint32(GROUP_WORDS) + t_pitch, grp_c[ustep], grp_s[ustep], upper, magic, swap)
+            for mt in range(m_tiles):
+                acc[mt] += e[mt]
+            words = ahead
+            if next_step == 0:  # tile complete: lanes t = 0 and 2 hold whole rows g and g + 8
+                for mt in range(m_tiles):
+                    row = tile * TILE + warp * MMA_ROWS * m_tiles + MMA_ROWS * mt + lane // 4 + 8 * (t // 2)
+                    if t % 2 == 0 and row < n_out:
+                        if direct:
+                            out[row] = acc[mt] * inv_f
+                        else:
+                            partials[kb * n_out + row] = acc[mt] * inv_f
+                    acc[mt] = float32(0)
+                if not direct:
+                    arrive_tiles(partials, counters, out, n_out, n_parts, TILE, tile, 1, flags)
+            tile = next_tile
+            step = next_step
+
+    return kernel
 
 
 def _flat(a, dtype=None):
@@ -533,11 +776,23 @@ class BaseGemv:
         n_sm = 132 if SIMULATED else cuda.get_current_device().MULTIPROCESSOR_COUNT
         self.plan = plan or plan_gemv(out_features, in_features, bits, group_size, n_sm)
         self.n_groups = -(-in_features // group_size)
-        self.qw = _flat(qweight, np.uint64 if bits == 4 else np.uint32)
+        p = self.plan
+        if (p.out_features, p.in_features, p.bits, p.group_size) != (out_features, in_features, bits, group_size):
+            raise ValueError(f"plan is for a {p.out_features}x{p.in_features} {p.bits}-bit g{p.group_size} linear, "
+                             f"not {out_features}x{in_features} {bits}-bit g{group_size}")
+        exact = p.out_features % p.tile_rows == 0
         self.scales, self.zeros, self.act_scale = _flat(scales), _flat(zeros), act_scale
-        row_words = in_features // 16 if bits == 4 else 3 * in_features // 32
-        self.kernel = _gemv_kernel(bits, self.plan.rows_per_warp, row_words, self.n_groups, group_size,
-                                   self.plan.pipeline, self.plan.paired, self.plan.out_features % self.plan.tile_rows == 0)
+        if p.mma:
+            self.qw = _flat(qweight, np.uint32)
+            self.kernel = _mma_kernel(p.rows_per_warp // MMA_ROWS, in_features // 8, self.n_groups, exact,
+                                      in_features % MMA_GROUP == 0)
+            self.magic = MMA_MAGIC
+        else:
+            self.qw = _flat(qweight, np.uint64 if bits == 4 else np.uint32)
+            row_words = in_features // 16 if bits == 4 else 3 * in_features // 32
+            self.kernel = _gemv_kernel(bits, p.rows_per_warp, row_words, self.n_groups, group_size, p.pipeline,
+                                       p.paired, exact)
+            self.magic = MAGIC_ONE
         self._own_split: SplitOutput | None = None
 
     def split_output(self, extra_parts: int = 0) -> SplitOutput:
@@ -561,7 +816,7 @@ class BaseGemv:
         n_parts = merge.n_parts if merge else 1
         self.kernel[p.grid, THREADS, stream](
             x, self.act_scale, self.qw, self.scales, self.zeros, out, partials, counters,
-            p.out_features, p.in_features, p.units_per_kblock, direct, n_parts, MAGIC_ONE)
+            p.out_features, p.in_features, p.units_per_kblock, direct, n_parts, self.magic)
 
 
 @functools.lru_cache(maxsize=None)

@@ -89,24 +89,30 @@ def test_packing_agrees_with_models_quantize(bits):
 
 @pytest.mark.parametrize("bits", [3, 4])
 def test_plan_covers_k_in_whole_steps_within_the_staging(bits):
-    for out_features, in_features in [(4096, 4096), (28672, 4096), (4096, 14336), (640, 1024), (576, 1536)]:
+    for out_features, in_features in [(4096, 4096), (28672, 4096), (4096, 14336), (640, 1024), (576, 1536), (64, 576)]:
         for rows_per_warp, pipeline in [(8, False), (4, False), (8, True)]:
-            p = bg.plan_gemv(out_features, in_features, bits, rows_per_warp=rows_per_warp, pipeline=pipeline)
+            p = bg.plan_gemv(out_features, in_features, bits, rows_per_warp=rows_per_warp, pipeline=pipeline, mma=False)
             assert p.units_per_kblock % 32 == 0 and p.units_per_kblock * p.unit <= bg.STAGE_INPUTS
             assert (p.k_blocks - 1) * p.units_per_kblock < in_features // p.unit <= p.k_blocks * p.units_per_kblock
+        if bits == 4:  # the tensor-core kernel: whole groups per K block, a partial last one included
+            p = bg.plan_gemv(out_features, in_features, bits)
+            assert p.mma and p.units_per_kblock * p.unit <= bg.STAGE_INPUTS and p.tile_rows == 256
+            assert (p.k_blocks - 1) * p.units_per_kblock < -(-in_features // 128) <= p.k_blocks * p.units_per_kblock
     assert bg.plan_gemv(4096, 4096, bits).k_blocks > 1  # 64 row tiles alone would leave most SMs idle
     with pytest.raises(ValueError):
         bg.plan_gemv(64, 100, bits)
+    with pytest.raises(ValueError, match="tensor-core"):
+        bg.plan_gemv(64, 256, bits, group_size=64, mma=True)
 
 
 # ---------------------------------------------------------------------------------------------------
 # kernel (simulator, tiny shapes)
 
 
-def run_kernel(rng, bits, out_features, in_features, k_blocks=None, rows_per_warp=bg.ROWS_PER_WARP,
-               pipeline=True, **plan_args):
+def run_kernel(rng, bits, out_features, in_features, k_blocks=None, rows_per_warp=None,
+               pipeline=True, x=None, **plan_args):
     _, q, scales, zeros, act = random_linear(rng, bits, out_features, in_features)
-    x = rng.standard_normal(in_features).astype(np.float16)
+    x = rng.standard_normal(in_features).astype(np.float16) if x is None else x
     ref = bg.base_gemv_reference(torch.from_numpy(x.astype(np.float32)),
                                  *map(torch.from_numpy, (q, scales, zeros, act)), bits).numpy()
     plan = bg.plan_gemv(out_features, in_features, bits, rows_per_warp=rows_per_warp, k_blocks=k_blocks,
@@ -127,7 +133,7 @@ def run_kernel(rng, bits, out_features, in_features, k_blocks=None, rows_per_war
 ])
 def test_kernel_matches_reference(bits, out_features, in_features, k_blocks, pipeline):
     rng = np.random.default_rng(100 * bits + out_features)
-    got, ref, *_ = run_kernel(rng, bits, out_features, in_features, k_blocks, pipeline=pipeline)
+    got, ref, *_ = run_kernel(rng, bits, out_features, in_features, k_blocks, pipeline=pipeline, mma=False)
     assert_close_fp16(got, ref)
 
 
@@ -140,7 +146,7 @@ def test_kernel_matches_reference(bits, out_features, in_features, k_blocks, pip
 def test_blocks_that_stream_several_tiles_match_reference(bits, out_features, k_blocks, pipeline, paired):
     rng = np.random.default_rng(300 + out_features + k_blocks)
     got, ref, gemv, *_ = run_kernel(rng, bits, out_features, 1088, k_blocks, pipeline=pipeline, paired=paired,
-                                    n_sm=1)  # one SM: few block slots, so each block takes several tiles
+                                    n_sm=1, mma=False)  # one SM: few block slots, so each block takes several tiles
     assert gemv.plan.tiles_per_block > 1
     assert_close_fp16(got, ref)
 
@@ -148,10 +154,39 @@ def test_blocks_that_stream_several_tiles_match_reference(bits, out_features, k_
 @kernels
 def test_kernel_four_rows_per_warp_and_repeat_is_bitwise_equal():
     rng = np.random.default_rng(7)
-    got, ref, gemv, xd, out = run_kernel(rng, 4, 32, 640, k_blocks=2, rows_per_warp=4, pipeline=False)
+    got, ref, gemv, xd, out = run_kernel(rng, 4, 32, 640, k_blocks=2, rows_per_warp=4, pipeline=False, mma=False)
     assert_close_fp16(got, ref)
     gemv(xd, out)  # the counters were reset by the first launch; parts sum in a fixed order
     assert (out.copy_to_host().astype(np.float32) == got).all()
+
+
+@kernels
+@pytest.mark.parametrize("out_features, in_features, rows_per_warp, k_blocks, n_sm", [
+    (40, 576, 16, None, 132),  # partial tile, a partial last group (lanes re-read a valid word), K in 5 parts
+    (392, 128, 16, 1, 1),  # 4 tiles on 3 block slots: blocks stream 2 tiles (the last partial), direct write
+    (40, 256, 32, 2, 132),  # two mma tiles per warp, K split in 2
+])
+def test_tensor_core_kernel_matches_reference(out_features, in_features, rows_per_warp, k_blocks, n_sm):
+    rng = np.random.default_rng(500 + out_features + in_features)
+    got, ref, gemv, xd, out = run_kernel(rng, 4, out_features, in_features, k_blocks, rows_per_warp=rows_per_warp,
+                                         n_sm=n_sm)
+    assert gemv.plan.mma and gemv.plan.tiles_per_block == (2 if n_sm == 1 else 1)
+    assert_close_fp16(got, ref)
+
+
+@kernels
+def test_tensor_core_kernel_scales_wide_ranges_without_overflow():
+    """fp16 operands: the block's inputs are scaled by a power of two so that the largest is ~2^14; an input
+    of 6e4 (x * act_scale ~ 9e4 > fp16's 65504) must neither overflow nor wipe out the small ones."""
+    rng = np.random.default_rng(9)
+    x = (rng.standard_normal(256) * 1e-3).astype(np.float16)
+    x[17] = 6e4
+    got, ref, gemv, *_ = run_kernel(rng, 4, 24, 256, 1, rows_per_warp=16, x=x)
+    assert gemv.plan.mma
+    assert_close_fp16(got, ref)
+    x[17] = 0  # and only tiny inputs: scaled up, not lost to fp16 subnormals
+    got, ref, *_ = run_kernel(np.random.default_rng(9), 4, 24, 256, 1, rows_per_warp=16, x=x)
+    assert_close_fp16(got, ref)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -160,15 +195,18 @@ def test_kernel_four_rows_per_warp_and_repeat_is_bitwise_equal():
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("bits", [3, 4])
-@pytest.mark.parametrize("out_features, in_features", [(4096, 4096), (14336, 4096), (4096, 14336), (640, 1024)])
-def test_kernel_matches_reference_on_gpu(bits, out_features, in_features):
+@pytest.mark.parametrize("bits, mma", [(3, False), (4, False), (4, True)])
+@pytest.mark.parametrize("out_features, in_features", [(4096, 4096), (14336, 4096), (4096, 14336), (640, 1024),
+                                                       (1536, 576)])
+def test_kernel_matches_reference_on_gpu(bits, mma, out_features, in_features):
     rng = np.random.default_rng(out_features + in_features + bits)
     codes, q, scales, zeros, act = random_linear(rng, bits, out_features, in_features)
     x = rng.standard_normal(in_features).astype(np.float16)
     w = bg.dequantize(*map(torch.from_numpy, (q, scales, zeros)), bits, in_features).cuda()
     ref = (w.double() @ (torch.from_numpy(x).cuda().double() * torch.from_numpy(act).cuda().double())).cpu().numpy()
-    gemv = bg.BaseGemv(*(cuda.to_device(a) for a in (q, scales, zeros, act)), bits)
+    plan = bg.plan_gemv(out_features, in_features, bits, mma=mma,
+                        n_sm=cuda.get_current_device().MULTIPROCESSOR_COUNT)
+    gemv = bg.BaseGemv(*(cuda.to_device(a) for a in (q, scales, zeros, act)), bits, plan=plan)
     out = cuda.to_device(np.full(out_features, np.nan, np.float16))
     gemv(cuda.to_device(x), out)
     assert_close_fp16(out.copy_to_host().astype(np.float32), ref)

@@ -100,7 +100,8 @@ def test_merged_into_base_gemv_in_either_order(bits, k_blocks, order):
     gemv = bg.BaseGemv(*(cuda.to_device(a) for a in (q, scales, zeros, act)), bits,
                        plan=bg.plan_gemv(out_features, width, bits, k_blocks=k_blocks))
     _, _, bounds, rows, rscale, _ = case(rng, width, out_features, k_chunk)
-    corr = co.Correction(cuda.to_device(dma.pad_rows(rows)), cuda.to_device(rscale), bounds, k_chunk, n_tb=2)
+    corr = co.Correction(cuda.to_device(dma.pad_rows(rows)), cuda.to_device(rscale), bounds, k_chunk, n_tb=2,
+                         tile_rows=gemv.plan.tile_rows)
     split = gemv.split_output(extra_parts=1)
     act_d = cuda.to_device(act)
     for first in order:
@@ -137,7 +138,8 @@ def test_fused_on_two_streams_on_gpu(bits, out_features, width, k_chunk, n_tb):
                                    act_scale=torch.from_numpy(act)).numpy()
     gemv = bg.BaseGemv(*(cuda.to_device(a) for a in (q, scales, zeros, act)), bits)
     with dma.PinnedTable.from_array(rows) as pinned:
-        corr = co.Correction(pinned.device_array(), cuda.to_device(rscale), bounds, k_chunk, n_tb=n_tb)
+        corr = co.Correction(pinned.device_array(), cuda.to_device(rscale), bounds, k_chunk, n_tb=n_tb,
+                             tile_rows=gemv.plan.tile_rows)
         split = gemv.split_output(extra_parts=1)
         x_d, act_d = cuda.to_device(x), cuda.to_device(act)
         out = cuda.to_device(np.full(out_features, np.nan, np.float16))

@@ -1,0 +1,134 @@
+"""The few PTX instructions Numba does not expose, as Numba intrinsics, with simulator twins.
+
+Numba CUDA has no tensor-core MMA, no packed fp16x2 conversion and no 128-bit loads. Each is one
+inline-PTX instruction here (ptxas schedules inline PTX like any other), typed on uint32 bit
+patterns so that no fp16x2 type is needed in Numba:
+
+- `mma_f16`: mma.sync.m16n8k16, fp16 A and B, fp32 C and D. One warp multiplies A [16 x 16] by
+  B [16 x 8] and adds C. Lane l = 4 g + t holds (PTX ISA, "Matrix fragments for mma.m16n8k16"):
+  a0 = A[g][2t, 2t+1], a1 = A[g+8][2t, 2t+1], a2 = A[g][2t+8, 2t+9], a3 = A[g+8][2t+8, 2t+9],
+  b0 = B[2t, 2t+1][g], b1 = B[2t+8, 2t+9][g], c0, c1 = C[g][2t, 2t+1], c2, c3 = C[g+8][2t, 2t+1];
+  the lower column / row index sits in the lower 16 bits of a register.
+- `pack_half2(lo, hi)`: two float32 rounded to fp16 (nearest even) in one register, `lo` in the
+  low half.
+- `half2_floats(h)`: the two fp16 halves of a register as float32 (lo, hi).
+- `load_u32x4(a, i)`: a[i .. i+3] of a global uint32 array in one 128-bit load (i a multiple of 4),
+  through the read-only path (`ld.global.nc`: the operand must not be written during the kernel).
+
+Under the CUDA simulator (`NUMBA_ENABLE_CUDASIM=1`) the same names are plain Python. The simulator
+has no warp shuffles, so `mma_f16` exchanges fragments through a block-shared scratch array
+(`MMA_SWAP` uint32 per thread, passed by the caller; the GPU ignores it) between two barriers:
+every thread of the block must call it the same number of times, as a real mma needs the whole warp.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import cuda
+
+SIMULATED = cuda.jit.__module__.startswith("numba.cuda.simulator")
+MMA_SWAP = 6  # uint32 slots per thread in the simulator's fragment exchange
+
+__all__ = ["mma_f16", "pack_half2", "half2_floats", "load_u32x4", "MMA_SWAP", "SIMULATED"]
+
+
+if SIMULATED:
+    _LANE_G, _LANE_T = np.arange(32) // 4, np.arange(32) % 4
+
+    def _halves(word) -> tuple[float, float]:
+        pair = np.array([int(word) & 0xFFFFFFFF], np.uint32).view(np.float16)
+        return float(pair[0]), float(pair[1])
+
+    @cuda.jit(device=True)
+    def half2_floats(h):
+        lo, hi = _halves(h)
+        return np.float32(lo), np.float32(hi)
+
+    @cuda.jit(device=True)
+    def pack_half2(lo, hi):
+        return np.uint32(np.array([lo, hi], np.float32).astype(np.float16).view(np.uint32)[0])
+
+    @cuda.jit(device=True)
+    def load_u32x4(a, i):
+        return np.uint32(a[i]), np.uint32(a[i + 1]), np.uint32(a[i + 2]), np.uint32(a[i + 3])
+
+    @cuda.jit(device=True)
+    def mma_f16(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, swap):
+        tid = cuda.threadIdx.x
+        base = tid - tid % 32  # the warp's first thread
+        for k, v in enumerate((a0, a1, a2, a3, b0, b1)):
+            swap[tid * MMA_SWAP + k] = v
+        cuda.syncthreads()
+        w = np.asarray(swap[base * MMA_SWAP:(base + 32) * MMA_SWAP]).view(np.float16).reshape(32, 2 * MMA_SWAP)
+        A = np.zeros((16, 16))
+        B = np.zeros((16, 8))
+        g, t = _LANE_G[:, None], 2 * _LANE_T[:, None] + np.arange(2)  # fragment (row, column) per lane
+        A[g, t], A[g + 8, t], A[g, t + 8], A[g + 8, t + 8] = w[:, 0:2], w[:, 2:4], w[:, 4:6], w[:, 6:8]
+        B[t, g], B[t + 8, g] = w[:, 8:10], w[:, 10:12]
+        cuda.syncthreads()  # the scratch is rewritten by the next call
+        D = A @ B  # fp16 products are exact; summed in float64
+        g, t = divmod(tid % 32, 4)
+        return (np.float32(c0 + D[g, 2 * t]), np.float32(c1 + D[g, 2 * t + 1]),
+                np.float32(c2 + D[g + 8, 2 * t]), np.float32(c3 + D[g + 8, 2 * t + 1]))
+else:
+    from llvmlite import ir
+    from numba import types
+    from numba.cuda import cgutils
+    from numba.cuda.extending import intrinsic
+
+    _i32, _f32 = ir.IntType(32), ir.FloatType()
+
+    def _asm(builder, ret, args, text: str, constraints: str, values):
+        fn = ir.InlineAsm(ir.FunctionType(ret, args), text, constraints)
+        return builder.call(fn, values)
+
+    @intrinsic
+    def mma_f16(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, swap):
+        sig = types.UniTuple(types.float32, 4)(types.uint32, types.uint32, types.uint32, types.uint32,
+                                               types.uint32, types.uint32, types.float32, types.float32,
+                                               types.float32, types.float32, swap)
+
+        def codegen(context, builder, sig, args):
+            d = _asm(builder, ir.LiteralStructType([_f32] * 4), [_i32] * 6 + [_f32] * 4,
+                     "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                     "{$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};",
+                     "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", args[:10])
+            return context.make_tuple(builder, sig.return_type, [builder.extract_value(d, i) for i in range(4)])
+
+        return sig, codegen
+
+    @intrinsic
+    def pack_half2(typingctx, lo, hi):
+        sig = types.uint32(types.float32, types.float32)
+
+        def codegen(context, builder, sig, args):  # cvt's first source goes to the upper half
+            return _asm(builder, _i32, [_f32, _f32], "cvt.rn.f16x2.f32 $0, $1, $2;", "=r,f,f",
+                        [args[1], args[0]])
+
+        return sig, codegen
+
+    @intrinsic
+    def half2_floats(typingctx, h):
+        sig = types.UniTuple(types.float32, 2)(types.uint32)
+
+        def codegen(context, builder, sig, args):
+            halves = [builder.trunc(args[0], ir.IntType(16)),
+                      builder.trunc(builder.lshr(args[0], ir.Constant(_i32, 16)), ir.IntType(16))]
+            floats = [_asm(builder, _f32, [ir.IntType(16)], "cvt.f32.f16 $0, $1;", "=f,h", [v]) for v in halves]
+            return context.make_tuple(builder, sig.return_type, floats)
+
+        return sig, codegen
+
+    @intrinsic
+    def load_u32x4(typingctx, a, i):
+        sig = types.UniTuple(types.uint32, 4)(a, i)
+
+        def codegen(context, builder, sig, args):
+            ary = context.make_array(sig.args[0])(context, builder, value=args[0])
+            idx = context.cast(builder, args[1], sig.args[1], types.intp)
+            ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary, [idx], wraparound=False)
+            d = _asm(builder, ir.LiteralStructType([_i32] * 4), [ptr.type],
+                     "ld.global.nc.v4.u32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [ptr])
+            return context.make_tuple(builder, sig.return_type, [builder.extract_value(d, i) for i in range(4)])
+
+        return sig, codegen

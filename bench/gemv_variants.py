@@ -57,16 +57,18 @@ def variants(out_f: int, in_f: int, bits: int, n_sm: int, quick: bool) -> dict[s
     v["one tile per block"] = p(persistent=False)
     d = v["default"]
     if bits == 4:  # the tensor-core kernel (default) against the CUDA-core one
-        v["mma R=16"] = p(rows_per_warp=16)
+        for a in (1, 2, 3):
+            v[f"mma ahead={a}"] = p(ahead=a)
+        v["mma R=32 ahead=1"] = p(rows_per_warp=32, ahead=1)
         v["cuda cores"] = p(mma=False)
-        v["cuda cores, unpaired"] = p(mma=False, paired=False)
+    for kb in {max(1, d.k_blocks // 2), d.k_blocks * 2, d.k_blocks + 1, max(1, d.k_blocks - 1)}:
+        if kb != d.k_blocks:
+            v[f"k_blocks={kb}"] = p(k_blocks=kb)
     if not quick:
         cc = {"mma": False} if bits == 4 else {}
+        v["cuda cores, unpaired"] = p(paired=False, **cc)
         v["cuda cores, no prefetch"] = p(pipeline=False, **cc)
         v["cuda cores, R=4"] = p(rows_per_warp=4, **cc)
-        for kb in {max(1, d.k_blocks // 2), d.k_blocks * 2, d.k_blocks + 1}:
-            if kb != d.k_blocks:
-                v[f"k_blocks={kb}"] = p(k_blocks=kb)
     unique: dict[str, bg.GemvPlan] = {}
     for name, plan in v.items():  # the same plan under two names is timed once
         if plan not in unique.values():
@@ -113,7 +115,7 @@ def sass_histogram(plan: bg.GemvPlan) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--quick", action="store_true", help="two shapes, four variants each")
+    ap.add_argument("--quick", action="store_true", help="leave out the CUDA-core kernel's variants")
     ap.add_argument("--sass", action="store_true", help="opcode histogram of the default 4-bit kernel")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--shapes", help="comma list OUTxIN (default: Llama-3-8B's six)")
@@ -142,7 +144,7 @@ def main(argv=None) -> int:
     if args.sass:
         report["sass"] = sass_histogram(bg.plan_gemv(28672, 4096, 4, n_sm=n_sm))
         print(json.dumps(report["sass"]))
-    shapes = SHAPES[:1] + SHAPES[3:4] if args.quick else SHAPES
+    shapes = SHAPES
     if args.shapes:
         shapes = [tuple(map(int, t.split("x"))) for t in args.shapes.split(",")]
     print(f"{'out':>6} {'in':>6} {'b':>2} {'variant':<30} {'kb':>3} {'tpb':>3} {'us':>7} {'GB/s':>6} {'HBM':>5} {'err':>8}")
@@ -162,7 +164,8 @@ def main(argv=None) -> int:
                 moved = plan.weight_bytes + 4 * out_f * -(-in_f // 128)
                 row = {"out": out_f, "in": in_f, "bits": bits, "variant": name, "k_blocks": plan.k_blocks,
                        "tiles_per_block": plan.tiles_per_block, "rows_per_warp": plan.rows_per_warp,
-                       "pipeline": plan.pipeline, "paired": plan.paired, "mma": plan.mma, "us": us, "rel_err": err,
+                       "pipeline": plan.pipeline, "paired": plan.paired, "mma": plan.mma, "ahead": plan.ahead,
+                       "us": us, "rel_err": err,
                        "GBps": moved / us / 1e3, "frac_hbm_read": moved / us / 1e3 / report["hbm_read_GBps"]}
                 report["rows"].append(row)
                 print(f"{out_f:>6} {in_f:>6} {bits:>2} {name:<30} {plan.k_blocks:>3} {plan.tiles_per_block:>3} "

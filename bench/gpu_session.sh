@@ -4,7 +4,7 @@
 #   bash bench/gpu_session.sh STAGE       (STAGE: a b c d e; $OUT: where results go; DECDEC_COMMIT set)
 # a: tiny-model GPU tests of the engine + tune, Llama-3-8B end to end
 # b: kernel benchmarks (bench/gpu_ops.py)
-# g: base GEMV: the kernel GPU tests of base_gemv + correction, then bench/gemv_variants.py (all shapes)
+# g: base GEMV: bench/gemv_variants.py --quick (all shapes), then the real-shape GPU tests of base_gemv + correction
 # m: the kernel GPU tests under compute-sanitizer memcheck (200 s was too short for the current GEMV)
 # c: SmolLM2-shaped end to end, base GEMV variants
 # d: (transfer only)
@@ -32,9 +32,9 @@ b)
     2>&1 | tee $OUT/gpu_ops.log | tail -80
   ;;
 g)
-  DECDEC_GPU_TESTS=1 timeout 200 python -m pytest -q tests/ops/test_base_gemv.py tests/ops/test_correction.py \
+  timeout 300 python bench/gemv_variants.py --quick --sass --out $OUT/gemv_variants.json 2>&1 | tee $OUT/gemv_variants.log
+  DECDEC_GPU_TESTS=1 timeout 240 python -m pytest -q -m gpu tests/ops/test_base_gemv.py tests/ops/test_correction.py \
     2>&1 | tee $OUT/ops_gemv_tests.log | tail -5
-  timeout 360 python bench/gemv_variants.py --sass --out $OUT/gemv_variants.json 2>&1 | tee $OUT/gemv_variants.log
   ;;
 m)  # the kernel GPU tests under compute-sanitizer memcheck (~10x slower than without: a call of its own)
   DECDEC_GPU_TESTS=1 timeout 560 compute-sanitizer --tool memcheck python -m pytest -q tests/ops -k "not slow" \

@@ -58,6 +58,15 @@ STAGE_INPUTS = 4096  # inputs of x * act_scale one block stages in shared memory
 PAD = 33  # shared row pitch: 32 lanes + 1, so staging writes hit distinct banks
 FLAG_CAP = 256  # tiles one arrival round decides at once (<= threads of any kernel that arrives)
 MAGIC_ONE = 0x3F800000  # float32 1.0: codes are or-ed into its mantissa
+# the tensor-core kernel (`_mma_kernel`)
+MMA_ROWS = 16  # rows of one mma tile
+MMA_GROUP = 128  # inputs of one step: one quantization group
+MMA_PITCH = 20  # uint32 per (group, t) in the staged inputs: 16 pairs + 4 pad
+MMA_MAGIC = 0x64006400  # fp16x2 (1024, 1024): codes are or-ed into its mantissas
+MMA_MIN_BLOCKS = 3  # blocks per SM asked of ptxas
+MMA_AHEAD = 2  # default steps in flight
+MMA_STAGE_GROUPS = STAGE_INPUTS // MMA_GROUP
+_MASK_LO, _MASK_HI = 0x000F000F, 0x00F000F0
 
 __all__ = [
     "base_gemv_reference", "unpack_codes", "dequantize", "base_gemv_cuda", "BaseGemv", "GemvPlan",
@@ -164,6 +173,7 @@ class GemvPlan:
     tiles_per_block: int = 1  # > 1: a block stages its inputs once and streams several tiles
     paired: bool = False  # 4-bit: decode two codes per shift (`_step_source`)
     mma: bool = False  # 4-bit, group 128: the tensor-core kernel (`_mma_kernel`; always pipelined)
+    ahead: int = 1  # with `mma`: steps whose weights are in flight while one is computed (1 to 3)
 
     @property
     def unit(self) -> int:
@@ -188,14 +198,15 @@ class GemvPlan:
 
 def plan_gemv(out_features: int, in_features: int, bits: int, group_size: int = 128, n_sm: int = 132,
               rows_per_warp: int | None = None, k_blocks: int | None = None, pipeline: bool = True,
-              persistent: bool = True, paired: bool | None = None, mma: bool | None = None) -> GemvPlan:
+              persistent: bool = True, paired: bool | None = None, mma: bool | None = None,
+              ahead: int = MMA_AHEAD) -> GemvPlan:
     """Pick the K split by a small cost model: time ~ waves x (staging + tiles x (steps + epilogue)).
 
     Blocks run in waves of `slots` (blocks per SM x SMs, by registers). A block stages its K range's
     inputs once and, `persistent`, takes ceil(tiles x K blocks / slots) row tiles, each costing its
     steps plus an epilogue (~1 step); otherwise one tile. Splitting K shortens tiles but adds
     epilogues. Each K block stages at most STAGE_INPUTS inputs. `mma` (the tensor-core kernel)
-    defaults to True for 4-bit weights in groups of 128, with 32 rows per warp; its step is one group
+    defaults to True for 4-bit weights in groups of 128, with 16 rows per warp; its step is one group
     and its staging (three barriers) costs ~2 steps. Otherwise a step is 32 units (a warp's 32
     lanes), staging ~1 step, 8 rows per warp, and `paired` defaults to True at 4 bits.
     """
@@ -206,7 +217,7 @@ def plan_gemv(out_features: int, in_features: int, bits: int, group_size: int = 
     mma = (bits == 4 and group_size == MMA_GROUP) if mma is None else mma
     if mma and (bits != 4 or group_size != MMA_GROUP):
         raise ValueError(f"the tensor-core kernel takes 4-bit weights in groups of {MMA_GROUP}")
-    rows_per_warp = (2 * MMA_ROWS if mma else ROWS_PER_WARP) if rows_per_warp is None else rows_per_warp
+    rows_per_warp = (MMA_ROWS if mma else ROWS_PER_WARP) if rows_per_warp is None else rows_per_warp
     if mma and rows_per_warp % MMA_ROWS:
         raise ValueError(f"rows_per_warp = {rows_per_warp}: the tensor-core kernel takes multiples of {MMA_ROWS}")
     if not mma and 32 % rows_per_warp:
@@ -237,7 +248,7 @@ def plan_gemv(out_features: int, in_features: int, bits: int, group_size: int = 
     units = units_for(k_blocks)
     k_blocks = -(-n_units // units)
     return GemvPlan(bits, out_features, in_features, group_size, rows_per_warp, k_blocks, units,
-                    pipeline or mma, tiles_for(k_blocks), paired, mma)
+                    pipeline or mma, tiles_for(k_blocks), paired, mma, ahead if mma else 1)
 
 
 @dataclass
@@ -538,13 +549,6 @@ def _gemv_kernel(bits: int, rows_per_warp: int, row_words: int, n_groups: int, g
 # xs[group * 80 + t * 20 + m * 4 + alpha] = half2 of inputs 32 t + 8 m + (alpha, alpha + 4), with odd
 # alpha divided by 16 (their A carries 16 q). Pitch 20 (not 16) keeps the four t's reads in distinct banks.
 
-MMA_ROWS = 16  # rows of one mma tile
-MMA_GROUP = 128  # inputs of one step: one quantization group
-MMA_PITCH = 20  # uint32 per (group, t) in the staged inputs: 16 pairs + 4 pad
-MMA_MAGIC = 0x64006400  # fp16x2 (1024, 1024): codes are or-ed into its mantissas
-MMA_MIN_BLOCKS = 3  # blocks per SM asked of ptxas
-MMA_STAGE_GROUPS = STAGE_INPUTS // MMA_GROUP
-_MASK_LO, _MASK_HI = 0x000F000F, 0x00F000F0
 
 
 def _mma_step_source(m_tiles: int, row_words: int, n_groups: int, exact_rows: bool) -> str:
@@ -604,9 +608,12 @@ def _make_mma_step(m_tiles: int, row_words: int, n_groups: int, exact_rows: bool
 
 
 @functools.lru_cache(maxsize=None)
-def _mma_kernel(m_tiles: int, row_words: int, n_groups: int, exact_rows: bool, exact_k: bool):
+def _mma_kernel(m_tiles: int, row_words: int, n_groups: int, exact_rows: bool, exact_k: bool, ahead: int = 2):
     """The tensor-core 4-bit kernel for one (m_tiles, row stride, group count); `exact_rows`: the rows
-    fill whole tiles, `exact_k`: the inputs whole groups (no clamps). See the section comment."""
+    fill whole tiles, `exact_k`: the inputs whole groups (no clamps); `ahead` (1 to 3): steps whose
+    weights are in flight while one is computed. See the section comment."""
+    AHEAD = ahead
+    assert 1 <= AHEAD <= 3
     TILE = WARPS * MMA_ROWS * m_tiles
     GROUP_WORDS = 4 * MMA_PITCH
     XS_WORDS = MMA_STAGE_GROUPS * GROUP_WORDS  # shared sizes must be literal constants for Numba
@@ -615,6 +622,11 @@ def _mma_kernel(m_tiles: int, row_words: int, n_groups: int, exact_rows: bool, e
     assert MMA_STAGE_GROUPS * MMA_GROUP == CHUNK * THREADS  # one chunk per thread stages a full K block
     SWAP = THREADS * MMA_SWAP if SIMULATED else 1
     load, dots = _make_mma_step(m_tiles, row_words, n_groups, exact_rows)
+
+    @cuda.jit(device=True)
+    def wo_of(grp, t4, max_wo):  # lane's first word of a group in a row; clamped past a partial last group
+        w = uint32(grp * 16) + t4
+        return w if exact_k else min(w, max_wo)
 
     @jit_with_bounds(THREADS, MMA_MIN_BLOCKS)
     def kernel(x, act_scale, qw, scales, zeros, out, partials, counters, n_out, n_in, groups_per_kblock,
@@ -705,30 +717,58 @@ def _mma_kernel(m_tiles: int, row_words: int, n_groups: int, exact_rows: bool, e
         t4 = uint32(4 * t)
         t_pitch = uint32(t * MMA_PITCH)
         max_wo = uint32(row_words - 4)  # lanes past a partial last group re-read a valid word (b = 0 there)
-        gw = uint32(grp0 * 16)
-        wo = gw + t4 if exact_k else min(gw + t4, max_wo)
-        words = load(qw, scales, zeros, uint32(tile * TILE) + lane_row, last_row, wo, uint32(grp0), sel8)
         acc = cuda.local.array(m_tiles, float32)
         for mt in range(m_tiles):
             acc[mt] = float32(0)
+        # the weights of step it + AHEAD are loaded while step it is computed: `ltile`, `lstep` follow the
+        # loads, `tile`, `step` the computation; w0 .. w{AHEAD-1} hold the loaded steps, oldest first
+        ltile = tile
+        lstep = 0
+        w0 = load(qw, scales, zeros, uint32(ltile * TILE) + lane_row, last_row, wo_of(grp0, t4, max_wo),
+                  uint32(grp0), sel8)
+        w1 = w0
+        w2 = w0
+        for k in range(1, AHEAD):
+            lstep += 1
+            if lstep == n_grp:
+                lstep = 0
+                ltile += stride
+            if k < n_iter:
+                wk = load(qw, scales, zeros, uint32(ltile * TILE) + lane_row, last_row,
+                          wo_of(grp0 + lstep, t4, max_wo), uint32(grp0 + lstep), sel8)
+                if k == 1:
+                    w1 = wk
+                else:
+                    w2 = wk
         step = 0
         for it in range(n_iter):
+            lstep += 1
+            if lstep == n_grp:
+                lstep = 0
+                ltile += stride
+            ahead = w0
+            if it + AHEAD < n_iter:
+                ahead = load(qw, scales, zeros, uint32(ltile * TILE) + lane_row, last_row,
+                             wo_of(grp0 + lstep, t4, max_wo), uint32(grp0 + lstep), sel8)
+            words = w0
+            if AHEAD == 1:
+                w0 = ahead
+            elif AHEAD == 2:
+                w0 = w1
+                w1 = ahead
+            else:
+                w0 = w1
+                w1 = w2
+                w2 = ahead
             next_step = step + 1
             next_tile = tile
             if next_step == n_grp:
                 next_step = 0
                 next_tile = tile + stride
-            ahead = words
-            if it + 1 < n_iter:
-                gw = uint32((grp0 + next_step) * 16)
-                wo = gw + t4 if exact_k else min(gw + t4, max_wo)
-                ahead = load(qw, scales, zeros, uint32(next_tile * TILE) + lane_row, last_row, wo,
-                             uint32(grp0 + next_step), sel8)
             ustep = uint32(step)  # unsigned indices: Numba adds a negative-index wraparound to signed ones
             e = dots(words, xs, ustep * uint32(GROUP_WORDS) + t_pitch, grp_c[ustep], grp_s[ustep], upper, magic, swap)
             for mt in range(m_tiles):
                 acc[mt] += e[mt]
-            words = ahead
             if next_step == 0:  # tile complete: lanes t = 0 and 2 hold whole rows g and g + 8
                 for mt in range(m_tiles):
                     row = tile * TILE + warp * MMA_ROWS * m_tiles + MMA_ROWS * mt + lane // 4 + 8 * (t // 2)
@@ -785,7 +825,7 @@ class BaseGemv:
         if p.mma:
             self.qw = _flat(qweight, np.uint32)
             self.kernel = _mma_kernel(p.rows_per_warp // MMA_ROWS, in_features // 8, self.n_groups, exact,
-                                      in_features % MMA_GROUP == 0)
+                                      in_features % MMA_GROUP == 0, p.ahead)
             self.magic = MMA_MAGIC
         else:
             self.qw = _flat(qweight, np.uint64 if bits == 4 else np.uint32)

@@ -64,7 +64,7 @@ MMA_GROUP = 128  # inputs of one step: one quantization group
 MMA_PITCH = 20  # uint32 per (group, t) in the staged inputs: 16 pairs + 4 pad
 MMA_MAGIC = 0x64006400  # fp16x2 (1024, 1024): codes are or-ed into its mantissas
 MMA_MIN_BLOCKS = 3  # blocks per SM asked of ptxas
-MMA_AHEAD = 2  # default steps in flight
+MMA_AHEAD = 1  # default steps in flight (1 measured fastest on the H200: 30.8 vs 32.6 and 33.4 us with 2 and 3 at 28672x4096)
 MMA_STAGE_GROUPS = STAGE_INPUTS // MMA_GROUP
 _MASK_LO, _MASK_HI = 0x000F000F, 0x00F000F0
 
@@ -551,27 +551,25 @@ def _gemv_kernel(bits: int, rows_per_warp: int, row_words: int, n_groups: int, g
 
 
 
-def _mma_step_source(m_tiles: int, row_words: int, n_groups: int, exact_rows: bool) -> str:
+def _mma_step_source(m_tiles: int, n_groups: int, exact_rows: bool) -> str:
     """Source of one lane's step over `m_tiles` mma tiles, as `load` and `dots` (generated unrolled, as
     `_step_source`: every register index a constant). `load` issues both 128-bit weight loads of each
-    tile (rows g and g + 8) and the lane's row scale and zero, and returns them untouched (fp16 still:
-    converting would wait for the load); rows of whole tiles sit at constant offsets from the first
-    (folded into the load instruction). `dots` goes word by word (4 staged pairs live at a time),
+    tile (rows g and g + 8, from `mma_layout`: constant offsets, folded into the load instruction) and
+    the lane's row scale and zero, and returns them untouched (fp16 still: converting would wait for
+    the load). `dots` goes word by word (4 staged pairs live at a time),
     running each tile's 2 mmas of the word, and returns per tile the lane's row's
     scale * (sum_k (q_k - z) b_k)."""
-    load = ["def load(qw, scales, zeros, row0, last_row, wo, gi, sel8):"]
+    load = ["def load(qw, scales, zeros, tw, row0, last_row, lane4, gi, sel8):"]  # uint32 indices (< 2^32 words)
+    load.append(f"    wb = uint64(uint32((tw * uint32({n_groups}) + gi) * uint32(256)) + lane4)")
     if exact_rows:
-        load += [f"    wb = row0 * uint64({row_words}) + wo", f"    sb = (row0 + sel8) * uint64({n_groups}) + gi"]
+        load.append(f"    sb = uint64(uint32((row0 + sel8) * uint32({n_groups}) + gi))")
     ret = []
     for mt in range(m_tiles):
-        for h in range(2):  # rows g and g + 8
-            off = MMA_ROWS * mt + 8 * h
-            addr = f"wb + uint64({off * row_words})" if exact_rows else \
-                f"min(row0 + uint64({off}), last_row) * uint64({row_words}) + wo"
-            load.append(f"    w{mt}{h} = load_u32x4(qw, {addr})")
+        for h in range(2):  # rows g and g + 8: 512 contiguous bytes for the warp (`mma_layout`)
+            load.append(f"    w{mt}{h} = load_u32x4(qw, wb + uint64({(mt * n_groups * 2 + h) * 128}))")
             ret += [f"w{mt}{h}[{i}]" for i in range(4)]
         addr = f"sb + uint64({MMA_ROWS * mt * n_groups})" if exact_rows else \
-            f"min(row0 + uint64({MMA_ROWS * mt}) + sel8, last_row) * uint64({n_groups}) + gi"
+            f"uint32(min(row0 + uint32({MMA_ROWS * mt}) + sel8, last_row) * uint32({n_groups}) + gi)"
         load += [f"    s{mt} = scales[{addr}]", f"    z{mt} = zeros[{addr}]"]
         ret += [f"s{mt}", f"z{mt}"]
     load.append(f"    return ({', '.join(ret)},)")
@@ -597,10 +595,24 @@ def _mma_step_source(m_tiles: int, row_words: int, n_groups: int, exact_rows: bo
     return "\n".join(load) + "\n\n\n" + "\n".join(dots) + "\n"
 
 
+def mma_layout(qweight: torch.Tensor, tile_rows: int) -> torch.Tensor:
+    """4-bit qweight int32 [out, in / 8] (FORMATS.md) -> the tensor-core kernel's device layout, flat
+    int32: rows padded with zero codes to whole tiles and inputs to whole groups (so no load needs a
+    clamp), then for each 16-row block T, group G, half h and lane l = 4 g + t the 4 words of row
+    16 T + 8 h + g holding inputs 128 G + 32 t .. 128 G + 32 t + 31. A warp's 128-bit load of one half
+    then reads 512 contiguous bytes, and a step's two halves 1 KiB."""
+    out_features, words = qweight.shape
+    rows = -(-out_features // tile_rows) * tile_rows
+    n_groups = -(-words // 16)
+    padded = torch.zeros((rows, n_groups * 16), dtype=torch.int32, device=qweight.device)
+    padded[:out_features, :words] = qweight
+    return padded.view(rows // 16, 2, 8, n_groups, 4, 4).permute(0, 3, 1, 2, 4, 5).contiguous().view(-1)
+
+
 @functools.lru_cache(maxsize=None)
-def _make_mma_step(m_tiles: int, row_words: int, n_groups: int, exact_rows: bool):
-    src = _mma_step_source(m_tiles, row_words, n_groups, exact_rows)
-    name = f"<base_gemv.mma_step m_tiles={m_tiles} row_words={row_words} n_groups={n_groups} exact={exact_rows}>"
+def _make_mma_step(m_tiles: int, n_groups: int, exact_rows: bool):
+    src = _mma_step_source(m_tiles, n_groups, exact_rows)
+    name = f"<base_gemv.mma_step m_tiles={m_tiles} n_groups={n_groups} exact={exact_rows}>"
     linecache.cache[name] = (len(src), None, src.splitlines(True), name)
     scope = {"uint32": uint32, "uint64": uint64, "float32": float32, "load_u32x4": load_u32x4, "mma_f16": mma_f16}
     exec(compile(src, name, "exec"), scope)
@@ -608,37 +620,33 @@ def _make_mma_step(m_tiles: int, row_words: int, n_groups: int, exact_rows: bool
 
 
 @functools.lru_cache(maxsize=None)
-def _mma_kernel(m_tiles: int, row_words: int, n_groups: int, exact_rows: bool, exact_k: bool, ahead: int = 2):
-    """The tensor-core 4-bit kernel for one (m_tiles, row stride, group count); `exact_rows`: the rows
-    fill whole tiles, `exact_k`: the inputs whole groups (no clamps); `ahead` (1 to 3): steps whose
-    weights are in flight while one is computed. See the section comment."""
+def _mma_kernel(m_tiles: int, n_groups: int, exact_rows: bool, ahead: int = 1):
+    """The tensor-core 4-bit kernel for one (m_tiles, group count); `exact_rows`: the rows fill whole
+    tiles (no clamps on scale / zero rows); `ahead` (1 to 3): steps whose weights are in flight while
+    one is computed. See the section comment."""
     AHEAD = ahead
     assert 1 <= AHEAD <= 3
     TILE = WARPS * MMA_ROWS * m_tiles
+    TILES16 = TILE // MMA_ROWS
     GROUP_WORDS = 4 * MMA_PITCH
     XS_WORDS = MMA_STAGE_GROUPS * GROUP_WORDS  # shared sizes must be literal constants for Numba
     STAGE_GROUPS = MMA_STAGE_GROUPS
     CHUNK = 16  # inputs one thread stages: a quarter-word pair of one t
     assert MMA_STAGE_GROUPS * MMA_GROUP == CHUNK * THREADS  # one chunk per thread stages a full K block
     SWAP = THREADS * MMA_SWAP if SIMULATED else 1
-    load, dots = _make_mma_step(m_tiles, row_words, n_groups, exact_rows)
-
-    @cuda.jit(device=True)
-    def wo_of(grp, t4, max_wo):  # lane's first word of a group in a row; clamped past a partial last group
-        w = uint32(grp * 16) + t4
-        return w if exact_k else min(w, max_wo)
+    load, dots = _make_mma_step(m_tiles, n_groups, exact_rows)
 
     @jit_with_bounds(THREADS, MMA_MIN_BLOCKS)
     def kernel(x, act_scale, qw, scales, zeros, out, partials, counters, n_out, n_in, groups_per_kblock,
                direct, n_parts, magic_bits):
         """y[row] = sum over this block's K range of deq(Q)[row, i] * x[i] * act_scale[i], on tensor cores.
 
-        Layout: qw flat uint32 [out * in / 8]; scales, zeros flat fp16 [out * n_groups]; out fp16 [out];
+        Layout: qw flat uint32 in `mma_layout`; scales, zeros flat fp16 [out * n_groups]; out fp16 [out];
         partials flat f32 [n_parts * out]. Launch: grid (G, k_blocks), block 256. Block (b, kb) stages
         the inputs of groups [kb * P, (kb + 1) * P) (P = groups_per_kblock) once as fp16 pairs, then
         takes row tiles b, b + G, ... (128 m_tiles rows; warp w the 16 m_tiles rows from tile * TILE +
         16 m_tiles w), one (tile, group) step after another with the next step's loads in flight.
-        Bytes: the packed weights once (128-bit loads, each row's 64 bytes of a group by 4 lanes),
+        Bytes: the packed weights once (128-bit loads, a warp's 1 KiB of a step contiguous),
         scales + zeros once (4 B per row and group), x and act_scale once per block (6 B per input),
         2 B per row out (+ 4 B per row and K block when K is split or merged).
         """
@@ -714,9 +722,9 @@ def _mma_kernel(m_tiles: int, row_words: int, n_groups: int, exact_rows: bool, e
         lane_row = uint32(warp * MMA_ROWS * m_tiles + lane // 4)
         sel8 = uint32(8 * (t // 2))  # lanes t = 0, 1 finish row g, lanes 2, 3 row g + 8
         upper = t >= 2
-        t4 = uint32(4 * t)
         t_pitch = uint32(t * MMA_PITCH)
-        max_wo = uint32(row_words - 4)  # lanes past a partial last group re-read a valid word (b = 0 there)
+        lane4 = uint32(4 * lane)
+        warp_t16 = uint32(warp * m_tiles)  # the warp's first 16-row block within a tile
         acc = cuda.local.array(m_tiles, float32)
         for mt in range(m_tiles):
             acc[mt] = float32(0)
@@ -724,8 +732,8 @@ def _mma_kernel(m_tiles: int, row_words: int, n_groups: int, exact_rows: bool, e
         # loads, `tile`, `step` the computation; w0 .. w{AHEAD-1} hold the loaded steps, oldest first
         ltile = tile
         lstep = 0
-        w0 = load(qw, scales, zeros, uint32(ltile * TILE) + lane_row, last_row, wo_of(grp0, t4, max_wo),
-                  uint32(grp0), sel8)
+        w0 = load(qw, scales, zeros, uint32(ltile * TILES16) + warp_t16, uint32(ltile * TILE) + lane_row, last_row,
+                  lane4, uint32(grp0), sel8)
         w1 = w0
         w2 = w0
         for k in range(1, AHEAD):
@@ -734,8 +742,8 @@ def _mma_kernel(m_tiles: int, row_words: int, n_groups: int, exact_rows: bool, e
                 lstep = 0
                 ltile += stride
             if k < n_iter:
-                wk = load(qw, scales, zeros, uint32(ltile * TILE) + lane_row, last_row,
-                          wo_of(grp0 + lstep, t4, max_wo), uint32(grp0 + lstep), sel8)
+                wk = load(qw, scales, zeros, uint32(ltile * TILES16) + warp_t16, uint32(ltile * TILE) + lane_row,
+                          last_row, lane4, uint32(grp0 + lstep), sel8)
                 if k == 1:
                     w1 = wk
                 else:
@@ -748,8 +756,8 @@ def _mma_kernel(m_tiles: int, row_words: int, n_groups: int, exact_rows: bool, e
                 ltile += stride
             ahead = w0
             if it + AHEAD < n_iter:
-                ahead = load(qw, scales, zeros, uint32(ltile * TILE) + lane_row, last_row,
-                             wo_of(grp0 + lstep, t4, max_wo), uint32(grp0 + lstep), sel8)
+                ahead = load(qw, scales, zeros, uint32(ltile * TILES16) + warp_t16, uint32(ltile * TILE) + lane_row,
+                             last_row, lane4, uint32(grp0 + lstep), sel8)
             words = w0
             if AHEAD == 1:
                 w0 = ahead
@@ -822,10 +830,14 @@ class BaseGemv:
                              f"not {out_features}x{in_features} {bits}-bit g{group_size}")
         exact = p.out_features % p.tile_rows == 0
         self.scales, self.zeros, self.act_scale = _flat(scales), _flat(zeros), act_scale
-        if p.mma:
-            self.qw = _flat(qweight, np.uint32)
-            self.kernel = _mma_kernel(p.rows_per_warp // MMA_ROWS, in_features // 8, self.n_groups, exact,
-                                      in_features % MMA_GROUP == 0, p.ahead)
+        if p.mma:  # a copy in the kernel's own layout; the caller may free `qweight`
+            if SIMULATED:
+                self.qw = cuda.to_device(mma_layout(torch.from_numpy(qweight.copy_to_host()), p.tile_rows).numpy()
+                                         .view(np.uint32))
+            else:
+                self._qw_tiled = mma_layout(torch.as_tensor(qweight, device="cuda"), p.tile_rows)
+                self.qw = _flat(_device(self._qw_tiled), np.uint32)
+            self.kernel = _mma_kernel(p.rows_per_warp // MMA_ROWS, self.n_groups, exact, p.ahead)
             self.magic = MMA_MAGIC
         else:
             self.qw = _flat(qweight, np.uint64 if bits == 4 else np.uint32)

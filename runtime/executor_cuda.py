@@ -286,6 +286,8 @@ def quantized_group(qweight, scales, zeros, act_scale, bits: int, group_size: in
     tensors = tuple(t.to(DEVICE).contiguous() for t in (qweight, scales, zeros))
     tensors += (act_scale.to(DEVICE, torch.float32).contiguous(),)
     gemv = BaseGemv(*tensors, bits, group_size)
+    if gemv.plan.mma:  # the tensor-core kernel reads its own copy of the weights (`mma_layout`)
+        tensors = tensors[1:]
     shape = (gemv.plan.out_features, gemv.plan.in_features)
     if rows is None:
         return DeviceGroup(shape, gemv, tensors)

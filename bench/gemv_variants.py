@@ -57,9 +57,9 @@ def variants(out_f: int, in_f: int, bits: int, n_sm: int, quick: bool) -> dict[s
     v["one tile per block"] = p(persistent=False)
     d = v["default"]
     if bits == 4:  # the tensor-core kernel (default) against the CUDA-core one
-        for a in (1, 2, 3):
-            v[f"mma ahead={a}"] = p(ahead=a)
-        v["mma R=32 ahead=1"] = p(rows_per_warp=32, ahead=1)
+        v["mma R=16"] = p(rows_per_warp=16)
+        v["mma R=32"] = p(rows_per_warp=32)
+        v["mma ahead=2"] = p(ahead=2)
         v["cuda cores"] = p(mma=False)
     for kb in {max(1, d.k_blocks // 2), d.k_blocks * 2, d.k_blocks + 1, max(1, d.k_blocks - 1)}:
         if kb != d.k_blocks:

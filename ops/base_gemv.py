@@ -200,15 +200,14 @@ def plan_gemv(out_features: int, in_features: int, bits: int, group_size: int = 
               rows_per_warp: int | None = None, k_blocks: int | None = None, pipeline: bool = True,
               persistent: bool = True, paired: bool | None = None, mma: bool | None = None,
               ahead: int = MMA_AHEAD) -> GemvPlan:
-    """Pick the K split by a small cost model: time ~ waves x (staging + tiles x (steps + epilogue)).
+    """Pick the K split (and for `mma` the rows per warp) by a small cost model, `_plan_cost`.
 
     Blocks run in waves of `slots` (blocks per SM x SMs, by registers). A block stages its K range's
-    inputs once and, `persistent`, takes ceil(tiles x K blocks / slots) row tiles, each costing its
-    steps plus an epilogue (~1 step); otherwise one tile. Splitting K shortens tiles but adds
-    epilogues. Each K block stages at most STAGE_INPUTS inputs. `mma` (the tensor-core kernel)
-    defaults to True for 4-bit weights in groups of 128, with 16 rows per warp; its step is one group
-    and its staging (three barriers) costs ~2 steps. Otherwise a step is 32 units (a warp's 32
-    lanes), staging ~1 step, 8 rows per warp, and `paired` defaults to True at 4 bits.
+    inputs once and, `persistent`, takes ceil(tiles x K blocks / slots) row tiles; otherwise one tile.
+    Splitting K shortens tiles but adds epilogues. Each K block stages at most STAGE_INPUTS inputs.
+    `mma` (the tensor-core kernel) defaults to True for 4-bit weights in groups of 128, with 16 or 32
+    rows per warp; its step is one group. Otherwise a step is 32 units (a warp's 32 lanes), 8 rows per
+    warp, and `paired` defaults to True at 4 bits.
     """
     if bits not in (3, 4):
         raise ValueError(f"bits = {bits}: allowed 3 or 4")
@@ -217,7 +216,11 @@ def plan_gemv(out_features: int, in_features: int, bits: int, group_size: int = 
     mma = (bits == 4 and group_size == MMA_GROUP) if mma is None else mma
     if mma and (bits != 4 or group_size != MMA_GROUP):
         raise ValueError(f"the tensor-core kernel takes 4-bit weights in groups of {MMA_GROUP}")
-    rows_per_warp = (MMA_ROWS if mma else ROWS_PER_WARP) if rows_per_warp is None else rows_per_warp
+    if mma and rows_per_warp is None:  # one or two mma tiles per warp, whichever the cost model prefers
+        plans = [plan_gemv(out_features, in_features, bits, group_size, n_sm, r, k_blocks, pipeline, persistent,
+                           paired, mma, ahead) for r in (MMA_ROWS, 2 * MMA_ROWS)]
+        return min(plans, key=lambda p: _plan_cost(p, n_sm))
+    rows_per_warp = ROWS_PER_WARP if rows_per_warp is None else rows_per_warp
     if mma and rows_per_warp % MMA_ROWS:
         raise ValueError(f"rows_per_warp = {rows_per_warp}: the tensor-core kernel takes multiples of {MMA_ROWS}")
     if not mma and 32 % rows_per_warp:
@@ -226,29 +229,41 @@ def plan_gemv(out_features: int, in_features: int, bits: int, group_size: int = 
     if paired and (bits != 4 or mma):
         raise ValueError("paired decoding is for 4-bit weights on the CUDA-core kernel")
     unit = MMA_GROUP if mma else 16 if bits == 4 else 32
-    step_units, stage_cost = (1, 2) if mma else (32, 1)  # units per step; staging in steps
+    step_units = 1 if mma else 32  # units per step
     n_units = -(-in_features // unit)
     max_units = STAGE_INPUTS // unit
     n_tiles = -(-out_features // (WARPS * rows_per_warp))
-    slots = n_sm * (MMA_MIN_BLOCKS if mma else _min_blocks(bits, rows_per_warp, pipeline))
 
-    def units_for(kb: int) -> int:  # whole steps per K block
-        return min(max_units, -(-(-(-n_units // kb)) // step_units) * step_units)
+    def make(kb: int) -> GemvPlan:
+        units = min(max_units, -(-(-(-n_units // kb)) // step_units) * step_units)  # whole steps per K block
+        kb = -(-n_units // units)
+        slots = _slots(bits, rows_per_warp, pipeline or mma, mma, n_sm)
+        tiles = -(-n_tiles * kb // slots) if persistent else 1
+        return GemvPlan(bits, out_features, in_features, group_size, rows_per_warp, kb, units, pipeline or mma,
+                        tiles, paired, mma, ahead if mma else 1)
 
-    def tiles_for(kb: int) -> int:
-        return -(-n_tiles * kb // slots) if persistent else 1
+    if k_blocks is not None:
+        return make(k_blocks)
+    return min((make(kb) for kb in range(-(-n_units // max_units), -(-n_units // step_units) + 1)),
+               key=lambda p: (_plan_cost(p, n_sm), p.k_blocks))
 
-    def cost(kb: int) -> tuple[int, int]:
-        units, tiles = units_for(kb), tiles_for(kb)
-        blocks = -(-n_tiles // tiles) * -(-n_units // units)
-        return -(-blocks // slots) * (stage_cost + tiles * (1 + units // step_units)), kb
 
-    if k_blocks is None:
-        k_blocks = min(range(-(-n_units // max_units), -(-n_units // step_units) + 1), key=cost)
-    units = units_for(k_blocks)
-    k_blocks = -(-n_units // units)
-    return GemvPlan(bits, out_features, in_features, group_size, rows_per_warp, k_blocks, units,
-                    pipeline or mma, tiles_for(k_blocks), paired, mma, ahead if mma else 1)
+def _slots(bits: int, rows_per_warp: int, pipeline: bool, mma: bool, n_sm: int) -> int:
+    """Blocks resident at once: blocks per SM (by registers) x SMs."""
+    return n_sm * (MMA_MIN_BLOCKS if mma else _min_blocks(bits, rows_per_warp, pipeline))
+
+
+def _plan_cost(p: GemvPlan, n_sm: int) -> float:
+    """Time of a plan in steps of one warp over 128 inputs x 16 rows (mma) or 32 units x R rows: waves x
+    (staging + tiles x (steps + epilogue)). Measured on the H200 for the tensor-core kernel (bench/
+    gemv_variants.py): staging ~3 steps, a tile's epilogue ~1 step + 1/8 step per K part summed at the
+    arrival; two mma tiles per warp make a step twice as long. The CUDA-core kernel: staging and
+    epilogue ~1 step each."""
+    blocks = p.grid[0] * p.grid[1]
+    waves = -(-blocks // _slots(p.bits, p.rows_per_warp, p.pipeline, p.mma, n_sm))
+    if p.mma:
+        return waves * (3 + p.tiles_per_block * (p.units_per_kblock * p.rows_per_warp / MMA_ROWS + 1 + p.k_blocks / 8))
+    return waves * (1 + p.tiles_per_block * (1 + p.units_per_kblock // 32))
 
 
 @dataclass
@@ -667,6 +682,43 @@ def _mma_kernel(m_tiles: int, n_groups: int, exact_rows: bool, ahead: int = 1):
         grp0 = kb * groups_per_kblock
         n_grp = min(groups_per_kblock, (n_in + MMA_GROUP - 1) // MMA_GROUP - grp0)
 
+        n_tiles = (n_out + TILE - 1) // TILE
+        stride = cuda.gridDim.x
+        tile = cuda.blockIdx.x
+        n_iter = ((n_tiles - tile + stride - 1) // stride) * n_grp  # this block's (tile, step) pairs
+        # indices in uint32 (a weight matrix has < 2^32 words): 64-bit index math costs twice the instructions
+        last_row = uint32(n_out - 1)
+        lane_row = uint32(warp * MMA_ROWS * m_tiles + lane // 4)
+        sel8 = uint32(8 * (t // 2))  # lanes t = 0, 1 finish row g, lanes 2, 3 row g + 8
+        upper = t >= 2
+        t_pitch = uint32(t * MMA_PITCH)
+        lane4 = uint32(4 * lane)
+        warp_t16 = uint32(warp * m_tiles)  # the warp's first 16-row block within a tile
+        acc = cuda.local.array(m_tiles, float32)
+        for mt in range(m_tiles):
+            acc[mt] = float32(0)
+        # the weights of step it + AHEAD are loaded while step it is computed, the first ones during the
+        # staging (which they do not need); `ltile`, `lstep` follow the loads, `tile`, `step` the
+        # computation; w0 .. w{AHEAD-1} hold the loaded steps, oldest first
+        ltile = tile
+        lstep = 0
+        w0 = load(qw, scales, zeros, uint32(ltile * TILES16) + warp_t16, uint32(ltile * TILE) + lane_row, last_row,
+                  lane4, uint32(grp0), sel8)
+        w1 = w0
+        w2 = w0
+        for k in range(1, AHEAD):
+            lstep += 1
+            if lstep == n_grp:
+                lstep = 0
+                ltile += stride
+            if k < n_iter:
+                wk = load(qw, scales, zeros, uint32(ltile * TILES16) + warp_t16, uint32(ltile * TILE) + lane_row,
+                          last_row, lane4, uint32(grp0 + lstep), sel8)
+                if k == 1:
+                    w1 = wk
+                else:
+                    w2 = wk
+
         # stage: thread tid takes inputs [16 p, 16 p + 16) of group tid // 8 (p = tid % 8), i.e. words
         # 2 (p % 2) and 2 (p % 2) + 1 of lane t = p // 2; zeros past the end of the input
         if tid == 0:
@@ -713,41 +765,6 @@ def _mma_kernel(m_tiles: int, n_groups: int, exact_rows: bool, ahead: int = 1):
             grp_s[tid] = s_sum
         cuda.syncthreads()
 
-        n_tiles = (n_out + TILE - 1) // TILE
-        stride = cuda.gridDim.x
-        tile = cuda.blockIdx.x
-        n_iter = ((n_tiles - tile + stride - 1) // stride) * n_grp  # this block's (tile, step) pairs
-        # indices in uint32 (a weight matrix has < 2^32 words): 64-bit index math costs twice the instructions
-        last_row = uint32(n_out - 1)
-        lane_row = uint32(warp * MMA_ROWS * m_tiles + lane // 4)
-        sel8 = uint32(8 * (t // 2))  # lanes t = 0, 1 finish row g, lanes 2, 3 row g + 8
-        upper = t >= 2
-        t_pitch = uint32(t * MMA_PITCH)
-        lane4 = uint32(4 * lane)
-        warp_t16 = uint32(warp * m_tiles)  # the warp's first 16-row block within a tile
-        acc = cuda.local.array(m_tiles, float32)
-        for mt in range(m_tiles):
-            acc[mt] = float32(0)
-        # the weights of step it + AHEAD are loaded while step it is computed: `ltile`, `lstep` follow the
-        # loads, `tile`, `step` the computation; w0 .. w{AHEAD-1} hold the loaded steps, oldest first
-        ltile = tile
-        lstep = 0
-        w0 = load(qw, scales, zeros, uint32(ltile * TILES16) + warp_t16, uint32(ltile * TILE) + lane_row, last_row,
-                  lane4, uint32(grp0), sel8)
-        w1 = w0
-        w2 = w0
-        for k in range(1, AHEAD):
-            lstep += 1
-            if lstep == n_grp:
-                lstep = 0
-                ltile += stride
-            if k < n_iter:
-                wk = load(qw, scales, zeros, uint32(ltile * TILES16) + warp_t16, uint32(ltile * TILE) + lane_row,
-                          last_row, lane4, uint32(grp0 + lstep), sel8)
-                if k == 1:
-                    w1 = wk
-                else:
-                    w2 = wk
         step = 0
         for it in range(n_iter):
             lstep += 1

@@ -73,8 +73,12 @@ if SIMULATED:
 else:
     from llvmlite import ir
     from numba import types
-    from numba.cuda import cgutils
-    from numba.cuda.extending import intrinsic
+    try:  # numba-cuda (the GPU image)
+        from numba.cuda import cgutils
+        from numba.cuda.extending import intrinsic
+    except ImportError:  # Numba's built-in CUDA target
+        from numba.core import cgutils
+        from numba.core.extending import intrinsic
 
     _i32, _f32 = ir.IntType(32), ir.FloatType()
 

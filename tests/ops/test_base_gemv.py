@@ -96,7 +96,7 @@ def test_plan_covers_k_in_whole_steps_within_the_staging(bits):
             assert (p.k_blocks - 1) * p.units_per_kblock < in_features // p.unit <= p.k_blocks * p.units_per_kblock
         if bits == 4:  # the tensor-core kernel: whole groups per K block, a partial last one included
             p = bg.plan_gemv(out_features, in_features, bits)
-            assert p.mma and p.units_per_kblock * p.unit <= bg.STAGE_INPUTS and p.tile_rows == 128
+            assert p.mma and p.units_per_kblock * p.unit <= bg.STAGE_INPUTS and p.tile_rows in (128, 256)
             assert (p.k_blocks - 1) * p.units_per_kblock < -(-in_features // 128) <= p.k_blocks * p.units_per_kblock
     assert bg.plan_gemv(4096, 4096, bits).k_blocks > 1  # 64 row tiles alone would leave most SMs idle
     with pytest.raises(ValueError):

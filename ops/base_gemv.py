@@ -650,10 +650,6 @@ def _mma_kernel(m_tiles: int, n_groups: int, exact_rows: bool, ahead: int = 1):
     assert MMA_STAGE_GROUPS * MMA_GROUP == CHUNK * THREADS  # one chunk per thread stages a full K block
     SWAP = THREADS * MMA_SWAP if SIMULATED else 1
     load, dots = _make_mma_step(m_tiles, n_groups, exact_rows)
-    # the first weight loads go out before the staging (which they do not need) where registers allow: with
-    # two mma tiles per warp, their words held across the staging's 32 loads in flight spill (ptxas, 80
-    # registers for 3 blocks / SM)
-    EARLY = m_tiles == 1
 
     @cuda.jit(device=True)
     def prologue(qw, scales, zeros, tile, stride, n_iter, n_grp, grp0, warp_t16, lane_row, last_row, lane4, sel8):
@@ -724,12 +720,6 @@ def _mma_kernel(m_tiles: int, n_groups: int, exact_rows: bool, ahead: int = 1):
         acc = cuda.local.array(m_tiles, float32)
         for mt in range(m_tiles):
             acc[mt] = float32(0)
-        # the weights of step it + AHEAD are loaded while step it is computed: `ltile`, `lstep` follow the
-        # loads, `tile`, `step` the computation; w0 .. w{AHEAD-1} hold the loaded steps, oldest first
-        if EARLY:
-            w0, w1, w2, ltile, lstep = prologue(qw, scales, zeros, tile, stride, n_iter, n_grp, grp0, warp_t16,
-                                                lane_row, last_row, lane4, sel8)
-
         # stage: thread tid takes inputs [16 p, 16 p + 16) of group tid // 8 (p = tid % 8), i.e. words
         # 2 (p % 2) and 2 (p % 2) + 1 of lane t = p // 2; zeros past the end of the input
         if tid == 0:
@@ -739,14 +729,13 @@ def _mma_kernel(m_tiles: int, n_groups: int, exact_rows: bool, ahead: int = 1):
         p = tid % 8
         e0 = (grp0 + sg) * MMA_GROUP + CHUNK * p
         vals = cuda.local.array(CHUNK, float32)
-        for i in range(CHUNK):  # unconditional loads at clamped addresses: all 32 go out before any is used
-            e = min(e0 + i, n_in - 1)
-            vals[i] = float32(x[e]) * act_scale[e]
         vmax = float32(0)
         for i in range(CHUNK):
-            if sg >= n_grp or e0 + i >= n_in:
-                vals[i] = float32(0)
-            vmax = max(vmax, abs(vals[i]))
+            v = float32(0)
+            if sg < n_grp and e0 + i < n_in:
+                v = float32(x[e0 + i]) * act_scale[e0 + i]
+            vals[i] = v
+            vmax = max(vmax, abs(v))
         cuda.atomic.max(amax, 0, float_as_int(vmax))  # non-negative floats order as their bits do
         cuda.syncthreads()
         f_exp = min(max(268 - ((amax[0] >> 23) & 0xFF), 1), 253)  # largest |b| in [2^14, 2^15)
@@ -777,9 +766,11 @@ def _mma_kernel(m_tiles: int, n_groups: int, exact_rows: bool, ahead: int = 1):
             grp_s[tid] = s_sum
         cuda.syncthreads()
 
-        if not EARLY:
-            w0, w1, w2, ltile, lstep = prologue(qw, scales, zeros, tile, stride, n_iter, n_grp, grp0, warp_t16,
-                                                lane_row, last_row, lane4, sel8)
+        # the weights of step it + AHEAD are loaded while step it is computed: `ltile`, `lstep` follow the
+        # loads, `tile`, `step` the computation; w0 .. w{AHEAD-1} hold the loaded steps, oldest first. (Issuing
+        # the first loads before the staging, or all staging loads before their use, measured 5-10 % slower.)
+        w0, w1, w2, ltile, lstep = prologue(qw, scales, zeros, tile, stride, n_iter, n_grp, grp0, warp_t16,
+                                            lane_row, last_row, lane4, sel8)
         step = 0
         for it in range(n_iter):
             lstep += 1

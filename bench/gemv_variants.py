@@ -54,21 +54,19 @@ def check(plan: bg.GemvPlan, case: tuple) -> float:
 def variants(out_f: int, in_f: int, bits: int, n_sm: int, quick: bool) -> dict[str, bg.GemvPlan]:
     p = lambda **kw: bg.plan_gemv(out_f, in_f, bits, n_sm=n_sm, **kw)  # noqa: E731
     v = {"default": p()}
-    v["one tile per block"] = p(persistent=False)
     d = v["default"]
-    if bits == 4:  # the tensor-core kernel (default) against the CUDA-core one
-        v["mma R=16"] = p(rows_per_warp=16)
-        v["mma R=32"] = p(rows_per_warp=32)
-        v["mma ahead=2"] = p(ahead=2)
-        v["cuda cores"] = p(mma=False)
-    for kb in {max(1, d.k_blocks // 2), d.k_blocks * 2, d.k_blocks + 1, max(1, d.k_blocks - 1)}:
-        if kb != d.k_blocks:
-            v[f"k_blocks={kb}"] = p(k_blocks=kb)
+    v["mma R=16"] = p(rows_per_warp=16)  # the tensor-core kernel (default) against the CUDA-core one
+    v["mma R=32"] = p(rows_per_warp=32)
+    v["cuda cores"] = p(mma=False)
     if not quick:
-        cc = {"mma": False} if bits == 4 else {}
-        v["cuda cores, unpaired"] = p(paired=False, **cc)
-        v["cuda cores, no prefetch"] = p(pipeline=False, **cc)
-        v["cuda cores, R=4"] = p(rows_per_warp=4, **cc)
+        v["one tile per block"] = p(persistent=False)
+        v["mma ahead=2"] = p(ahead=2)
+        for kb in {max(1, d.k_blocks // 2), d.k_blocks * 2, d.k_blocks + 1, max(1, d.k_blocks - 1)}:
+            if kb != d.k_blocks:
+                v[f"k_blocks={kb}"] = p(k_blocks=kb)
+        v["cuda cores, unpaired"] = p(mma=False, paired=False) if bits == 4 else v["cuda cores"]
+        v["cuda cores, no prefetch"] = p(mma=False, pipeline=False)
+        v["cuda cores, R=4"] = p(mma=False, rows_per_warp=4)
     unique: dict[str, bg.GemvPlan] = {}
     for name, plan in v.items():  # the same plan under two names is timed once
         if plan not in unique.values():
@@ -115,7 +113,7 @@ def sass_histogram(plan: bg.GemvPlan) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--quick", action="store_true", help="leave out the CUDA-core kernel's variants")
+    ap.add_argument("--quick", action="store_true", help="only the default, 16 / 32 rows per warp and the CUDA-core kernel")
     ap.add_argument("--sass", action="store_true", help="opcode histogram of the default 4-bit kernel")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--shapes", help="comma list OUTxIN (default: Llama-3-8B's six)")
@@ -142,7 +140,7 @@ def main(argv=None) -> int:
     report = {"meta": run_meta(), "device": props.name, "hbm_read_GBps": hbm, "rows": []}
     print(f"{props.name}: HBM read {report['hbm_read_GBps']:.0f} GB/s")
     if args.sass:
-        report["sass"] = sass_histogram(bg.plan_gemv(28672, 4096, 4, n_sm=n_sm))
+        report["sass"] = sass_histogram(bg.plan_gemv(28672, 4096, 4, n_sm=n_sm))  # the default 4-bit kernel
         print(json.dumps(report["sass"]))
     shapes = SHAPES
     if args.shapes:

@@ -71,7 +71,7 @@ def main() -> None:
                         mma=False if a.cuda_cores else None, rows_per_warp=a.rows)
     exact = a.out % plan.tile_rows == 0
     if plan.mma:
-        kernel = bg._mma_kernel(plan.rows_per_warp // bg.MMA_ROWS, -(-a.inp // 128), exact, a.ahead)
+        kernel = bg._mma_kernel(a.bits, plan.rows_per_warp // bg.MMA_ROWS, -(-a.inp // 128), exact, a.ahead)
         words = nt.uint32
     else:
         row_words = a.inp // 16 if a.bits == 4 else 3 * a.inp // 32

@@ -47,7 +47,7 @@ import torch
 from numba import cuda, float32, int32, uint32, uint64
 
 from ops.layout import dequantize, unpack_codes  # noqa: F401 - re-exported: the reference's decoding
-from ops.ptx import MMA_SWAP, half2_floats, load_u32x4, mma_f16, pack_half2
+from ops.ptx import MMA_SWAP, half2_floats, load_u32x2, load_u32x4, mma_f16, pack_half2
 
 SIMULATED = cuda.jit.__module__.startswith("numba.cuda.simulator")  # the CUDA simulator runs these kernels
 
@@ -66,7 +66,9 @@ MMA_MAGIC = 0x64006400  # fp16x2 (1024, 1024): codes are or-ed into its mantissa
 MMA_MIN_BLOCKS = 3  # blocks per SM asked of ptxas
 MMA_AHEAD = 1  # default steps in flight (1 measured fastest on the H200: 30.8 vs 32.6 and 33.4 us with 2 and 3 at 28672x4096)
 MMA_STAGE_GROUPS = STAGE_INPUTS // MMA_GROUP
-_MASK_LO, _MASK_HI = 0x000F000F, 0x00F000F0
+_MASK_LO, _MASK_HI = 0x000F000F, 0x00F000F0  # 4-bit pairs (j, j + 4), j even / odd (x 16)
+_HI_SHIFT = (0, -1, 2, 1)  # 3-bit: left shift of the high-bit word that aligns word m's bits (- = right)
+MMA_GROUP_WORDS = {4: 256, 3: 192}  # uint32 per (16-row block, group) in `mma_layout`
 
 __all__ = [
     "base_gemv_reference", "unpack_codes", "dequantize", "base_gemv_cuda", "BaseGemv", "GemvPlan",
@@ -172,7 +174,7 @@ class GemvPlan:
     # H100 faster than without (28672x4096: 47.5 vs 50.7 us at 4 bits, 51.3 vs 52.2 at 3; bench/gpu_ops.py)
     tiles_per_block: int = 1  # > 1: a block stages its inputs once and streams several tiles
     paired: bool = False  # 4-bit: decode two codes per shift (`_step_source`)
-    mma: bool = False  # 4-bit, group 128: the tensor-core kernel (`_mma_kernel`; always pipelined)
+    mma: bool = False  # group 128: the tensor-core kernel (`_mma_kernel`; always pipelined)
     ahead: int = 1  # with `mma`: steps whose weights are in flight while one is computed (1 to 3)
 
     @property
@@ -205,17 +207,17 @@ def plan_gemv(out_features: int, in_features: int, bits: int, group_size: int = 
     Blocks run in waves of `slots` (blocks per SM x SMs, by registers). A block stages its K range's
     inputs once and, `persistent`, takes ceil(tiles x K blocks / slots) row tiles; otherwise one tile.
     Splitting K shortens tiles but adds epilogues. Each K block stages at most STAGE_INPUTS inputs.
-    `mma` (the tensor-core kernel) defaults to True for 4-bit weights in groups of 128, with 16 or 32
-    rows per warp; its step is one group. Otherwise a step is 32 units (a warp's 32 lanes), 8 rows per
+    `mma` (the tensor-core kernel) defaults to True for weights in groups of 128, with 16 or 32 rows
+    per warp; its step is one group. Otherwise a step is 32 units (a warp's 32 lanes), 8 rows per
     warp, and `paired` defaults to True at 4 bits.
     """
     if bits not in (3, 4):
         raise ValueError(f"bits = {bits}: allowed 3 or 4")
     if in_features % 32 or group_size % 32:
         raise ValueError(f"in_features = {in_features}, group_size = {group_size}: both must be multiples of 32")
-    mma = (bits == 4 and group_size == MMA_GROUP) if mma is None else mma
-    if mma and (bits != 4 or group_size != MMA_GROUP):
-        raise ValueError(f"the tensor-core kernel takes 4-bit weights in groups of {MMA_GROUP}")
+    mma = group_size == MMA_GROUP if mma is None else mma
+    if mma and group_size != MMA_GROUP:
+        raise ValueError(f"the tensor-core kernel takes weights in groups of {MMA_GROUP}")
     if mma and rows_per_warp is None:  # one or two mma tiles per warp, whichever the cost model prefers
         plans = [plan_gemv(out_features, in_features, bits, group_size, n_sm, r, k_blocks, pipeline, persistent,
                            paired, mma, ahead) for r in (MMA_ROWS, 2 * MMA_ROWS)]
@@ -566,77 +568,119 @@ def _gemv_kernel(bits: int, rows_per_warp: int, row_words: int, n_groups: int, g
 
 
 
-def _mma_step_source(m_tiles: int, n_groups: int, exact_rows: bool) -> str:
+def _mma_step_source(bits: int, m_tiles: int, n_groups: int, exact_rows: bool) -> str:
     """Source of one lane's step over `m_tiles` mma tiles, as `load` and `dots` (generated unrolled, as
-    `_step_source`: every register index a constant). `load` issues both 128-bit weight loads of each
-    tile (rows g and g + 8, from `mma_layout`: constant offsets, folded into the load instruction) and
-    the lane's row scale and zero, and returns them untouched (fp16 still: converting would wait for
-    the load). `dots` goes word by word (4 staged pairs live at a time),
-    running each tile's 2 mmas of the word, and returns per tile the lane's row's
-    scale * (sum_k (q_k - z) b_k)."""
+    `_step_source`: every register index a constant). `load` issues the tile's weight loads (`mma_layout`:
+    constant offsets, folded into the load instruction) and the lane's row scale and zero, and returns
+    them untouched (fp16 still: converting would wait for the load). `dots` goes word by word (4
+    staged pairs live at a time), running each tile's 2 mmas of the word, and returns per tile the
+    lane's row's scale * (sum_k (q_k - z) b_k)."""
+    words = MMA_GROUP_WORDS[bits]  # uint32 per (16-row block, group) in `mma_layout`
     load = ["def load(qw, scales, zeros, tw, row0, last_row, lane4, gi, sel8):"]  # uint32 indices (< 2^32 words)
-    load.append(f"    wb = uint64(uint32((tw * uint32({n_groups}) + gi) * uint32(256)) + lane4)")
+    load.append(f"    base = uint32((tw * uint32({n_groups}) + gi) * uint32({words}))")
+    load.append("    wb = uint64(base + lane4)")
+    if bits == 3:
+        load.append("    hb = uint64(base + (lane4 >> uint32(1)))")
     if exact_rows:
         load.append(f"    sb = uint64(uint32((row0 + sel8) * uint32({n_groups}) + gi))")
     ret = []
     for mt in range(m_tiles):
-        for h in range(2):  # rows g and g + 8: 512 contiguous bytes for the warp (`mma_layout`)
-            load.append(f"    w{mt}{h} = load_u32x4(qw, wb + uint64({(mt * n_groups * 2 + h) * 128}))")
-            ret += [f"w{mt}{h}[{i}]" for i in range(4)]
+        off = mt * n_groups * words
+        if bits == 4:  # rows g and g + 8: 512 contiguous bytes for the warp each
+            for h in range(2):
+                load.append(f"    w{mt}{h} = load_u32x4(qw, wb + uint64({off + h * 128}))")
+                ret += [f"w{mt}{h}[{i}]" for i in range(4)]
+        else:  # the low-bit words of rows g and g + 8 (512 bytes for the warp), then the high-bit words (256)
+            load += [f"    l{mt} = load_u32x4(qw, wb + uint64({off}))", f"    h{mt} = load_u32x2(qw, hb + uint64({off + 128}))"]
+            ret += [f"l{mt}[{i}]" for i in range(4)] + [f"h{mt}[{i}]" for i in range(2)]
         addr = f"sb + uint64({MMA_ROWS * mt * n_groups})" if exact_rows else \
             f"uint32(min(row0 + uint32({MMA_ROWS * mt}) + sel8, last_row) * uint32({n_groups}) + gi)"
         load += [f"    s{mt} = scales[{addr}]", f"    z{mt} = zeros[{addr}]"]
         ret += [f"s{mt}", f"z{mt}"]
     load.append(f"    return ({', '.join(ret)},)")
-    per_tile = 10  # 8 words + scale + zero
+    per_tile = 10 if bits == 4 else 8  # words + scale + zero
     dots = ["def dots(v, xs, xo, c, sz, upper, magic, swap):"]
     dots += [f"    d{mt} = (float32(0), float32(0), float32(0), float32(0))" for mt in range(m_tiles)]
     for m in range(4):
         dots += [f"    x{a} = xs[xo + uint32({4 * m + a})]" for a in range(4)]  # unsigned: no wraparound
         for mt in range(m_tiles):
-            lo, hi = f"v[{per_tile * mt + m}]", f"v[{per_tile * mt + 4 + m}]"
-            for shift, (xa, xb) in ((0, (0, 1)), (8, (2, 3))):
-                a, b = (lo, hi) if shift == 0 else (f"({lo} >> uint32(8))", f"({hi} >> uint32(8))")
-                dots.append(f"    d{mt} = mma_f16(({a} & uint32({_MASK_LO:#x})) | magic, "
-                            f"({b} & uint32({_MASK_LO:#x})) | magic, ({a} & uint32({_MASK_HI:#x})) | magic, "
-                            f"({b} & uint32({_MASK_HI:#x})) | magic, x{xa}, x{xb}, d{mt}[0], d{mt}[1], d{mt}[2], "
-                            f"d{mt}[3], swap)")
+            v0 = per_tile * mt
+            if bits == 4:  # pairs from word m of rows g (a) and g + 8 (b)
+                a, b = f"v[{v0 + m}]", f"v[{v0 + 4 + m}]"
+                pairs = {(r, sh, mask): f"(({w} >> uint32({sh})) & uint32({mask:#x})) | magic"
+                         for r, w in (("a", a), ("b", b)) for sh in (0, 8) for mask in (_MASK_LO, _MASK_HI)}
+            else:  # low bits of word m: L >> 2 (m % 2) of low word m // 2; high bits: H moved by _HI_SHIFT[m]
+                pairs = {}
+                for r, h in (("a", 0), ("b", 1)):
+                    lo = f"(v[{v0 + 2 * h + m // 2}] >> uint32({2 * (m % 2)}))"
+                    sh = _HI_SHIFT[m]
+                    hi = f"(v[{v0 + 4 + h}] {'<<' if sh > 0 else '>>'} uint32({abs(sh)}))" if sh else f"v[{v0 + 4 + h}]"
+                    for s8 in (0, 8):
+                        for lmask, hmask in ((0x00030003, 0x00040004), (0x00300030, 0x00400040)):
+                            pairs[(r, s8, _MASK_LO if lmask == 0x00030003 else _MASK_HI)] = (
+                                f"(({lo} >> uint32({s8})) & uint32({lmask:#x})) | (({hi} >> uint32({s8})) & "
+                                f"uint32({hmask:#x})) | magic")
+            for s8, (xa, xb) in ((0, (0, 1)), (8, (2, 3))):
+                dots.append(f"    d{mt} = mma_f16({pairs[('a', s8, _MASK_LO)]}, {pairs[('b', s8, _MASK_LO)]}, "
+                            f"{pairs[('a', s8, _MASK_HI)]}, {pairs[('b', s8, _MASK_HI)]}, x{xa}, x{xb}, "
+                            f"d{mt}[0], d{mt}[1], d{mt}[2], d{mt}[3], swap)")
     outs = []
     for mt in range(m_tiles):
-        s, z = f"v[{per_tile * mt + 8}]", f"v[{per_tile * mt + 9}]"
+        s, z = f"v[{per_tile * mt + per_tile - 2}]", f"v[{per_tile * mt + per_tile - 1}]"
         dots.append(f"    e{mt} = float32({s}) * ((d{mt}[2] if upper else d{mt}[0]) - (c + float32({z}) * sz))")
         outs.append(f"e{mt}")
     dots.append(f"    return ({', '.join(outs)},)")
     return "\n".join(load) + "\n\n\n" + "\n".join(dots) + "\n"
 
 
-def mma_layout(qweight: torch.Tensor, tile_rows: int) -> torch.Tensor:
-    """4-bit qweight int32 [out, in / 8] (FORMATS.md) -> the tensor-core kernel's device layout, flat
-    int32: rows padded with zero codes to whole tiles and inputs to whole groups (so no load needs a
-    clamp), then for each 16-row block T, group G, half h and lane l = 4 g + t the 4 words of row
-    16 T + 8 h + g holding inputs 128 G + 32 t .. 128 G + 32 t + 31. A warp's 128-bit load of one half
-    then reads 512 contiguous bytes, and a step's two halves 1 KiB."""
-    out_features, words = qweight.shape
+def mma_layout(qweight: torch.Tensor, bits: int, in_features: int, tile_rows: int) -> torch.Tensor:
+    """qweight int32 [out, in * bits / 32] (FORMATS.md) -> the tensor-core kernel's device layout, flat
+    int32. Rows are padded with zero codes to whole tiles and inputs to whole groups (so no load needs a
+    clamp). Lane l = 4 g + t of 16-row block T takes inputs 128 G + 32 t + 8 m + j (word m = 0..3,
+    j = 0..7) of group G for rows 16 T + g (half h = 0) and 16 T + 8 + g (h = 1); per (T, G):
+    - 4-bit, 256 words: [h][lane][m], the FORMATS.md words as they are (nibble j of word m);
+    - 3-bit, 192 words: [lane][h][p] low-bit words (128), then [lane][h] high-bit words (64). Low word p
+      holds the 2 low bits of word m = 2 p + o's codes at bits POS(j) + 2 o, the high word those of all
+      four m at POS(j) + 2 - _HI_SHIFT[m], POS(j) = 4 (j % 4) + 16 (j // 4): moved back by the kernel's
+      shifts, code j and j + 4 land where the 4-bit decode has them, (low | high << 2) = the code.
+    A warp's 128-bit load of one part reads 512 contiguous bytes (256 for the 3-bit high words)."""
+    out_features = qweight.shape[0]
     rows = -(-out_features // tile_rows) * tile_rows
-    n_groups = -(-words // 16)
-    padded = torch.zeros((rows, n_groups * 16), dtype=torch.int32, device=qweight.device)
-    padded[:out_features, :words] = qweight
-    return padded.view(rows // 16, 2, 8, n_groups, 4, 4).permute(0, 3, 1, 2, 4, 5).contiguous().view(-1)
+    n_groups = -(-in_features // MMA_GROUP)
+    if bits == 4:
+        words = in_features // 8
+        padded = torch.zeros((rows, n_groups * 16), dtype=torch.int32, device=qweight.device)
+        padded[:out_features, :words] = qweight
+        return padded.view(rows // 16, 2, 8, n_groups, 4, 4).permute(0, 3, 1, 2, 4, 5).contiguous().view(-1)
+    codes = torch.zeros((rows, n_groups * MMA_GROUP), dtype=torch.int64, device=qweight.device)
+    codes[:out_features, :in_features] = unpack_codes(qweight, bits, in_features).to(torch.int64)
+    # [T, h, g, G, t, m, j] -> [T, G, g, t, h, m, j]
+    c = codes.view(rows // 16, 2, 8, n_groups, 4, 4, 8).permute(0, 3, 2, 4, 1, 5, 6)
+    pos = 4 * (torch.arange(8, device=c.device) % 4) + 16 * (torch.arange(8, device=c.device) // 4)
+    lo = ((c & 3) << (pos + 2 * (torch.arange(4, device=c.device) % 2)[:, None])).sum(-1)  # [..., h, m]
+    lo = lo.view(*lo.shape[:-1], 2, 2).sum(-1)  # words p = m // 2: [T, G, g, t, h, p]
+    hi_shift = torch.tensor(_HI_SHIFT, device=c.device)[:, None]
+    hi = ((c >> 2) << (pos + 2 - hi_shift)).sum(-1).sum(-1)  # [T, G, g, t, h]
+    as_int32 = lambda w: torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)  # noqa: E731
+    lo = as_int32(lo).reshape(rows // 16, n_groups, 128)
+    hi = as_int32(hi).reshape(rows // 16, n_groups, 64)
+    return torch.cat([lo, hi], dim=-1).contiguous().view(-1)
 
 
 @functools.lru_cache(maxsize=None)
-def _make_mma_step(m_tiles: int, n_groups: int, exact_rows: bool):
-    src = _mma_step_source(m_tiles, n_groups, exact_rows)
-    name = f"<base_gemv.mma_step m_tiles={m_tiles} n_groups={n_groups} exact={exact_rows}>"
+def _make_mma_step(bits: int, m_tiles: int, n_groups: int, exact_rows: bool):
+    src = _mma_step_source(bits, m_tiles, n_groups, exact_rows)
+    name = f"<base_gemv.mma_step bits={bits} m_tiles={m_tiles} n_groups={n_groups} exact={exact_rows}>"
     linecache.cache[name] = (len(src), None, src.splitlines(True), name)
-    scope = {"uint32": uint32, "uint64": uint64, "float32": float32, "load_u32x4": load_u32x4, "mma_f16": mma_f16}
+    scope = {"uint32": uint32, "uint64": uint64, "float32": float32, "load_u32x4": load_u32x4,
+             "load_u32x2": load_u32x2, "mma_f16": mma_f16}
     exec(compile(src, name, "exec"), scope)
     return cuda.jit(device=True)(scope["load"]), cuda.jit(device=True)(scope["dots"])
 
 
 @functools.lru_cache(maxsize=None)
-def _mma_kernel(m_tiles: int, n_groups: int, exact_rows: bool, ahead: int = 1):
-    """The tensor-core 4-bit kernel for one (m_tiles, group count); `exact_rows`: the rows fill whole
+def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, ahead: int = 1):
+    """The tensor-core kernel for one (bits, m_tiles, group count); `exact_rows`: the rows fill whole
     tiles (no clamps on scale / zero rows); `ahead` (1 to 3): steps whose weights are in flight while
     one is computed. See the section comment."""
     AHEAD = ahead
@@ -649,7 +693,7 @@ def _mma_kernel(m_tiles: int, n_groups: int, exact_rows: bool, ahead: int = 1):
     CHUNK = 16  # inputs one thread stages: a quarter-word pair of one t
     assert MMA_STAGE_GROUPS * MMA_GROUP == CHUNK * THREADS  # one chunk per thread stages a full K block
     SWAP = THREADS * MMA_SWAP if SIMULATED else 1
-    load, dots = _make_mma_step(m_tiles, n_groups, exact_rows)
+    load, dots = _make_mma_step(bits, m_tiles, n_groups, exact_rows)
 
     @cuda.jit(device=True)
     def prologue(qw, scales, zeros, tile, stride, n_iter, n_grp, grp0, warp_t16, lane_row, last_row, lane4, sel8):
@@ -855,12 +899,12 @@ class BaseGemv:
         self.scales, self.zeros, self.act_scale = _flat(scales), _flat(zeros), act_scale
         if p.mma:  # a copy in the kernel's own layout; the caller may free `qweight`
             if SIMULATED:
-                self.qw = cuda.to_device(mma_layout(torch.from_numpy(qweight.copy_to_host()), p.tile_rows).numpy()
-                                         .view(np.uint32))
+                self.qw = cuda.to_device(mma_layout(torch.from_numpy(qweight.copy_to_host()), bits, in_features,
+                                                    p.tile_rows).numpy().view(np.uint32))
             else:
-                self._qw_tiled = mma_layout(torch.as_tensor(qweight, device="cuda"), p.tile_rows)
+                self._qw_tiled = mma_layout(torch.as_tensor(qweight, device="cuda"), bits, in_features, p.tile_rows)
                 self.qw = _flat(_device(self._qw_tiled), np.uint32)
-            self.kernel = _mma_kernel(p.rows_per_warp // MMA_ROWS, self.n_groups, exact, p.ahead)
+            self.kernel = _mma_kernel(bits, p.rows_per_warp // MMA_ROWS, self.n_groups, exact, p.ahead)
             self.magic = MMA_MAGIC
         else:
             self.qw = _flat(qweight, np.uint64 if bits == 4 else np.uint32)

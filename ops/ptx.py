@@ -12,8 +12,9 @@ patterns so that no fp16x2 type is needed in Numba:
 - `pack_half2(lo, hi)`: two float32 rounded to fp16 (nearest even) in one register, `lo` in the
   low half.
 - `half2_floats(h)`: the two fp16 halves of a register as float32 (lo, hi).
-- `load_u32x4(a, i)`: a[i .. i+3] of a global uint32 array in one 128-bit load (i a multiple of 4),
-  through the read-only path (`ld.global.nc`: the operand must not be written during the kernel).
+- `load_u32x4(a, i)`, `load_u32x2(a, i)`: a[i .. i+3] (a[i], a[i+1]) of a global uint32 array in one
+  128-bit (64-bit) load, i a multiple of 4 (2), through the read-only path (`ld.global.nc`: the
+  operand must not be written during the kernel).
 
 Under the CUDA simulator (`NUMBA_ENABLE_CUDASIM=1`) the same names are plain Python. The simulator
 has no warp shuffles, so `mma_f16` exchanges fragments through a block-shared scratch array
@@ -29,7 +30,7 @@ from numba import cuda
 SIMULATED = cuda.jit.__module__.startswith("numba.cuda.simulator")
 MMA_SWAP = 6  # uint32 slots per thread in the simulator's fragment exchange
 
-__all__ = ["mma_f16", "pack_half2", "half2_floats", "load_u32x4", "MMA_SWAP", "SIMULATED"]
+__all__ = ["mma_f16", "pack_half2", "half2_floats", "load_u32x4", "load_u32x2", "MMA_SWAP", "SIMULATED"]
 
 
 if SIMULATED:
@@ -51,6 +52,10 @@ if SIMULATED:
     @cuda.jit(device=True)
     def load_u32x4(a, i):
         return np.uint32(a[i]), np.uint32(a[i + 1]), np.uint32(a[i + 2]), np.uint32(a[i + 3])
+
+    @cuda.jit(device=True)
+    def load_u32x2(a, i):
+        return np.uint32(a[i]), np.uint32(a[i + 1])
 
     @cuda.jit(device=True)
     def mma_f16(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, swap):
@@ -123,16 +128,25 @@ else:
 
         return sig, codegen
 
-    @intrinsic
-    def load_u32x4(typingctx, a, i):
-        sig = types.UniTuple(types.uint32, 4)(a, i)
+    def _load_vector(n: int):
+        """An intrinsic loading a[i .. i + n - 1] of a global uint32 array in one n x 32-bit load."""
+        regs = ", ".join(f"${k}" for k in range(n))
 
-        def codegen(context, builder, sig, args):
-            ary = context.make_array(sig.args[0])(context, builder, value=args[0])
-            idx = context.cast(builder, args[1], sig.args[1], types.intp)
-            ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary, [idx], wraparound=False)
-            d = _asm(builder, ir.LiteralStructType([_i32] * 4), [ptr.type],
-                     "ld.global.nc.v4.u32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [ptr])
-            return context.make_tuple(builder, sig.return_type, [builder.extract_value(d, i) for i in range(4)])
+        @intrinsic
+        def load(typingctx, a, i):
+            sig = types.UniTuple(types.uint32, n)(a, i)
 
-        return sig, codegen
+            def codegen(context, builder, sig, args):
+                ary = context.make_array(sig.args[0])(context, builder, value=args[0])
+                idx = context.cast(builder, args[1], sig.args[1], types.intp)
+                ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary, [idx], wraparound=False)
+                d = _asm(builder, ir.LiteralStructType([_i32] * n), [ptr.type],
+                         f"ld.global.nc.v{n}.u32 {{{regs}}}, [${n}];", ",".join(["=r"] * n) + ",l", [ptr])
+                return context.make_tuple(builder, sig.return_type, [builder.extract_value(d, k) for k in range(n)])
+
+            return sig, codegen
+
+        return load
+
+    load_u32x4 = _load_vector(4)
+    load_u32x2 = _load_vector(2)

@@ -94,15 +94,15 @@ def test_plan_covers_k_in_whole_steps_within_the_staging(bits):
             p = bg.plan_gemv(out_features, in_features, bits, rows_per_warp=rows_per_warp, pipeline=pipeline, mma=False)
             assert p.units_per_kblock % 32 == 0 and p.units_per_kblock * p.unit <= bg.STAGE_INPUTS
             assert (p.k_blocks - 1) * p.units_per_kblock < in_features // p.unit <= p.k_blocks * p.units_per_kblock
-        if bits == 4:  # the tensor-core kernel: whole groups per K block, a partial last one included
-            p = bg.plan_gemv(out_features, in_features, bits)
-            assert p.mma and p.units_per_kblock * p.unit <= bg.STAGE_INPUTS and p.tile_rows in (128, 256)
-            assert (p.k_blocks - 1) * p.units_per_kblock < -(-in_features // 128) <= p.k_blocks * p.units_per_kblock
+        p = bg.plan_gemv(out_features, in_features, bits)  # tensor cores: whole groups, a partial last one too
+        assert p.mma and p.units_per_kblock * p.unit <= bg.STAGE_INPUTS and p.tile_rows in (128, 256)
+        assert (p.k_blocks - 1) * p.units_per_kblock < -(-in_features // 128) <= p.k_blocks * p.units_per_kblock
     assert bg.plan_gemv(4096, 4096, bits).k_blocks > 1  # 64 row tiles alone would leave most SMs idle
     with pytest.raises(ValueError):
         bg.plan_gemv(64, 100, bits)
     with pytest.raises(ValueError, match="tensor-core"):
         bg.plan_gemv(64, 256, bits, group_size=64, mma=True)
+    assert not bg.plan_gemv(64, 256, bits, group_size=64).mma  # other group sizes: the CUDA-core kernel
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -161,16 +161,18 @@ def test_kernel_four_rows_per_warp_and_repeat_is_bitwise_equal():
 
 
 @kernels
-@pytest.mark.parametrize("out_features, in_features, rows_per_warp, k_blocks, n_sm, ahead", [
-    (40, 576, 16, None, 132, 2),  # partial tile, a partial last group (lanes re-read a valid word), K in 5 parts
-    (392, 128, 16, 1, 1, 3),  # 4 tiles on 3 block slots: blocks stream 2 tiles (the last partial), direct write;
-    # 3 steps in flight where a block has 2
-    (40, 256, 32, 2, 132, 1),  # two mma tiles per warp, K split in 2
-    (264, 256, 16, 1, 1, 3),  # 3 tiles x 2 steps on one block slot each: the loads run across tiles
+@pytest.mark.parametrize("bits, out_features, in_features, rows_per_warp, k_blocks, n_sm, ahead", [
+    (4, 40, 576, 16, None, 132, 2),  # partial tile, a partial last group (zero-padded), K in 5 parts
+    (4, 392, 128, 16, 1, 1, 3),  # 4 tiles on 3 block slots: blocks stream 2 tiles (the last partial), direct
+    # write; 3 steps in flight where a block has 2
+    (4, 40, 256, 32, 2, 132, 1),  # two mma tiles per warp, K split in 2
+    (4, 264, 256, 16, 1, 1, 3),  # 3 tiles x 2 steps on one block slot each: the loads run across tiles
+    (3, 40, 576, 16, None, 132, 1),  # 3-bit: low and high bit planes, a partial last group, K in 5 parts
+    (3, 24, 256, 32, 1, 132, 2),  # 3-bit, two mma tiles per warp, direct write
 ])
-def test_tensor_core_kernel_matches_reference(out_features, in_features, rows_per_warp, k_blocks, n_sm, ahead):
-    rng = np.random.default_rng(500 + out_features + in_features)
-    got, ref, gemv, xd, out = run_kernel(rng, 4, out_features, in_features, k_blocks, rows_per_warp=rows_per_warp,
+def test_tensor_core_kernel_matches_reference(bits, out_features, in_features, rows_per_warp, k_blocks, n_sm, ahead):
+    rng = np.random.default_rng(500 + out_features + in_features + bits)
+    got, ref, gemv, xd, out = run_kernel(rng, bits, out_features, in_features, k_blocks, rows_per_warp=rows_per_warp,
                                          n_sm=n_sm, ahead=ahead)
     assert gemv.plan.mma and gemv.plan.ahead == ahead
     assert_close_fp16(got, ref)
@@ -197,7 +199,7 @@ def test_tensor_core_kernel_scales_wide_ranges_without_overflow():
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("bits, mma", [(3, False), (4, False), (4, True)])
+@pytest.mark.parametrize("bits, mma", [(3, False), (3, True), (4, False), (4, True)])
 @pytest.mark.parametrize("out_features, in_features", [(4096, 4096), (14336, 4096), (4096, 14336), (640, 1024),
                                                        (1536, 576)])
 def test_kernel_matches_reference_on_gpu(bits, mma, out_features, in_features):

@@ -39,14 +39,14 @@ def _int32_to_words(qweight: torch.Tensor) -> torch.Tensor:
 
 def _or_fields(fields: torch.Tensor, width: int) -> torch.Tensor:
     """Pack the last dim of `fields` (each < 2**width) into one word, field j at bits width*j."""
-    shifts = torch.arange(fields.shape[-1], dtype=torch.int64) * width
+    shifts = torch.arange(fields.shape[-1], dtype=torch.int64, device=fields.device) * width
     # the fields occupy disjoint bits, so a sum is a bitwise OR
     return (fields.to(torch.int64) << shifts).sum(-1)
 
 
 def _split_fields(words: torch.Tensor, width: int, count: int) -> torch.Tensor:
     """Inverse of `_or_fields`: words [...] -> fields [..., count]."""
-    shifts = torch.arange(count, dtype=torch.int64) * width
+    shifts = torch.arange(count, dtype=torch.int64, device=words.device) * width
     return (words[..., None] >> shifts) & ((1 << width) - 1)
 
 

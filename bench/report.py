@@ -203,20 +203,25 @@ def variants_table(path: Path, only: tuple = ()) -> str:
 
 
 def tensor_core_table(path: Path) -> str:
-    """Per shape: the 4-bit tensor-core kernel's default plan against the CUDA-core kernel and torch's int4
-    kernel, and the 3-bit kernel, all from one `bench/gemv_variants.py` run."""
+    """Per shape: the tensor-core kernel's default plan against the CUDA-core kernel (4-bit and 3-bit) and
+    torch's int4 kernel, all from one `bench/gemv_variants.py` run."""
     d = json.loads(path.read_text())
     out = [f"{d['device']}, HBM read {d['hbm_read_GBps']:.0f} GB/s in the same run ({source(path)}, commit "
-           f"{d['meta']['commit'][:7]}; µs, fraction of HBM read):", "",
-           *header("out x in", "4-bit tensor cores", "rows/warp, k_blocks", "4-bit CUDA cores", "torch int4",
-                   "torch / ours", "3-bit")]
-    shapes = list(dict.fromkeys((r["out"], r["in"]) for r in d["rows"]))
-    for o, i in shapes:
-        rs = {(r["bits"], r["variant"]): r for r in d["rows"] if (r["out"], r["in"]) == (o, i)}
-        mma, cc, t4, b3 = rs.get((4, "default")), rs.get((4, "cuda cores")), rs.get((4, "torch int4")), rs.get((3, "default"))
-        cell = lambda r: f"{r['us']:.1f} ({r['frac_hbm_read']:.0%})" if r else "-"  # noqa: E731
-        out.append(row(f"{o}x{i}", cell(mma), f"{mma['rows_per_warp']}, {mma['k_blocks']}", cell(cc),
-                       f"{t4['us']:.1f}" if t4 else "fails", f"{t4['us'] / mma['us']:.2f}x" if t4 else "", cell(b3)))
+           f"{d['meta']['commit'][:7]}; µs, fraction of HBM read; rows per warp and K blocks of the default plan):",
+           "", *header("out x in", "4-bit tensor cores", "R, k_blocks", "4-bit CUDA cores", "torch int4",
+                       "torch / ours", "3-bit tensor cores", "3-bit CUDA cores")]
+    cell = lambda r: f"{r['us']:.1f} ({r['frac_hbm_read']:.0%})" if r else "-"  # noqa: E731
+    for o, i in dict.fromkeys((r["out"], r["in"]) for r in d["rows"]):
+        rs = [r for r in d["rows"] if (r["out"], r["in"]) == (o, i)]
+
+        def pick(bits: int, mma: bool):
+            return next((r for r in rs if r["bits"] == bits and r["variant"] in ("default", "cuda cores")
+                         and r.get("mma") == mma), None)
+
+        tc4, t4 = pick(4, True), next((r for r in rs if r["variant"] == "torch int4"), None)
+        out.append(row(f"{o}x{i}", cell(tc4), f"{tc4['rows_per_warp']}, {tc4['k_blocks']}", cell(pick(4, False)),
+                       f"{t4['us']:.1f}" if t4 else "fails", f"{t4['us'] / tc4['us']:.2f}x" if t4 else "",
+                       cell(pick(3, True)), cell(pick(3, False))))
     return "\n".join(out)
 
 
@@ -227,11 +232,10 @@ def main() -> None:
         print(parity_table(RESULTS / "parity.json"), end="\n\n")
     for path in sorted(RESULTS.glob("cpu_step_*.json")):
         print(cpu_step_table(path), end="\n\n")
-    for path in sorted(RESULTS.glob("gpu_ops_*.json")):
-        print(gpu_tables(path), end="\n\n")
-    for path in sorted(RESULTS.glob("gemv_variants_mma_*.json")):
+    for path in sorted(RESULTS.glob("gemv_variants_tc*.json"), reverse=True):  # the newest run first
         print(tensor_core_table(path), end="\n\n")
-        print(variants_table(path), end="\n\n")
+    for path in sorted(RESULTS.glob("gpu_ops_*.json"), reverse=True):  # H200 (session 4), then H100
+        print(gpu_tables(path), end="\n\n")
     for path in sorted(RESULTS.glob("gemv_variants_quick_*.json")):
         print(variants_table(path), end="\n\n")
     for path in sorted(RESULTS.glob("gemv_variants_balanced_*.json")):

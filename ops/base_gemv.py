@@ -1,10 +1,19 @@
 """Base GEMV op: y = deq(Q) @ (x * act_scale) for one token, 3- or 4-bit weights (docs/FORMATS.md).
 
 `base_gemv_reference` is the obviously-correct CPU version (torch, float32). `base_gemv_cuda` / `BaseGemv`
-is the Numba CUDA kernel for batch 1: fp16 activations in, fp16 out, float32 accumulation.
+is the Numba CUDA kernel for batch 1: fp16 activations in, fp16 out, float32 accumulation. There are
+two kernels, chosen by `plan_gemv`:
+
+- the tensor-core kernel (`_mma_kernel`, group 128, the default): codes become fp16 operands of
+  mma.m16n8k16 with one LOP3 (4-bit) or two (3-bit) per pair, read from a tiled copy of the weights
+  (`mma_layout`); see the section comment above `_mma_step_source`. Measured on the H200
+  (bench/gemv_variants.py, CUDA graph, weights rotated past L2, HBM read 3780 GB/s in the same run):
+  28672x4096 in 25.6 us at 4 bits (65 % of HBM; torch's int4 kernel 33.3 us) and 29.6 us at 3 bits
+  (the CUDA-core kernel: 35.9 and 45.0 us); 4096x4096 in 10.9 / 11.6 us (torch int4 6.8).
+- the CUDA-core kernel (`_gemv_kernel`, any group size that is a multiple of 32), described below.
 
 Where the time goes on the GPU (DESIGN.md §6): a batch-1 GEMV must stream the packed weights at HBM speed,
-and plain Numba is bound by instructions long before that. The kernel therefore
+and plain Numba is bound by instructions long before that. The CUDA-core kernel therefore
 - gives each warp R rows that share the activations held in registers (one activation load per R rows);
 - stages x * act_scale once per block in shared memory as float32, laid out so that lane l of step s
   reads its 16 (4-bit) or 32 (3-bit) inputs conflict-free: index (s * UNIT + j) * 33 + l;
@@ -24,15 +33,14 @@ and plain Numba is bound by instructions long before that. The kernel therefore
   shared staging holds (4096). Parts are summed without float atomics: each block writes its float32
   partial row sums, and the last block to arrive at a row tile (an int32 atomic counter per tile) adds
   the parts in a fixed order and writes fp16. The same arrival also merges the DecDEC correction
-  (`ops.correction`), which runs concurrently on another stream and is simply one more part.
+  (`ops.correction`), which runs concurrently on another stream and is simply one more part. (Both
+  kernels share the K split, the tile streaming and the arrival.)
 
-Measured on the lent H100 (bench/gemv_variants.py, CUDA graph, weights rotated past L2; HBM read 2856
-GB/s in the same run): 28672x4096 at 4 bits in 36.7 us (60 % of HBM; torch's int4 tinygemm 33.0 us;
-one tile per block 42.3, unpaired decode 40.3; session 1's kernel 46.4), 45.6 us at 3 bits; 4096x4096
-in 11.5 / 12.3 us (tinygemm 6.8). Local SASS (ptxas sm_90): ~540 instructions per 4-bit warp step of
-128 codes, 145 of them FFMA. What is left: the partial last wave (448 tiles on 264 block slots), the
-pipelined words' register copies, the scale / zero loads per row and step, and for small shapes the
-fixed cost of staging, epilogue and arrival around two steps per block.
+Measured on the lent H100 (bench/gemv_variants.py, session 3): the CUDA-core kernel did 28672x4096 at
+4 bits in 36.7 us (60 % of HBM; torch's int4 tinygemm 33.0 us; one tile per block 42.3, unpaired
+decode 40.3; session 1's kernel 46.4), 45.6 us at 3 bits. Local SASS (ptxas sm_90): ~540 instructions
+per 4-bit warp step of 128 codes, 145 of them FFMA; the tensor-core kernel's step: 111 instructions for
+64 codes a lane at 4 bits, 165 at 3 bits (bench/sass.py).
 """
 
 from __future__ import annotations
@@ -547,7 +555,7 @@ def _gemv_kernel(bits: int, rows_per_warp: int, row_words: int, n_groups: int, g
 
 
 # ----------------------------------------------------------------------------------------------------
-# the tensor-core kernel (4-bit, group 128)
+# the tensor-core kernel (group 128; 4-bit, and 3-bit below)
 #
 # A batch-1 GEMV has one input column, so it wastes 7 of the mma's 8 columns; what it gains is the
 # arithmetic. One mma.m16n8k16 multiplies 16 rows x 16 inputs in one instruction, and a 4-bit code
@@ -565,6 +573,11 @@ def _gemv_kernel(bits: int, rows_per_warp: int, row_words: int, n_groups: int, g
 # are the A registers of two mmas. The staged B holds the matching inputs in the same order:
 # xs[group * 80 + t * 20 + m * 4 + alpha] = half2 of inputs 32 t + 8 m + (alpha, alpha + 4), with odd
 # alpha divided by 16 (their A carries 16 q). Pitch 20 (not 16) keeps the four t's reads in distinct banks.
+#
+# 3-bit: `mma_layout` stores each word m's codes as a low-bit plane and a high-bit plane, placed so that
+# after a shift each pair is (L & 0x00030003) | (H & 0x00040004) | magic = 1024 + lo + 4 hi = 1024 + q
+# (masks x 16 for the odd pairs): the same operands as at 4 bits from 2 LOP3s, so the staged inputs,
+# the mma and the epilogue are shared. A lane's step reads 16 + 8 bytes (rows g and g + 8).
 
 
 

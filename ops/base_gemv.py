@@ -665,19 +665,34 @@ def mma_layout(qweight: torch.Tensor, bits: int, in_features: int, tile_rows: in
         padded = torch.zeros((rows, n_groups * 16), dtype=torch.int32, device=qweight.device)
         padded[:out_features, :words] = qweight
         return padded.view(rows // 16, 2, 8, n_groups, 4, 4).permute(0, 3, 1, 2, 4, 5).contiguous().view(-1)
-    codes = torch.zeros((rows, n_groups * MMA_GROUP), dtype=torch.int64, device=qweight.device)
-    codes[:out_features, :in_features] = unpack_codes(qweight, bits, in_features).to(torch.int64)
+    # 3-bit: decode to codes and re-pack, LAYOUT_ROWS rows at a time (int64 work arrays ~30 B per code)
+    parts = []
+    for r0 in range(0, rows, LAYOUT_ROWS):
+        n = min(LAYOUT_ROWS, rows - r0)
+        codes = torch.zeros((n, n_groups * MMA_GROUP), dtype=torch.int64, device=qweight.device)
+        if r0 < out_features:
+            codes[:min(n, out_features - r0), :in_features] = unpack_codes(qweight[r0:r0 + n], bits, in_features)
+        parts.append(_planes_3bit(codes))
+    return torch.cat(parts)
+
+
+LAYOUT_ROWS = 1024  # rows `mma_layout` re-packs at once (a multiple of 16)
+
+
+def _planes_3bit(codes: torch.Tensor) -> torch.Tensor:
+    """Codes int64 [rows, groups * 128] (rows a multiple of 16) -> `mma_layout`'s 3-bit words, flat int32."""
+    rows, n_groups = codes.shape[0], codes.shape[1] // MMA_GROUP
+    dev = codes.device
     # [T, h, g, G, t, m, j] -> [T, G, g, t, h, m, j]
     c = codes.view(rows // 16, 2, 8, n_groups, 4, 4, 8).permute(0, 3, 2, 4, 1, 5, 6)
-    pos = 4 * (torch.arange(8, device=c.device) % 4) + 16 * (torch.arange(8, device=c.device) // 4)
-    lo = ((c & 3) << (pos + 2 * (torch.arange(4, device=c.device) % 2)[:, None])).sum(-1)  # [..., h, m]
+    pos = 4 * (torch.arange(8, device=dev) % 4) + 16 * (torch.arange(8, device=dev) // 4)
+    lo = ((c & 3) << (pos + 2 * (torch.arange(4, device=dev) % 2)[:, None])).sum(-1)  # [..., h, m]
     lo = lo.view(*lo.shape[:-1], 2, 2).sum(-1)  # words p = m // 2: [T, G, g, t, h, p]
-    hi_shift = torch.tensor(_HI_SHIFT, device=c.device)[:, None]
-    hi = ((c >> 2) << (pos + 2 - hi_shift)).sum(-1).sum(-1)  # [T, G, g, t, h]
+    hi = ((c >> 2) << (pos + 2 - torch.tensor(_HI_SHIFT, device=dev)[:, None])).sum(-1).sum(-1)  # [T, G, g, t, h]
     as_int32 = lambda w: torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)  # noqa: E731
     lo = as_int32(lo).reshape(rows // 16, n_groups, 128)
     hi = as_int32(hi).reshape(rows // 16, n_groups, 64)
-    return torch.cat([lo, hi], dim=-1).contiguous().view(-1)
+    return torch.cat([lo, hi], dim=-1).reshape(-1)
 
 
 @functools.lru_cache(maxsize=None)

@@ -105,6 +105,40 @@ def test_plan_covers_k_in_whole_steps_within_the_staging(bits):
     assert not bg.plan_gemv(64, 256, bits, group_size=64).mma  # other group sizes: the CUDA-core kernel
 
 
+@pytest.mark.parametrize("bits", [3, 4])
+def test_mma_layout_is_the_documented_order(bits, monkeypatch):
+    """The tensor-core kernel's device copy, read back word by word as docs/FORMATS.md describes it;
+    two row chunks (LAYOUT_ROWS) and padded rows / inputs included."""
+    monkeypatch.setattr(bg, "LAYOUT_ROWS", 128)
+    out_features, in_features, tile_rows = 150, 576, 128
+    codes = np.random.default_rng(60 + bits).integers(0, 2**bits, (out_features, in_features))
+    flat = bg.mma_layout(torch.from_numpy(pack_codes(codes, bits)), bits, in_features, tile_rows).numpy()
+    flat = flat.view(np.uint32).astype(np.int64)
+    rows, groups = 256, 5  # padded to whole tiles and groups
+    words = bg.MMA_GROUP_WORDS[bits]
+    assert flat.size == rows // 16 * groups * words
+    got = np.full((rows, groups * 128), -1)
+    for T in range(rows // 16):
+        for G in range(groups):
+            base = (T * groups + G) * words
+            for h in range(2):
+                for lane in range(32):
+                    g, t = divmod(lane, 4)
+                    for m in range(4):
+                        for j in range(8):
+                            pos = 4 * (j % 4) + 16 * (j // 4)
+                            if bits == 4:
+                                code = flat[base + h * 128 + lane * 4 + m] >> (4 * j) & 15
+                            else:
+                                low = flat[base + lane * 4 + h * 2 + m // 2] >> (pos + 2 * (m % 2)) & 3
+                                high = flat[base + 128 + lane * 2 + h] >> (pos + 2 - (0, -1, 2, 1)[m]) & 1
+                                code = low | high << 2
+                            got[16 * T + 8 * h + g, 128 * G + 32 * t + 8 * m + j] = code
+    want = np.zeros_like(got)
+    want[:out_features, :in_features] = codes
+    assert (got == want).all()
+
+
 # ---------------------------------------------------------------------------------------------------
 # kernel (simulator, tiny shapes)
 

@@ -65,6 +65,8 @@ ROWS_PER_WARP = 8  # rows sharing one register copy of the activations (R = 4 me
 STAGE_INPUTS = 4096  # inputs of x * act_scale one block stages in shared memory (16.5 KiB as float32)
 PAD = 33  # shared row pitch: 32 lanes + 1, so staging writes hit distinct banks
 FLAG_CAP = 256  # tiles one arrival round decides at once (<= threads of any kernel that arrives)
+MERGE_ROWS = 64  # rows of a merge tile: K parts and the correction arrive per merge tile (a GEMV tile of
+# 128 or 256 rows arrives on 2 or 4), so the correction keeps blocks of 64 rows next to any GEMV plan
 MAGIC_ONE = 0x3F800000  # float32 1.0: codes are or-ed into its mantissa
 # the tensor-core kernel (`_mma_kernel`)
 MMA_ROWS = 16  # rows of one mma tile
@@ -196,6 +198,11 @@ class GemvPlan:
     @property
     def n_tiles(self) -> int:
         return -(-self.out_features // self.tile_rows)
+
+    @property
+    def merge_rows(self) -> int:
+        """Rows of the split output's merge tiles (`SplitOutput.tile_rows`; a correction's `tile_rows`)."""
+        return min(self.tile_rows, MERGE_ROWS)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -432,6 +439,7 @@ def _gemv_kernel(bits: int, rows_per_warp: int, row_words: int, n_groups: int, g
     STAGE = (STAGE_INPUTS // STEP_IN) * UNIT * PAD
     STAGE_PER_THREAD = STAGE_INPUTS // THREADS
     TILE = WARPS * R
+    MERGE = min(TILE, MERGE_ROWS)
     P = 32 // R  # threads summing one row's 32 lane values in the epilogue
     RED = THREADS * R  # shared sizes must be literal constants for Numba
     load, dots = _make_step(bits, R, row_words, paired, exact)
@@ -547,7 +555,9 @@ def _gemv_kernel(bits: int, rows_per_warp: int, row_words: int, n_groups: int, g
                 if direct:
                     cuda.syncthreads()  # the next tile's epilogue rewrites `red`
                 else:
-                    arrive_tiles(partials, counters, out, n_out, n_parts, TILE, tile, 1, flags)
+                    first = tile * (TILE // MERGE)  # the tile's merge tiles, those that hold rows
+                    arrive_tiles(partials, counters, out, n_out, n_parts, MERGE, first,
+                                 min(TILE // MERGE, (n_out + MERGE - 1) // MERGE - first), flags)
             tile = next_tile
             step = next_step
 
@@ -714,6 +724,7 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, ahead:
     AHEAD = ahead
     assert 1 <= AHEAD <= 3
     TILE = WARPS * MMA_ROWS * m_tiles
+    MERGE = MERGE_ROWS
     TILES16 = TILE // MMA_ROWS
     GROUP_WORDS = 4 * MMA_PITCH
     XS_WORDS = MMA_STAGE_GROUPS * GROUP_WORDS  # shared sizes must be literal constants for Numba
@@ -882,7 +893,9 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, ahead:
                             partials[kb * n_out + row] = acc[mt] * inv_f
                     acc[mt] = float32(0)
                 if not direct:
-                    arrive_tiles(partials, counters, out, n_out, n_parts, TILE, tile, 1, flags)
+                    first = tile * (TILE // MERGE)  # the tile's merge tiles, those that hold rows
+                    arrive_tiles(partials, counters, out, n_out, n_parts, MERGE, first,
+                                 min(TILE // MERGE, (n_out + MERGE - 1) // MERGE - first), flags)
             tile = next_tile
             step = next_step
 
@@ -945,7 +958,7 @@ class BaseGemv:
     def split_output(self, extra_parts: int = 0) -> SplitOutput:
         """Scratch for this GEMV's K blocks plus `extra_parts` merged parts (1 for a DecDEC correction)."""
         p = self.plan
-        return SplitOutput.allocate(p.out_features, p.tile_rows, p.k_blocks + extra_parts)
+        return SplitOutput.allocate(p.out_features, p.merge_rows, p.k_blocks + extra_parts)
 
     def __call__(self, x, out, stream=0, merge: SplitOutput | None = None) -> None:
         """Launch on `stream`: out (fp16 [out]) = deq(Q) @ (x * act_scale), plus any merged part."""
@@ -954,7 +967,7 @@ class BaseGemv:
             if self._own_split is None:
                 self._own_split = self.split_output()
             merge = self._own_split
-        if merge is not None and (merge.n_out != p.out_features or merge.tile_rows != p.tile_rows
+        if merge is not None and (merge.n_out != p.out_features or merge.tile_rows != p.merge_rows
                                   or merge.n_parts < p.k_blocks):
             raise ValueError("merge scratch was made for another GEMV plan")
         direct = merge is None

@@ -221,7 +221,7 @@ class GemvSetup:
         self.gemvs = [first] + [random_gemv(out_f, in_f, bits, gen) for _ in range(
             copies_for(first.plan.weight_bytes, l2) - 1)]
         self.split = first.split_output(extra_parts=1)
-        self.tile_rows = first.plan.tile_rows
+        self.tile_rows = first.plan.merge_rows
         self.out = cuda.as_cuda_array(torch.empty(out_f, dtype=torch.float16, device="cuda"))
 
     def __call__(self, i: int, x, stream, merge=None) -> None:

@@ -414,7 +414,7 @@ class CUDAExecutor:
         k_chunk = node.attr("k_chunk")
         tb = node.attr("n_tb") or n_tb or default_n_tb(*g.shape)
         self.corrections[key] = Correction(g.table.device_array(), g.rscale, bucket_bounds(g.thresholds, k_chunk),
-                                           k_chunk, n_tb=tb, tile_rows=g.gemv.plan.tile_rows)
+                                           k_chunk, n_tb=tb, tile_rows=g.gemv.plan.merge_rows)
         self.splits[key] = g.gemv.split_output(extra_parts=1)
 
     def _bind(self, item):

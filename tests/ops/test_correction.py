@@ -88,20 +88,22 @@ def test_standalone_kernel_matches_reference(width, out_features, k_chunk, n_tb)
 
 
 @kernels
-@pytest.mark.parametrize("bits, k_blocks, order", [
-    (4, 2, ("correction", "base")),  # two steps: either kernel merges; the second reuses reset counters
-    (3, None, ("base",)),
+@pytest.mark.parametrize("bits, k_blocks, order, out_features", [
+    (4, 2, ("correction", "base"), 40),  # two steps: either kernel merges; the second reuses reset counters
+    (3, None, ("base",), 40),
+    (4, 1, ("base",), 200),  # GEMV tiles of 128 rows over merge tiles of 64: 2 + 2 (1 partial) arrivals
 ])
-def test_merged_into_base_gemv_in_either_order(bits, k_blocks, order):
+def test_merged_into_base_gemv_in_either_order(bits, k_blocks, order, out_features):
     """Base K blocks and the correction are parts of one split output: whoever arrives last merges."""
     rng = np.random.default_rng(40 + bits)
-    width, out_features, k_chunk = 640, 40, 48
+    width, k_chunk = 640, 48
     _, q, scales, zeros, act = random_linear(rng, bits, out_features, width)
     gemv = bg.BaseGemv(*(cuda.to_device(a) for a in (q, scales, zeros, act)), bits,
                        plan=bg.plan_gemv(out_features, width, bits, k_blocks=k_blocks))
+    assert gemv.plan.merge_rows == 64 and gemv.plan.tile_rows >= 128  # several merge tiles per GEMV tile
     _, _, bounds, rows, rscale, _ = case(rng, width, out_features, k_chunk)
     corr = co.Correction(cuda.to_device(dma.pad_rows(rows)), cuda.to_device(rscale), bounds, k_chunk, n_tb=2,
-                         tile_rows=gemv.plan.tile_rows)
+                         tile_rows=gemv.plan.merge_rows)
     split = gemv.split_output(extra_parts=1)
     act_d = cuda.to_device(act)
     for first in order:
@@ -139,7 +141,7 @@ def test_fused_on_two_streams_on_gpu(bits, out_features, width, k_chunk, n_tb):
     gemv = bg.BaseGemv(*(cuda.to_device(a) for a in (q, scales, zeros, act)), bits)
     with dma.PinnedTable.from_array(rows) as pinned:
         corr = co.Correction(pinned.device_array(), cuda.to_device(rscale), bounds, k_chunk, n_tb=n_tb,
-                             tile_rows=gemv.plan.tile_rows)
+                             tile_rows=gemv.plan.merge_rows)
         split = gemv.split_output(extra_parts=1)
         x_d, act_d = cuda.to_device(x), cuda.to_device(act)
         out = cuda.to_device(np.full(out_features, np.nan, np.float16))

@@ -278,7 +278,7 @@ class FakeGemv:
         self.weight = dequantize(qweight, scales, zeros, bits, act_scale.shape[0], group_size)
         self.act_scale = act_scale
         out_features, in_features = self.weight.shape
-        self.plan = types.SimpleNamespace(out_features=out_features, in_features=in_features, tile_rows=64, mma=False)
+        self.plan = types.SimpleNamespace(out_features=out_features, in_features=in_features, tile_rows=64, merge_rows=64, mma=False)
 
     def split_output(self, extra_parts=0):
         return FakeSplit(1 + extra_parts)

@@ -60,7 +60,6 @@ def variants(out_f: int, in_f: int, bits: int, n_sm: int, quick: bool) -> dict[s
     v["cuda cores"] = p(mma=False)
     if not quick:
         v["one tile per block"] = p(persistent=False)
-        v["mma ahead=2"] = p(ahead=2)
         for kb in {max(1, d.k_blocks // 2), d.k_blocks * 2, d.k_blocks + 1, max(1, d.k_blocks - 1)}:
             if kb != d.k_blocks:
                 v[f"k_blocks={kb}"] = p(k_blocks=kb)
@@ -162,7 +161,7 @@ def main(argv=None) -> int:
                 moved = plan.weight_bytes + 4 * out_f * -(-in_f // 128)
                 row = {"out": out_f, "in": in_f, "bits": bits, "variant": name, "k_blocks": plan.k_blocks,
                        "tiles_per_block": plan.tiles_per_block, "rows_per_warp": plan.rows_per_warp,
-                       "pipeline": plan.pipeline, "paired": plan.paired, "mma": plan.mma, "ahead": plan.ahead,
+                       "pipeline": plan.pipeline, "paired": plan.paired, "mma": plan.mma,
                        "us": us, "rel_err": err,
                        "GBps": moved / us / 1e3, "frac_hbm_read": moved / us / 1e3 / report["hbm_read_GBps"]}
                 report["rows"].append(row)

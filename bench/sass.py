@@ -64,14 +64,13 @@ def main() -> None:
     ap.add_argument("--unpaired", action="store_true")
     ap.add_argument("--cuda-cores", action="store_true", help="the CUDA-core kernel, not the tensor-core one (4-bit)")
     ap.add_argument("--rows", type=int, help="rows per warp (default: the plan's)")
-    ap.add_argument("--ahead", type=int, default=1, help="tensor-core kernel: steps in flight")
     ap.add_argument("--sass", help="write the full SASS here")
     a = ap.parse_args()
     plan = bg.plan_gemv(a.out, a.inp, a.bits, paired=False if a.unpaired else None,
                         mma=False if a.cuda_cores else None, rows_per_warp=a.rows)
     exact = a.out % plan.tile_rows == 0
     if plan.mma:
-        kernel = bg._mma_kernel(a.bits, plan.rows_per_warp // bg.MMA_ROWS, -(-a.inp // 128), exact, a.ahead)
+        kernel = bg._mma_kernel(a.bits, plan.rows_per_warp // bg.MMA_ROWS, -(-a.inp // 128), exact)
         words = nt.uint32
     else:
         row_words = a.inp // 16 if a.bits == 4 else 3 * a.inp // 32

@@ -74,7 +74,6 @@ MMA_GROUP = 128  # inputs of one step: one quantization group
 MMA_PITCH = 20  # uint32 per (group, t) in the staged inputs: 16 pairs + 4 pad
 MMA_MAGIC = 0x64006400  # fp16x2 (1024, 1024): codes are or-ed into its mantissas
 MMA_MIN_BLOCKS = 3  # blocks per SM asked of ptxas
-MMA_AHEAD = 1  # default steps in flight (1 measured fastest on the H200: 30.8 vs 32.6 and 33.4 us with 2 and 3 at 28672x4096)
 MMA_STAGE_GROUPS = STAGE_INPUTS // MMA_GROUP
 _MASK_LO, _MASK_HI = 0x000F000F, 0x00F000F0  # 4-bit pairs (j, j + 4), j even / odd (x 16)
 _HI_SHIFT = (0, -1, 2, 1)  # 3-bit: left shift of the high-bit word that aligns word m's bits (- = right)
@@ -185,7 +184,6 @@ class GemvPlan:
     tiles_per_block: int = 1  # > 1: a block stages its inputs once and streams several tiles
     paired: bool = False  # 4-bit: decode two codes per shift (`_step_source`)
     mma: bool = False  # group 128: the tensor-core kernel (`_mma_kernel`; always pipelined)
-    ahead: int = 1  # with `mma`: steps whose weights are in flight while one is computed (1 to 3)
 
     @property
     def unit(self) -> int:
@@ -215,8 +213,7 @@ class GemvPlan:
 
 def plan_gemv(out_features: int, in_features: int, bits: int, group_size: int = 128, n_sm: int = 132,
               rows_per_warp: int | None = None, k_blocks: int | None = None, pipeline: bool = True,
-              persistent: bool = True, paired: bool | None = None, mma: bool | None = None,
-              ahead: int = MMA_AHEAD) -> GemvPlan:
+              persistent: bool = True, paired: bool | None = None, mma: bool | None = None) -> GemvPlan:
     """Pick the K split (and for `mma` the rows per warp) by a small cost model, `_plan_cost`.
 
     Blocks run in waves of `slots` (blocks per SM x SMs, by registers). A block stages its K range's
@@ -235,7 +232,7 @@ def plan_gemv(out_features: int, in_features: int, bits: int, group_size: int = 
         raise ValueError(f"the tensor-core kernel takes weights in groups of {MMA_GROUP}")
     if mma and rows_per_warp is None:  # one or two mma tiles per warp, whichever the cost model prefers
         plans = [plan_gemv(out_features, in_features, bits, group_size, n_sm, r, k_blocks, pipeline, persistent,
-                           paired, mma, ahead) for r in (MMA_ROWS, 2 * MMA_ROWS)]
+                           paired, mma) for r in (MMA_ROWS, 2 * MMA_ROWS)]
         return min(plans, key=lambda p: _plan_cost(p, n_sm))
     rows_per_warp = ROWS_PER_WARP if rows_per_warp is None else rows_per_warp
     if mma and rows_per_warp % MMA_ROWS:
@@ -257,7 +254,7 @@ def plan_gemv(out_features: int, in_features: int, bits: int, group_size: int = 
         slots = _slots(bits, rows_per_warp, pipeline or mma, mma, n_sm)
         tiles = -(-n_tiles * kb // slots) if persistent else 1
         return GemvPlan(bits, out_features, in_features, group_size, rows_per_warp, kb, units, pipeline or mma,
-                        tiles, paired, mma, ahead if mma else 1)
+                        tiles, paired, mma)
 
     if k_blocks is not None:
         return make(k_blocks)
@@ -630,7 +627,7 @@ def _mma_step_source(bits: int, m_tiles: int, n_groups: int, exact_rows: bool) -
             v0 = per_tile * mt
             if bits == 4:  # pairs from word m of rows g (a) and g + 8 (b)
                 a, b = f"v[{v0 + m}]", f"v[{v0 + 4 + m}]"
-                pairs = {(r, sh, mask): f"(({w} >> uint32({sh})) & uint32({mask:#x})) | magic"
+                pairs = {(r, sh, mask): f"({w if sh == 0 else f'({w} >> uint32(8))'} & uint32({mask:#x})) | magic"
                          for r, w in (("a", a), ("b", b)) for sh in (0, 8) for mask in (_MASK_LO, _MASK_HI)}
             else:  # low bits of word m: L >> 2 (m % 2) of low word m // 2; high bits: H moved by _HI_SHIFT[m]
                 pairs = {}
@@ -717,12 +714,9 @@ def _make_mma_step(bits: int, m_tiles: int, n_groups: int, exact_rows: bool):
 
 
 @functools.lru_cache(maxsize=None)
-def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, ahead: int = 1):
+def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool):
     """The tensor-core kernel for one (bits, m_tiles, group count); `exact_rows`: the rows fill whole
-    tiles (no clamps on scale / zero rows); `ahead` (1 to 3): steps whose weights are in flight while
-    one is computed. See the section comment."""
-    AHEAD = ahead
-    assert 1 <= AHEAD <= 3
+    tiles (no clamps on scale / zero rows). See the section comment."""
     TILE = WARPS * MMA_ROWS * m_tiles
     MERGE = MERGE_ROWS
     TILES16 = TILE // MMA_ROWS
@@ -733,29 +727,6 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, ahead:
     assert MMA_STAGE_GROUPS * MMA_GROUP == CHUNK * THREADS  # one chunk per thread stages a full K block
     SWAP = THREADS * MMA_SWAP if SIMULATED else 1
     load, dots = _make_mma_step(bits, m_tiles, n_groups, exact_rows)
-
-    @cuda.jit(device=True)
-    def prologue(qw, scales, zeros, tile, stride, n_iter, n_grp, grp0, warp_t16, lane_row, last_row, lane4, sel8):
-        """The first AHEAD steps' loads: (w0, w1, w2, ltile, lstep), the load cursor at the last one."""
-        ltile = tile
-        lstep = 0
-        w0 = load(qw, scales, zeros, uint32(ltile * TILES16) + warp_t16, uint32(ltile * TILE) + lane_row, last_row,
-                  lane4, uint32(grp0), sel8)
-        w1 = w0
-        w2 = w0
-        for k in range(1, AHEAD):
-            lstep += 1
-            if lstep == n_grp:
-                lstep = 0
-                ltile += stride
-            if k < n_iter:
-                wk = load(qw, scales, zeros, uint32(ltile * TILES16) + warp_t16, uint32(ltile * TILE) + lane_row,
-                          last_row, lane4, uint32(grp0 + lstep), sel8)
-                if k == 1:
-                    w1 = wk
-                else:
-                    w2 = wk
-        return w0, w1, w2, ltile, lstep
 
     @jit_with_bounds(THREADS, MMA_MIN_BLOCKS)
     def kernel(x, act_scale, qw, scales, zeros, out, partials, counters, n_out, n_in, groups_per_kblock,
@@ -849,38 +820,32 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, ahead:
             grp_s[tid] = s_sum
         cuda.syncthreads()
 
-        # the weights of step it + AHEAD are loaded while step it is computed: `ltile`, `lstep` follow the
-        # loads, `tile`, `step` the computation; w0 .. w{AHEAD-1} hold the loaded steps, oldest first. (Issuing
-        # the first loads before the staging, or all staging loads before their use, measured 5-10 % slower.)
-        w0, w1, w2, ltile, lstep = prologue(qw, scales, zeros, tile, stride, n_iter, n_grp, grp0, warp_t16,
-                                            lane_row, last_row, lane4, sel8)
+        # the next (tile, step)'s weights are loaded while this one is computed. (More steps in flight,
+        # the first loads before the staging, or all staging loads before their use: each measured
+        # slower on the H200, bench/gemv_variants.py at 9089a83, d184ffd, 129e6d3.)
+        ltile = tile  # the load cursor, one (tile, step) ahead of the computation's
+        lstep = 0
+        words = load(qw, scales, zeros, uint32(ltile * TILES16) + warp_t16, uint32(ltile * TILE) + lane_row, last_row,
+                     lane4, uint32(grp0), sel8)
         step = 0
         for it in range(n_iter):
             lstep += 1
             if lstep == n_grp:
                 lstep = 0
                 ltile += stride
-            ahead = w0
-            if it + AHEAD < n_iter:
+            ahead = words
+            if it + 1 < n_iter:
                 ahead = load(qw, scales, zeros, uint32(ltile * TILES16) + warp_t16, uint32(ltile * TILE) + lane_row,
                              last_row, lane4, uint32(grp0 + lstep), sel8)
-            words = w0
-            if AHEAD == 1:
-                w0 = ahead
-            elif AHEAD == 2:
-                w0 = w1
-                w1 = ahead
-            else:
-                w0 = w1
-                w1 = w2
-                w2 = ahead
+            cur = words
+            words = ahead
             next_step = step + 1
             next_tile = tile
             if next_step == n_grp:
                 next_step = 0
                 next_tile = tile + stride
             ustep = uint32(step)  # unsigned indices: Numba adds a negative-index wraparound to signed ones
-            e = dots(words, xs, ustep * uint32(GROUP_WORDS) + t_pitch, grp_c[ustep], grp_s[ustep], upper, magic, swap)
+            e = dots(cur, xs, ustep * uint32(GROUP_WORDS) + t_pitch, grp_c[ustep], grp_s[ustep], upper, magic, swap)
             for mt in range(m_tiles):
                 acc[mt] += e[mt]
             if next_step == 0:  # tile complete: lanes t = 0 and 2 hold whole rows g and g + 8
@@ -945,7 +910,7 @@ class BaseGemv:
             else:
                 self._qw_tiled = mma_layout(torch.as_tensor(qweight, device="cuda"), bits, in_features, p.tile_rows)
                 self.qw = _flat(_device(self._qw_tiled), np.uint32)
-            self.kernel = _mma_kernel(bits, p.rows_per_warp // MMA_ROWS, self.n_groups, exact, p.ahead)
+            self.kernel = _mma_kernel(bits, p.rows_per_warp // MMA_ROWS, self.n_groups, exact)
             self.magic = MMA_MAGIC
         else:
             self.qw = _flat(qweight, np.uint64 if bits == 4 else np.uint32)

@@ -195,20 +195,20 @@ def test_kernel_four_rows_per_warp_and_repeat_is_bitwise_equal():
 
 
 @kernels
-@pytest.mark.parametrize("bits, out_features, in_features, rows_per_warp, k_blocks, n_sm, ahead", [
-    (4, 40, 576, 16, None, 132, 2),  # partial tile, a partial last group (zero-padded), K in 5 parts
-    (4, 392, 128, 16, 1, 1, 3),  # 4 tiles on 3 block slots: blocks stream 2 tiles (the last partial), direct
-    # write; 3 steps in flight where a block has 2
+@pytest.mark.parametrize("bits, out_features, in_features, rows_per_warp, k_blocks, n_sm, tiles_per_block", [
+    (4, 40, 576, 16, None, 132, 1),  # partial tile, a partial last group (zero-padded), K in 5 parts
+    (4, 392, 128, 16, 1, 1, 2),  # 4 tiles on 3 block slots: blocks stream 2 tiles (the last partial), direct write
     (4, 40, 256, 32, 2, 132, 1),  # two mma tiles per warp, K split in 2
-    (4, 264, 256, 16, 1, 1, 3),  # 3 tiles x 2 steps on one block slot each: the loads run across tiles
+    (4, 520, 256, 16, 1, 1, 2),  # 2 tiles x 2 steps per block: the next tile's loads go out during a tile's last step
     (3, 40, 576, 16, None, 132, 1),  # 3-bit: low and high bit planes, a partial last group, K in 5 parts
-    (3, 24, 256, 32, 1, 132, 2),  # 3-bit, two mma tiles per warp, direct write
+    (3, 24, 256, 32, 1, 132, 1),  # 3-bit, two mma tiles per warp, direct write
 ])
-def test_tensor_core_kernel_matches_reference(bits, out_features, in_features, rows_per_warp, k_blocks, n_sm, ahead):
+def test_tensor_core_kernel_matches_reference(bits, out_features, in_features, rows_per_warp, k_blocks, n_sm,
+                                              tiles_per_block):
     rng = np.random.default_rng(500 + out_features + in_features + bits)
     got, ref, gemv, xd, out = run_kernel(rng, bits, out_features, in_features, k_blocks, rows_per_warp=rows_per_warp,
-                                         n_sm=n_sm, ahead=ahead)
-    assert gemv.plan.mma and gemv.plan.ahead == ahead
+                                         n_sm=n_sm)
+    assert gemv.plan.mma and gemv.plan.tiles_per_block == tiles_per_block
     assert_close_fp16(got, ref)
 
 

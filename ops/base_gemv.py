@@ -39,8 +39,8 @@ and plain Numba is bound by instructions long before that. The CUDA-core kernel 
 Measured on the lent H100 (bench/gemv_variants.py, session 3): the CUDA-core kernel did 28672x4096 at
 4 bits in 36.7 us (60 % of HBM; torch's int4 tinygemm 33.0 us; one tile per block 42.3, unpaired
 decode 40.3; session 1's kernel 46.4), 45.6 us at 3 bits. Local SASS (ptxas sm_90): ~540 instructions
-per 4-bit warp step of 128 codes, 145 of them FFMA; the tensor-core kernel's step: 111 instructions for
-64 codes a lane at 4 bits, 165 at 3 bits (bench/sass.py).
+per 4-bit warp step of 128 codes, 145 of them FFMA; the tensor-core kernel's step: 114 instructions for
+64 codes a lane at 4 bits, 167 at 3 bits (bench/sass.py, 16 rows per warp).
 """
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ MMA_GROUP_WORDS = {4: 256, 3: 192}  # uint32 per (16-row block, group) in `mma_l
 
 __all__ = [
     "base_gemv_reference", "unpack_codes", "dequantize", "base_gemv_cuda", "BaseGemv", "GemvPlan",
-    "plan_gemv", "SplitOutput", "arrive_tiles", "int_as_float", "nib_float", "jit_with_bounds",
+    "plan_gemv", "SplitOutput", "arrive_tiles", "arrive_gemv_tile", "int_as_float", "nib_float", "jit_with_bounds",
 ]
 
 
@@ -160,6 +160,16 @@ def arrive_tiles(partials, counters, out, n_out, n_parts, tile_rows, first_tile,
                     s += partials[p * n_out + row]
                 out[row] = s
         cuda.syncthreads()  # flags are reused by the next round
+
+
+@cuda.jit(device=True)
+def arrive_gemv_tile(partials, counters, out, n_out, n_parts, tile_rows, tile, flags):
+    """`arrive_tiles` for GEMV row tile `tile` of `tile_rows` rows: on its merge tiles of
+    min(tile_rows, MERGE_ROWS) rows (`GemvPlan.merge_rows`) that hold rows."""
+    merge = min(tile_rows, MERGE_ROWS)
+    first = tile * (tile_rows // merge)
+    arrive_tiles(partials, counters, out, n_out, n_parts, merge, first,
+                 min(tile_rows // merge, (n_out + merge - 1) // merge - first), flags)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -436,7 +446,6 @@ def _gemv_kernel(bits: int, rows_per_warp: int, row_words: int, n_groups: int, g
     STAGE = (STAGE_INPUTS // STEP_IN) * UNIT * PAD
     STAGE_PER_THREAD = STAGE_INPUTS // THREADS
     TILE = WARPS * R
-    MERGE = min(TILE, MERGE_ROWS)
     P = 32 // R  # threads summing one row's 32 lane values in the epilogue
     RED = THREADS * R  # shared sizes must be literal constants for Numba
     load, dots = _make_step(bits, R, row_words, paired, exact)
@@ -552,9 +561,7 @@ def _gemv_kernel(bits: int, rows_per_warp: int, row_words: int, n_groups: int, g
                 if direct:
                     cuda.syncthreads()  # the next tile's epilogue rewrites `red`
                 else:
-                    first = tile * (TILE // MERGE)  # the tile's merge tiles, those that hold rows
-                    arrive_tiles(partials, counters, out, n_out, n_parts, MERGE, first,
-                                 min(TILE // MERGE, (n_out + MERGE - 1) // MERGE - first), flags)
+                    arrive_gemv_tile(partials, counters, out, n_out, n_parts, TILE, tile, flags)
             tile = next_tile
             step = next_step
 
@@ -718,7 +725,6 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool):
     """The tensor-core kernel for one (bits, m_tiles, group count); `exact_rows`: the rows fill whole
     tiles (no clamps on scale / zero rows). See the section comment."""
     TILE = WARPS * MMA_ROWS * m_tiles
-    MERGE = MERGE_ROWS
     TILES16 = TILE // MMA_ROWS
     GROUP_WORDS = 4 * MMA_PITCH
     XS_WORDS = MMA_STAGE_GROUPS * GROUP_WORDS  # shared sizes must be literal constants for Numba
@@ -858,9 +864,7 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool):
                             partials[kb * n_out + row] = acc[mt] * inv_f
                     acc[mt] = float32(0)
                 if not direct:
-                    first = tile * (TILE // MERGE)  # the tile's merge tiles, those that hold rows
-                    arrive_tiles(partials, counters, out, n_out, n_parts, MERGE, first,
-                                 min(TILE // MERGE, (n_out + MERGE - 1) // MERGE - first), flags)
+                    arrive_gemv_tile(partials, counters, out, n_out, n_parts, TILE, tile, flags)
             tile = next_tile
             step = next_step
 

@@ -57,8 +57,10 @@ def variants(out_f: int, in_f: int, bits: int, n_sm: int, quick: bool) -> dict[s
     d = v["default"]
     v["mma R=16"] = p(rows_per_warp=16)  # the tensor-core kernel (default) against the CUDA-core one
     v["mma R=32"] = p(rows_per_warp=32)
-    v["cuda cores"] = p(mma=False)
+    for kw in bg.K_WARPS:  # warps splitting a block's K range, rows per warp and K blocks by the cost model
+        v[f"k_warps={kw}"] = p(k_warps=kw)
     if not quick:
+        v["cuda cores"] = p(mma=False)
         v["one tile per block"] = p(persistent=False)
         for kb in {max(1, d.k_blocks // 2), d.k_blocks * 2, d.k_blocks + 1, max(1, d.k_blocks - 1)}:
             if kb != d.k_blocks:
@@ -112,7 +114,7 @@ def sass_histogram(plan: bg.GemvPlan) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--quick", action="store_true", help="only the default, 16 / 32 rows per warp and the CUDA-core kernel")
+    ap.add_argument("--quick", action="store_true", help="only the default, 16 / 32 rows per warp and 1 / 2 / 4 / 8 K warps")
     ap.add_argument("--sass", action="store_true", help="opcode histogram of the default 4-bit kernel")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--shapes", help="comma list OUTxIN (default: Llama-3-8B's six)")
@@ -144,7 +146,8 @@ def main(argv=None) -> int:
     shapes = SHAPES
     if args.shapes:
         shapes = [tuple(map(int, t.split("x"))) for t in args.shapes.split(",")]
-    print(f"{'out':>6} {'in':>6} {'b':>2} {'variant':<30} {'kb':>3} {'tpb':>3} {'us':>7} {'GB/s':>6} {'HBM':>5} {'err':>8}")
+    print(f"{'out':>6} {'in':>6} {'b':>2} {'variant':<30} {'R':>2} {'kw':>2} {'kb':>3} {'tpb':>3} {'us':>7} {'GB/s':>6} "
+          f"{'HBM':>5} {'err':>8}")
     for out_f, in_f in shapes:
         for bits in (4, 3):
             ref_plan = bg.plan_gemv(out_f, in_f, bits, n_sm=n_sm)
@@ -161,11 +164,12 @@ def main(argv=None) -> int:
                 moved = plan.weight_bytes + 4 * out_f * -(-in_f // 128)
                 row = {"out": out_f, "in": in_f, "bits": bits, "variant": name, "k_blocks": plan.k_blocks,
                        "tiles_per_block": plan.tiles_per_block, "rows_per_warp": plan.rows_per_warp,
-                       "pipeline": plan.pipeline, "paired": plan.paired, "mma": plan.mma,
+                       "pipeline": plan.pipeline, "paired": plan.paired, "mma": plan.mma, "k_warps": plan.k_warps,
                        "us": us, "rel_err": err,
                        "GBps": moved / us / 1e3, "frac_hbm_read": moved / us / 1e3 / report["hbm_read_GBps"]}
                 report["rows"].append(row)
-                print(f"{out_f:>6} {in_f:>6} {bits:>2} {name:<30} {plan.k_blocks:>3} {plan.tiles_per_block:>3} "
+                print(f"{out_f:>6} {in_f:>6} {bits:>2} {name:<30} {plan.rows_per_warp:>2} {plan.k_warps:>2} "
+                      f"{plan.k_blocks:>3} {plan.tiles_per_block:>3} "
                       f"{us:>7.1f} {row['GBps']:>6.0f} {row['frac_hbm_read']:>5.0%} {err:>8.1e}", flush=True)
             if bits == 4:
                 t = torch_int4_us(out_f, in_f, n, args.reps, streams, gen)

@@ -75,6 +75,7 @@ MMA_PITCH = 20  # uint32 per (group, t) in the staged inputs: 16 pairs + 4 pad
 MMA_MAGIC = 0x64006400  # fp16x2 (1024, 1024): codes are or-ed into its mantissas
 MMA_MIN_BLOCKS = 3  # blocks per SM asked of ptxas
 MMA_STAGE_GROUPS = STAGE_INPUTS // MMA_GROUP
+K_WARPS = (1, 2, 4, 8)  # warps of a block that may split its K range (`GemvPlan.k_warps`)
 _MASK_LO, _MASK_HI = 0x000F000F, 0x00F000F0  # 4-bit pairs (j, j + 4), j even / odd (x 16)
 _HI_SHIFT = (0, -1, 2, 1)  # 3-bit: left shift of the high-bit word that aligns word m's bits (- = right)
 MMA_GROUP_WORDS = {4: 256, 3: 192}  # uint32 per (16-row block, group) in `mma_layout`
@@ -163,6 +164,15 @@ def arrive_tiles(partials, counters, out, n_out, n_parts, tile_rows, first_tile,
 
 
 @cuda.jit(device=True)
+def write_row(out, partials, n_out, kb, row, v, direct):
+    """Row `row`'s value: the fp16 output (`direct`) or K block kb's float32 part of the split output."""
+    if direct:
+        out[row] = v
+    else:
+        partials[kb * n_out + row] = v
+
+
+@cuda.jit(device=True)
 def arrive_gemv_tile(partials, counters, out, n_out, n_parts, tile_rows, tile, flags):
     """`arrive_tiles` for GEMV row tile `tile` of `tile_rows` rows: on its merge tiles of
     min(tile_rows, MERGE_ROWS) rows (`GemvPlan.merge_rows`) that hold rows."""
@@ -194,6 +204,17 @@ class GemvPlan:
     tiles_per_block: int = 1  # > 1: a block stages its inputs once and streams several tiles
     paired: bool = False  # 4-bit: decode two codes per shift (`_step_source`)
     mma: bool = False  # group 128: the tensor-core kernel (`_mma_kernel`; always pipelined)
+    k_warps: int = 1  # with `mma`: warps of a block that split its K range (and share its rows), summed
+    # in shared memory at the tile's end; > 1 gives short-K and few-row shapes shorter blocks
+
+    @property
+    def row_warps(self) -> int:
+        return WARPS // self.k_warps
+
+    @property
+    def steps_per_tile(self) -> int:
+        """Steps one warp takes per row tile (with `mma` a step is one group; otherwise 32 units)."""
+        return -(-self.units_per_kblock // self.k_warps) if self.mma else -(-self.units_per_kblock // 32)
 
     @property
     def unit(self) -> int:
@@ -201,7 +222,7 @@ class GemvPlan:
 
     @property
     def tile_rows(self) -> int:
-        return WARPS * self.rows_per_warp
+        return self.row_warps * self.rows_per_warp
 
     @property
     def n_tiles(self) -> int:
@@ -223,15 +244,17 @@ class GemvPlan:
 
 def plan_gemv(out_features: int, in_features: int, bits: int, group_size: int = 128, n_sm: int = 132,
               rows_per_warp: int | None = None, k_blocks: int | None = None, pipeline: bool = True,
-              persistent: bool = True, paired: bool | None = None, mma: bool | None = None) -> GemvPlan:
+              persistent: bool = True, paired: bool | None = None, mma: bool | None = None,
+              k_warps: int | None = None) -> GemvPlan:
     """Pick the K split (and for `mma` the rows per warp) by a small cost model, `_plan_cost`.
 
     Blocks run in waves of `slots` (blocks per SM x SMs, by registers). A block stages its K range's
     inputs once and, `persistent`, takes ceil(tiles x K blocks / slots) row tiles; otherwise one tile.
     Splitting K shortens tiles but adds epilogues. Each K block stages at most STAGE_INPUTS inputs.
     `mma` (the tensor-core kernel) defaults to True for weights in groups of 128, with 16 or 32 rows
-    per warp; its step is one group. Otherwise a step is 32 units (a warp's 32 lanes), 8 rows per
-    warp, and `paired` defaults to True at 4 bits.
+    per warp and 1, 2, 4 or 8 `k_warps` (warps splitting a block's K range); its step is one group.
+    Otherwise a step is 32 units (a warp's 32 lanes), 8 rows per warp, and `paired` defaults to True
+    at 4 bits.
     """
     if bits not in (3, 4):
         raise ValueError(f"bits = {bits}: allowed 3 or 4")
@@ -240,10 +263,15 @@ def plan_gemv(out_features: int, in_features: int, bits: int, group_size: int = 
     mma = group_size == MMA_GROUP if mma is None else mma
     if mma and group_size != MMA_GROUP:
         raise ValueError(f"the tensor-core kernel takes weights in groups of {MMA_GROUP}")
-    if mma and rows_per_warp is None:  # one or two mma tiles per warp, whichever the cost model prefers
+    if mma and (rows_per_warp is None or k_warps is None):  # whichever the cost model prefers
         plans = [plan_gemv(out_features, in_features, bits, group_size, n_sm, r, k_blocks, pipeline, persistent,
-                           paired, mma) for r in (MMA_ROWS, 2 * MMA_ROWS)]
+                           paired, mma, kw)
+                 for r in ((MMA_ROWS, 2 * MMA_ROWS) if rows_per_warp is None else (rows_per_warp,))
+                 for kw in (K_WARPS if k_warps is None else (k_warps,))]
         return min(plans, key=lambda p: _plan_cost(p, n_sm))
+    k_warps = 1 if k_warps is None else k_warps
+    if k_warps not in K_WARPS or (k_warps > 1 and not mma):
+        raise ValueError(f"k_warps = {k_warps}: the tensor-core kernel takes {K_WARPS}, the CUDA-core one 1")
     rows_per_warp = ROWS_PER_WARP if rows_per_warp is None else rows_per_warp
     if mma and rows_per_warp % MMA_ROWS:
         raise ValueError(f"rows_per_warp = {rows_per_warp}: the tensor-core kernel takes multiples of {MMA_ROWS}")
@@ -256,7 +284,7 @@ def plan_gemv(out_features: int, in_features: int, bits: int, group_size: int = 
     step_units = 1 if mma else 32  # units per step
     n_units = -(-in_features // unit)
     max_units = STAGE_INPUTS // unit
-    n_tiles = -(-out_features // (WARPS * rows_per_warp))
+    n_tiles = -(-out_features // (WARPS // k_warps * rows_per_warp))
 
     def make(kb: int) -> GemvPlan:
         units = min(max_units, -(-(-(-n_units // kb)) // step_units) * step_units)  # whole steps per K block
@@ -264,7 +292,7 @@ def plan_gemv(out_features: int, in_features: int, bits: int, group_size: int = 
         slots = _slots(bits, rows_per_warp, pipeline or mma, mma, n_sm)
         tiles = -(-n_tiles * kb // slots) if persistent else 1
         return GemvPlan(bits, out_features, in_features, group_size, rows_per_warp, kb, units, pipeline or mma,
-                        tiles, paired, mma)
+                        tiles, paired, mma, k_warps)
 
     if k_blocks is not None:
         return make(k_blocks)
@@ -286,7 +314,8 @@ def _plan_cost(p: GemvPlan, n_sm: int) -> float:
     blocks = p.grid[0] * p.grid[1]
     waves = -(-blocks // _slots(p.bits, p.rows_per_warp, p.pipeline, p.mma, n_sm))
     if p.mma:
-        return waves * (3 + p.tiles_per_block * (p.units_per_kblock * p.rows_per_warp / MMA_ROWS + 1 + p.k_blocks / 8))
+        return waves * (3 + p.tiles_per_block * (p.steps_per_tile * p.rows_per_warp / MMA_ROWS + 1 + p.k_blocks / 8
+                                                 + (0.5 if p.k_warps > 1 else 0)))
     return waves * (1 + p.tiles_per_block * (1 + p.units_per_kblock // 32))
 
 
@@ -552,12 +581,8 @@ def _gemv_kernel(bits: int, rows_per_warp: int, row_words: int, n_groups: int, g
                     total = float32(0)
                     for p in range(P):
                         total += red[tid * P + p]
-                    row = tile * TILE + tid
-                    if row < n_out:
-                        if direct:
-                            out[row] = total
-                        else:
-                            partials[kb * n_out + row] = total
+                    if tile * TILE + tid < n_out:
+                        write_row(out, partials, n_out, kb, tile * TILE + tid, total, direct)
                 if direct:
                     cuda.syncthreads()  # the next tile's epilogue rewrites `red`
                 else:
@@ -721,10 +746,12 @@ def _make_mma_step(bits: int, m_tiles: int, n_groups: int, exact_rows: bool):
 
 
 @functools.lru_cache(maxsize=None)
-def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool):
-    """The tensor-core kernel for one (bits, m_tiles, group count); `exact_rows`: the rows fill whole
-    tiles (no clamps on scale / zero rows). See the section comment."""
-    TILE = WARPS * MMA_ROWS * m_tiles
+def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warps: int = 1):
+    """The tensor-core kernel for one (bits, m_tiles, group count, k_warps); `exact_rows`: the rows fill
+    whole tiles (no clamps on scale / zero rows). See the section comment."""
+    KW = k_warps
+    TILE = WARPS // KW * MMA_ROWS * m_tiles
+    RED = KW * TILE if KW > 1 else 1  # the K warps' row sums at a tile's end
     TILES16 = TILE // MMA_ROWS
     GROUP_WORDS = 4 * MMA_PITCH
     XS_WORDS = MMA_STAGE_GROUPS * GROUP_WORDS  # shared sizes must be literal constants for Numba
@@ -734,6 +761,34 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool):
     SWAP = THREADS * MMA_SWAP if SIMULATED else 1
     load, dots = _make_mma_step(bits, m_tiles, n_groups, exact_rows)
 
+    @cuda.jit(device=True)
+    def finish_mma_tile(acc, red, out, partials, counters, flags, n_out, n_parts, kb, tile, row_warp, kw, inv_f,
+                        direct):
+        """A row tile's end: each row's sum (over the K warps, through `red`, when KW > 1) written as fp16
+        (`direct`) or as this K block's float32 part, then the arrival. Lanes t = 0 and 2 hold rows g, g + 8."""
+        tid = cuda.threadIdx.x
+        lane = tid % 32
+        t = lane % 4
+        for mt in range(m_tiles):
+            r = row_warp * MMA_ROWS * m_tiles + MMA_ROWS * mt + lane // 4 + 8 * (t // 2)  # row within the tile
+            if t % 2 == 0:
+                if KW > 1:
+                    red[kw * TILE + r] = acc[mt]
+                elif tile * TILE + r < n_out:
+                    write_row(out, partials, n_out, kb, tile * TILE + r, acc[mt] * inv_f, direct)
+            acc[mt] = float32(0)
+        if KW > 1:
+            cuda.syncthreads()
+            if tid < TILE and tile * TILE + tid < n_out:
+                total = float32(0)
+                for q in range(KW):  # in a fixed order: deterministic
+                    total += red[q * TILE + tid]
+                write_row(out, partials, n_out, kb, tile * TILE + tid, total * inv_f, direct)
+        if not direct:
+            arrive_gemv_tile(partials, counters, out, n_out, n_parts, TILE, tile, flags)
+        elif KW > 1:
+            cuda.syncthreads()  # `red` is rewritten at the next tile's end
+
     @jit_with_bounds(THREADS, MMA_MIN_BLOCKS)
     def kernel(x, act_scale, qw, scales, zeros, out, partials, counters, n_out, n_in, groups_per_kblock,
                direct, n_parts, magic_bits):
@@ -742,8 +797,10 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool):
         Layout: qw flat uint32 in `mma_layout`; scales, zeros flat fp16 [out * n_groups]; out fp16 [out];
         partials flat f32 [n_parts * out]. Launch: grid (G, k_blocks), block 256. Block (b, kb) stages
         the inputs of groups [kb * P, (kb + 1) * P) (P = groups_per_kblock) once as fp16 pairs, then
-        takes row tiles b, b + G, ... (128 m_tiles rows; warp w the 16 m_tiles rows from tile * TILE +
-        16 m_tiles w), one (tile, group) step after another with the next step's loads in flight.
+        takes row tiles b, b + G, ... (TILE = 128 m_tiles / KW rows; warp w the 16 m_tiles rows from
+        tile * TILE + 16 m_tiles (w // KW), and of the block's groups those = w % KW mod KW), one
+        (tile, group) step after another with the next step's loads in flight; with KW > 1 the K warps'
+        row sums meet in shared memory at the tile's end.
         Bytes: the packed weights once (128-bit loads, a warp's 1 KiB of a step contiguous),
         scales + zeros once (4 B per row and group), x and act_scale once per block (6 B per input),
         2 B per row out (+ 4 B per row and K block when K is split or merged).
@@ -757,26 +814,33 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool):
         amax = cuda.shared.array(1, int32)
         flags = cuda.shared.array(FLAG_CAP, int32)
         swap = cuda.shared.array(SWAP, uint32)
+        red = cuda.shared.array(RED, float32)
         tid = cuda.threadIdx.x
         lane = tid % 32
         warp = tid // 32
+        row_warp = warp // KW
+        kw = warp % KW  # this warp takes the block's groups kw, kw + KW, ...
         t = lane % 4
         kb = cuda.blockIdx.y
         grp0 = kb * groups_per_kblock
         n_grp = min(groups_per_kblock, (n_in + MMA_GROUP - 1) // MMA_GROUP - grp0)
+        n_steps = (n_grp + KW - 1) // KW  # every warp takes as many (barriers at a tile's end); a step
+        # past the last group loads the last group again and drops it (it costs one step of KW > 1 plans
+        # whose K warps do not divide the groups)
 
         n_tiles = (n_out + TILE - 1) // TILE
         stride = cuda.gridDim.x
         tile = cuda.blockIdx.x
-        n_iter = ((n_tiles - tile + stride - 1) // stride) * n_grp  # this block's (tile, step) pairs
+        n_iter = ((n_tiles - tile + stride - 1) // stride) * n_steps  # this block's (tile, step) pairs
         # indices in uint32 (a weight matrix has < 2^32 words): 64-bit index math costs twice the instructions
         last_row = uint32(n_out - 1)
-        lane_row = uint32(warp * MMA_ROWS * m_tiles + lane // 4)
+        last_grp = n_grp - 1
+        lane_row = uint32(row_warp * MMA_ROWS * m_tiles + lane // 4)
         sel8 = uint32(8 * (t // 2))  # lanes t = 0, 1 finish row g, lanes 2, 3 row g + 8
         upper = t >= 2
         t_pitch = uint32(t * MMA_PITCH)
         lane4 = uint32(4 * lane)
-        warp_t16 = uint32(warp * m_tiles)  # the warp's first 16-row block within a tile
+        warp_t16 = uint32(row_warp * m_tiles)  # the warp's first 16-row block within a tile
         acc = cuda.local.array(m_tiles, float32)
         for mt in range(m_tiles):
             acc[mt] = float32(0)
@@ -832,39 +896,33 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool):
         ltile = tile  # the load cursor, one (tile, step) ahead of the computation's
         lstep = 0
         words = load(qw, scales, zeros, uint32(ltile * TILES16) + warp_t16, uint32(ltile * TILE) + lane_row, last_row,
-                     lane4, uint32(grp0), sel8)
+                     lane4, uint32(grp0 + min(kw, last_grp)), sel8)
         step = 0
         for it in range(n_iter):
             lstep += 1
-            if lstep == n_grp:
+            if lstep == n_steps:
                 lstep = 0
                 ltile += stride
             ahead = words
             if it + 1 < n_iter:
                 ahead = load(qw, scales, zeros, uint32(ltile * TILES16) + warp_t16, uint32(ltile * TILE) + lane_row,
-                             last_row, lane4, uint32(grp0 + lstep), sel8)
+                             last_row, lane4, uint32(grp0 + min(lstep * KW + kw, last_grp)), sel8)
             cur = words
             words = ahead
             next_step = step + 1
             next_tile = tile
-            if next_step == n_grp:
+            if next_step == n_steps:
                 next_step = 0
                 next_tile = tile + stride
-            ustep = uint32(step)  # unsigned indices: Numba adds a negative-index wraparound to signed ones
-            e = dots(cur, xs, ustep * uint32(GROUP_WORDS) + t_pitch, grp_c[ustep], grp_s[ustep], upper, magic, swap)
-            for mt in range(m_tiles):
-                acc[mt] += e[mt]
-            if next_step == 0:  # tile complete: lanes t = 0 and 2 hold whole rows g and g + 8
+            grp = step * KW + kw
+            ugrp = uint32(min(grp, last_grp))  # unsigned indices: Numba adds a negative-index wraparound to signed ones
+            e = dots(cur, xs, ugrp * uint32(GROUP_WORDS) + t_pitch, grp_c[ugrp], grp_s[ugrp], upper, magic, swap)
+            if grp < n_grp:
                 for mt in range(m_tiles):
-                    row = tile * TILE + warp * MMA_ROWS * m_tiles + MMA_ROWS * mt + lane // 4 + 8 * (t // 2)
-                    if t % 2 == 0 and row < n_out:
-                        if direct:
-                            out[row] = acc[mt] * inv_f
-                        else:
-                            partials[kb * n_out + row] = acc[mt] * inv_f
-                    acc[mt] = float32(0)
-                if not direct:
-                    arrive_gemv_tile(partials, counters, out, n_out, n_parts, TILE, tile, flags)
+                    acc[mt] += e[mt]
+            if next_step == 0:  # tile complete: lanes t = 0 and 2 hold whole rows g and g + 8
+                finish_mma_tile(acc, red, out, partials, counters, flags, n_out, n_parts, kb, tile, row_warp, kw,
+                                inv_f, direct)
             tile = next_tile
             step = next_step
 
@@ -914,7 +972,7 @@ class BaseGemv:
             else:
                 self._qw_tiled = mma_layout(torch.as_tensor(qweight, device="cuda"), bits, in_features, p.tile_rows)
                 self.qw = _flat(_device(self._qw_tiled), np.uint32)
-            self.kernel = _mma_kernel(bits, p.rows_per_warp // MMA_ROWS, self.n_groups, exact)
+            self.kernel = _mma_kernel(bits, p.rows_per_warp // MMA_ROWS, self.n_groups, exact, p.k_warps)
             self.magic = MMA_MAGIC
         else:
             self.qw = _flat(qweight, np.uint64 if bits == 4 else np.uint32)

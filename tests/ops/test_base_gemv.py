@@ -207,9 +207,30 @@ def test_tensor_core_kernel_matches_reference(bits, out_features, in_features, r
                                               tiles_per_block):
     rng = np.random.default_rng(500 + out_features + in_features + bits)
     got, ref, gemv, xd, out = run_kernel(rng, bits, out_features, in_features, k_blocks, rows_per_warp=rows_per_warp,
-                                         n_sm=n_sm)
+                                         n_sm=n_sm, k_warps=1)
     assert gemv.plan.mma and gemv.plan.tiles_per_block == tiles_per_block
     assert_close_fp16(got, ref)
+
+
+@kernels
+@pytest.mark.parametrize("bits, out_features, in_features, rows_per_warp, k_warps, k_blocks, n_sm, tiles_per_block", [
+    (4, 40, 576, 16, 8, 1, 132, 1),  # 8 warps on 5 groups: 3 warps' only step is past the end (dropped)
+    (4, 100, 512, 16, 4, 2, 1, 3),  # 4 K warps x 2 row warps, K split in 2, blocks stream 2 or 1 tiles (the last partial)
+    (3, 72, 640, 32, 2, 2, 132, 1),  # 3-bit, two mma tiles per warp, 2 K warps, K split: 3 and 2 groups
+    (3, 72, 384, 16, 8, 1, 1, 2),  # 3-bit, 16-row tiles streamed 2 per block, direct write (shared sums reused)
+])
+def test_tensor_core_kernel_with_k_warps_matches_reference(bits, out_features, in_features, rows_per_warp, k_warps,
+                                                           k_blocks, n_sm, tiles_per_block):
+    """Warps of a block splitting its K range: their row sums meet in shared memory at each tile's end."""
+    rng = np.random.default_rng(700 + out_features + in_features + bits)
+    got, ref, gemv, xd, out = run_kernel(rng, bits, out_features, in_features, k_blocks, rows_per_warp=rows_per_warp,
+                                         n_sm=n_sm, k_warps=k_warps)
+    p = gemv.plan
+    assert (p.mma, p.k_warps, p.tile_rows, p.tiles_per_block) == (True, k_warps, 128 * rows_per_warp // 16 // k_warps,
+                                                                  tiles_per_block)
+    assert_close_fp16(got, ref)
+    gemv(xd, out)  # counters reset by the first launch; the parts and the K warps sum in a fixed order
+    assert (out.copy_to_host().astype(np.float32) == got).all()
 
 
 @kernels

@@ -59,6 +59,9 @@ def variants(out_f: int, in_f: int, bits: int, n_sm: int, quick: bool) -> dict[s
     v["mma R=32"] = p(rows_per_warp=32)
     for kw in bg.K_WARPS:  # warps splitting a block's K range, rows per warp and K blocks by the cost model
         v[f"k_warps={kw}"] = p(k_warps=kw)
+    if d.mma:  # the first weights loaded before the staging or after it
+        v[f"{'late' if d.early_load else 'early'} first load"] = p(
+            rows_per_warp=d.rows_per_warp, k_warps=d.k_warps, k_blocks=d.k_blocks, early_load=not d.early_load)
     if not quick:
         v["cuda cores"] = p(mma=False)
         v["one tile per block"] = p(persistent=False)
@@ -165,6 +168,7 @@ def main(argv=None) -> int:
                 row = {"out": out_f, "in": in_f, "bits": bits, "variant": name, "k_blocks": plan.k_blocks,
                        "tiles_per_block": plan.tiles_per_block, "rows_per_warp": plan.rows_per_warp,
                        "pipeline": plan.pipeline, "paired": plan.paired, "mma": plan.mma, "k_warps": plan.k_warps,
+                       "early_load": plan.early_load,
                        "us": us, "rel_err": err,
                        "GBps": moved / us / 1e3, "frac_hbm_read": moved / us / 1e3 / report["hbm_read_GBps"]}
                 report["rows"].append(row)

@@ -206,6 +206,7 @@ class GemvPlan:
     mma: bool = False  # group 128: the tensor-core kernel (`_mma_kernel`; always pipelined)
     k_warps: int = 1  # with `mma`: warps of a block that split its K range (and share its rows), summed
     # in shared memory at the tile's end; > 1 gives short-K and few-row shapes shorter blocks
+    early_load: bool = False  # with `mma`: the first weights are loaded before the inputs are staged
 
     @property
     def row_warps(self) -> int:
@@ -245,16 +246,20 @@ class GemvPlan:
 def plan_gemv(out_features: int, in_features: int, bits: int, group_size: int = 128, n_sm: int = 132,
               rows_per_warp: int | None = None, k_blocks: int | None = None, pipeline: bool = True,
               persistent: bool = True, paired: bool | None = None, mma: bool | None = None,
-              k_warps: int | None = None) -> GemvPlan:
+              k_warps: int | None = None, early_load: bool | None = None) -> GemvPlan:
     """Pick the K split (and for `mma` the rows per warp) by a small cost model, `_plan_cost`.
 
     Blocks run in waves of `slots` (blocks per SM x SMs, by registers). A block stages its K range's
     inputs once and, `persistent`, takes ceil(tiles x K blocks / slots) row tiles; otherwise one tile.
     Splitting K shortens tiles but adds epilogues. Each K block stages at most STAGE_INPUTS inputs.
-    `mma` (the tensor-core kernel) defaults to True for weights in groups of 128, with 16 or 32 rows
-    per warp and 1, 2, 4 or 8 `k_warps` (warps splitting a block's K range); its step is one group.
-    Otherwise a step is 32 units (a warp's 32 lanes), 8 rows per warp, and `paired` defaults to True
-    at 4 bits.
+    `mma` (the tensor-core kernel) defaults to True for weights in groups of 128; its step is one group.
+    `k_warps` defaults to 8 (16-row tiles, all of K in one block: no arrival) where one block stages
+    all of K and 16-row tiles make at most 2 blocks per SM, else 1 with 16 or 32 rows per warp by the
+    cost model (measured on the H200, `gemv_variants_kw_h200.json`: 8 K warps took 25-30 % off
+    every small-model shape and 10 % off 4096x4096, but lost at 6144x4096 and above, where each of
+    3+ blocks per SM staging all 4096 inputs costs more than the K blocks' arrival). `early_load`
+    defaults to True with k_warps > 1. Otherwise a step is 32 units (a warp's 32 lanes), 8 rows per
+    warp, and `paired` defaults to True at 4 bits.
     """
     if bits not in (3, 4):
         raise ValueError(f"bits = {bits}: allowed 3 or 4")
@@ -263,15 +268,21 @@ def plan_gemv(out_features: int, in_features: int, bits: int, group_size: int = 
     mma = group_size == MMA_GROUP if mma is None else mma
     if mma and group_size != MMA_GROUP:
         raise ValueError(f"the tensor-core kernel takes weights in groups of {MMA_GROUP}")
+    n_groups = -(-in_features // MMA_GROUP)
+    if mma and k_warps is None and n_groups <= MMA_STAGE_GROUPS and -(-out_features // MMA_ROWS) <= 2 * n_sm:
+        k_warps, rows_per_warp = 8, rows_per_warp or MMA_ROWS
+        k_blocks = k_blocks or 1
     if mma and (rows_per_warp is None or k_warps is None):  # whichever the cost model prefers
         plans = [plan_gemv(out_features, in_features, bits, group_size, n_sm, r, k_blocks, pipeline, persistent,
-                           paired, mma, kw)
-                 for r in ((MMA_ROWS, 2 * MMA_ROWS) if rows_per_warp is None else (rows_per_warp,))
-                 for kw in (K_WARPS if k_warps is None else (k_warps,))]
+                           paired, mma, k_warps or 1, early_load)
+                 for r in ((MMA_ROWS, 2 * MMA_ROWS) if rows_per_warp is None else (rows_per_warp,))]
         return min(plans, key=lambda p: _plan_cost(p, n_sm))
     k_warps = 1 if k_warps is None else k_warps
     if k_warps not in K_WARPS or (k_warps > 1 and not mma):
         raise ValueError(f"k_warps = {k_warps}: the tensor-core kernel takes {K_WARPS}, the CUDA-core one 1")
+    early_load = k_warps > 1 if early_load is None else early_load
+    if early_load and not mma:
+        raise ValueError("early_load is for the tensor-core kernel")
     rows_per_warp = ROWS_PER_WARP if rows_per_warp is None else rows_per_warp
     if mma and rows_per_warp % MMA_ROWS:
         raise ValueError(f"rows_per_warp = {rows_per_warp}: the tensor-core kernel takes multiples of {MMA_ROWS}")
@@ -292,7 +303,7 @@ def plan_gemv(out_features: int, in_features: int, bits: int, group_size: int = 
         slots = _slots(bits, rows_per_warp, pipeline or mma, mma, n_sm)
         tiles = -(-n_tiles * kb // slots) if persistent else 1
         return GemvPlan(bits, out_features, in_features, group_size, rows_per_warp, kb, units, pipeline or mma,
-                        tiles, paired, mma, k_warps)
+                        tiles, paired, mma, k_warps, early_load)
 
     if k_blocks is not None:
         return make(k_blocks)
@@ -746,10 +757,12 @@ def _make_mma_step(bits: int, m_tiles: int, n_groups: int, exact_rows: bool):
 
 
 @functools.lru_cache(maxsize=None)
-def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warps: int = 1):
+def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warps: int = 1, early_load: bool = False):
     """The tensor-core kernel for one (bits, m_tiles, group count, k_warps); `exact_rows`: the rows fill
-    whole tiles (no clamps on scale / zero rows). See the section comment."""
+    whole tiles (no clamps on scale / zero rows); `early_load`: the first weights are loaded before the
+    staging. See the section comment."""
     KW = k_warps
+    EARLY = early_load
     TILE = WARPS // KW * MMA_ROWS * m_tiles
     RED = KW * TILE if KW > 1 else 1  # the K warps' row sums at a tile's end
     TILES16 = TILE // MMA_ROWS
@@ -844,6 +857,11 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
         acc = cuda.local.array(m_tiles, float32)
         for mt in range(m_tiles):
             acc[mt] = float32(0)
+        # the first (tile, step)'s weights: before the staging when EARLY (its HBM latency then overlaps the
+        # staging's; what a block of one or two steps waits on), else after it (fewer live registers)
+        if EARLY:
+            words = load(qw, scales, zeros, uint32(tile * TILES16) + warp_t16, uint32(tile * TILE) + lane_row,
+                         last_row, lane4, uint32(grp0 + min(kw, last_grp)), sel8)
         # stage: thread tid takes inputs [16 p, 16 p + 16) of group tid // 8 (p = tid % 8), i.e. words
         # 2 (p % 2) and 2 (p % 2) + 1 of lane t = p // 2; zeros past the end of the input
         if tid == 0:
@@ -895,8 +913,9 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
         # slower on the H200, bench/gemv_variants.py at 9089a83, d184ffd, 129e6d3.)
         ltile = tile  # the load cursor, one (tile, step) ahead of the computation's
         lstep = 0
-        words = load(qw, scales, zeros, uint32(ltile * TILES16) + warp_t16, uint32(ltile * TILE) + lane_row, last_row,
-                     lane4, uint32(grp0 + min(kw, last_grp)), sel8)
+        if not EARLY:
+            words = load(qw, scales, zeros, uint32(tile * TILES16) + warp_t16, uint32(tile * TILE) + lane_row,
+                         last_row, lane4, uint32(grp0 + min(kw, last_grp)), sel8)
         step = 0
         for it in range(n_iter):
             lstep += 1
@@ -972,7 +991,8 @@ class BaseGemv:
             else:
                 self._qw_tiled = mma_layout(torch.as_tensor(qweight, device="cuda"), bits, in_features, p.tile_rows)
                 self.qw = _flat(_device(self._qw_tiled), np.uint32)
-            self.kernel = _mma_kernel(bits, p.rows_per_warp // MMA_ROWS, self.n_groups, exact, p.k_warps)
+            self.kernel = _mma_kernel(bits, p.rows_per_warp // MMA_ROWS, self.n_groups, exact, p.k_warps,
+                                      p.early_load)
             self.magic = MMA_MAGIC
         else:
             self.qw = _flat(qweight, np.uint64 if bits == 4 else np.uint32)

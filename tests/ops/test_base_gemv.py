@@ -95,9 +95,16 @@ def test_plan_covers_k_in_whole_steps_within_the_staging(bits):
             assert p.units_per_kblock % 32 == 0 and p.units_per_kblock * p.unit <= bg.STAGE_INPUTS
             assert (p.k_blocks - 1) * p.units_per_kblock < in_features // p.unit <= p.k_blocks * p.units_per_kblock
         p = bg.plan_gemv(out_features, in_features, bits)  # tensor cores: whole groups, a partial last one too
-        assert p.mma and p.units_per_kblock * p.unit <= bg.STAGE_INPUTS and p.tile_rows in (128, 256)
+        assert p.mma and p.units_per_kblock * p.unit <= bg.STAGE_INPUTS
+        assert p.tile_rows == p.rows_per_warp * 8 // p.k_warps and p.tile_rows in (16, 128, 256)
         assert (p.k_blocks - 1) * p.units_per_kblock < -(-in_features // 128) <= p.k_blocks * p.units_per_kblock
-    assert bg.plan_gemv(4096, 4096, bits).k_blocks > 1  # 64 row tiles alone would leave most SMs idle
+    # short shapes: 8 warps split K inside a block of 16 rows, one K block; large ones: K blocks instead
+    p = bg.plan_gemv(4096, 4096, bits)
+    assert (p.k_warps, p.k_blocks, p.tile_rows, p.early_load) == (8, 1, 16, True)
+    p = bg.plan_gemv(6144, 4096, bits)
+    assert p.k_warps == 1 and p.k_blocks > 1 and not p.early_load  # 64 row tiles alone would leave most SMs idle
+    with pytest.raises(ValueError, match="k_warps"):
+        bg.plan_gemv(64, 256, bits, k_warps=3)
     with pytest.raises(ValueError):
         bg.plan_gemv(64, 100, bits)
     with pytest.raises(ValueError, match="tensor-core"):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import collections
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -70,7 +71,8 @@ def main() -> None:
                         mma=False if a.cuda_cores else None, rows_per_warp=a.rows)
     exact = a.out % plan.tile_rows == 0
     if plan.mma:
-        kernel = bg._mma_kernel(a.bits, plan.rows_per_warp // bg.MMA_ROWS, -(-a.inp // 128), exact)
+        kernel = bg._mma_kernel(a.bits, plan.rows_per_warp // bg.MMA_ROWS, -(-a.inp // 128), exact, plan.k_warps,
+                                plan.early_load)
         words = nt.uint32
     else:
         row_words = a.inp // 16 if a.bits == 4 else 3 * a.inp // 32
@@ -78,7 +80,8 @@ def main() -> None:
                                  plan.paired, exact)
         words = nt.uint64 if a.bits == 4 else nt.uint32
     f16, f32 = nt.float16[::1], nt.float32[::1]
-    sig = nt.void(f16, f32, words[::1], f16, f16, f16, f32, nt.int32[::1], nt.int64, nt.int64, nt.int64,
+    weights = (words[::1], nt.uint32[::1]) if plan.mma else (words[::1], f16, f16)  # BaseGemv.weights
+    sig = nt.void(f16, f32, *weights, f16, f32, nt.int32[::1], nt.int64, nt.int64, nt.int64,
                   nt.boolean, nt.int64, nt.int64)
     bounds = (bg.THREADS, bg.MMA_MIN_BLOCKS if plan.mma else bg._min_blocks(a.bits, plan.rows_per_warp, plan.pipeline))
     ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0), launch_bounds=bounds)
@@ -86,13 +89,16 @@ def main() -> None:
         (Path(tmp) / "k.ptx").write_text(ptx)
         r = subprocess.run(["ptxas", "-arch=sm_90", "-v", f"{tmp}/k.ptx", "-o", f"{tmp}/k.cubin"],
                            capture_output=True, text=True, check=True)
+        print(*(line.strip() for line in r.stderr.splitlines() if "registers" in line or "spill" in line), sep="\n")
+        if shutil.which("cuobjdump") is None:
+            print("(no cuobjdump on PATH: the opcode counts need it)")
+            return
         sass = subprocess.run(["cuobjdump", "-sass", f"{tmp}/k.cubin"], capture_output=True, text=True,
                               check=True).stdout
     if a.sass:
         Path(a.sass).write_text(sass)
     ops = instructions(sass)
     body = step_body(ops)
-    print(*(line.strip() for line in r.stderr.splitlines() if "registers" in line or "spill" in line), sep="\n")
     print(f"kernel: {len(ops)} instructions", dict(collections.Counter(ops).most_common(12)))
     print(f"step body: {len(body)} instructions", dict(collections.Counter(body).most_common(12)))
 

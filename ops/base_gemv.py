@@ -634,12 +634,12 @@ def _gemv_kernel(bits: int, rows_per_warp: int, row_words: int, n_groups: int, g
 def _mma_step_source(bits: int, m_tiles: int, n_groups: int, exact_rows: bool) -> str:
     """Source of one lane's step over `m_tiles` mma tiles, as `load` and `dots` (generated unrolled, as
     `_step_source`: every register index a constant). `load` issues the tile's weight loads (`mma_layout`:
-    constant offsets, folded into the load instruction) and the lane's row scale and zero, and returns
+    constant offsets, folded into the load instruction) and the lane's row (scale, zero) pair, and returns
     them untouched (fp16 still: converting would wait for the load). `dots` goes word by word (4
     staged pairs live at a time), running each tile's 2 mmas of the word, and returns per tile the
     lane's row's scale * (sum_k (q_k - z) b_k)."""
     words = MMA_GROUP_WORDS[bits]  # uint32 per (16-row block, group) in `mma_layout`
-    load = ["def load(qw, scales, zeros, tw, row0, last_row, lane4, gi, sel8):"]  # uint32 indices (< 2^32 words)
+    load = ["def load(qw, scale_zero, tw, row0, last_row, lane4, gi, sel8):"]  # uint32 indices (< 2^32 words)
     load.append(f"    base = uint32((tw * uint32({n_groups}) + gi) * uint32({words}))")
     load.append("    wb = uint64(base + lane4)")
     if bits == 3:
@@ -658,10 +658,10 @@ def _mma_step_source(bits: int, m_tiles: int, n_groups: int, exact_rows: bool) -
             ret += [f"l{mt}[{i}]" for i in range(4)] + [f"h{mt}[{i}]" for i in range(2)]
         addr = f"sb + uint64({MMA_ROWS * mt * n_groups})" if exact_rows else \
             f"uint32(min(row0 + uint32({MMA_ROWS * mt}) + sel8, last_row) * uint32({n_groups}) + gi)"
-        load += [f"    s{mt} = scales[{addr}]", f"    z{mt} = zeros[{addr}]"]
-        ret += [f"s{mt}", f"z{mt}"]
+        load.append(f"    sz{mt} = scale_zero[{addr}]")
+        ret.append(f"sz{mt}")
     load.append(f"    return ({', '.join(ret)},)")
-    per_tile = 10 if bits == 4 else 8  # words + scale + zero
+    per_tile = 9 if bits == 4 else 7  # words + the (scale, zero) pair
     dots = ["def dots(v, xs, xo, c, sz, upper, magic, swap):"]
     dots += [f"    d{mt} = (float32(0), float32(0), float32(0), float32(0))" for mt in range(m_tiles)]
     for m in range(4):
@@ -689,8 +689,8 @@ def _mma_step_source(bits: int, m_tiles: int, n_groups: int, exact_rows: bool) -
                             f"d{mt}[0], d{mt}[1], d{mt}[2], d{mt}[3], swap)")
     outs = []
     for mt in range(m_tiles):
-        s, z = f"v[{per_tile * mt + per_tile - 2}]", f"v[{per_tile * mt + per_tile - 1}]"
-        dots.append(f"    e{mt} = float32({s}) * ((d{mt}[2] if upper else d{mt}[0]) - (c + float32({z}) * sz))")
+        dots.append(f"    s{mt}, z{mt} = half2_floats(v[{per_tile * mt + per_tile - 1}])")
+        dots.append(f"    e{mt} = s{mt} * ((d{mt}[2] if upper else d{mt}[0]) - (c + z{mt} * sz))")
         outs.append(f"e{mt}")
     dots.append(f"    return ({', '.join(outs)},)")
     return "\n".join(load) + "\n\n\n" + "\n".join(dots) + "\n"
@@ -751,7 +751,7 @@ def _make_mma_step(bits: int, m_tiles: int, n_groups: int, exact_rows: bool):
     name = f"<base_gemv.mma_step bits={bits} m_tiles={m_tiles} n_groups={n_groups} exact={exact_rows}>"
     linecache.cache[name] = (len(src), None, src.splitlines(True), name)
     scope = {"uint32": uint32, "uint64": uint64, "float32": float32, "load_u32x4": load_u32x4,
-             "load_u32x2": load_u32x2, "mma_f16": mma_f16}
+             "load_u32x2": load_u32x2, "mma_f16": mma_f16, "half2_floats": half2_floats}
     exec(compile(src, name, "exec"), scope)
     return cuda.jit(device=True)(scope["load"]), cuda.jit(device=True)(scope["dots"])
 
@@ -803,11 +803,12 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
             cuda.syncthreads()  # `red` is rewritten at the next tile's end
 
     @jit_with_bounds(THREADS, MMA_MIN_BLOCKS)
-    def kernel(x, act_scale, qw, scales, zeros, out, partials, counters, n_out, n_in, groups_per_kblock,
+    def kernel(x, act_scale, qw, scale_zero, out, partials, counters, n_out, n_in, groups_per_kblock,
                direct, n_parts, magic_bits):
         """y[row] = sum over this block's K range of deq(Q)[row, i] * x[i] * act_scale[i], on tensor cores.
 
-        Layout: qw flat uint32 in `mma_layout`; scales, zeros flat fp16 [out * n_groups]; out fp16 [out];
+        Layout: qw flat uint32 in `mma_layout`; scale_zero flat uint32 [out * n_groups], the fp16 pair
+        (scale, zero) of a (row, group) (one load, one register); out fp16 [out];
         partials flat f32 [n_parts * out]. Launch: grid (G, k_blocks), block 256. Block (b, kb) stages
         the inputs of groups [kb * P, (kb + 1) * P) (P = groups_per_kblock) once as fp16 pairs, then
         takes row tiles b, b + G, ... (TILE = 128 m_tiles / KW rows; warp w the 16 m_tiles rows from
@@ -844,7 +845,6 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
         n_tiles = (n_out + TILE - 1) // TILE
         stride = cuda.gridDim.x
         tile = cuda.blockIdx.x
-        n_iter = ((n_tiles - tile + stride - 1) // stride) * n_steps  # this block's (tile, step) pairs
         # indices in uint32 (a weight matrix has < 2^32 words): 64-bit index math costs twice the instructions
         last_row = uint32(n_out - 1)
         last_grp = n_grp - 1
@@ -860,7 +860,7 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
         # the first (tile, step)'s weights: before the staging when EARLY (its HBM latency then overlaps the
         # staging's; what a block of one or two steps waits on), else after it (fewer live registers)
         if EARLY:
-            words = load(qw, scales, zeros, uint32(tile * TILES16) + warp_t16, uint32(tile * TILE) + lane_row,
+            words = load(qw, scale_zero, uint32(tile * TILES16) + warp_t16, uint32(tile * TILE) + lane_row,
                          last_row, lane4, uint32(grp0 + min(kw, last_grp)), sel8)
         # stage: thread tid takes inputs [16 p, 16 p + 16) of group tid // 8 (p = tid % 8), i.e. words
         # 2 (p % 2) and 2 (p % 2) + 1 of lane t = p // 2; zeros past the end of the input
@@ -914,18 +914,19 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
         ltile = tile  # the load cursor, one (tile, step) ahead of the computation's
         lstep = 0
         if not EARLY:
-            words = load(qw, scales, zeros, uint32(tile * TILES16) + warp_t16, uint32(tile * TILE) + lane_row,
+            words = load(qw, scale_zero, uint32(tile * TILES16) + warp_t16, uint32(tile * TILE) + lane_row,
                          last_row, lane4, uint32(grp0 + min(kw, last_grp)), sel8)
         step = 0
-        for it in range(n_iter):
+        while tile < n_tiles:  # (a loop on the cursors: no step counter held in a register)
             lstep += 1
             if lstep == n_steps:
                 lstep = 0
                 ltile += stride
             ahead = words
-            if it + 1 < n_iter:
-                ahead = load(qw, scales, zeros, uint32(ltile * TILES16) + warp_t16, uint32(ltile * TILE) + lane_row,
-                             last_row, lane4, uint32(grp0 + min(lstep * KW + kw, last_grp)), sel8)
+            if ltile < n_tiles:
+                lgrp = lstep if KW == 1 else min(lstep * KW + kw, last_grp)  # KW = 1: no clamp (registers)
+                ahead = load(qw, scale_zero, uint32(ltile * TILES16) + warp_t16, uint32(ltile * TILE) + lane_row,
+                             last_row, lane4, uint32(grp0 + lgrp), sel8)
             cur = words
             words = ahead
             next_step = step + 1
@@ -934,9 +935,10 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
                 next_step = 0
                 next_tile = tile + stride
             grp = step * KW + kw
-            ugrp = uint32(min(grp, last_grp))  # unsigned indices: Numba adds a negative-index wraparound to signed ones
+            # unsigned indices: Numba adds a negative-index wraparound to signed ones
+            ugrp = uint32(step) if KW == 1 else uint32(min(grp, last_grp))
             e = dots(cur, xs, ugrp * uint32(GROUP_WORDS) + t_pitch, grp_c[ugrp], grp_s[ugrp], upper, magic, swap)
-            if grp < n_grp:
+            if KW == 1 or grp < n_grp:
                 for mt in range(m_tiles):
                     acc[mt] += e[mt]
             if next_step == 0:  # tile complete: lanes t = 0 and 2 hold whole rows g and g + 8
@@ -983,19 +985,25 @@ class BaseGemv:
             raise ValueError(f"plan is for a {p.out_features}x{p.in_features} {p.bits}-bit g{p.group_size} linear, "
                              f"not {out_features}x{in_features} {bits}-bit g{group_size}")
         exact = p.out_features % p.tile_rows == 0
-        self.scales, self.zeros, self.act_scale = _flat(scales), _flat(zeros), act_scale
-        if p.mma:  # a copy in the kernel's own layout; the caller may free `qweight`
+        self.act_scale = act_scale
+        if p.mma:  # copies in the kernel's own layouts; the caller may free `qweight`
             if SIMULATED:
                 self.qw = cuda.to_device(mma_layout(torch.from_numpy(qweight.copy_to_host()), bits, in_features,
                                                     p.tile_rows).numpy().view(np.uint32))
+                scale_zero = np.stack([scales.copy_to_host(), zeros.copy_to_host()], -1).view(np.uint32)
+                self.weights = (self.qw, cuda.to_device(scale_zero.reshape(-1)))
             else:
                 self._qw_tiled = mma_layout(torch.as_tensor(qweight, device="cuda"), bits, in_features, p.tile_rows)
+                self._scale_zero = torch.stack([torch.as_tensor(scales, device="cuda"),
+                                                torch.as_tensor(zeros, device="cuda")], -1).view(torch.int32)
                 self.qw = _flat(_device(self._qw_tiled), np.uint32)
+                self.weights = (self.qw, _flat(_device(self._scale_zero), np.uint32))
             self.kernel = _mma_kernel(bits, p.rows_per_warp // MMA_ROWS, self.n_groups, exact, p.k_warps,
                                       p.early_load)
             self.magic = MMA_MAGIC
         else:
             self.qw = _flat(qweight, np.uint64 if bits == 4 else np.uint32)
+            self.weights = (self.qw, _flat(scales), _flat(zeros))
             row_words = in_features // 16 if bits == 4 else 3 * in_features // 32
             self.kernel = _gemv_kernel(bits, p.rows_per_warp, row_words, self.n_groups, group_size, p.pipeline,
                                        p.paired, exact)
@@ -1022,7 +1030,7 @@ class BaseGemv:
         counters = merge.counters if merge else _dummy(np.int32)
         n_parts = merge.n_parts if merge else 1
         self.kernel[p.grid, THREADS, stream](
-            x, self.act_scale, self.qw, self.scales, self.zeros, out, partials, counters,
+            x, self.act_scale, *self.weights, out, partials, counters,
             p.out_features, p.in_features, p.units_per_kblock, direct, n_parts, self.magic)
 
 

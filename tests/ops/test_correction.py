@@ -88,19 +88,23 @@ def test_standalone_kernel_matches_reference(width, out_features, k_chunk, n_tb)
 
 
 @kernels
-@pytest.mark.parametrize("bits, k_blocks, order, out_features", [
-    (4, 2, ("correction", "base"), 40),  # two steps: either kernel merges; the second reuses reset counters
-    (3, None, ("base",), 40),
-    (4, 1, ("base",), 200),  # GEMV tiles of 128 rows over merge tiles of 64: 2 + 2 (1 partial) arrivals
+@pytest.mark.parametrize("bits, k_blocks, k_warps, order, out_features", [
+    (4, 2, 1, ("correction", "base"), 40),  # two steps: either kernel merges; the second reuses reset counters
+    (3, None, 1, ("base",), 40),
+    (4, 1, 1, ("base",), 200),  # GEMV tiles of 128 rows over merge tiles of 64: 2 + 2 (1 partial) arrivals
+    (3, None, None, ("correction", "base"), 40),  # the default here: 8 K warps, 16-row tiles = merge tiles
 ])
-def test_merged_into_base_gemv_in_either_order(bits, k_blocks, order, out_features):
+def test_merged_into_base_gemv_in_either_order(bits, k_blocks, k_warps, order, out_features):
     """Base K blocks and the correction are parts of one split output: whoever arrives last merges."""
     rng = np.random.default_rng(40 + bits)
     width, k_chunk = 640, 48
     _, q, scales, zeros, act = random_linear(rng, bits, out_features, width)
     gemv = bg.BaseGemv(*(cuda.to_device(a) for a in (q, scales, zeros, act)), bits,
-                       plan=bg.plan_gemv(out_features, width, bits, k_blocks=k_blocks))
-    assert gemv.plan.merge_rows == 64 and gemv.plan.tile_rows >= 128  # several merge tiles per GEMV tile
+                       plan=bg.plan_gemv(out_features, width, bits, k_blocks=k_blocks, k_warps=k_warps))
+    if k_warps == 1:
+        assert gemv.plan.merge_rows == 64 and gemv.plan.tile_rows >= 128  # several merge tiles per GEMV tile
+    else:
+        assert gemv.plan.k_warps == 8 and gemv.plan.merge_rows == gemv.plan.tile_rows == 16
     _, _, bounds, rows, rscale, _ = case(rng, width, out_features, k_chunk)
     corr = co.Correction(cuda.to_device(dma.pad_rows(rows)), cuda.to_device(rscale), bounds, k_chunk, n_tb=2,
                          tile_rows=gemv.plan.merge_rows)

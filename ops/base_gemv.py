@@ -253,12 +253,13 @@ def plan_gemv(out_features: int, in_features: int, bits: int, group_size: int = 
     inputs once and, `persistent`, takes ceil(tiles x K blocks / slots) row tiles; otherwise one tile.
     Splitting K shortens tiles but adds epilogues. Each K block stages at most STAGE_INPUTS inputs.
     `mma` (the tensor-core kernel) defaults to True for weights in groups of 128; its step is one group.
-    `k_warps` defaults to 8 (16-row tiles, all of K in one block: no arrival) where one block stages
-    all of K and 16-row tiles make at most 2 blocks per SM, else 1 with 16 or 32 rows per warp by the
-    cost model (measured on the H200, `gemv_variants_kw_h200.json`: 8 K warps took 25-30 % off
-    every small-model shape and 10 % off 4096x4096, but lost at 6144x4096 and above, where each of
-    3+ blocks per SM staging all 4096 inputs costs more than the K blocks' arrival). `early_load`
-    defaults to True with k_warps > 1. Otherwise a step is 32 units (a warp's 32 lanes), 8 rows per
+    `k_warps` defaults to 8 (all of K in one block: no arrival) where one block stages all of K and
+    16-row tiles make at most 2 blocks per SM, with 32-row tiles once 16-row ones exceed one block per
+    SM; else 1, with 16 or 32 rows per warp by the cost model. Measured on the H200
+    (`gemv_variants_kw_h200.json`, `gemv_variants_b5901af_h200.json`): 8 K warps took 25-30 % off
+    every small-model shape, and with 32-row tiles 22 % off 4096x4096 (8.4 vs 10.8 us), but lost at
+    6144x4096 and above, where each of 3+ blocks per SM staging all 4096 inputs costs more than the
+    K blocks' arrival. `early_load` defaults to True with k_warps > 1. Otherwise a step is 32 units (a warp's 32 lanes), 8 rows per
     warp, and `paired` defaults to True at 4 bits.
     """
     if bits not in (3, 4):
@@ -269,8 +270,10 @@ def plan_gemv(out_features: int, in_features: int, bits: int, group_size: int = 
     if mma and group_size != MMA_GROUP:
         raise ValueError(f"the tensor-core kernel takes weights in groups of {MMA_GROUP}")
     n_groups = -(-in_features // MMA_GROUP)
-    if mma and k_warps is None and n_groups <= MMA_STAGE_GROUPS and -(-out_features // MMA_ROWS) <= 2 * n_sm:
-        k_warps, rows_per_warp = 8, rows_per_warp or MMA_ROWS
+    tiles16 = -(-out_features // MMA_ROWS)
+    if mma and k_warps is None and n_groups <= MMA_STAGE_GROUPS and tiles16 <= 2 * n_sm:
+        # 32-row tiles once 16-row ones would put 2 blocks on an SM: half the blocks stage all of K
+        k_warps, rows_per_warp = 8, rows_per_warp or (2 * MMA_ROWS if tiles16 > n_sm else MMA_ROWS)
         k_blocks = k_blocks or 1
     if mma and (rows_per_warp is None or k_warps is None):  # whichever the cost model prefers
         plans = [plan_gemv(out_features, in_features, bits, group_size, n_sm, r, k_blocks, pipeline, persistent,

@@ -100,7 +100,7 @@ def test_plan_covers_k_in_whole_steps_within_the_staging(bits):
         assert (p.k_blocks - 1) * p.units_per_kblock < -(-in_features // 128) <= p.k_blocks * p.units_per_kblock
     # short shapes: 8 warps split K inside a block of 16 rows, one K block; large ones: K blocks instead
     p = bg.plan_gemv(4096, 4096, bits)
-    assert (p.k_warps, p.k_blocks, p.tile_rows, p.early_load) == (8, 1, 16, True)
+    assert (p.k_warps, p.k_blocks, p.tile_rows, p.early_load) == (8, 1, 32, True)  # 128 blocks of 32 rows
     p = bg.plan_gemv(6144, 4096, bits)
     assert p.k_warps == 1 and p.k_blocks > 1 and not p.early_load  # 64 row tiles alone would leave most SMs idle
     with pytest.raises(ValueError, match="k_warps"):

@@ -96,7 +96,7 @@ def test_plan_covers_k_in_whole_steps_within_the_staging(bits):
             assert (p.k_blocks - 1) * p.units_per_kblock < in_features // p.unit <= p.k_blocks * p.units_per_kblock
         p = bg.plan_gemv(out_features, in_features, bits)  # tensor cores: whole groups, a partial last one too
         assert p.mma and p.units_per_kblock * p.unit <= bg.STAGE_INPUTS
-        assert p.tile_rows == p.rows_per_warp * 8 // p.k_warps and p.tile_rows in (16, 128, 256)
+        assert p.tile_rows == p.rows_per_warp * 8 // p.k_warps and p.tile_rows in (16, 32, 128, 256)
         assert (p.k_blocks - 1) * p.units_per_kblock < -(-in_features // 128) <= p.k_blocks * p.units_per_kblock
     # short shapes: 8 warps split K inside a block of 16 rows, one K block; large ones: K blocks instead
     p = bg.plan_gemv(4096, 4096, bits)

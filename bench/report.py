@@ -78,7 +78,9 @@ def gpu_tables(path: Path) -> str:
            + ", ".join(f"{v:.1f} GB/s ({k})" for k, v in zero_copy.items()) + ".", "",
            "Base GEMV, batch 1, inside CUDA graphs, weights rotated past L2 (µs; fraction of measured HBM read):", "",
            *header("out x in", "ours 3-bit", "ours 4-bit", "torch int4", "torch fp16")]
-    shapes = sorted({(r["out"], r["in"]) for r in d["gemv"]}, key=lambda s: -s[0] * s[1])
+    shapes = sorted({(r["out"], r["in"]) for r in d.get("gemv", [])}, key=lambda s: -s[0] * s[1])
+    if not shapes:
+        out = out[:2] + ["Quick run (`--quick`): the correction at 4096x4096 and the pair at two shapes only."]
     for o, i in shapes:
         cell = {}
         for r in d["gemv"]:
@@ -88,6 +90,8 @@ def gpu_tables(path: Path) -> str:
                 cell[key] = f"{r['us']:.1f}{frac}"
         out.append(row(f"{o}x{i}", cell.get(3, "-"), cell.get(4, "-"),
                        cell.get("torch _weight_int4pack_mm", "fails"), cell.get("torch F.linear fp16", "-")))
+    if not d.get("correction"):  # a run of some sections only (`--only`)
+        return "\n".join(out)
     out += ["", "Correction kernel alone (zero-copy fetch + dequantize + GEMV), best n_tb per k_chunk: µs, PCIe GB/s, "
             f"fraction of the best zero-copy read of the run ({peak:.1f} GB/s):", "", *header("out x in", "k_chunk", "n_tb", "µs", "GB/s", "of peak")]
     for (o, i) in sorted({(r["out"], r["in"]) for r in d["correction"]}):
@@ -225,6 +229,31 @@ def tensor_core_table(path: Path) -> str:
     return "\n".join(out)
 
 
+def k_warps_table(path: Path) -> str:
+    """Per shape: the default plan (rows per warp R, K warps kw, K blocks kb) against the best plan of one
+    K warp (as before K warps existed) and torch's int4 kernel, 4-bit, and the default at 3 bits."""
+    d = json.loads(path.read_text())
+    out = [f"{d['device']}, HBM read {d['hbm_read_GBps']:.0f} GB/s in the same run ({source(path)}, commit "
+           f"{d['meta']['commit'][:7]}; µs, fraction of HBM read):", "",
+           *header("out x in", "4-bit default", "R, kw, kb", "4-bit, 1 K warp", "torch int4", "torch / ours",
+                   "3-bit default", "3-bit, 1 K warp")]
+    cell = lambda r: f"{r['us']:.1f} ({r['frac_hbm_read']:.0%})"  # noqa: E731
+    for o, i in dict.fromkeys((r["out"], r["in"]) for r in d["rows"]):
+        rs = [r for r in d["rows"] if (r["out"], r["in"]) == (o, i)]
+        default = {b: next(r for r in rs if r["bits"] == b and r["variant"] == "default") for b in (3, 4)}
+        one_kw = {b: min((r for r in rs if r["bits"] == b and r.get("k_warps") == 1 and "first load" not in r["variant"]),
+                         key=lambda r: r["us"]) for b in (3, 4)}
+        t4 = next((r for r in rs if r["variant"] == "torch int4"), None)
+        g = default[4]
+        out.append(row(f"{o}x{i}", cell(g), f"{g['rows_per_warp']}, {g['k_warps']}, {g['k_blocks']}", cell(one_kw[4]),
+                       f"{t4['us']:.1f}" if t4 else "fails", f"{t4['us'] / g['us']:.2f}x" if t4 else "",
+                       cell(default[3]), cell(one_kw[3])))
+    return "\n".join(out)
+
+
+KW_RUNS = ("gemv_variants_b5901af_h200.json",)  # K warps and the spill-free kernel (session 5)
+
+
 def main() -> None:
     for path in sorted(RESULTS.glob("quality_*.json")):
         print(quality_table(path), end="\n\n")
@@ -232,6 +261,8 @@ def main() -> None:
         print(parity_table(RESULTS / "parity.json"), end="\n\n")
     for path in sorted(RESULTS.glob("cpu_step_*.json")):
         print(cpu_step_table(path), end="\n\n")
+    for name in KW_RUNS:
+        print(k_warps_table(RESULTS / name), end="\n\n")
     for path in sorted(RESULTS.glob("gemv_variants_tc*.json"), reverse=True):  # the newest run first
         print(tensor_core_table(path), end="\n\n")
     for path in sorted(RESULTS.glob("gpu_ops_*.json"), reverse=True):  # H200 (session 4), then H100

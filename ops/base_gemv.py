@@ -6,10 +6,12 @@ two kernels, chosen by `plan_gemv`:
 
 - the tensor-core kernel (`_mma_kernel`, group 128, the default): codes become fp16 operands of
   mma.m16n8k16 with one LOP3 (4-bit) or two (3-bit) per pair, read from a tiled copy of the weights
-  (`mma_layout`); see the section comment above `_mma_step_source`. Measured on the H200
-  (bench/gemv_variants.py, CUDA graph, weights rotated past L2, HBM read 3780 GB/s in the same run):
-  28672x4096 in 25.6 us at 4 bits (65 % of HBM; torch's int4 kernel 33.3 us) and 29.6 us at 3 bits
-  (the CUDA-core kernel: 35.9 and 45.0 us); 4096x4096 in 10.9 / 11.6 us (torch int4 6.8).
+  (`mma_layout`); see the section comment above `_mma_step_source`. Short shapes let the 8 warps of a
+  block split K (`k_warps`) instead of splitting it over blocks. Measured on the H200
+  (bench/gemv_variants.py, CUDA graph, weights rotated past L2, `gemv_variants_b5901af_h200.json`):
+  28672x4096 in 24.1 us at 4 bits (76 % of that run's HBM read, 3396 GB/s; torch's int4 kernel 33.2
+  us) and 27.4 us at 3 bits; with `gpu_ops_gemv_03e25f9_h200.json` (32-row tiles at 4096 rows):
+  4096x4096 in 8.4 us (torch int4 6.8), small-model shapes in 4.3-5.3 us (torch int4 2.0-2.9).
 - the CUDA-core kernel (`_gemv_kernel`, any group size that is a multiple of 32), described below.
 
 Where the time goes on the GPU (DESIGN.md §6): a batch-1 GEMV must stream the packed weights at HBM speed,

@@ -261,8 +261,8 @@ def plan_gemv(out_features: int, in_features: int, bits: int, group_size: int = 
     (`gemv_variants_kw_h200.json`, `gemv_variants_b5901af_h200.json`): 8 K warps took 25-30 % off
     every small-model shape, and with 32-row tiles 22 % off 4096x4096 (8.4 vs 10.8 us), but lost at
     6144x4096 and above, where each of 3+ blocks per SM staging all 4096 inputs costs more than the
-    K blocks' arrival. `early_load` defaults to True with k_warps > 1. Otherwise a step is 32 units (a warp's 32 lanes), 8 rows per
-    warp, and `paired` defaults to True at 4 bits.
+    K blocks' arrival. `early_load` defaults to True with k_warps > 1. The CUDA-core kernel's step is
+    32 units (a warp's 32 lanes), 8 rows per warp, and `paired` defaults to True at 4 bits.
     """
     if bits not in (3, 4):
         raise ValueError(f"bits = {bits}: allowed 3 or 4")
@@ -325,8 +325,9 @@ def _plan_cost(p: GemvPlan, n_sm: int) -> float:
     """Time of a plan in steps of one warp over 128 inputs x 16 rows (mma) or 32 units x R rows: waves x
     (staging + tiles x (steps + epilogue)). Measured on the H200 for the tensor-core kernel (bench/
     gemv_variants.py): staging ~3 steps, a tile's epilogue ~1 step + 1/8 step per K part summed at the
-    arrival; two mma tiles per warp make a step twice as long. The CUDA-core kernel: staging and
-    epilogue ~1 step each."""
+    arrival; two mma tiles per warp make a step twice as long; K warps (only when asked for: the default
+    plans choose them by rule, see `plan_gemv`) an unfitted half step for their shared-memory sum. The
+    CUDA-core kernel: staging and epilogue ~1 step each."""
     blocks = p.grid[0] * p.grid[1]
     waves = -(-blocks // _slots(p.bits, p.rows_per_warp, p.pipeline, p.mma, n_sm))
     if p.mma:

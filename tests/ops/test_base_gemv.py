@@ -222,7 +222,7 @@ def test_tensor_core_kernel_matches_reference(bits, out_features, in_features, r
 @kernels
 @pytest.mark.parametrize("bits, out_features, in_features, rows_per_warp, k_warps, k_blocks, n_sm, tiles_per_block", [
     (4, 40, 576, 16, 8, 1, 132, 1),  # 8 warps on 5 groups: 3 warps' only step is past the end (dropped)
-    (4, 100, 512, 16, 4, 2, 1, 3),  # 4 K warps x 2 row warps, K split in 2, blocks stream 2 or 1 tiles (the last partial)
+    (4, 100, 512, 16, 4, 2, 1, 3),  # 4 K warps x 2 row warps, K split in 2, blocks stream 2 or 1 tiles
     (3, 72, 640, 32, 2, 2, 132, 1),  # 3-bit, two mma tiles per warp, 2 K warps, K split: 3 and 2 groups
     (3, 72, 384, 16, 8, 1, 1, 2),  # 3-bit, 16-row tiles streamed 2 per block, direct write (shared sums reused)
 ])

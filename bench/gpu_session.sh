@@ -4,8 +4,8 @@
 #   bash bench/gpu_session.sh STAGE       (STAGE: a b c d e; $OUT: where results go; DECDEC_COMMIT set)
 # a: tiny-model GPU tests of the engine + tune, Llama-3-8B end to end
 # b: kernel benchmarks (bench/gpu_ops.py)
-# g: base GEMV: bench/gemv_variants.py --quick (all shapes), then the real-shape GPU tests of base_gemv + correction
-# m: the kernel GPU tests under compute-sanitizer memcheck (200 s was too short for the current GEMV)
+# g: base GEMV: bench/gemv_variants.py --quick (large and small shapes), then the GPU tests of base_gemv + correction
+# m: the kernel tests under compute-sanitizer memcheck on the GPU (tiny shapes, then real-shape GEMV tests)
 # c: SmolLM2-shaped end to end, base GEMV variants
 # d: (transfer only)
 # e: Gemma 3 270M: sha256 of the GGUF, GPU vs CPU engine tests, end to end, then stage cli (unless NO_CLI=1)
@@ -31,14 +31,19 @@ b)
   timeout 240 python bench/gpu_ops.py --only checks,bandwidth,gemv,correction,overlap --out $OUT/gpu_ops.json \
     2>&1 | tee $OUT/gpu_ops.log | tail -80
   ;;
-g)
-  timeout 300 python bench/gemv_variants.py --quick --sass --out $OUT/gemv_variants.json 2>&1 | tee $OUT/gemv_variants.log
-  DECDEC_GPU_TESTS=1 timeout 240 python -m pytest -q -m gpu tests/ops/test_base_gemv.py tests/ops/test_correction.py \
+g)  # ~400 s: the variants at Llama-3-8B and small-model shapes, then every base GEMV + correction test on the GPU
+  timeout 240 python bench/gemv_variants.py --quick --sass --out $OUT/gemv_variants.json --shapes \
+    28672x4096,14336x4096,4096x14336,6144x4096,4096x4096,1024x4096,1536x640,640x2048,3072x576,576x1536 \
+    2>&1 | tee $OUT/gemv_variants.log
+  DECDEC_GPU_TESTS=1 timeout 250 python -m pytest -q tests/ops/test_base_gemv.py tests/ops/test_correction.py \
     2>&1 | tee $OUT/ops_gemv_tests.log | tail -5
   ;;
-m)  # the kernel GPU tests under compute-sanitizer memcheck (~10x slower than without: a call of its own)
-  DECDEC_GPU_TESTS=1 timeout 560 compute-sanitizer --tool memcheck python -m pytest -q tests/ops -k "not slow" \
-    2>&1 | tee $OUT/memcheck_kernels.log | tail -3
+m)  # ~180 s: memcheck on every kernel test of tests/ops on the GPU (tiny shapes), then real-shape GEMV tests
+  DECDEC_GPU_TESTS=1 timeout 330 compute-sanitizer --tool memcheck python -m pytest -q -p no:cacheprovider tests/ops \
+    -m "not gpu" 2>&1 | tee $OUT/memcheck_kernels_tiny.log | grep -v cuGetProcAddress | tail -3
+  DECDEC_GPU_TESTS=1 timeout 130 compute-sanitizer --tool memcheck python -m pytest -q -p no:cacheprovider \
+    tests/ops/test_base_gemv.py -m gpu -k "4096-4096 or 640-1024 or 1536-576" 2>&1 \
+    | tee $OUT/memcheck_gemv_real.log | grep -v cuGetProcAddress | tail -3
   ;;
 c)
   timeout 200 python bench/gpu_engine.py --only smollm --out $OUT/gpu_engine_smollm.json 2>&1 | tee $OUT/gpu_engine_smollm.log

@@ -258,8 +258,8 @@ def plan_gemv(out_features: int, in_features: int, bits: int, group_size: int = 
     `k_warps` defaults to 8 (all of K in one block: no arrival) where one block stages all of K and
     16-row tiles make at most 2 blocks per SM, with 32-row tiles once 16-row ones exceed one block per
     SM; else 1, with 16 or 32 rows per warp by the cost model. Measured on the H200
-    (`gemv_variants_kw_h200.json`, `gemv_variants_b5901af_h200.json`): 8 K warps took 25-30 % off
-    every small-model shape, and with 32-row tiles 22 % off 4096x4096 (8.4 vs 10.8 us), but lost at
+    (`gemv_variants_kw_h200.json`, `gemv_variants_b5901af_h200.json`): 8 K warps took 24-31 % off
+    the small models' shapes, and with 32-row tiles 22 % off 4096x4096 (8.4 vs 10.8 us), but lost at
     6144x4096 and above, where each of 3+ blocks per SM staging all 4096 inputs costs more than the
     K blocks' arrival. `early_load` defaults to True with k_warps > 1. The CUDA-core kernel's step is
     32 units (a warp's 32 lanes), 8 rows per warp, and `paired` defaults to True at 4 bits.

@@ -1,0 +1,171 @@
+"""Where a small correction's time goes: the fused kernel against its parts, on the GPU.
+
+    DECDEC_COMMIT=<sha> python bench/correction_floor.py --out $OUT/correction_floor.json
+
+For each (out, in, k_chunk) it times, in one run (CUDA-graph replays, CUDA events, per launch):
+  k0          the same kernel with k_chunk 0: launch, emit, nothing selected or fetched
+  hbm         the table in device memory (one copy, L2-resident): selection + fetch without PCIe
+  zero1       zero-copy, one table launched over and over (its pages' translations stay warm)
+  zeroN       zero-copy, tables rotated past L2 (what bench/gpu_ops.py and the product see)
+  huge        zero-copy from transparent-huge-page memory registered by cudaHostRegister, rotated
+  fetch       the plain zero-copy gather (`ops.dma.fetch_rows_cuda`) of the same number of rows, rotated
+  select      the stand-alone selector kernel (`ops.selector_cuda.select_bucket_cuda`)
+and the fused kernel over n_tb. Differences between rows locate the floor: hbm - k0 is selection and
+arithmetic, zero1 - hbm the PCIe round trips, zeroN - zero1 the translation of cold host pages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import mmap
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS", "0")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from numba import cuda  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.meta import run_meta  # noqa: E402
+from ops import correction as co  # noqa: E402
+from ops import dma, selector  # noqa: E402
+from ops.selector_cuda import select_bucket_cuda  # noqa: E402
+from ops.timing import CorrectionSetup, Streams, device_info, graph_us  # noqa: E402
+
+MADV_HUGEPAGE = 14
+HUGE = 2 << 20
+
+
+class HugeTable:
+    """A residual table in anonymous memory advised to transparent huge pages, then pinned and mapped by
+    cudaHostRegister: same rows as a PinnedTable, so the kernels see the same bytes."""
+
+    def __init__(self, src: dma.PinnedTable):
+        from cuda.bindings import runtime as rt
+
+        self.stride, self.n_rows = src.stride, src.n_rows
+        size = -(-src.nbytes // HUGE) * HUGE
+        self.map = mmap.mmap(-1, size + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
+        self.ptr = -(-base // HUGE) * HUGE  # 2 MiB aligned start
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        self.advised = libc.madvise(self.ptr, size, MADV_HUGEPAGE) == 0
+        ctypes.memmove(self.ptr, src.ptr, src.nbytes)
+        err, = rt.cudaHostRegister(self.ptr, size, rt.cudaHostRegisterMapped | rt.cudaHostRegisterPortable)
+        if err != rt.cudaError_t.cudaSuccess:
+            raise RuntimeError(f"cudaHostRegister: {err}")
+        self.size = size
+        err, dptr = rt.cudaHostGetDevicePointer(self.ptr, 0)
+        self.device_ptr = int(dptr)
+
+    def device_array(self):
+        iface = {"shape": (self.n_rows, self.stride), "typestr": "|u1", "data": (self.device_ptr, False),
+                 "strides": None, "version": 3}
+        return cuda.from_cuda_array_interface(iface, owner=self, sync=False)
+
+    def close(self) -> None:
+        from cuda.bindings import runtime as rt
+
+        rt.cudaHostUnregister(self.ptr)
+
+
+def anon_huge_kib() -> int:
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+    return -1
+
+
+def time_variants(streams, s: CorrectionSetup, k: int, n_tb: int, huge: list, reps: int) -> dict:
+    bounds = selector.bucket_bounds(s.t, k)
+    x0 = s.xs[0]
+
+    def fused(tables):
+        corrs = [co.Correction(t, s.rscale, bounds, k, n_tb=n_tb) for t in tables]
+        n = len(corrs)
+        return graph_us(lambda i: corrs[i % n](s.xs[i % 8], s.act, base_out=s.base, out=s.out,
+                                               stream=streams.main_n), max(2 * n, 64), reps, streams)["us"]
+
+    zero = [t.device_array() for t in s.tables]
+    dev = cuda.to_device(s.tables[0].host)
+    row = {"k0": None, "hbm": fused([dev]), "zero1": fused(zero[:1]), "zeroN": fused(zero),
+           "huge": fused([h.device_array() for h in huge]) if huge else None}
+    corr0 = co.Correction(zero[0], s.rscale, bounds, 0, n_tb=n_tb)
+    row["k0"] = graph_us(lambda i: corr0(x0, s.act, base_out=s.base, out=s.out, stream=streams.main_n),
+                         64, reps, streams)["us"]
+    xt = torch.from_numpy(x0.copy_to_host().astype(np.float32)) * torch.from_numpy(s.act.copy_to_host())
+    idx = cuda.to_device(selector.select_bucket(xt, k, bounds).numpy().astype(np.int32))
+    if idx.shape[0]:
+        fetched = cuda.device_array((idx.shape[0], s.tables[0].stride), np.uint8)
+        row["fetch"] = graph_us(lambda i: dma.fetch_rows_cuda(zero[i % len(zero)], idx, out=fetched,
+                                                              stream=streams.main_n), 64, reps, streams)["us"]
+        picks = cuda.device_array(idx.shape[0], np.int32)
+        row["select"] = graph_us(lambda i: select_bucket_cuda(s.xs[i % 8], k, bounds, out=picks, act_scale=s.act,
+                                                              stream=streams.main_n), 64, reps, streams)["us"]
+    row["rows"] = int(idx.shape[0])
+    row["pcie_bytes"] = s.pcie_bytes(k)
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--shapes", default="4096x4096,28672x4096,1536x640")
+    ap.add_argument("--ks", default="8,32")
+    ap.add_argument("--n-tb", type=int, default=16)
+    ap.add_argument("--tb-sweep", default="1,2,4,8,16,32,64", help="n_tb sweep at the first shape and k")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--launch-only", action="store_true",
+                    help="launch the first shape's zero-copy correction 12 times eagerly, time nothing (for ncu)")
+    args = ap.parse_args(argv)
+    info = device_info()
+    streams = Streams.make()
+    rng = np.random.default_rng(0)
+    if args.launch_only:
+        out_f, in_f = map(int, args.shapes.split(",")[0].split("x"))
+        k = int(args.ks.split(",")[0])
+        s = CorrectionSetup(rng, out_f, in_f, info["l2_bytes"])
+        corrs = s.corrections(k, args.n_tb)
+        for i in range(12):
+            corrs[i % len(corrs)](s.xs[i % 8], s.act, base_out=s.base, out=s.out)
+        cuda.synchronize()
+        return 0
+    report = {"env": {**run_meta(), **info}, "rows": [], "tb_sweep": []}
+    for shape in args.shapes.split(","):
+        out_f, in_f = map(int, shape.split("x"))
+        s = CorrectionSetup(rng, out_f, in_f, info["l2_bytes"])
+        huge = [HugeTable(t) for t in s.tables]
+        report["env"]["anon_huge_kib"] = anon_huge_kib()
+        report["env"]["thp"] = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
+        for k in map(int, args.ks.split(",")):
+            r = {"out": out_f, "in": in_f, "k_chunk": k, "n_tb": args.n_tb, "tables": len(s.tables),
+                 **time_variants(streams, s, k, args.n_tb, huge, args.reps)}
+            report["rows"].append(r)
+            print(json.dumps(r), flush=True)
+        if shape == args.shapes.split(",")[0]:
+            k = int(args.ks.split(",")[0])
+            for n_tb in map(int, args.tb_sweep.split(",")):
+                bounds = selector.bucket_bounds(s.t, k)
+                corrs = [co.Correction(t.device_array(), s.rscale, bounds, k, n_tb=n_tb) for t in s.tables]
+                n = len(corrs)
+                t = graph_us(lambda i: corrs[i % n](s.xs[i % 8], s.act, base_out=s.base, out=s.out,
+                                                    stream=streams.main_n), max(2 * n, 64), args.reps, streams)
+                report["tb_sweep"].append({"out": out_f, "in": in_f, "k_chunk": k, "n_tb": n_tb,
+                                           "blocks": corrs[0].plan.blocks, "us": t["us"]})
+                print(json.dumps(report["tb_sweep"][-1]), flush=True)
+        for h in huge:
+            h.close()
+        s.close()
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -106,9 +106,10 @@ def time_variants(streams, s: CorrectionSetup, k: int, n_tb: int, huge: list, re
         fetched = cuda.device_array((idx.shape[0], s.tables[0].stride), np.uint8)
         row["fetch"] = graph_us(lambda i: dma.fetch_rows_cuda(zero[i % len(zero)], idx, out=fetched,
                                                               stream=streams.main_n), 64, reps, streams)["us"]
-        picks = cuda.device_array(idx.shape[0], np.int32)
-        row["select"] = graph_us(lambda i: select_bucket_cuda(s.xs[i % 8], k, bounds, out=picks, act_scale=s.act,
-                                                              stream=streams.main_n), 64, reps, streams)["us"]
+        picks, picks_x = cuda.device_array(idx.shape[0], np.int32), cuda.device_array(idx.shape[0], np.float32)
+        row["select"] = graph_us(lambda i: select_bucket_cuda(s.xs[i % 8], k, bounds, out=picks, out_x=picks_x,
+                                                              act_scale=s.act, stream=streams.main_n),
+                                 64, reps, streams)["us"]
     row["rows"] = int(idx.shape[0])
     row["pcie_bytes"] = s.pcie_bytes(k)
     return row

@@ -10,7 +10,8 @@ For each (out, in, k_chunk) it times, in one run (CUDA-graph replays, CUDA event
   huge        zero-copy from transparent-huge-page memory registered by cudaHostRegister, rotated
   fetch       the plain zero-copy gather (`ops.dma.fetch_rows_cuda`) of the same number of rows, rotated
   select      the stand-alone selector kernel (`ops.selector_cuda.select_bucket_cuda`)
-and the fused kernel over n_tb. Differences between rows locate the floor: hbm - k0 is selection and
+the phases of the stamped build (`ops.correction`, stamped=True: globaltimer at each block's start and
+end, SM cycles selecting / fetching / emitting / arriving), and the fused kernel over n_tb. Differences between rows locate the floor: hbm - k0 is selection and
 arithmetic, zero1 - hbm the PCIe round trips, zeroN - zero1 the translation of cold host pages.
 """
 
@@ -115,6 +116,29 @@ def time_variants(streams, s: CorrectionSetup, k: int, n_tb: int, huge: list, re
     return row
 
 
+def phases(streams, s: CorrectionSetup, k: int, n_tb: int, steps: int = 64) -> dict:
+    """The stamped build replayed `steps` times in a graph (rotated zero-copy tables): per launch the
+    span from the first block's start to the last block's end, the gap to the next launch's first
+    block, and each phase of the slowest block in µs (cycles over the blocks' own clock rate)."""
+    bounds = selector.bucket_bounds(s.t, k)
+    corrs = s.corrections(k, n_tb)
+    blocks = corrs[0].plan.blocks
+    stamps = cuda.device_array(steps * blocks * co.STAMPS, np.uint64)
+    n = len(corrs)
+    width = blocks * co.STAMPS
+    graph_us(lambda i: corrs[i % n](s.xs[i % 8], s.act, base_out=s.base, out=s.out, stream=streams.main_n,
+                                    stamps=stamps[i * width:(i + 1) * width]), steps, 1, streams)
+    st = stamps.copy_to_host().astype(np.int64).reshape(steps, blocks, co.STAMPS)
+    start, end = st[:, :, 0], st[:, :, 5]
+    cycles = st[:, :, 1:5]
+    ghz = np.median(cycles.sum(-1) / np.maximum(end - start, 1))
+    med = lambda v: float(np.median(v))  # noqa: E731
+    return {"span_us": med(end.max(1) - start.min(1)) / 1e3, "gap_us": med(start.min(1)[1:] - end.max(1)[:-1]) / 1e3,
+            "block_start_skew_us": med(start.max(1) - start.min(1)) / 1e3, "sm_ghz": float(ghz),
+            **{f"{name}_us": med(cycles[:, :, j].max(1)) / ghz / 1e3
+               for j, name in enumerate(("select", "fetch", "emit", "arrive"))}}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
@@ -147,7 +171,8 @@ def main(argv=None) -> int:
         report["env"]["thp"] = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
         for k in map(int, args.ks.split(",")):
             r = {"out": out_f, "in": in_f, "k_chunk": k, "n_tb": args.n_tb, "tables": len(s.tables),
-                 **time_variants(streams, s, k, args.n_tb, huge, args.reps)}
+                 **time_variants(streams, s, k, args.n_tb, huge, args.reps),
+                 "phases": phases(streams, s, k, args.n_tb)}
             report["rows"].append(r)
             print(json.dumps(r), flush=True)
         if shape == args.shapes.split(",")[0]:

@@ -36,8 +36,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from numba import cuda, float32, int8, int32, uint32
+from numba import cuda, float32, int8, int32, uint32, uint64
 
+from ops import ptx
 from ops.base_gemv import FLAG_CAP, SplitOutput, arrive_tiles, jit_with_bounds, nib_float
 from ops.layout import unpack_rows
 from ops.selector import BucketBounds, chunk_ks, select_bucket
@@ -114,9 +115,17 @@ def plan_correction(out_features: int, n_tb: int, tile_rows: int = TILE_ROWS) ->
     return CorrectionPlan(n_tb, THREADS, wc_n, THREADS // wc_n, tile_rows, n_tiles, per_block)
 
 
+STAMPS = 8  # uint64 slots per block of a stamped build: see `_correction_kernel`
+
+
 @functools.lru_cache(maxsize=None)
-def _correction_kernel(merge: bool):
-    """The fused select + fetch + dequantize + GEMV + merge kernel (one compiled variant per merge mode)."""
+def _correction_kernel(merge: bool, stamped: bool = False):
+    """The fused select + fetch + dequantize + GEMV + merge kernel (one compiled variant per merge mode).
+
+    `stamped` builds time the kernel's phases from inside: thread 0 of block i writes stamps[8 i ..]:
+    globaltimer at its start and end (ns), and the SM cycles (clock64) spent selecting, fetching and
+    multiplying, reducing and emitting, and arriving, each measured between the block's barriers.
+    """
 
     @cuda.jit(device=True)
     def emit(o, v, o_hi, rscale, base_out, out, partials, n_parts, n_out):
@@ -129,7 +138,7 @@ def _correction_kernel(merge: bool):
                 out[o] = float32(base_out[o]) + corr
 
     @jit_with_bounds(THREADS, 1)
-    def kernel(x, act_scale, rows, rscale, base_out, out, partials, counters, n_parts,
+    def kernel(x, act_scale, rows, rscale, base_out, out, partials, counters, n_parts, stamps,
                a, b, hi_scale, lo_scale, k_chunk, batch, n_out, tile_rows, n_tiles, tiles_per_block, wc_n, ks_n):
         """Correction of rows [t0 * tile_rows, t1 * tile_rows) of block (t0, t1 = its tiles).
 
@@ -155,6 +164,10 @@ def _correction_kernel(merge: bool):
         t1 = min(t0 + tiles_per_block, n_tiles)
         if t0 >= t1:
             return
+        if stamped:
+            start_ns = ptx.globaltimer()
+            c_sel = c_fetch = c_emit = uint64(0)
+            ca = ptx.clock64()
         o_hi = min(t1 * tile_rows, n_out)
         w_lo = t0 * tile_rows // 8
         w_hi = (o_hi + 7) // 8
@@ -173,8 +186,14 @@ def _correction_kernel(merge: bool):
             X = float32(0)  # sum of the chosen x~ this thread saw: folds the 1 + code/16 offset
             for c0 in range(0, n_chunks if k_chunk > 0 else 0, batch):
                 nb = min(batch, n_chunks - c0)
+                if stamped:
+                    cb = ptx.clock64()
+                    c_emit += cb - ca
                 select_chunks(x, act_scale, True, MAX_CHUNK, c0, nb, k_chunk, a, b, hi_scale, lo_scale,
                               bk, hist, cuts, scan, sel_idx, sel_x)
+                if stamped:
+                    ca = ptx.clock64()
+                    c_sel += ca - cb
                 last = min(MAX_CHUNK, width - (c0 + nb - 1) * MAX_CHUNK)
                 n_sel = (nb - 1) * k_chunk + k_chunk * last // MAX_CHUNK
                 if mine:
@@ -192,6 +211,10 @@ def _correction_kernel(merge: bool):
                             for j in range(8):
                                 acc[j] += nib_float(wv[m], j) * xu[m]
                 cuda.syncthreads()  # sel_idx / sel_x are rewritten by the next pass
+                if stamped:
+                    cb = ptx.clock64()
+                    c_fetch += cb - ca
+                    ca = cb
             red = sel_x
             # sum_s (code - 8) x_s = 16 sum_s f x_s - 24 sum_s x_s, with f = 1 + code / 16
             if ks_n == 1:
@@ -213,8 +236,19 @@ def _correction_kernel(merge: bool):
                     if wp + c < w_hi:
                         emit(8 * (wp + c) + j, total, o_hi, rscale, base_out, out, partials, n_parts, n_out)
                 cuda.syncthreads()
+        if stamped:
+            cb = ptx.clock64()
+            c_emit += cb - ca
         if merge:
             arrive_tiles(partials, counters, out, n_out, n_parts, tile_rows, t0, t1 - t0, flags)
+        if stamped and tid == 0:
+            at = cuda.blockIdx.x * STAMPS
+            stamps[at] = start_ns
+            stamps[at + 1] = c_sel
+            stamps[at + 2] = c_fetch
+            stamps[at + 3] = c_emit
+            stamps[at + 4] = ptx.clock64() - cb
+            stamps[at + 5] = ptx.globaltimer()
 
     return kernel
 
@@ -262,27 +296,32 @@ class Correction:
         self.plan = plan_correction(self.out_features, n_tb, tile_rows)
 
     def __call__(self, x, act_scale=None, *, base_out=None, out=None, merge: SplitOutput | None = None,
-                 stream=0) -> None:
+                 stream=0, stamps=None) -> None:
         """Launch on `stream`. With `merge`: add into the base GEMV's split output (concurrently with it);
-        else out = base_out + correction (out defaults to base_out, in place)."""
+        else out = base_out + correction (out defaults to base_out, in place). `stamps` (uint64 device
+        array, STAMPS per block): launch the stamped build, which times its phases into it."""
         p = self.plan
+        stamped = stamps is not None
+        if stamped and stamps.shape[0] < STAMPS * p.blocks:
+            raise ValueError(f"stamps holds {stamps.shape[0]} slots, the stamped build writes {STAMPS * p.blocks}")
         if act_scale is None:
             act_scale = _ones(x.shape[0])
         if merge is not None:
             if merge.tile_rows != p.tile_rows or merge.n_out != self.out_features:
                 raise ValueError("merge scratch and correction disagree on tile rows or outputs")
             kernel, base_out, partials, counters, n_parts = (
-                _correction_kernel(True), _dummy(np.float16), merge.partials, merge.counters, merge.n_parts)
+                _correction_kernel(True, stamped), _dummy(np.float16), merge.partials, merge.counters, merge.n_parts)
         else:
             if base_out is None:
                 raise ValueError("give base_out (stand-alone) or merge (fused with the base GEMV)")
             out = base_out if out is None else out
-            kernel, partials, counters, n_parts = _correction_kernel(False), _dummy(np.float32), _dummy(np.int32), 1
+            kernel, partials, counters, n_parts = (_correction_kernel(False, stamped), _dummy(np.float32),
+                                                   _dummy(np.int32), 1)
         a, b, hi_scale, lo_scale = self.bounds
         kernel[p.blocks, p.threads, stream](
             x, act_scale, self.rows, self.rscale, base_out, out, partials, counters, n_parts,
-            a, b, hi_scale, lo_scale, self.k_chunk, pass_chunks(self.k_chunk), self.out_features, p.tile_rows,
-            p.n_tiles, p.tiles_per_block, p.wc_n, p.ks_n)
+            stamps if stamped else _dummy(np.uint64), a, b, hi_scale, lo_scale, self.k_chunk,
+            pass_chunks(self.k_chunk), self.out_features, p.tile_rows, p.n_tiles, p.tiles_per_block, p.wc_n, p.ks_n)
 
 
 def correction_cuda(x, base_out, residual_rows, residual_scales, bounds: BucketBounds, k_chunk: int,

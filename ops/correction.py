@@ -36,13 +36,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from numba import cuda, float32, int8, int32, uint32, uint64
+from numba import cuda, float32, int32, uint32, uint64
 
 from ops import ptx
 from ops.base_gemv import FLAG_CAP, SplitOutput, arrive_tiles, jit_with_bounds, nib_float
 from ops.layout import unpack_rows
 from ops.selector import BucketBounds, chunk_ks, select_bucket
-from ops.selector_cuda import (BK_SIZE, CUTS_SIZE, HIST_SIZE, MAX_CHUNK, SCAN_SIZE, SEL_CAP, pass_chunks,
+from ops.selector_cuda import (CUTS_SIZE, GROUP_SIZE, HIST_SIZE, MAX_CHUNK, SCAN_SIZE, SEL_CAP, pass_chunks,
                                select_chunks)
 
 WORD_OUTPUTS = 8  # outputs per uint32 word of a residual row (8 nibbles)
@@ -146,15 +146,15 @@ def _correction_kernel(merge: bool, stamped: bool = False):
         rscale fp16 [out]; out / base_out [out]; partials flat f32 [n_parts * out], counters i32 [tiles].
         Launch: grid (blocks,), block `threads` (plan_correction); thread (ks, wc) = (tid // wc_n,
         tid % wc_n) owns word column wc (8 outputs) of each pass and picks ks, ks + ks_n, ... in groups
-        of UNROLL loads in flight. Every block selects every chunk itself (`select_chunks`, up to 16
+        of UNROLL loads in flight. Every block selects every chunk itself (`select_chunks`, up to 4
         chunks per pass sharing their barriers; x from L2), then streams all of the pass's picks at once.
         Bytes: per block, 4 B of each chosen row's slice it owns over PCIe (all blocks together: each
         chosen row once), x and act_scale once per block from L2, 2 B scale + 4-8 B out per row.
         """
-        bk = cuda.shared.array(BK_SIZE, int8)
         hist = cuda.shared.array(HIST_SIZE, int32)
         cuts = cuda.shared.array(CUTS_SIZE, int32)
         scan = cuda.shared.array(SCAN_SIZE, int32)
+        group_sums = cuda.shared.array(GROUP_SIZE, int32)
         sel_idx = cuda.shared.array(SEL_CAP, int32)
         sel_x = cuda.shared.array(RED_SIZE, float32)  # the picks' x~; after the last pass, the reduction
         flags = cuda.shared.array(FLAG_CAP, int32)
@@ -178,43 +178,47 @@ def _correction_kernel(merge: bool, stamped: bool = False):
         acc = cuda.local.array(8, float32)
         wv = cuda.local.array(UNROLL, uint32)
         xu = cuda.local.array(UNROLL, float32)
-        for wp in range(w_lo, w_hi, wc_n):
+        wp = w_lo  # (while loops: a range with a run-time step costs a 64-bit division)
+        while wp < w_hi:
             w = wp + wc
             mine = ks < ks_n and w < w_hi
             for j in range(8):
                 acc[j] = float32(0)
             X = float32(0)  # sum of the chosen x~ this thread saw: folds the 1 + code/16 offset
-            for c0 in range(0, n_chunks if k_chunk > 0 else 0, batch):
+            c0 = 0
+            while c0 < n_chunks and k_chunk > 0:
                 nb = min(batch, n_chunks - c0)
                 if stamped:
                     cb = ptx.clock64()
                     c_emit += cb - ca
                 select_chunks(x, act_scale, True, MAX_CHUNK, c0, nb, k_chunk, a, b, hi_scale, lo_scale,
-                              bk, hist, cuts, scan, sel_idx, sel_x)
+                              hist, cuts, scan, group_sums, sel_idx, sel_x)
                 if stamped:
                     ca = ptx.clock64()
                     c_sel += ca - cb
                 last = min(MAX_CHUNK, width - (c0 + nb - 1) * MAX_CHUNK)
                 n_sel = (nb - 1) * k_chunk + k_chunk * last // MAX_CHUNK
-                if mine:
-                    for s0 in range(ks * UNROLL, n_sel, ks_n * UNROLL):
-                        for m in range(UNROLL):  # issue every load before the first use
-                            s = s0 + m
-                            if s < n_sel:
-                                wv[m] = rows[sel_idx[s], w]
-                                xu[m] = sel_x[s]
-                            else:
-                                wv[m] = uint32(0)
-                                xu[m] = float32(0)
-                        for m in range(UNROLL):
-                            X += xu[m]
-                            for j in range(8):
-                                acc[j] += nib_float(wv[m], j) * xu[m]
+                s0 = ks * UNROLL
+                while mine and s0 < n_sel:
+                    for m in range(UNROLL):  # issue every load before the first use
+                        s = s0 + m
+                        if s < n_sel:  # unsigned indices: no negative-index wraparound
+                            wv[m] = rows[uint64(sel_idx[s]), uint64(w)]
+                            xu[m] = sel_x[s]
+                        else:
+                            wv[m] = uint32(0)
+                            xu[m] = float32(0)
+                    for m in range(UNROLL):
+                        X += xu[m]
+                        for j in range(8):
+                            acc[j] += nib_float(wv[m], j) * xu[m]
+                    s0 += ks_n * UNROLL
                 cuda.syncthreads()  # sel_idx / sel_x are rewritten by the next pass
                 if stamped:
                     cb = ptx.clock64()
                     c_fetch += cb - ca
                     ca = cb
+                c0 += batch
             red = sel_x
             # sum_s (code - 8) x_s = 16 sum_s f x_s - 24 sum_s x_s, with f = 1 + code / 16
             if ks_n == 1:
@@ -227,7 +231,8 @@ def _correction_kernel(merge: bool, stamped: bool = False):
                     for j in range(8):
                         red[(ks * 8 + j) * wc_n + wc] = float32(16) * acc[j] - float32(24) * X
                 cuda.syncthreads()
-                for e in range(tid, wc_n * 8, nthr):
+                e = tid
+                while e < wc_n * 8:
                     j = e // wc_n
                     c = e % wc_n
                     total = float32(0)
@@ -235,7 +240,9 @@ def _correction_kernel(merge: bool, stamped: bool = False):
                         total += red[(k * 8 + j) * wc_n + c]
                     if wp + c < w_hi:
                         emit(8 * (wp + c) + j, total, o_hi, rscale, base_out, out, partials, n_parts, n_out)
+                    e += nthr
                 cuda.syncthreads()
+            wp += wc_n
         if stamped:
             cb = ptx.clock64()
             c_emit += cb - ca

@@ -2,47 +2,56 @@
 
 The CPU reference is `ops.selector.select_bucket`; per chunk of 1024 channels it takes the `k_c` channels
 of smallest `(bucket, index)` (docs/FORMATS.md, "Selection"). `select_chunks` is a block-wide device
-function that makes exactly that choice for up to 16 chunks at once, so the fused correction kernel
+function that makes exactly that choice for up to 4 chunks at once, so the fused correction kernel
 (`ops.correction`) selects with the very code tested here; `select_bucket_cuda` wraps it in a kernel of
 one block per chunk that also lists the picks in the reference's (bucket, index) order.
 
 How one block chooses, deterministically (the reference kernel keeps whichever channels of the cut
-bucket its atomics reach first; ours takes the lowest indices, like the CPU rule):
-1. bucket of every channel (float32, NaN / inf safe), histogram per chunk by shared-memory atomics
-   (counts do not depend on the order the atomics land in);
+bucket its atomics reach first; ours takes the lowest indices, like the CPU rule). Thread j of a chunk
+owns a contiguous run of up to RUN_MAX = 8 channels and keeps their buckets in registers:
+1. bucket of each of its channels (float32, branch-free, NaN / inf safe; all loads issued first),
+   then a histogram per chunk by shared-memory atomics (counts do not depend on the order the atomics
+   land in; the common low buckets are counted in one register first);
 2. the cut bucket of each chunk: the bucket where the running count first reaches k_c, and how many
    of it are still needed (one thread per (chunk, bucket) sums the histogram below it);
-3. every channel above the cut is taken, and the first `need` channels of the cut bucket: one
-   block-wide prefix scan, segmented per chunk, of the packed pair (#above-cut, #at-cut) over the
-   threads' contiguous runs of channels gives each channel its slot, below + min(at, need).
-All chunks of a pass share the barriers (~15 per pass), so latency does not grow with the width.
+3. every channel above the cut is taken, and the first `need` channels of the cut bucket: a two-level
+   prefix sum, per chunk, of the packed pair (#above-cut, #at-cut) of the threads' runs (groups of 8
+   threads, then the group sums) gives each channel its slot, below + min(at, need).
+Six barriers per pass, shared by all its chunks, so latency does not grow with the width. Session 6
+measured the first version (channels interleaved over threads for step 1, buckets in shared memory,
+a Hillis-Steele scan, ~145 instructions a channel) at 10.7 us of a 17 us correction
+(bench/results/correction_floor_37bb371_h200.json): the selection is instruction-bound, because every
+correction block selects every chunk.
 No warp intrinsics are used, so the CUDA simulator runs the same code as the GPU.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import cuda, float32, int8, int32, uint64
+from numba import cuda, float32, int32, uint32, uint64
 
 from ops.selector import CHUNK_SIZE, N_BUCKETS, BucketBounds, chunk_ks
 
 __all__ = ["select_bucket_cuda", "select_chunks", "bucket_of", "pass_chunks", "MAX_CHUNK", "PASS_CHUNKS",
-           "SEL_CAP", "BK_SIZE", "HIST_SIZE", "CUTS_SIZE", "SCAN_SIZE"]
+           "SEL_CAP", "HIST_SIZE", "CUTS_SIZE", "SCAN_SIZE", "GROUP_SIZE", "CHUNK_THREADS"]
 
 MAX_CHUNK = 1024  # shared arrays are laid out per 1024 channels; smaller chunks work too
-PASS_CHUNKS = 16  # chunks one pass selects at once: 16 KiB of int8 buckets in shared memory
+RUN_MAX = 8  # channels one thread owns at most (their buckets live in registers; 16 spill in the correction)
+CHUNK_THREADS = MAX_CHUNK // RUN_MAX  # threads per chunk: 128, four whole warps
+PACKED_WORDS = RUN_MAX // 4  # a run's buckets, 8 bits each, in 2 registers
+GROUP = 8  # threads whose runs the scan's first level sums
+PASS_CHUNKS = 4  # chunks one pass selects at once: 512 threads / 128 a chunk
 SEL_CAP = 2048  # picks one pass may hold (8 B each in shared memory); fewer chunks per pass if k is large
-BK_STRIDE = MAX_CHUNK + MAX_CHUNK // 8  # a chunk's buckets, 4 pad bytes after every 32 (see _slot)
-BK_SIZE = PASS_CHUNKS * BK_STRIDE  # shared sizes must be literal constants for Numba
-HIST_SIZE = PASS_CHUNKS * N_BUCKETS
+HIST_SIZE = PASS_CHUNKS * N_BUCKETS  # shared sizes must be literal constants for Numba
 CUTS_SIZE = 2 * PASS_CHUNKS  # cut bucket of each chunk, then how many of it are taken
 SCAN_SIZE = 512  # one slot per thread (blocks of up to 512 threads)
-SELECT_THREADS = 256  # block of the stand-alone kernel: 4 channels per thread for a full chunk
+GROUP_SIZE = SCAN_SIZE // GROUP  # one sum per group of 8 threads
+SELECT_THREADS = CHUNK_THREADS  # block of the stand-alone kernel: one chunk
 COMMON_FIRST = 24  # buckets 24..31 are counted in a register first (see select_chunks)
 
 
 def pass_chunks(k_chunk: int) -> int:
-    """Chunks one `select_chunks` pass may take: all picks must fit SEL_CAP slots."""
+    """Chunks one `select_chunks` pass of a 512-thread block may take: all picks must fit SEL_CAP slots."""
     return max(1, min(PASS_CHUNKS, SEL_CAP // max(k_chunk, 1)))
 
 
@@ -50,85 +59,94 @@ def pass_chunks(k_chunk: int) -> int:
 def bucket_of(v, a, b, hi_scale, lo_scale):
     """Bucket (0 = largest) of v = |x~| in float32, as `ops.selector.bucket_ids`: NaN -> 31, inf -> 0.
 
-    Clamping happens in float before any float->int conversion, so NaN and inf never reach one.
+    Branch-free (both scaled distances are computed, then selected). Each is clamped in float before
+    the float->int conversion, so NaN and inf never reach one: a NaN distance (NaN v, or inf * 0) fails
+    `t < cap` and becomes the cap, as the reference's nan_to_num; NaN v ends in the last bucket.
     """
-    if v != v:
-        return N_BUCKETS - 1
-    if v >= a:
-        return 0
-    if v >= b:
-        t = (a - v) * hi_scale  # the reference's float32 product; NaN (inf * 0) maps to 14
-        if t != t or t >= float32(14):
-            return 15
-        return 1 if t < float32(1) else 1 + int32(t)
-    t = (b - v) * lo_scale
-    if t != t or t >= float32(15):
-        return N_BUCKETS - 1
-    return 16 if t < float32(1) else 16 + int32(t)
-
-
-@cuda.jit(device=True)
-def _slot(i):
-    """Byte of channel i in a chunk's bucket array: 4 pad bytes after every 32, so threads reading
-    their own runs of 32 consecutive channels hit 32 different banks (9 words apart)."""
-    return i + (i >> 5) * 4
+    th = (a - v) * hi_scale
+    th = th if th < float32(14) else float32(14)
+    th = th if th > float32(0) else float32(0)
+    tl = (b - v) * lo_scale
+    tl = tl if tl < float32(15) else float32(15)
+    tl = tl if tl > float32(0) else float32(0)
+    hi = 1 + int32(th)
+    lo = 16 + int32(tl)
+    mid = hi if v >= b else lo
+    return 0 if v >= a else mid
 
 
 @cuda.jit(device=True)
 def _xt(x, act_scale, has_scale, i):
     """x~ = x * act_scale in float32, exactly as the GEMV stages it."""
-    v = float32(x[i])
+    u = uint64(i)  # i >= 0: an unsigned index needs no negative-index wraparound (two selects a load)
+    v = float32(x[u])
     if has_scale:
-        v = v * float32(act_scale[i])
+        v = v * float32(act_scale[u])
     return v
 
 
 @cuda.jit(device=True)
+def _bucket_at(packed, r):
+    """Bucket r of a run packed 4 to a word (r is a loop constant, so this is a shift and a mask)."""
+    return int32((packed[r // 4] >> uint32(8 * (r % 4))) & uint32(0xFF))
+
+
+@cuda.jit(device=True)
 def select_chunks(x, act_scale, has_scale, chunk, c0, nb, k_chunk, a, b, hi_scale, lo_scale,
-                  bk, hist, cuts, scan, sel_idx, sel_x):
-    """Block-wide: the picks of chunks c0 .. c0 + nb - 1 (nb <= 16, chunk <= 1024) of x [width].
+                  hist, cuts, scan, group_sums, sel_idx, sel_x):
+    """Block-wide: the picks of chunks c0 .. c0 + nb - 1 (nb <= 4, chunk <= 1024) of x [width].
 
     Every thread of the block must call it (it synchronises). On return, chunk c0 + q's k_q picks are
     sel_idx[q * k_chunk : q * k_chunk + k_q] (global channel indices, ascending) with their x~ in
     sel_x; nb * k_chunk <= len(sel_idx) is the caller's to ensure (`pass_chunks`).
-    Needs a block of 8 nb to 512 threads. Shared scratch: bk int8[18432], hist i32[512], cuts i32[32],
-    scan i32[512]. Step 1 walks channels interleaved over the threads (coalesced loads); steps 3-4 walk
-    each thread's contiguous run (the scan needs index order), conflict-free through `_slot`.
-    Cost: reads each channel's x (and act_scale) twice from L1/L2; ~2 log2(1024 nb / threads) + 5 barriers.
+    Needs a block of 128 nb to 512 threads. Shared scratch: hist i32[128], cuts i32[8], scan i32[512],
+    group_sums i32[64]. Thread j = tid % 128 of chunk q = tid // 128 owns channels [j run, (j + 1) run),
+    run = ceil(chunk / 128) <= 8, and keeps their buckets in registers. Cost per thread of a chunk: 8
+    loads of x (and act_scale) from L1/L2, all in flight at once, ~30 instructions a channel; 6
+    barriers; the picks' x~ are loaded again.
     """
     tid = cuda.threadIdx.x
-    nthr = cuda.blockDim.x
     width = x.shape[0]
-    tpc = 1  # threads per chunk: a power of two, each owning a contiguous run of `run` channels
-    while tpc * 2 <= nthr // nb and tpc * 2 <= MAX_CHUNK:
-        tpc *= 2
-    run = MAX_CHUNK // tpc
-    q = tid // tpc
-    j = tid % tpc
+    run = (chunk + CHUNK_THREADS - 1) // CHUNK_THREADS
+    q = tid // CHUNK_THREADS  # whole warps per chunk: threads past the last chunk skip step 1 together
+    j = tid % CHUNK_THREADS
     start = (c0 + q) * chunk
     wc = min(chunk, width - start) if q < nb else 0  # channels of this thread's chunk
     first = j * run
-    for e in range(tid, nb * N_BUCKETS, nthr):
-        hist[e] = 0
+    if tid < nb * N_BUCKETS:  # (a block has 128 nb threads; a strided range would cost a division)
+        hist[tid] = 0
     if tid < nb:
         cuts[tid] = -1  # no cut: nothing taken (k_c = 0)
         cuts[PASS_CHUNKS + tid] = 0
-    cuda.syncthreads()
-    # 1. buckets and per-chunk histograms. Most channels fall in the last few buckets (|x| far below
-    # b), and shared atomics on one address serialise, so buckets 24..31 are counted in one packed
-    # register (8 bits each; a thread sees <= 128 channels) flushed once per thread, and only the rare
-    # upper buckets take an atomic per channel. Counts are order-free either way.
-    common = uint64(0)
-    for r in range(run):  # channels interleaved over the chunk's threads: coalesced loads
-        i = r * tpc + j
-        if i < wc:
-            bkt = bucket_of(abs(_xt(x, act_scale, has_scale, start + i)), a, b, hi_scale, lo_scale)
-            bk[q * BK_STRIDE + _slot(i)] = bkt
-            if bkt >= COMMON_FIRST:
-                common += uint64(1) << uint64(8 * (bkt - COMMON_FIRST))
-            else:
-                cuda.atomic.add(hist, q * N_BUCKETS + bkt, 1)
+    # 1. buckets of the run, N_BUCKETS past the chunk's end. Every load is issued before the first
+    # use (indices clamped into x, no branch around them), so their latencies overlap.
+    packed = cuda.local.array(PACKED_WORDS, uint32)  # the run's buckets, 8 bits each (registers)
+    for w in range(RUN_MAX // 4):
+        packed[w] = uint32(N_BUCKETS * 0x01010101)
     if q < nb:
+        xv = cuda.local.array(RUN_MAX, float32)
+        for r in range(RUN_MAX):  # unconditional loads, all in flight (past the chunk: its last channel, unused)
+            xv[r] = _xt(x, act_scale, has_scale, start + min(first + r, wc - 1))
+        for w in range(PACKED_WORDS):
+            word = uint32(0)
+            for u in range(4):
+                r = 4 * w + u
+                bkt = bucket_of(abs(xv[r]), a, b, hi_scale, lo_scale)
+                bkt = bkt if r < run and first + r < wc else N_BUCKETS
+                word |= uint32(bkt) << uint32(8 * u)
+            packed[w] = word
+    cuda.syncthreads()  # hist zeroed
+    # Most channels fall in the last few buckets (|x| far below b), and shared atomics on one address
+    # serialise, so buckets 24..31 are counted in one packed register (8 bits each) flushed once, and
+    # only the rare upper buckets take an atomic per channel.
+    common = uint64(0)
+    for r in range(RUN_MAX):
+        bkt = _bucket_at(packed, r)
+        if bkt < COMMON_FIRST:
+            cuda.atomic.add(hist, q * N_BUCKETS + bkt, 1)
+        elif bkt < N_BUCKETS:
+            common += uint64(1) << uint64(8 * (bkt - COMMON_FIRST))
+    if q < nb and common != 0:
         for f in range(N_BUCKETS - COMMON_FIRST):
             n = int32((common >> uint64(8 * f)) & uint64(0xFF))
             if n > 0:
@@ -148,43 +166,40 @@ def select_chunks(x, act_scale, has_scale, chunk, c0, nb, k_chunk, a, b, hi_scal
                 cuts[qc] = bb
                 cuts[PASS_CHUNKS + qc] = kc - below
     cuda.syncthreads()
-    # 3. (#above the cut, #at the cut) of each thread's run, packed in one int32, scanned per chunk
+    # 3. (#above the cut, #at the cut) of each thread's run, packed in one int32 (counts < 2**16)
     cut = cuts[q] if q < nb else -1
+    need = cuts[PASS_CHUNKS + q] if q < nb else 0
     mine = 0
-    for r in range(run):
-        i = first + r
-        if i < wc:
-            bkt = bk[q * BK_STRIDE + _slot(i)]
-            if bkt < cut:
-                mine += 1
-            elif bkt == cut:
-                mine += 1 << 16  # counts stay below 2**16 (<= 1024 channels a chunk)
+    for r in range(RUN_MAX):
+        bkt = _bucket_at(packed, r)
+        mine += (1 if bkt < cut else 0) + ((1 << 16) if bkt == cut else 0)
     scan[tid] = mine
     cuda.syncthreads()
-    d = 1
-    while d < tpc:  # Hillis-Steele, segmented: partner tid - d is in the same chunk iff j >= d
-        partner = scan[tid - d] if j >= d else 0
-        cuda.syncthreads()
-        scan[tid] += partner
-        cuda.syncthreads()
-        d *= 2
+    g0 = tid - tid % GROUP
+    if tid == g0:
+        total = 0
+        for u in range(GROUP):
+            total += scan[tid + u]
+        group_sums[tid // GROUP] = total
+    cuda.syncthreads()
+    before = 0  # the packed counts of the chunk's earlier runs: earlier groups', then this group's
+    for u in range(q * (CHUNK_THREADS // GROUP), g0 // GROUP):
+        before += group_sums[u]
+    for u in range(g0, tid):
+        before += scan[u]
     # 4. slots: the k-th taken channel (by index) goes to slot k of its chunk
-    before = scan[tid] - mine
     above = before & 0xFFFF
     at = before >> 16
-    need = cuts[PASS_CHUNKS + q] if q < nb else 0
-    for r in range(run):
-        i = first + r
-        if i < wc:
-            bkt = bk[q * BK_STRIDE + _slot(i)]
-            if bkt < cut or (bkt == cut and at < need):
-                slot = q * k_chunk + above + min(at, need)
-                sel_idx[slot] = start + i
-                sel_x[slot] = _xt(x, act_scale, has_scale, start + i)
-            if bkt < cut:
-                above += 1
-            elif bkt == cut:
-                at += 1
+    for r in range(RUN_MAX):
+        bkt = _bucket_at(packed, r)
+        if bkt < cut or (bkt == cut and at < need):
+            slot = q * k_chunk + above + min(at, need)
+            sel_idx[slot] = start + first + r
+            sel_x[slot] = _xt(x, act_scale, has_scale, start + first + r)
+        if bkt < cut:
+            above += 1
+        elif bkt == cut:
+            at += 1
     cuda.syncthreads()
 
 
@@ -197,28 +212,32 @@ def _select_kernel(x, act_scale, has_scale, k_chunk, chunk, a, b, hi_scale, lo_s
     is the picks of lower buckets plus the earlier picks of its own bucket (O(k^2) compares: a tool and
     test path; the fused correction needs only the set).
     """
-    bk = cuda.shared.array(BK_SIZE, int8)
     hist = cuda.shared.array(HIST_SIZE, int32)
     cuts = cuda.shared.array(CUTS_SIZE, int32)
     scan = cuda.shared.array(SCAN_SIZE, int32)
+    group_sums = cuda.shared.array(GROUP_SIZE, int32)
     sel_idx = cuda.shared.array(MAX_CHUNK, int32)
     sel_x = cuda.shared.array(MAX_CHUNK, float32)
+    sel_b = cuda.shared.array(MAX_CHUNK, int32)
     c = cuda.blockIdx.x
     row = cuda.blockIdx.y
     xr = x[row]
     start = c * chunk
     k = k_chunk * min(chunk, xr.shape[0] - start) // chunk
     select_chunks(xr, act_scale, has_scale, chunk, c, 1, k_chunk, a, b, hi_scale, lo_scale,
-                  bk, hist, cuts, scan, sel_idx, sel_x)
+                  hist, cuts, scan, group_sums, sel_idx, sel_x)
     cut = cuts[0]
     need = cuts[PASS_CHUNKS]
     for p in range(cuda.threadIdx.x, k, cuda.blockDim.x):
-        bp = bk[_slot(sel_idx[p] - start)]
+        sel_b[p] = bucket_of(abs(sel_x[p]), a, b, hi_scale, lo_scale)  # x~ in float32: the same bucket
+    cuda.syncthreads()
+    for p in range(cuda.threadIdx.x, k, cuda.blockDim.x):
+        bp = sel_b[p]
         slot = 0
         for u in range(bp):  # picks of lower buckets: all of them above the cut
             slot += hist[u] if u < cut else need
         for s in range(p):
-            if bk[_slot(sel_idx[s] - start)] == bp:
+            if sel_b[s] == bp:
                 slot += 1
         out_idx[row, c * k_chunk + slot] = sel_idx[p]
         out_x[row, c * k_chunk + slot] = sel_x[p]

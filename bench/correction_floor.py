@@ -11,7 +11,7 @@ For each (out, in, k_chunk) it times, in one run (CUDA-graph replays, CUDA event
   fetch       the plain zero-copy gather (`ops.dma.fetch_rows_cuda`) of the same number of rows, rotated
   select      the stand-alone selector kernel (`ops.selector_cuda.select_bucket_cuda`)
 the phases of the stamped build (`ops.correction`, stamped=True: globaltimer at each block's start and
-end, SM cycles selecting / fetching / emitting / arriving), and the fused kernel over n_tb. Differences between rows locate the floor: hbm - k0 is selection and
+end, SM cycles selecting (and each of its six steps) / fetching / emitting / arriving), and the fused kernel over n_tb. Differences between rows locate the floor: hbm - k0 is selection and
 arithmetic, zero1 - hbm the PCIe round trips, zeroN - zero1 the translation of cold host pages.
 """
 
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.meta import run_meta  # noqa: E402
 from ops import correction as co  # noqa: E402
 from ops import dma, selector  # noqa: E402
-from ops.selector_cuda import select_bucket_cuda  # noqa: E402
+from ops.selector_cuda import SELECT_MARKS, select_bucket_cuda  # noqa: E402
 from ops.timing import CorrectionSetup, Streams, device_info, graph_us  # noqa: E402
 
 MADV_HUGEPAGE = 14
@@ -131,12 +131,15 @@ def phases(streams, s: CorrectionSetup, k: int, n_tb: int, steps: int = 64) -> d
     st = stamps.copy_to_host().astype(np.int64).reshape(steps, blocks, co.STAMPS)
     start, end = st[:, :, 0], st[:, :, 5]
     cycles = st[:, :, 1:5]
+    steps_ = st[:, :, 8:8 + SELECT_MARKS]
     ghz = np.median(cycles.sum(-1) / np.maximum(end - start, 1))
     med = lambda v: float(np.median(v))  # noqa: E731
     return {"span_us": med(end.max(1) - start.min(1)) / 1e3, "gap_us": med(start.min(1)[1:] - end.max(1)[:-1]) / 1e3,
             "block_start_skew_us": med(start.max(1) - start.min(1)) / 1e3, "sm_ghz": float(ghz),
             **{f"{name}_us": med(cycles[:, :, j].max(1)) / ghz / 1e3
-               for j, name in enumerate(("select", "fetch", "emit", "arrive"))}}
+               for j, name in enumerate(("select", "fetch", "emit", "arrive"))},
+            "select_steps_us": {name: med(steps_[:, :, j].max(1)) / ghz / 1e3 for j, name in enumerate(
+                ("buckets", "histogram", "cuts", "scan_write", "group_sums", "slots"))}}
 
 
 def main(argv=None) -> int:

@@ -42,8 +42,8 @@ from ops import ptx
 from ops.base_gemv import FLAG_CAP, SplitOutput, arrive_tiles, jit_with_bounds, nib_float
 from ops.layout import unpack_rows
 from ops.selector import BucketBounds, chunk_ks, select_bucket
-from ops.selector_cuda import (CUTS_SIZE, GROUP_SIZE, HIST_SIZE, MAX_CHUNK, SCAN_SIZE, SEL_CAP, pass_chunks,
-                               select_chunks)
+from ops.selector_cuda import (CUTS_SIZE, GROUP_SIZE, HIST_SIZE, MAX_CHUNK, SCAN_SIZE, SEL_CAP, SELECT_MARKS,
+                               pass_chunks, select_chunks, select_chunks_stamped)
 
 WORD_OUTPUTS = 8  # outputs per uint32 word of a residual row (8 nibbles)
 UNROLL = 8  # chosen rows whose (PCIe) loads one thread has in flight at once
@@ -115,17 +115,19 @@ def plan_correction(out_features: int, n_tb: int, tile_rows: int = TILE_ROWS) ->
     return CorrectionPlan(n_tb, THREADS, wc_n, THREADS // wc_n, tile_rows, n_tiles, per_block)
 
 
-STAMPS = 8  # uint64 slots per block of a stamped build: see `_correction_kernel`
+STAMPS = 16  # uint64 slots per block of a stamped build: see `_correction_kernel`
 
 
 @functools.lru_cache(maxsize=None)
 def _correction_kernel(merge: bool, stamped: bool = False):
     """The fused select + fetch + dequantize + GEMV + merge kernel (one compiled variant per merge mode).
 
-    `stamped` builds time the kernel's phases from inside: thread 0 of block i writes stamps[8 i ..]:
-    globaltimer at its start and end (ns), and the SM cycles (clock64) spent selecting, fetching and
-    multiplying, reducing and emitting, and arriving, each measured between the block's barriers.
+    `stamped` builds time the kernel's phases from inside: thread 0 of block i writes stamps[16 i ..]:
+    [0] globaltimer at its start and [5] at its end (ns); the SM cycles (clock64) spent [1] selecting,
+    [2] fetching and multiplying, [3] reducing and emitting, [4] arriving, each measured between the
+    block's barriers; [8 .. 13] the selection's six steps (`select_chunks_stamped`).
     """
+    select = select_chunks_stamped if stamped else select_chunks
 
     @cuda.jit(device=True)
     def emit(o, v, o_hi, rscale, base_out, out, partials, n_parts, n_out):
@@ -164,9 +166,12 @@ def _correction_kernel(merge: bool, stamped: bool = False):
         t1 = min(t0 + tiles_per_block, n_tiles)
         if t0 >= t1:
             return
+        marks = cuda.local.array(SELECT_MARKS, uint64)
         if stamped:
             start_ns = ptx.globaltimer()
             c_sel = c_fetch = c_emit = uint64(0)
+            for m in range(SELECT_MARKS):
+                marks[m] = uint64(0)
             ca = ptx.clock64()
         o_hi = min(t1 * tile_rows, n_out)
         w_lo = t0 * tile_rows // 8
@@ -191,8 +196,8 @@ def _correction_kernel(merge: bool, stamped: bool = False):
                 if stamped:
                     cb = ptx.clock64()
                     c_emit += cb - ca
-                select_chunks(x, act_scale, True, MAX_CHUNK, c0, nb, k_chunk, a, b, hi_scale, lo_scale,
-                              hist, cuts, scan, group_sums, sel_idx, sel_x)
+                select(x, act_scale, True, MAX_CHUNK, c0, nb, k_chunk, a, b, hi_scale, lo_scale,
+                       hist, cuts, scan, group_sums, sel_idx, sel_x, marks)
                 if stamped:
                     ca = ptx.clock64()
                     c_sel += ca - cb
@@ -256,6 +261,8 @@ def _correction_kernel(merge: bool, stamped: bool = False):
             stamps[at + 3] = c_emit
             stamps[at + 4] = ptx.clock64() - cb
             stamps[at + 5] = ptx.globaltimer()
+            for m in range(SELECT_MARKS):
+                stamps[at + 8 + m] = marks[m]
 
     return kernel
 

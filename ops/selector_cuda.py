@@ -30,10 +30,12 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda, float32, int32, uint32, uint64
 
+from ops import ptx
 from ops.selector import CHUNK_SIZE, N_BUCKETS, BucketBounds, chunk_ks
 
 __all__ = ["select_bucket_cuda", "select_chunks", "bucket_of", "pass_chunks", "MAX_CHUNK", "PASS_CHUNKS",
-           "SEL_CAP", "HIST_SIZE", "CUTS_SIZE", "SCAN_SIZE", "GROUP_SIZE", "CHUNK_THREADS"]
+           "SEL_CAP", "HIST_SIZE", "CUTS_SIZE", "SCAN_SIZE", "GROUP_SIZE", "CHUNK_THREADS",
+           "select_chunks_stamped", "SELECT_MARKS"]
 
 MAX_CHUNK = 1024  # shared arrays are laid out per 1024 channels; smaller chunks work too
 RUN_MAX = 8  # channels one thread owns at most (their buckets live in registers; 16 spill in the correction)
@@ -46,6 +48,7 @@ HIST_SIZE = PASS_CHUNKS * N_BUCKETS  # shared sizes must be literal constants fo
 CUTS_SIZE = 2 * PASS_CHUNKS  # cut bucket of each chunk, then how many of it are taken
 SCAN_SIZE = 512  # one slot per thread (blocks of up to 512 threads)
 GROUP_SIZE = SCAN_SIZE // GROUP  # one sum per group of 8 threads
+SELECT_MARKS = 6  # steps of select_chunks the stamped build times
 SELECT_THREADS = CHUNK_THREADS  # block of the stand-alone kernel: one chunk
 COMMON_FIRST = 24  # buckets 24..31 are counted in a register first (see select_chunks)
 
@@ -91,116 +94,145 @@ def _bucket_at(packed, r):
     return int32((packed[r // 4] >> uint32(8 * (r % 4))) & uint32(0xFF))
 
 
-@cuda.jit(device=True)
-def select_chunks(x, act_scale, has_scale, chunk, c0, nb, k_chunk, a, b, hi_scale, lo_scale,
-                  hist, cuts, scan, group_sums, sel_idx, sel_x):
-    """Block-wide: the picks of chunks c0 .. c0 + nb - 1 (nb <= 4, chunk <= 1024) of x [width].
+def _make_select_chunks(stamped: bool):
+    """`select_chunks`, or with `stamped` its build that adds the SM cycles of each of its six steps
+    (each ending at a barrier) into marks[0..5]: the profile of bench/correction_floor.py."""
 
-    Every thread of the block must call it (it synchronises). On return, chunk c0 + q's k_q picks are
-    sel_idx[q * k_chunk : q * k_chunk + k_q] (global channel indices, ascending) with their x~ in
-    sel_x; nb * k_chunk <= len(sel_idx) is the caller's to ensure (`pass_chunks`).
-    Needs a block of 128 nb to 512 threads. Shared scratch: hist i32[128], cuts i32[8], scan i32[512],
-    group_sums i32[64]. Thread j = tid % 128 of chunk q = tid // 128 owns channels [j run, (j + 1) run),
-    run = ceil(chunk / 128) <= 8, and keeps their buckets in registers. Cost per thread of a chunk: 8
-    loads of x (and act_scale) from L1/L2, all in flight at once, ~30 instructions a channel; 6
-    barriers; the picks' x~ are loaded again.
-    """
-    tid = cuda.threadIdx.x
-    width = x.shape[0]
-    run = (chunk + CHUNK_THREADS - 1) // CHUNK_THREADS
-    q = tid // CHUNK_THREADS  # whole warps per chunk: threads past the last chunk skip step 1 together
-    j = tid % CHUNK_THREADS
-    start = (c0 + q) * chunk
-    wc = min(chunk, width - start) if q < nb else 0  # channels of this thread's chunk
-    first = j * run
-    if tid < nb * N_BUCKETS:  # (a block has 128 nb threads; a strided range would cost a division)
-        hist[tid] = 0
-    if tid < nb:
-        cuts[tid] = -1  # no cut: nothing taken (k_c = 0)
-        cuts[PASS_CHUNKS + tid] = 0
-    # 1. buckets of the run, N_BUCKETS past the chunk's end. Every load is issued before the first
-    # use (indices clamped into x, no branch around them), so their latencies overlap.
-    packed = cuda.local.array(PACKED_WORDS, uint32)  # the run's buckets, 8 bits each (registers)
-    for w in range(RUN_MAX // 4):
-        packed[w] = uint32(N_BUCKETS * 0x01010101)
-    if q < nb:
-        xv = cuda.local.array(RUN_MAX, float32)
-        for r in range(RUN_MAX):  # unconditional loads, all in flight (past the chunk: its last channel, unused)
-            xv[r] = _xt(x, act_scale, has_scale, start + min(first + r, wc - 1))
-        for w in range(PACKED_WORDS):
-            word = uint32(0)
-            for u in range(4):
-                r = 4 * w + u
-                bkt = bucket_of(abs(xv[r]), a, b, hi_scale, lo_scale)
-                bkt = bkt if r < run and first + r < wc else N_BUCKETS
-                word |= uint32(bkt) << uint32(8 * u)
-            packed[w] = word
-    cuda.syncthreads()  # hist zeroed
-    # Most channels fall in the last few buckets (|x| far below b), and shared atomics on one address
-    # serialise, so buckets 24..31 are counted in one packed register (8 bits each) flushed once, and
-    # only the rare upper buckets take an atomic per channel.
-    common = uint64(0)
-    for r in range(RUN_MAX):
-        bkt = _bucket_at(packed, r)
-        if bkt < COMMON_FIRST:
-            cuda.atomic.add(hist, q * N_BUCKETS + bkt, 1)
-        elif bkt < N_BUCKETS:
-            common += uint64(1) << uint64(8 * (bkt - COMMON_FIRST))
-    if q < nb and common != 0:
-        for f in range(N_BUCKETS - COMMON_FIRST):
-            n = int32((common >> uint64(8 * f)) & uint64(0xFF))
-            if n > 0:
-                cuda.atomic.add(hist, q * N_BUCKETS + COMMON_FIRST + f, n)
-    cuda.syncthreads()
-    # 2. cut bucket of each chunk: thread (chunk, bucket) checks whether the running count crosses k_c there
-    if tid < nb * N_BUCKETS:
-        qc = tid // N_BUCKETS
-        bb = tid % N_BUCKETS
-        cstart = (c0 + qc) * chunk
-        if cstart < width:
-            kc = k_chunk * min(chunk, width - cstart) // chunk
-            below = 0
-            for u in range(bb):
-                below += hist[qc * N_BUCKETS + u]
-            if 0 < kc and below < kc and kc <= below + hist[qc * N_BUCKETS + bb]:
-                cuts[qc] = bb
-                cuts[PASS_CHUNKS + qc] = kc - below
-    cuda.syncthreads()
-    # 3. (#above the cut, #at the cut) of each thread's run, packed in one int32 (counts < 2**16)
-    cut = cuts[q] if q < nb else -1
-    need = cuts[PASS_CHUNKS + q] if q < nb else 0
-    mine = 0
-    for r in range(RUN_MAX):
-        bkt = _bucket_at(packed, r)
-        mine += (1 if bkt < cut else 0) + ((1 << 16) if bkt == cut else 0)
-    scan[tid] = mine
-    cuda.syncthreads()
-    g0 = tid - tid % GROUP
-    if tid == g0:
-        total = 0
-        for u in range(GROUP):
-            total += scan[tid + u]
-        group_sums[tid // GROUP] = total
-    cuda.syncthreads()
-    before = 0  # the packed counts of the chunk's earlier runs: earlier groups', then this group's
-    for u in range(q * (CHUNK_THREADS // GROUP), g0 // GROUP):
-        before += group_sums[u]
-    for u in range(g0, tid):
-        before += scan[u]
-    # 4. slots: the k-th taken channel (by index) goes to slot k of its chunk
-    above = before & 0xFFFF
-    at = before >> 16
-    for r in range(RUN_MAX):
-        bkt = _bucket_at(packed, r)
-        if bkt < cut or (bkt == cut and at < need):
-            slot = q * k_chunk + above + min(at, need)
-            sel_idx[slot] = start + first + r
-            sel_x[slot] = _xt(x, act_scale, has_scale, start + first + r)
-        if bkt < cut:
-            above += 1
-        elif bkt == cut:
-            at += 1
-    cuda.syncthreads()
+    @cuda.jit(device=True)
+    def now():
+        return ptx.clock64() if stamped else uint64(0)
+
+    @cuda.jit(device=True)
+    def mark(marks, step, since):
+        if stamped:
+            t = ptx.clock64()
+            marks[step] += t - since
+            return t
+        return since
+
+    @cuda.jit(device=True)
+    def select_chunks(x, act_scale, has_scale, chunk, c0, nb, k_chunk, a, b, hi_scale, lo_scale,
+                      hist, cuts, scan, group_sums, sel_idx, sel_x, marks):
+        """Block-wide: the picks of chunks c0 .. c0 + nb - 1 (nb <= 4, chunk <= 1024) of x [width].
+
+        Every thread of the block must call it (it synchronises). On return, chunk c0 + q's k_q picks are
+        sel_idx[q * k_chunk : q * k_chunk + k_q] (global channel indices, ascending) with their x~ in
+        sel_x; nb * k_chunk <= len(sel_idx) is the caller's to ensure (`pass_chunks`).
+        Needs a block of 128 nb to 512 threads. Shared scratch: hist i32[128], cuts i32[8], scan i32[512],
+        group_sums i32[64]. Thread j = tid % 128 of chunk q = tid // 128 owns channels [j run, (j + 1) run),
+        run = ceil(chunk / 128) <= 8, and keeps their buckets in registers. Cost per thread of a chunk: 8
+        loads of x (and act_scale) from L1/L2, all in flight at once, ~30 instructions a channel; 6
+        barriers; the picks' x~ are loaded again.
+        """
+        t = now()
+        tid = cuda.threadIdx.x
+        width = x.shape[0]
+        run = (chunk + CHUNK_THREADS - 1) // CHUNK_THREADS
+        q = tid // CHUNK_THREADS  # whole warps per chunk: threads past the last chunk skip step 1 together
+        j = tid % CHUNK_THREADS
+        start = (c0 + q) * chunk
+        wc = min(chunk, width - start) if q < nb else 0  # channels of this thread's chunk
+        first = j * run
+        if tid < nb * N_BUCKETS:  # (a block has 128 nb threads; a strided range would cost a division)
+            hist[tid] = 0
+        if tid < nb:
+            cuts[tid] = -1  # no cut: nothing taken (k_c = 0)
+            cuts[PASS_CHUNKS + tid] = 0
+        # 1. buckets of the run, N_BUCKETS past the chunk's end. Every load is issued before the first
+        # use (indices clamped into x, no branch around them), so their latencies overlap.
+        packed = cuda.local.array(PACKED_WORDS, uint32)  # the run's buckets, 8 bits each (registers)
+        for w in range(RUN_MAX // 4):
+            packed[w] = uint32(N_BUCKETS * 0x01010101)
+        if q < nb:
+            xv = cuda.local.array(RUN_MAX, float32)
+            for r in range(RUN_MAX):  # unconditional loads, all in flight (past the chunk: its last channel, unused)
+                xv[r] = _xt(x, act_scale, has_scale, start + min(first + r, wc - 1))
+            for w in range(PACKED_WORDS):
+                word = uint32(0)
+                for u in range(4):
+                    r = 4 * w + u
+                    bkt = bucket_of(abs(xv[r]), a, b, hi_scale, lo_scale)
+                    bkt = bkt if r < run and first + r < wc else N_BUCKETS
+                    word |= uint32(bkt) << uint32(8 * u)
+                packed[w] = word
+        cuda.syncthreads()  # hist zeroed
+        t = mark(marks, 0, t)
+        # Most channels fall in the last few buckets (|x| far below b), and shared atomics on one address
+        # serialise, so buckets 24..31 are counted in one packed register (8 bits each) flushed once, and
+        # only the rare upper buckets take an atomic per channel.
+        common = uint64(0)
+        for r in range(RUN_MAX):
+            bkt = _bucket_at(packed, r)
+            if bkt < COMMON_FIRST:
+                cuda.atomic.add(hist, q * N_BUCKETS + bkt, 1)
+            elif bkt < N_BUCKETS:
+                common += uint64(1) << uint64(8 * (bkt - COMMON_FIRST))
+        if q < nb and common != 0:
+            for f in range(N_BUCKETS - COMMON_FIRST):
+                n = int32((common >> uint64(8 * f)) & uint64(0xFF))
+                if n > 0:
+                    cuda.atomic.add(hist, q * N_BUCKETS + COMMON_FIRST + f, n)
+        cuda.syncthreads()
+        t = mark(marks, 1, t)
+        # 2. cut bucket of each chunk: thread (chunk, bucket) checks whether the running count crosses k_c there
+        if tid < nb * N_BUCKETS:
+            qc = tid // N_BUCKETS
+            bb = tid % N_BUCKETS
+            cstart = (c0 + qc) * chunk
+            if cstart < width:
+                kc = k_chunk * min(chunk, width - cstart) // chunk
+                below = 0
+                for u in range(bb):
+                    below += hist[qc * N_BUCKETS + u]
+                if 0 < kc and below < kc and kc <= below + hist[qc * N_BUCKETS + bb]:
+                    cuts[qc] = bb
+                    cuts[PASS_CHUNKS + qc] = kc - below
+        cuda.syncthreads()
+        t = mark(marks, 2, t)
+        # 3. (#above the cut, #at the cut) of each thread's run, packed in one int32 (counts < 2**16)
+        cut = cuts[q] if q < nb else -1
+        need = cuts[PASS_CHUNKS + q] if q < nb else 0
+        mine = 0
+        for r in range(RUN_MAX):
+            bkt = _bucket_at(packed, r)
+            mine += (1 if bkt < cut else 0) + ((1 << 16) if bkt == cut else 0)
+        scan[tid] = mine
+        cuda.syncthreads()
+        t = mark(marks, 3, t)
+        g0 = tid - tid % GROUP
+        if tid == g0:
+            total = 0
+            for u in range(GROUP):
+                total += scan[tid + u]
+            group_sums[tid // GROUP] = total
+        cuda.syncthreads()
+        t = mark(marks, 4, t)
+        before = 0  # the packed counts of the chunk's earlier runs: earlier groups', then this group's
+        for u in range(q * (CHUNK_THREADS // GROUP), g0 // GROUP):
+            before += group_sums[u]
+        for u in range(g0, tid):
+            before += scan[u]
+        # 4. slots: the k-th taken channel (by index) goes to slot k of its chunk
+        above = before & 0xFFFF
+        at = before >> 16
+        for r in range(RUN_MAX):
+            bkt = _bucket_at(packed, r)
+            if bkt < cut or (bkt == cut and at < need):
+                slot = q * k_chunk + above + min(at, need)
+                sel_idx[slot] = start + first + r
+                sel_x[slot] = _xt(x, act_scale, has_scale, start + first + r)
+            if bkt < cut:
+                above += 1
+            elif bkt == cut:
+                at += 1
+        cuda.syncthreads()
+        t = mark(marks, 5, t)
+
+    return select_chunks
+
+
+select_chunks = _make_select_chunks(False)
+select_chunks_stamped = _make_select_chunks(True)
 
 
 @cuda.jit
@@ -225,7 +257,7 @@ def _select_kernel(x, act_scale, has_scale, k_chunk, chunk, a, b, hi_scale, lo_s
     start = c * chunk
     k = k_chunk * min(chunk, xr.shape[0] - start) // chunk
     select_chunks(xr, act_scale, has_scale, chunk, c, 1, k_chunk, a, b, hi_scale, lo_scale,
-                  hist, cuts, scan, group_sums, sel_idx, sel_x)
+                  hist, cuts, scan, group_sums, sel_idx, sel_x, cuda.local.array(SELECT_MARKS, uint64))
     cut = cuts[0]
     need = cuts[PASS_CHUNKS]
     for p in range(cuda.threadIdx.x, k, cuda.blockDim.x):

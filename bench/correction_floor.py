@@ -132,12 +132,13 @@ def phases(streams, s: CorrectionSetup, k: int, n_tb: int, steps: int = 64) -> d
     start, end = st[:, :, 0], st[:, :, 5]
     cycles = st[:, :, 1:5]
     steps_ = st[:, :, 8:8 + SELECT_MARKS]
-    ghz = np.median(cycles.sum(-1) / np.maximum(end - start, 1))
+    ghz = np.median((cycles.sum(-1) + st[:, :, 6]) / np.maximum(end - start, 1))  # all phases / the span
     med = lambda v: float(np.median(v))  # noqa: E731
     return {"span_us": med(end.max(1) - start.min(1)) / 1e3, "gap_us": med(start.min(1)[1:] - end.max(1)[:-1]) / 1e3,
             "block_start_skew_us": med(start.max(1) - start.min(1)) / 1e3, "sm_ghz": float(ghz),
             **{f"{name}_us": med(cycles[:, :, j].max(1)) / ghz / 1e3
                for j, name in enumerate(("select", "fetch", "emit", "arrive"))},
+            "prologue_us": med(st[:, :, 6].max(1)) / ghz / 1e3,
             "select_steps_us": {name: med(steps_[:, :, j].max(1)) / ghz / 1e3 for j, name in enumerate(
                 ("buckets", "histogram", "cuts", "scan_write", "group_sums", "slots"))}}
 

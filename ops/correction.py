@@ -124,8 +124,8 @@ def _correction_kernel(merge: bool, stamped: bool = False):
 
     `stamped` builds time the kernel's phases from inside: thread 0 of block i writes stamps[16 i ..]:
     [0] globaltimer at its start and [5] at its end (ns); the SM cycles (clock64) spent [1] selecting,
-    [2] fetching and multiplying, [3] reducing and emitting, [4] arriving, each measured between the
-    block's barriers; [8 .. 13] the selection's six steps (`select_chunks_stamped`).
+    [2] fetching and multiplying, [3] reducing and emitting, [4] arriving, [6] the prologue before
+    the first pass, each measured between the block's barriers; [8 .. 13] the selection's six steps (`select_chunks_stamped`).
     """
     select = select_chunks_stamped if stamped else select_chunks
 
@@ -183,6 +183,10 @@ def _correction_kernel(merge: bool, stamped: bool = False):
         acc = cuda.local.array(8, float32)
         wv = cuda.local.array(UNROLL, uint32)
         xu = cuda.local.array(UNROLL, float32)
+        if stamped:
+            cb = ptx.clock64()
+            c_pro = cb - ca
+            ca = cb
         wp = w_lo  # (while loops: a range with a run-time step costs a 64-bit division)
         while wp < w_hi:
             w = wp + wc
@@ -240,9 +244,23 @@ def _correction_kernel(merge: bool, stamped: bool = False):
                 while e < wc_n * 8:
                     j = e // wc_n
                     c = e % wc_n
-                    total = float32(0)
-                    for k in range(ks_n):  # fixed order: deterministic
-                        total += red[(k * 8 + j) * wc_n + c]
+                    # the ks_n groups' values, 4 loads in flight; a fixed order: deterministic
+                    stride = 8 * wc_n
+                    at = j * wc_n + c
+                    s0 = s1 = s2 = s3 = float32(0)
+                    k = 0
+                    while k + 4 <= ks_n:
+                        s0 += red[at]
+                        s1 += red[at + stride]
+                        s2 += red[at + 2 * stride]
+                        s3 += red[at + 3 * stride]
+                        at += 4 * stride
+                        k += 4
+                    while k < ks_n:
+                        s0 += red[at]
+                        at += stride
+                        k += 1
+                    total = (s0 + s1) + (s2 + s3)
                     if wp + c < w_hi:
                         emit(8 * (wp + c) + j, total, o_hi, rscale, base_out, out, partials, n_parts, n_out)
                     e += nthr
@@ -261,6 +279,7 @@ def _correction_kernel(merge: bool, stamped: bool = False):
             stamps[at + 3] = c_emit
             stamps[at + 4] = ptx.clock64() - cb
             stamps[at + 5] = ptx.globaltimer()
+            stamps[at + 6] = c_pro
             for m in range(SELECT_MARKS):
                 stamps[at + 8 + m] = marks[m]
 

@@ -42,6 +42,7 @@ RUN_MAX = 8  # channels one thread owns at most (their buckets live in registers
 CHUNK_THREADS = MAX_CHUNK // RUN_MAX  # threads per chunk: 128, four whole warps
 PACKED_WORDS = RUN_MAX // 4  # a run's buckets, 8 bits each, in 2 registers
 GROUP = 8  # threads whose runs the scan's first level sums
+CHUNK_GROUPS = CHUNK_THREADS // GROUP  # scan groups a chunk has: 16
 PASS_CHUNKS = 4  # chunks one pass selects at once: 512 threads / 128 a chunk
 SEL_CAP = 2048  # picks one pass may hold (8 B each in shared memory); fewer chunks per pass if k is large
 HIST_SIZE = PASS_CHUNKS * N_BUCKETS  # shared sizes must be literal constants for Numba
@@ -182,8 +183,9 @@ def _make_select_chunks(stamped: bool):
             if cstart < width:
                 kc = k_chunk * min(chunk, width - cstart) // chunk
                 below = 0
-                for u in range(bb):
-                    below += hist[qc * N_BUCKETS + u]
+                for u in range(N_BUCKETS):  # unrolled: 32 independent loads, no latency carried from one to the next
+                    h = hist[qc * N_BUCKETS + u]
+                    below += h if u < bb else 0
                 if 0 < kc and below < kc and kc <= below + hist[qc * N_BUCKETS + bb]:
                     cuts[qc] = bb
                     cuts[PASS_CHUNKS + qc] = kc - below
@@ -208,16 +210,18 @@ def _make_select_chunks(stamped: bool):
         cuda.syncthreads()
         t = mark(marks, 4, t)
         before = 0  # the packed counts of the chunk's earlier runs: earlier groups', then this group's
-        for u in range(q * (CHUNK_THREADS // GROUP), g0 // GROUP):
-            before += group_sums[u]
-        for u in range(g0, tid):
-            before += scan[u]
+        for u in range(CHUNK_GROUPS):  # unrolled, masked: independent loads
+            v = group_sums[q * CHUNK_GROUPS + u]
+            before += v if u < j // GROUP else 0
+        for u in range(GROUP):
+            v = scan[g0 + u]
+            before += v if g0 + u < tid else 0
         # 4. slots: the k-th taken channel (by index) goes to slot k of its chunk
         above = before & 0xFFFF
         at = before >> 16
         for r in range(RUN_MAX):
             bkt = _bucket_at(packed, r)
-            if bkt < cut or (bkt == cut and at < need):
+            if bkt < cut or (bkt == cut and at < need):  # a pick: its x~ again (a run has ~1 pick)
                 slot = q * k_chunk + above + min(at, need)
                 sel_idx[slot] = start + first + r
                 sel_x[slot] = _xt(x, act_scale, has_scale, start + first + r)

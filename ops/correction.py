@@ -43,7 +43,7 @@ from ops.base_gemv import FLAG_CAP, SplitOutput, arrive_tiles, jit_with_bounds, 
 from ops.layout import unpack_rows
 from ops.selector import BucketBounds, chunk_ks, select_bucket
 from ops.selector_cuda import (CUTS_SIZE, GROUP_SIZE, HIST_SIZE, MAX_CHUNK, SCAN_SIZE, SEL_CAP, SELECT_MARKS,
-                               pass_chunks, select_chunks, select_chunks_stamped)
+                               STASH_SIZE, pass_chunks, select_chunks, select_chunks_stamped)
 
 WORD_OUTPUTS = 8  # outputs per uint32 word of a residual row (8 nibbles)
 UNROLL = 8  # chosen rows whose (PCIe) loads one thread has in flight at once
@@ -140,8 +140,8 @@ def _correction_kernel(merge: bool, stamped: bool = False):
                 out[o] = float32(base_out[o]) + corr
 
     @jit_with_bounds(THREADS, 1)
-    def kernel(x, act_scale, rows, rscale, base_out, out, partials, counters, n_parts, stamps,
-               a, b, hi_scale, lo_scale, k_chunk, batch, n_out, tile_rows, n_tiles, tiles_per_block, wc_n, ks_n):
+    def kernel(x, act_scale, rows, rscale, base_out, out, partials, counters, n_parts, stamps, a, b, hi_scale,
+               lo_scale, k_chunk, k_last, batch, n_out, tile_rows, n_tiles, tiles_per_block, wc_n, ks_n):
         """Correction of rows [t0 * tile_rows, t1 * tile_rows) of block (t0, t1 = its tiles).
 
         Layout: x fp16 [in], act_scale f32 [in], rows uint32 [in, stride / 4] (mapped host or device),
@@ -157,6 +157,7 @@ def _correction_kernel(merge: bool, stamped: bool = False):
         cuts = cuda.shared.array(CUTS_SIZE, int32)
         scan = cuda.shared.array(SCAN_SIZE, int32)
         group_sums = cuda.shared.array(GROUP_SIZE, int32)
+        x_stash = cuda.shared.array(STASH_SIZE, float32)
         sel_idx = cuda.shared.array(SEL_CAP, int32)
         sel_x = cuda.shared.array(RED_SIZE, float32)  # the picks' x~; after the last pass, the reduction
         flags = cuda.shared.array(FLAG_CAP, int32)
@@ -200,13 +201,12 @@ def _correction_kernel(merge: bool, stamped: bool = False):
                 if stamped:
                     cb = ptx.clock64()
                     c_emit += cb - ca
-                select(x, act_scale, True, MAX_CHUNK, c0, nb, k_chunk, a, b, hi_scale, lo_scale,
-                       hist, cuts, scan, group_sums, sel_idx, sel_x, marks)
+                select(x, act_scale, True, MAX_CHUNK, c0, nb, k_chunk, k_last, a, b, hi_scale, lo_scale,
+                       hist, cuts, scan, group_sums, x_stash, sel_idx, sel_x, marks)
                 if stamped:
                     ca = ptx.clock64()
                     c_sel += ca - cb
-                last = min(MAX_CHUNK, width - (c0 + nb - 1) * MAX_CHUNK)
-                n_sel = (nb - 1) * k_chunk + k_chunk * last // MAX_CHUNK
+                n_sel = (nb - 1) * k_chunk + (k_last if c0 + nb == n_chunks else k_chunk)
                 s0 = ks * UNROLL
                 while mine and s0 < n_sel:
                     for m in range(UNROLL):  # issue every load before the first use
@@ -323,8 +323,8 @@ class Correction:
         if self.rows.shape[1] * WORD_OUTPUTS < self.out_features:
             raise ValueError(f"residual rows hold {self.rows.shape[1] * WORD_OUTPUTS} outputs, "
                              f"scales {self.out_features}")
-        chunk_ks(self.rows.shape[0], k_chunk)  # validates k_chunk
         self.k_chunk = k_chunk
+        self.k_last = chunk_ks(self.rows.shape[0], k_chunk)[-1]  # validates k_chunk; picks of the last chunk
         self.bounds = tuple(np.float32(v) for v in (bounds.a, bounds.b, bounds.hi_scale, bounds.lo_scale))
         self.plan = plan_correction(self.out_features, n_tb, tile_rows)
 
@@ -334,6 +334,8 @@ class Correction:
         else out = base_out + correction (out defaults to base_out, in place). `stamps` (uint64 device
         array, STAMPS per block): launch the stamped build, which times its phases into it."""
         p = self.plan
+        if x.shape[0] != self.rows.shape[0]:
+            raise ValueError(f"x has {x.shape[0]} channels, the residual table {self.rows.shape[0]} rows")
         stamped = stamps is not None
         if stamped and stamps.shape[0] < STAMPS * p.blocks:
             raise ValueError(f"stamps holds {stamps.shape[0]} slots, the stamped build writes {STAMPS * p.blocks}")
@@ -353,7 +355,7 @@ class Correction:
         a, b, hi_scale, lo_scale = self.bounds
         kernel[p.blocks, p.threads, stream](
             x, act_scale, self.rows, self.rscale, base_out, out, partials, counters, n_parts,
-            stamps if stamped else _dummy(np.uint64), a, b, hi_scale, lo_scale, self.k_chunk,
+            stamps if stamped else _dummy(np.uint64), a, b, hi_scale, lo_scale, self.k_chunk, self.k_last,
             pass_chunks(self.k_chunk), self.out_features, p.tile_rows, p.n_tiles, p.tiles_per_block, p.wc_n, p.ks_n)
 
 

@@ -34,7 +34,7 @@ from ops import ptx
 from ops.selector import CHUNK_SIZE, N_BUCKETS, BucketBounds, chunk_ks
 
 __all__ = ["select_bucket_cuda", "select_chunks", "bucket_of", "pass_chunks", "MAX_CHUNK", "PASS_CHUNKS",
-           "SEL_CAP", "HIST_SIZE", "CUTS_SIZE", "SCAN_SIZE", "GROUP_SIZE", "CHUNK_THREADS",
+           "SEL_CAP", "HIST_SIZE", "CUTS_SIZE", "SCAN_SIZE", "GROUP_SIZE", "STASH_SIZE", "CHUNK_THREADS",
            "select_chunks_stamped", "SELECT_MARKS"]
 
 MAX_CHUNK = 1024  # shared arrays are laid out per 1024 channels; smaller chunks work too
@@ -49,6 +49,7 @@ HIST_SIZE = PASS_CHUNKS * N_BUCKETS  # shared sizes must be literal constants fo
 CUTS_SIZE = 2 * PASS_CHUNKS  # cut bucket of each chunk, then how many of it are taken
 SCAN_SIZE = 512  # one slot per thread (blocks of up to 512 threads)
 GROUP_SIZE = SCAN_SIZE // GROUP  # one sum per group of 8 threads
+STASH_SIZE = PASS_CHUNKS * MAX_CHUNK  # the pass's x~, float32 (16 KiB)
 SELECT_MARKS = 6  # steps of select_chunks the stamped build times
 SELECT_THREADS = CHUNK_THREADS  # block of the stand-alone kernel: one chunk
 COMMON_FIRST = 24  # buckets 24..31 are counted in a register first (see select_chunks)
@@ -112,18 +113,19 @@ def _make_select_chunks(stamped: bool):
         return since
 
     @cuda.jit(device=True)
-    def select_chunks(x, act_scale, has_scale, chunk, c0, nb, k_chunk, a, b, hi_scale, lo_scale,
-                      hist, cuts, scan, group_sums, sel_idx, sel_x, marks):
+    def select_chunks(x, act_scale, has_scale, chunk, c0, nb, k_chunk, k_last, a, b, hi_scale, lo_scale,
+                      hist, cuts, scan, group_sums, x_stash, sel_idx, sel_x, marks):
         """Block-wide: the picks of chunks c0 .. c0 + nb - 1 (nb <= 4, chunk <= 1024) of x [width].
 
         Every thread of the block must call it (it synchronises). On return, chunk c0 + q's k_q picks are
         sel_idx[q * k_chunk : q * k_chunk + k_q] (global channel indices, ascending) with their x~ in
-        sel_x; nb * k_chunk <= len(sel_idx) is the caller's to ensure (`pass_chunks`).
+        sel_x; nb * k_chunk <= len(sel_idx) is the caller's to ensure (`pass_chunks`). k_last: the picks
+        of x's last chunk (k_chunk, or fewer if it is partial: `ops.selector.chunk_ks`).
         Needs a block of 128 nb to 512 threads. Shared scratch: hist i32[128], cuts i32[8], scan i32[512],
-        group_sums i32[64]. Thread j = tid % 128 of chunk q = tid // 128 owns channels [j run, (j + 1) run),
-        run = ceil(chunk / 128) <= 8, and keeps their buckets in registers. Cost per thread of a chunk: 8
-        loads of x (and act_scale) from L1/L2, all in flight at once, ~30 instructions a channel; 6
-        barriers; the picks' x~ are loaded again.
+        group_sums i32[64], x_stash f32[4096]. Thread j = tid % 128 of chunk q = tid // 128 owns channels
+        [j run, (j + 1) run), run = ceil(chunk / 128) <= 8, and keeps their buckets in registers, their
+        x~ in x_stash (for the picks). Cost per thread of a chunk: 8 loads of x (and act_scale) from
+        L1/L2, all in flight at once, ~30 instructions a channel; 6 barriers.
         """
         t = now()
         tid = cuda.threadIdx.x
@@ -148,6 +150,8 @@ def _make_select_chunks(stamped: bool):
             xv = cuda.local.array(RUN_MAX, float32)
             for r in range(RUN_MAX):  # unconditional loads, all in flight (past the chunk: its last channel, unused)
                 xv[r] = _xt(x, act_scale, has_scale, start + min(first + r, wc - 1))
+            for r in range(RUN_MAX):  # interleaved by thread: no bank conflicts
+                x_stash[q * MAX_CHUNK + r * CHUNK_THREADS + j] = xv[r]
             for w in range(PACKED_WORDS):
                 word = uint32(0)
                 for u in range(4):
@@ -181,7 +185,7 @@ def _make_select_chunks(stamped: bool):
             bb = tid % N_BUCKETS
             cstart = (c0 + qc) * chunk
             if cstart < width:
-                kc = k_chunk * min(chunk, width - cstart) // chunk
+                kc = k_chunk if cstart + chunk <= width else k_last
                 below = 0
                 for u in range(N_BUCKETS):  # unrolled: 32 independent loads, no latency carried from one to the next
                     h = hist[qc * N_BUCKETS + u]
@@ -221,10 +225,10 @@ def _make_select_chunks(stamped: bool):
         at = before >> 16
         for r in range(RUN_MAX):
             bkt = _bucket_at(packed, r)
-            if bkt < cut or (bkt == cut and at < need):  # a pick: its x~ again (a run has ~1 pick)
+            if bkt < cut or (bkt == cut and at < need):
                 slot = q * k_chunk + above + min(at, need)
                 sel_idx[slot] = start + first + r
-                sel_x[slot] = _xt(x, act_scale, has_scale, start + first + r)
+                sel_x[slot] = x_stash[q * MAX_CHUNK + r * CHUNK_THREADS + j]
             if bkt < cut:
                 above += 1
             elif bkt == cut:
@@ -240,7 +244,7 @@ select_chunks_stamped = _make_select_chunks(True)
 
 
 @cuda.jit
-def _select_kernel(x, act_scale, has_scale, k_chunk, chunk, a, b, hi_scale, lo_scale, out_idx, out_x):
+def _select_kernel(x, act_scale, has_scale, k_chunk, k_last, chunk, a, b, hi_scale, lo_scale, out_idx, out_x):
     """One block per (chunk, row) of x [rows, width]; out_idx / out_x [rows, n_selected] in FORMATS order.
 
     Launch: grid (n_chunks, rows), block SELECT_THREADS. Bytes: reads x (and act_scale) of the chunk,
@@ -252,6 +256,7 @@ def _select_kernel(x, act_scale, has_scale, k_chunk, chunk, a, b, hi_scale, lo_s
     cuts = cuda.shared.array(CUTS_SIZE, int32)
     scan = cuda.shared.array(SCAN_SIZE, int32)
     group_sums = cuda.shared.array(GROUP_SIZE, int32)
+    x_stash = cuda.shared.array(STASH_SIZE, float32)
     sel_idx = cuda.shared.array(MAX_CHUNK, int32)
     sel_x = cuda.shared.array(MAX_CHUNK, float32)
     sel_b = cuda.shared.array(MAX_CHUNK, int32)
@@ -259,9 +264,9 @@ def _select_kernel(x, act_scale, has_scale, k_chunk, chunk, a, b, hi_scale, lo_s
     row = cuda.blockIdx.y
     xr = x[row]
     start = c * chunk
-    k = k_chunk * min(chunk, xr.shape[0] - start) // chunk
-    select_chunks(xr, act_scale, has_scale, chunk, c, 1, k_chunk, a, b, hi_scale, lo_scale,
-                  hist, cuts, scan, group_sums, sel_idx, sel_x, cuda.local.array(SELECT_MARKS, uint64))
+    k = k_chunk if start + chunk <= xr.shape[0] else k_last
+    select_chunks(xr, act_scale, has_scale, chunk, c, 1, k_chunk, k_last, a, b, hi_scale, lo_scale,
+                  hist, cuts, scan, group_sums, x_stash, sel_idx, sel_x, cuda.local.array(SELECT_MARKS, uint64))
     cut = cuts[0]
     need = cuts[PASS_CHUNKS]
     for p in range(cuda.threadIdx.x, k, cuda.blockDim.x):
@@ -303,6 +308,6 @@ def select_bucket_cuda(x, k_chunk: int, bounds: BucketBounds, chunk_size: int = 
     scale = act_scale if has_scale else cuda.device_array(1, np.float32, stream=stream)
     grid = ((width + chunk_size - 1) // chunk_size, rows)
     _select_kernel[grid, SELECT_THREADS, stream](
-        x, scale, has_scale, k_chunk, chunk_size,
+        x, scale, has_scale, k_chunk, ks[-1], chunk_size,
         np.float32(bounds.a), np.float32(bounds.b), np.float32(bounds.hi_scale), np.float32(bounds.lo_scale),
         out, out_x)

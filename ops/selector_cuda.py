@@ -128,16 +128,18 @@ def _make_select_chunks(stamped: bool):
         L1/L2, all in flight at once, ~30 instructions a channel; 6 barriers.
         """
         t = now()
-        tid = cuda.threadIdx.x
+        tid = int32(cuda.threadIdx.x)
         width = x.shape[0]
         run = (chunk + CHUNK_THREADS - 1) // CHUNK_THREADS
-        q = tid // CHUNK_THREADS  # whole warps per chunk: threads past the last chunk skip step 1 together
-        j = tid % CHUNK_THREADS
+        q = int32(tid // CHUNK_THREADS)  # whole warps per chunk: threads past the last chunk skip step 1 together
+        j = int32(tid % CHUNK_THREADS)
         start = (c0 + q) * chunk
         wc = min(chunk, width - start) if q < nb else 0  # channels of this thread's chunk
         first = j * run
         if tid < nb * N_BUCKETS:  # (a block has 128 nb threads; a strided range would cost a division)
             hist[tid] = 0
+        if tid < GROUP_SIZE:
+            group_sums[tid] = 0
         if tid < nb:
             cuts[tid] = -1  # no cut: nothing taken (k_c = 0)
             cuts[PASS_CHUNKS + tid] = 0
@@ -186,53 +188,54 @@ def _make_select_chunks(stamped: bool):
             cstart = (c0 + qc) * chunk
             if cstart < width:
                 kc = k_chunk if cstart + chunk <= width else k_last
-                below = 0
+                below = int32(0)  # int32 throughout: Numba widens int32 sums to int64 (twice the instructions)
                 for u in range(N_BUCKETS):  # unrolled: 32 independent loads, no latency carried from one to the next
                     h = hist[qc * N_BUCKETS + u]
-                    below += h if u < bb else 0
+                    below = int32(below + (h if u < bb else int32(0)))
                 if 0 < kc and below < kc and kc <= below + hist[qc * N_BUCKETS + bb]:
                     cuts[qc] = bb
                     cuts[PASS_CHUNKS + qc] = kc - below
         cuda.syncthreads()
         t = mark(marks, 2, t)
         # 3. (#above the cut, #at the cut) of each thread's run, packed in one int32 (counts < 2**16)
-        cut = cuts[q] if q < nb else -1
-        need = cuts[PASS_CHUNKS + q] if q < nb else 0
-        mine = 0
+        cut = cuts[q] if q < nb else int32(-1)
+        need = cuts[PASS_CHUNKS + q] if q < nb else int32(0)
+        mine = int32(0)
         for r in range(RUN_MAX):
             bkt = _bucket_at(packed, r)
-            mine += (1 if bkt < cut else 0) + ((1 << 16) if bkt == cut else 0)
+            mine = int32(mine + (int32(1) if bkt < cut else int32(0)) + (int32(1 << 16) if bkt == cut else int32(0)))
         scan[tid] = mine
+        g = int32(tid // GROUP)  # this thread's group of 8; the group sums were zeroed with hist
+        if mine != 0:
+            cuda.atomic.add(group_sums, g, mine)  # integer sums: the order the atomics land in is irrelevant
         cuda.syncthreads()
         t = mark(marks, 3, t)
-        g0 = tid - tid % GROUP
-        if tid == g0:
-            total = 0
-            for u in range(GROUP):
-                total += scan[tid + u]
-            group_sums[tid // GROUP] = total
-        cuda.syncthreads()
-        t = mark(marks, 4, t)
-        before = 0  # the packed counts of the chunk's earlier runs: earlier groups', then this group's
+        t = mark(marks, 4, t)  # (step 4, the group sums, is folded into step 3)
+        before = int32(0)  # the packed counts of the chunk's earlier runs: earlier groups', then this group's
+        groups_before = int32(g - q * CHUNK_GROUPS)
+        runs_before = int32(tid - g * GROUP)
         for u in range(CHUNK_GROUPS):  # unrolled, masked: independent loads
             v = group_sums[q * CHUNK_GROUPS + u]
-            before += v if u < j // GROUP else 0
+            before = int32(before + (v if u < groups_before else int32(0)))
         for u in range(GROUP):
-            v = scan[g0 + u]
-            before += v if g0 + u < tid else 0
+            v = scan[g * GROUP + u]
+            before = int32(before + (v if u < runs_before else int32(0)))
         # 4. slots: the k-th taken channel (by index) goes to slot k of its chunk
-        above = before & 0xFFFF
-        at = before >> 16
+        above = int32(before & 0xFFFF)
+        at = int32(before >> 16)
+        slot0 = int32(q * k_chunk)
+        channel0 = int32(start + first)
+        stash0 = int32(q * MAX_CHUNK + j)
         for r in range(RUN_MAX):
             bkt = _bucket_at(packed, r)
             if bkt < cut or (bkt == cut and at < need):
-                slot = q * k_chunk + above + min(at, need)
-                sel_idx[slot] = start + first + r
-                sel_x[slot] = x_stash[q * MAX_CHUNK + r * CHUNK_THREADS + j]
+                slot = uint32(slot0 + above + min(at, need))  # unsigned: no negative-index wraparound
+                sel_idx[slot] = int32(channel0 + r)
+                sel_x[slot] = x_stash[uint32(stash0 + r * CHUNK_THREADS)]
             if bkt < cut:
-                above += 1
+                above = int32(above + 1)
             elif bkt == cut:
-                at += 1
+                at = int32(at + 1)
         cuda.syncthreads()
         t = mark(marks, 5, t)
 

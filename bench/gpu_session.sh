@@ -28,7 +28,7 @@ a)
   timeout 330 python bench/gpu_engine.py --only llama --out $OUT/gpu_engine_llama.json 2>&1 | tee $OUT/gpu_engine_llama.log
   ;;
 b)
-  timeout 240 python bench/gpu_ops.py --only checks,bandwidth,gemv,correction,overlap --out $OUT/gpu_ops.json \
+  timeout 400 python bench/gpu_ops.py --only checks,bandwidth,gemv,correction,overlap --out $OUT/gpu_ops.json \
     2>&1 | tee $OUT/gpu_ops.log | tail -80
   ;;
 g)  # ~400 s: the variants at Llama-3-8B and small-model shapes, then every base GEMV + correction test on the GPU

@@ -252,6 +252,27 @@ def k_warps_table(path: Path) -> str:
 
 
 KW_RUNS = ("gemv_variants_b5901af_h200.json",)  # K warps and the spill-free kernel (session 5)
+# the correction's floor before (first run) and after session 6's selection rewrite
+FLOOR_RUNS = ("correction_floor_37bb371_h200.json", "correction_floor_1d0ca18_h200.json")
+
+
+def floor_table(paths: list[Path]) -> str:
+    """bench/correction_floor.py runs side by side: the fused kernel's parts and its stamped phases."""
+    lines = ["Where the correction's time goes, k_chunk 8, n_tb 16, zero-copy tables rotated past L2 "
+             f"({', '.join(source(p) for p in paths)}; µs per launch in CUDA graphs; phases from the stamped "
+             "build, the slowest block):", "",
+             *header("out x in", "commit", "k 0", "HBM table", "zero-copy", "selector alone", "select",
+                     "fetch + FMA", "reduce + emit")]
+    for path in paths:
+        d = json.loads(path.read_text())
+        for r in d["rows"]:
+            if r["k_chunk"] != 8 or "phases" not in r:
+                continue
+            ph = r["phases"]
+            lines.append(row(f"{r['out']}x{r['in']}", d["env"]["commit"][:7], f"{r['k0']:.1f}", f"{r['hbm']:.1f}",
+                             f"{r['zeroN']:.1f}", f"{r['select']:.1f}", f"{ph['select_us']:.1f}",
+                             f"{ph['fetch_us']:.1f}", f"{ph['emit_us'] + ph.get('prologue_us', 0):.1f}"))
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -263,6 +284,7 @@ def main() -> None:
         print(cpu_step_table(path), end="\n\n")
     for name in KW_RUNS:
         print(k_warps_table(RESULTS / name), end="\n\n")
+    print(floor_table([RESULTS / name for name in FLOOR_RUNS]), end="\n\n")
     for path in sorted(RESULTS.glob("gemv_variants_tc*.json"), reverse=True):  # the newest run first
         print(tensor_core_table(path), end="\n\n")
     for path in sorted(RESULTS.glob("gpu_ops_*.json"), reverse=True):  # H200 (session 4), then H100

@@ -21,12 +21,14 @@ Stand-alone (no `merge`), each block writes out[o] = base_out[o] + corr[o] for i
 
 Launch it on a high-priority side stream (torch.cuda.Stream(priority=-1)): its few blocks are then
 dispatched before the base GEMV's, which cut the overlapped slowdown several-fold on the H100.
-Measured there (bench/gpu_ops.py, zero-copy tables rotated past L2): alone, a floor of ~12-17 us per
-launch, 40 GB/s at 256 rows x 14 KB (28672x4096, k_chunk 64, n_tb 16) but ~3 GB/s for 56 rows x 2 KB
-(scattered small rows: likely the GPU's page translation of host memory, not the selection: making
-its loads coalesced and its histogram contention-free changed nothing). Overlapped with the base GEMV
-at priority -1: +7-10 % at 28672x4096 for k_chunk <= 16 (n_tb 8-16), +12-15 % at 14336x4096 for
-k_chunk <= 8; the floor dominates 4096-row and small-model layers (+60-200 %).
+Measured on the H200 (bench/gpu_ops.py, bench/correction_floor.py, zero-copy tables rotated past L2):
+alone, ~8 us on a Gemma-sized layer and 10.7 us at 4096x4096, k_chunk 8 (session 5: 17.5 us, of it
+10.7 us selecting); 87 % of the best zero-copy read at 28672x4096, k_chunk 64. Next to the 3-bit
+tensor-core GEMV at priority -1: +1-2 % at 28672x4096 for k_chunk <= 8, +24 % at 14336x4096, and
++47-155 % on layers whose GEMV takes under 20 us, where this kernel's floor shows. The floor, by the
+stamped build (4096x4096, k 8): selection 4.4 us, fetch + multiply 3.6 us (one PCIe round trip),
+reduction + emission 2.0 us, prologue 0.4 us, 0.8 us between launches; a warm, cold or huge-page
+table times the same.
 """
 
 from __future__ import annotations

@@ -16,12 +16,13 @@ owns a contiguous run of up to RUN_MAX = 8 channels and keeps their buckets in r
    of it are still needed (one thread per (chunk, bucket) sums the histogram below it);
 3. every channel above the cut is taken, and the first `need` channels of the cut bucket: a two-level
    prefix sum, per chunk, of the packed pair (#above-cut, #at-cut) of the threads' runs (groups of 8
-   threads, then the group sums) gives each channel its slot, below + min(at, need).
-Six barriers per pass, shared by all its chunks, so latency does not grow with the width. Session 6
-measured the first version (channels interleaved over threads for step 1, buckets in shared memory,
-a Hillis-Steele scan, ~145 instructions a channel) at 10.7 us of a 17 us correction
-(bench/results/correction_floor_37bb371_h200.json): the selection is instruction-bound, because every
-correction block selects every chunk.
+   threads by integer atomics, then the group sums) gives each channel its slot, below + min(at, need).
+Five barriers per pass, shared by all its chunks (up to 4), so latency grows little with the width.
+Arithmetic is int32 where Numba would widen to int64, indices unsigned where it would add a
+negative-index check: the selection is instruction-bound, as every correction block selects every
+chunk. Session 6 measured the first version (channels interleaved over threads, buckets in shared
+memory, a Hillis-Steele scan, ~145 instructions a channel) at 10.7 us of a 17.5 us correction, this
+one at 4.4 us of 10.8 (4096x4096, k_chunk 8; bench/results/correction_floor_*_h200.json).
 No warp intrinsics are used, so the CUDA simulator runs the same code as the GPU.
 """
 

@@ -8,6 +8,8 @@ For each (out, in, k_chunk) it times, in one run (CUDA-graph replays, CUDA event
   zero1       zero-copy, one table launched over and over (its pages' translations stay warm)
   zeroN       zero-copy, tables rotated past L2 (what bench/gpu_ops.py and the product see)
   huge        zero-copy from transparent-huge-page memory registered by cudaHostRegister, rotated
+  zero_many   (--many-gib G) zero-copy rotated over G GiB of tables, as a whole model has; huge_many
+              the same in huge pages
   fetch       the plain zero-copy gather (`ops.dma.fetch_rows_cuda`) of the same number of rows, rotated
   select      the stand-alone selector kernel (`ops.selector_cuda.select_bucket_cuda`)
 the phases of the stamped build (`ops.correction`, stamped=True: globaltimer at each block's start and
@@ -84,6 +86,33 @@ def anon_huge_kib() -> int:
     return -1
 
 
+def copies(src: dma.PinnedTable, n: int) -> list:
+    """n more pinned tables with src's bytes (timing does not depend on the values)."""
+    out = []
+    for _ in range(n):
+        t = dma.PinnedTable(src.n_rows, src.row_bytes)
+        ctypes.memmove(t.ptr, src.ptr, src.nbytes)
+        out.append(t)
+    return out
+
+
+def time_many(streams, s: CorrectionSetup, k: int, n_tb: int, gib: float, reps: int) -> dict:
+    """The fused kernel rotating over as many pinned tables as make `gib` GiB (a model's worth), in
+    plain pinned memory and in huge pages: does the translation of many host pages cost?"""
+    n = max(1, int(gib * 2**30 // s.tables[0].nbytes))
+    many = copies(s.tables[0], n)
+    huge = [HugeTable(t) for t in many]
+    bounds = selector.bucket_bounds(s.t, k)
+    row = {"many_tables": n, "many_gib": n * s.tables[0].nbytes / 2**30}
+    for name, tables in (("zero_many", [t.device_array() for t in many]), ("huge_many", [h.device_array() for h in huge])):
+        corrs = [co.Correction(t, s.rscale, bounds, k, n_tb=n_tb) for t in tables]
+        row[name] = graph_us(lambda i: corrs[i % n](s.xs[i % 8], s.act, base_out=s.base, out=s.out,
+                                                    stream=streams.main_n), max(2 * n, 64), reps, streams)["us"]
+    for t in huge + many:
+        t.close()
+    return row
+
+
 def time_variants(streams, s: CorrectionSetup, k: int, n_tb: int, huge: list, reps: int) -> dict:
     bounds = selector.bucket_bounds(s.t, k)
     x0 = s.xs[0]
@@ -151,6 +180,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n-tb", type=int, default=16)
     ap.add_argument("--tb-sweep", default="1,2,4,8,16,32,64", help="n_tb sweep at the first shape and k")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--many-gib", type=float, default=0.0,
+                    help="also rotate over this many GiB of pinned tables (plain and huge pages)")
     ap.add_argument("--launch-only", action="store_true",
                     help="launch the first shape's zero-copy correction 12 times eagerly, time nothing (for ncu)")
     args = ap.parse_args(argv)
@@ -176,7 +207,8 @@ def main(argv=None) -> int:
         for k in map(int, args.ks.split(",")):
             r = {"out": out_f, "in": in_f, "k_chunk": k, "n_tb": args.n_tb, "tables": len(s.tables),
                  **time_variants(streams, s, k, args.n_tb, huge, args.reps),
-                 "phases": phases(streams, s, k, args.n_tb)}
+                 "phases": phases(streams, s, k, args.n_tb),
+                 **(time_many(streams, s, k, args.n_tb, args.many_gib, args.reps) if args.many_gib else {})}
             report["rows"].append(r)
             print(json.dumps(r), flush=True)
         if shape == args.shapes.split(",")[0]:

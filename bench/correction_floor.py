@@ -13,7 +13,8 @@ For each (out, in, k_chunk) it times, in one run (CUDA-graph replays, CUDA event
   fetch       the plain zero-copy gather (`ops.dma.fetch_rows_cuda`) of the same number of rows, rotated
   select      the stand-alone selector kernel (`ops.selector_cuda.select_bucket_cuda`)
 the phases of the stamped build (`ops.correction`, stamped=True: globaltimer at each block's start and
-end, SM cycles selecting (and each of its six steps) / fetching / emitting / arriving), and the fused kernel over n_tb. Differences between rows locate the floor: hbm - k0 is selection and
+end, SM cycles selecting (and each of its five steps) / fetching / emitting / arriving), and the
+fused kernel over n_tb. Differences between rows locate the floor: hbm - k0 is selection and
 arithmetic, zero1 - hbm the PCIe round trips, zeroN - zero1 the translation of cold host pages.
 """
 
@@ -96,18 +97,23 @@ def copies(src: dma.PinnedTable, n: int) -> list:
     return out
 
 
+def fused_us(streams, s: CorrectionSetup, tables: list, k: int, n_tb: int, reps: int) -> float:
+    """µs per launch of the fused correction cycling over `tables` (device arrays) and 8 activations."""
+    corrs = [co.Correction(t, s.rscale, selector.bucket_bounds(s.t, k), k, n_tb=n_tb) for t in tables]
+    n = len(corrs)
+    return graph_us(lambda i: corrs[i % n](s.xs[i % 8], s.act, base_out=s.base, out=s.out, stream=streams.main_n),
+                    max(2 * n, 64), reps, streams)["us"]
+
+
 def time_many(streams, s: CorrectionSetup, k: int, n_tb: int, gib: float, reps: int) -> dict:
     """The fused kernel rotating over as many pinned tables as make `gib` GiB (a model's worth), in
     plain pinned memory and in huge pages: does the translation of many host pages cost?"""
     n = max(1, int(gib * 2**30 // s.tables[0].nbytes))
     many = copies(s.tables[0], n)
     huge = [HugeTable(t) for t in many]
-    bounds = selector.bucket_bounds(s.t, k)
-    row = {"many_tables": n, "many_gib": n * s.tables[0].nbytes / 2**30}
-    for name, tables in (("zero_many", [t.device_array() for t in many]), ("huge_many", [h.device_array() for h in huge])):
-        corrs = [co.Correction(t, s.rscale, bounds, k, n_tb=n_tb) for t in tables]
-        row[name] = graph_us(lambda i: corrs[i % n](s.xs[i % 8], s.act, base_out=s.base, out=s.out,
-                                                    stream=streams.main_n), max(2 * n, 64), reps, streams)["us"]
+    row = {"many_tables": n, "many_gib": n * s.tables[0].nbytes / 2**30,
+           "zero_many": fused_us(streams, s, [t.device_array() for t in many], k, n_tb, reps),
+           "huge_many": fused_us(streams, s, [h.device_array() for h in huge], k, n_tb, reps)}
     for t in huge + many:
         t.close()
     return row
@@ -116,20 +122,11 @@ def time_many(streams, s: CorrectionSetup, k: int, n_tb: int, gib: float, reps: 
 def time_variants(streams, s: CorrectionSetup, k: int, n_tb: int, huge: list, reps: int) -> dict:
     bounds = selector.bucket_bounds(s.t, k)
     x0 = s.xs[0]
-
-    def fused(tables):
-        corrs = [co.Correction(t, s.rscale, bounds, k, n_tb=n_tb) for t in tables]
-        n = len(corrs)
-        return graph_us(lambda i: corrs[i % n](s.xs[i % 8], s.act, base_out=s.base, out=s.out,
-                                               stream=streams.main_n), max(2 * n, 64), reps, streams)["us"]
-
     zero = [t.device_array() for t in s.tables]
     dev = cuda.to_device(s.tables[0].host)
-    row = {"k0": None, "hbm": fused([dev]), "zero1": fused(zero[:1]), "zeroN": fused(zero),
-           "huge": fused([h.device_array() for h in huge]) if huge else None}
-    corr0 = co.Correction(zero[0], s.rscale, bounds, 0, n_tb=n_tb)
-    row["k0"] = graph_us(lambda i: corr0(x0, s.act, base_out=s.base, out=s.out, stream=streams.main_n),
-                         64, reps, streams)["us"]
+    row = {name: fused_us(streams, s, tables, k, n_tb, reps) for name, tables in (
+        ("hbm", [dev]), ("zero1", zero[:1]), ("zeroN", zero), ("huge", [h.device_array() for h in huge]))}
+    row["k0"] = fused_us(streams, s, zero[:1], 0, n_tb, reps)
     xt = torch.from_numpy(x0.copy_to_host().astype(np.float32)) * torch.from_numpy(s.act.copy_to_host())
     idx = cuda.to_device(selector.select_bucket(xt, k, bounds).numpy().astype(np.int32))
     if idx.shape[0]:
@@ -169,7 +166,7 @@ def phases(streams, s: CorrectionSetup, k: int, n_tb: int, steps: int = 64) -> d
                for j, name in enumerate(("select", "fetch", "emit", "arrive"))},
             "prologue_us": med(st[:, :, 6].max(1)) / ghz / 1e3,
             "select_steps_us": {name: med(steps_[:, :, j].max(1)) / ghz / 1e3 for j, name in enumerate(
-                ("buckets", "histogram", "cuts", "scan_write", "group_sums", "slots"))}}
+                ("buckets", "histogram", "cut", "scan", "slots"))}}
 
 
 def main(argv=None) -> int:
@@ -214,13 +211,9 @@ def main(argv=None) -> int:
         if shape == args.shapes.split(",")[0]:
             k = int(args.ks.split(",")[0])
             for n_tb in map(int, args.tb_sweep.split(",")):
-                bounds = selector.bucket_bounds(s.t, k)
-                corrs = [co.Correction(t.device_array(), s.rscale, bounds, k, n_tb=n_tb) for t in s.tables]
-                n = len(corrs)
-                t = graph_us(lambda i: corrs[i % n](s.xs[i % 8], s.act, base_out=s.base, out=s.out,
-                                                    stream=streams.main_n), max(2 * n, 64), args.reps, streams)
+                us = fused_us(streams, s, [t.device_array() for t in s.tables], k, n_tb, args.reps)
                 report["tb_sweep"].append({"out": out_f, "in": in_f, "k_chunk": k, "n_tb": n_tb,
-                                           "blocks": corrs[0].plan.blocks, "us": t["us"]})
+                                           "blocks": co.plan_correction(out_f, n_tb).blocks, "us": us})
                 print(json.dumps(report["tb_sweep"][-1]), flush=True)
         for h in huge:
             h.close()

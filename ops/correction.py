@@ -127,7 +127,8 @@ def _correction_kernel(merge: bool, stamped: bool = False):
     `stamped` builds time the kernel's phases from inside: thread 0 of block i writes stamps[16 i ..]:
     [0] globaltimer at its start and [5] at its end (ns); the SM cycles (clock64) spent [1] selecting,
     [2] fetching and multiplying, [3] reducing and emitting, [4] arriving, [6] the prologue before
-    the first pass, each measured between the block's barriers; [8 .. 13] the selection's six steps (`select_chunks_stamped`).
+    the first pass, each measured between the block's barriers; [8 .. 12] the selection's five steps
+    (`select_chunks_stamped`).
     """
     select = select_chunks_stamped if stamped else select_chunks
 

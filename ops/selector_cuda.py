@@ -51,7 +51,7 @@ CUTS_SIZE = 2 * PASS_CHUNKS  # cut bucket of each chunk, then how many of it are
 SCAN_SIZE = 512  # one slot per thread (blocks of up to 512 threads)
 GROUP_SIZE = SCAN_SIZE // GROUP  # one sum per group of 8 threads
 STASH_SIZE = PASS_CHUNKS * MAX_CHUNK  # the pass's x~, float32 (16 KiB)
-SELECT_MARKS = 6  # steps of select_chunks the stamped build times
+SELECT_MARKS = 5  # steps of select_chunks the stamped build times (one per barrier)
 SELECT_THREADS = CHUNK_THREADS  # block of the stand-alone kernel: one chunk
 COMMON_FIRST = 24  # buckets 24..31 are counted in a register first (see select_chunks)
 
@@ -98,8 +98,9 @@ def _bucket_at(packed, r):
 
 
 def _make_select_chunks(stamped: bool):
-    """`select_chunks`, or with `stamped` its build that adds the SM cycles of each of its six steps
-    (each ending at a barrier) into marks[0..5]: the profile of bench/correction_floor.py."""
+    """`select_chunks`, or with `stamped` its build that adds the SM cycles of each of its five steps
+    (each ending at a barrier: buckets, histogram, cut, scan, slots) into marks[0..4]: the profile of
+    bench/correction_floor.py."""
 
     @cuda.jit(device=True)
     def now():
@@ -211,7 +212,6 @@ def _make_select_chunks(stamped: bool):
             cuda.atomic.add(group_sums, g, mine)  # integer sums: the order the atomics land in is irrelevant
         cuda.syncthreads()
         t = mark(marks, 3, t)
-        t = mark(marks, 4, t)  # (step 4, the group sums, is folded into step 3)
         before = int32(0)  # the packed counts of the chunk's earlier runs: earlier groups', then this group's
         groups_before = int32(g - q * CHUNK_GROUPS)
         runs_before = int32(tid - g * GROUP)
@@ -238,7 +238,7 @@ def _make_select_chunks(stamped: bool):
             elif bkt == cut:
                 at = int32(at + 1)
         cuda.syncthreads()
-        t = mark(marks, 5, t)
+        t = mark(marks, 4, t)
 
     return select_chunks
 

@@ -127,7 +127,7 @@ def _make_select_chunks(stamped: bool):
         group_sums i32[64], x_stash f32[4096]. Thread j = tid % 128 of chunk q = tid // 128 owns channels
         [j run, (j + 1) run), run = ceil(chunk / 128) <= 8, and keeps their buckets in registers, their
         x~ in x_stash (for the picks). Cost per thread of a chunk: 8 loads of x (and act_scale) from
-        L1/L2, all in flight at once, ~30 instructions a channel; 6 barriers.
+        L1/L2, all in flight at once, ~30 instructions a channel; 5 barriers.
         """
         t = now()
         tid = int32(cuda.threadIdx.x)

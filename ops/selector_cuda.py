@@ -148,7 +148,7 @@ def _make_select_chunks(stamped: bool):
         # 1. buckets of the run, N_BUCKETS past the chunk's end. Every load is issued before the first
         # use (indices clamped into x, no branch around them), so their latencies overlap.
         packed = cuda.local.array(PACKED_WORDS, uint32)  # the run's buckets, 8 bits each (registers)
-        for w in range(RUN_MAX // 4):
+        for w in range(PACKED_WORDS):
             packed[w] = uint32(N_BUCKETS * 0x01010101)
         if q < nb:
             xv = cuda.local.array(RUN_MAX, float32)

@@ -60,12 +60,11 @@ class HugeTable:
         self.ptr = -(-base // HUGE) * HUGE  # 2 MiB aligned start
         libc = ctypes.CDLL(None, use_errno=True)
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        self.advised = libc.madvise(self.ptr, size, MADV_HUGEPAGE) == 0
+        libc.madvise(self.ptr, size, MADV_HUGEPAGE)  # whether the pages came huge: anon_huge_kib()
         ctypes.memmove(self.ptr, src.ptr, src.nbytes)
         err, = rt.cudaHostRegister(self.ptr, size, rt.cudaHostRegisterMapped | rt.cudaHostRegisterPortable)
         if err != rt.cudaError_t.cudaSuccess:
             raise RuntimeError(f"cudaHostRegister: {err}")
-        self.size = size
         err, dptr = rt.cudaHostGetDevicePointer(self.ptr, 0)
         self.device_ptr = int(dptr)
 
@@ -88,13 +87,8 @@ def anon_huge_kib() -> int:
 
 
 def copies(src: dma.PinnedTable, n: int) -> list:
-    """n more pinned tables with src's bytes (timing does not depend on the values)."""
-    out = []
-    for _ in range(n):
-        t = dma.PinnedTable(src.n_rows, src.row_bytes)
-        ctypes.memmove(t.ptr, src.ptr, src.nbytes)
-        out.append(t)
-    return out
+    """n more pinned tables with src's rows (timing does not depend on the values)."""
+    return [dma.PinnedTable.from_array(src.host[:, :src.row_bytes]) for _ in range(n)]
 
 
 def fused_us(streams, s: CorrectionSetup, tables: list, k: int, n_tb: int, reps: int) -> float:
@@ -146,7 +140,6 @@ def phases(streams, s: CorrectionSetup, k: int, n_tb: int, steps: int = 64) -> d
     """The stamped build replayed `steps` times in a graph (rotated zero-copy tables): per launch the
     span from the first block's start to the last block's end, the gap to the next launch's first
     block, and each phase of the slowest block in µs (cycles over the blocks' own clock rate)."""
-    bounds = selector.bucket_bounds(s.t, k)
     corrs = s.corrections(k, n_tb)
     blocks = corrs[0].plan.blocks
     stamps = cuda.device_array(steps * blocks * co.STAMPS, np.uint64)

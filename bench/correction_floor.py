@@ -37,10 +37,10 @@ from numba import cuda  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.meta import run_meta  # noqa: E402
-from ops import correction as co  # noqa: E402
-from ops import dma, selector  # noqa: E402
-from ops.selector_cuda import SELECT_MARKS, select_bucket_cuda  # noqa: E402
-from ops.timing import CorrectionSetup, Streams, device_info, graph_us  # noqa: E402
+from decdec.ops import correction as co  # noqa: E402
+from decdec.ops import dma, selector  # noqa: E402
+from decdec.ops.selector_cuda import SELECT_MARKS, select_bucket_cuda  # noqa: E402
+from decdec.ops.timing import CorrectionSetup, Streams, device_info, graph_us  # noqa: E402
 
 MADV_HUGEPAGE = 14
 HUGE = 2 << 20

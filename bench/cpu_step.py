@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import runtime  # noqa: E402
+from decdec import runtime  # noqa: E402
 from bench.meta import run_meta  # noqa: E402
-from runtime.config import load_config  # noqa: E402
+from decdec.config import load_config  # noqa: E402
 
 
 def tokens_per_second(engine, steps: int, warmup: int = 2) -> dict:

@@ -29,8 +29,8 @@ from numba import cuda  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.meta import run_meta  # noqa: E402
-from ops import base_gemv as bg  # noqa: E402
-from ops.timing import Streams, bandwidth, graph_us, random_gemv, random_operands  # noqa: E402
+from decdec.ops import base_gemv as bg  # noqa: E402
+from decdec.ops.timing import Streams, bandwidth, graph_us, random_gemv, random_operands  # noqa: E402
 
 SHAPES = [(28672, 4096), (14336, 4096), (6144, 4096), (4096, 4096), (4096, 14336), (1024, 4096)]
 

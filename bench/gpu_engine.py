@@ -46,15 +46,15 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.meta import run_meta  # noqa: E402
-from models.arch import LINEAR_KINDS, ModelArgs  # noqa: E402
-from models.graph import build_graph, group_shapes  # noqa: E402
-from runtime.errors import ConfigError  # noqa: E402
-from runtime.executor_cuda import (CUDAExecutor, DeviceGroup, DeviceModel, fp16_matvec,  # noqa: E402
+from decdec.models.arch import LINEAR_KINDS, ModelArgs  # noqa: E402
+from decdec.models.graph import build_graph, group_shapes  # noqa: E402
+from decdec.errors import ConfigError  # noqa: E402
+from decdec.runtime.executor_cuda import (CUDAExecutor, DeviceGroup, DeviceModel, fp16_matvec,  # noqa: E402
                                    quantized_group, torch_int4_matvec)
-from runtime.tune import measure_profile  # noqa: E402
-from scheduler.latency import weight_bytes  # noqa: E402
-from scheduler.plan import MAIN, schedule  # noqa: E402
-from scheduler.tuner import tune_measured  # noqa: E402
+from decdec.runtime.tune import measure_profile  # noqa: E402
+from decdec.scheduler.latency import weight_bytes  # noqa: E402
+from decdec.scheduler.plan import MAIN, schedule  # noqa: E402
+from decdec.scheduler.tuner import tune_measured  # noqa: E402
 
 LLAMA3_8B = dict(family="llama", vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
                  ffn_dim=14336, norm_eps=1e-5, rope_base=500_000.0, max_seq_len=8192)
@@ -178,8 +178,8 @@ def baseline_rows(name: str, args: ModelArgs, weights: dict, steps: int, hbm: fl
 
 
 def gemma(source: str, steps: int, targets, quick: bool, baselines: bool, out: dict, save) -> None:
-    from models.prepare import prepare
-    from runtime.config import load_config
+    from decdec.models.prepare import prepare
+    from decdec.config import load_config
 
     cfg = load_config({"model": {"source": source, "max_seq_len": MAX_SEQ}, "quant": {"method": "rtn", "bits": BITS},
                        "calibration": {"tokens": 256, "ctx": 128}, "artifacts": "/tmp/decdec-bench-gemma"})

@@ -40,11 +40,11 @@ from numba import cuda  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.meta import run_meta  # noqa: E402
-from ops import base_gemv as bg  # noqa: E402
-from ops import correction as co  # noqa: E402
-from ops import dma, selector  # noqa: E402
-from ops.selector_cuda import select_bucket_cuda  # noqa: E402
-from ops.timing import (CorrectionSetup, GemvSetup, Streams, bandwidth, copies_for, graph_us,  # noqa: E402
+from decdec.ops import base_gemv as bg  # noqa: E402
+from decdec.ops import correction as co  # noqa: E402
+from decdec.ops import dma, selector  # noqa: E402
+from decdec.ops.selector_cuda import select_bucket_cuda  # noqa: E402
+from decdec.ops.timing import (CorrectionSetup, GemvSetup, Streams, bandwidth, copies_for, graph_us,  # noqa: E402
                         measure_pairs, random_gemv, thresholds)
 
 LLAMA_SHAPES = [(4096, 4096), (1024, 4096), (6144, 4096), (14336, 4096), (28672, 4096), (4096, 14336)]  # (out, in)
@@ -63,7 +63,7 @@ def section_checks(rng) -> list[dict]:
     def record(name, ok, **info):
         results.append({"kernel": name, "ok": bool(ok), **info})
 
-    from models.quantize import pack_codes  # the product's packer (FORMATS.md)
+    from decdec.models.quantize import pack_codes  # the product's packer (FORMATS.md)
 
     for bits in (3, 4):
         out_f, in_f = 4096, 4096

@@ -17,8 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.meta import run_meta  # noqa: E402
-from scheduler.latency import MeasuredModel  # noqa: E402
-from scheduler.tuner import predicted_step_us, tune  # noqa: E402
+from decdec.scheduler.latency import MeasuredModel  # noqa: E402
+from decdec.scheduler.tuner import predicted_step_us, tune  # noqa: E402
 
 LLAMA3_8B = {"qkv": (6144, 4096, 3, 32), "o": (4096, 4096, 3, 32), "gate_up": (28672, 4096, 3, 32), "down": (4096, 14336, 3, 32)}
 

@@ -18,9 +18,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.meta import run_meta  # noqa: E402
-from models.arch import forward  # noqa: E402
-from models.corpus import corpus_text  # noqa: E402
-from models.loader import PACKAGED, load_model  # noqa: E402
+from decdec.models.arch import forward  # noqa: E402
+from decdec.models.corpus import corpus_text  # noqa: E402
+from decdec.models.loader import PACKAGED, load_model  # noqa: E402
 
 
 @torch.no_grad()

@@ -15,10 +15,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.meta import run_meta  # noqa: E402
-from models.loader import load_model  # noqa: E402
-from models.prepare import prepare  # noqa: E402
-from runtime.config import load_config  # noqa: E402
-from runtime.evaluate import eval_rows, format_table  # noqa: E402
+from decdec.models.loader import load_model  # noqa: E402
+from decdec.models.prepare import prepare  # noqa: E402
+from decdec.config import load_config  # noqa: E402
+from decdec.runtime.evaluate import eval_rows, format_table  # noqa: E402
 
 QUANT_POINTS = [("rtn", 4), ("awq", 4), ("rtn", 3.5), ("awq", 3.5), ("rtn", 3), ("awq", 3)]
 

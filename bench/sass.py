@@ -29,7 +29,7 @@ import numba.cuda.dispatcher as dispatcher  # noqa: E402
 from numba import cuda  # noqa: E402
 from numba import types as nt  # noqa: E402
 
-from ops import base_gemv as bg  # noqa: E402
+from decdec.ops import base_gemv as bg  # noqa: E402
 
 dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=(9, 0))
 

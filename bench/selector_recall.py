@@ -19,11 +19,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.meta import run_meta  # noqa: E402
-from models.calibrate import collect_activations  # noqa: E402
-from models.corpus import corpus_text, token_windows  # noqa: E402
-from models.prepare import prepare  # noqa: E402
-from ops import selector  # noqa: E402
-from runtime.config import load_config  # noqa: E402
+from decdec.models.calibrate import collect_activations  # noqa: E402
+from decdec.models.corpus import corpus_text, token_windows  # noqa: E402
+from decdec.models.prepare import prepare  # noqa: E402
+from decdec.ops import selector  # noqa: E402
+from decdec.config import load_config  # noqa: E402
 
 
 def recall(picked: torch.Tensor, exact: torch.Tensor) -> float:

@@ -21,10 +21,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.meta import run_meta  # noqa: E402
-from models.loader import load_model  # noqa: E402
-from models.prepare import prepare  # noqa: E402
-from runtime.config import load_config  # noqa: E402
-from runtime.evaluate import decdec_linear, dense_groups, eval_windows, per_group_k, perplexity  # noqa: E402
+from decdec.models.loader import load_model  # noqa: E402
+from decdec.models.prepare import prepare  # noqa: E402
+from decdec.config import load_config  # noqa: E402
+from decdec.runtime.evaluate import decdec_linear, dense_groups, eval_windows, per_group_k, perplexity  # noqa: E402
 
 MODELS = ("gemma3-270m", "smollm2-135m")
 

@@ -16,8 +16,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from decdec.constants import LINEAR_KINDS
+
 FAMILIES = ("llama", "qwen2", "gemma3")
-LINEAR_KINDS = ("qkv", "o", "gate_up", "down")  # the linear groups of one layer, in forward order
 
 Linear = Callable[[int, str, torch.Tensor], torch.Tensor]  # (layer, kind, x [T, in]) -> [T, out]
 

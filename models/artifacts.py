@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from runtime.errors import ArtifactError
+from decdec.errors import ArtifactError
 
 FORMAT_VERSION = 1
 FILES = ("quantized", "residuals", "calibration")

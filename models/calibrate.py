@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from models.arch import ModelArgs, forward, reference_linear
+from decdec.models.arch import ModelArgs, forward, reference_linear
 
 Group = tuple[int, str]  # (layer, kind)
 

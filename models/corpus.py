@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from runtime.errors import ConfigError
+from decdec.errors import ConfigError
 
 HALVES = ("calibration", "eval")
 

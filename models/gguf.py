@@ -31,7 +31,7 @@ from typing import Callable
 
 import numpy as np
 
-from runtime.errors import ModelFileError, UnsupportedModelError
+from decdec.errors import ModelFileError, UnsupportedModelError
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)  # v1 used 32-bit counts; v2 and v3 (adds big-endian) share a layout

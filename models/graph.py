@@ -8,9 +8,9 @@ output. q/k/v share one group (one selection, one fetch), and so do gate/up.
 
 from __future__ import annotations
 
-from models.arch import LINEAR_KINDS, ModelArgs
-from ops.selector import n_selected
-from runtime.graph import Graph
+from decdec.models.arch import LINEAR_KINDS, ModelArgs
+from decdec.constants import n_selected
+from decdec.graph import Graph
 
 PerGroup = int | None | dict  # one value for all groups, or a dict by kind or by (kind, bits)
 

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.arch import FAMILIES, ModelArgs
-from runtime.errors import ModelFileError, UnsupportedModelError
+from decdec.models.arch import FAMILIES, ModelArgs
+from decdec.errors import ModelFileError, UnsupportedModelError
 
 
 @dataclass
@@ -167,8 +167,8 @@ GGUF_NAMES = {  # canonical per-layer name -> GGUF tensor name(s); lists are con
 
 
 def load_gguf(path: Path, source_name: str | None = None, max_seq_len: int | None = None) -> LoadedModel:
-    from models.gguf import read_gguf
-    from models.tokenizer import tokenizer_from_gguf_metadata
+    from decdec.models.gguf import read_gguf
+    from decdec.models.tokenizer import tokenizer_from_gguf_metadata
 
     f = read_gguf(path)
     meta = f.metadata
@@ -314,7 +314,7 @@ def load_hf_folder(folder: Path, max_seq_len: int | None = None) -> LoadedModel:
     tok_path = folder / "tokenizer.json"
     tokenizer = None
     if tok_path.exists():
-        from models.tokenizer import tokenizer_from_json
+        from decdec.models.tokenizer import tokenizer_from_json
 
         tokenizer = tokenizer_from_json(tok_path, cfg)
     return LoadedModel(args, weights, tokenizer, str(folder), file_sha256([config_path, *files]))

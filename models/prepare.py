@@ -15,20 +15,20 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from models import artifacts
-from models.arch import LINEAR_KINDS
-from models.calibrate import (
+from decdec.models import artifacts
+from decdec.models.arch import LINEAR_KINDS
+from decdec.models.calibrate import (
     bits_per_layer,
     collect_activations,
     layer_sensitivity,
     mean_abs,
     threshold_profile,
 )
-from models.corpus import check_disjoint, corpus_text, token_windows
-from models.loader import LoadedModel, load_model
-from models.quantize import QuantizedLinear, quantize_awq, quantize_rtn
-from models.residual import ResidualTable, build_residual, effective_weight
-from runtime.config import Config, load_config
+from decdec.models.corpus import check_disjoint, corpus_text, token_windows
+from decdec.models.loader import LoadedModel, load_model
+from decdec.models.quantize import QuantizedLinear, quantize_awq, quantize_rtn
+from decdec.models.residual import ResidualTable, build_residual, effective_weight
+from decdec.config import Config, load_config
 
 Group = tuple[int, str]
 SENSITIVITY_WINDOWS = 2  # windows of calibration text for the 3.5-bit layer ranking (2 x ctx tokens)

@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import torch
 
-from ops.layout import (  # noqa: F401 - the packed layout lives with the ops that read it
+from decdec.ops.layout import (  # noqa: F401 - the packed layout lives with the ops that read it
     SUPPORTED_BITS,
     WORD_BITS,
     _check_bits,
@@ -28,7 +28,7 @@ from ops.layout import (  # noqa: F401 - the packed layout lives with the ops th
     pack_codes,
     unpack_codes,
 )
-from runtime.errors import ArtifactError
+from decdec.errors import ArtifactError
 
 GROUP_SIZE = 128  # inputs sharing one scale/zero (FORMATS.md; AWQ's and GPTQ's usual choice)
 

@@ -12,9 +12,9 @@ from typing import ClassVar
 
 import torch
 
-from models.quantize import QuantizedLinear
-from ops.layout import NIBBLE_OFFSET, pack_rows, unpack_rows  # noqa: F401 - FORMATS.md layouts
-from runtime.errors import ArtifactError
+from decdec.models.quantize import QuantizedLinear
+from decdec.ops.layout import NIBBLE_OFFSET, pack_rows, unpack_rows  # noqa: F401 - FORMATS.md layouts
+from decdec.errors import ArtifactError
 
 RESIDUAL_MAX_CODE = 7  # symmetric 4-bit codes in [-7, 7]: 0 is exact and -8 is left unused
 SCALE_GRID = 32  # candidate scales max|R_row| / 7 * c / 32, c = 1..32 (DecDEC's grid search)

@@ -29,7 +29,7 @@ from typing import Any
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
-from runtime.errors import ModelFileError, UnsupportedModelError
+from decdec.errors import ModelFileError, UnsupportedModelError
 
 # llama.cpp's `llama_token_type`, as stored in `tokenizer.ggml.token_type`.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6

@@ -56,8 +56,8 @@ import numpy as np
 import torch
 from numba import cuda, float32, int32, uint32, uint64
 
-from ops.layout import dequantize, unpack_codes  # noqa: F401 - re-exported: the reference's decoding
-from ops.ptx import MMA_SWAP, half2_floats, load_u32x2, load_u32x4, mma_f16, pack_half2
+from decdec.ops.layout import dequantize, unpack_codes  # noqa: F401 - re-exported: the reference's decoding
+from decdec.ops.ptx import MMA_SWAP, half2_floats, load_u32x2, load_u32x4, mma_f16, pack_half2
 
 SIMULATED = cuda.jit.__module__.startswith("numba.cuda.simulator")  # the CUDA simulator runs these kernels
 

@@ -40,11 +40,12 @@ import numpy as np
 import torch
 from numba import cuda, float32, int32, uint32, uint64
 
-from ops import ptx
-from ops.base_gemv import FLAG_CAP, SplitOutput, arrive_tiles, jit_with_bounds, nib_float
-from ops.layout import unpack_rows
-from ops.selector import BucketBounds, chunk_ks, select_bucket
-from ops.selector_cuda import (CUTS_SIZE, GROUP_SIZE, HIST_SIZE, MAX_CHUNK, SCAN_SIZE, SEL_CAP, SELECT_MARKS,
+from decdec.ops import ptx
+from decdec.ops.base_gemv import FLAG_CAP, SplitOutput, arrive_tiles, jit_with_bounds, nib_float
+from decdec.ops.layout import unpack_rows
+from decdec.constants import chunk_ks
+from decdec.ops.selector import BucketBounds, select_bucket
+from decdec.ops.selector_cuda import (CUTS_SIZE, GROUP_SIZE, HIST_SIZE, MAX_CHUNK, SCAN_SIZE, SEL_CAP, SELECT_MARKS,
                                STASH_SIZE, pass_chunks, select_chunks, select_chunks_stamped)
 
 WORD_OUTPUTS = 8  # outputs per uint32 word of a residual row (8 nibbles)

@@ -25,7 +25,7 @@ import weakref
 import numpy as np
 from numba import cuda
 
-from runtime.errors import DeviceError
+from decdec.errors import DeviceError
 
 ROW_ALIGN = 16  # bytes: each row starts 16-byte aligned (uint32 / uint64 / 128-bit loads all line up)
 PAD_BYTE = 0x88  # both nibbles = 8, i.e. residual code 0: harmless if a kernel ever reads padding

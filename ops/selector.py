@@ -16,22 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from runtime.errors import ConfigError
+from decdec.constants import CHUNK_SIZE, N_BUCKETS, chunk_ks
 
-CHUNK_SIZE = 1024  # channels per chunk: the paper's unit of selection (one thread block scans one)
-N_BUCKETS = 32  # 16 buckets between the two thresholds, 16 below the lower one
 MODES = ("bucket", "exact", "static", "none")
-
-
-def chunk_ks(width: int, k_chunk: int, chunk_size: int = CHUNK_SIZE) -> list[int]:
-    """Channels taken from each chunk: k_chunk per full chunk, floor-scaled for a partial last one."""
-    if not 0 <= k_chunk <= chunk_size:
-        raise ConfigError(f"k_chunk = {k_chunk} is out of range: allowed 0 .. {chunk_size} (the chunk size)")
-    return [k_chunk * min(chunk_size, width - s) // chunk_size for s in range(0, width, chunk_size)]
-
-
-def n_selected(width: int, k_chunk: int, chunk_size: int = CHUNK_SIZE) -> int:
-    return sum(chunk_ks(width, k_chunk, chunk_size))
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,9 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda, float32, int32, uint32, uint64
 
-from ops import ptx
-from ops.selector import CHUNK_SIZE, N_BUCKETS, BucketBounds, chunk_ks
+from decdec.ops import ptx
+from decdec.constants import CHUNK_SIZE, N_BUCKETS, chunk_ks
+from decdec.ops.selector import BucketBounds
 
 __all__ = ["select_bucket_cuda", "select_chunks", "bucket_of", "pass_chunks", "MAX_CHUNK", "PASS_CHUNKS",
            "SEL_CAP", "HIST_SIZE", "CUTS_SIZE", "SCAN_SIZE", "GROUP_SIZE", "STASH_SIZE", "CHUNK_THREADS",

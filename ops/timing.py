@@ -145,7 +145,7 @@ def random_operands(out_f: int, in_f: int, bits: int, gen: torch.Generator) -> t
 
 def random_gemv(out_f: int, in_f: int, bits: int, gen: torch.Generator, plan=None):
     """A `BaseGemv` of `random_operands`."""
-    from ops.base_gemv import BaseGemv
+    from decdec.ops.base_gemv import BaseGemv
 
     return BaseGemv(*random_operands(out_f, in_f, bits, gen), bits, plan=plan)
 
@@ -165,7 +165,7 @@ def activations(rng: np.random.Generator, width: int, n: int) -> list:
 
 def pinned_tables(rng: np.random.Generator, width: int, out_f: int, n: int) -> list:
     """n random residual tables (`ops.dma.PinnedTable`, zero-copy) of `width` rows for `out_f` outputs."""
-    from ops.dma import PinnedTable
+    from decdec.ops.dma import PinnedTable
 
     row = -(-out_f // 2)
     tables = []
@@ -193,7 +193,7 @@ class CorrectionSetup:
 
     def corrections(self, k_chunk: int, n_tb: int, tile_rows: int | None = None) -> list:
         """One `Correction` per rotated table; `tile_rows` must match the GEMV it merges into."""
-        from ops import correction, selector
+        from decdec.ops import correction, selector
 
         bounds = selector.bucket_bounds(self.t, k_chunk)
         tile_rows = tile_rows or correction.TILE_ROWS
@@ -201,7 +201,7 @@ class CorrectionSetup:
                 for t in self.tables]
 
     def pcie_bytes(self, k_chunk: int) -> int:
-        from ops.selector import n_selected
+        from decdec.constants import n_selected
 
         return n_selected(self.in_f, k_chunk) * -(-self.out_f // 2)
 
@@ -236,7 +236,7 @@ def supported_n_tbs(out_f: int, n_tbs, tile_rows: int) -> list[int]:
     """The thread-block counts a correction of `out_f` outputs really launches for the asked ones:
     blocks own whole row tiles, so asking for more blocks than tiles (or a count that does not divide
     them evenly) launches fewer; each count appears once."""
-    from ops.correction import plan_correction
+    from decdec.ops.correction import plan_correction
 
     return sorted({plan_correction(out_f, n_tb, tile_rows).blocks for n_tb in n_tbs})
 
@@ -304,7 +304,7 @@ def bandwidth(reps: int, zero_copy_mib=(128, 16, 1), extras: bool = True) -> dic
     ("zero_copy_read_<MiB>MiB_GBps"); with `extras` also HBM copy and a 256 MiB H2D memcpy."""
     from numba import cuda
 
-    from ops.dma import PinnedTable
+    from decdec.ops.dma import PinnedTable
 
     kernel = _xor_read_kernel()
     threads, blocks = 256, device_info()["n_sm"] * 8

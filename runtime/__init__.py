@@ -7,6 +7,6 @@
 
 def compile(model_cfg, progress: bool = True, force: bool = False):
     """Config (YAML path, dict or Config) -> a ready decode engine (see runtime/engine.py)."""
-    from runtime.engine import compile as _compile  # imported lazily: `runtime.errors` stays light
+    from decdec.runtime.engine import compile as _compile  # imported lazily: `runtime.errors` stays light
 
     return _compile(model_cfg, progress=progress, force=force)

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from runtime.errors import ConfigError, DecDECError
+from decdec.errors import ConfigError, DecDECError
 
 
 def _int_list(text: str) -> list[int]:
@@ -22,7 +22,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def _config(args) -> "Config":  # noqa: F821 - imported lazily to keep `decdec --help` fast
-    from runtime.config import load_config
+    from decdec.config import load_config
 
     cfg = load_config(args.cfg)
     overrides: dict = {}
@@ -43,7 +43,7 @@ def _config(args) -> "Config":  # noqa: F821 - imported lazily to keep `decdec -
 
 
 def cmd_prepare(args) -> None:
-    from models.prepare import prepare
+    from decdec.models.prepare import prepare
 
     prepared = prepare(_config(args), force=args.force)
     bits = prepared.layer_bits
@@ -51,8 +51,8 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from models.prepare import prepare
-    from runtime.evaluate import eval_rows, format_table
+    from decdec.models.prepare import prepare
+    from decdec.runtime.evaluate import eval_rows, format_table
 
     cfg = _config(args)
     selections = args.selection.split(",")
@@ -72,8 +72,8 @@ def cmd_eval(args) -> None:
 
 
 def cmd_run(args) -> None:
-    import runtime
-    from runtime.evaluate import eval_rows, format_table, per_group_k
+    from decdec import runtime
+    from decdec.runtime.evaluate import eval_rows, format_table, per_group_k
 
     cfg = _config(args)
     engine = runtime.compile(cfg, force=args.force)
@@ -94,7 +94,7 @@ def cmd_run(args) -> None:
 
 
 def _layer_bits(cfg, args_model) -> list[int]:
-    from models.artifacts import read_manifest
+    from decdec.models.artifacts import read_manifest
 
     if cfg.quant.bits != 3.5:
         return [int(cfg.quant.bits)] * args_model.n_layers
@@ -105,15 +105,15 @@ def _layer_bits(cfg, args_model) -> list[int]:
 
 
 def cmd_graph(args) -> None:
-    from models.graph import build_graph
-    from models.loader import load_model
-    from runtime.engine import engine_k_chunk
-    from scheduler.plan import schedule
+    from decdec.models.graph import build_graph
+    from decdec.models.loader import load_model
+    from decdec.runtime.engine import engine_k_chunk
+    from decdec.scheduler.plan import schedule
 
     cfg = _config(args)
     k_chunk = engine_k_chunk(cfg)
     if k_chunk is None:  # the tuner chooses k_chunk and n_tb on the GPU, at compile time
-        import runtime
+        from decdec import runtime
 
         engine = runtime.compile(cfg)
         graph = engine.graph
@@ -130,14 +130,14 @@ def cmd_graph(args) -> None:
 
 
 def cmd_tune(args) -> None:
-    from runtime.tune import format_profile, measure_profile, profile_path, require_gpu
+    from decdec.runtime.tune import format_profile, measure_profile, profile_path, require_gpu
 
     cfg = _config(args)
     require_gpu("`decdec tune`")  # before loading the model or anything slow
     import torch
 
-    from models.graph import group_shapes
-    from models.loader import load_model
+    from decdec.models.graph import group_shapes
+    from decdec.models.loader import load_model
 
     model = load_model(cfg.model.source, cfg.model.max_seq_len)
     shapes = group_shapes(model.args, _layer_bits(cfg, model.args))
@@ -149,8 +149,8 @@ def cmd_tune(args) -> None:
 
 
 def cmd_profile(args) -> None:
-    import runtime
-    from runtime.profiler import profile_steps
+    from decdec import runtime
+    from decdec.runtime.profiler import profile_steps
 
     engine = runtime.compile(_config(args), force=args.force)
     print(profile_steps(engine, args.steps, args.trace, eager=args.eager))

@@ -16,18 +16,18 @@ from pathlib import Path
 
 import torch
 
-from models.arch import forward
-from models.graph import build_graph, group_shapes
-from models.prepare import Prepared, prepare
-from runtime.config import Config, load_config
-from runtime.errors import ConfigError, DeviceError
-from runtime.evaluate import decdec_linear
-from runtime.executor_cpu import CPUExecutor, cpu_groups
-from runtime.graph import Graph
-from runtime.tune import load_profile, measure_step_us
-from scheduler.plan import Plan, schedule
-from scheduler.profile import MeasuredProfile
-from scheduler.tuner import Tuning, check_shapes, tune_measured
+from decdec.models.arch import forward
+from decdec.models.graph import build_graph, group_shapes
+from decdec.models.prepare import Prepared, prepare
+from decdec.config import Config, load_config
+from decdec.errors import ConfigError, DeviceError
+from decdec.runtime.evaluate import decdec_linear
+from decdec.runtime.executor_cpu import CPUExecutor, cpu_groups
+from decdec.graph import Graph
+from decdec.runtime.tune import load_profile, measure_step_us
+from decdec.scheduler.plan import Plan, schedule
+from decdec.scheduler.profile import MeasuredProfile
+from decdec.scheduler.tuner import Tuning, check_shapes, tune_measured
 
 
 class Engine:
@@ -147,7 +147,7 @@ def compile_cuda(prepared: Prepared, k_chunk: int | None, profile: MeasuredProfi
     a target (`k_chunk` None, `profile` loaded from `profile_path`) its replay time is the tuner's step.
     The decode step shares its weights (one `DeviceModel`) and KV cache; without compensation it is
     the base step itself."""
-    from runtime.executor_cuda import CUDAExecutor, DeviceModel  # Numba's CUDA loads only when asked for
+    from decdec.runtime.executor_cuda import CUDAExecutor, DeviceModel  # Numba's CUDA loads only when asked for
 
     args, bits, max_seq = prepared.model.args, prepared.layer_bits, prepared.config.model.max_seq_len
     shapes = group_shapes(args, bits)

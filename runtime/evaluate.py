@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.arch import Linear, forward
-from models.prepare import Prepared
-from ops import selector
+from decdec.models.arch import Linear, forward
+from decdec.models.prepare import Prepared
+from decdec.ops import selector
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def perplexity(args, weights, windows: list[torch.Tensor], linear: Linear | None
 
 
 def eval_windows(prepared: Prepared) -> list[torch.Tensor]:
-    from models.corpus import corpus_text, token_windows
+    from decdec.models.corpus import corpus_text, token_windows
 
     cfg, model = prepared.config, prepared.model
     if model.tokenizer is None:  # synthetic: a fixed random stream, disjoint seed from calibration

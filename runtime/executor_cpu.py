@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-from models.arch import KVCache, ModelArgs, act_mul, attend, embed, residual_add, rms_norm
-from models.prepare import PreparedGroup
-from ops.layout import unpack_rows
-from ops.selector import BucketBounds, bucket_bounds, select_bucket
-from scheduler.plan import Plan
+from decdec.models.arch import KVCache, ModelArgs, act_mul, attend, embed, residual_add, rms_norm
+from decdec.models.prepare import PreparedGroup
+from decdec.ops.layout import unpack_rows
+from decdec.ops.selector import BucketBounds, bucket_bounds, select_bucket
+from decdec.scheduler.plan import Plan
 
 
 @dataclass

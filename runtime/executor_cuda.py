@@ -51,14 +51,14 @@ import torch
 import torch.nn.functional as F
 from numba import cuda
 
-from models.arch import LINEAR_KINDS, KVCache, ModelArgs, act_mul, attention, embed, residual_add, rms_norm
-from ops.base_gemv import SIMULATED, BaseGemv
-from ops.correction import Correction
-from ops.dma import PinnedTable
-from ops.selector import bucket_bounds
-from runtime.errors import ConfigError, DeviceError
-from runtime.graph import Node
-from scheduler.plan import MAIN, SIDE, SIDE_OPS, Plan
+from decdec.models.arch import LINEAR_KINDS, KVCache, ModelArgs, act_mul, attention, embed, residual_add, rms_norm
+from decdec.ops.base_gemv import SIMULATED, BaseGemv
+from decdec.ops.correction import Correction
+from decdec.ops.dma import PinnedTable
+from decdec.ops.selector import bucket_bounds
+from decdec.errors import ConfigError, DeviceError
+from decdec.graph import Node
+from decdec.scheduler.plan import MAIN, SIDE, SIDE_OPS, Plan
 
 FP16_INPUTS = ("base_gemv", "lm_head")  # ops that read fp16 buffers (the GEMV kernels, torch's fp16 matmul)
 FP16_OUTPUTS = ("base_gemv",)  # ops that write fp16 buffers (a merge's output is its base GEMV's buffer)

@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from runtime.config import Config
-from runtime.errors import ConfigError, DeviceError
-from scheduler.latency import MeasuredModel
-from scheduler.profile import MeasuredProfile, default_path
-from scheduler.tuner import frontier
+from decdec.config import Config
+from decdec.errors import ConfigError, DeviceError
+from decdec.scheduler.latency import MeasuredModel
+from decdec.scheduler.profile import MeasuredProfile, default_path
+from decdec.scheduler.tuner import frontier
 
 # The tuner picks only within what was measured (MeasuredModel never extrapolates), so the k_chunk grid
 # bounds its choices: on the H100 the pair already costs +18 % to +107 % at k_chunk 32 on the Llama-3-8B
@@ -33,7 +33,7 @@ def require_gpu(what: str) -> None:
     """One DeviceError, before anything slow, when there is no GPU to measure."""
     if not torch.cuda.is_available():
         raise DeviceError(f"{what} measures this machine's GPU, but no CUDA device is available here")
-    from ops.base_gemv import SIMULATED
+    from decdec.ops.base_gemv import SIMULATED
 
     if SIMULATED:
         raise DeviceError(f"Numba's CUDA simulator is on (NUMBA_ENABLE_CUDASIM=1): {what} needs the GPU")
@@ -60,7 +60,7 @@ def load_profile(cfg: Config, device: str, cfg_name: str = "CFG") -> tuple[Measu
 def measure_profile(shapes: dict, quick: bool = False, progress: bool = True) -> MeasuredProfile:
     """This GPU's profile over the distinct (out, in, bits) of `shapes` ((kind, bits) -> (out, in, bits,
     count), `models.graph.group_shapes`): bandwidths, then base and pair times over the grids."""
-    from ops import timing
+    from decdec.ops import timing
 
     ks, tbs, reps = (K_CHUNKS_QUICK, N_TBS_QUICK, REPS_QUICK) if quick else (K_CHUNKS, N_TBS, REPS)
     info = timing.device_info()
@@ -76,8 +76,8 @@ def measure_profile(shapes: dict, quick: bool = False, progress: bool = True) ->
 
 def measure_step_us(executor, replays: int = STEP_REPLAYS, warmup: int = 3) -> float:
     """Median µs of one replay of a captured `CUDAExecutor` step (CUDA events on its replay stream)."""
-    from ops.timing import event_us
-    from scheduler.plan import MAIN
+    from decdec.ops.timing import event_us
+    from decdec.scheduler.plan import MAIN
 
     with torch.cuda.stream(executor.streams[MAIN]):
         return event_us(lambda: executor.replay_only(0), replays, warmup)

@@ -18,7 +18,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ops.selector import n_selected
+from decdec.constants import n_selected
 
 TB_CHOICES = (1, 2, 4, 6, 8, 12, 16, 24, 32)  # thread blocks the analytic model may give a correction
 

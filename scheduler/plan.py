@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runtime.graph import Graph, Node
+from decdec.graph import Graph, Node
 
 MAIN, SIDE = 0, 1
 SIDE_OPS = ("selector", "dma", "correction")

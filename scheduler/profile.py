@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from runtime.errors import ConfigError
-from scheduler.latency import MeasuredModel
+from decdec.errors import ConfigError
+from decdec.scheduler.latency import MeasuredModel
 
 FORMAT = 1  # bumped when the JSON layout changes; an older file is refused with a clear error
 PROFILE_DIR = Path("artifacts") / "device-profiles"

@@ -12,9 +12,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from ops.selector import n_selected
-from runtime.errors import ConfigError
-from scheduler.latency import DeviceProfile, MeasuredModel
+from decdec.constants import n_selected
+from decdec.errors import ConfigError
+from decdec.scheduler.latency import DeviceProfile, MeasuredModel
 
 TOLERANCE = 0.005  # a measured step may exceed the target slowdown by this (half a point of the step)
 ROUNDS = 4  # tune-and-measure rounds before a target counts as unreachable (`tune_measured`)

@@ -9,9 +9,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from models.arch import KVCache, forward  # noqa: E402
-from models.loader import load_hf_folder, synthetic_model  # noqa: E402
-from runtime.errors import ModelFileError, UnsupportedModelError  # noqa: E402
+from decdec.models.arch import KVCache, forward  # noqa: E402
+from decdec.models.loader import load_hf_folder, synthetic_model  # noqa: E402
+from decdec.errors import ModelFileError, UnsupportedModelError  # noqa: E402
 
 COMMON = dict(
     vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models import gguf as ours
-from models.gguf import SUPPORTED_TYPES, GGUFFile, read_gguf
-from runtime.errors import DecDECError, ModelFileError, UnsupportedModelError
+from decdec.models import gguf as ours
+from decdec.models.gguf import SUPPORTED_TYPES, GGUFFile, read_gguf
+from decdec.errors import DecDECError, ModelFileError, UnsupportedModelError
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType

@@ -22,8 +22,8 @@ def test_forward_agrees_with_transformers_gguf(model):
 
 @pytest.mark.slow
 def test_user_gguf_path_runs_prepare_and_eval(tmp_path):
-    from models.loader import PACKAGED
-    from runtime.cli import main
+    from decdec.models.loader import PACKAGED
+    from decdec.runtime.cli import main
 
     path = PACKAGED["smollm2-135m"]()  # any supported GGUF file, given by its path
     cfg = {"model": {"source": str(path)}, "quant": {"method": "rtn", "bits": 3},
@@ -43,8 +43,8 @@ def test_unsupported_gguf_architecture_is_named(tmp_path):
     gguf = pytest.importorskip("gguf")
     import numpy as np
 
-    from models.loader import load_model
-    from runtime.errors import UnsupportedModelError
+    from decdec.models.loader import load_model
+    from decdec.errors import UnsupportedModelError
 
     path = tmp_path / "phi.gguf"
     w = gguf.GGUFWriter(str(path), "phi3")

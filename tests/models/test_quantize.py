@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from models.quantize import (
+from decdec.models.quantize import (
     GROUP_SIZE,
     QuantizedLinear,
     dequantize_codes,
@@ -14,7 +14,7 @@ from models.quantize import (
     quantize_rtn,
     unpack_codes,
 )
-from runtime.errors import ArtifactError
+from decdec.errors import ArtifactError
 
 
 def _gen(seed: int = 0) -> torch.Generator:

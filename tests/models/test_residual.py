@@ -3,15 +3,15 @@
 import pytest
 import torch
 
-from models.quantize import quantize_awq, quantize_rtn
-from models.residual import (
+from decdec.models.quantize import quantize_awq, quantize_rtn
+from decdec.models.residual import (
     RESIDUAL_MAX_CODE,
     ResidualTable,
     build_residual,
     effective_weight,
     search_row_scales,
 )
-from runtime.errors import ArtifactError
+from decdec.errors import ArtifactError
 
 
 def _gen(seed: int = 0) -> torch.Generator:

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import tokenizers
 
-from models.tokenizer import (
+from decdec.models.tokenizer import (
     BYTE,
     CONTROL,
     NORMAL,
@@ -37,7 +37,7 @@ from models.tokenizer import (
     tokenizer_from_gguf_metadata,
     tokenizer_from_json,
 )
-from runtime.errors import ModelFileError, UnsupportedModelError
+from decdec.errors import ModelFileError, UnsupportedModelError
 
 # ---------------------------------------------------------------------------------------------
 # Tiny SentencePiece-style ('llama') vocabularies

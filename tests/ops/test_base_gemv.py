@@ -10,7 +10,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from ops import base_gemv as bg  # noqa: E402
+from decdec.ops import base_gemv as bg  # noqa: E402
 
 
 
@@ -81,7 +81,7 @@ def test_reference_is_dequantized_matmul(bits):
 
 @pytest.mark.parametrize("bits", [3, 4])
 def test_packing_agrees_with_models_quantize(bits):
-    quantize = pytest.importorskip("models.quantize")
+    quantize = pytest.importorskip("decdec.models.quantize")
     codes = np.random.default_rng(20 + bits).integers(0, 2**bits, (4, 96))
     theirs = quantize.pack_codes(torch.from_numpy(codes), bits).numpy()
     assert (theirs == pack_codes(codes, bits)).all()

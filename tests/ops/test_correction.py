@@ -8,9 +8,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from ops import base_gemv as bg  # noqa: E402
-from ops import correction as co  # noqa: E402
-from ops import dma, selector  # noqa: E402
+from decdec.ops import base_gemv as bg  # noqa: E402
+from decdec.ops import correction as co  # noqa: E402
+from decdec.ops import dma, selector  # noqa: E402
 from tests.ops.test_base_gemv import assert_close_fp16, random_linear  # noqa: E402
 
 

@@ -7,8 +7,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from ops import dma  # noqa: E402
-from runtime.errors import DeviceError  # noqa: E402
+from decdec.ops import dma  # noqa: E402
+from decdec.errors import DeviceError  # noqa: E402
 
 
 

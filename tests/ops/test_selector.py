@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from ops import selector
-from runtime.errors import ConfigError
+from decdec.ops import selector
+from decdec.errors import ConfigError
 
 
 def literal_bucket_select(x: np.ndarray, k_chunk: int, t: np.ndarray, chunk: int = 1024) -> list[int]:

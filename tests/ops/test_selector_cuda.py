@@ -10,8 +10,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from numba import cuda, float32  # noqa: E402
 
-from ops import selector  # noqa: E402
-from ops.selector_cuda import bucket_of, select_bucket_cuda  # noqa: E402
+from decdec.ops import selector  # noqa: E402
+from decdec.ops.selector_cuda import bucket_of, select_bucket_cuda  # noqa: E402
 
 
 

@@ -6,8 +6,8 @@ from tests.ops.cudasim import cuda  # noqa: F401 - first: the simulator
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
-from ops import timing  # noqa: E402
-from ops.correction import plan_correction  # noqa: E402
+from decdec.ops import timing  # noqa: E402
+from decdec.ops.correction import plan_correction  # noqa: E402
 
 
 def test_import_needs_no_gpu_and_leaves_numba_cuda_alone():

@@ -6,9 +6,9 @@ import pytest
 import torch
 import yaml
 
-from runtime.cli import main
-from runtime.config import load_config
-from runtime.errors import ConfigError
+from decdec.runtime.cli import main
+from decdec.config import load_config
+from decdec.errors import ConfigError
 
 TINY = {"family": "llama", "vocab_size": 200, "dim": 64, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1,
         "head_dim": 32, "ffn_dim": 128, "max_seq_len": 64}
@@ -112,7 +112,7 @@ def test_corrupt_artifacts_are_refused(cfg_file, tmp_path, capsys):
 
 
 def test_interrupted_prepare_leaves_nothing_trusted(cfg_file, tmp_path, monkeypatch, capsys):
-    from models import artifacts
+    from decdec.models import artifacts
 
     def crash(*a, **k):
         raise KeyboardInterrupt

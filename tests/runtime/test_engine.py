@@ -8,10 +8,10 @@ max |diff| <= 1e-4 * max |logit|. The selections themselves must be identical.
 import pytest
 import torch
 
-import runtime
-from models.arch import LINEAR_KINDS, forward
-from runtime.errors import ConfigError
-from runtime.evaluate import decdec_linear, dense_groups, per_group_k
+from decdec import runtime
+from decdec.models.arch import LINEAR_KINDS, forward
+from decdec.errors import ConfigError
+from decdec.runtime.evaluate import decdec_linear, dense_groups, per_group_k
 
 TINY = {"family": "llama", "vocab_size": 300, "dim": 128, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
         "head_dim": 32, "ffn_dim": 1536, "max_seq_len": 64}
@@ -121,7 +121,7 @@ def test_step_equals_simulation_on_gemma3(tmp_path):
     cfg = {"model": {"source": "gemma3-270m", "max_seq_len": 128}, "quant": {"method": "rtn", "bits": 3},
            "decdec": {"k_chunk": 32}, "calibration": {"tokens": 256, "ctx": 128}, "artifacts": str(tmp_path / "g")}
     engine = runtime.compile(cfg, progress=False)
-    from models.corpus import corpus_text
+    from decdec.models.corpus import corpus_text
 
     tokens = torch.tensor(engine.tokenizer.encode(corpus_text("pydoc", "eval")[:2000]))[:64]
     p = engine.prepared

@@ -34,15 +34,15 @@ import types  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import runtime  # noqa: E402
-from models.arch import KVCache, ModelArgs, attend, forward, rope  # noqa: E402
-from models.graph import build_graph  # noqa: E402
-from models.loader import synthetic_model  # noqa: E402
-from ops import dma  # noqa: E402
-from ops.correction import correction_reference  # noqa: E402
-from runtime import executor_cuda as xc  # noqa: E402
-from runtime.errors import DeviceError, ModelFileError  # noqa: E402
-from scheduler.plan import MAIN, SIDE, Plan, PlanItem, schedule  # noqa: E402
+from decdec import runtime  # noqa: E402
+from decdec.models.arch import KVCache, ModelArgs, attend, forward, rope  # noqa: E402
+from decdec.models.graph import build_graph  # noqa: E402
+from decdec.models.loader import synthetic_model  # noqa: E402
+from decdec.ops import dma  # noqa: E402
+from decdec.ops.correction import correction_reference  # noqa: E402
+from decdec.runtime import executor_cuda as xc  # noqa: E402
+from decdec.errors import DeviceError, ModelFileError  # noqa: E402
+from decdec.scheduler.plan import MAIN, SIDE, Plan, PlanItem, schedule  # noqa: E402
 from tests.runtime.test_engine import TINY, tiny_cfg  # noqa: E402
 
 STEPS = 32
@@ -247,7 +247,7 @@ def gemma_cfg(tmp_path, device: str, k_chunk: int = 32) -> dict:
 
 
 def gemma_tokens(engine) -> torch.Tensor:
-    from models.corpus import corpus_text
+    from decdec.models.corpus import corpus_text
 
     return torch.tensor(engine.tokenizer.encode(corpus_text("pydoc", "eval")[:2000]))[:STEPS]
 
@@ -273,7 +273,7 @@ class FakeGemv:
     """`BaseGemv` on the CPU, same signatures; checks what the executor hands it."""
 
     def __init__(self, qweight, scales, zeros, act_scale, bits, group_size=128, plan=None):
-        from ops.layout import dequantize
+        from decdec.ops.layout import dequantize
 
         self.weight = dequantize(qweight, scales, zeros, bits, act_scale.shape[0], group_size)
         self.act_scale = act_scale
@@ -419,7 +419,7 @@ def test_cuda_executor_on_a_fake_device_matches_cpu_engine(tmp_path, fake_cuda, 
     assert timing.start.external and all(e.external for pair in timing.marks for e in pair)
     ex.run(int(tokens[1]), 1, [])
     assert ex.profiled[1] is timing
-    from runtime.profiler import profile_steps
+    from decdec.runtime.profiler import profile_steps
 
     report = profile_steps(dev, 2, eager=True)
     assert "summary by op type" in report and "inside the graph replay" in report and "eager step" in report
@@ -455,9 +455,9 @@ TUNE_COST = {"qkv": 0.05, "o": 0.2, "gate_up": 0.02, "down": 0.5}  # µs per k_c
 
 def tiny_profile(path, device: str = FAKE_GPU, drop=()) -> None:
     """A hand-made profile of the tiny llama's shapes (pair = 10 µs + k x cost at k 4, 16, 64)."""
-    from models.graph import group_shapes
-    from scheduler.latency import MeasuredModel
-    from scheduler.profile import MeasuredProfile
+    from decdec.models.graph import group_shapes
+    from decdec.scheduler.latency import MeasuredModel
+    from decdec.scheduler.profile import MeasuredProfile
 
     args, _ = small_args("llama")
     rows = [{"out": out, "in": inp, "bits": bits, "k_chunk": k, "n_tb": tb, "base_us": 10.0,
@@ -496,7 +496,7 @@ def test_compile_with_a_target_on_a_fake_device(tmp_path, fake_cuda, monkeypatch
 def tuned_cpu_steps(tmp_path, dev, tokens) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits of a CPU executor running a tuned tiny-llama engine's plan with the same k_chunk per group,
     and of the CPU engine without compensation."""
-    from runtime.executor_cpu import CPUExecutor, cpu_groups
+    from decdec.runtime.executor_cpu import CPUExecutor, cpu_groups
 
     cpu = runtime.compile(tiny_k_cfg(tmp_path, 0, "llama", "rtn"), progress=False)
     ks = {(layer, kind): dev.tuning.k_chunks[kind, 3] for layer, kind in cpu.prepared.groups}
@@ -506,7 +506,7 @@ def tuned_cpu_steps(tmp_path, dev, tokens) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_target_errors_on_a_fake_device(tmp_path, fake_cuda, monkeypatch):
-    from runtime.errors import ConfigError
+    from decdec.errors import ConfigError
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: FAKE_GPU)
     missing = tmp_path / "none.json"
@@ -571,7 +571,7 @@ def test_captured_replay_equals_eager_launches(tmp_path):
             assert_timings(timings, ex.plan)
         assert_close(torch.stack(timed), replayed, REPLAY_TOL)
     assert ex.profiled is not None
-    from runtime.profiler import profile_steps
+    from decdec.runtime.profiler import profile_steps
 
     report = profile_steps(dev, 3, eager=True)
     assert "summary by op type" in report and "inside the graph replay" in report and "eager step" in report
@@ -606,9 +606,9 @@ def test_gpu_tune_then_compile_with_a_target(tmp_path, capsys):
     compensation's effect."""
     import yaml
 
-    from runtime.cli import main
-    from runtime.tune import measure_step_us
-    from scheduler.profile import MeasuredProfile
+    from decdec.runtime.cli import main
+    from decdec.runtime.tune import measure_step_us
+    from decdec.scheduler.profile import MeasuredProfile
 
     cfg = tiny_k_cfg(tmp_path, 64, "llama", "rtn")
     cfg_path, profile = tmp_path / "cfg.yaml", tmp_path / "profile.json"

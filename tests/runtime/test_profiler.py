@@ -7,9 +7,9 @@ import types
 import pytest
 import torch
 
-from runtime.graph import Node
-from runtime.profiler import profile_steps, step_span
-from scheduler.plan import MAIN, SIDE, PlanItem
+from decdec.graph import Node
+from decdec.runtime.profiler import profile_steps, step_span
+from decdec.scheduler.plan import MAIN, SIDE, PlanItem
 
 
 def item(op: str, stream: int = MAIN, layer=None, group=None) -> PlanItem:

@@ -2,10 +2,10 @@
 
 import pytest
 
-from runtime.errors import ConfigError
-from scheduler.latency import DeviceProfile, fit_profile, predict_base_us, predict_corr_us, predict_pair_us
-from scheduler.plan import schedule
-from scheduler.tuner import predicted_step_us, tune
+from decdec.errors import ConfigError
+from decdec.scheduler.latency import DeviceProfile, fit_profile, predict_base_us, predict_corr_us, predict_pair_us
+from decdec.scheduler.plan import schedule
+from decdec.scheduler.tuner import predicted_step_us, tune
 
 TRUE = DeviceProfile("test-gpu", n_sm=132, hbm_bytes_per_us=2.4e6, base_fixed_us=3.0, pcie_bytes_per_us=45e3,
                      per_tb_bytes_per_us=6e3, corr_fixed_us=4.0, steal=0.5, pair_fixed_us=0.1)
@@ -54,8 +54,8 @@ def test_unreachable_target_is_a_clear_error():
 
 
 def test_plan_puts_side_ops_on_the_side_stream():
-    from models.arch import ModelArgs
-    from models.graph import build_graph
+    from decdec.models.arch import ModelArgs
+    from decdec.models.graph import build_graph
 
     args = ModelArgs("llama", 100, 64, 2, 2, 1, 32, 128, 1e-5, 1e4)
     plan = schedule(build_graph(args, [3, 3], 16))
@@ -67,7 +67,7 @@ def test_plan_puts_side_ops_on_the_side_stream():
 
 
 def test_measured_model_interpolates_and_never_extrapolates():
-    from scheduler.latency import MeasuredModel
+    from decdec.scheduler.latency import MeasuredModel
 
     rows = [{"out": 64, "in": 128, "bits": 3, "k_chunk": k, "n_tb": 4, "base_us": 10.0, "pair_us": 10.0 + k}
             for k in (4, 16)]

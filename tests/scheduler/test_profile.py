@@ -5,14 +5,14 @@ import json
 
 import pytest
 
-from models.arch import LINEAR_KINDS, ModelArgs
-from models.graph import build_graph, group_shapes
-from ops.selector import n_selected
-from runtime.errors import ConfigError
-from scheduler.latency import MeasuredModel
-from scheduler.plan import schedule
-from scheduler.profile import MeasuredProfile, default_path, slug
-from scheduler.tuner import (TOLERANCE, cheapest_slowdown, frontier, predicted_step_us, tune_groups,
+from decdec.models.arch import LINEAR_KINDS, ModelArgs
+from decdec.models.graph import build_graph, group_shapes
+from decdec.constants import n_selected
+from decdec.errors import ConfigError
+from decdec.scheduler.latency import MeasuredModel
+from decdec.scheduler.plan import schedule
+from decdec.scheduler.profile import MeasuredProfile, default_path, slug
+from decdec.scheduler.tuner import (TOLERANCE, cheapest_slowdown, frontier, predicted_step_us, tune_groups,
                              tune_measured)
 
 ARGS = ModelArgs("llama", 100, 64, 4, 2, 1, 32, 128, 1e-5, 1e4)  # dim 64, 4 layers, ffn 128

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from runtime.errors import ConfigError
+from decdec.errors import ConfigError
 
 
 @dataclass(frozen=True)

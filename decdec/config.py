@@ -24,7 +24,7 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class QuantSection:
-    method: str = "awq"  # rtn | awq
+    method: str = "awq"  # rtn | awq | robust (AWQ validated on held-back rows, scored after DecDEC's compensation)
     bits: float = 3  # 3 | 4 | 3.5 (3.5: the more sensitive half of the layers at 4 bits)
     group_size: int = 128  # the AWQ / GPTQ standard: one scale + zero per 128 inputs
 
@@ -63,11 +63,17 @@ class Config:
         src = self.model.source
         name = "synthetic" if isinstance(src, dict) else Path(str(src)).name.removesuffix(".gguf")
         cal = self.calibration  # in the name, so changing it picks a new folder instead of a refusal
-        return Path("artifacts") / f"{name}-{self.quant.method}{self.quant.bits:g}-cal{cal.tokens}x{cal.ctx}"
+        k = f"-k{self.quant_k_chunk()}" if self.quant.method == "robust" else ""
+        return Path("artifacts") / f"{name}-{self.quant.method}{self.quant.bits:g}{k}-cal{cal.tokens}x{cal.ctx}"
+
+    def quant_k_chunk(self) -> int:
+        """The k_chunk whose compensation the 'robust' quantizer plans for: DecDEC's fixed k_chunk,
+        or 0 when DecDEC is off or a tuner picks k_chunk per layer later."""
+        return (self.decdec.k_chunk or 0) if self.decdec.selection != "none" else 0
 
 
 ALLOWED = {  # field path -> allowed values (checked after the type)
-    "quant.method": ("rtn", "awq"),
+    "quant.method": ("rtn", "awq", "robust"),
     "quant.bits": (3, 4, 3.5),
     "quant.group_size": (128,),
     "decdec.residual_bits": (4,),

@@ -3,10 +3,17 @@
 The embedded default corpus is CPython's language reference (`pydoc_data.topics`, ~465 k
 characters, shipped with every Python): topics in name order alternate between the calibration
 half (even positions) and the evaluation half (odd), so the two never share a topic.
+
+'pysource' is off-domain evaluation text: the source code of a fixed list of pure-Python stdlib
+modules. The calibration text is English prose about the language; source code is another kind
+of text (identifiers, indentation, operators, terse comments) that no calibration half contains,
+and like pydoc_data it ships with every Python, so it needs no download. It changes only with the
+Python version; `text_sha256` lets a result record exactly which text it measured.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -14,6 +21,8 @@ import torch
 from decdec.errors import ConfigError
 
 HALVES = ("calibration", "eval")
+# code-dense modules first: an evaluation reads only the first few thousand tokens
+PYSOURCE_MODULES = ("bisect", "colorsys", "graphlib", "shlex", "textwrap", "fractions", "heapq", "statistics")
 
 
 def pydoc_half(half: str) -> str:
@@ -23,13 +32,26 @@ def pydoc_half(half: str) -> str:
     return "\n\n".join(topics[name] for name in names)
 
 
+def pysource() -> str:
+    import importlib.util
+
+    return "\n\n".join(Path(importlib.util.find_spec(m).origin).read_text(encoding="utf-8") for m in PYSOURCE_MODULES)
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def corpus_text(corpus: str, half: str) -> str:
-    """'pydoc' gives the named half of the embedded corpus; anything else is a UTF-8 text file."""
+    """'pydoc' gives the named half of the embedded corpus, 'pysource' the stdlib source (all of it,
+    whatever the half); anything else is a UTF-8 text file."""
     if corpus == "pydoc":
         return pydoc_half(half)
+    if corpus == "pysource":
+        return pysource()
     path = Path(corpus).expanduser()
     if not path.is_file():
-        raise ConfigError(f"config field '{half}.corpus' = '{corpus}': no such text file (or use 'pydoc')")
+        raise ConfigError(f"config field '{half}.corpus' = '{corpus}': no such text file (or use 'pydoc' or 'pysource')")
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -37,10 +59,13 @@ def corpus_text(corpus: str, half: str) -> str:
 
 
 def check_disjoint(calibration: str, evaluation: str) -> None:
-    """Calibration must not see the evaluation text: same user file for both is refused."""
-    if calibration != "pydoc" and Path(calibration).resolve() == Path(evaluation).resolve():
+    """Calibration must not see the evaluation text: the same file, or 'pysource' (which has no
+    halves), for both is refused."""
+    same = calibration == evaluation == "pysource" or calibration not in ("pydoc", "pysource") and (
+        Path(calibration).resolve() == Path(evaluation).resolve())
+    if same:
         raise ConfigError(
-            f"'calibration.corpus' and 'eval.corpus' are the same file ({calibration}): "
+            f"'calibration.corpus' and 'eval.corpus' are the same text ({calibration}): "
             "calibration and evaluation text must not overlap"
         )
 

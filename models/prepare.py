@@ -26,7 +26,7 @@ from decdec.models.calibrate import (
 )
 from decdec.models.corpus import check_disjoint, corpus_text, token_windows
 from decdec.models.loader import LoadedModel, load_model
-from decdec.models.quantize import QuantizedLinear, quantize_awq, quantize_rtn
+from decdec.models.quantize import QuantizedLinear, quantize_awq, quantize_robust, quantize_rtn
 from decdec.models.residual import ResidualTable, build_residual, effective_weight
 from decdec.config import Config, load_config
 
@@ -55,9 +55,10 @@ class Prepared:
 
 def artifact_key(model: LoadedModel, cfg: Config) -> dict:
     """What artifacts depend on: the model's bytes and the config that shapes preparation."""
+    robust = {"k_chunk": cfg.quant_k_chunk()} if cfg.quant.method == "robust" else {}
     return {
         "model_sha256": model.sha256,
-        "quant": dataclasses.asdict(cfg.quant),
+        "quant": {**dataclasses.asdict(cfg.quant), **robust},
         "calibration": dataclasses.asdict(cfg.calibration),
         "residual_bits": cfg.decdec.residual_bits,
     }
@@ -76,6 +77,8 @@ def calibration_windows(model: LoadedModel, cfg: Config) -> list[torch.Tensor]:
 def quantize_group(weight: torch.Tensor, x: torch.Tensor, bits: int, cfg: Config) -> QuantizedLinear:
     if cfg.quant.method == "awq":
         return quantize_awq(weight, x, bits, cfg.quant.group_size)
+    if cfg.quant.method == "robust":
+        return quantize_robust(weight, x, bits, cfg.quant.group_size, cfg.quant_k_chunk())
     return quantize_rtn(weight, bits, cfg.quant.group_size)
 
 

@@ -29,6 +29,7 @@ from decdec.ops.layout import (  # noqa: F401 - the packed layout lives with the
     unpack_codes,
 )
 from decdec.errors import ArtifactError
+from decdec.constants import CHUNK_SIZE, chunk_ks
 
 GROUP_SIZE = 128  # inputs sharing one scale/zero (FORMATS.md; AWQ's and GPTQ's usual choice)
 
@@ -36,6 +37,7 @@ AWQ_SEARCH_ROWS = 512  # calibration rows for the alpha search (llm-awq also sea
 AWQ_MIN_CHANNEL_SCALE = 1e-4  # floor on mean|x|^alpha: a channel that is always 0 gets a finite s
 CLIP_GRID = 20  # clipping ratios tried per (row, group) ...
 CLIP_MIN_RATIO = 0.5  # ... evenly from 1.0 (no clipping) down to this (half the range, as llm-awq)
+HOLDOUT_FRACTION = 4  # quantize_robust validates its choice on the last quarter of the calibration rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,6 +82,23 @@ def _round_up_to_half(x: torch.Tensor) -> torch.Tensor:
     return torch.where(half.float() < x, up, half)
 
 
+def _grid(groups: torch.Tensor, bits: int, clip: torch.Tensor | None):
+    """Codes (float), float16 scales and float zeros of grouped weights [..., n_groups, group_size]."""
+    max_code = 2**bits - 1
+    w_min = groups.amin(-1).clamp(max=0.0)
+    w_max = groups.amax(-1).clamp(min=0.0)
+    if clip is not None:
+        w_min = torch.maximum(w_min, -clip)
+        w_max = torch.minimum(w_max, clip)
+    scales = _round_up_to_half((w_max - w_min) / max_code)
+    # an all-zero group has range 0: any scale represents it exactly, 1 avoids dividing by zero
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    scales_f = scales.float()
+    zeros = torch.round(-w_min / scales_f).clamp(0, max_code)
+    codes = (torch.round(groups / scales_f[..., None]) + zeros[..., None]).clamp(0, max_code)
+    return codes, scales, zeros
+
+
 def fake_quantize(
     weight: torch.Tensor, bits: int, group_size: int = GROUP_SIZE, clip: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -94,21 +113,18 @@ def fake_quantize(
     float16 scales, so the error bound |deq - w| <= scale / 2 holds for what is stored.
     """
     _check_bits(bits)
-    max_code = 2**bits - 1
-    groups = _grouped(weight.float(), group_size)  # [out, n_groups, group_size]
-    w_min = groups.amin(-1).clamp(max=0.0)
-    w_max = groups.amax(-1).clamp(min=0.0)
-    if clip is not None:
-        w_min = torch.maximum(w_min, -clip)
-        w_max = torch.minimum(w_max, clip)
-    scales = _round_up_to_half((w_max - w_min) / max_code)
-    # an all-zero group has range 0: any scale represents it exactly, 1 avoids dividing by zero
-    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
-    scales_f = scales.float()
-    zeros = torch.round(-w_min / scales_f).clamp(0, max_code)
-    codes = torch.round(groups / scales_f[..., None]) + zeros[..., None]
-    codes = codes.clamp(0, max_code).to(torch.uint8)
-    return _ungrouped(codes, weight.shape[-1]), scales, zeros.to(torch.float16)
+    codes, scales, zeros = _grid(_grouped(weight.float(), group_size), bits, clip)
+    return _ungrouped(codes, weight.shape[-1]).to(torch.uint8), scales, zeros.to(torch.float16)
+
+
+def quant_dequant(
+    weight: torch.Tensor, bits: int, group_size: int = GROUP_SIZE, clip: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`dequantize_codes(*fake_quantize(...))`, bit for bit, computed per group with broadcast
+    scales: the searches call it dozens of times per layer and the per-element gather of scales
+    and zeros in `dequantize_codes` dominated their time."""
+    codes, scales, zeros = _grid(_grouped(weight.float(), group_size), bits, clip)
+    return _ungrouped((codes - zeros[..., None]) * scales.float()[..., None], weight.shape[-1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,6 +241,14 @@ def _subsample_rows(x: torch.Tensor, max_rows: int) -> torch.Tensor:
     return x[torch.arange(max_rows) * n // max_rows]
 
 
+def split_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(search rows, held-back rows): the last 1/HOLDOUT_FRACTION of the calibration rows is held
+    back. It is contiguous text that the searches never saw, so a choice that only fits the search
+    rows shows up there. With too few rows to spare, both are all of x."""
+    held = x.shape[0] // HOLDOUT_FRACTION
+    return (x[:-held], x[-held:]) if held else (x, x)
+
+
 def awq_channel_scale(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
     """AWQ's per-input-channel scale s = mean|x|^alpha, normalised so that max(s) * min(s) = 1
     (keeps W diag(s) in the same magnitude range as W)."""
@@ -232,13 +256,35 @@ def awq_channel_scale(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
     return s / (s.max() * s.min()).sqrt()
 
 
-def _effective_error(
-    weight: torch.Tensor, act_scale: torch.Tensor, bits: int, group_size: int
-) -> torch.Tensor:
-    """deq(Q(W diag(s))) diag(1/s) - W: the quantization error as seen by the unscaled x."""
+def uncorrected(x_seen: torch.Tensor, k_chunk: int) -> torch.Tensor:
+    """The activations x~ [N, in] whose weight error DecDEC leaves in the output: x~ with the k_chunk
+    channels of largest |x~| per 1024-chunk zeroed in every row (the exact top-k, which the bucket
+    selector nearly matches; ties are immaterial to an error estimate, so topk, not the selector's
+    slower stable sort). The 4-bit residual is taken as exact, so a corrected channel adds no
+    error. k_chunk = 0 (no DecDEC) leaves x~ whole."""
+    if k_chunk == 0:
+        return x_seen
+    keep = torch.ones_like(x_seen)
+    for start, k in zip(range(0, x_seen.shape[-1], CHUNK_SIZE), chunk_ks(x_seen.shape[-1], k_chunk)):
+        top = x_seen[:, start : start + CHUNK_SIZE].abs().topk(k, dim=-1, sorted=False).indices
+        keep.scatter_(-1, top + start, 0.0)
+    return x_seen * keep
+
+
+def output_error(
+    weight: torch.Tensor,
+    x: torch.Tensor,
+    act_scale: torch.Tensor,
+    bits: int,
+    group_size: int = GROUP_SIZE,
+    clip: torch.Tensor | None = None,
+    k_chunk: int = 0,
+) -> float:
+    """Squared output error on rows x [N, in] of quantizing W diag(1/act_scale) (with `clip`), after
+    the compensation that DecDEC at k_chunk makes: ||(Q(W') - W') uncorrected(x * act_scale)||^2."""
     w_eff = weight / act_scale
-    deq = dequantize_codes(*fake_quantize(w_eff, bits, group_size), group_size)
-    return deq * act_scale - weight
+    err = quant_dequant(w_eff, bits, group_size, clip) - w_eff
+    return (uncorrected(x * act_scale, k_chunk) @ err.T).square().sum().item()
 
 
 def _search_act_scale(
@@ -248,18 +294,14 @@ def _search_act_scale(
     bits: int,
     group_size: int,
     n_grid: int,
+    k_chunk: int,
 ) -> torch.Tensor:
     """act_scale = 1/s for the alpha in {0, 1/n_grid, ..., (n_grid-1)/n_grid} with the least
-    output error ||(Q(W s)/s - W) x||^2 on rows x. alpha = 0 is plain RTN, so AWQ never does worse
-    on x; ties keep the smaller alpha."""
-    best_loss, best = float("inf"), torch.ones_like(mean_abs)
-    for k in range(n_grid):
-        act_scale = 1.0 / awq_channel_scale(mean_abs, k / n_grid)
-        diff = _effective_error(weight, act_scale, bits, group_size)  # [out, in]
-        loss = (x @ diff.T).square().sum().item()
-        if loss < best_loss:  # a NaN loss (float16 scale overflow) is never chosen
-            best_loss, best = loss, act_scale
-    return best
+    `output_error` on rows x. alpha = 0 is plain RTN, so the search never does worse on x; ties
+    keep the smaller alpha; a NaN loss (float16 scale overflow) is never chosen."""
+    scales = [1.0 / awq_channel_scale(mean_abs, k / n_grid) for k in range(n_grid)]
+    losses = torch.tensor([output_error(weight, x, s, bits, group_size, k_chunk=k_chunk) for s in scales])
+    return scales[int(torch.nan_to_num(losses, nan=float("inf")).argmin())]
 
 
 def _group_gram(x: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -285,12 +327,26 @@ def _search_clip(
     gram = _group_gram(x_eff, group_size)
     max_abs = _grouped(w_eff, group_size).abs().amax(-1)  # [out, n_groups]
     ratios = torch.linspace(1.0, CLIP_MIN_RATIO, CLIP_GRID)
-    errors = []
-    for ratio in ratios.tolist():
-        deq = dequantize_codes(*fake_quantize(w_eff, bits, group_size, max_abs * ratio), group_size)
-        errors.append(_group_output_error(deq - w_eff, gram, group_size))
+    errors = [
+        _group_output_error(quant_dequant(w_eff, bits, group_size, max_abs * r) - w_eff, gram, group_size)
+        for r in ratios.tolist()
+    ]
     best = torch.stack(errors).argmin(0)  # first minimum: the largest ratio among equals
     return max_abs * ratios[best]
+
+
+def _check_awq(weight: torch.Tensor, calib_x: torch.Tensor, bits: int, n_grid: int):
+    weight = _check_weight(weight)
+    in_features = weight.shape[1]
+    x = calib_x.reshape(-1, calib_x.shape[-1]).float()
+    if x.shape[1] != in_features or x.shape[0] == 0:
+        raise ValueError(
+            f"calib_x must be [N >= 1, {in_features}], got shape {tuple(calib_x.shape)}"
+        )
+    if n_grid < 1:
+        raise ValueError(f"n_grid must be >= 1, got {n_grid}")
+    _check_bits(bits)
+    return weight, x
 
 
 def quantize_awq(
@@ -307,19 +363,40 @@ def quantize_awq(
     `calib_x` [..., in] are the layer's input activations on calibration text. The alpha search
     uses at most AWQ_SEARCH_ROWS evenly strided rows; mean|x| and the clipping search use all.
     """
-    weight = _check_weight(weight)
-    in_features = weight.shape[1]
-    x = calib_x.reshape(-1, calib_x.shape[-1]).float()
-    if x.shape[1] != in_features or x.shape[0] == 0:
-        raise ValueError(
-            f"calib_x must be [N >= 1, {in_features}], got shape {tuple(calib_x.shape)}"
-        )
-    if n_grid < 1:
-        raise ValueError(f"n_grid must be >= 1, got {n_grid}")
-    _check_bits(bits)
-    mean_abs = x.abs().mean(0)
-    x_search = _subsample_rows(x, AWQ_SEARCH_ROWS)
-    act_scale = _search_act_scale(weight, x_search, mean_abs, bits, group_size, n_grid)
+    weight, x = _check_awq(weight, calib_x, bits, n_grid)
+    act_scale = _search_act_scale(
+        weight, _subsample_rows(x, AWQ_SEARCH_ROWS), x.abs().mean(0), bits, group_size, n_grid, 0
+    )
     w_eff = weight / act_scale  # exactly what residual.effective_weight recomputes
     clip = _search_clip(w_eff, x * act_scale, bits, group_size)
     return _from_fake(*fake_quantize(w_eff, bits, group_size, clip), act_scale, bits, group_size)
+
+
+def quantize_robust(
+    weight: torch.Tensor,
+    calib_x: torch.Tensor,
+    bits: int,
+    group_size: int = GROUP_SIZE,
+    k_chunk: int = 0,
+    n_grid: int = 20,
+) -> QuantizedLinear:
+    """AWQ that never ends worse than RTN off its search rows, and that knows DecDEC is coming.
+
+    The AWQ scale and clipping searches run on the search rows of `split_rows`, scored by the
+    error left after DecDEC's compensation at `k_chunk` (`output_error`): channels that DecDEC
+    corrects anyway need no protection from the scale. Then the candidates RTN, RTN + clipping,
+    AWQ scale, AWQ scale + clipping are scored the same way on the held-back rows, and the best
+    one is kept (ties go to the earlier, simpler one): a search that over-fits its rows falls back.
+    """
+    weight, x = _check_awq(weight, calib_x, bits, n_grid)
+    search, held = split_rows(x)
+    ones = torch.ones(weight.shape[1])
+    act_scale = _search_act_scale(
+        weight, _subsample_rows(search, AWQ_SEARCH_ROWS), search.abs().mean(0), bits, group_size, n_grid, k_chunk
+    )
+    scales = [ones] if torch.equal(act_scale, ones) else [ones, act_scale]
+    candidates = [(s, clip) for s in scales for clip in (
+        None, _search_clip(weight / s, uncorrected(search * s, k_chunk), bits, group_size))]
+    errors = [output_error(weight, held, s, bits, group_size, clip, k_chunk) for s, clip in candidates]
+    s, clip = candidates[min(range(len(errors)), key=errors.__getitem__)]
+    return _from_fake(*fake_quantize(weight / s, bits, group_size, clip), s, bits, group_size)

@@ -10,8 +10,10 @@ from decdec.models.quantize import (
     fake_quantize,
     n_groups,
     pack_codes,
+    quant_dequant,
     quantize_awq,
     quantize_rtn,
+    uncorrected,
     unpack_codes,
 )
 from decdec.errors import ArtifactError
@@ -205,3 +207,27 @@ def test_awq_partial_group_and_batched_calibration() -> None:
 def test_awq_rejects_mismatched_calibration() -> None:
     with pytest.raises(ValueError, match="calib_x"):
         quantize_awq(torch.randn(8, 128), torch.randn(10, 64), 4)
+
+
+@pytest.mark.parametrize("width", [576, 640])
+def test_quant_dequant_matches_codes_round_trip(width: int) -> None:
+    gen = _gen(width)
+    weight = torch.randn(16, width, generator=gen)
+    clip = _grouped_max(weight) * torch.rand(16, n_groups(width, GROUP_SIZE), generator=gen)
+    for c in (None, clip):
+        assert torch.equal(quant_dequant(weight, 3, clip=c), dequantize_codes(*fake_quantize(weight, 3, clip=c)))
+
+
+def _grouped_max(weight: torch.Tensor) -> torch.Tensor:
+    return torch.stack([g.abs().amax(-1) for g in weight.split(GROUP_SIZE, dim=-1)], -1)
+
+
+def test_uncorrected_zeroes_top_k_per_chunk() -> None:
+    x = torch.randn(3, 1536, generator=_gen(9))
+    kept = uncorrected(x, 32)
+    assert torch.equal(uncorrected(x, 0), x)
+    zeroed = kept == 0
+    assert zeroed[:, :1024].sum(-1).tolist() == [32] * 3 and zeroed[:, 1024:].sum(-1).tolist() == [16] * 3
+    smallest_zeroed = torch.where(zeroed[:, :1024], x[:, :1024].abs(), torch.inf).amin(-1)
+    largest_kept = torch.where(zeroed[:, :1024], 0, x[:, :1024].abs()).amax(-1)
+    assert (smallest_zeroed > largest_kept).all()

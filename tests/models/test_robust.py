@@ -1,0 +1,80 @@
+"""The robust quantizer on real layers of a packaged model, and the off-domain evaluation text."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from decdec.config import load_config
+from decdec.errors import ConfigError
+from decdec.models.corpus import PYSOURCE_MODULES, check_disjoint, corpus_text, text_sha256, token_windows
+from decdec.models.quantize import quantize_robust, quantize_rtn
+from decdec.ops import selector
+
+
+@pytest.fixture(scope="module")
+def smollm_layers():
+    """Weights and calibration activations of the four linear groups of SmolLM2-135M's last layer."""
+    from decdec.models.calibrate import collect_activations
+    from decdec.models.loader import load_model
+
+    model = load_model("smollm2-135m")
+    window = token_windows(model.tokenizer, corpus_text("pydoc", "calibration"), 256, 256)[:1]
+    acts = collect_activations(model.args, model.weights, window)
+    last = model.args.n_layers - 1
+    return [(model.weights[f"layers.{l}.{kind}"], x) for (l, kind), x in acts.items() if l == last]
+
+
+def _held_error(q, weight: torch.Tensor, x: torch.Tensor, k_chunk: int) -> float:
+    """Output error on x after DecDEC's compensation at k_chunk with an exact residual, written out
+    with the selector's own exact top-k (independent of the quantizer's estimate)."""
+    xs = x * q.act_scale
+    if k_chunk:
+        xs = xs * (1 - selector.selection_mask(selector.select_exact(xs, k_chunk), xs.shape[-1]))
+    return (xs @ (q.dequantize() - weight / q.act_scale).T).square().sum().item()
+
+
+@pytest.mark.parametrize("k_chunk", [0, 32])
+def test_robust_never_worse_than_rtn_on_held_back_rows(smollm_layers, k_chunk):
+    better = 0
+    for weight, x in smollm_layers:
+        held = x[-(x.shape[0] // 4):]  # the rows the quantizer holds back from its searches
+        robust = _held_error(quantize_robust(weight, x, 3, k_chunk=k_chunk), weight, held, k_chunk)
+        rtn = _held_error(quantize_rtn(weight, 3), weight, held, k_chunk)
+        assert robust <= rtn * (1 + 1e-5)
+        better += robust < 0.99 * rtn
+    assert better >= len(smollm_layers) // 2  # it does choose something other than RTN on real layers
+
+
+def test_pysource_is_fixed_stdlib_source():
+    text = corpus_text("pysource", "eval")
+    assert text == corpus_text("pysource", "calibration")  # no halves: the whole text
+    assert text_sha256(text) == text_sha256(corpus_text("pysource", "eval"))
+    assert "def bisect_right(" in text and "class Fraction(" in text and len(PYSOURCE_MODULES) == 8
+    assert len(text) > 100_000  # room for 8192 evaluation tokens
+
+
+def test_pysource_for_both_calibration_and_eval_is_refused():
+    with pytest.raises(ConfigError, match="must not overlap"):
+        check_disjoint("pysource", "pysource")
+    check_disjoint("pydoc", "pysource")
+    check_disjoint("pysource", "pydoc")
+
+
+def test_off_domain_eval_windows():
+    from decdec.models.loader import load_model
+    from decdec.models.prepare import Prepared
+    from decdec.runtime.evaluate import eval_windows
+
+    model = load_model("smollm2-135m")
+    cfg = load_config({"model": {"source": "smollm2-135m"}, "eval": {"corpus": "pysource", "tokens": 300, "ctx": 128}})
+    windows = eval_windows(Prepared(model, {}, [], cfg, Path(".")))
+    assert [w.shape[0] for w in windows] == [128, 128, 128]
+    assert '"""Bisection algorithms."""' in model.tokenizer.decode(windows[0].tolist())
+
+
+def test_robust_artifacts_depend_on_k_chunk():
+    dirs = {load_config({"quant": {"method": "robust"}, "decdec": {"k_chunk": k}}).artifact_dir() for k in (8, 32)}
+    assert len(dirs) == 2
+    off = load_config({"quant": {"method": "robust"}, "decdec": {"selection": "none"}})
+    assert off.quant_k_chunk() == 0 and str(off.artifact_dir()).endswith("robust3-k0-cal2048x512")

@@ -24,27 +24,42 @@ def source(path: Path) -> str:
     return f"`{path.relative_to(RESULTS.parent.parent)}`"
 
 
+QUALITY_LINES = (  # (label, method, quant_k: None for all, "k" for the evaluated k_chunk, or a number)
+    ("RTN", "rtn", None), ("AWQ", "awq", None), ("robust", "robust", "k"), ("robust, k-unaware", "robust", 0))
+
+
 def quality_table(path: Path) -> str:
+    """Perplexity per quantizer (rows) and domain x k_chunk (columns), then the issue-19 goal checks."""
     d = json.loads(path.read_text())
-    rows = d["rows"]
-    plain = [r for r in rows if r["selection"] == "none"]
-    lines = [f"**{d['model']}** — {d['eval_tokens']} evaluation tokens, windows of {d['ctx']}, "
-             f"calibration {d['calibration_tokens']} tokens; {d['device']}, commit {d['commit'][:7]} "
-             f"({source(path)})", "", *header("model", "perplexity")]
-    for r in plain:
-        name = "reference (dequantized GGUF)" if r["method"] == "reference" else f"{r['method'].upper()} {r['bits']:g}-bit"
-        lines.append(row(name, f"{r['ppl']:.2f}"))
-    for method in ("awq", "rtn"):
-        dyn = [r for r in rows if r["method"] == method and r["bits"] == 3 and r["selection"] != "none"]
-        if not dyn:
-            continue
-        modes = [m for m in ("bucket", "exact", "static") if any(r["selection"] == m for r in dyn)]
-        ks = sorted({r["k_chunk"] for r in dyn})
-        lines += ["", f"{method.upper()} 3-bit + DecDEC (k_chunk per 1024 channels):", "",
-                  *header("selection", *(f"k={k}" for k in ks))]
-        for m in modes:
-            cells = [next(f"{r['ppl']:.2f}" for r in dyn if r["selection"] == m and r["k_chunk"] == k) for k in ks]
-            lines.append(row(m, *cells))
+    rows, ks = d["rows"], sorted({r["k_chunk"] for r in d["rows"]})
+    domains = list(d["domains"])
+
+    def ppl(method: str, quant_k, domain: str, k: int) -> float | None:
+        want = k if quant_k == "k" else quant_k
+        return next((r["ppl"] for r in rows if r["method"] == method and r["domain"] == domain and r["k_chunk"] == k
+                     and (want is None or r["quant_k"] == want)), None)
+
+    texts = ", ".join(f"{dom}-domain `{v['corpus']}` {v['tokens']} tokens" for dom, v in d["domains"].items())
+    lines = [f"**{d['model']}** {d['bits']}-bit + DecDEC (bucket selection, k_chunk per 1024 channels): {texts}, "
+             f"windows of {d['ctx']}, calibration {d['calibration_tokens']} tokens of `pydoc`; {d['device']}, "
+             f"commit {d['commit'][:7]} ({source(path)})", "",
+             *header("quantizer", *(f"{dom} k={k}" for dom in domains for k in ks))]
+    ref = {dom: ppl("reference", None, dom, 0) for dom in domains}
+    lines.append(row("reference", *(f"{ref[dom]:.2f}" if k == 0 and ref[dom] else "" for dom in domains for k in ks)))
+    for label, method, quant_k in QUALITY_LINES:
+        cells = [ppl(method, quant_k, dom, k) for dom in domains for k in ks]
+        if any(cells):
+            lines.append(row(label, *(f"{c:.2f}" if c else "–" for c in cells)))
+    checks = []
+    for dom in domains:
+        for k in ks:
+            best, robust = min(filter(None, (ppl(m, None, dom, k) for m in ("rtn", "awq"))), default=None), ppl("robust", "k", dom, k)
+            if best and robust:
+                checks.append(f"{dom} k={k} {'✓' if robust <= 1.01 * best else '✗'} ({robust / best - 1:+.1%})")
+    rtn, top, off = ppl("rtn", None, "off", 0), ppl("robust", "k", "off", ks[-1]), ref.get("off")
+    recovery = f"; off-domain k={ks[-1]} recovers {(rtn - top) / (rtn - off):.0%} of RTN's gap (goal 65 %)" if rtn and top and off else ""
+    lines += ["", f"robust ≤ min(RTN, AWQ) + 1 %: {', '.join(checks)}{recovery}. "
+              f"Preparation seconds: {', '.join(f'{m} {t:g}' for m, t in d['prepare_seconds'].items())}."]
     return "\n".join(lines)
 
 
@@ -123,11 +138,14 @@ def gpu_tables(path: Path) -> str:
 def recall_table(path: Path) -> str:
     d = json.loads(path.read_text())
     ks = sorted({r["k_chunk"] for r in d["rows"]})
-    out = [f"Selector recall against exact top-k, {d['model']}, {d['positions']} positions of evaluation text "
-           f"({source(path)}): bucket (static in brackets)", "", *header("group", *(f"k={k}" for k in ks))]
-    for g in ("qkv", "o", "gate_up", "down"):
-        cells = [next(f"{r['bucket_recall']:.2f} ({r['static_recall']:.2f})" for r in d["rows"] if r["group"] == g and r["k_chunk"] == k) for k in ks]
-        out.append(row(g, *cells))
+    out = [f"Selector recall against exact top-k, {d['model']}, positions {d['positions']} of in-domain and "
+           f"off-domain evaluation text ({source(path)}): bucket (static in brackets)", "",
+           *header("domain, group", *(f"k={k}" for k in ks))]
+    for dom in dict.fromkeys(r["domain"] for r in d["rows"]):
+        for g in ("qkv", "o", "gate_up", "down"):
+            cells = [next(f"{r['bucket_recall']:.2f} ({r['static_recall']:.2f})" for r in d["rows"]
+                          if r["domain"] == dom and r["group"] == g and r["k_chunk"] == k) for k in ks]
+            out.append(row(f"{dom}, {g}", *cells))
     return "\n".join(out)
 
 

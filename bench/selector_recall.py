@@ -1,5 +1,6 @@
 """Selector recall (issue 4, table 4): how many of the exact top-k channels the 32-bucket selector
-picks, on activations recorded from a real model on evaluation text (never seen in calibration).
+picks, on activations recorded from a real model on evaluation text (never seen in calibration):
+in-domain (pydoc's evaluation half) and off-domain (stdlib source, unlike the calibration text).
 
     python bench/selector_recall.py --config configs/gemma3-270m-3bit.yaml --out bench/results/selector_recall_gemma3-270m.json
 
@@ -22,6 +23,7 @@ from bench.meta import run_meta  # noqa: E402
 from decdec.models.calibrate import collect_activations  # noqa: E402
 from decdec.models.corpus import corpus_text, token_windows  # noqa: E402
 from decdec.models.prepare import prepare  # noqa: E402
+from bench.quality import DOMAINS  # noqa: E402
 from decdec.ops import selector  # noqa: E402
 from decdec.config import load_config  # noqa: E402
 
@@ -42,23 +44,27 @@ def main() -> None:
     cfg = load_config(a.config)
     prepared = prepare(cfg)
     model = prepared.model
-    windows = token_windows(model.tokenizer, corpus_text("pydoc", "eval"), min(a.tokens, 512), a.tokens)
-    acts = collect_activations(model.args, model.weights, windows)
-    rows = []
-    for k in (int(v) for v in a.k_chunk.split(",")):
-        by_kind: dict[str, list[float]] = {}
-        for (layer, kind), x in acts.items():
-            g = prepared.groups[layer, kind]
-            xs = x * g.q.act_scale
-            picked = selector.select_bucket(xs, k, selector.bucket_bounds(g.thresholds, k))
-            static = selector.select_static(xs, k, g.mean_abs)
-            exact = selector.select_exact(xs, k)
-            by_kind.setdefault(kind, []).append((recall(picked, exact), recall(static, exact)))
-        for kind, values in by_kind.items():
-            rows.append({"k_chunk": k, "group": kind, "bucket_recall": sum(v[0] for v in values) / len(values),
-                         "static_recall": sum(v[1] for v in values) / len(values), "layers": len(values)})
-            print(f"k_chunk {k:>3} {kind:<8} bucket recall {rows[-1]['bucket_recall']:.3f}  static {rows[-1]['static_recall']:.3f}")
-    out = {**run_meta(), "config": a.config, "model": model.source, "positions": sum(w.shape[0] for w in windows), "rows": rows}
+    rows, positions = [], {}
+    for domain, corpus in DOMAINS.items():
+        windows = token_windows(model.tokenizer, corpus_text(corpus, "eval"), min(a.tokens, 512), a.tokens)
+        positions[domain] = sum(w.shape[0] for w in windows)
+        acts = collect_activations(model.args, model.weights, windows)
+        for k in (int(v) for v in a.k_chunk.split(",")):
+            by_kind: dict[str, list[tuple[float, float]]] = {}
+            for (layer, kind), x in acts.items():
+                g = prepared.groups[layer, kind]
+                xs = x * g.q.act_scale
+                picked = selector.select_bucket(xs, k, selector.bucket_bounds(g.thresholds, k))
+                static = selector.select_static(xs, k, g.mean_abs)
+                exact = selector.select_exact(xs, k)
+                by_kind.setdefault(kind, []).append((recall(picked, exact), recall(static, exact)))
+            for kind, values in by_kind.items():
+                rows.append({"domain": domain, "k_chunk": k, "group": kind, "layers": len(values),
+                             "bucket_recall": sum(v[0] for v in values) / len(values),
+                             "static_recall": sum(v[1] for v in values) / len(values)})
+                print(f"{domain:>3} k_chunk {k:>3} {kind:<8} bucket recall {rows[-1]['bucket_recall']:.3f}  "
+                      f"static {rows[-1]['static_recall']:.3f}")
+    out = {**run_meta(), "config": a.config, "model": model.source, "positions": positions, "rows": rows}
     Path(a.out).write_text(json.dumps(out, indent=1))
 
 

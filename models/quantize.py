@@ -10,6 +10,11 @@ AWQ (Lin et al., "AWQ: Activation-aware Weight Quantization", MLSys 2024) in two
 2. a per-(output row, group) clipping ratio of the weight range, choosing the one that minimises
    that group's share of the output error.
 The layer then computes `y = deq(Q) @ (x * act_scale)` with `act_scale = 1 / s`.
+
+`quantize_robust` guards AWQ against its own over-fitting and aims it at what DecDEC leaves: it
+searches on part of the calibration rows, scores every choice by the output error that remains
+after DecDEC's compensation at the planned k_chunk, and keeps per layer whichever of RTN and the
+AWQ variants does best on the rows held back from the search.
 """
 
 from __future__ import annotations

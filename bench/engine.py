@@ -279,6 +279,13 @@ def ours(name: str, s: Shapes, run: Run, targets: list[float], quick: bool, emit
     path = Path(tempfile.mkdtemp()) / "profile.json"
     profile.save(path)
     log(f"{name}: measured this GPU on {len(shapes)} group shapes in {time.perf_counter() - t0:.0f} s (decdec tune)")
+    tuned(name, prepared, base, targets, profile, path, nbytes, run, emit)
+
+
+def tuned(name: str, prepared: Prepared, base: dict[int, dict], targets: list[float], profile, path: Path, nbytes: int,
+          run: Run, emit) -> None:
+    """Per target: `compile_cuda` with `decdec.target_slowdown` (tuned with `profile`, saved at `path`),
+    timed at every position; slowdown against `base` (position -> the base step's timing)."""
     for target in targets:
         cfg = prepared.config
         cfg = dataclasses.replace(cfg, decdec=dataclasses.replace(cfg.decdec, k_chunk=None, target_slowdown=target))

@@ -92,3 +92,38 @@ def test_results_page_has_the_engine_section(tmp_path, monkeypatch):
     text = out.read_text()
     assert text.startswith("# Results") and "## End to end: our engine beside the anchor" in text
     assert "## Kernels" not in text  # sections without files are left out
+
+
+def test_tuned_rows_on_cpu_stand_in(monkeypatch):
+    """The --targets branch (GPU: compile_cuda with a target) with a stand-in compile: the CPU engine
+    carrying a tuner's Tuning, and one target the tuner refuses."""
+    from decdec.errors import ConfigError
+    from decdec.scheduler.tuner import Choice, Round, Tuning
+
+    run = engine.Run("cpu", engine.TINY_MAX_SEQ, (4, 8), 1, 1, True, None)
+    prepared = engine.synthetic_prepared(engine.TINY, run.max_seq, "cpu")
+    base = engine.time_ours(engine.our_engine(prepared), run)
+    shapes = {("gate_up", 3): (1024, 256, 3, 2)}
+    targets_seen, build = [], engine.our_engine
+
+    def stand_in(p, profile, path):
+        target = p.config.decdec.target_slowdown
+        targets_seen.append((target, p.config.decdec.k_chunk, profile, path))
+        if target < 0.05:
+            raise ConfigError(f"target slowdown {target:.1%} cannot be met")
+        e = build(prepared)
+        e.tuning = Tuning(target, 1000.0, 1040.0, {("gate_up", 3): Choice(12, 16, 10.0, 30.0)}, shapes,
+                          rounds=(Round(target, 1040.0, 1045.0),))
+        return e
+
+    monkeypatch.setattr(engine, "our_engine", stand_in)
+    rows = []
+    engine.tuned("tiny", prepared, base, [0.025, 0.1], "PROFILE", "PATH", 123, run, rows.append)
+    assert [(t, k, pr, pa) for t, k, pr, pa in targets_seen] == [(0.025, None, "PROFILE", "PATH"),
+                                                                (0.1, None, "PROFILE", "PATH")]
+    assert rows[0]["target"] == 0.025 and "cannot be met" in rows[0]["error"]
+    for r, p in zip(rows[1:], (3, 7)):
+        assert r["target"] == 0.1 and r["position"] == p and r["k_chunk"] == {"gate_up@3": 12}
+        assert r["n_tb"] == {"gate_up@3": 16} and r["predicted_slowdown"] == pytest.approx(0.04)
+        assert r["tuner_slowdown"] == pytest.approx(0.045)
+        assert r["slowdown"] == pytest.approx(r["device_ms"] / base[p]["device_ms"] - 1)

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from decdec.models.arch import Linear, forward
 from decdec.models.prepare import Prepared
 from decdec.ops import selector
+from decdec.ops.correction import compensate
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class DenseGroup:
     """One prepared group, dequantized once for fast batched simulation."""
 
     weight: torch.Tensor  # deq(Q), float32 [out, in]
-    residual: torch.Tensor  # R_hat, float32 [out, in]
+    residual: torch.Tensor  # R_hat's rows, float32 [in, out] (row i = input channel i, as in the table)
     act_scale: torch.Tensor  # float32 [in]
     thresholds: torch.Tensor
     mean_abs: torch.Tensor
@@ -32,7 +33,7 @@ class DenseGroup:
 
 def dense_groups(prepared: Prepared) -> dict[tuple[int, str], DenseGroup]:
     return {
-        key: DenseGroup(g.q.dequantize(), g.residual.dequantize(), g.q.act_scale, g.thresholds, g.mean_abs)
+        key: DenseGroup(g.q.dequantize(), g.residual.dequantize().T, g.q.act_scale, g.thresholds, g.mean_abs)
         for key, g in prepared.groups.items()
     }
 
@@ -60,8 +61,7 @@ def decdec_linear(groups: dict[tuple[int, str], DenseGroup], selection: str = "n
         xs = x * g.act_scale
         out = xs @ g.weight.T
         if selection != "none" and k > 0:
-            mask = selector.selection_mask(select(selection, xs, k, g), xs.shape[-1])
-            out = out + (xs * mask) @ g.residual.T
+            out = out + compensate(xs, select(selection, xs, k, g), g.residual)
         return out
 
     return linear

@@ -53,17 +53,27 @@ def test_unreachable_target_is_a_clear_error():
         tune(TRUE, SHAPES, step, -0.1)
 
 
-def test_plan_puts_side_ops_on_the_side_stream():
+def test_plan_fuses_logical_ops_into_launches():
     from decdec.models.arch import ModelArgs
     from decdec.models.graph import build_graph
 
     args = ModelArgs("llama", 100, 64, 2, 2, 1, 32, 128, 1e-5, 1e4)
-    plan = schedule(build_graph(args, [3, 3], 16))
-    ops = [(it.node.op, it.stream) for it in plan.items if it.node.layer == 0][:8]
-    assert ops[:5] == [("rms_norm", 0), ("selector", 1), ("dma", 1), ("correction", 1), ("base_gemv", 0)]
-    waits = {it.wait for it in plan.items if it.wait}
-    records = {it.record for it in plan.items if it.record}
+    graph = build_graph(args, [3, 3], 16)
+    plan = schedule(graph)
+    ops = [(launch.op, launch.stream) for launch in plan.launches if launch.layer == 0]
+    assert ops[:6] == [("rms_norm", 0), ("selector+dma+correction+merge", 1), ("base_gemv", 0), ("attention", 0),
+                       ("selector+dma+correction+merge", 1), ("base_gemv", 0)]
+    assert ("residual_add+rms_norm", 0) in ops  # the norm after a residual add is fused into it
+    # every logical node is carried out by exactly one launch, in a topological order
+    assert sorted(n.name for launch in plan.launches for n in launch.nodes) == sorted(n.name for n in graph.nodes)
+    waits = {t for launch in plan.launches for t in launch.waits}
+    records = {t for launch in plan.launches for t in launch.records}
     assert waits == records  # every wait has its event recorded
+    first_side = next(launch for launch in plan.launches if launch.stream == 1)
+    assert first_side.waits == ("h.0",)  # the correction waits for its input only, never for the base GEMV
+    assert "fuse" not in plan.format() and "selector+dma+correction+merge" in plan.format()
+    cpu = schedule(graph, fuse=False)
+    assert [launch.nodes[0] for launch in cpu.launches] == graph.nodes and cpu.n_streams == 1
 
 
 def test_measured_model_interpolates_and_never_extrapolates():

@@ -109,9 +109,9 @@ def test_build_graph_takes_k_chunk_and_n_tb_per_kind_and_bits():
 def test_plan_format_shows_n_tb_where_set():
     text = schedule(build_graph(ARGS, [3] * 4, 16, {"qkv": 12, "o": 0, "gate_up": 0, "down": 0})).format()
     assert "n_tb" in text.splitlines()[0]
-    qkv = next(line for line in text.splitlines() if "L0.qkv.correction" in line)
-    down = next(line for line in text.splitlines() if "L0.down.correction" in line)
-    assert qkv.split()[6:8] == ["16", "12"] and down.split()[6] == "16" and down.split()[7] != "12"
+    qkv = next(line for line in text.splitlines() if "L0.qkv.selector+dma+correction+merge" in line)
+    down = next(line for line in text.splitlines() if "L0.down.selector+dma+correction+merge" in line)
+    assert qkv.split()[6:8] == ["16", "12"] and down.split()[6:8] == ["16", "8*"]  # * : the default n_tb
 
 
 def test_tune_groups_spends_the_target_per_kind_and_bits():

@@ -71,7 +71,8 @@ from decdec.models.prepare import Prepared, PreparedGroup  # noqa: E402
 from decdec.models.quantize import QuantizedLinear  # noqa: E402
 from decdec.models.residual import ResidualTable  # noqa: E402
 from decdec.runtime.engine import Engine, compile_cuda  # noqa: E402
-from decdec.runtime.executor_cpu import CPUExecutor, cpu_groups  # noqa: E402
+from decdec.runtime.evaluate import dense_groups  # noqa: E402
+from decdec.runtime.executor_cpu import CPUExecutor  # noqa: E402
 from decdec.scheduler import latency  # noqa: E402
 from decdec.scheduler.plan import MAIN, schedule  # noqa: E402
 
@@ -215,9 +216,8 @@ def our_engine(prepared: Prepared, profile=None, profile_path: Path | None = Non
         return compile_cuda(prepared, None if profile is not None else 0, profile, profile_path)
     args = prepared.model.args
     graph = build_graph(args, prepared.layer_bits, 0)
-    plan = schedule(graph)
-    groups = cpu_groups(prepared.groups, dict.fromkeys(prepared.groups, 0))
-    executor = CPUExecutor(args, prepared.model.weights, groups, plan, prepared.config.model.max_seq_len)
+    plan = schedule(graph, fuse=False)
+    executor = CPUExecutor(args, prepared.model.weights, dense_groups(prepared), plan, prepared.config.model.max_seq_len)
     return Engine(prepared, graph, plan, executor, 0)
 
 

@@ -258,7 +258,7 @@ def ours(name: str, s: Shapes, run: Run, targets: list[float], quick: bool, emit
     nbytes = our_bytes(s)
     engine = our_engine(prepared)
     try:
-        log(f"{name}: ours built (captured); timing the base step")
+        log(f"{name}: ours built; timing the base step")
         base = time_ours(engine, run)
     finally:
         close_engine(engine)

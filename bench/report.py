@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -347,11 +348,13 @@ def engine_table(path: Path) -> str:
                      "ours / int4", "ours / int4, device", "slowdown (predicted)",
                      "k_chunk (n_tb): qkv / o / gate_up / down", "ppl")]
     order = {"ours": 0, "anchor-int4": 1, "anchor-bf16": 2}
-    for r in sorted(rows, key=lambda r: (r["model"], r.get("position", -1), order[r["system"]], r["target"])):
+    errors = []
+    for r in sorted(rows, key=lambda r: (r["model"], r.get("position", math.inf), order[r["system"]], r["target"])):
         target = f"{r['target']:.1%}" if r["target"] else "base" if r["system"] == "ours" else ""
         if "error" in r:
             what = "unreachable" if r["system"] == "ours" and r["target"] else "fails"
-            lines.append(row(r["model"], "", r["system"], target, what, "", "", "", "", "", r["error"][:120], ""))
+            errors.append(f"- {r['model']}, {r['system']}{f' at {target}' if r['target'] else ''}: {r['error'][:300]}")
+            lines.append(row(r["model"], "", r["system"], target, f"{what} (below)", *[""] * 7))
             continue
         anchor = int4.get((r["model"], r["position"])) if r["system"] == "ours" else None
         tuned = "slowdown" in r
@@ -362,7 +365,7 @@ def engine_table(path: Path) -> str:
             f"{r['device_tokens_per_s'] / anchor['device_tokens_per_s']:.2f}x" if anchor else "",
             f"{r['slowdown']:+.1%} ({r['predicted_slowdown']:+.1%})" if tuned else "",
             _ks_dict(r["k_chunk"], r["n_tb"]) if tuned else "", f"{r['ppl']:.2f}" if r.get("ppl") else ""))
-    return "\n".join(lines + [""] + _engine_runs(path, d))
+    return "\n".join(lines + [""] + errors + _engine_runs(path, d))
 
 
 def engine_files() -> list[Path]:

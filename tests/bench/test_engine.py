@@ -33,7 +33,8 @@ def test_dry_run_rows(dry_run):
 def test_report_renders_dry_run(dry_run, monkeypatch):
     monkeypatch.setattr(report, "RESULTS", dry_run.parent)
     table = report.engine_table(dry_run)
-    assert "| tiny | 4 | ours | base |" in table and "| tiny |  | anchor-int4 |  | fails |" in table
+    assert "| tiny | 4 | ours | base |" in table and "| tiny |  | anchor-int4 |  | fails (below) |" in table
+    assert "- tiny, anchor-int4: RuntimeError: skipped" in table
     assert "| tiny | 4 | ours 3-bit |" not in table  # the summary's layout is its own
     summary = report.engine_summary(dry_run)
     assert "| tiny | 4 |" in summary and "| fails |" in summary
@@ -78,8 +79,9 @@ def test_report_ratios_and_tuned_rows(tmp_path, monkeypatch):
     # ours 500 tok/s wall (2 ms) vs the anchor's 250: 2.00x; device 666.7 vs 333.3: 2.00x; roofline 3 GB / 3 TB/s / 2 ms
     assert "| llama3-8b | 256 | ours | base | 500.0 | 666.7 | 50% | 2.00x | 2.00x |  |  |  |" in table
     assert "| +5.0% (+4.0%) | - / - / 12 (16) / 4 (8) |" in table
-    assert "| llama3-8b |  | ours | 2.5% | unreachable |" in table
-    assert "| smollm2-135m |  | anchor-int4 |  | fails |" in table
+    assert "| llama3-8b |  | ours | 2.5% | unreachable (below) |" in table
+    assert "| smollm2-135m |  | anchor-int4 |  | fails (below) |" in table
+    assert "- smollm2-135m, anchor-int4: RuntimeError: Expected isEvenDivisor" in table
     summary = report.engine_summary(path)
     assert "| llama3-8b | 256 | 500.0 (666.7) | 250.0 (333.3) | 166.7 (181.8) | 2.00x | 2.00x |" in summary
 

@@ -2,7 +2,7 @@
 
     DECDEC_COMMIT=<sha> python bench/engine.py [--models llama3-8b,gemma3-270m,smollm2-135m]
         [--systems ours,anchor-int4,anchor-bf16] [--positions 256,2048,8192] [--targets 0.025,0.05,0.1,0.2]
-        [--steps 64] [--quick] [--out bench/results/engine_<gpu>.json] [--merge]
+        [--steps 64] [--quick] [--max-seq 8192] [--out bench/results/engine_<gpu>.json] [--merge]
     python bench/engine.py --device cpu --tiny --eager --out /tmp/engine_cpu.json     (CPU dry run)
 
 Per model (random weights of the real shapes: timing does not depend on the values; Gemma 3 270M's
@@ -411,6 +411,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of: {', '.join(SYSTEMS)}")
     ap.add_argument("--positions", default=None, help="KV lengths, comma list (default 256,2048,8192)")
     ap.add_argument("--targets", default="", help="target slowdowns for ours, e.g. 0.025,0.05,0.1,0.2 (GPU)")
+    ap.add_argument("--max-seq", type=int, default=None, help=f"KV cache length (default {MAX_SEQ}; tiny {TINY_MAX_SEQ})")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default 64; tiny 8)")
     ap.add_argument("--quick", action="store_true", help="the quick profile grid for --targets")
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
@@ -424,7 +425,7 @@ def main(argv=None) -> dict:
     unknown = [x for x in systems if x not in SYSTEMS]
     if unknown or (a.targets and "ours" not in systems):
         ap.error(f"unknown systems {unknown}" if unknown else "--targets needs the system 'ours' (its base step)")
-    max_seq = TINY_MAX_SEQ if a.tiny else MAX_SEQ
+    max_seq = a.max_seq or (TINY_MAX_SEQ if a.tiny else MAX_SEQ)
     positions = tuple(csv(a.positions, int)) if a.positions else (TINY_POSITIONS if a.tiny else POSITIONS)
     if not all(1 <= p <= max_seq for p in positions):
         ap.error(f"--positions must lie in 1 .. {max_seq} (max_seq)")

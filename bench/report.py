@@ -301,7 +301,7 @@ def _engine_rows(d: dict) -> tuple[dict, list[dict]]:
 
 def _engine_runs(path: Path, d: dict) -> list[str]:
     return [f"- run {x['id']}: {x['device']}, commit {x['commit'][:7]}, {x['date']}, torch {x['torch']}, "
-            f"{x['steps']} timed steps, HBM read " + (f"{x['hbm_read_GBps']:.0f} GB/s" if x["hbm_read_GBps"] else "-")
+            f"max_seq {x['max_seq']}, {x['steps']} timed steps, HBM read " + (f"{x['hbm_read_GBps']:.0f} GB/s" if x["hbm_read_GBps"] else "-")
             + f": `{x['command']}`" for x in d["runs"]] + [f"- file: {source(path)}"]
 
 
@@ -340,10 +340,11 @@ def engine_table(path: Path) -> str:
     length, with ours / anchor-int4 both ways and the tuner's plan."""
     d = json.loads(path.read_text())
     int4, rows = _engine_rows(d)
-    lines = [f"{d['device']}, batch 1, max_seq {d['max_seq']}; wall = token id in, logits on the host out; device = "
-             "CUDA events around the step alone; roofline = (weight + lm_head bytes) / measured HBM read / wall "
-             "step; slowdown = device step over the base step at the same KV length (the tuner's prediction in "
-             "brackets):", "",
+    max_seqs = sorted({x["max_seq"] for x in d["runs"]})
+    lines = [f"{d['device']}, batch 1, max_seq {' / '.join(map(str, max_seqs))}; wall = token id in, logits on the "
+             "host out; device = CUDA events around the step alone; roofline = (weight + lm_head bytes) / measured "
+             "HBM read / wall step; slowdown = device step over the base step at the same KV length (the tuner's "
+             "prediction in brackets):", "",
              *header("model", "KV length", "system", "target", "tokens/s", "device tokens/s", "of roofline",
                      "ours / int4", "ours / int4, device", "slowdown (predicted)",
                      "k_chunk (n_tb): qkv / o / gate_up / down", "ppl")]

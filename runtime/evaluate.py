@@ -1,6 +1,6 @@
 """Quality: teacher-forced perplexity of the reference, quantized, and quantized + DecDEC models.
 
-DecDEC is simulated in batch (DESIGN.md §4): for every position and linear group the selector
+DecDEC is simulated in batch: for every position and linear group the selector
 picks channels of that position's activation x~ = x * act_scale exactly as the decode kernel would,
 and the group computes  out = deq(Q) x~ + R_hat (x~ * mask).
 """

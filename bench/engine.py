@@ -170,6 +170,12 @@ def engine_args(s: Shapes, max_seq: int) -> dict:
             "rope_base": s.rope_base, "max_seq_len": max_seq}
 
 
+def engine_config(spec: dict, device: str, decdec: dict):
+    """The config a user would write for this synthetic model (validated by `load_config`)."""
+    return load_config({"model": {"source": {"synthetic": spec}, "max_seq_len": spec["max_seq_len"]},
+                        "quant": {"method": "rtn", "bits": BITS}, "decdec": decdec, "device": device})
+
+
 def threshold_profile(rng, width: int) -> torch.Tensor:
     """A calibrated-looking profile (models/calibrate.py): largest r-th |x| over 16 heavy-tailed samples."""
     return torch.from_numpy(np.sort(np.abs(rng.standard_t(df=3, size=(16, width))), axis=-1)[:, ::-1].max(axis=0)
@@ -182,8 +188,7 @@ def synthetic_prepared(s: Shapes, max_seq: int, device: str) -> Prepared:
     zero point, so activations stay finite through the layers), residual tables (random bytes, made on
     `device`, kept on the host) and calibrated-looking thresholds."""
     spec = engine_args(s, max_seq)
-    cfg = load_config({"model": {"source": {"synthetic": spec}, "max_seq_len": max_seq},
-                       "quant": {"method": "rtn", "bits": BITS}, "decdec": {"k_chunk": 0}, "device": device})
+    cfg = engine_config(spec, device, {"k_chunk": 0})
     args = ModelArgs(**spec)
     gen = torch.Generator(device=device).manual_seed(0)
     rng = np.random.default_rng(0)
@@ -287,9 +292,9 @@ def tuned(name: str, prepared: Prepared, base: dict[int, dict], targets: list[fl
     """Per target: `compile_cuda` with `decdec.target_slowdown` (tuned with `profile`, saved at `path`),
     timed at every position; slowdown against `base` (position -> the base step's timing)."""
     for target in targets:
-        cfg = prepared.config
-        cfg = dataclasses.replace(cfg, decdec=dataclasses.replace(cfg.decdec, k_chunk=None, target_slowdown=target))
         try:
+            cfg = engine_config(prepared.config.model.source["synthetic"], prepared.config.device,
+                                {"target_slowdown": target})
             engine = our_engine(dataclasses.replace(prepared, config=cfg), profile, path)
         except ConfigError as e:  # an unreachable target is a result too
             log(f"{name}: target {target:.1%}: {e}")

@@ -45,11 +45,19 @@ def main() -> None:
     ap.add_argument("--calib-tokens", type=int, default=2048)
     ap.add_argument("--k-chunk", default="8,16,32")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--keep", default="", help="methods whose rows to keep from an earlier --out (e.g. rtn,awq "
+                    "when only the robust quantizer changed); their commit stays in 'kept_from'")
     a = ap.parse_args()
     ks = sorted(int(k) for k in a.k_chunk.split(","))
     model = load_model(a.model)
     result = {**run_meta(), "model": a.model, "bits": BITS, "ctx": a.ctx, "calibration_tokens": a.calib_tokens,
               "domains": {}, "prepare_seconds": {}, "rows": []}  # provenance of the code that ran, taken at the start
+    keep = set(filter(None, a.keep.split(",")))
+    if keep:
+        old = json.loads(Path(a.out).read_text())
+        result["kept_from"] = {"commit": old["commit"], "command": old["command"], "methods": sorted(keep)}
+        result["rows"] = [r for r in old["rows"] if r["method"] in keep | {"reference"}]
+        result["prepare_seconds"] = {m: t for m, t in old["prepare_seconds"].items() if m in keep}
     windows = {}
     for domain, corpus in DOMAINS.items():
         text = corpus_text(corpus, "eval")
@@ -66,8 +74,9 @@ def main() -> None:
         result["seconds"] = round(time.time() - started)
         Path(a.out).write_text(json.dumps(result, indent=1))  # partial results survive
 
-    add({"method": "reference", "quant_k": None, "bits": 16, "selection": "none", "k_chunk": 0}, None)
-    for method, quant_k, eval_ks in points(ks):
+    if not keep:
+        add({"method": "reference", "quant_k": None, "bits": 16, "selection": "none", "k_chunk": 0}, None)
+    for method, quant_k, eval_ks in (p for p in points(ks) if p[0] not in keep):
         cfg = load_config({
             "model": {"source": a.model},
             "quant": {"method": method, "bits": BITS},

@@ -282,13 +282,13 @@ def output_error(
     act_scale: torch.Tensor,
     bits: int,
     group_size: int = GROUP_SIZE,
-    clip: torch.Tensor | None = None,
     k_chunk: int = 0,
 ) -> float:
-    """Squared output error on rows x [N, in] of quantizing W diag(1/act_scale) (with `clip`), after
-    the compensation that DecDEC at k_chunk makes: ||(Q(W') - W') uncorrected(x * act_scale)||^2."""
+    """Squared output error on rows x [N, in] of quantizing W' = W diag(1/act_scale), after the
+    compensation that DecDEC at k_chunk makes with an exact residual:
+    ||(Q(W') - W') uncorrected(x * act_scale)||^2."""
     w_eff = weight / act_scale
-    err = quant_dequant(w_eff, bits, group_size, clip) - w_eff
+    err = quant_dequant(w_eff, bits, group_size) - w_eff
     return (uncorrected(x * act_scale, k_chunk) @ err.T).square().sum().item()
 
 
@@ -377,6 +377,20 @@ def quantize_awq(
     return _from_fake(*fake_quantize(w_eff, bits, group_size, clip), act_scale, bits, group_size)
 
 
+def compensated_error(weight: torch.Tensor, q: QuantizedLinear, x: torch.Tensor, k_chunk: int) -> float:
+    """Squared output error of `q` on rows x [N, in] after DecDEC's compensation at k_chunk with the
+    real 4-bit residual table: clipping inflates the residual's range and so its 4-bit error, which
+    the search-time estimate (`output_error`, exact residual) cannot see."""
+    from decdec.models.residual import build_residual, effective_weight  # residual.py builds on this module
+
+    xs = x * q.act_scale
+    w_eff = effective_weight(weight, q)
+    out = xs @ (q.dequantize() - w_eff).T
+    if k_chunk:
+        out += (xs - uncorrected(xs, k_chunk)) @ build_residual(w_eff, q).dequantize().T
+    return out.square().sum().item()
+
+
 def quantize_robust(
     weight: torch.Tensor,
     calib_x: torch.Tensor,
@@ -387,21 +401,27 @@ def quantize_robust(
 ) -> QuantizedLinear:
     """AWQ that never ends worse than RTN off its search rows, and that knows DecDEC is coming.
 
-    The AWQ scale and clipping searches run on the search rows of `split_rows`, scored by the
-    error left after DecDEC's compensation at `k_chunk` (`output_error`): channels that DecDEC
-    corrects anyway need no protection from the scale. Then the candidates RTN, RTN + clipping,
-    AWQ scale, AWQ scale + clipping are scored the same way on the held-back rows, and the best
-    one is kept (ties go to the earlier, simpler one): a search that over-fits its rows falls back.
+    The AWQ scale is searched on the search rows of `split_rows` twice: plainly, and scored by the
+    error left after DecDEC's compensation at `k_chunk` (`output_error`: channels that DecDEC
+    corrects anyway need no protection from the scale). Clipping is searched plainly for each
+    scale (clipping aimed past the corrected channels inflates the residual: see
+    `compensated_error`). The candidates RTN, RTN + clipping and each scale + clipping are then
+    scored by `compensated_error` on the held-back rows, and the best is kept (ties go to the
+    earlier, simpler one): a search that over-fits its rows falls back per layer.
     """
     weight, x = _check_awq(weight, calib_x, bits, n_grid)
     search, held = split_rows(x)
+    rows, mean_abs = _subsample_rows(search, AWQ_SEARCH_ROWS), search.abs().mean(0)
     ones = torch.ones(weight.shape[1])
-    act_scale = _search_act_scale(
-        weight, _subsample_rows(search, AWQ_SEARCH_ROWS), search.abs().mean(0), bits, group_size, n_grid, k_chunk
-    )
-    scales = [ones] if torch.equal(act_scale, ones) else [ones, act_scale]
-    candidates = [(s, clip) for s in scales for clip in (
-        None, _search_clip(weight / s, uncorrected(search * s, k_chunk), bits, group_size))]
-    errors = [output_error(weight, held, s, bits, group_size, clip, k_chunk) for s, clip in candidates]
-    s, clip = candidates[min(range(len(errors)), key=errors.__getitem__)]
-    return _from_fake(*fake_quantize(weight / s, bits, group_size, clip), s, bits, group_size)
+    scales = [ones]
+    for k in dict.fromkeys((0, k_chunk)):
+        s = _search_act_scale(weight, rows, mean_abs, bits, group_size, n_grid, k)
+        if not any(torch.equal(s, t) for t in scales):
+            scales.append(s)
+    candidates = [quantize_rtn(weight, bits, group_size)] + [
+        _from_fake(*fake_quantize(weight / s, bits, group_size, _search_clip(weight / s, search * s, bits, group_size)),
+                   s, bits, group_size)
+        for s in scales
+    ]
+    errors = [compensated_error(weight, q, held, k_chunk) for q in candidates]
+    return candidates[min(range(len(errors)), key=errors.__getitem__)]

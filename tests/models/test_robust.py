@@ -9,6 +9,7 @@ from decdec.config import load_config
 from decdec.errors import ConfigError
 from decdec.models.corpus import PYSOURCE_MODULES, check_disjoint, corpus_text, text_sha256, token_windows
 from decdec.models.quantize import quantize_robust, quantize_rtn
+from decdec.models.residual import build_residual, effective_weight
 from decdec.ops import selector
 
 
@@ -26,12 +27,14 @@ def smollm_layers():
 
 
 def _held_error(q, weight: torch.Tensor, x: torch.Tensor, k_chunk: int) -> float:
-    """Output error on x after DecDEC's compensation at k_chunk with an exact residual, written out
-    with the selector's own exact top-k (independent of the quantizer's estimate)."""
+    """Output error on x of the layer as DecDEC runs it at k_chunk (the 4-bit residual table, the
+    selector's exact top-k), against the full-precision layer."""
     xs = x * q.act_scale
+    y = xs @ q.dequantize().T
     if k_chunk:
-        xs = xs * (1 - selector.selection_mask(selector.select_exact(xs, k_chunk), xs.shape[-1]))
-    return (xs @ (q.dequantize() - weight / q.act_scale).T).square().sum().item()
+        mask = selector.selection_mask(selector.select_exact(xs, k_chunk), xs.shape[-1])
+        y = y + (xs * mask) @ build_residual(effective_weight(weight, q), q).dequantize().T
+    return (y - x @ weight.T).square().sum().item()
 
 
 @pytest.mark.parametrize("k_chunk", [0, 32])

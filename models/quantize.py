@@ -276,22 +276,6 @@ def uncorrected(x_seen: torch.Tensor, k_chunk: int) -> torch.Tensor:
     return x_seen * keep
 
 
-def output_error(
-    weight: torch.Tensor,
-    x: torch.Tensor,
-    act_scale: torch.Tensor,
-    bits: int,
-    group_size: int = GROUP_SIZE,
-    k_chunk: int = 0,
-) -> float:
-    """Squared output error on rows x [N, in] of quantizing W' = W diag(1/act_scale), after the
-    compensation that DecDEC at k_chunk makes with an exact residual:
-    ||(Q(W') - W') uncorrected(x * act_scale)||^2."""
-    w_eff = weight / act_scale
-    err = quant_dequant(w_eff, bits, group_size) - w_eff
-    return (uncorrected(x * act_scale, k_chunk) @ err.T).square().sum().item()
-
-
 def _search_act_scale(
     weight: torch.Tensor,
     x: torch.Tensor,
@@ -299,14 +283,22 @@ def _search_act_scale(
     bits: int,
     group_size: int,
     n_grid: int,
-    k_chunk: int,
-) -> torch.Tensor:
-    """act_scale = 1/s for the alpha in {0, 1/n_grid, ..., (n_grid-1)/n_grid} with the least
-    `output_error` on rows x. alpha = 0 is plain RTN, so the search never does worse on x; ties
+    k_chunks: tuple[int, ...] = (0,),
+) -> list[torch.Tensor]:
+    """Per k_chunk, act_scale = 1/s for the alpha in {0, 1/n_grid, ..., (n_grid-1)/n_grid} with the
+    least output error on rows x after DecDEC's compensation at that k_chunk with an exact residual,
+    ||(Q(W') - W') uncorrected(x * act_scale)||^2 with W' = W / act_scale (one quantization per
+    alpha serves every k_chunk). alpha = 0 is plain RTN, so the search never does worse on x; ties
     keep the smaller alpha; a NaN loss (float16 scale overflow) is never chosen."""
-    scales = [1.0 / awq_channel_scale(mean_abs, k / n_grid) for k in range(n_grid)]
-    losses = torch.tensor([output_error(weight, x, s, bits, group_size, k_chunk=k_chunk) for s in scales])
-    return scales[int(torch.nan_to_num(losses, nan=float("inf")).argmin())]
+    scales = [1.0 / awq_channel_scale(mean_abs, a / n_grid) for a in range(n_grid)]
+    losses = torch.empty(len(k_chunks), n_grid)
+    for a, act_scale in enumerate(scales):
+        w_eff = weight / act_scale
+        err_t = (quant_dequant(w_eff, bits, group_size) - w_eff).T
+        xs = x * act_scale
+        for i, k in enumerate(k_chunks):
+            losses[i, a] = (uncorrected(xs, k) @ err_t).square().sum().item()
+    return [scales[int(i)] for i in torch.nan_to_num(losses, nan=float("inf")).argmin(1)]
 
 
 def _group_gram(x: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -369,9 +361,7 @@ def quantize_awq(
     uses at most AWQ_SEARCH_ROWS evenly strided rows; mean|x| and the clipping search use all.
     """
     weight, x = _check_awq(weight, calib_x, bits, n_grid)
-    act_scale = _search_act_scale(
-        weight, _subsample_rows(x, AWQ_SEARCH_ROWS), x.abs().mean(0), bits, group_size, n_grid, 0
-    )
+    (act_scale,) = _search_act_scale(weight, _subsample_rows(x, AWQ_SEARCH_ROWS), x.abs().mean(0), bits, group_size, n_grid)
     w_eff = weight / act_scale  # exactly what residual.effective_weight recomputes
     clip = _search_clip(w_eff, x * act_scale, bits, group_size)
     return _from_fake(*fake_quantize(w_eff, bits, group_size, clip), act_scale, bits, group_size)
@@ -380,7 +370,7 @@ def quantize_awq(
 def compensated_error(weight: torch.Tensor, q: QuantizedLinear, x: torch.Tensor, k_chunk: int) -> float:
     """Squared output error of `q` on rows x [N, in] after DecDEC's compensation at k_chunk with the
     real 4-bit residual table: clipping inflates the residual's range and so its 4-bit error, which
-    the search-time estimate (`output_error`, exact residual) cannot see."""
+    the scale search's estimate (an exact residual) cannot see."""
     from decdec.models.residual import build_residual, effective_weight  # residual.py builds on this module
 
     xs = x * q.act_scale
@@ -402,7 +392,7 @@ def quantize_robust(
     """AWQ that never ends worse than RTN off its search rows, and that knows DecDEC is coming.
 
     The AWQ scale is searched on the search rows of `split_rows` twice: plainly, and scored by the
-    error left after DecDEC's compensation at `k_chunk` (`output_error`: channels that DecDEC
+    error left after DecDEC's compensation at `k_chunk` (channels that DecDEC
     corrects anyway need no protection from the scale). Clipping is searched plainly for each
     scale (clipping aimed past the corrected channels inflates the residual: see
     `compensated_error`). The candidates RTN, RTN + clipping and each scale + clipping are then
@@ -414,8 +404,7 @@ def quantize_robust(
     rows, mean_abs = _subsample_rows(search, AWQ_SEARCH_ROWS), search.abs().mean(0)
     ones = torch.ones(weight.shape[1])
     scales = [ones]
-    for k in dict.fromkeys((0, k_chunk)):
-        s = _search_act_scale(weight, rows, mean_abs, bits, group_size, n_grid, k)
+    for s in _search_act_scale(weight, rows, mean_abs, bits, group_size, n_grid, tuple(dict.fromkeys((0, k_chunk)))):
         if not any(torch.equal(s, t) for t in scales):
             scales.append(s)
     candidates = [quantize_rtn(weight, bits, group_size)] + [

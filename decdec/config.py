@@ -24,7 +24,7 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class QuantSection:
-    method: str = "awq"  # rtn | awq | robust (AWQ validated on held-back rows, scored after DecDEC's compensation)
+    method: str = "robust"  # rtn | awq | robust (AWQ validated on held-back rows, scored after DecDEC's compensation)
     bits: float = 3  # 3 | 4 | 3.5 (3.5: the more sensitive half of the layers at 4 bits)
     group_size: int = 128  # the AWQ / GPTQ standard: one scale + zero per 128 inputs
 
@@ -128,7 +128,7 @@ def _build(default, data: Any, prefix: str):
 
 
 def load_config(cfg: str | Path | dict | Config | None) -> Config:
-    """A Config from a YAML path, a dict, or None (the defaults: the embedded model, 3-bit AWQ)."""
+    """A Config from a YAML path, a dict, or None (the defaults: the embedded model, 3-bit robust AWQ)."""
     if cfg is None:
         return Config()
     if isinstance(cfg, Config):

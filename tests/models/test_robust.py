@@ -81,3 +81,19 @@ def test_robust_artifacts_depend_on_k_chunk():
     assert len(dirs) == 2
     off = load_config({"quant": {"method": "robust"}, "decdec": {"selection": "none"}})
     assert off.quant_k_chunk() == 0 and str(off.artifact_dir()).endswith("robust3-k0-cal2048x512")
+
+
+def test_prepare_robust_keys_artifacts_by_k_chunk(tmp_path):
+    from decdec.errors import ArtifactError
+    from decdec.models.prepare import prepare
+
+    tiny = {"family": "llama", "vocab_size": 200, "dim": 64, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1,
+            "head_dim": 32, "ffn_dim": 128, "max_seq_len": 64}
+    cfg = {"model": {"source": {"synthetic": tiny}}, "calibration": {"tokens": 64, "ctx": 32},
+           "decdec": {"k_chunk": 256}, "artifacts": str(tmp_path / "art")}
+    assert load_config(cfg).quant.method == "robust"  # the default quantizer
+    first = prepare(cfg, progress=False)
+    again = prepare(cfg, progress=False)  # reused: same model, config and k_chunk
+    assert torch.equal(first.groups[0, "qkv"].q.qweight, again.groups[0, "qkv"].q.qweight)
+    with pytest.raises(ArtifactError):  # planned for another k_chunk: not silently reused
+        prepare({**cfg, "decdec": {"k_chunk": 128}}, progress=False)

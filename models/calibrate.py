@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -42,8 +43,10 @@ def collect_activations(args: ModelArgs, weights, windows: list[torch.Tensor], p
 
 
 def threshold_profile(x: torch.Tensor) -> torch.Tensor:
-    """t[r] = max over rows of the r-th largest |x| of that row: float32 [in]."""
-    return x.abs().sort(dim=-1, descending=True).values.amax(dim=0).to(torch.float32)
+    """t[r] = max over rows of the r-th largest |x| of that row: float32 [in]. (NumPy's vectorised
+    sort is several times faster than torch's on the CPU; the values are the same.)"""
+    ascending = np.sort(x.abs().to(torch.float32).numpy(), axis=-1)
+    return torch.from_numpy(ascending.max(axis=0)[::-1].copy())
 
 
 def mean_abs(x: torch.Tensor) -> torch.Tensor:

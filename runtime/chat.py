@@ -100,4 +100,5 @@ def chat(engine: Engine, lines: Iterable[str], write: Callable[[str], None], inf
         seconds = time.perf_counter() - start
         info(f"({len(out)} tokens, {len(out) / seconds:.1f} tokens/s)")
         fed = ids + out
-        messages.append({"role": "assistant", "content": tok.decode(out)})
+        # the reply as generated, control tokens included, so that the next turn's tokens start with the cache's
+        messages.append({"role": "assistant", "content": tok.decode(out, skip_special=False)})

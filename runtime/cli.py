@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -250,6 +251,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # OpenMP threads that spin while they wait starve each other on busy cores (torch's elementwise
+    # ops ran 10-40x slower on 2 shared cores); waiting threads sleep instead. libgomp reads this when
+    # torch loads, which no verb has done yet.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = parser().parse_args(argv)
     try:
         args.fn(args)

@@ -13,12 +13,18 @@ CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role']
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def tiny_hf_folder(path: Path, seed: int = 0) -> Path:
+def tiny_hf_folder(path: Path, seed: int = 0, ascii_only: bool = False) -> Path:
+    """`ascii_only`: a vocabulary of the printable ASCII bytes and newline, so that whatever the random
+    model writes decodes to text that encodes back to the same ids."""
     transformers = pytest.importorskip("transformers")
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if ascii_only:
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        alphabet = {piece for piece, _ in byte_level.pre_tokenize_str("".join(map(chr, range(32, 127))) + "\n")}
+        alphabet = {c for piece in alphabet for c in piece}
     backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()

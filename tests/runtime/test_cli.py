@@ -42,6 +42,8 @@ def test_prepare_eval_graph_profile(cfg_file, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "summary by op type" in out and "profiled step" in out and "plain step" in out
     assert "eager step: not timed" in out  # the CPU step has no graph: it already runs op by op
+    shares = [float(line.split()[-1][:-1]) for line in out.splitlines() if line.endswith("%")]
+    assert 97 <= sum(shares) <= 100.5  # CPU ops run one after another: they fill the step but for the timer
     events = json.loads(trace.read_text())["traceEvents"]
     assert {e["tid"] for e in events if e["ph"] == "X"} == {0, 1}
 

@@ -185,3 +185,10 @@ def test_run_streams_then_compares_exactly_ppl_tokens(tmp_path, capsys):
     assert [line.split()[1:3] for line in table[1:]] == [["reference", "32"], ["rtn", "3"], ["rtn", "3"]]
     assert all(line.split()[-1] == "40" for line in table[1:])  # tokens evaluated, as asked, rows once
     assert "5 tokens in" in captured.err and "tokens/s" in captured.err
+
+
+def test_k_chunk_and_target_both_unset_is_one_config_error():
+    from decdec.config import load_config
+
+    with pytest.raises(ConfigError, match="'decdec.k_chunk' and 'decdec.target_slowdown' are both unset"):
+        load_config({"decdec": {"k_chunk": None}})

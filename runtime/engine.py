@@ -153,6 +153,8 @@ def text_pieces(tokenizer, token_ids: Iterable[int], ids: list[int] | None = Non
     text = tokenizer.decode(ids)
     if text != shown and text.startswith(shown):
         yield text[len(shown):]
+
+
 def engine_k_chunk(cfg: Config) -> int | None:
     """The k_chunk of every group, or None where the tuner chooses per group (decdec.target_slowdown).
     The tuner needs this GPU's measured latency model, so a target on the CPU is an error."""

@@ -96,7 +96,7 @@ class AddRmsNorm:
         if dim % 2 or dim > MAX_DIM:
             raise ValueError(f"dim = {dim}: the fused norm takes an even width up to {MAX_DIM}")
         self.threads = min(MAX_THREADS, -(-dim // 64) * 32)
-        self.dim, self.eps = dim, float(args.norm_eps)
+        self.dim, self.eps = dim, np.float32(args.norm_eps)
         self.has_branch, self.has_post = branch is not None, post_weight is not None
         dummy = cuda.device_array(1, np.float32) if branch is None or post_weight is None else None
         self.args = (x, words(branch) if branch is not None else dummy.view(np.uint32),

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from numba import cuda, float32, int32
+from numba import cuda, float32, int32, uint32
 
 from decdec.models.arch import KVCache, ModelArgs, attend
 from decdec.ops.ptx import half2_floats, load_u32x4, pack_half2
@@ -75,8 +75,9 @@ def plan_attention(args: ModelArgs, tile: int | None = None, splits: int = SPLIT
     if hd not in HEAD_DIMS or args.n_heads % args.n_kv_heads:
         raise ValueError(f"head_dim = {hd}, {args.n_heads} heads on {args.n_kv_heads} kv heads: the attention "
                          f"kernel takes head_dim in {HEAD_DIMS} and whole query groups")
-    if THREADS % tile or not 1 <= splits <= 32:
-        raise ValueError(f"tile = {tile}, splits = {splits}: tile must divide {THREADS}, splits in 1..32")
+    if THREADS % tile or tile * hd % (8 * THREADS) or not 1 <= splits <= 32:
+        raise ValueError(f"tile = {tile}, splits = {splits}: tile must divide {THREADS} and hold a multiple of "
+                         f"{8 * THREADS} halves, splits in 1..32")
     return AttentionPlan(args.n_kv_heads, args.n_heads // args.n_kv_heads, hd, tile, splits)
 
 
@@ -95,6 +96,32 @@ class AttentionScratch:
         n = p.n_kv_heads * p.splits * p.group
         return cls(cuda.device_array(2 * n, np.float32), cuda.device_array(n * p.head_dim, np.float32),
                    cuda.to_device(np.zeros(p.n_kv_heads, np.int32)))
+
+
+def _copy_source(loads: int, vec: int, pitch: int) -> str:
+    """Source of `copy`: a thread's `loads` 16-byte loads of keys and as many of values from one tile of
+    the cache into the shared tiles kt / vt, written out so that every load is issued before the first
+    store (NVVM unrolls the equivalent loop only by 2). Rows outside [r0, r1) load a valid row instead
+    (branch-free; their slots are never read). vec (16-byte vectors per row) is a power of 2."""
+    shift = vec.bit_length() - 1
+    lines = ["def copy(kc, vc, kt, vt, t0, r0, r1, n_kv, hw, h, tid):"]
+    for j in range(loads):
+        lines += [f"    row{j} = (tid + {j * THREADS}) >> {shift}",
+                  f"    col{j} = 4 * ((tid + {j * THREADS}) & {vec - 1})",
+                  f"    src = ((t0 + min(max(row{j}, r0), r1 - 1)) * n_kv + h) * hw + col{j}",
+                  f"    k{j} = load_u32x4(kc, src)",
+                  f"    v{j} = load_u32x4(vc, src)"]
+    for j in range(loads):
+        lines.append(f"    dst = row{j} * {pitch} + col{j}")
+        lines += [f"    {t}t[dst + {c}] = {t}{j}[{c}]" for c in range(4) for t in "kv"]
+    return "\n".join(lines) + "\n"
+
+
+@functools.lru_cache(maxsize=None)
+def _make_copy(loads: int, vec: int, pitch: int):
+    scope = {"load_u32x4": load_u32x4}
+    exec(compile(_copy_source(loads, vec, pitch), f"<attention.copy loads={loads} vec={vec}>", "exec"), scope)
+    return cuda.jit(device=True)(scope["copy"])
 
 
 @functools.lru_cache(maxsize=None)
@@ -120,23 +147,27 @@ def _attention_kernel(group: int, hd: int, tile: int, splits: int):
     hw = hd // 2  # fp16 pairs (uint32 words) of a head
     pitch = hw + 1
     vec = hd // 8  # 16-byte vectors of a row
+    copy = _make_copy(tile * vec // THREADS, vec, pitch)
     qk = (group + 1) * hd  # the query heads, then the key
     hstep = THREADS // tile  # threads per position in the score step
     items = group * hw
     neg_inf = float32(-math.inf)
+    # shared sizes must be literal constants for Numba: each its own closure variable
+    tile_words, q_size, v_size, r_size = tile * pitch, qk, hd, group + 1
+    sc_size, acc_size, stat_size, coef_size = group * tile, group * hd, 3 * group, group * splits
 
     @cuda.jit
     def kernel(qkv, bias, has_bias, q_norm, k_norm, has_norm, eps, scale, position, cos, sin, kc, vc, out,
                part_ml, part_acc, counters, n_kv, window):
-        kt = cuda.shared.array(tile * pitch, np.uint32)
-        vt = cuda.shared.array(tile * pitch, np.uint32)
-        qs = cuda.shared.array(qk, float32)
-        vs = cuda.shared.array(hd, float32)
-        rs = cuda.shared.array(group + 1, float32)
-        sc = cuda.shared.array(group * tile, float32)
-        acc = cuda.shared.array(group * hd, float32)
-        stat = cuda.shared.array(3 * group, float32)  # running max, running sum, last rescale
-        coef = cuda.shared.array(group * splits, float32)
+        kt = cuda.shared.array(tile_words, uint32)
+        vt = cuda.shared.array(tile_words, uint32)
+        qs = cuda.shared.array(q_size, float32)
+        vs = cuda.shared.array(v_size, float32)
+        rs = cuda.shared.array(r_size, float32)
+        sc = cuda.shared.array(sc_size, float32)
+        acc = cuda.shared.array(acc_size, float32)
+        stat = cuda.shared.array(stat_size, float32)  # running max, running sum, last rescale
+        coef = cuda.shared.array(coef_size, float32)
         flag = cuda.shared.array(1, int32)
         scratch = cuda.shared.array(SCRATCH, float32)
         h = cuda.blockIdx.x
@@ -224,22 +255,7 @@ def _attention_kernel(group: int, hd: int, tile: int, splits: int):
             r0 = max(lo - t0, 0)
             r1 = min(pos - t0 + 1, tile)
             cuda.syncthreads()  # the previous tile is consumed
-            for v in range(tid, tile * vec, THREADS):
-                row = v // vec
-                col = 4 * (v % vec)
-                if r0 <= row < r1:
-                    src = ((t0 + row) * n_kv + h) * hw + col
-                    k0, k1, k2, k3 = load_u32x4(kc, src)
-                    v0, v1, v2, v3 = load_u32x4(vc, src)
-                    dst = row * pitch + col
-                    kt[dst] = k0
-                    kt[dst + 1] = k1
-                    kt[dst + 2] = k2
-                    kt[dst + 3] = k3
-                    vt[dst] = v0
-                    vt[dst + 1] = v1
-                    vt[dst + 2] = v2
-                    vt[dst + 3] = v3
+            copy(kc, vc, kt, vt, t0, r0, r1, n_kv, hw, h, tid)
             if t == last:  # the position's row: this block wrote it, the read-only loads may not see it
                 cuda.syncthreads()
                 for w in range(tid, hw, THREADS):

@@ -96,7 +96,7 @@ def test_plan_rejects_unsupported_shapes():
     with pytest.raises(ValueError, match="head_dim"):
         plan_attention(attn_args("llama", 4, 2, 96))
     with pytest.raises(ValueError, match="tile"):
-        plan_attention(attn_args("llama", 4, 2, 64), tile=48)
+        plan_attention(attn_args("llama", 4, 2, 64), tile=8)
     p = plan_attention(attn_args("llama", 32, 8, 128))
     assert (p.tile, p.group, p.grid) == (64, 4, (8, 32))
 
@@ -112,5 +112,5 @@ def test_plan_rejects_unsupported_shapes():
                                      sliding_pattern=6, query_scale=0.0625), 5),
 ])
 def test_real_shapes_match_reference_on_gpu(name, args, layer):
-    args = ModelArgs(**{**args.__dict__, "n_layers": 6})
+    args = ModelArgs(**{**args.__dict__, "n_layers": layer + 1})
     check_attention(args, layer, 8192, [0, 255, 1000, 4096, 8191])

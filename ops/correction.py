@@ -44,7 +44,7 @@ from decdec.ops import ptx
 from decdec.ops.base_gemv import FLAG_CAP, SplitOutput, arrive_tiles, jit_with_bounds, nib_float
 from decdec.ops.layout import unpack_rows
 from decdec.constants import chunk_ks
-from decdec.ops.selector import BucketBounds, select_bucket
+from decdec.ops.selector import BucketBounds, select_bucket, selection_mask
 from decdec.ops.selector_cuda import (CUTS_SIZE, GROUP_SIZE, HIST_SIZE, MAX_CHUNK, SCAN_SIZE, SEL_CAP, SELECT_MARKS,
                                STASH_SIZE, pass_chunks, select_chunks, select_chunks_stamped)
 
@@ -54,7 +54,7 @@ THREADS = 512  # ptxas needs up to 128 registers (no spills): 512 x 128 fills th
 RED_SIZE = max(SEL_CAP, THREADS * WORD_OUTPUTS)  # floats: the picks' x~, then the reduction (16 KiB)
 TILE_ROWS = 64  # default merge tile: the base GEMV's 8 warps x 8 rows
 
-__all__ = ["correction_reference", "correction_cuda", "Correction", "CorrectionPlan",
+__all__ = ["compensate", "correction_reference", "correction_cuda", "Correction", "CorrectionPlan",
            "plan_correction"]
 
 
@@ -62,25 +62,25 @@ __all__ = ["correction_reference", "correction_cuda", "Correction", "CorrectionP
 # CPU reference
 
 
+def compensate(xs: torch.Tensor, idx: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """The correction DecDEC adds to a linear group's output: sum over the picked channels i of
+    x~[i] * R_hat[i, :]. xs [..., in] float32 (x~ = x * act_scale), idx [..., n] picked channels,
+    residual float32 [in, out] (row i = input channel i's dequantized residual) -> [..., out].
+    The one definition of the maths on the CPU: the engine's reference executor, the batch simulation
+    of perplexity and the kernel's reference all call it (as a masked product: one matmul per batch)."""
+    return (xs * selection_mask(idx, xs.shape[-1])) @ residual
+
+
 def correction_reference(x: torch.Tensor, base_out: torch.Tensor, residual_rows, residual_scales,
                          bounds: BucketBounds, k_chunk: int, act_scale=None) -> torch.Tensor:
-    """base_out + R_hat[:, sel] @ x[sel] in float32; x [..., in] is x~ (times act_scale if given)."""
-    xs = x.to(torch.float32)
+    """What the fused kernel computes: base_out + compensate(x~, select_bucket(x~), R_hat), float32;
+    x [..., in] is x~ (times act_scale if given); residual_rows / residual_scales as in the table."""
+    xs = torch.as_tensor(x, dtype=torch.float32)
     if act_scale is not None:
         xs = xs * torch.as_tensor(act_scale, dtype=torch.float32)
-    scales = torch.as_tensor(np.asarray(residual_scales, dtype=np.float32) if not isinstance(
-        residual_scales, torch.Tensor) else residual_scales).to(torch.float32)
-    out_features = scales.shape[0]
-    rows = torch.as_tensor(np.asarray(residual_rows)) if not isinstance(residual_rows, torch.Tensor) else residual_rows
-    sel = select_bucket(xs, k_chunk, bounds)  # [..., n]
-    if sel.shape[-1] == 0:
-        return base_out.to(torch.float32).clone()
-    flat_x, flat_sel = xs.reshape(-1, xs.shape[-1]), sel.reshape(-1, sel.shape[-1])
-    corr = torch.stack([
-        (unpack_rows(rows[s], out_features) * scales).T @ xt[s]
-        for xt, s in zip(flat_x, flat_sel)
-    ]).reshape(base_out.shape)
-    return base_out.to(torch.float32) + corr
+    scales = torch.as_tensor(np.asarray(residual_scales, dtype=np.float32))
+    residual = unpack_rows(torch.as_tensor(np.asarray(residual_rows)), scales.shape[0]) * scales
+    return base_out.to(torch.float32) + compensate(xs, select_bucket(xs, k_chunk, bounds), residual)
 
 
 # ----------------------------------------------------------------------------------------------------

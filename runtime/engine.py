@@ -21,8 +21,8 @@ from decdec.models.graph import build_graph, group_shapes
 from decdec.models.prepare import Prepared, prepare
 from decdec.config import Config, load_config
 from decdec.errors import ConfigError, DeviceError
-from decdec.runtime.evaluate import decdec_linear
-from decdec.runtime.executor_cpu import CPUExecutor, cpu_groups
+from decdec.runtime.evaluate import decdec_linear, dense_groups
+from decdec.runtime.executor_cpu import CPUExecutor
 from decdec.graph import Graph
 from decdec.runtime.tune import load_profile, measure_step_us
 from decdec.scheduler.plan import Plan, schedule
@@ -111,8 +111,6 @@ def engine_k_chunk(cfg: Config) -> int | None:
         )
     if d.k_chunk is not None:
         return d.k_chunk
-    if d.target_slowdown is None:
-        raise ConfigError("config fields 'decdec.k_chunk' and 'decdec.target_slowdown' are both unset: set one")
     if cfg.device != "cuda":
         raise ConfigError(
             f"config field 'decdec.target_slowdown' = {d.target_slowdown} needs device 'cuda' (the tuner "
@@ -135,9 +133,9 @@ def compile(model_cfg, progress: bool = True, force: bool = False) -> Engine:
     if cfg.device == "cuda":
         return compile_cuda(prepared, k_chunk, profile, path)
     graph = build_graph(prepared.model.args, prepared.layer_bits, k_chunk)
-    plan = schedule(graph)
-    groups = cpu_groups(prepared.groups, {key: k_chunk for key in prepared.groups})
-    executor = CPUExecutor(prepared.model.args, prepared.model.weights, groups, plan, cfg.model.max_seq_len)
+    plan = schedule(graph, fuse=False)
+    executor = CPUExecutor(prepared.model.args, prepared.model.weights, dense_groups(prepared), plan,
+                           cfg.model.max_seq_len)
     return Engine(prepared, graph, plan, executor, k_chunk)
 
 
@@ -159,7 +157,7 @@ def compile_cuda(prepared: Prepared, k_chunk: int | None, profile: MeasuredProfi
     if k_chunk == 0:
         return Engine(prepared, base_graph, base.plan, base, 0, base)
 
-    def build(k, n_tb=None) -> tuple[Graph, CUDAExecutor]:
+    def build(k, n_tb=0) -> tuple[Graph, CUDAExecutor]:
         graph = build_graph(args, bits, k, n_tb)
         return graph, CUDAExecutor(model, schedule(graph), max_seq, cache=base.cache)
 

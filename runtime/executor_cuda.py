@@ -58,22 +58,15 @@ from decdec.ops.dma import PinnedTable
 from decdec.ops.selector import bucket_bounds
 from decdec.errors import ConfigError, DeviceError
 from decdec.graph import Node
-from decdec.scheduler.plan import MAIN, SIDE, SIDE_OPS, Plan
+from decdec.scheduler.plan import CORRECTION_OPS, MAIN, SIDE, Launch, Plan, default_n_tb
 
 FP16_INPUTS = ("base_gemv", "lm_head")  # ops that read fp16 buffers (the GEMV kernels, torch's fp16 matmul)
 FP16_OUTPUTS = ("base_gemv",)  # ops that write fp16 buffers (a merge's output is its base GEMV's buffer)
 DEVICE = "cuda"  # where DeviceModel and CUDAExecutor put their tensors
-LARGE_WEIGHT = 4096 * 4096  # weights at least this big get 16 correction blocks, smaller ones 8 (see default_n_tb)
 
 
 # ----------------------------------------------------------------------------------------------------
 # pure helpers (any device; tested on the CPU)
-
-
-def default_n_tb(out_features: int, in_features: int) -> int:
-    """Thread blocks of the fused correction when nothing else chose: the best n_tb of the H100
-    overlap table (README) is 16 for 4096x4096 and larger weights and 4-8 below; 8 is never far off."""
-    return 16 if out_features * in_features >= LARGE_WEIGHT else 8
 
 
 def rope_table(head_dim: int, base: float, max_seq_len: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,7 +141,7 @@ def buffer_specs(args: ModelArgs, nodes: list[Node]) -> tuple[dict[str, tuple[in
     fp16 |= {t for n in nodes if n.op in FP16_OUTPUTS for t in n.outputs}
     specs, aliases = {}, {}
     for n in nodes:
-        if n.op in SIDE_OPS:
+        if n.op in CORRECTION_OPS[:-1]:
             continue
         if n.op == "merge":
             aliases[n.outputs[0]] = n.inputs[0]
@@ -158,21 +151,21 @@ def buffer_specs(args: ModelArgs, nodes: list[Node]) -> tuple[dict[str, tuple[in
 
 
 def check_plan(plan: Plan) -> None:
-    """What the executor relies on: only fused side ops on the side stream; every wait names an event
-    recorded earlier; every event the side stream records is waited for later on the main stream (so
-    the side stream joins back before the step, and the capture, ends)."""
+    """What the executor relies on: only fused corrections on the side stream; every wait names an
+    event recorded earlier; every event the side stream records is waited for later on the main stream
+    (so the side stream joins back before the step, and the capture, ends)."""
     recorded: dict[str, int] = {}
     waited_on_main: set[str] = set()
-    for i, it in enumerate(plan.items):
-        if it.stream == SIDE and it.node.op not in SIDE_OPS:
-            raise ValueError(f"plan item {i} ({it.node.name}) runs on the side stream: only {SIDE_OPS} may")
-        if it.wait is not None:
-            if it.wait not in recorded:
-                raise ValueError(f"plan item {i} ({it.node.name}) waits for '{it.wait}' before anything records it")
-            if it.stream == MAIN:
-                waited_on_main.add(it.wait)
-        if it.record is not None:
-            recorded[it.record] = it.stream
+    for i, launch in enumerate(plan.launches):
+        if launch.stream == SIDE and tuple(n.op for n in launch.nodes) != CORRECTION_OPS:
+            raise ValueError(f"launch {i} ({launch.name}) runs on the side stream: only the fused {CORRECTION_OPS} may")
+        for name in launch.waits:
+            if name not in recorded:
+                raise ValueError(f"launch {i} ({launch.name}) waits for '{name}' before anything records it")
+            if launch.stream == MAIN:
+                waited_on_main.add(name)
+        for name in launch.records:
+            recorded[name] = launch.stream
     unjoined = sorted(name for name, stream in recorded.items() if stream == SIDE and name not in waited_on_main)
     if unjoined:
         raise ValueError(f"the side stream never joins back after {unjoined}")
@@ -335,10 +328,6 @@ def require_cuda() -> None:
 # the executor
 
 
-def _nothing() -> None:
-    pass
-
-
 @dataclass
 class StepEvents:
     """The timing events of one step: `start` on the main stream before the first item, and a (start,
@@ -375,13 +364,13 @@ class CUDAExecutor:
         require_cuda()
         check_plan(plan)
         self.model, self.plan = model, plan
-        nodes = [it.node for it in plan.items]
+        nodes = [n for launch in plan.launches for n in launch.nodes]
         self.state = DecodeState(model.args, model.weights, nodes, max_seq_len, DEVICE, cache)
         self.cache = self.state.cache
         # index MAIN / SIDE; priority -1 dispatches the correction's few blocks before the GEMV's
         self.streams = (torch.cuda.Stream(), torch.cuda.Stream(priority=-1))
         self.numba_streams = tuple(cuda.external_stream(s.cuda_stream) for s in self.streams)
-        self.events = {name: torch.cuda.Event() for it in plan.items for name in (it.wait, it.record) if name}
+        self.events = {name: torch.cuda.Event() for launch in plan.launches for name in launch.records}
         # Numba views of the fp16 buffers, made once: a conversion inside the capture could synchronize
         self.views = {name: cuda.as_cuda_array(t, sync=False) for name, t in self.state.buf.items()
                       if t.dtype == torch.float16}
@@ -391,7 +380,7 @@ class CUDAExecutor:
         for n in nodes:
             if n.op == "correction":
                 self._prepare_correction(n, n_tb)
-        self.launches = [self._bind(it) for it in plan.items]
+        self.launches = [self._bind(launch) for launch in plan.launches]
         self.graph: torch.cuda.CUDAGraph | None = None
         self.profiled: tuple[torch.cuda.CUDAGraph, StepEvents] | None = None  # captured by the first timed run
         # warm-up on the capture stream: Numba compiles, cuBLAS / SDPA initialise, lazy scratch is made
@@ -417,13 +406,16 @@ class CUDAExecutor:
                                            k_chunk, n_tb=tb, tile_rows=g.gemv.plan.merge_rows)
         self.splits[key] = g.gemv.split_output(extra_parts=1)
 
-    def _bind(self, item):
-        """The launch of one plan item, with every argument bound (nothing is looked up per step)."""
-        node = item.node
+    def _bind(self, launch: Launch):
+        """The call that issues one launch, with every argument bound (nothing is looked up per step)."""
+        node = launch.nodes[0]
         key = (node.layer, node.attr("group"))
-        if node.op in TORCH_OPS:  # torch launches on its current stream: the main one
-            assert item.stream == MAIN, f"{node.name}: torch ops run on the main stream"
-            return functools.partial(TORCH_OPS[node.op], self.state, node)
+        if launch.stream == SIDE:
+            # the fused correction: it selects, fetches over PCIe, corrects and adds its part into the base
+            # GEMV's split output; whichever kernel completes a tile writes the fp16 output (the merge)
+            corr, split, act = self.corrections[key], self.splits[key], self.model.groups[key].gemv.act_scale
+            x_n, out_n, stream = self.views[node.inputs[0]], self.views[self.base_out[key]], self.numba_streams[SIDE]
+            return lambda: corr(x_n, act, out=out_n, merge=split, stream=stream)
         if node.op == "base_gemv":
             g, x, out = self.model.groups[key], node.inputs[0], node.outputs[0]
             if g.gemv is None:  # a torch baseline (fp16 torch.mv, torch's int4 kernel)
@@ -432,17 +424,12 @@ class CUDAExecutor:
             gemv, x_n, out_n = g.gemv, self.views[x], self.views[out]
             stream, merge = self.numba_streams[MAIN], self.splits.get(key)
             return lambda: gemv(x_n, out_n, stream, merge=merge)
-        if node.op == "correction":
-            # selector + dma + correction of the graph are this one fused launch; it adds its part into
-            # the base GEMV's split output, and whichever kernel completes a tile writes the fp16 output
-            corr, split, act = self.corrections[key], self.splits[key], self.model.groups[key].gemv.act_scale
-            x_n, out_n, stream = self.views[node.inputs[0]], self.views[self.base_out[key]], self.numba_streams[SIDE]
-            return lambda: corr(x_n, act, out=out_n, merge=split, stream=stream)
-        if node.op in ("selector", "dma", "merge"):
-            # selector, dma: inside the correction launch; merge: done by the split-output arrival (its
-            # wait on the join event, issued in _issue, is what orders the next consumer)
-            return _nothing
-        raise ValueError(f"the CUDA executor has no launch for op '{node.op}'")
+        missing = [n.op for n in launch.nodes if n.op not in TORCH_OPS]
+        if missing:
+            raise ValueError(f"the CUDA executor has no launch for op(s) {missing}")
+        # torch ops launch on the current stream, the main one; a fused pair runs as its two ops in turn
+        calls = [functools.partial(TORCH_OPS[n.op], self.state, n) for n in launch.nodes]
+        return lambda: [call() for call in calls]
 
     def _capture(self, timing: StepEvents | None = None) -> torch.cuda.CUDAGraph:
         """The step captured on the main stream (with `timing`: its events become nodes of the graph)."""
@@ -453,7 +440,7 @@ class CUDAExecutor:
         return graph
 
     def _capture_profiled(self) -> tuple[torch.cuda.CUDAGraph, StepEvents]:
-        timing = StepEvents.make(len(self.plan.items), external=True)
+        timing = StepEvents.make(len(self.plan.launches), external=True)
         return self._capture(timing), timing
 
     def _issue(self, timing: StepEvents | None = None) -> None:
@@ -462,17 +449,17 @@ class CUDAExecutor:
         when it may begin, not when its stream was last idle)."""
         if timing is not None:
             timing.start.record(self.streams[MAIN])
-        for i, (item, launch) in enumerate(zip(self.plan.items, self.launches)):
-            stream = self.streams[item.stream]
-            if item.wait is not None:
-                stream.wait_event(self.events[item.wait])
+        for i, (launch, issue) in enumerate(zip(self.plan.launches, self.launches)):
+            stream = self.streams[launch.stream]
+            for name in launch.waits:
+                stream.wait_event(self.events[name])
             if timing is not None:
                 timing.marks[i][0].record(stream)
-            launch()
+            issue()
             if timing is not None:
                 timing.marks[i][1].record(stream)
-            if item.record is not None:
-                self.events[item.record].record(stream)
+            for name in launch.records:
+                self.events[name].record(stream)
 
     @torch.no_grad()
     def run(self, token: int, position: int, timings: list | None = None, *, eager: bool = False) -> torch.Tensor:
@@ -495,13 +482,13 @@ class CUDAExecutor:
             logits = self.state.buf["logits"].to("cpu", copy=True)  # waits for main, which joined the side
         if timing is not None:
             torch.cuda.synchronize()
-            timings.extend(timing.times(self.plan.items, host_start))
+            timings.extend(timing.times(self.plan.launches, host_start))
         return logits
 
     def _step(self, timed: bool, eager: bool) -> StepEvents | None:
         """Issue one step on the current (main) stream; its timing events when `timed`."""
         if eager:
-            timing = StepEvents.make(len(self.plan.items), external=False) if timed else None
+            timing = StepEvents.make(len(self.plan.launches), external=False) if timed else None
             self._issue(timing)
             return timing
         if not timed:

@@ -62,10 +62,10 @@ def _plain_steps(engine, token: int, steps: int) -> list[float]:
 def _timeline(step: list[tuple], index: int) -> list[str]:
     t0 = step_start(step)
     lines = [f"per-op timeline of step {index} (µs from step start)",
-             f"{'layer':>5} {'op':<26} {'stream':<6} {'start':>9} {'end':>9} {'dur':>8}"]
+             f"{'layer':>5} {'op':<40} {'stream':<6} {'start':>9} {'end':>9} {'dur':>8}"]
     for item, start, end in step:
-        layer = "" if item.node.layer is None else item.node.layer
-        lines.append(f"{layer:>5} {item.node.name:<26} {'side' if item.stream else 'main':<6} "
+        layer = "" if item.layer is None else item.layer
+        lines.append(f"{layer:>5} {item.name:<40} {'side' if item.stream else 'main':<6} "
                      f"{(start - t0) * 1e6:>9.1f} {(end - t0) * 1e6:>9.1f} {(end - start) * 1e6:>8.1f}")
     return lines
 
@@ -75,14 +75,14 @@ def _summary(all_steps: list[list[tuple]], span: float) -> list[str]:
     by_op: dict[str, list[float]] = {}
     for step in all_steps:
         for item, start, end in step:
-            by_op.setdefault(item.node.op, []).append(end - start)
+            by_op.setdefault(item.op, []).append(end - start)
     n = len(all_steps)
     lines = [f"summary by op type (mean per step over {n} steps; share of the profiled step's span: side-stream "
              "ops overlapping the main stream's, on the GPU, make shares add up to more than 100 %)",
-             f"{'op':<14} {'count':>6} {'total µs':>10} {'share':>7}"]
+             f"{'op':<40} {'count':>6} {'total µs':>10} {'share':>7}"]
     for op, times in sorted(by_op.items(), key=lambda kv: -sum(kv[1])):
         per_step = sum(times) / n
-        lines.append(f"{op:<14} {len(times) // n:>6} {per_step * 1e6:>10.1f} {per_step / (span or 1):>7.1%}")
+        lines.append(f"{op:<40} {len(times) // n:>6} {per_step * 1e6:>10.1f} {per_step / (span or 1):>7.1%}")
     return lines
 
 
@@ -124,11 +124,10 @@ def write_chrome_trace(steps: list[list[tuple]], path: str) -> None:
               for s, name in ((0, "main stream"), (1, "side stream"))]
     for step_index, step in enumerate(steps):
         for item, start, end in step:
-            node = item.node
             events.append({
-                "name": node.name, "cat": node.op, "ph": "X", "pid": 0, "tid": item.stream,
+                "name": item.name, "cat": item.op, "ph": "X", "pid": 0, "tid": item.stream,
                 "ts": (start - t0) * 1e6, "dur": (end - start) * 1e6,
-                "args": {"step": step_index, "layer": node.layer, "k_chunk": node.attr("k_chunk")},
+                "args": {"step": step_index, "layer": item.layer, "k_chunk": item.attr("k_chunk")},
             })
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ns"}))

@@ -1,10 +1,20 @@
-"""The plan: which stream each graph node runs on, in which order, and which events join them.
+"""The plan: which logical ops of the graph fuse into one launch, on which stream, in which order,
+and which events order the two streams.
 
-Pure Python over the graph (no torch, no GPU), so it is tested on the CPU. The rule, per
-compensated linear group: selector -> dma -> correction go to the side stream, issued first so the
-PCIe fetch starts as early as possible; it forks from the main stream when the group's input is
-ready; the base GEMV runs on the main stream meanwhile; the merge waits for the side stream's event.
-The CPU executor runs items in order; the CUDA executor captures the same items into one graph.
+Pure Python over the graph (no torch, no GPU), so it is tested on the CPU. The GPU plan
+(`schedule(graph)`) fuses:
+
+- a compensated linear group's selector -> dma -> correction -> merge into ONE launch, the fused
+  correction kernel, on the side stream; it is issued just before the group's base GEMV so that the
+  PCIe fetch starts as soon as the GEMV's input is ready. Its merge is done by arrival: both
+  kernels add their parts into the GEMV's split output, and whichever finishes a tile last writes it,
+  so the merge makes neither launch wait for the other; the next reader of the merged output waits
+  for the side launch.
+- a residual_add and the rms_norm that reads its output into one launch (the fused norm kernel).
+
+The CPU runs the unfused plan (`schedule(graph, fuse=False)`): one launch per node, in graph order,
+one stream. Every launch waits for the tensors it reads that the other stream produced, by an event
+named after the tensor and recorded right after the launch that produced it.
 """
 
 from __future__ import annotations
@@ -14,57 +24,100 @@ from dataclasses import dataclass
 from decdec.graph import Graph, Node
 
 MAIN, SIDE = 0, 1
-SIDE_OPS = ("selector", "dma", "correction")
+CORRECTION_OPS = ("selector", "dma", "correction", "merge")  # one fused correction launch on the GPU
+LARGE_WEIGHT = 4096 * 4096  # weights of at least this many elements get 16 correction blocks by default
+
+
+def default_n_tb(out_features: int, in_features: int) -> int:
+    """Thread blocks of a correction that the tuner did not size: the best n_tb of the measured pairs
+    is 16 for 4096x4096 and larger weights and 4-8 below, where 8 is never far off."""
+    return 16 if out_features * in_features >= LARGE_WEIGHT else 8
 
 
 @dataclass(frozen=True)
-class PlanItem:
-    node: Node
-    stream: int
-    wait: str | None = None  # event to wait for before this node
-    record: str | None = None  # event recorded after this node
+class Launch:
+    """One kernel launch (or one reference call on the CPU): the logical nodes it carries out."""
+
+    nodes: tuple[Node, ...]
+    stream: int = MAIN
+    waits: tuple[str, ...] = ()  # tensors from the other stream this launch must wait for
+    records: tuple[str, ...] = ()  # tensors of this launch that the other stream reads afterwards
+
+    @property
+    def op(self) -> str:
+        """What runs: the op of a single node, or the fused ops joined by '+'."""
+        return "+".join(n.op for n in self.nodes)
+
+    @property
+    def layer(self) -> int | None:
+        return self.nodes[-1].layer
+
+    @property
+    def name(self) -> str:
+        head = self.nodes[-1].name.rsplit(".", 1)[0] if self.nodes[-1].layer is not None else ""
+        return f"{head}.{self.op}" if head else self.op
+
+    def attr(self, name: str, default=None):
+        """An attribute of the first node that has it (k_chunk, n_tb, shape, bits, group)."""
+        return next((n.attr(name) for n in self.nodes if n.attr(name) is not None), default)
 
 
 @dataclass(frozen=True)
 class Plan:
-    items: tuple[PlanItem, ...]
+    launches: tuple[Launch, ...]
     n_streams: int
 
     def format(self) -> str:
-        """One line per node: order, stream, layer, op, k_chunk, n_tb (where set), events."""
-        lines = [f"{'#':>4} {'stream':<6} {'layer':>5} {'node':<28} {'out x in':>11} {'bits':>4} {'k_chunk':>7} "
-                 f"{'n_tb':>4}  events"]
-        for i, it in enumerate(self.items):
-            n = it.node
-            events = " ".join(filter(None, [f"wait {it.wait}" if it.wait else "", f"record {it.record}" if it.record else ""]))
-            k = n.attr("k_chunk", "")
-            layer = "" if n.layer is None else n.layer
-            shape = "x".join(map(str, n.attr("shape", ()))) or ""
-            lines.append(f"{i:>4} {'side' if it.stream else 'main':<6} {layer:>5} {n.name:<28} {shape:>11} "
-                         f"{n.attr('bits', '')!s:>4} {k!s:>7} {n.attr('n_tb', '')!s:>4}  {events}")
+        """One line per launch: order, stream, layer, the logical ops it carries out, shape, bits,
+        k_chunk, n_tb (* = the default for a shape the tuner did not size) and events."""
+        lines = [f"{'#':>4} {'stream':<6} {'layer':>5} {'launch (logical ops)':<40} {'out x in':>11} {'bits':>4} "
+                 f"{'k_chunk':>7} {'n_tb':>4}  events"]
+        for i, launch in enumerate(self.launches):
+            shape = launch.attr("shape", ())
+            n_tb = launch.attr("n_tb")
+            if "correction" in launch.op:
+                n_tb = f"{n_tb}" if n_tb else f"{default_n_tb(*shape)}*"
+            events = " ".join([f"wait {t}" for t in launch.waits] + [f"record {t}" for t in launch.records])
+            layer = "" if launch.layer is None else launch.layer
+            lines.append(f"{i:>4} {'side' if launch.stream else 'main':<6} {layer:>5} {launch.name:<40} "
+                         f"{'x'.join(map(str, shape)):>11} {launch.attr('bits', '')!s:>4} "
+                         f"{launch.attr('k_chunk', '')!s:>7} {n_tb or '':>4}  {events}")
+        if any("correction" in launch.op and not launch.attr("n_tb") for launch in self.launches):
+            lines.append("n_tb * : the executor's default for the shape (the tuner sizes it with a target slowdown)")
         return "\n".join(lines)
 
 
-def schedule(graph: Graph) -> Plan:
-    """Graph order, except that a group's side-stream nodes are issued before its base GEMV."""
-    nodes = graph.nodes
-    forked = {n.inputs[0] for n in nodes if n.op == "selector"}  # tensors a side stream starts from
-    items: list[PlanItem] = []
-    i = 0
-    while i < len(nodes):
-        node = nodes[i]
-        side = nodes[i + 1 : i + 4]
-        if node.op == "base_gemv" and [n.op for n in side] == list(SIDE_OPS):
-            items.append(PlanItem(side[0], SIDE, wait=f"fork:{node.inputs[0]}"))
-            items.append(PlanItem(side[1], SIDE))
-            items.append(PlanItem(side[2], SIDE, record=f"join:{side[2].outputs[0]}"))
-            items.append(PlanItem(node, MAIN))
-            i += 4
+def schedule(graph: Graph, fuse: bool = True) -> Plan:
+    """The GPU plan (fused launches on two streams) or, with fuse=False, the CPU's (a node a launch)."""
+    if not fuse:
+        return Plan(tuple(Launch((n,)) for n in graph.nodes), n_streams=1)
+    corrections: dict[tuple, list[Node]] = {}
+    for n in graph.nodes:
+        if n.op in CORRECTION_OPS:
+            corrections.setdefault((n.layer, n.attr("group")), []).append(n)
+    launches: list[Launch] = []
+    for n in graph.nodes:
+        if n.op in CORRECTION_OPS:
             continue
-        if node.op == "merge":
-            items.append(PlanItem(node, MAIN, wait=f"join:{node.inputs[1]}"))
+        key = (n.layer, n.attr("group"))
+        if n.op == "base_gemv" and key in corrections:
+            launches.append(Launch(tuple(corrections[key]), SIDE))
+        last = launches[-1] if launches else None
+        if n.op == "rms_norm" and last and last.op == "residual_add" and n.inputs[0] == last.nodes[0].outputs[0]:
+            launches[-1] = Launch(last.nodes + (n,))
         else:
-            out = node.outputs[0]
-            items.append(PlanItem(node, MAIN, record=f"fork:{out}" if out in forked else None))
-        i += 1
-    return Plan(tuple(items), n_streams=2)
+            launches.append(Launch((n,)))
+    return Plan(_with_events(launches), n_streams=2)
+
+
+def _with_events(launches: list[Launch]) -> tuple[Launch, ...]:
+    """Each launch waits for the tensors it reads from the other stream; their producers record them.
+    A merge's inputs make no wait: the merge is done by arrival (see the module docstring)."""
+    stream_of = {t: launch.stream for launch in launches for n in launch.nodes for t in n.outputs}
+    waits = [tuple(sorted({t for n in launch.nodes if n.op != "merge" for t in n.inputs
+                           if t in stream_of and stream_of[t] != launch.stream}))
+             for launch in launches]
+    read_across = {t for w in waits for t in w}
+    return tuple(Launch(launch.nodes, launch.stream, w,
+                        tuple(t for n in launch.nodes for t in n.outputs if t in read_across))
+                 for launch, w in zip(launches, waits))

@@ -28,6 +28,7 @@ The captured replay runs the same launches as the eager path and the profiled re
 from tests.ops.cudasim import gpu  # noqa: F401 - first: the CUDA simulator (or the GPU) is chosen there
 
 import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
 import os  # noqa: E402
 import types  # noqa: E402
 
@@ -39,10 +40,11 @@ from decdec.models.arch import KVCache, ModelArgs, attend, forward, rope  # noqa
 from decdec.models.graph import build_graph  # noqa: E402
 from decdec.models.loader import synthetic_model  # noqa: E402
 from decdec.ops import dma  # noqa: E402
-from decdec.ops.correction import correction_reference  # noqa: E402
+from decdec.ops.correction import compensate, correction_reference  # noqa: E402
+from decdec.ops.selector import select_bucket  # noqa: E402
 from decdec.runtime import executor_cuda as xc  # noqa: E402
 from decdec.errors import DeviceError, ModelFileError  # noqa: E402
-from decdec.scheduler.plan import MAIN, SIDE, Plan, PlanItem, schedule  # noqa: E402
+from decdec.scheduler.plan import MAIN, SIDE, Plan, schedule  # noqa: E402
 from tests.runtime.test_engine import TINY, tiny_cfg  # noqa: E402
 
 STEPS = 32
@@ -122,7 +124,7 @@ def test_decode_attention_equals_arch_attend(family):
 def test_buffer_plan_dtypes_and_aliases():
     args, _ = small_args("llama")
     plan = schedule(build_graph(args, [3, 3], 64))
-    specs, aliases = xc.buffer_specs(args, [it.node for it in plan.items])
+    specs, aliases = xc.buffer_specs(args, [n for launch in plan.launches for n in launch.nodes])
     for i in range(args.n_layers):
         for name in (f"h.{i}", f"attn.{i}", f"h2.{i}", f"a.{i}"):  # GEMV inputs
             assert specs[name][1] == torch.float16
@@ -141,13 +143,12 @@ def test_check_plan_accepts_schedules_and_rejects_broken_ones():
     args, _ = small_args("gemma3")
     for k in (0, 64):
         xc.check_plan(schedule(build_graph(args, [3, 3], k)))
-    items = schedule(build_graph(args, [3, 3], 64)).items
-    merge = next(i for i, it in enumerate(items) if it.node.op == "merge")
-    unjoined = items[:merge] + (PlanItem(items[merge].node, MAIN),) + items[merge + 1:]
+    items = schedule(build_graph(args, [3, 3], 64)).launches
+    unjoined = tuple(dataclasses.replace(it, waits=()) if it.stream == MAIN else it for it in items)
     with pytest.raises(ValueError, match="never joins back"):
         xc.check_plan(Plan(unjoined, 2))
-    with pytest.raises(ValueError, match="only .* may"):
-        xc.check_plan(Plan((PlanItem(items[0].node, SIDE),) + items[1:], 2))
+    with pytest.raises(ValueError, match="only the fused"):
+        xc.check_plan(Plan((dataclasses.replace(items[0], stream=SIDE),) + items[1:], 2))
     first_side = next(i for i, it in enumerate(items) if it.stream == SIDE)
     early = (items[first_side],) + items[:first_side] + items[first_side + 1:]
     with pytest.raises(ValueError, match="before anything records it"):
@@ -182,9 +183,9 @@ def emulated_steps(engine, tokens) -> torch.Tensor:
     """Logits of the CUDA executor's step with `DecodeState` on the CPU: torch ops as on the GPU (fp16
     buffers and cache), the base GEMV as a float32 accumulation of the fp16 input written once as fp16
     (plus the correction's part when compensated, as the split-output arrival does), the fused
-    correction as `correction_reference` on the fp16 input."""
-    args, plan, groups = engine.prepared.model.args, engine.plan, engine.executor.groups
-    nodes = [it.node for it in plan.items]
+    correction as `compensate` on the fp16 input. It runs the GPU's plan of the CPU engine's graph."""
+    args, plan, groups = engine.prepared.model.args, schedule(engine.graph), engine.executor.groups
+    nodes = [n for launch in plan.launches for n in launch.nodes]
     state = xc.DecodeState(args, xc.device_weights(engine.prepared.model.weights, "cpu"), nodes,
                            engine.max_seq_len, "cpu")
     out = []
@@ -192,17 +193,18 @@ def emulated_steps(engine, tokens) -> torch.Tensor:
         state.token.fill_(token)
         state.position.fill_(position)
         corrections = {}
-        for item in plan.items:
-            node = item.node
+        for launch in plan.launches:
+            node = launch.nodes[0]
             key = (node.layer, node.attr("group"))
-            if node.op in xc.TORCH_OPS:
-                xc.TORCH_OPS[node.op](state, node)
-            elif node.op == "correction":  # issued before its base GEMV, as on the side stream
-                g, x = groups[key], state.buf[node.inputs[0]].float()
-                zero = torch.zeros(g.residual_scales.shape[0])
-                corrections[key] = correction_reference(x, zero, g.residual_rows, g.residual_scales, g.bounds,
-                                                        node.attr("k_chunk"), act_scale=g.act_scale)
-            elif node.op == "base_gemv":
+            if launch.stream == SIDE:  # the fused correction, issued before its base GEMV
+                g = groups[key]
+                x = state.buf[node.inputs[0]].float() * g.act_scale
+                corrections[key] = compensate(x, select_bucket(x, node.attr("k_chunk"), engine.executor.bounds[key]),
+                                              g.residual)
+            elif node.op != "base_gemv":
+                for n in launch.nodes:
+                    xc.TORCH_OPS[n.op](state, n)
+            else:
                 g = groups[key]
                 y = (state.buf[node.inputs[0]].float() * g.act_scale) @ g.weight.T
                 state.buf[node.outputs[0]].copy_(y + corrections.get(key, 0))
@@ -345,7 +347,7 @@ class FakeEvent:
 def assert_timings(timings: list, plan: Plan) -> None:
     """The profiler's shape: one (item, start, end) per plan item, in plan order, start <= end, and the
     items of one stream one after another (a side item may overlap main ones, but need not)."""
-    assert [t[0] for t in timings] == list(plan.items)
+    assert [t[0] for t in timings] == list(plan.launches)
     assert all(start <= end for _, start, end in timings)
     for stream in (MAIN, SIDE):
         spans = [(start, end) for item, start, end in timings if item.stream == stream]
@@ -496,12 +498,12 @@ def test_compile_with_a_target_on_a_fake_device(tmp_path, fake_cuda, monkeypatch
 def tuned_cpu_steps(tmp_path, dev, tokens) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits of a CPU executor running a tuned tiny-llama engine's plan with the same k_chunk per group,
     and of the CPU engine without compensation."""
-    from decdec.runtime.executor_cpu import CPUExecutor, cpu_groups
+    from decdec.runtime.evaluate import dense_groups
+    from decdec.runtime.executor_cpu import CPUExecutor
 
     cpu = runtime.compile(tiny_k_cfg(tmp_path, 0, "llama", "rtn"), progress=False)
-    ks = {(layer, kind): dev.tuning.k_chunks[kind, 3] for layer, kind in cpu.prepared.groups}
-    ex = CPUExecutor(cpu.prepared.model.args, cpu.prepared.model.weights, cpu_groups(cpu.prepared.groups, ks),
-                     dev.plan, cpu.max_seq_len)
+    ex = CPUExecutor(cpu.prepared.model.args, cpu.prepared.model.weights, dense_groups(cpu.prepared),
+                     schedule(dev.graph, fuse=False), cpu.max_seq_len)
     return torch.stack([ex.run(int(t), p) for p, t in enumerate(tokens)]), cpu_steps(cpu, tokens)
 
 

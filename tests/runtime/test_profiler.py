@@ -9,12 +9,12 @@ import torch
 
 from decdec.graph import Node
 from decdec.runtime.profiler import profile_steps, step_span
-from decdec.scheduler.plan import MAIN, SIDE, PlanItem
+from decdec.scheduler.plan import MAIN, SIDE, Launch
 
 
-def item(op: str, stream: int = MAIN, layer=None, group=None) -> PlanItem:
+def item(op: str, stream: int = MAIN, layer=None, group=None) -> Launch:
     attrs = (("group", group),) if group else ()
-    return PlanItem(Node(op, (), (), layer, attrs), stream)
+    return Launch((Node(op, (), (), layer, attrs),), stream)
 
 
 # µs from the step's start; the side stream's correction overlaps the main stream's GEMV

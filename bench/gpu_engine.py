@@ -45,12 +45,12 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.baselines import fp16_matvec, torch_int4_matvec  # noqa: E402
 from bench.meta import run_meta  # noqa: E402
 from decdec.models.arch import LINEAR_KINDS, ModelArgs  # noqa: E402
 from decdec.models.graph import build_graph, group_shapes  # noqa: E402
 from decdec.errors import ConfigError  # noqa: E402
-from decdec.runtime.executor_cuda import (CUDAExecutor, DeviceGroup, DeviceModel, fp16_matvec,  # noqa: E402
-                                   quantized_group, torch_int4_matvec)
+from decdec.runtime.executor_cuda import CUDAExecutor, DeviceGroup, DeviceModel, quantized_group  # noqa: E402
 from decdec.runtime.tune import measure_profile  # noqa: E402
 from decdec.scheduler.latency import weight_bytes  # noqa: E402
 from decdec.scheduler.plan import MAIN, schedule  # noqa: E402

@@ -28,7 +28,7 @@ THREADS = 128  # 4 warps a block
 WARPS = THREADS // 32
 TILE_HALVES = 8192  # a tile of keys (or values) is 16 KiB of fp16: 64 positions at head_dim 128
 SPLITS = 32  # blocks per kv head at most (<= 32: the combine gives each split a lane)
-HEAD_DIMS = (64, 128, 256)
+HEAD_DIMS = (32, 64, 128, 256)  # powers of 2: a row is whole 16-byte vectors, their count a power of 2
 
 __all__ = ["decode_attention_reference", "rope_table", "AttentionPlan", "plan_attention", "AttentionScratch",
            "DecodeAttention"]
@@ -69,9 +69,10 @@ class AttentionPlan:
 
 
 def plan_attention(args: ModelArgs, tile: int | None = None, splits: int = SPLITS) -> AttentionPlan:
-    """The plan of `args`' layers: tiles of TILE_HALVES / head_dim positions unless `tile` is given."""
+    """The plan of `args`' layers: tiles of TILE_HALVES / head_dim positions (at most THREADS) unless
+    `tile` is given."""
     hd = args.head_dim
-    tile = tile or TILE_HALVES // hd
+    tile = tile or min(THREADS, TILE_HALVES // max(hd, 1))
     if hd not in HEAD_DIMS or args.n_heads % args.n_kv_heads:
         raise ValueError(f"head_dim = {hd}, {args.n_heads} heads on {args.n_kv_heads} kv heads: the attention "
                          f"kernel takes head_dim in {HEAD_DIMS} and whole query groups")
@@ -371,7 +372,7 @@ class DecodeAttention:
     """A prepared attention launch of one layer; call it per step.
 
     Device arrays (Numba views of torch buffers, made once): qkv fp16 [q + 2 kv], position int64 [1],
-    k_cache / v_cache fp16 [max_seq, n_kv, head_dim] (this layer's), out fp16 [n_heads * head_dim],
+    k_cache / v_cache fp16 [n_layers, max_seq, n_kv, head_dim] (the model's), out fp16 [n_heads * head_dim],
     rope = (cos, sin) float32 [max_seq, head_dim / 2] of this layer's base (`rope_table`), and where
     the family has them bias float32 [q + 2 kv], q_norm / k_norm float32 [head_dim]. The launch is
     fixed; the position is read on the device.
@@ -387,8 +388,8 @@ class DecodeAttention:
         self.kernel = _attention_kernel(plan.group, plan.head_dim, plan.tile, plan.splits)
         self.args = (words(qkv), bias if bias is not None else dummy, bias is not None,
                      q_norm if q_norm is not None else dummy, k_norm if k_norm is not None else dummy,
-                     q_norm is not None, np.float32(args.norm_eps), np.float32(scale), position, cos, sin, words(k_cache),
-                     words(v_cache), words(out), scratch.ml, scratch.acc, scratch.counters, plan.n_kv_heads, window)
+                     q_norm is not None, np.float32(args.norm_eps), np.float32(scale), position, cos, sin, words(k_cache[layer]),
+                     words(v_cache[layer]), words(out), scratch.ml, scratch.acc, scratch.counters, plan.n_kv_heads, window)
 
     def __call__(self, stream=0) -> None:
         self.kernel[self.plan.grid, THREADS, stream](*self.args)

@@ -45,7 +45,7 @@ def check_attention(args: ModelArgs, layer: int, max_seq: int, positions, tile=N
     scratch = AttentionScratch.allocate(plan)
     base = args.rope_local_base if args.is_sliding(layer) else args.rope_base
     rope = tuple(cuda.to_device(t.numpy()) for t in rope_table(args.head_dim, base, max_seq))
-    kc, vc = (cuda.to_device(t[layer].numpy()) for t in (cache.k, cache.v))
+    kc, vc = (cuda.to_device(t.numpy()) for t in (cache.k, cache.v))
     dev = {name: cuda.to_device(weights[p + name].numpy()) for name in ("qkv_bias", "q_norm", "k_norm")
            if p + name in weights}
     qkv_d = cuda.device_array(args.q_dim + 2 * args.kv_dim, np.float16)
@@ -65,7 +65,7 @@ def check_attention(args: ModelArgs, layer: int, max_seq: int, positions, tile=N
         want = want.float().numpy()
         np.testing.assert_allclose(got, want, rtol=5e-3, atol=5e-3 * np.abs(want).max(), err_msg=f"position {pos}")
         for dev_cache, ref in ((kc, cache.k), (vc, cache.v)):  # the new row written, nothing else touched
-            np.testing.assert_allclose(dev_cache.copy_to_host().astype(np.float32), ref[layer].float().numpy(),
+            np.testing.assert_allclose(dev_cache.copy_to_host().astype(np.float32), ref.float().numpy(),
                                        rtol=2e-3, atol=2e-3, err_msg=f"cache at position {pos}")
 
 
@@ -76,6 +76,11 @@ def check_attention(args: ModelArgs, layer: int, max_seq: int, positions, tile=N
 ])
 def test_llama_gqa_matches_reference(positions, splits):
     check_attention(attn_args("llama", 4, 2, 64), 0, 64, positions, tile=16, splits=splits)
+
+
+@kernels
+def test_head_dim_32_matches_reference():  # the tiny test models' heads
+    check_attention(attn_args("llama", 2, 1, 32), 0, 40, [39], splits=2, seed=3)
 
 
 @kernels
@@ -95,6 +100,7 @@ def test_gemma3_norms_scale_and_window_match_reference(layer, positions):
 def test_plan_rejects_unsupported_shapes():
     with pytest.raises(ValueError, match="head_dim"):
         plan_attention(attn_args("llama", 4, 2, 96))
+    assert plan_attention(attn_args("llama", 4, 2, 32)).tile == 128
     with pytest.raises(ValueError, match="tile"):
         plan_attention(attn_args("llama", 4, 2, 64), tile=8)
     p = plan_attention(attn_args("llama", 32, 8, 128))

@@ -26,7 +26,7 @@ The captured replay runs the same launches as the eager path and the profiled re
 1e-3 * max |logit|.
 """
 
-from tests.ops.cudasim import gpu  # noqa: F401 - first: the CUDA simulator (or the GPU) is chosen there
+from tests.ops.cudasim import SIMULATED, gpu  # noqa: F401 - first: the CUDA simulator (or the GPU) is chosen there
 
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
@@ -41,7 +41,7 @@ from bench.baselines import fp16_matvec  # noqa: E402
 from decdec.models.arch import KVCache, ModelArgs, forward  # noqa: E402
 from decdec.models.graph import build_graph  # noqa: E402
 from decdec.models.loader import synthetic_model  # noqa: E402
-from decdec.ops import dma  # noqa: E402
+from decdec.ops import act, attention, dma, norm  # noqa: E402
 from decdec.ops.act import act_mul_reference  # noqa: E402
 from decdec.ops.attention import decode_attention_reference  # noqa: E402
 from decdec.ops.correction import correction_reference  # noqa: E402
@@ -398,6 +398,32 @@ def test_cuda_executor_on_a_fake_device_matches_cpu_engine_on_gemma3(tmp_path, f
                       for device, k in (("cpu", 32), ("cpu", 0), ("cuda", 32)))
     tokens = gemma_tokens(cpu)
     assert_matches_cpu(cpu_steps(dev, tokens), cpu_steps(cpu, tokens), cpu_steps(base, tokens), 32)
+
+
+def on_simulator(kernel_class):
+    """A layer-kernel class whose torch (CPU) arguments become Numba simulator arrays over the same memory."""
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+    def device(a):
+        if isinstance(a, tuple):
+            return tuple(map(device, a))
+        return FakeCUDAArray(a.numpy()) if torch.is_tensor(a) else a
+
+    return lambda *args, **kw: kernel_class(*map(device, args), **{k: device(v) for k, v in kw.items()})
+
+
+@pytest.mark.skipif(not SIMULATED, reason="needs Numba's CUDA simulator")
+def test_layer_kernels_in_the_simulator_match_cpu_engine(tmp_path, fake_cuda, monkeypatch):
+    """The fake device with the real fused norm, attention and act x up kernels (Numba's CUDA simulator on
+    the CPU buffers, cache and RoPE tables): the executor's binding of every kernel argument, end to end,
+    on the tiny Gemma 3 (post-norms, q/k norms, sliding window, tanh-GELU; ~2 minutes on 2 cores)."""
+    for module, name in ((norm, "AddRmsNorm"), (attention, "DecodeAttention"), (act, "ActMul")):
+        monkeypatch.setattr(xc, name, on_simulator(getattr(module, name)))
+    monkeypatch.setattr(xc, "AttentionScratch", attention.AttentionScratch)
+    cfg = tiny_k_cfg(tmp_path, 0, "gemma3", "rtn")
+    cpu, dev = (runtime.compile({**cfg, "device": device}, progress=False) for device in ("cpu", "cuda"))
+    tokens = torch.randint(0, TINY["vocab_size"], (5,), generator=torch.Generator().manual_seed(3))
+    assert_close(cpu_steps(dev, tokens), cpu_steps(cpu, tokens), GPU_TOL)
 
 
 def test_fp16_reference_groups_on_a_fake_device_match_the_reference_model(fake_cuda):

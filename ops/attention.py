@@ -388,8 +388,9 @@ class DecodeAttention:
         self.kernel = _attention_kernel(plan.group, plan.head_dim, plan.tile, plan.splits)
         self.args = (words(qkv), bias if bias is not None else dummy, bias is not None,
                      q_norm if q_norm is not None else dummy, k_norm if k_norm is not None else dummy,
-                     q_norm is not None, np.float32(args.norm_eps), np.float32(scale), position, cos, sin, words(k_cache[layer]),
-                     words(v_cache[layer]), words(out), scratch.ml, scratch.acc, scratch.counters, plan.n_kv_heads, window)
+                     q_norm is not None, np.float32(args.norm_eps), np.float32(scale), position, cos, sin,
+                     words(k_cache[layer]), words(v_cache[layer]), words(out), scratch.ml, scratch.acc,
+                     scratch.counters, plan.n_kv_heads, window)
 
     def __call__(self, stream=0) -> None:
         self.kernel[self.plan.grid, THREADS, stream](*self.args)

@@ -4,13 +4,12 @@ On the GPU `warp_sum` / `warp_max` are five `shfl_xor_sync` steps (every lane ge
 Numba's CUDA simulator has no warp shuffles, so there the twins exchange values through `scratch`, a
 block-shared float32 array of `SCRATCH` slots (one per thread; 1 slot on the GPU, which ignores it),
 between two barriers: as with `ptx.mma_f16`, every thread of the block must call them the same
-number of times. `block_sum` / `block_max` add one shared slot per warp (`red`, WARPS_MAX floats)
-and two barriers; they return the result to every thread.
+number of times. `block_sum` adds one shared slot per warp (`red`, WARPS_MAX floats) and two
+barriers; it returns the sum to every thread.
 """
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 from numba import cuda, float32
@@ -20,7 +19,7 @@ WARPS_MAX = 32  # warps of a 1024-thread block: the `red` slots of a block reduc
 SCRATCH = 1024 if SIMULATED else 1  # slots of the simulator's shuffle stand-in (threads of a block)
 FULL_MASK = 0xFFFFFFFF
 
-__all__ = ["warp_sum", "warp_max", "block_sum", "block_max", "words", "SCRATCH", "WARPS_MAX"]
+__all__ = ["warp_sum", "warp_max", "block_sum", "words", "SCRATCH", "WARPS_MAX"]
 
 
 if SIMULATED:
@@ -73,21 +72,6 @@ def block_sum(v, red, scratch):
         s += red[w]
     cuda.syncthreads()  # `red` is rewritten by the next call
     return s
-
-
-@cuda.jit(device=True)
-def block_max(v, red, scratch):
-    """Max of v over the block (blockDim.x a multiple of 32), for every thread."""
-    tid = cuda.threadIdx.x
-    v = warp_max(v, scratch)
-    if tid % 32 == 0:
-        red[tid // 32] = v
-    cuda.syncthreads()
-    m = float32(-math.inf)
-    for w in range(cuda.blockDim.x // 32):
-        m = max(m, red[w])
-    cuda.syncthreads()
-    return m
 
 
 def words(a):

@@ -47,7 +47,6 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -186,12 +185,11 @@ class DeviceGroup:
     """One linear group on the GPU: the quantized GEMV and, for DecDEC, its residual table."""
 
     shape: tuple[int, int]  # (out, in)
-    gemv: BaseGemv | None  # None: `matvec` is used instead
+    gemv: BaseGemv
     tensors: tuple  # the torch tensors the kernels read through Numba views (kept alive here)
     table: PinnedTable | None = None  # residual rows [in, stride], pinned and mapped (zero-copy)
     rscale: object = None  # Numba fp16 [out] view of the residual scales, on the GPU
     thresholds: np.ndarray | None = None  # float32 [in], the calibrated profile (bucket bounds per k_chunk)
-    matvec: Callable | None = None  # matvec(x, out): a torch GEMV instead of ours (bench/'s baselines)
 
 
 def quantized_group(qweight, scales, zeros, act_scale, bits: int, group_size: int = 128, *, rows=None,
@@ -326,7 +324,7 @@ class CUDAExecutor:
     def _prepare_correction(self, node: Node, n_tb: int | None) -> None:
         key = (node.layer, node.attr("group"))
         g = self.model.groups[key]
-        if g.table is None or g.gemv is None:
+        if g.table is None:
             raise ConfigError(f"{node.name}: group {key} has no residual table (model built without residuals)")
         k_chunk = node.attr("k_chunk")
         tb = node.attr("n_tb") or n_tb or default_n_tb(*g.shape)
@@ -346,9 +344,6 @@ class CUDAExecutor:
             return lambda: corr(x_n, act, out=out_n, merge=split, stream=stream)
         if node.op == "base_gemv":
             g, x, out = self.model.groups[key], node.inputs[0], node.outputs[0]
-            if g.gemv is None:  # a torch baseline (fp16 torch.mv, torch's int4 kernel)
-                matvec, xb, ob = g.matvec, self.state.buf[x], self.state.buf[out]
-                return lambda: matvec(xb, ob)
             gemv, x_n, out_n = g.gemv, self.views[x], self.views[out]
             stream, merge = self.numba_streams[MAIN], self.splits.get(key)
             return lambda: gemv(x_n, out_n, stream, merge=merge)

@@ -37,8 +37,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from decdec import runtime  # noqa: E402
-from bench.baselines import fp16_matvec  # noqa: E402
-from decdec.models.arch import KVCache, ModelArgs, forward  # noqa: E402
+from decdec.models.arch import KVCache, ModelArgs  # noqa: E402
 from decdec.models.graph import build_graph  # noqa: E402
 from decdec.models.loader import synthetic_model  # noqa: E402
 from decdec.ops import act, attention, dma, norm  # noqa: E402
@@ -424,18 +423,6 @@ def test_layer_kernels_in_the_simulator_match_cpu_engine(tmp_path, fake_cuda, mo
     cpu, dev = (runtime.compile({**cfg, "device": device}, progress=False) for device in ("cpu", "cuda"))
     tokens = torch.randint(0, TINY["vocab_size"], (5,), generator=torch.Generator().manual_seed(3))
     assert_close(cpu_steps(dev, tokens), cpu_steps(cpu, tokens), GPU_TOL)
-
-
-def test_fp16_reference_groups_on_a_fake_device_match_the_reference_model(fake_cuda):
-    """bench/gpu_engine.py's fp16 baseline: fp16 groups (torch.mv) in the same executor."""
-    args, weights = small_args("gemma3")
-    groups = {(i, kind): xc.DeviceGroup(args.linear_shape(kind), None, (),
-                                        matvec=fp16_matvec(weights[f"layers.{i}.{kind}"], "cpu"))
-              for i in range(args.n_layers) for kind in ("qkv", "o", "gate_up", "down")}
-    ex = xc.CUDAExecutor(xc.DeviceModel(args, weights, groups), schedule(build_graph(args, [3, 3], 0)), 16)
-    tokens = torch.randint(0, args.vocab_size, (10,), generator=torch.Generator().manual_seed(9))
-    got = torch.stack([ex.run(int(t), p) for p, t in enumerate(tokens)])
-    assert_close(got, forward(args, weights, tokens), GPU_TOL)
 
 
 def test_node_n_tb_reaches_the_correction(tmp_path, fake_cuda):

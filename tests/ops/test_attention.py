@@ -72,7 +72,7 @@ def check_attention(args: ModelArgs, layer: int, max_seq: int, positions, tile=N
 @kernels
 @pytest.mark.parametrize("positions, splits", [
     ([0, 37, 63], 4),  # first position (one key), 3 splits that combine, the last position (4 splits)
-    ([63, 50], 2),  # 2 splits of 2 tiles each: online softmax across tiles, then the combine
+    ([63, 37], 2),  # 2 splits of 2 tiles each (online softmax across tiles, then the combine); 2 + 1 tiles
 ])
 def test_llama_gqa_matches_reference(positions, splits):
     check_attention(attn_args("llama", 4, 2, 64), 0, 64, positions, tile=16, splits=splits)

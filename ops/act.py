@@ -1,7 +1,7 @@
 """Activation x up op: act(gate) * up of the gate_up GEMV's fp16 output, fp16 out (the down GEMV's input).
 
 SiLU (Llama, Qwen2) or tanh-GELU (Gemma 3), computed in float32. `act_mul_reference` is the CPU
-reference (models/arch.py's `act_mul`); `ActMul` the kernel.
+reference (`act_mul`, the model's math); `ActMul` the kernel.
 
 Why a kernel of its own: folding it into the gate_up GEMV's epilogue needs gate row j and up row
 ffn + j in one output tile, and folding it into the down GEMV's staging needs the GEMV to read both
@@ -14,16 +14,27 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from numba import cuda, float32
 
-from decdec.models.arch import ModelArgs, act_mul
+from decdec.args import ModelArgs
 from decdec.ops.ptx import half2_floats, pack_half2
 from decdec.ops.reduce import words
 
 THREADS = 256
 GELU_C = math.sqrt(2 / math.pi)  # tanh-GELU: 0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3)))
 
-__all__ = ["act_mul_reference", "ActMul"]
+__all__ = ["activation", "act_mul", "act_mul_reference", "ActMul"]
+
+
+def activation(args: ModelArgs, gate: torch.Tensor) -> torch.Tensor:
+    # Gemma uses GeGLU with the tanh approximation of GELU; Llama and Qwen2 use SwiGLU.
+    return F.gelu(gate, approximate="tanh") if args.is_gemma else F.silu(gate)
+
+
+def act_mul(args: ModelArgs, gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return activation(args, gate) * up
 
 
 def act_mul_reference(args: ModelArgs, gate_up: torch.Tensor) -> torch.Tensor:

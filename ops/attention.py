@@ -6,7 +6,8 @@ attention of every query head over the positions <= position (and, on Gemma's sl
 > position - sliding_window), softmax in float32. GQA: the n_heads / n_kv_heads query heads of a
 kv head share its keys and values, so one block serves all of them.
 
-`decode_attention_reference` is the CPU reference (models/arch.py's `attend`); `DecodeAttention`
+`attend` is the model's math (models/arch.py calls it for every token count), `decode_attention_reference`
+its one-token form on the fp16 cache, `DecodeAttention`
 the kernel, split over the KV length as flash-decoding does (`_attention_kernel`).
 """
 
@@ -18,9 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from numba import cuda, float32, int32, uint32
 
-from decdec.models.arch import KVCache, ModelArgs, attend
+from decdec.args import ModelArgs
+from decdec.ops.norm import rms_norm
 from decdec.ops.ptx import half2_floats, load_u32x4, pack_half2
 from decdec.ops.reduce import SCRATCH, warp_max, warp_sum, words
 
@@ -30,8 +33,79 @@ TILE_HALVES = 8192  # a tile of keys (or values) is 16 KiB of fp16: 64 positions
 SPLITS = 32  # blocks per kv head at most (<= 32: the combine gives each split a lane)
 HEAD_DIMS = (32, 64, 128, 256)  # powers of 2: a row is whole 16-byte vectors, their count a power of 2
 
-__all__ = ["decode_attention_reference", "rope_table", "AttentionPlan", "plan_attention", "AttentionScratch",
-           "DecodeAttention"]
+__all__ = ["KVCache", "rope", "attention_mask", "attention", "attend", "decode_attention_reference", "rope_table",
+           "AttentionPlan", "plan_attention", "AttentionScratch", "DecodeAttention"]
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer, allocated once for `max_seq_len` positions."""
+
+    k: torch.Tensor  # [n_layers, max_seq_len, KV, hd]
+    v: torch.Tensor
+
+    @classmethod
+    def allocate(cls, args: ModelArgs, max_seq_len: int, device="cpu", dtype=torch.float32) -> "KVCache":
+        shape = (args.n_layers, max_seq_len, args.n_kv_heads, args.head_dim)
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
+    """Rotate-half RoPE (Hugging Face order) on x [T, heads, hd] at integer positions [T]."""
+    hd = x.shape[-1]
+    inv_freq = 1.0 / (base ** (torch.arange(0, hd, 2, dtype=torch.float32, device=x.device) / hd))
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # [T, hd/2]
+    cos = torch.cat([angles.cos(), angles.cos()], -1)[:, None, :]
+    sin = torch.cat([angles.sin(), angles.sin()], -1)[:, None, :]
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+def attention_mask(args: ModelArgs, layer: int, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """Boolean [Tq, Tk]: causal, and inside the sliding window on Gemma 3's local layers."""
+    mask = k_pos[None, :] <= q_pos[:, None]
+    if args.is_sliding(layer) and args.sliding_window:
+        mask &= k_pos[None, :] > q_pos[:, None] - args.sliding_window
+    return mask
+
+
+def attention(args: ModelArgs, layer: int, q, k, v, q_pos, k_pos) -> torch.Tensor:
+    """q [T, H, hd], k/v [S, KV, hd] -> [T, H*hd]."""
+    group = args.n_heads // args.n_kv_heads
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scale = args.query_scale if args.query_scale is not None else args.head_dim**-0.5
+    mask = attention_mask(args, layer, q_pos, k_pos)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
+    )  # [H, T, hd]
+    return out.transpose(0, 1).reshape(q.shape[0], -1)
+
+
+def attend(args: ModelArgs, weights, layer: int, qkv: torch.Tensor, positions, cache: KVCache | None) -> torch.Tensor:
+    """From the qkv projection [T, q+2kv] to the attention output [T, H*hd]: bias, Gemma's q/k norms,
+    RoPE, the KV cache (written at `positions`, read up to the last one), and attention."""
+    p = f"layers.{layer}."
+    T = qkv.shape[0]
+    if args.qkv_bias:
+        qkv = qkv + weights[p + "qkv_bias"]
+    q, k, v = qkv.split([args.q_dim, args.kv_dim, args.kv_dim], dim=-1)
+    q = q.reshape(T, args.n_heads, args.head_dim)
+    k = k.reshape(T, args.n_kv_heads, args.head_dim)
+    v = v.reshape(T, args.n_kv_heads, args.head_dim)
+    if args.is_gemma:
+        q = rms_norm(q, weights[p + "q_norm"], args.norm_eps)
+        k = rms_norm(k, weights[p + "k_norm"], args.norm_eps)
+    base = args.rope_local_base if args.is_sliding(layer) else args.rope_base
+    q, k = rope(q, positions, base), rope(k, positions, base)
+    k_pos = positions
+    if cache is not None:
+        end = int(positions[-1]) + 1
+        cache.k[layer, positions] = k
+        cache.v[layer, positions] = v
+        k, v = cache.k[layer, :end], cache.v[layer, :end]
+        k_pos = torch.arange(end, device=qkv.device)
+    return attention(args, layer, q, k, v, positions, k_pos)
 
 
 def decode_attention_reference(args: ModelArgs, weights: dict[str, torch.Tensor], layer: int, qkv: torch.Tensor,

@@ -5,7 +5,8 @@
 
 The residual stream x stays float32 (Gemma 3's exceeds fp16's range); the branch is a GEMV's fp16
 output. Without a branch it is the plain RMSNorm of x (layer 0's first norm, after the embedding).
-`add_rms_norm_reference` is the CPU reference (models/arch.py's `rms_norm`); `AddRmsNorm` the kernel.
+`rms_norm` and `residual_add` are the model's math (models/arch.py composes them),
+`add_rms_norm_reference` their fused form as the kernel computes it, `AddRmsNorm` the kernel.
 """
 
 from __future__ import annotations
@@ -16,14 +17,25 @@ import numpy as np
 import torch
 from numba import cuda, float32
 
-from decdec.models.arch import ModelArgs, rms_norm
+from decdec.args import ModelArgs
 from decdec.ops.ptx import half2_floats, pack_half2
 from decdec.ops.reduce import SCRATCH, WARPS_MAX, block_sum, words
 
 MAX_THREADS = 1024  # one block: one fp16 pair per thread up to 2048 channels, two at 4096
 MAX_DIM = 8192  # channels the shared stash holds (32 KiB of float32)
 
-__all__ = ["add_rms_norm_reference", "AddRmsNorm", "MAX_DIM"]
+__all__ = ["rms_norm", "residual_add", "add_rms_norm_reference", "AddRmsNorm", "MAX_DIM"]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def residual_add(args: ModelArgs, weights, x: torch.Tensor, branch: torch.Tensor, post_norm: str | None) -> torch.Tensor:
+    """x + branch, with Gemma's post-norm on the branch."""
+    if post_norm is not None:
+        branch = rms_norm(branch, weights[post_norm], args.norm_eps)
+    return x + branch
 
 
 def add_rms_norm_reference(args: ModelArgs, x: torch.Tensor, weight: torch.Tensor, branch: torch.Tensor | None = None,

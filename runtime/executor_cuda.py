@@ -53,9 +53,11 @@ import torch
 import torch.nn.functional as F
 from numba import cuda
 
-from decdec.models.arch import LINEAR_KINDS, KVCache, ModelArgs, embed
+from decdec.args import ModelArgs
+from decdec.constants import LINEAR_KINDS
+from decdec.models.arch import embed
 from decdec.ops.act import ActMul
-from decdec.ops.attention import AttentionScratch, DecodeAttention, plan_attention, rope_table
+from decdec.ops.attention import AttentionScratch, DecodeAttention, KVCache, plan_attention, rope_table
 from decdec.ops.base_gemv import SIMULATED, BaseGemv
 from decdec.ops.correction import Correction
 from decdec.ops.dma import PinnedTable

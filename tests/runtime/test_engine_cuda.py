@@ -428,7 +428,7 @@ def test_layer_kernels_in_the_simulator_match_cpu_engine(tmp_path, fake_cuda, mo
 def test_node_n_tb_reaches_the_correction(tmp_path, fake_cuda):
     dev = runtime.compile({**tiny_k_cfg(tmp_path, 64, "llama", "rtn"), "device": "cuda"}, progress=False)
     args = dev.prepared.model.args
-    graph = build_graph(args, [3, 3], 64, {"qkv": 3, "o": 0, ("gate_up", 3): 5, "down": 7})
+    graph = build_graph(args, [3, 3], 64, {("qkv", 3): 3, ("o", 3): 0, ("gate_up", 3): 5, ("down", 3): 7})
     ex = xc.CUDAExecutor(dev.executor.model, schedule(graph), 16, n_tb=2)
     for layer in range(args.n_layers):
         got = {kind: ex.corrections[layer, kind].n_tb for kind in ("qkv", "o", "gate_up", "down")}

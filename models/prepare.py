@@ -163,12 +163,10 @@ def prepare(cfg, force: bool = False, progress: bool = True, model: LoadedModel 
     """Prepared artifacts for `cfg`: reused from its folder when model and config match, else built.
     A second prepare of the same folder waits for the first and then reuses its artifacts."""
     cfg = load_config(cfg)
-    say = (lambda text: print(text, file=sys.stderr, flush=True)) if progress else (lambda text: None)
-    if model is None:
-        say(f"loading {'a synthetic model' if isinstance(cfg.model.source, dict) else cfg.model.source}")
-        model = load_model(cfg.model.source, cfg.model.max_seq_len)
+    model = model or load_model(cfg.model.source, cfg.model.max_seq_len)
     key = artifact_key(model, cfg)
     folder = artifact_folder(model, cfg)
+    say = (lambda text: print(text, file=sys.stderr, flush=True)) if progress else (lambda text: None)
     with artifacts.locked(folder, lambda: say(f"waiting for another prepare of {folder} to finish")):
         if not force and artifacts.read_manifest(folder) is not None:
             tensors, info = artifacts.load_artifacts(folder, key)

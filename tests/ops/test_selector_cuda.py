@@ -12,6 +12,7 @@ import torch  # noqa: E402
 from numba import cuda, float32  # noqa: E402
 
 from bench.op_kernels import select_bucket_cuda  # noqa: E402 - `select_chunks` in a stand-alone kernel
+from decdec.constants import n_selected  # noqa: E402
 from decdec.ops import selector  # noqa: E402
 from decdec.ops.selector_cuda import bucket_of  # noqa: E402
 
@@ -34,7 +35,7 @@ def hard_inputs(rng, rows: int, width: int, dtype=np.float32) -> np.ndarray:
 
 
 def run(x: np.ndarray, k_chunk: int, bounds, act_scale=None):
-    n = selector.n_selected(x.shape[-1], k_chunk)
+    n = n_selected(x.shape[-1], k_chunk)
     out = cuda.to_device(np.full((x.shape[0], n), -1, np.int32))  # poison: -1 is no channel
     out_x = cuda.to_device(np.full((x.shape[0], n), np.nan, np.float32))
     scale = None if act_scale is None else cuda.to_device(act_scale)

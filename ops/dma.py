@@ -140,4 +140,3 @@ class PinnedTable:
 def _free_host(ptr: int) -> None:
     rt = _runtime()
     rt.cudaFreeHost(ptr)
-

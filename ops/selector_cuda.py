@@ -208,5 +208,3 @@ def select_chunks(x, act_scale, has_scale, chunk, c0, nb, k_chunk, k_last, a, b,
         elif bkt == cut:
             at = int32(at + 1)
     cuda.syncthreads()
-
-

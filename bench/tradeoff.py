@@ -24,7 +24,7 @@ from bench.meta import run_meta  # noqa: E402
 from decdec.models.loader import load_model  # noqa: E402
 from decdec.models.prepare import prepare  # noqa: E402
 from decdec.config import load_config  # noqa: E402
-from decdec.runtime.evaluate import decdec_linear, dense_groups, eval_windows, per_group_k, perplexity  # noqa: E402
+from decdec.runtime.evaluate import decdec_linear, dense_groups, eval_windows, perplexity  # noqa: E402
 
 MODELS = ("gemma3-270m", "smollm2-135m")
 
@@ -70,7 +70,7 @@ def main() -> None:
                 result["rows"].append({"model": name, "target": row["target"], "error": row["error"]})
                 continue
             ks = tuned_k(row)
-            linear = decdec_linear(groups, "bucket", per_group_k(prepared.layer_bits, ks))
+            linear = decdec_linear(groups, "bucket", ks)
             ppl, _ = perplexity(args, weights, windows, linear, desc=f"{name} target {row['target']:.1%}")
             result["rows"].append({"model": name, "target": row["target"], "slowdown": row["slowdown"],
                                    "tokens_per_s": row["tokens_per_s"], "choices": row["choices"], "ppl": ppl,

@@ -142,4 +142,7 @@ def load_config(cfg: str | Path | dict | Config | None) -> Config:
                 "config fields 'decdec.k_chunk' and 'decdec.target_slowdown' exclude each other: set one"
             )
         cfg = {**cfg, "decdec": {**decdec, "k_chunk": None}}  # the tuner will choose k_chunk
-    return _build(Config(), cfg, "")
+    config = _build(Config(), cfg, "")
+    if config.decdec.k_chunk is None and config.decdec.target_slowdown is None:
+        raise ConfigError("config fields 'decdec.k_chunk' and 'decdec.target_slowdown' are both unset: set one")
+    return config

@@ -12,19 +12,17 @@ from decdec.models.arch import LINEAR_KINDS, ModelArgs
 from decdec.constants import n_selected
 from decdec.graph import Graph
 
-PerGroup = int | None | dict  # one value for all groups, or a dict by kind or by (kind, bits)
+PerGroup = int | dict  # one value for every linear group, or one per (kind, bits) as the tuner gives them
 
 
 def per_group(value: PerGroup, kind: str, bits: int, name: str) -> int:
-    """`value` for the linear groups of one kind at one bit width: an int (None = 0) for all, or a dict
-    keyed by (kind, bits) or by kind (the (kind, bits) entry wins)."""
+    """`value` for the linear groups of one kind at one bit width: an int for all, or the entry
+    (kind, bits) of a dict (the one shape every per-group setting takes: `Tuning.k_chunks`)."""
     if not isinstance(value, dict):
-        return value or 0
-    for key in ((kind, bits), kind):
-        if key in value:
-            return value[key] or 0
-    raise ValueError(f"{name} has no value for the {kind} groups at {bits} bits: "
-                     f"keys are {sorted(map(str, value))}")
+        return value
+    if (kind, bits) not in value:
+        raise ValueError(f"{name} has no value for the {kind} groups at {bits} bits: keys are {sorted(value)}")
+    return value[kind, bits]
 
 
 def group_shapes(args: ModelArgs, layer_bits: list[int]) -> dict[tuple[str, int], tuple[int, int, int, int]]:
@@ -57,10 +55,9 @@ def add_linear(g: Graph, layer: int, group: str, x: str, out: str, shape: tuple[
     g.add("merge", [f"{p}.base", f"{p}.corr"], [out], layer, **common)
 
 
-def build_graph(args: ModelArgs, layer_bits: list[int], k_chunk: PerGroup, n_tb: PerGroup = None) -> Graph:
-    """The decode-step graph. `k_chunk` and `n_tb` (correction thread blocks; 0 / None: the executor's
-    default) are each one value for all groups, or a dict by group kind (qkv, o, gate_up, down) or by
-    (kind, bits), as `scheduler.tuner.Tuning` gives them."""
+def build_graph(args: ModelArgs, layer_bits: list[int], k_chunk: PerGroup, n_tb: PerGroup = 0) -> Graph:
+    """The decode-step graph. `k_chunk` and `n_tb` (correction thread blocks; 0: the executor's default)
+    are each one value for all groups, or a dict by (kind, bits) as `scheduler.tuner.Tuning` gives them."""
     g = Graph()
     g.add("embed", ["token"], ["x.0"], scale=args.is_gemma)
     for i in range(args.n_layers):

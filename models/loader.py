@@ -45,7 +45,7 @@ def _smollm2_package() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-# Real pretrained models that install from the package index (DESIGN.md §5).
+# Real pretrained models that install from the package index (no model hub is needed).
 PACKAGED: dict[str, Callable[[], Path]] = {"gemma3-270m": _gemma_package, "smollm2-135m": _smollm2_package}
 DEFAULT_MODEL = "gemma3-270m"
 

@@ -73,7 +73,7 @@ def cmd_eval(args) -> None:
 
 def cmd_run(args) -> None:
     from decdec import runtime
-    from decdec.runtime.evaluate import eval_rows, format_table, per_group_k
+    from decdec.runtime.evaluate import eval_rows, format_table
 
     cfg = _config(args)
     engine = runtime.compile(cfg, force=args.force)
@@ -89,7 +89,7 @@ def cmd_run(args) -> None:
         prepared = dataclasses.replace(engine.prepared, config=small)
         ks = [engine.k_chunk] if isinstance(engine.k_chunk, int) and engine.k_chunk else []
         if engine.tuning is not None:  # the tuned mix, per group, as the engine runs it
-            ks = [per_group_k(prepared.layer_bits, engine.tuning.k_chunks)]
+            ks = [engine.tuning.k_chunks]
         print(format_table(eval_rows(prepared, ks, ["bucket"], reference=True)))
 
 

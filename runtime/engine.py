@@ -111,8 +111,6 @@ def engine_k_chunk(cfg: Config) -> int | None:
         )
     if d.k_chunk is not None:
         return d.k_chunk
-    if d.target_slowdown is None:
-        raise ConfigError("config fields 'decdec.k_chunk' and 'decdec.target_slowdown' are both unset: set one")
     if cfg.device != "cuda":
         raise ConfigError(
             f"config field 'decdec.target_slowdown' = {d.target_slowdown} needs device 'cuda' (the tuner "
@@ -159,7 +157,7 @@ def compile_cuda(prepared: Prepared, k_chunk: int | None, profile: MeasuredProfi
     if k_chunk == 0:
         return Engine(prepared, base_graph, base.plan, base, 0, base)
 
-    def build(k, n_tb=None) -> tuple[Graph, CUDAExecutor]:
+    def build(k, n_tb=0) -> tuple[Graph, CUDAExecutor]:
         graph = build_graph(args, bits, k, n_tb)
         return graph, CUDAExecutor(model, schedule(graph), max_seq, cache=base.cache)
 

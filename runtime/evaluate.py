@@ -1,6 +1,6 @@
 """Quality: teacher-forced perplexity of the reference, quantized, and quantized + DecDEC models.
 
-DecDEC is simulated in batch (DESIGN.md §4): for every position and linear group the selector
+DecDEC is simulated in batch: for every position and linear group the selector
 picks channels of that position's activation x~ = x * act_scale exactly as the decode kernel would,
 and the group computes  out = deq(Q) x~ + R_hat (x~ * mask).
 """
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from decdec.models.arch import Linear, forward
+from decdec.models.graph import PerGroup, per_group
 from decdec.models.prepare import Prepared
 from decdec.ops import selector
 from decdec.ops.correction import compensate
@@ -29,11 +30,13 @@ class DenseGroup:
     act_scale: torch.Tensor  # float32 [in]
     thresholds: torch.Tensor
     mean_abs: torch.Tensor
+    bits: int
 
 
 def dense_groups(prepared: Prepared) -> dict[tuple[int, str], DenseGroup]:
     return {
-        key: DenseGroup(g.q.dequantize(), g.residual.dequantize().T, g.q.act_scale, g.thresholds, g.mean_abs)
+        key: DenseGroup(g.q.dequantize(), g.residual.dequantize().T, g.q.act_scale, g.thresholds, g.mean_abs,
+                        g.q.bits)
         for key, g in prepared.groups.items()
     }
 
@@ -49,15 +52,14 @@ def select(mode: str, x: torch.Tensor, k_chunk: int, group: DenseGroup) -> torch
     raise ValueError(f"unknown selection mode {mode!r}: allowed are {selector.MODES}")
 
 
-def decdec_linear(groups: dict[tuple[int, str], DenseGroup], selection: str = "none",
-                  k_chunk: int | dict[tuple[int, str], int] = 0) -> Linear:
+def decdec_linear(groups: dict[tuple[int, str], DenseGroup], selection: str = "none", k_chunk: PerGroup = 0) -> Linear:
     """The quantized linear, with DecDEC's compensation simulated when selection != 'none'; `k_chunk`
-    for every group, or per (layer, kind) as a tuned engine runs it (missing groups: 0).
+    for every group, or per (kind, bits) as a tuned engine runs it.
     With selection 'none' any group with `weight` and `act_scale` will do (the CPU executor's too)."""
 
     def linear(layer: int, kind: str, x: torch.Tensor) -> torch.Tensor:
         g = groups[layer, kind]
-        k = k_chunk.get((layer, kind), 0) if isinstance(k_chunk, dict) else k_chunk
+        k = per_group(k_chunk, kind, g.bits, "k_chunk")
         xs = x * g.act_scale
         out = xs @ g.weight.T
         if selection != "none" and k > 0:
@@ -120,12 +122,6 @@ def eval_rows(
                 add({**base, "selection": mode, "k_chunk": "tuned" if isinstance(k, dict) else k},
                     decdec_linear(groups, mode, k))
     return rows
-
-
-def per_group_k(layer_bits: list[int], k_chunks: dict[tuple[str, int], int]) -> dict[tuple[int, str], int]:
-    """A tuned engine's k_chunk per (kind, bits) as the simulation takes it: per (layer, kind)."""
-    return {(layer, kind): k for layer, bits in enumerate(layer_bits) for (kind, b), k in k_chunks.items()
-            if b == bits}
 
 
 def format_table(rows: list[dict]) -> str:

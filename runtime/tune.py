@@ -17,9 +17,8 @@ from decdec.scheduler.profile import MeasuredProfile, default_path
 from decdec.scheduler.tuner import frontier
 
 # The tuner picks only within what was measured (MeasuredModel never extrapolates), so the k_chunk grid
-# bounds its choices: on the H100 the pair already costs +18 % to +107 % at k_chunk 32 on the Llama-3-8B
-# shapes (README, "Base GEMV and correction concurrently"), so 64 is past any target of a few %; the grid
-# is dense below 16, where such targets land. The best n_tb there was 4 .. 16 for every shape.
+# bounds its choices: on an H100-class GPU k_chunk 32 already costs tens of percent of a large layer's
+# GEMV, so 64 is past any target of a few %; the grid is dense below 16, where such targets land.
 K_CHUNKS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 N_TBS = (2, 4, 8, 16, 32)
 REPS = 20

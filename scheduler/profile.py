@@ -2,7 +2,7 @@
 
 It holds the measured latency model (`MeasuredModel`: per linear shape and bits, the base GEMV alone
 and base + correction over the measured k_chunk x n_tb grid) and, for the record, the bandwidths
-that bound it (HBM read, zero-copy read of mapped host memory; DESIGN.md §6). Plain JSON, never
+that bound it (HBM read, zero-copy read of mapped host memory). Plain JSON, never
 pickle; pure Python (the measuring is `ops/timing.py`'s, on the GPU).
 """
 

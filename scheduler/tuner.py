@@ -14,7 +14,7 @@ from typing import Callable
 
 from decdec.constants import n_selected
 from decdec.errors import ConfigError
-from decdec.scheduler.latency import DeviceProfile, MeasuredModel
+from decdec.scheduler.latency import MeasuredModel
 
 TOLERANCE = 0.005  # a measured step may exceed the target slowdown by this (half a point of the step)
 ROUNDS = 4  # tune-and-measure rounds before a target counts as unreachable (`tune_measured`)
@@ -32,18 +32,6 @@ class Choice:
     @property
     def slowdown(self) -> float:
         return self.pair_us / self.base_us - 1
-
-
-def best_for_shape(p: DeviceProfile | MeasuredModel, out: int, inp: int, bits: int, max_slowdown: float) -> Choice:
-    """Largest k_chunk (then fewest blocks) predicted within `max_slowdown`; k_chunk 0 if none is."""
-    base = p.base_us(out, inp, bits)
-    best = Choice(0, 0, base, base)
-    for k in K_CHOICES:
-        fits = [Choice(k, tb, base, p.pair_us(out, inp, bits, k, tb)) for tb in p.n_tb_choices(out, inp, bits)]
-        fits = [c for c in fits if c.slowdown <= max_slowdown]
-        if fits:
-            best = min(fits, key=lambda c: (c.pair_us, c.n_tb))
-    return best
 
 
 def frontier(p, out: int, inp: int, bits: int) -> list[Choice]:
@@ -64,7 +52,7 @@ def frontier(p, out: int, inp: int, bits: int) -> list[Choice]:
     return kept[::-1]
 
 
-def tune(p: DeviceProfile | MeasuredModel, shapes: dict[str, tuple[int, int, int, int]], step_us: float,
+def tune(p: MeasuredModel, shapes: dict[str, tuple[int, int, int, int]], step_us: float,
          target: float) -> dict[str, Choice]:
     """`shapes`: name -> (out, in, bits, count per step); `step_us`: the base decode step's time.
 
@@ -103,7 +91,7 @@ def tune(p: DeviceProfile | MeasuredModel, shapes: dict[str, tuple[int, int, int
     return chosen
 
 
-def cheapest_slowdown(p: DeviceProfile | MeasuredModel, shapes: dict, step_us: float) -> float:
+def cheapest_slowdown(p: MeasuredModel, shapes: dict, step_us: float) -> float:
     """The step slowdown of the least compensation: the smallest k_chunk on the cheapest shape."""
     costs = []
     for out, inp, bits, count in shapes.values():
@@ -113,7 +101,7 @@ def cheapest_slowdown(p: DeviceProfile | MeasuredModel, shapes: dict, step_us: f
     return min(costs, default=float("inf"))
 
 
-def predicted_step_us(p: DeviceProfile | MeasuredModel, shapes, choices: dict[str, Choice], step_us: float) -> float:
+def predicted_step_us(p: MeasuredModel, shapes, choices: dict[str, Choice], step_us: float) -> float:
     """The base step plus every group's predicted extra time at its chosen k_chunk and n_tb."""
     extra = sum((choices[name].pair_us - choices[name].base_us) * n for name, (o, i, b, n) in shapes.items())
     return step_us + extra

@@ -121,3 +121,10 @@ def test_interrupted_prepare_leaves_nothing_trusted(cfg_file, tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         main(["prepare", str(cfg_file)])
     assert not (tmp_path / "art" / "manifest.json").exists()
+
+
+def test_k_chunk_and_target_both_unset_is_one_config_error():
+    from decdec.config import load_config
+
+    with pytest.raises(ConfigError, match="'decdec.k_chunk' and 'decdec.target_slowdown' are both unset"):
+        load_config({"decdec": {"k_chunk": None}})

@@ -11,7 +11,7 @@ import torch
 from decdec import runtime
 from decdec.models.arch import LINEAR_KINDS, forward
 from decdec.errors import ConfigError
-from decdec.runtime.evaluate import decdec_linear, dense_groups, per_group_k
+from decdec.runtime.evaluate import decdec_linear, dense_groups
 
 TINY = {"family": "llama", "vocab_size": 300, "dim": 128, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
         "head_dim": 32, "ffn_dim": 1536, "max_seq_len": 64}
@@ -53,16 +53,15 @@ def test_step_equals_batch_simulation(tmp_path, family, method):
 
 
 def test_simulation_takes_k_chunk_per_group(tmp_path):
-    """A tuned engine's per-(kind, bits) k_chunk, spread per (layer, kind), simulates group by group."""
+    """A tuned engine's per-(kind, bits) k_chunk simulates group by group."""
     engine = runtime.compile(tiny_cfg(tmp_path, family="llama", method="rtn"), progress=False)
     p = engine.prepared
     groups = dense_groups(p)
     tokens = torch.randint(0, TINY["vocab_size"], (12,), generator=torch.Generator().manual_seed(6))
     run = lambda k: forward(p.model.args, p.model.weights, tokens, decdec_linear(groups, "bucket", k))  # noqa: E731
     bits = p.layer_bits
-    assert (run(per_group_k(bits, {(kind, bits[0]): 64 for kind in LINEAR_KINDS})) == run(64)).all()
-    only_down = per_group_k(bits, {("down", bits[0]): 64})
-    assert set(only_down) == {(layer, "down") for layer in range(len(bits))}
+    assert (run({(kind, bits[0]): 64 for kind in LINEAR_KINDS}) == run(64)).all()
+    only_down = {(kind, bits[0]): 64 if kind == "down" else 0 for kind in LINEAR_KINDS}
     mixed, base, every = run(only_down), run(0), run(64)
     assert (mixed - base).abs().max() > 0 and (mixed - every).abs().max() > 0
 

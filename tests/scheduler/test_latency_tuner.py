@@ -3,39 +3,34 @@
 import pytest
 
 from decdec.errors import ConfigError
-from decdec.scheduler.latency import DeviceProfile, fit_profile, predict_base_us, predict_corr_us, predict_pair_us
+from decdec.constants import n_selected
+from decdec.scheduler.latency import MeasuredModel, weight_bytes
 from decdec.scheduler.plan import schedule
 from decdec.scheduler.tuner import predicted_step_us, tune
 
-TRUE = DeviceProfile("test-gpu", n_sm=132, hbm_bytes_per_us=2.4e6, base_fixed_us=3.0, pcie_bytes_per_us=45e3,
-                     per_tb_bytes_per_us=6e3, corr_fixed_us=4.0, steal=0.5, pair_fixed_us=0.1)
 SHAPES = {"qkv": (6144, 4096, 3, 32), "o": (4096, 4096, 3, 32), "gate_up": (28672, 4096, 3, 32), "down": (4096, 14336, 3, 32)}
+K_GRID = tuple(range(1, 17)) + (24, 32, 64, 128)
 
 
-def measurements(p: DeviceProfile) -> list[dict]:
-    rows = []
-    for out, inp, bits, _ in SHAPES.values():
-        rows.append({"out": out, "in": inp, "bits": bits, "k_chunk": 0, "n_tb": 0, "base_us": predict_base_us(p, out, inp, bits)})
-        for k in (8, 32, 128):
-            for tb in (2, 8, 32):
-                rows.append({"out": out, "in": inp, "bits": bits, "k_chunk": k, "n_tb": tb,
-                             "base_us": predict_base_us(p, out, inp, bits),
-                             "corr_us": predict_corr_us(p, out, inp, k, tb),
-                             "pair_us": predict_pair_us(p, out, inp, bits, k, tb)})
-    return rows
+def base_us(out: int, inp: int, bits: int) -> float:
+    """A synthetic GPU: 3 µs fixed plus the weights at 2.4 MB/µs."""
+    return 3.0 + weight_bytes(out, inp, bits) / 2.4e6
 
 
-def test_fit_recovers_predictions():
-    rows = measurements(TRUE)
-    fitted = fit_profile("test-gpu", 132, rows)
-    for r in rows:
-        if r["k_chunk"]:
-            got = predict_pair_us(fitted, r["out"], r["in"], r["bits"], r["k_chunk"], r["n_tb"])
-            assert got == pytest.approx(r["pair_us"], rel=0.10)
+def pair_us(out: int, inp: int, bits: int, k: int, tb: int) -> float:
+    """The base slowed by the blocks it loses, or the correction's fetch at 6 KB/µs a block (45 KB/µs
+    at most) after a 4 µs floor, whichever is longer."""
+    fetch = n_selected(inp, k) * out / 2 / min(45e3, tb * 6e3) + 4.0
+    return max(base_us(out, inp, bits) * (1 + 0.5 * tb / 132), fetch) + 0.1
+
+
+TRUE = MeasuredModel.from_rows("test-gpu", [
+    {"out": o, "in": i, "bits": b, "k_chunk": k, "n_tb": tb, "base_us": base_us(o, i, b), "pair_us": pair_us(o, i, b, k, tb)}
+    for o, i, b, _ in SHAPES.values() for k in K_GRID for tb in (2, 8, 32)])
 
 
 def test_more_budget_never_less_compensation():
-    step = 1.25 * sum(predict_base_us(TRUE, o, i, b) * n for o, i, b, n in SHAPES.values())
+    step = 1.25 * sum(base_us(o, i, b) * n for o, i, b, n in SHAPES.values())
     previous = 0
     for target in (0.025, 0.05, 0.10, 0.20):
         choices = tune(TRUE, SHAPES, step, target)
@@ -46,7 +41,7 @@ def test_more_budget_never_less_compensation():
 
 
 def test_unreachable_target_is_a_clear_error():
-    step = sum(predict_base_us(TRUE, o, i, b) * n for o, i, b, n in SHAPES.values())
+    step = sum(base_us(o, i, b) * n for o, i, b, n in SHAPES.values())
     with pytest.raises(ConfigError, match=r"target slowdown 0.0% cannot be met on test-gpu"):
         tune(TRUE, SHAPES, step, 0.0)
     with pytest.raises(ConfigError, match="is negative"):

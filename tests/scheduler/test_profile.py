@@ -89,8 +89,10 @@ def corrections(graph) -> dict:
 
 
 def test_build_graph_takes_k_chunk_and_n_tb_per_kind_and_bits():
-    k = {("qkv", 3): 8, ("qkv", 4): 16, "o": 0, "gate_up": 32, ("down", 4): 4, ("down", 3): 12}
-    tb = {("qkv", 3): 4, "qkv": 16, "gate_up": 0, "down": 8}  # (kind, bits) wins over kind; o is never asked
+    k = {("qkv", 3): 8, ("qkv", 4): 16, ("o", 3): 0, ("o", 4): 0, ("gate_up", 3): 32, ("gate_up", 4): 32,
+         ("down", 4): 4, ("down", 3): 12}
+    tb = {("qkv", 3): 4, ("qkv", 4): 16, ("gate_up", 3): 0, ("gate_up", 4): 0, ("down", 3): 8, ("down", 4): 8}
+    # o has no correction, so its n_tb is never asked
     graph = build_graph(ARGS, MIXED_BITS, k, tb)
     corr = corrections(graph)
     for layer, bits in enumerate(MIXED_BITS):
@@ -103,11 +105,12 @@ def test_build_graph_takes_k_chunk_and_n_tb_per_kind_and_bits():
     plain = build_graph(ARGS, MIXED_BITS, 16)
     assert all(n.attr("k_chunk") == 16 and n.attr("n_tb") is None for n in corrections(plain).values())
     with pytest.raises(ValueError, match="k_chunk has no value for the down groups at 3 bits"):
-        build_graph(ARGS, MIXED_BITS, {"qkv": 8, "o": 8, "gate_up": 8, ("down", 4): 8})
+        build_graph(ARGS, MIXED_BITS, {**{(kind, b): 8 for kind in ("qkv", "o", "gate_up") for b in (3, 4)},
+                                       ("down", 4): 8})
 
 
 def test_plan_format_shows_n_tb_where_set():
-    text = schedule(build_graph(ARGS, [3] * 4, 16, {"qkv": 12, "o": 0, "gate_up": 0, "down": 0})).format()
+    text = schedule(build_graph(ARGS, [3] * 4, 16, {("qkv", 3): 12, ("o", 3): 0, ("gate_up", 3): 0, ("down", 3): 0})).format()
     assert "n_tb" in text.splitlines()[0]
     qkv = next(line for line in text.splitlines() if "L0.qkv.selector+dma+correction+merge" in line)
     down = next(line for line in text.splitlines() if "L0.down.selector+dma+correction+merge" in line)

@@ -2,7 +2,7 @@
 
     python bench/sass.py [--bits 4] [--out 28672] [--in 4096] [--rows R] [--sass FILE]
 
-Needs what the GPU image has but this machine does not, from pip wheels (docs/STATUS.md, "Tools"):
+Needs what the GPU image has but this machine does not, from pip wheels:
 numba-cuda 0.30.4 with nvidia-cuda-nvrtc-cu12 in a venv, and `ptxas` (nvidia-cuda-nvcc-cu12),
 `cuobjdump` + `nvdisasm` (nvidia-cuda-cuobjdump, nvidia-cuda-nvdisasm) on PATH. Numba asks the
 (absent) driver for the compute capability when it compiles device functions, so that one call is

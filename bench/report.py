@@ -1,11 +1,16 @@
-"""Markdown tables for the README, read from the committed bench JSON (so no number is typed by hand).
+"""Markdown tables for the README and docs/RESULTS.md, read from the committed bench JSON (so no number
+is typed by hand).
 
-    python bench/report.py
+    python bench/report.py --out docs/RESULTS.md    # the whole results page
+    python bench/report.py --summary                # the README's end-to-end summary
+    python bench/report.py                          # the whole page on stdout
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -275,31 +280,138 @@ def floor_table(paths: list[Path]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    for path in sorted(RESULTS.glob("quality_*.json")):
-        print(quality_table(path), end="\n\n")
-    if (RESULTS / "parity.json").exists():
-        print(parity_table(RESULTS / "parity.json"), end="\n\n")
-    for path in sorted(RESULTS.glob("cpu_step_*.json")):
-        print(cpu_step_table(path), end="\n\n")
-    for name in KW_RUNS:
-        print(k_warps_table(RESULTS / name), end="\n\n")
-    print(floor_table([RESULTS / name for name in FLOOR_RUNS]), end="\n\n")
-    for path in sorted(RESULTS.glob("gemv_variants_tc*.json"), reverse=True):  # the newest run first
-        print(tensor_core_table(path), end="\n\n")
-    for path in sorted(RESULTS.glob("gpu_ops_*.json"), reverse=True):  # H200 (session 4), then H100
-        print(gpu_tables(path), end="\n\n")
-    for path in sorted(RESULTS.glob("gemv_variants_quick_*.json")):
-        print(variants_table(path), end="\n\n")
-    for path in sorted(RESULTS.glob("gemv_variants_balanced_*.json")):
-        print(variants_table(path, ("default", "balanced", "even split, forced", "torch int4")), end="\n\n")
-    engine = sorted(RESULTS.glob("gpu_engine_*.json"))
-    if engine:
-        print(gpu_engine_table(engine), end="\n\n")
-    for path in sorted(RESULTS.glob("tradeoff_*.json")):
-        print(tradeoff_table(path), end="\n\n")
-    for path in sorted(RESULTS.glob("selector_recall_*.json")):
-        print(recall_table(path), end="\n\n")
+def _pct(x: float | None) -> str:
+    return "" if x is None else f"{x:.0%}"
+
+
+def _ks_dict(k_chunk: dict, n_tb: dict) -> str:
+    """k_chunk (n_tb) per group kind in graph order, from bench/engine.py's 'kind@bits' keys."""
+    cells = []
+    for kind in ("qkv", "o", "gate_up", "down"):
+        key = next((key for key in k_chunk if key.split("@")[0] == kind), None)
+        cells.append("-" if key is None or not k_chunk[key] else f"{k_chunk[key]} ({n_tb[key]})")
+    return " / ".join(cells)
+
+
+def _engine_rows(d: dict) -> tuple[dict, list[dict]]:
+    """bench/engine.py's rows, and (model, position) -> the anchor-int4 row (ratios are taken against it)."""
+    int4 = {(r["model"], r["position"]): r for r in d["rows"] if r["system"] == "anchor-int4" and "error" not in r}
+    return int4, d["rows"]
+
+
+def _engine_runs(path: Path, d: dict) -> list[str]:
+    return [f"- run {x['id']}: {x['device']}, commit {x['commit'][:7]}, {x['date']}, torch {x['torch']}, "
+            f"max_seq {x['max_seq']}, {x['steps']} timed steps, HBM read " + (f"{x['hbm_read_GBps']:.0f} GB/s" if x["hbm_read_GBps"] else "-")
+            + f": `{x['command']}`" for x in d["runs"]] + [f"- file: {source(path)}"]
+
+
+def engine_summary(path: Path) -> str:
+    """The README's end-to-end table: per model, at the shortest KV length measured, our base step
+    beside the anchor (wall tokens/s, token in and logits out), and ours / anchor-int4 both ways."""
+    d = json.loads(path.read_text())
+    int4, rows = _engine_rows(d)
+    lines = [f"{d['device']}, batch 1, wall tokens/s (token in, logits on the host out); device tokens/s in "
+             f"brackets ({source(path)}):", "",
+             *header("model", "KV length", "ours 3-bit", "anchor int4", "anchor bf16", "ours / int4", "ours / int4, device")]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model and "error" not in r]
+        if not mine:
+            continue
+        pos = min(r["position"] for r in mine)
+
+        def cell(system: str) -> str:
+            r = next((r for r in rows if r["model"] == model and r["system"] == system and r["target"] == 0
+                      and r.get("position", pos) == pos), None)
+            if r is None:
+                return "-"
+            return "fails" if "error" in r else f"{r['tokens_per_s']:.1f} ({r['device_tokens_per_s']:.1f})"
+
+        ours = next((r for r in mine if r["system"] == "ours" and r["target"] == 0 and r["position"] == pos), None)
+        anchor = int4.get((model, pos))
+        both = ours is not None and anchor is not None
+        lines.append(row(model, pos + 1, cell("ours"), cell("anchor-int4"), cell("anchor-bf16"),
+                         f"{ours['tokens_per_s'] / anchor['tokens_per_s']:.2f}x" if both else "",
+                         f"{ours['device_tokens_per_s'] / anchor['device_tokens_per_s']:.2f}x" if both else ""))
+    return "\n".join(lines)
+
+
+def engine_table(path: Path) -> str:
+    """Every row of one bench/engine.py file: ours (base and tuned) beside the anchor, per model and KV
+    length, with ours / anchor-int4 both ways and the tuner's plan."""
+    d = json.loads(path.read_text())
+    int4, rows = _engine_rows(d)
+    max_seqs = sorted({x["max_seq"] for x in d["runs"]})
+    lines = [f"{d['device']}, batch 1, max_seq {' / '.join(map(str, max_seqs))}; wall = token id in, logits on the "
+             "host out; device = CUDA events around the step alone; roofline = (weight + lm_head bytes) / measured "
+             "HBM read / wall step; slowdown = device step over the base step at the same KV length (the tuner's "
+             "prediction in brackets):", "",
+             *header("model", "KV length", "system", "target", "tokens/s", "device tokens/s", "of roofline",
+                     "ours / int4", "ours / int4, device", "slowdown (predicted)",
+                     "k_chunk (n_tb): qkv / o / gate_up / down", "ppl")]
+    order = {"ours": 0, "anchor-int4": 1, "anchor-bf16": 2}
+    errors = []
+    for r in sorted(rows, key=lambda r: (r["model"], r.get("position", math.inf), order[r["system"]], r["target"])):
+        target = f"{r['target']:.1%}" if r["target"] else "base" if r["system"] == "ours" else ""
+        if "error" in r:
+            what = "unreachable" if r["system"] == "ours" and r["target"] else "fails"
+            errors.append(f"- {r['model']}, {r['system']}{f' at {target}' if r['target'] else ''}: {r['error'][:300]}")
+            lines.append(row(r["model"], "", r["system"], target, f"{what} (below)", *[""] * 7))
+            continue
+        anchor = int4.get((r["model"], r["position"])) if r["system"] == "ours" else None
+        tuned = "slowdown" in r
+        lines.append(row(
+            r["model"], r["kv_len"], r["system"], target, f"{r['tokens_per_s']:.1f}", f"{r['device_tokens_per_s']:.1f}",
+            _pct(r["frac_roofline"]),
+            f"{r['tokens_per_s'] / anchor['tokens_per_s']:.2f}x" if anchor else "",
+            f"{r['device_tokens_per_s'] / anchor['device_tokens_per_s']:.2f}x" if anchor else "",
+            f"{r['slowdown']:+.1%} ({r['predicted_slowdown']:+.1%})" if tuned else "",
+            _ks_dict(r["k_chunk"], r["n_tb"]) if tuned else "", f"{r['ppl']:.2f}" if r.get("ppl") else ""))
+    return "\n".join(lines + [""] + errors + _engine_runs(path, d))
+
+
+def engine_files() -> list[Path]:
+    return sorted(RESULTS.glob("engine_*.json"))
+
+
+def page() -> str:
+    """The whole results page (docs/RESULTS.md): every table of every current results file, by section."""
+    existing = lambda names: [RESULTS / n for n in names if (RESULTS / n).exists()]  # noqa: E731
+    sections = {
+        "End to end: our engine beside the anchor (`bench/engine.py`)":
+            [engine_summary(p) for p in engine_files()] + [engine_table(p) for p in engine_files()],
+        "Quality": [quality_table(p) for p in sorted(RESULTS.glob("quality_*.json"))]
+                   + [parity_table(p) for p in existing(["parity.json"])]
+                   + [tradeoff_table(p) for p in sorted(RESULTS.glob("tradeoff_*.json"))]
+                   + [recall_table(p) for p in sorted(RESULTS.glob("selector_recall_*.json"))],
+        "CPU step": [cpu_step_table(p) for p in sorted(RESULTS.glob("cpu_step_*.json"))],
+        "Kernels": [k_warps_table(p) for p in existing(KW_RUNS)]
+                   + ([floor_table(existing(FLOOR_RUNS))] if existing(FLOOR_RUNS) else [])
+                   + [tensor_core_table(p) for p in sorted(RESULTS.glob("gemv_variants_tc*.json"), reverse=True)]
+                   + [gpu_tables(p) for p in sorted(RESULTS.glob("gpu_ops_*.json"), reverse=True)]
+                   + [variants_table(p) for p in sorted(RESULTS.glob("gemv_variants_quick_*.json"))]
+                   + [variants_table(p, ("default", "balanced", "even split, forced", "torch int4"))
+                      for p in sorted(RESULTS.glob("gemv_variants_balanced_*.json"))],
+        "End to end before the anchor (`bench/gpu_engine.py`, since replaced by `bench/engine.py`)":
+            [gpu_engine_table(sorted(RESULTS.glob("gpu_engine_*.json")))] if list(RESULTS.glob("gpu_engine_*.json")) else [],
+    }
+    out = ["# Results", "", "Every table is rendered by `python bench/report.py --out docs/RESULTS.md` from the JSON in "
+           "`bench/results/` (device, commit, date and command inside each); nothing here is typed by hand.", ""]
+    for title, blocks in sections.items():
+        if blocks:
+            out += [f"## {title}", ""] + [b + "\n" for b in blocks]
+    return "\n".join(out)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", help="write the whole results page here (e.g. docs/RESULTS.md) instead of stdout")
+    ap.add_argument("--summary", action="store_true", help="only the README's end-to-end summary")
+    a = ap.parse_args(argv)
+    text = "\n\n".join(engine_summary(p) for p in engine_files()) if a.summary else page()
+    if a.out:
+        Path(a.out).write_text(text)
+    else:
+        print(text)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,484 @@
+"""End-to-end decode speed: our engine beside the gpt-fast-style anchor (bench/anchor.py), in one run.
+
+    DECDEC_COMMIT=<sha> python bench/engine.py [--models llama3-8b,gemma3-270m,smollm2-135m]
+        [--systems ours,anchor-int4,anchor-bf16] [--positions 256,2048,8192] [--targets 0.025,0.05,0.1,0.2]
+        [--steps 64] [--quick] [--max-seq 8192] [--out bench/results/engine_<gpu>.json] [--merge]
+    python bench/engine.py --device cpu --tiny --eager --out /tmp/engine_cpu.json     (CPU dry run)
+
+Per model (random weights of the real shapes: timing does not depend on the values; Gemma 3 270M's
+shapes as Llama-family blocks, like the anchor's) and per KV length L of --positions (the step at
+position L - 1, attending to L cached positions; max_seq 8192):
+  ours         our 3-bit engine, base step (target 0): `runtime.engine.compile_cuda` on a synthetic
+               `Prepared` (`model.source: {synthetic: ...}`, `model.max_seq_len` = max_seq), random
+               packed codes and residual tables made directly (`prepare` would quantize a float32
+               copy of the model on the CPU: 32 GB and many minutes for Llama-3-8B)
+  ours, target T (--targets): this GPU's latency model measured on the model's shapes in-process
+               (what `decdec tune` saves), then `compile_cuda` with `decdec.target_slowdown: T`
+               (tuned, captured, measured and retuned, `scheduler.tuner.tune_measured`); the row
+               keeps the tuner's k_chunk and n_tb per group, its predicted slowdown and the measured
+               one (device step over the base step at the same position)
+  anchor-int4  the anchor with torch's int4 kernel (group 128) and a bf16 lm_head; `"error"` where
+               torch cannot pack a shape (in_features not a multiple of 128, e.g. SmolLM2's 576)
+  anchor-bf16  the anchor with bf16 linear layers
+  The anchor runs compiled: torch.compile(mode="reduce-overhead", fullgraph=True) (--eager: not).
+Timing, both ways, medians over --steps after warm-up:
+  tokens_per_s         wall time per token as a user sees it: token id in, logits on the host out
+                       (ours: engine.step(token); anchor: the compiled step on a new token tensor, .cpu())
+  device_tokens_per_s  CUDA events around each step alone, issued back to back (ours: one graph replay;
+                       anchor: one compiled call); on the CPU, the step without the host copy
+  frac_roofline        (linear weight + lm_head bytes) / HBM read rate (measured in this run) / wall
+                       step time; device_frac_roofline the same over the device step
+Output: {meta of this run, "runs": [meta of every run whose rows are kept], "rows": [...]}; each row
+names its run. --merge keeps the rows of another run in the file for the (model, system) pairs this
+run does not measure (so one file can collect models measured in separate calls). Nothing in the
+product imports this file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import hashlib
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS", "0")  # the correction's few blocks are the point
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch._dynamo.utils import counters  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.anchor import SHAPES, Anchor, Shapes, check_int4, compile_step, weight_bytes  # noqa: E402
+from bench.meta import run_meta  # noqa: E402
+from decdec.config import load_config  # noqa: E402
+from decdec.constants import LINEAR_KINDS  # noqa: E402
+from decdec.errors import ConfigError  # noqa: E402
+from decdec.models.arch import ModelArgs  # noqa: E402
+from decdec.models.graph import build_graph, group_shapes  # noqa: E402
+from decdec.models.loader import LoadedModel  # noqa: E402
+from decdec.models.prepare import Prepared, PreparedGroup  # noqa: E402
+from decdec.models.quantize import QuantizedLinear  # noqa: E402
+from decdec.models.residual import ResidualTable  # noqa: E402
+from decdec.runtime.engine import Engine, compile_cuda  # noqa: E402
+from decdec.runtime.evaluate import dense_groups  # noqa: E402
+from decdec.runtime.executor_cpu import CPUExecutor  # noqa: E402
+from decdec.scheduler import latency  # noqa: E402
+from decdec.scheduler.plan import MAIN, schedule  # noqa: E402
+
+SYSTEMS = ("ours", "anchor-int4", "anchor-bf16")
+BITS = 3
+MAX_SEQ = 8192
+POSITIONS = (256, 2048, 8192)
+TOKEN = 1  # the token fed at every step (timing does not depend on it)
+TINY = Shapes(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64, ffn_dim=512, vocab_size=512)
+TINY_MAX_SEQ, TINY_POSITIONS = 64, (16, 64)
+T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} +{time.perf_counter() - T0:4.0f}s] {msg}", flush=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """Settings shared by every measurement of one run."""
+
+    device: str  # "cuda" or "cpu"
+    max_seq: int
+    positions: tuple[int, ...]  # KV lengths; the step runs at position L - 1
+    steps: int
+    warmup: int
+    eager: bool  # the anchor uncompiled
+    hbm_GBps: float | None  # HBM read rate measured in this run (None on the CPU)
+
+    @property
+    def cuda(self) -> bool:
+        return self.device == "cuda"
+
+
+# ----------------------------------------------------------------------------------------------------
+# timing and rows
+
+
+def timed(user_step, device_step, stream, run: Run) -> dict:
+    """Median ms of user_step() (wall, host clock) and of device_step() (CUDA events on `stream` around
+    each call, the calls issued back to back; the host clock on the CPU), after warm-up."""
+    for _ in range(run.warmup):
+        user_step()
+    wall = []
+    for _ in range(run.steps):
+        t = time.perf_counter()
+        user_step()
+        wall.append((time.perf_counter() - t) * 1e3)
+    if run.cuda:
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(run.steps)]
+        torch.cuda.synchronize()
+        for start, end in events:
+            start.record(stream)
+            device_step()
+            end.record(stream)
+        torch.cuda.synchronize()
+        device = [start.elapsed_time(end) for start, end in events]
+    else:
+        device = []
+        for _ in range(run.steps):
+            t = time.perf_counter()
+            device_step()
+            device.append((time.perf_counter() - t) * 1e3)
+    return {"wall_ms": statistics.median(wall), "device_ms": statistics.median(device)}
+
+
+def make_row(model: str, system: str, target: float, position: int, t: dict, nbytes: int, run: Run, **extra) -> dict:
+    def frac(ms: float) -> float | None:
+        return nbytes / (run.hbm_GBps * 1e6) / ms if run.hbm_GBps else None
+
+    return {"model": model, "system": system, "target": target, "position": position, "kv_len": position + 1,
+            "tokens_per_s": 1e3 / t["wall_ms"], "device_tokens_per_s": 1e3 / t["device_ms"], **t,
+            "weight_bytes": nbytes, "frac_roofline": frac(t["wall_ms"]), "device_frac_roofline": frac(t["device_ms"]),
+            "ppl": None, **extra}
+
+
+def error_row(model: str, system: str, target: float, e: BaseException) -> dict:
+    return {"model": model, "system": system, "target": target, "error": f"{type(e).__name__}: {e}"[:1000]}
+
+
+def free_gpu() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------------
+# ours
+
+
+def engine_args(s: Shapes, max_seq: int) -> dict:
+    """The anchor's shapes as our synthetic model spec (ModelArgs fields, Llama family)."""
+    return {"family": "llama", "vocab_size": s.vocab_size, "dim": s.dim, "n_layers": s.n_layers, "n_heads": s.n_heads,
+            "n_kv_heads": s.n_kv_heads, "head_dim": s.head_dim, "ffn_dim": s.ffn_dim, "norm_eps": s.norm_eps,
+            "rope_base": s.rope_base, "max_seq_len": max_seq}
+
+
+def engine_config(spec: dict, device: str, decdec: dict):
+    """The config a user would write for this synthetic model (validated by `load_config`)."""
+    return load_config({"model": {"source": {"synthetic": spec}, "max_seq_len": spec["max_seq_len"]},
+                        "quant": {"method": "rtn", "bits": BITS}, "decdec": decdec, "device": device})
+
+
+def threshold_profile(rng, width: int) -> torch.Tensor:
+    """A calibrated-looking profile (models/calibrate.py): largest r-th |x| over 16 heavy-tailed samples."""
+    return torch.from_numpy(np.sort(np.abs(rng.standard_t(df=3, size=(16, width))), axis=-1)[:, ::-1].max(axis=0)
+                            .astype(np.float32))
+
+
+def synthetic_prepared(s: Shapes, max_seq: int, device: str) -> Prepared:
+    """A 3-bit model of shapes `s` as `prepare` would hand it over, with random contents: packed codes
+    and scales on `device` (scales keep each output about as large as the input, codes centred on the
+    zero point, so activations stay finite through the layers), residual tables (random bytes, made on
+    `device`, kept on the host) and calibrated-looking thresholds."""
+    spec = engine_args(s, max_seq)
+    cfg = engine_config(spec, device, {"k_chunk": 0})
+    args = ModelArgs(**spec)
+    gen = torch.Generator(device=device).manual_seed(0)
+    rng = np.random.default_rng(0)
+    dense = torch.float16 if device == "cuda" else torch.float32  # the CPU reference computes in float32
+    embed = torch.randn(args.vocab_size, args.dim, device=device, generator=gen).to(dense)
+    weights = {"embed": embed, "lm_head": embed, "norm": torch.ones(args.dim)}
+    groups = {}
+    for i in range(args.n_layers):
+        weights[f"layers.{i}.attn_norm"] = weights[f"layers.{i}.ffn_norm"] = torch.ones(args.dim)
+        for kind in LINEAR_KINDS:
+            out_f, in_f = args.linear_shape(kind)
+            n_groups = -(-in_f // 128)
+            q = QuantizedLinear(
+                torch.randint(-2**31, 2**31, (out_f, in_f * BITS // 32), dtype=torch.int32, device=device, generator=gen),
+                torch.full((out_f, n_groups), 1 / (2.3 * math.sqrt(in_f)), dtype=torch.float16, device=device),
+                torch.full((out_f, n_groups), 2 ** (BITS - 1), dtype=torch.float16, device=device),
+                torch.ones(in_f, device=device), BITS)
+            rows = torch.randint(0, 256, (in_f, -(-out_f // 2)), dtype=torch.uint8, device=device, generator=gen).cpu()
+            residual = ResidualTable(rows, torch.full((out_f,), 1e-3, dtype=torch.float16), out_f)
+            groups[i, kind] = PreparedGroup(q, residual, threshold_profile(rng, in_f), torch.ones(in_f))
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+    model = LoadedModel(args, weights, None, "synthetic", digest)
+    return Prepared(model, groups, [BITS] * args.n_layers, cfg, Path(tempfile.gettempdir()))
+
+
+def our_engine(prepared: Prepared, profile=None, profile_path: Path | None = None) -> Engine:
+    """`runtime.compile`'s engine for an in-memory Prepared: `compile_cuda` on the GPU (tuned to the
+    config's target with `profile`), the CPU branch of `runtime.compile` (base step) on the CPU."""
+    if prepared.config.device == "cuda":
+        return compile_cuda(prepared, None if profile is not None else 0, profile, profile_path)
+    args = prepared.model.args
+    graph = build_graph(args, prepared.layer_bits, 0)
+    plan = schedule(graph, fuse=False)
+    executor = CPUExecutor(args, prepared.model.weights, dense_groups(prepared), plan, prepared.config.model.max_seq_len)
+    return Engine(prepared, graph, plan, executor, 0)
+
+
+def close_engine(engine: Engine) -> None:
+    model = getattr(engine.executor, "model", None)  # the CUDA executor's DeviceModel: pinned residual tables
+    if model is not None:
+        model.close()
+
+
+def time_ours(engine: Engine, run: Run) -> dict[int, dict]:
+    """position -> timing of `engine` at each KV length of the run."""
+    ex, out = engine.executor, {}
+    for kv_len in run.positions:
+        p = kv_len - 1
+
+        def user_step(p=p):
+            engine.position = p
+            return engine.step(TOKEN)
+
+        if run.cuda:
+            out[p] = timed(user_step, lambda p=p: ex.replay_only(p), ex.streams[MAIN], run)
+        else:
+            out[p] = timed(user_step, lambda p=p: ex.run(TOKEN, p), None, run)
+    return out
+
+
+def our_bytes(s: Shapes) -> int:
+    """Our step's minimal HBM read: 3-bit codes with fp16 scale and zero per group of 128, fp16 lm_head."""
+    return int(s.n_layers * sum(latency.weight_bytes(o, i, BITS) for o, i in s.linear_shapes().values())
+               + 2 * s.vocab_size * s.dim)
+
+
+def ours(name: str, s: Shapes, run: Run, targets: list[float], quick: bool, emit) -> None:
+    """The base step at every position, then each target's tuned step (GPU)."""
+    t0 = time.perf_counter()
+    prepared = synthetic_prepared(s, run.max_seq, run.device)
+    log(f"{name}: random 3-bit model made in {time.perf_counter() - t0:.1f} s")
+    nbytes = our_bytes(s)
+    engine = our_engine(prepared)
+    try:
+        log(f"{name}: ours built; timing the base step")
+        base = time_ours(engine, run)
+    finally:
+        close_engine(engine)
+        del engine
+        free_gpu()
+    for p, t in base.items():
+        emit(make_row(name, "ours", 0.0, p, t, nbytes, run))
+    if not targets:
+        return
+    if not run.cuda:
+        log(f"{name}: targets skipped (the tuner measures a GPU)")
+        return
+    from decdec.runtime.tune import measure_profile
+
+    shapes = group_shapes(prepared.model.args, prepared.layer_bits)
+    t0 = time.perf_counter()
+    profile = measure_profile(shapes, quick=quick, progress=False)
+    path = Path(tempfile.mkdtemp()) / "profile.json"
+    profile.save(path)
+    log(f"{name}: measured this GPU on {len(shapes)} group shapes in {time.perf_counter() - t0:.0f} s (decdec tune)")
+    tuned(name, prepared, base, targets, profile, path, nbytes, run, emit)
+
+
+def tuned(name: str, prepared: Prepared, base: dict[int, dict], targets: list[float], profile, path: Path, nbytes: int,
+          run: Run, emit) -> None:
+    """Per target: `compile_cuda` with `decdec.target_slowdown` (tuned with `profile`, saved at `path`),
+    timed at every position; slowdown against `base` (position -> the base step's timing)."""
+    for target in targets:
+        try:
+            cfg = engine_config(prepared.config.model.source["synthetic"], prepared.config.device,
+                                {"target_slowdown": target})
+            engine = our_engine(dataclasses.replace(prepared, config=cfg), profile, path)
+        except ConfigError as e:  # an unreachable target is a result too
+            log(f"{name}: target {target:.1%}: {e}")
+            emit(error_row(name, "ours", target, e))
+            continue
+        try:
+            tu = engine.tuning
+            extra = {"predicted_slowdown": tu.predicted_slowdown,
+                     "tuner_slowdown": tu.measured_step_us / tu.step_us - 1,  # tune_measured's own check, position 0
+                     "k_chunk": {f"{kind}@{bits}": c.k_chunk for (kind, bits), c in tu.choices.items()},
+                     "n_tb": {f"{kind}@{bits}": c.n_tb for (kind, bits), c in tu.choices.items()}}
+            log(f"{name}: target {target:.1%} tuned (predicted {tu.predicted_slowdown:+.1%}); timing")
+            for p, t in time_ours(engine, run).items():
+                emit(make_row(name, "ours", target, p, t, nbytes, run,
+                              slowdown=t["device_ms"] / base[p]["device_ms"] - 1, **extra))
+        finally:
+            close_engine(engine)
+            del engine
+            free_gpu()
+
+
+# ----------------------------------------------------------------------------------------------------
+# the anchor
+
+
+def anchor(name: str, s: Shapes, quant: str | None, run: Run, emit) -> None:
+    """The anchor at every position; one error row where it cannot be built or run."""
+    system = f"anchor-{quant or 'bf16'}"
+    model = step = None
+    try:
+        if quant and not run.cuda:
+            raise RuntimeError("skipped: torch's int4 kernel (_weight_int4pack_mm, tinygemm) runs on CUDA only")
+        if quant:
+            check_int4(run.device)
+        t0 = time.perf_counter()
+        skips = counters["inductor"]["cudagraph_skips"]
+        model = Anchor(s, run.max_seq, quant, device=run.device)
+        step = model if run.eager else compile_step(model)
+        log(f"{name}: {system} built in {time.perf_counter() - t0:.1f} s"
+            + ("" if run.eager else "; compiling (torch.compile, reduce-overhead, first calls)"))
+        rows = []
+        with torch.no_grad():
+            tok = torch.tensor([[TOKEN]], device=run.device)
+            for kv_len in run.positions:
+                p = kv_len - 1
+                pos = torch.tensor([p], device=run.device)
+
+                def call(token, pos=pos):
+                    torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs may be overwritten
+                    return step(token, pos)
+
+                def user_step(call=call):  # a token id from the host, its logits back on the host
+                    return call(torch.tensor([[TOKEN]], device=run.device)).to("cpu")
+
+                t0 = time.perf_counter()
+                user_step()
+                if p == run.positions[0] - 1:
+                    log(f"{name}: {system} first step {time.perf_counter() - t0:.1f} s")
+                t = timed(user_step, lambda call=call: call(tok), None if not run.cuda else
+                          torch.cuda.current_stream(), run)
+                rows.append(make_row(name, system, 0.0, p, t, weight_bytes(s, quant), run))
+        skipped = None if run.eager else counters["inductor"]["cudagraph_skips"] - skips
+        for r in rows:  # cudagraph_skips: compiled steps that torch ran without its CUDA graphs (0 expected)
+            emit({**r, "cudagraph_skips": skipped})
+    except Exception as e:  # noqa: BLE001 - torch int4 rejects some widths; one system failing keeps the others
+        log(f"{name}: {system}: {type(e).__name__}: {str(e)[:300]}")
+        if not str(e).startswith("skipped") and "isEvenDivisor" not in str(e):
+            traceback.print_exc()
+        emit(error_row(name, system, 0.0, e))
+    finally:
+        del model, step
+        torch._dynamo.reset()  # frees the compiled graphs and their CUDA graph memory pool
+        free_gpu()
+
+
+# ----------------------------------------------------------------------------------------------------
+# the results file
+
+
+def gpu_slug(device: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100'; 'CPU: x86_64' -> 'cpu'."""
+    if device.startswith("CPU"):
+        return "cpu"
+    words = re.findall(r"[a-z0-9]+", device.lower())
+    return next((w for w in words if re.fullmatch(r"[a-z]+\d+[a-z0-9]*", w)), "-".join(words) or "gpu")
+
+
+def previous(path: Path, device: str) -> tuple[list, list]:
+    """(runs, rows) already in `path` (--merge); refused when they come from another device."""
+    if not path.exists():
+        return [], []
+    old = json.loads(path.read_text())
+    if old["device"] != device:
+        raise SystemExit(f"{path} holds rows measured on {old['device']}, this is {device}: name another --out")
+    return old["runs"], old["rows"]
+
+
+def summary(rows: list[dict]) -> str:
+    lines = [f"{'model':<13} {'kv':>5} {'system':<12} {'target':>6} {'tok/s':>8} {'device':>8} {'roofline':>8} "
+             f"{'slowdown':>8}"]
+    for r in rows:
+        head = f"{r['model']:<13} {r.get('kv_len', ''):>5} {r['system']:<12} {r['target']:>6.1%}"
+        if "error" in r:
+            lines.append(f"{head} {r['error'][:80]}")
+            continue
+        roof = f"{r['frac_roofline']:.0%}" if r["frac_roofline"] is not None else "-"
+        slow = f"{r['slowdown']:+.1%}" if "slowdown" in r else ""
+        lines.append(f"{head} {r['tokens_per_s']:>8.1f} {r['device_tokens_per_s']:>8.1f} {roof:>8} {slow:>8}")
+    return "\n".join(lines)
+
+
+def csv(text: str, cast) -> list:
+    return [cast(x) for x in text.split(",") if x]
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default=",".join(SHAPES), help=f"comma list of: {', '.join(SHAPES)}")
+    ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of: {', '.join(SYSTEMS)}")
+    ap.add_argument("--positions", default=None, help="KV lengths, comma list (default 256,2048,8192)")
+    ap.add_argument("--targets", default="", help="target slowdowns for ours, e.g. 0.025,0.05,0.1,0.2 (GPU)")
+    ap.add_argument("--max-seq", type=int, default=None, help=f"KV cache length (default {MAX_SEQ}; tiny {TINY_MAX_SEQ})")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default 64; tiny 8)")
+    ap.add_argument("--quick", action="store_true", help="the quick profile grid for --targets")
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--tiny", action="store_true", help=f"one tiny model ({TINY}), max_seq {TINY_MAX_SEQ}")
+    ap.add_argument("--eager", action="store_true", help="run the anchor uncompiled")
+    ap.add_argument("--out", default=None, help="default bench/results/engine_<gpu>.json")
+    ap.add_argument("--merge", action="store_true", help="keep the file's rows of other (model, system) pairs")
+    a = ap.parse_args(argv)
+    systems = csv(a.systems, str)
+    models = {"tiny": TINY} if a.tiny else {m: SHAPES[m] for m in csv(a.models, str)}
+    unknown = [x for x in systems if x not in SYSTEMS]
+    if unknown or (a.targets and "ours" not in systems):
+        ap.error(f"unknown systems {unknown}" if unknown else "--targets needs the system 'ours' (its base step)")
+    max_seq = a.max_seq or (TINY_MAX_SEQ if a.tiny else MAX_SEQ)
+    positions = tuple(csv(a.positions, int)) if a.positions else (TINY_POSITIONS if a.tiny else POSITIONS)
+    if not all(1 <= p <= max_seq for p in positions):
+        ap.error(f"--positions must lie in 1 .. {max_seq} (max_seq)")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        ap.error("no CUDA device here: use --device cpu (with --tiny for a dry run)")
+    meta = run_meta()
+    try:
+        from importlib.metadata import version
+
+        meta["numba_cuda"] = version("numba-cuda")
+    except Exception:  # noqa: BLE001 - provenance only
+        meta["numba_cuda"] = None
+    hbm = None
+    if a.device == "cuda":
+        from decdec.ops import timing
+
+        hbm = timing.bandwidth(10, zero_copy_mib=(), extras=False)["hbm_read_GBps"]
+        log(f"{meta['device']}: HBM read {hbm:.0f} GB/s")
+    run = Run(a.device, max_seq, positions, a.steps or (8 if a.tiny else 64), 2 if a.tiny else 5, a.eager, hbm)
+    out = Path(a.out or Path(__file__).parent / "results" / f"engine_{gpu_slug(meta['device'])}.json")
+    runs, kept = previous(out, meta["device"]) if a.merge else ([], [])
+    measured = {(m, x) for m in models for x in systems}
+    kept = [r for r in kept if (r["model"], r["system"]) not in measured]
+    runs = [x for x in runs if any(r["run"] == x["id"] for r in kept)]
+    this = {"id": max((x["id"] for x in runs), default=-1) + 1, **meta, "hbm_read_GBps": hbm, "max_seq": max_seq,
+            "steps": run.steps}
+    result = {**meta, "max_seq": max_seq, "bits": BITS, "runs": runs + [this], "rows": kept}
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def emit(row: dict) -> None:  # saved after every row: a run cut off keeps what it measured
+        result["rows"].append({**row, "run": this["id"]})
+        out.write_text(json.dumps(result, indent=1))
+
+    for name, s in models.items():
+        log(f"{name}: {s}")
+        if "ours" in systems:
+            try:
+                ours(name, s, run, csv(a.targets, float), a.quick, emit)
+            except Exception as e:  # noqa: BLE001 - one model failing must not lose the others' numbers
+                traceback.print_exc()
+                emit(error_row(name, "ours", 0.0, e))
+        for quant in (q for q, x in (("int4", "anchor-int4"), (None, "anchor-bf16")) if x in systems):
+            anchor(name, s, quant, run, emit)
+    out.write_text(json.dumps(result, indent=1))
+    print(summary([r for r in result["rows"] if r["run"] == this["id"]]))
+    log(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

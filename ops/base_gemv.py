@@ -179,8 +179,6 @@ class GemvPlan:
     k_warps: int = 1  # warps of a block that split its K range (and share its rows), summed in shared
     # memory at the tile's end; > 1 gives short-K and few-row shapes shorter blocks
     early_load: bool = False  # the first weights are loaded before the inputs are staged
-    mma = True  # always (the tensor-core kernel reads its own copy of the weights): runtime/executor_cuda.py
-    # reads it; to go with that line
 
     @property
     def row_warps(self) -> int:

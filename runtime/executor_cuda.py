@@ -410,7 +410,7 @@ class CUDAExecutor:
             self.profiled = self._capture_profiled()  # before the inputs are written: capture synchronizes
         main = self.streams[MAIN]
         with torch.cuda.stream(main):
-            # the graph's inputs, written on the replay stream before the replay (DESIGN.md §6's race)
+            # the graph's inputs, written on the replay stream before the replay (a copy on another stream races it)
             self.state.token.fill_(token)
             self.state.position.fill_(position)
             host_start = time.perf_counter()

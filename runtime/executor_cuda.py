@@ -1,45 +1,35 @@
-"""CUDA executor: the plan's decode step on the GPU, captured once as one CUDA graph (DESIGN.md §3, §6).
+"""CUDA executor: the plan's decode step on the GPU, captured once as one CUDA graph.
 
 Everything is allocated at construction; a step allocates nothing and costs one `graph.replay()`:
 
 - `DeviceModel` (built once, shared by executors): the quantized weights as `BaseGemv` objects, the
   residual tables in pinned, device-mapped host memory (`PinnedTable`, zero-copy) with their
   per-output scales on the GPU, and the other weights (embedding / lm_head fp16, norms float32).
-- `DecodeState` (on any device): one static buffer per graph tensor, the step's inputs (token,
-  position) as device tensors the graph reads, the fp16 KV cache [n_layers, max_seq, n_kv, hd] and
-  the RoPE tables; the two torch ops of a step (`TORCH_OPS`: the embedding row, the fp16 lm_head).
-- `CUDAExecutor`: binds every plan launch to a kernel (base GEMV, fused correction, and between the
-  GEMVs the layer kernels of ops/: residual add + RMSNorm as one launch (`ops.norm`), attention with
-  RoPE and the KV-cache write (`ops.attention`, position read on the device), act x up (`ops.act`)),
-  warms everything up on the capture stream and captures the step with
-  `torch.cuda.graph(g, stream=main)`. `run(token, position)` writes the inputs on the replay stream,
-  replays, and returns the logits.
+- `DecodeState`: one static buffer per graph tensor, the step's inputs (token, position) as device
+  tensors the graph reads, the fp16 KV cache [n_layers, max_seq, n_kv, hd] and the RoPE tables; the
+  two torch ops of a step (`TORCH_OPS`: the embedding row, the fp16 lm_head).
+- `CUDAExecutor`: binds every plan launch to a kernel (base GEMV; the fused correction; residual
+  add + RMSNorm, attention with RoPE and the KV write, act x up from ops/), warms everything up on
+  the capture stream and captures the step with `torch.cuda.graph(g, stream=main)`.
+  `run(token, position)` writes the inputs on the replay stream, replays, and returns the logits.
 
-Per-op timing (`run(..., timings)`, what `decdec profile` reads): a second graph, the "profiled
-graph", is captured on the first timed step: the same launches with CUDA events recorded as graph
-nodes (`external=True`, cudaEventRecordExternal) at the step's start and around every plan item on
-its stream. Its replay is the real step (same kernels, same fork/join, no Python between ops) plus
-two event-record nodes per op; events recorded inside a capture without `external` would only order
-streams and could not be timed. `eager=True` launches item by item instead (as without a graph),
-with ordinary timing events: that timeline is mostly Python launch gaps.
+Streams (scheduler/plan.py): every launch but the corrections runs on the main stream. A compensated
+group's fused correction (selector -> dma -> correction -> merge) waits for its input's event on a
+high-priority side stream, so its few blocks are dispatched before the GEMV's; it adds its part into
+the base GEMV's `SplitOutput`, and whichever kernel completes a row tile last writes the fp16 output.
+The next reader of that output waits for the side launch's event, which also joins the side stream
+back before the capture ends.
 
-Streams and events (scheduler/plan.py): every launch but the corrections runs on the main stream
-(Numba kernels through `cuda.external_stream`). A
-compensated group's side items wait for the fork event of its input on a high-priority side stream
-(priority -1: measured on the H100, the pair slows down by ~8 % instead of 50-90 % at priority 0,
-README "Base GEMV and correction concurrently"). The graph's three side nodes, selector -> dma ->
-correction, are ONE launch of the fused `Correction` kernel (it selects, fetches over PCIe and
-corrects itself); it runs as one more part of the base GEMV's `SplitOutput`, so whichever kernel
-completes a row tile last writes the final fp16 output. The merge node is therefore a no-op on the
-GPU, but its wait on the join event stays: the next consumer on the main stream must not start
-before the correction has arrived, and every side stream must join back before the capture ends.
+Per-launch timing (`run(..., timings)`, what `decdec profile` reads): a second captured graph with
+CUDA events as graph nodes (`external=True`) at the step's start and around every launch; its
+replay is the real step plus two event nodes per launch. `eager=True` launches one by one instead,
+with ordinary events: that timeline is mostly Python launch gaps.
 
-Precision: GEMV inputs and outputs are fp16 (the kernels' contract), the KV cache is fp16, the
-residual stream is a float32 buffer, because Gemma 3's exceeds fp16's range (max |x| 104 061 on the
-evaluation text, CPU reference), and the layer kernels compute in float32 (norms, RoPE, softmax).
+Precision: GEMV inputs and outputs and the KV cache are fp16; the residual stream is float32
+(Gemma 3's exceeds fp16's range), and the layer kernels compute in float32.
 
-Prefill replays a base-only step graph token by token (see runtime/engine.py): the same kernels, no
-dense copy of the weights; O(prompt) replays, which is fine for prompts of hundreds of tokens.
+Prefill replays a base-only step graph token by token (runtime/engine.py): the same kernels, no
+dense copy of the weights.
 """
 
 from __future__ import annotations
@@ -201,8 +191,7 @@ def quantized_group(qweight, scales, zeros, act_scale, bits: int, group_size: in
     tensors = tuple(t.to(DEVICE).contiguous() for t in (qweight, scales, zeros))
     tensors += (act_scale.to(DEVICE, torch.float32).contiguous(),)
     gemv = BaseGemv(*tensors, bits, group_size)
-    if gemv.plan.mma:  # the tensor-core kernel reads its own copy of the weights (`mma_layout`)
-        tensors = tensors[1:]
+    tensors = tensors[1:]  # the kernel reads its own tiled copy of qweight (`mma_layout`), not qweight
     shape = (gemv.plan.out_features, gemv.plan.in_features)
     if rows is None:
         return DeviceGroup(shape, gemv, tensors)
@@ -421,7 +410,7 @@ class CUDAExecutor:
             self.profiled = self._capture_profiled()  # before the inputs are written: capture synchronizes
         main = self.streams[MAIN]
         with torch.cuda.stream(main):
-            # the graph's inputs, written on the replay stream before the replay (DESIGN.md §6's race)
+            # the graph's inputs, written on the replay stream before the replay (a copy on another stream races it)
             self.state.token.fill_(token)
             self.state.position.fill_(position)
             host_start = time.perf_counter()

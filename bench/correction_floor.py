@@ -10,11 +10,9 @@ For each (out, in, k_chunk) it times, in one run (CUDA-graph replays, CUDA event
   huge        zero-copy from transparent-huge-page memory registered by cudaHostRegister, rotated
   zero_many   (--many-gib G) zero-copy rotated over G GiB of tables, as a whole model has; huge_many
               the same in huge pages
-  fetch       the plain zero-copy gather (`ops.dma.fetch_rows_cuda`) of the same number of rows, rotated
-  select      the stand-alone selector kernel (`ops.selector_cuda.select_bucket_cuda`)
-the phases of the stamped build (`ops.correction`, stamped=True: globaltimer at each block's start and
-end, SM cycles selecting (and each of its five steps) / fetching / emitting / arriving), and the
-fused kernel over n_tb. Differences between rows locate the floor: hbm - k0 is selection and
+  fetch       the plain zero-copy gather (`bench.op_kernels.fetch_rows_cuda`) of the same number of rows, rotated
+  select      the stand-alone selector kernel (`bench.op_kernels.select_bucket_cuda`)
+and the fused kernel over n_tb. Differences between rows locate the floor: hbm - k0 is selection and
 arithmetic, zero1 - hbm the PCIe round trips, zeroN - zero1 the translation of cold host pages.
 """
 
@@ -39,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.meta import run_meta  # noqa: E402
 from decdec.ops import correction as co  # noqa: E402
 from decdec.ops import dma, selector  # noqa: E402
-from decdec.ops.selector_cuda import SELECT_MARKS, select_bucket_cuda  # noqa: E402
+from bench.op_kernels import fetch_rows_cuda, select_bucket_cuda  # noqa: E402
 from decdec.ops.timing import CorrectionSetup, Streams, device_info, graph_us  # noqa: E402
 
 MADV_HUGEPAGE = 14
@@ -125,8 +123,8 @@ def time_variants(streams, s: CorrectionSetup, k: int, n_tb: int, huge: list, re
     idx = cuda.to_device(selector.select_bucket(xt, k, bounds).numpy().astype(np.int32))
     if idx.shape[0]:
         fetched = cuda.device_array((idx.shape[0], s.tables[0].stride), np.uint8)
-        row["fetch"] = graph_us(lambda i: dma.fetch_rows_cuda(zero[i % len(zero)], idx, out=fetched,
-                                                              stream=streams.main_n), 64, reps, streams)["us"]
+        row["fetch"] = graph_us(lambda i: fetch_rows_cuda(zero[i % len(zero)], idx, out=fetched,
+                                                          stream=streams.main_n), 64, reps, streams)["us"]
         picks, picks_x = cuda.device_array(idx.shape[0], np.int32), cuda.device_array(idx.shape[0], np.float32)
         row["select"] = graph_us(lambda i: select_bucket_cuda(s.xs[i % 8], k, bounds, out=picks, out_x=picks_x,
                                                               act_scale=s.act, stream=streams.main_n),
@@ -134,32 +132,6 @@ def time_variants(streams, s: CorrectionSetup, k: int, n_tb: int, huge: list, re
     row["rows"] = int(idx.shape[0])
     row["pcie_bytes"] = s.pcie_bytes(k)
     return row
-
-
-def phases(streams, s: CorrectionSetup, k: int, n_tb: int, steps: int = 64) -> dict:
-    """The stamped build replayed `steps` times in a graph (rotated zero-copy tables): per launch the
-    span from the first block's start to the last block's end, the gap to the next launch's first
-    block, and each phase of the slowest block in µs (cycles over the blocks' own clock rate)."""
-    corrs = s.corrections(k, n_tb)
-    blocks = corrs[0].plan.blocks
-    stamps = cuda.device_array(steps * blocks * co.STAMPS, np.uint64)
-    n = len(corrs)
-    width = blocks * co.STAMPS
-    graph_us(lambda i: corrs[i % n](s.xs[i % 8], s.act, base_out=s.base, out=s.out, stream=streams.main_n,
-                                    stamps=stamps[i * width:(i + 1) * width]), steps, 1, streams)
-    st = stamps.copy_to_host().astype(np.int64).reshape(steps, blocks, co.STAMPS)
-    start, end = st[:, :, 0], st[:, :, 5]
-    cycles = st[:, :, 1:5]
-    steps_ = st[:, :, 8:8 + SELECT_MARKS]
-    ghz = np.median((cycles.sum(-1) + st[:, :, 6]) / np.maximum(end - start, 1))  # all phases / the span
-    med = lambda v: float(np.median(v))  # noqa: E731
-    return {"span_us": med(end.max(1) - start.min(1)) / 1e3, "gap_us": med(start.min(1)[1:] - end.max(1)[:-1]) / 1e3,
-            "block_start_skew_us": med(start.max(1) - start.min(1)) / 1e3, "sm_ghz": float(ghz),
-            **{f"{name}_us": med(cycles[:, :, j].max(1)) / ghz / 1e3
-               for j, name in enumerate(("select", "fetch", "emit", "arrive"))},
-            "prologue_us": med(st[:, :, 6].max(1)) / ghz / 1e3,
-            "select_steps_us": {name: med(steps_[:, :, j].max(1)) / ghz / 1e3 for j, name in enumerate(
-                ("buckets", "histogram", "cut", "scan", "slots"))}}
 
 
 def main(argv=None) -> int:
@@ -197,7 +169,6 @@ def main(argv=None) -> int:
         for k in map(int, args.ks.split(",")):
             r = {"out": out_f, "in": in_f, "k_chunk": k, "n_tb": args.n_tb, "tables": len(s.tables),
                  **time_variants(streams, s, k, args.n_tb, huge, args.reps),
-                 "phases": phases(streams, s, k, args.n_tb),
                  **(time_many(streams, s, k, args.n_tb, args.many_gib, args.reps) if args.many_gib else {})}
             report["rows"].append(r)
             print(json.dumps(r), flush=True)

@@ -2,12 +2,11 @@
 
     DECDEC_COMMIT=<sha> python bench/gemv_variants.py --out $OUT/gemv_variants.json [--sass] [--quick]
 
-Each variant (rows per warp, pipelining, persistent blocks that stream several row tiles, the paired
-4-bit decode, K split) is first checked against the float32 dequantized reference on the GPU, then
-timed per launch inside a CUDA graph with the weights rotated through copies larger than 3x L2, next
-to torch's int4 tinygemm and an HBM read in the same run (`ops.timing.bandwidth`'s kernel, as
-bench/gpu_ops.py measures it; `gemv_variants_quick_h100.json`, from commit 8183263, used torch's
-sum). `--sass` also prints the opcode histogram of the default 4-bit kernel and its register /
+Each variant (rows per warp, K warps, K split, persistent blocks that stream several row tiles, the first
+weights loaded before or after the staging) is first checked against the float32 dequantized reference on the
+GPU, then timed per launch inside a CUDA graph with the weights rotated through copies larger than 3x L2, next
+to torch's int4 tinygemm and an HBM read in the same run (`ops.timing.bandwidth`'s kernel, as bench/gpu_ops.py
+measures it). `--sass` also prints the opcode histogram of the default 4-bit kernel and its register /
 local-memory use.
 """
 
@@ -55,22 +54,18 @@ def variants(out_f: int, in_f: int, bits: int, n_sm: int, quick: bool) -> dict[s
     p = lambda **kw: bg.plan_gemv(out_f, in_f, bits, n_sm=n_sm, **kw)  # noqa: E731
     v = {"default": p()}
     d = v["default"]
-    v["mma R=16"] = p(rows_per_warp=16)  # the tensor-core kernel (default) against the CUDA-core one
-    v["mma R=32"] = p(rows_per_warp=32)
+    v["R=16"] = p(rows_per_warp=16)
+    v["R=32"] = p(rows_per_warp=32)
     for kw in bg.K_WARPS:  # warps splitting a block's K range, rows per warp and K blocks by the cost model
         v[f"k_warps={kw}"] = p(k_warps=kw)
-    if d.mma:  # the first weights loaded before the staging or after it
-        v[f"{'late' if d.early_load else 'early'} first load"] = p(
-            rows_per_warp=d.rows_per_warp, k_warps=d.k_warps, k_blocks=d.k_blocks, early_load=not d.early_load)
+    # the first weights loaded before the staging or after it
+    v[f"{'late' if d.early_load else 'early'} first load"] = p(
+        rows_per_warp=d.rows_per_warp, k_warps=d.k_warps, k_blocks=d.k_blocks, early_load=not d.early_load)
     if not quick:
-        v["cuda cores"] = p(mma=False)
         v["one tile per block"] = p(persistent=False)
         for kb in {max(1, d.k_blocks // 2), d.k_blocks * 2, d.k_blocks + 1, max(1, d.k_blocks - 1)}:
             if kb != d.k_blocks:
                 v[f"k_blocks={kb}"] = p(k_blocks=kb)
-        v["cuda cores, unpaired"] = p(mma=False, paired=False) if bits == 4 else v["cuda cores"]
-        v["cuda cores, no prefetch"] = p(mma=False, pipeline=False)
-        v["cuda cores, R=4"] = p(mma=False, rows_per_warp=4)
     unique: dict[str, bg.GemvPlan] = {}
     for name, plan in v.items():  # the same plan under two names is timed once
         if plan not in unique.values():
@@ -167,8 +162,7 @@ def main(argv=None) -> int:
                 moved = plan.weight_bytes + 4 * out_f * -(-in_f // 128)
                 row = {"out": out_f, "in": in_f, "bits": bits, "variant": name, "k_blocks": plan.k_blocks,
                        "tiles_per_block": plan.tiles_per_block, "rows_per_warp": plan.rows_per_warp,
-                       "pipeline": plan.pipeline, "paired": plan.paired, "mma": plan.mma, "k_warps": plan.k_warps,
-                       "early_load": plan.early_load,
+                       "k_warps": plan.k_warps, "early_load": plan.early_load,
                        "us": us, "rel_err": err,
                        "GBps": moved / us / 1e3, "frac_hbm_read": moved / us / 1e3 / report["hbm_read_GBps"]}
                 report["rows"].append(row)

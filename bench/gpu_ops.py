@@ -40,10 +40,10 @@ from numba import cuda  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.meta import run_meta  # noqa: E402
+from bench.op_kernels import copy_rows_memcpy, fetch_rows_cuda, fetch_rows_reference, select_bucket_cuda  # noqa: E402
 from decdec.ops import base_gemv as bg  # noqa: E402
 from decdec.ops import correction as co  # noqa: E402
 from decdec.ops import dma, selector  # noqa: E402
-from decdec.ops.selector_cuda import select_bucket_cuda  # noqa: E402
 from decdec.ops.timing import (CorrectionSetup, GemvSetup, Streams, bandwidth, copies_for, graph_us,  # noqa: E402
                         measure_pairs, random_gemv, thresholds)
 
@@ -105,8 +105,8 @@ def section_checks(rng) -> list[dict]:
     with dma.PinnedTable.from_array(table) as pinned:
         idx = rng.choice(width, 64, replace=False).astype(np.int32)
         fetched = cuda.to_device(np.zeros((64, pinned.stride), np.uint8))
-        dma.fetch_rows_cuda(pinned.device_array(), cuda.to_device(idx), out=fetched)
-        same = (fetched.copy_to_host() == dma.fetch_rows_reference(pinned.host, idx)).all()
+        fetch_rows_cuda(pinned.device_array(), cuda.to_device(idx), out=fetched)
+        same = (fetched.copy_to_host() == fetch_rows_reference(pinned.host, idx)).all()
         record("dma zero-copy gather 64 rows", same)
         out = cuda.to_device(np.full(out_f, np.nan, np.float16))
         co.correction_cuda(cuda.to_device(x), cuda.to_device(base), pinned.device_array(), cuda.to_device(rscale),
@@ -224,7 +224,7 @@ def memcpy_path(streams: Streams, s: CorrectionSetup, g: GemvSetup, base_us: flo
         tables = s.tables
 
         def copy_rows(i, st):
-            dma.copy_rows_memcpy(tables[i % len(tables)], idx, dev_table, st, scatter=True)
+            copy_rows_memcpy(tables[i % len(tables)], idx, dev_table, st, scatter=True)
 
         alone = graph_us(lambda i: copy_rows(i, streams.main), max(len(tables), 16), reps, streams)
         zero_copy = s.corrections(k, n_tb)

@@ -1,7 +1,7 @@
-"""The latency model on measured H100 data (issue 5 groundwork): how well a measured-table model
+"""The latency model on measured data: how well a measured-table model
 predicts held-out points, and what the tuner would choose for Llama-3-8B-shaped layers.
 
-    python bench/latency_model.py --gpu-ops bench/results/gpu_ops_h100.json --out bench/results/latency_model_h100.json
+    python bench/latency_model.py --gpu-ops bench/results/gpu_ops_1f98b3c_h200.json --out latency_model.json
 
 Input: the overlap table of bench/gpu_ops.py (base GEMV + correction on a high-priority side
 stream). Leave-one-out: each interior k_chunk point is predicted from its neighbours.
@@ -43,7 +43,7 @@ def leave_one_out(rows: list[dict]) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--gpu-ops", default="bench/results/gpu_ops_h100.json")
+    ap.add_argument("--gpu-ops", default="bench/results/gpu_ops_1f98b3c_h200.json")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     gpu_ops = json.loads(Path(a.gpu_ops).read_text())

@@ -154,104 +154,6 @@ def recall_table(path: Path) -> str:
     return "\n".join(out)
 
 
-def _ks(choices: dict) -> str:
-    """k_chunk (n_tb) per group kind, in graph order."""
-    cells = []
-    for kind in ("qkv", "o", "gate_up", "down"):
-        c = next((c for key, c in choices.items() if key.split("@")[0] == kind), None)
-        cells.append("-" if c is None or not c["k_chunk"] else f"{c['k_chunk']:g} ({c['n_tb']})")
-    return " / ".join(cells)
-
-
-def gpu_engine_table(paths: list[Path]) -> str:
-    """End to end: one block of rows per model and run (bench/gpu_engine.py's JSON, one file per run).
-    'tuner': 'predicted' where the plan is the tuner's first choice, 'measured' where it was checked
-    by measuring the captured step and retuned while over the target (`tune_measured`)."""
-    out = [*header("model", "weights", "tuner", "target", "k_chunk (n_tb): qkv / o / gate_up / down",
-                   "predicted ms", "measured ms", "measured vs predicted", "slowdown", "tokens/s", "of roofline")]
-    notes = []
-    for path in paths:
-        d = json.loads(path.read_text())
-        notes.append(f"{source(path)}: {d['device']}, commit {d['commit'][:7]}, {d['steps']} timed steps")
-        for name, m in d["models"].items():
-            checked = any("rounds" in r for r in m["rows"]) or any("measured on the whole step" in r.get("error", "")
-                                                                   for r in m["rows"])
-            tuner = "measured" if checked else "predicted"
-            for r in m["rows"]:
-                target = r.get("target")
-                ours = r.get("weights") == "quantized"
-                weights = "ours 3-bit" if ours else r.get("weights")
-                if target == "base again":
-                    continue
-                if "error" in r:
-                    out.append(row(name, weights, tuner if ours else "", f"{target:.1%}" if ours else "",
-                                   "unreachable" if ours else "fails", "", "", "", "", "", ""))
-                    continue
-                tuned = "choices" in r
-                out.append(row(name, weights, tuner if ours else "",
-                               f"{target:.1%}" if tuned else ("base" if ours else ""),
-                               _ks(r["choices"]) if tuned else "",
-                               f"{r['predicted_ms']:.2f}" if tuned else "", f"{r['graph_ms']:.2f}",
-                               f"{r['predicted_error']:+.1%}" if tuned else "",
-                               f"{r['slowdown']:+.1%}" if tuned else "",
-                               f"{r['tokens_per_s']:.1f}", f"{r['frac_roofline']:.0%}" if "frac_roofline" in r else ""))
-    return "\n".join(out + [""] + [f"- {n}" for n in notes])
-
-
-def tradeoff_table(path: Path) -> str:
-    d = json.loads(path.read_text())
-    out = [f"Perplexity (CPU batch simulation, 3-bit AWQ, bucket selection) at the k_chunk the tuner chose on "
-           f"the GPU ({source(path)}; GPU runs: {', '.join(d['engine_json'])}):", "",
-           *header("model", "target", "measured slowdown", "tokens/s", "k_chunk (n_tb): qkv / o / gate_up / down",
-                   "perplexity")]
-    for r in d["rows"]:
-        if "error" in r:
-            out.append(row(r["model"], f"{r['target']:.1%}", "unreachable", "", "", ""))
-            continue
-        target = "3-bit alone" if r["target"] == 0.0 else f"{r['target']:.1%}"
-        out.append(row(r["model"], target, f"{r['slowdown']:+.1%}", f"{r['tokens_per_s']:.1f}",
-                       _ks(r.get("choices", {})) if r.get("choices") else "-", f"{r['ppl']:.2f}"))
-    return "\n".join(out)
-
-
-def variants_table(path: Path, only: tuple = ()) -> str:
-    """`only`: the variants to show (all when empty)."""
-    d = json.loads(path.read_text())
-    out = [f"{d['device']}, HBM read {d['hbm_read_GBps']:.0f} GB/s in the same run ({source(path)}, commit "
-           f"{d['meta']['commit'][:7]}):", "", *header("out x in", "bits", "variant", "k_blocks", "tiles/block", "µs",
-                                                        "of HBM")]
-    for r in (r for r in d["rows"] if not only or r["variant"] in only):
-        if r["variant"] == "torch int4":
-            out.append(row(f"{r['out']}x{r['in']}", 4, "torch `_weight_int4pack_mm`", "", "", f"{r['us']:.1f}", ""))
-        else:
-            out.append(row(f"{r['out']}x{r['in']}", r["bits"], r["variant"], r["k_blocks"], f"{r['tiles_per_block']:.3g}",
-                           f"{r['us']:.1f}", f"{r['frac_hbm_read']:.0%}"))
-    return "\n".join(out)
-
-
-def tensor_core_table(path: Path) -> str:
-    """Per shape: the tensor-core kernel's default plan against the CUDA-core kernel (4-bit and 3-bit) and
-    torch's int4 kernel, all from one `bench/gemv_variants.py` run."""
-    d = json.loads(path.read_text())
-    out = [f"{d['device']}, HBM read {d['hbm_read_GBps']:.0f} GB/s in the same run ({source(path)}, commit "
-           f"{d['meta']['commit'][:7]}; µs, fraction of HBM read; rows per warp and K blocks of the default plan):",
-           "", *header("out x in", "4-bit tensor cores", "R, k_blocks", "4-bit CUDA cores", "torch int4",
-                       "torch / ours", "3-bit tensor cores", "3-bit CUDA cores")]
-    cell = lambda r: f"{r['us']:.1f} ({r['frac_hbm_read']:.0%})" if r else "-"  # noqa: E731
-    for o, i in dict.fromkeys((r["out"], r["in"]) for r in d["rows"]):
-        rs = [r for r in d["rows"] if (r["out"], r["in"]) == (o, i)]
-
-        def pick(bits: int, mma: bool):
-            return next((r for r in rs if r["bits"] == bits and r["variant"] in ("default", "cuda cores")
-                         and r.get("mma") == mma), None)
-
-        tc4, t4 = pick(4, True), next((r for r in rs if r["variant"] == "torch int4"), None)
-        out.append(row(f"{o}x{i}", cell(tc4), f"{tc4['rows_per_warp']}, {tc4['k_blocks']}", cell(pick(4, False)),
-                       f"{t4['us']:.1f}" if t4 else "fails", f"{t4['us'] / tc4['us']:.2f}x" if t4 else "",
-                       cell(pick(3, True)), cell(pick(3, False))))
-    return "\n".join(out)
-
-
 def k_warps_table(path: Path) -> str:
     """Per shape: the default plan (rows per warp R, K warps kw, K blocks kb) against the best plan of one
     K warp (as before K warps existed) and torch's int4 kernel, 4-bit, and the default at 3 bits."""
@@ -274,8 +176,8 @@ def k_warps_table(path: Path) -> str:
     return "\n".join(out)
 
 
-KW_RUNS = ("gemv_variants_b5901af_h200.json",)  # K warps and the spill-free kernel (session 5)
-# the correction's floor before (first run) and after session 6's selection rewrite
+KW_RUNS = ("gemv_variants_b5901af_h200.json",)  # the base GEMV with and without K warps
+# the correction's floor before and after the selection's rewrite (runs of bench/correction_floor.py)
 FLOOR_RUNS = ("correction_floor_37bb371_h200.json", "correction_floor_1d0ca18_h200.json")
 
 
@@ -399,18 +301,11 @@ def page() -> str:
             [engine_summary(p) for p in engine_files()] + [engine_table(p) for p in engine_files()],
         "Quality": [quality_table(p) for p in sorted(RESULTS.glob("quality_*.json"))]
                    + [parity_table(p) for p in existing(["parity.json"])]
-                   + [tradeoff_table(p) for p in sorted(RESULTS.glob("tradeoff_*.json"))]
                    + [recall_table(p) for p in sorted(RESULTS.glob("selector_recall_*.json"))],
         "CPU step": [cpu_step_table(p) for p in sorted(RESULTS.glob("cpu_step_*.json"))],
         "Kernels": [k_warps_table(p) for p in existing(KW_RUNS)]
                    + ([floor_table(existing(FLOOR_RUNS))] if existing(FLOOR_RUNS) else [])
-                   + [tensor_core_table(p) for p in sorted(RESULTS.glob("gemv_variants_tc*.json"), reverse=True)]
-                   + [gpu_tables(p) for p in sorted(RESULTS.glob("gpu_ops_*.json"), reverse=True)]
-                   + [variants_table(p) for p in sorted(RESULTS.glob("gemv_variants_quick_*.json"))]
-                   + [variants_table(p, ("default", "balanced", "even split, forced", "torch int4"))
-                      for p in sorted(RESULTS.glob("gemv_variants_balanced_*.json"))],
-        "End to end before the anchor (`bench/gpu_engine.py`, since replaced by `bench/engine.py`)":
-            [gpu_engine_table(sorted(RESULTS.glob("gpu_engine_*.json")))] if list(RESULTS.glob("gpu_engine_*.json")) else [],
+                   + [gpu_tables(p) for p in sorted(RESULTS.glob("gpu_ops_*.json"), reverse=True)],
     }
     out = ["# Results", "", "Every table is rendered by `python bench/report.py --out docs/RESULTS.md` from the JSON in "
            "`bench/results/` (device, commit, date and command inside each); nothing here is typed by hand.", ""]

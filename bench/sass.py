@@ -1,13 +1,13 @@
 """SASS of the base GEMV kernel without a GPU: Numba -> PTX -> ptxas (sm_90) -> cuobjdump; opcode counts.
 
-    python bench/sass.py [--bits 4] [--out 28672] [--in 4096] [--unpaired] [--cuda-cores] [--rows R] [--sass FILE]
+    python bench/sass.py [--bits 4] [--out 28672] [--in 4096] [--rows R] [--sass FILE]
 
-Needs what the GPU image has but this machine does not, from pip wheels (docs/STATUS.md, "Tools"):
+Needs what the GPU image has but this machine does not, from pip wheels:
 numba-cuda 0.30.4 with nvidia-cuda-nvrtc-cu12 in a venv, and `ptxas` (nvidia-cuda-nvcc-cu12),
 `cuobjdump` + `nvdisasm` (nvidia-cuda-cuobjdump, nvidia-cuda-nvdisasm) on PATH. Numba asks the
 (absent) driver for the compute capability when it compiles device functions, so that one call is
 answered with (9, 0). The counts matched the H100's own `inspect_sass` within 1 %. Prints ptxas's
-register / spill line, the whole kernel's opcode histogram, and that of its largest FFMA block (the
+register / spill line, the whole kernel's opcode histogram, and that of its largest FFMA / HMMA block (the
 step body).
 """
 
@@ -62,28 +62,17 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--out", type=int, default=28672)
     ap.add_argument("--in", dest="inp", type=int, default=4096)
-    ap.add_argument("--unpaired", action="store_true")
-    ap.add_argument("--cuda-cores", action="store_true", help="the CUDA-core kernel, not the tensor-core one (4-bit)")
     ap.add_argument("--rows", type=int, help="rows per warp (default: the plan's)")
     ap.add_argument("--sass", help="write the full SASS here")
     a = ap.parse_args()
-    plan = bg.plan_gemv(a.out, a.inp, a.bits, paired=False if a.unpaired else None,
-                        mma=False if a.cuda_cores else None, rows_per_warp=a.rows)
-    exact = a.out % plan.tile_rows == 0
-    if plan.mma:
-        kernel = bg._mma_kernel(a.bits, plan.rows_per_warp // bg.MMA_ROWS, -(-a.inp // 128), exact, plan.k_warps,
-                                plan.early_load)
-        words = nt.uint32
-    else:
-        row_words = a.inp // 16 if a.bits == 4 else 3 * a.inp // 32
-        kernel = bg._gemv_kernel(a.bits, plan.rows_per_warp, row_words, -(-a.inp // 128), 128, plan.pipeline,
-                                 plan.paired, exact)
-        words = nt.uint64 if a.bits == 4 else nt.uint32
+    plan = bg.plan_gemv(a.out, a.inp, a.bits, rows_per_warp=a.rows)
+    kernel = bg._mma_kernel(a.bits, plan.rows_per_warp // bg.MMA_ROWS, -(-a.inp // bg.MMA_GROUP),
+                            a.out % plan.tile_rows == 0, plan.k_warps, plan.early_load)
     f16, f32 = nt.float16[::1], nt.float32[::1]
-    weights = (words[::1], nt.uint32[::1]) if plan.mma else (words[::1], f16, f16)  # BaseGemv.weights
+    weights = (nt.uint32[::1], nt.uint32[::1])  # BaseGemv.weights: the tiled codes, the (scale, zero) pairs
     sig = nt.void(f16, f32, *weights, f16, f32, nt.int32[::1], nt.int64, nt.int64, nt.int64,
                   nt.boolean, nt.int64, nt.int64)
-    bounds = (bg.THREADS, bg.MMA_MIN_BLOCKS if plan.mma else bg._min_blocks(a.bits, plan.rows_per_warp, plan.pipeline))
+    bounds = (bg.THREADS, bg.MMA_MIN_BLOCKS)
     ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0), launch_bounds=bounds)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "k.ptx").write_text(ptx)

@@ -7,6 +7,7 @@ allowed. Unknown fields are errors too (a typo must not silently fall back to a 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ class DecDECSection:
     n_buckets: int = 32  # approximate top-k resolution
     k_chunk: int | None = 32  # channels fetched per 1024-channel chunk
     target_slowdown: float | None = None  # e.g. 0.05: the tuner picks k_chunk and n_tb per group shape (GPU)
-    device_profile: str | None = None  # `decdec tune`'s JSON; default artifacts/device-profiles/<GPU name>.json
+    device_profile: str | None = None  # `decdec tune`'s JSON; default <cache>/device-profiles/<GPU name>.json
     selection: str = "bucket"  # bucket | exact | static | none
 
 
@@ -55,21 +56,29 @@ class Config:
     calibration: CorpusSection = field(default_factory=CorpusSection)
     eval: CorpusSection = field(default_factory=lambda: CorpusSection(tokens=8192))
     device: str = "cpu"  # cpu | cuda
-    artifacts: str | None = None  # folder; default artifacts/<model>-<method><bits>-cal<tokens>x<ctx>
+    artifacts: str | None = None  # folder; default <cache>/artifacts/<model>-<method><bits>-<key hash>
 
-    def artifact_dir(self) -> Path:
+    def artifact_dir(self, key_hash: str) -> Path:
+        """The explicit `artifacts` folder, else the per-user cache's folder for this model + config
+        (`key_hash`: the hash of what the artifacts depend on, so different keys never share one)."""
         if self.artifacts:
-            return Path(self.artifacts)
+            return Path(self.artifacts).expanduser()
         src = self.model.source
         name = "synthetic" if isinstance(src, dict) else Path(str(src)).name.removesuffix(".gguf")
-        cal = self.calibration  # in the name, so changing it picks a new folder instead of a refusal
-        k = f"-k{self.quant_k_chunk()}" if self.quant.method == "robust" else ""
-        return Path("artifacts") / f"{name}-{self.quant.method}{self.quant.bits:g}{k}-cal{cal.tokens}x{cal.ctx}"
+        return cache_root() / "artifacts" / f"{name}-{self.quant.method}{self.quant.bits:g}-{key_hash[:16]}"
 
     def quant_k_chunk(self) -> int:
         """The k_chunk whose compensation the 'robust' quantizer plans for: DecDEC's fixed k_chunk,
         or 0 when DecDEC is off or a tuner picks k_chunk per layer later."""
         return (self.decdec.k_chunk or 0) if self.decdec.selection != "none" else 0
+
+
+def cache_root() -> Path:
+    """Where prepared artifacts and device profiles live, whatever the current directory:
+    $DECDEC_CACHE, else $XDG_CACHE_HOME/decdec, else ~/.cache/decdec."""
+    if os.environ.get("DECDEC_CACHE"):
+        return Path(os.environ["DECDEC_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "decdec"
 
 
 ALLOWED = {  # field path -> allowed values (checked after the type)

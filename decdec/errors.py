@@ -27,3 +27,8 @@ class ArtifactError(DecDECError):
 
 class DeviceError(DecDECError):
     """The requested device is absent, or pinned memory cannot be had."""
+
+
+class InputError(DecDECError, ValueError):
+    """An argument of a call or a command-line flag is out of range: a token id outside the
+    vocabulary, an empty prompt, a negative or zero count. The message names it and what is allowed."""

@@ -3,16 +3,20 @@
 A folder holds `quantized.safetensors` (packed weights), `residuals.safetensors` (the residual
 tables that go to pinned host memory), `calibration.safetensors` (thresholds, channel means) and
 `manifest.json`: the model's sha256, the config that made them, every tensor's shape, and each
-file's sha256. Files are written to a temporary name and renamed, the manifest last, so an
-interrupted `prepare` leaves nothing that a later run trusts.
+file's sha256. A rebuild first removes the old manifest; files are written to a temporary name and
+renamed, the manifest last, so an interrupted `prepare` leaves nothing that a later run trusts.
+`locked` serialises prepares of one folder across processes (a `fcntl.flock` on a lock file beside it).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError
@@ -34,13 +38,32 @@ def _sha256(path: Path) -> str:
 
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:  # interrupted: no temporary file is left behind
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def locked(folder: Path, on_wait: Callable[[], None] | None = None):
+    """Hold an exclusive lock on `folder` while the block runs; another process asking for the same
+    folder waits (after calling `on_wait`). The lock file stays: removing it would race a waiter."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(folder.name + ".lock"), "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait:
+                on_wait()
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock, also when the process dies
 
 
 def save_artifacts(folder: Path, key: dict, tensors: dict[str, dict[str, torch.Tensor]], info: dict) -> None:
     """Write the three tensor files, then the manifest. `key` identifies model + config."""
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / "manifest.json").unlink(missing_ok=True)  # old artifacts stop being trusted before any file changes
     manifest = {"format_version": FORMAT_VERSION, "key": key, "info": info, "files": {}}
     for name in FILES:
         path = folder / f"{name}.safetensors"
@@ -60,11 +83,32 @@ def read_manifest(folder: Path) -> dict | None:
         return None
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{path} is corrupt (not JSON: {e}); delete the folder or prepare with --force") from e
+    _check_schema(path, manifest)
+    return manifest
+
+
+def _check_schema(path: Path, manifest) -> None:
+    """ArtifactError naming the first field that save_artifacts would not have written."""
+    def bad(problem: str) -> ArtifactError:
+        return ArtifactError(f"{path} is not a DecDEC manifest ({problem}); delete the folder or prepare with --force")
+
+    if not isinstance(manifest, dict):
+        raise bad(f"a JSON {type(manifest).__name__}, expected an object")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{path}: format version {manifest.get('format_version')}, expected {FORMAT_VERSION}")
-    return manifest
+    for field in ("key", "info", "files"):
+        if not isinstance(manifest.get(field), dict):
+            raise bad(f"field '{field}' is missing or not an object")
+    bits = manifest["info"].get("layer_bits")
+    if not isinstance(bits, list) or not all(b in (3, 4) for b in bits):
+        raise bad("field 'info.layer_bits' is missing or not a list of 3 and 4")
+    for name in FILES:
+        entry = manifest["files"].get(name)
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+                and isinstance(entry.get("shapes"), dict)):
+            raise bad(f"field 'files.{name}' needs 'sha256' and 'shapes'")
 
 
 def check_key(folder: Path, manifest: dict, key: dict) -> None:

@@ -8,7 +8,8 @@ output. q/k/v share one group (one selection, one fetch), and so do gate/up.
 
 from __future__ import annotations
 
-from decdec.models.arch import LINEAR_KINDS, ModelArgs
+from decdec.args import ModelArgs
+from decdec.constants import LINEAR_KINDS
 from decdec.constants import n_selected
 from decdec.graph import Graph
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from decdec.models.arch import FAMILIES, ModelArgs
+from decdec.args import FAMILIES, ModelArgs
 from decdec.errors import ModelFileError, UnsupportedModelError
 
 

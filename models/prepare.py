@@ -3,12 +3,16 @@
     load model -> calibration windows -> activations of every linear group
       -> per group: quantize (RTN / AWQ at the layer's bits), residual R = W' - deq(Q) at 4 bits,
          threshold profile and channel means of x~ = x * act_scale
-      -> safetensors + manifest (reused next time when model and config match)
+      -> safetensors + manifest in the folder of this model + config (by default in the per-user
+         cache, `decdec.config.cache_root`), reused from any directory; one prepare per folder at a time
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +35,9 @@ from decdec.models.residual import ResidualTable, build_residual, effective_weig
 from decdec.config import Config, load_config
 
 Group = tuple[int, str]
+# Seconds per million linear weights for 2048 calibration tokens on 2 idle CPU threads (this
+# project's reference machine), by quantizer: what the first-run announcement extrapolates from.
+PREPARE_S_PER_MPARAM = {"rtn": 0.25, "awq": 0.8, "robust": 2.8}  # robust at k_chunk 32: ~3.5x AWQ's search
 SENSITIVITY_WINDOWS = 2  # windows of calibration text for the 3.5-bit layer ranking (2 x ctx tokens)
 
 
@@ -51,6 +58,7 @@ class Prepared:
     layer_bits: list[int]
     config: Config
     folder: Path
+    reused: bool = False  # True: loaded from an earlier prepare, False: built by this one
 
 
 def artifact_key(model: LoadedModel, cfg: Config) -> dict:
@@ -62,6 +70,12 @@ def artifact_key(model: LoadedModel, cfg: Config) -> dict:
         "calibration": dataclasses.asdict(cfg.calibration),
         "residual_bits": cfg.decdec.residual_bits,
     }
+
+
+def artifact_folder(model: LoadedModel, cfg: Config) -> Path:
+    """The artifacts' folder: the config's `artifacts`, else the cache's folder for this key."""
+    key = json.dumps(artifact_key(model, cfg), sort_keys=True)
+    return cfg.artifact_dir(hashlib.sha256(key.encode()).hexdigest())
 
 
 def calibration_windows(model: LoadedModel, cfg: Config) -> list[torch.Tensor]:
@@ -136,17 +150,33 @@ def _from_tensors(tensors, layer_bits: list[int], cfg: Config) -> dict[Group, Pr
     return groups
 
 
+def announcement(model: LoadedModel, cfg: Config, folder: Path) -> str:
+    """What a first prepare is about to do, where, and roughly how long it takes."""
+    linear = sum(w.numel() for name, w in model.weights.items() if name.startswith("layers.") and w.dim() == 2)
+    per_mparam = PREPARE_S_PER_MPARAM[cfg.quant.method] * (2 if cfg.quant.bits == 3.5 else 1)
+    seconds = linear / 1e6 * per_mparam * cfg.calibration.tokens / 2048 * 2 / torch.get_num_threads()
+    bits = f"{cfg.quant.bits:g}-bit {cfg.quant.method.upper()}"
+    return (f"preparing {model.source} for DecDEC, once: {bits} weights, {cfg.decdec.residual_bits}-bit residual "
+            f"tables and selection thresholds from {cfg.calibration.tokens} calibration tokens, into {folder}\n"
+            f"about {seconds:.0f} s on {torch.get_num_threads()} CPU threads (on an idle machine); "
+            "every later run reuses them")
+
+
 def prepare(cfg, force: bool = False, progress: bool = True, model: LoadedModel | None = None) -> Prepared:
-    """Prepared artifacts for `cfg`: reused from its folder when model and config match, else built."""
+    """Prepared artifacts for `cfg`: reused from its folder when model and config match, else built.
+    A second prepare of the same folder waits for the first and then reuses its artifacts."""
     cfg = load_config(cfg)
     model = model or load_model(cfg.model.source, cfg.model.max_seq_len)
-    folder = cfg.artifact_dir()
     key = artifact_key(model, cfg)
-    manifest = artifacts.read_manifest(folder)
-    if manifest is not None and not force:
-        tensors, info = artifacts.load_artifacts(folder, key)
-        return Prepared(model, _from_tensors(tensors, info["layer_bits"], cfg), info["layer_bits"], cfg, folder)
-    groups, layer_bits = build(model, cfg, progress)
-    info = {"layer_bits": layer_bits, "source": model.source, "family": model.args.family}
-    artifacts.save_artifacts(folder, key, _to_tensors(groups), info)
+    folder = artifact_folder(model, cfg)
+    say = (lambda text: print(text, file=sys.stderr, flush=True)) if progress else (lambda text: None)
+    with artifacts.locked(folder, lambda: say(f"waiting for another prepare of {folder} to finish")):
+        if not force and artifacts.read_manifest(folder) is not None:
+            tensors, info = artifacts.load_artifacts(folder, key)
+            groups = _from_tensors(tensors, info["layer_bits"], cfg)
+            return Prepared(model, groups, info["layer_bits"], cfg, folder, reused=True)
+        say(announcement(model, cfg, folder))
+        groups, layer_bits = build(model, cfg, progress)
+        info = {"layer_bits": layer_bits, "source": model.source, "family": model.args.family}
+        artifacts.save_artifacts(folder, key, _to_tensors(groups), info)
     return Prepared(model, groups, layer_bits, cfg, folder)

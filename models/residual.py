@@ -18,6 +18,7 @@ from decdec.errors import ArtifactError
 
 RESIDUAL_MAX_CODE = 7  # symmetric 4-bit codes in [-7, 7]: 0 is exact and -8 is left unused
 SCALE_GRID = 32  # candidate scales max|R_row| / 7 * c / 32, c = 1..32 (DecDEC's grid search)
+SEARCH_BLOCK = 1 << 20  # elements of one batch of the scale search
 
 
 @dataclass
@@ -82,26 +83,30 @@ def effective_weight(weight: torch.Tensor, qlinear: QuantizedLinear) -> torch.Te
 
 
 def _quantize_rows(residual: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """Symmetric codes in [-7, 7] of residual [out, in] at per-row scales [out] (0 scale: 0)."""
-    s = scales.float()[:, None]
-    ratio = torch.where(s > 0, residual / s, torch.zeros_like(residual))
-    return ratio.round().clamp(-RESIDUAL_MAX_CODE, RESIDUAL_MAX_CODE)
+    """Symmetric codes in [-7, 7] of residual [..., in] at scales [..., 1] (0 scale: 0)."""
+    ratio = torch.where(scales > 0, residual / scales, 0.0)
+    return ratio.round_().clamp_(-RESIDUAL_MAX_CODE, RESIDUAL_MAX_CODE)
 
 
 def search_row_scales(residual: torch.Tensor) -> torch.Tensor:
     """Per output row, the float16 scale among max|R_row| / 7 * c / 32 (c = 1..32) with the least
     squared error; ties go to the larger scale; an all-zero row gets 0. The error is measured with
-    each candidate rounded to float16, i.e. with the scale that is actually stored."""
+    each candidate rounded to float16, i.e. with the scale that is actually stored.
+
+    All 32 candidates are tried at once on a block of rows ([rows, 32, in], about SEARCH_BLOCK
+    elements: it stays in cache, where one pass per candidate over the whole matrix would not)."""
+    out, width = residual.shape
     base = residual.abs().amax(1) / RESIDUAL_MAX_CODE  # [out], the plain max/7 scale
-    best_err = torch.full_like(base, float("inf"))
-    best = torch.zeros_like(base, dtype=torch.float16)
-    for c in range(1, SCALE_GRID + 1):
-        scales = (base * (c / SCALE_GRID)).to(torch.float16)
-        r_hat = _quantize_rows(residual, scales) * scales.float()[:, None]
-        err = (r_hat - residual).square().sum(1)
-        better = err <= best_err  # ascending c and '<=': a tie goes to the larger scale
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, scales, best)
+    grid = torch.arange(1, SCALE_GRID + 1) / SCALE_GRID
+    candidates = (base[:, None] * grid).to(torch.float16)  # [out, 32]
+    best = torch.empty(out, dtype=torch.float16)
+    step = max(1, SEARCH_BLOCK // (SCALE_GRID * width))
+    for start in range(0, out, step):
+        s = candidates[start:start + step]
+        sf, r = s.float()[:, :, None], residual[start:start + step, None, :]
+        err = _quantize_rows(r, sf).mul_(sf).sub_(r).square_().sum(-1)  # [rows, 32]
+        last_min = SCALE_GRID - 1 - err.flip(1).argmin(1)  # argmin takes the first: a tie goes to the larger c
+        best[start:start + step] = s.gather(1, last_min[:, None])[:, 0]
     return best
 
 
@@ -115,5 +120,5 @@ def build_residual(weight_eff: torch.Tensor, qlinear: QuantizedLinear) -> Residu
         )
     residual = weight_eff.float() - deq
     scales = search_row_scales(residual)
-    codes = _quantize_rows(residual, scales)
+    codes = _quantize_rows(residual, scales.float()[:, None])
     return ResidualTable(pack_rows(codes), scales, out_features=residual.shape[0])

@@ -85,12 +85,14 @@ class Tokenizer:
         eos_id: int | None,
         add_bos_default: bool,
         vocab_size: int | None = None,
+        chat_template: str | None = None,
     ):
         self.backend = backend
         self.bos_id = bos_id
         self.eos_id = eos_id
         self.add_bos_default = bool(add_bos_default and bos_id is not None)
         self.vocab_size = vocab_size if vocab_size is not None else backend.get_vocab_size(with_added_tokens=True)
+        self.chat_template = chat_template  # the model's Jinja chat template, when its files carry one
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of `text`; `add_bos=None` follows the model (`add_bos_default`)."""
@@ -132,7 +134,9 @@ def tokenizer_from_gguf_metadata(meta: dict[str, Any]) -> Tokenizer:
     # llama.cpp's defaults when the file has no flag: BOS for SentencePiece and Llama 3 vocabularies.
     default = kind == "llama" or meta.get("tokenizer.ggml.pre") in _LLAMA3_FAMILY
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", default))
-    return Tokenizer(backend, bos_id=bos_id, eos_id=eos_id, add_bos_default=add_bos, vocab_size=len(tokens))
+    template = meta.get("tokenizer.chat_template")
+    return Tokenizer(backend, bos_id=bos_id, eos_id=eos_id, add_bos_default=add_bos, vocab_size=len(tokens),
+                     chat_template=template if isinstance(template, str) else None)
 
 
 def _tokens_and_types(meta: dict[str, Any]) -> tuple[list[str], list[int]]:
@@ -285,7 +289,9 @@ def tokenizer_from_json(path: str | Path, config: dict[str, Any] | None = None) 
     add_bos = tok_config.get("add_bos_token")
     if not isinstance(add_bos, bool):
         add_bos = _post_processor_adds(backend, bos_id)
-    return Tokenizer(backend, bos_id=bos_id, eos_id=eos_id, add_bos_default=add_bos)
+    template = tok_config.get("chat_template")
+    return Tokenizer(backend, bos_id=bos_id, eos_id=eos_id, add_bos_default=add_bos,
+                     chat_template=template if isinstance(template, str) else None)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -1,48 +1,24 @@
-"""Base GEMV op: y = deq(Q) @ (x * act_scale) for one token, 3- or 4-bit weights (docs/FORMATS.md).
+"""Base GEMV op: y = deq(Q) @ (x * act_scale) for one token, 3- or 4-bit weights in groups of 128
+(docs/FORMATS.md).
 
-`base_gemv_reference` is the obviously-correct CPU version (torch, float32). `base_gemv_cuda` / `BaseGemv`
-is the Numba CUDA kernel for batch 1: fp16 activations in, fp16 out, float32 accumulation. There are
-two kernels, chosen by `plan_gemv`:
+`base_gemv_reference` is the obviously-correct CPU version (torch, float32). `BaseGemv` is the Numba CUDA
+kernel for batch 1 (`_mma_kernel`): fp16 activations in, fp16 out, float32 accumulation on tensor cores.
+Codes become fp16 operands of mma.m16n8k16 with one LOP3 (4-bit) or two (3-bit) per pair, read from a
+tiled copy of the weights (`mma_layout`); see the section comment above `_mma_step_source`.
 
-- the tensor-core kernel (`_mma_kernel`, group 128, the default): codes become fp16 operands of
-  mma.m16n8k16 with one LOP3 (4-bit) or two (3-bit) per pair, read from a tiled copy of the weights
-  (`mma_layout`); see the section comment above `_mma_step_source`. Short shapes let the 8 warps of a
-  block split K (`k_warps`) instead of splitting it over blocks. Measured on the H200
-  (bench/gemv_variants.py, CUDA graph, weights rotated past L2, `gemv_variants_b5901af_h200.json`):
-  28672x4096 in 24.1 us at 4 bits (76 % of that run's HBM read, 3396 GB/s; torch's int4 kernel 33.2
-  us) and 27.4 us at 3 bits; with `gpu_ops_gemv_03e25f9_h200.json` (32-row tiles at 4096 rows):
-  4096x4096 in 8.4 us (torch int4 6.8), small-model shapes in 4.3-5.3 us (torch int4 2.0-2.9).
-- the CUDA-core kernel (`_gemv_kernel`, any group size that is a multiple of 32), described below.
-
-Where the time goes on the GPU (DESIGN.md §6): a batch-1 GEMV must stream the packed weights at HBM speed,
-and plain Numba is bound by instructions long before that. The CUDA-core kernel therefore
-- gives each warp R rows that share the activations held in registers (one activation load per R rows);
-- stages x * act_scale once per block in shared memory as float32, laid out so that lane l of step s
-  reads its 16 (4-bit) or 32 (3-bit) inputs conflict-free: index (s * UNIT + j) * 33 + l;
-- turns a code into a float without a conversion instruction: the code is masked into the mantissa of
-  1.0, giving f = 1 + code / M, and folds both that offset and the zero point through the sum S of the
-  unit's activations: sum_j (q_j - z) s x_j = s * (M * sum_j f_j x_j - (M + z) * S). At 4 bits one
-  shift places two nibbles at once (mantissa bits 15..18 and 19..22: M = 256 and 16, the staged
-  inputs carry M_j); 1.0 arrives as a kernel argument so that the mask-and-or is one LOP3;
-- loads weights 64 bits a lane (4-bit) and issues all R rows' loads before using any; rows of whole
-  tiles sit at constant offsets from the warp's first row (folded into the load instruction);
-- lets a block stream several row tiles (`tiles_per_block`) as one sequence of (tile, step) pairs: the
-  inputs are staged once, and the next step's loads (the next tile's first, at a tile's end) go out
-  before the current step is computed (`pipeline`);
-- specialises the kernel on the row stride and group size, so row offsets are immediates and the
-  group index is a shift (the step body is generated unrolled: see `_step_source`);
-- splits K over blocks (grid.y) when a shape has too few rows to fill the GPU, or more inputs than the
-  shared staging holds (4096). Parts are summed without float atomics: each block writes its float32
-  partial row sums, and the last block to arrive at a row tile (an int32 atomic counter per tile) adds
-  the parts in a fixed order and writes fp16. The same arrival also merges the DecDEC correction
-  (`ops.correction`), which runs concurrently on another stream and is simply one more part. (Both
-  kernels share the K split, the tile streaming and the arrival.)
-
-Measured on the lent H100 (bench/gemv_variants.py, session 3): the CUDA-core kernel did 28672x4096 at
-4 bits in 36.7 us (60 % of HBM; torch's int4 tinygemm 33.0 us; one tile per block 42.3, unpaired
-decode 40.3; session 1's kernel 46.4), 45.6 us at 3 bits. Local SASS (ptxas sm_90): ~540 instructions
-per 4-bit warp step of 128 codes, 145 of them FFMA; the tensor-core kernel's step: 114 instructions for
-64 codes a lane at 4 bits, 167 at 3 bits (bench/sass.py, 16 rows per warp).
+A batch-1 GEMV must stream the packed weights at HBM speed, and plain Numba is bound by instructions long
+before that, so the kernel
+- stages x * act_scale once per block in shared memory, as fp16 pairs in the order the mma fragments read;
+- lets a block stream several row tiles (`tiles_per_block`) as one sequence of (tile, group) steps, the
+  next step's weights in flight while this one is computed;
+- is specialised on the group count and the row tiling, so weight offsets are immediates (the step is
+  generated unrolled: `_mma_step_source`);
+- splits K over the warps of a block (`k_warps`: short shapes, no arrival) or over blocks (grid.y: too
+  few rows to fill the GPU, or more inputs than the shared staging holds). K blocks are summed without
+  float atomics: each writes its float32 partial row sums, and the last block to arrive at a merge tile
+  (an int32 atomic counter per tile) adds the parts in a fixed order and writes fp16. The same arrival
+  merges the DecDEC correction (`ops.correction`), which runs concurrently on another stream and is
+  simply one more part.
 """
 
 from __future__ import annotations
@@ -61,18 +37,14 @@ from decdec.ops.ptx import MMA_SWAP, half2_floats, load_u32x2, load_u32x4, mma_f
 
 SIMULATED = cuda.jit.__module__.startswith("numba.cuda.simulator")  # the CUDA simulator runs these kernels
 
-WARPS = 8  # warps per block; each owns its own rows (no cross-warp K split: staging is per block)
+WARPS = 8  # warps per block
 THREADS = 32 * WARPS
-ROWS_PER_WARP = 8  # rows sharing one register copy of the activations (R = 4 measured slower)
-STAGE_INPUTS = 4096  # inputs of x * act_scale one block stages in shared memory (16.5 KiB as float32)
-PAD = 33  # shared row pitch: 32 lanes + 1, so staging writes hit distinct banks
+STAGE_INPUTS = 4096  # inputs of x * act_scale one block stages in shared memory (10 KiB as padded fp16 pairs)
 FLAG_CAP = 256  # tiles one arrival round decides at once (<= threads of any kernel that arrives)
 MERGE_ROWS = 64  # rows of a merge tile: K parts and the correction arrive per merge tile (a GEMV tile of
 # 128 or 256 rows arrives on 2 or 4), so the correction keeps blocks of 64 rows next to any GEMV plan
-MAGIC_ONE = 0x3F800000  # float32 1.0: codes are or-ed into its mantissa
-# the tensor-core kernel (`_mma_kernel`)
 MMA_ROWS = 16  # rows of one mma tile
-MMA_GROUP = 128  # inputs of one step: one quantization group
+MMA_GROUP = 128  # inputs of one step: one quantization group (the only group size decdec/config.py allows)
 MMA_PITCH = 20  # uint32 per (group, t) in the staged inputs: 16 pairs + 4 pad
 MMA_MAGIC = 0x64006400  # fp16x2 (1024, 1024): codes are or-ed into its mantissas
 MMA_MIN_BLOCKS = 3  # blocks per SM asked of ptxas
@@ -83,8 +55,8 @@ _HI_SHIFT = (0, -1, 2, 1)  # 3-bit: left shift of the high-bit word that aligns 
 MMA_GROUP_WORDS = {4: 256, 3: 192}  # uint32 per (16-row block, group) in `mma_layout`
 
 __all__ = [
-    "base_gemv_reference", "unpack_codes", "dequantize", "base_gemv_cuda", "BaseGemv", "GemvPlan",
-    "plan_gemv", "SplitOutput", "arrive_tiles", "arrive_gemv_tile", "int_as_float", "nib_float", "jit_with_bounds",
+    "base_gemv_reference", "unpack_codes", "dequantize", "BaseGemv", "GemvPlan", "plan_gemv", "SplitOutput",
+    "arrive_tiles", "arrive_gemv_tile", "int_as_float", "jit_with_bounds",
 ]
 
 
@@ -119,15 +91,12 @@ else:
     float_as_int = libdevice.float_as_int
 
 
-@cuda.jit(device=True)
-def nib_float(word, j):
-    """1 + (4-bit field j of the uint32 word) / 16: the field shifted to mantissa bits 19..22 of 1.0."""
-    sh = 19 - 4 * j  # a constant once the caller's j loop is unrolled
-    if sh >= 0:
-        v = word << uint32(sh)
-    else:
-        v = word >> uint32(-sh)
-    return int_as_float(int32((v & uint32(0x00780000)) | uint32(MAGIC_ONE)))
+def jit_with_bounds(max_threads: int, min_blocks: int):
+    """`cuda.jit` with launch bounds (max_threads, min_blocks) where this Numba takes them (numba-cuda
+    does; the simulator and Numba's built-in CUDA target do not)."""
+    if "launch_bounds" in inspect.signature(cuda.jit).parameters:
+        return cuda.jit(launch_bounds=(max_threads, min_blocks))
+    return cuda.jit
 
 
 @cuda.jit(device=True)
@@ -188,27 +157,28 @@ def arrive_gemv_tile(partials, counters, out, n_out, n_parts, tile_rows, tile, f
 # launch plan and the split-output scratch
 
 
+def _check_group(group_size: int) -> None:
+    if group_size != MMA_GROUP:
+        raise ValueError(f"group_size = {group_size}: the GEMV kernel takes weights in groups of {MMA_GROUP} "
+                         "(the only group size decdec/config.py allows)")
+
+
 @dataclass(frozen=True)
 class GemvPlan:
-    """How one weight shape is cut: R rows per warp, tiles of 8 R rows, K in `k_blocks`, and each block
-    taking `tiles_per_block` tiles (grid.x = ceil(n_tiles / tiles_per_block))."""
+    """How one weight shape is cut: 16-row mma tiles, `rows_per_warp` rows per warp, tiles of
+    `tile_rows` rows, K in `k_blocks` blocks of `groups_per_kblock` groups, and each block taking
+    `tiles_per_block` tiles (grid.x = ceil(n_tiles / tiles_per_block))."""
 
     bits: int
     out_features: int
     in_features: int
-    group_size: int
-    rows_per_warp: int  # with `mma`, 16 per mma tile
+    rows_per_warp: int  # 16 per mma tile
     k_blocks: int
-    units_per_kblock: int  # units per K block: 16 inputs (4-bit) or 32 (3-bit), a multiple of 32; with
-    # `mma` one unit is a 128-input group
-    pipeline: bool = True  # prefetch the next (tile, step)'s weights: 2 blocks / SM, and on the
-    # H100 faster than without (28672x4096: 47.5 vs 50.7 us at 4 bits, 51.3 vs 52.2 at 3; bench/gpu_ops.py)
+    groups_per_kblock: int  # 128-input groups per K block
     tiles_per_block: int = 1  # > 1: a block stages its inputs once and streams several tiles
-    paired: bool = False  # 4-bit: decode two codes per shift (`_step_source`)
-    mma: bool = False  # group 128: the tensor-core kernel (`_mma_kernel`; always pipelined)
-    k_warps: int = 1  # with `mma`: warps of a block that split its K range (and share its rows), summed
-    # in shared memory at the tile's end; > 1 gives short-K and few-row shapes shorter blocks
-    early_load: bool = False  # with `mma`: the first weights are loaded before the inputs are staged
+    k_warps: int = 1  # warps of a block that split its K range (and share its rows), summed in shared
+    # memory at the tile's end; > 1 gives short-K and few-row shapes shorter blocks
+    early_load: bool = False  # the first weights are loaded before the inputs are staged
 
     @property
     def row_warps(self) -> int:
@@ -216,12 +186,8 @@ class GemvPlan:
 
     @property
     def steps_per_tile(self) -> int:
-        """Steps one warp takes per row tile (with `mma` a step is one group; otherwise 32 units)."""
-        return -(-self.units_per_kblock // self.k_warps) if self.mma else -(-self.units_per_kblock // 32)
-
-    @property
-    def unit(self) -> int:
-        return MMA_GROUP if self.mma else 16 if self.bits == 4 else 32
+        """Steps (groups) one warp takes per row tile."""
+        return -(-self.groups_per_kblock // self.k_warps)
 
     @property
     def tile_rows(self) -> int:
@@ -246,94 +212,62 @@ class GemvPlan:
 
 
 def plan_gemv(out_features: int, in_features: int, bits: int, group_size: int = 128, n_sm: int = 132,
-              rows_per_warp: int | None = None, k_blocks: int | None = None, pipeline: bool = True,
-              persistent: bool = True, paired: bool | None = None, mma: bool | None = None,
+              rows_per_warp: int | None = None, k_blocks: int | None = None, persistent: bool = True,
               k_warps: int | None = None, early_load: bool | None = None) -> GemvPlan:
-    """Pick the K split (and for `mma` the rows per warp) by a small cost model, `_plan_cost`.
+    """Pick the K split and the rows per warp by a small cost model, `_plan_cost`.
 
-    Blocks run in waves of `slots` (blocks per SM x SMs, by registers). A block stages its K range's
-    inputs once and, `persistent`, takes ceil(tiles x K blocks / slots) row tiles; otherwise one tile.
-    Splitting K shortens tiles but adds epilogues. Each K block stages at most STAGE_INPUTS inputs.
-    `mma` (the tensor-core kernel) defaults to True for weights in groups of 128; its step is one group.
+    Blocks run in waves of n_sm x MMA_MIN_BLOCKS. A block stages its K range's inputs once and,
+    `persistent`, takes ceil(tiles x K blocks / slots) row tiles; otherwise one tile. Splitting K
+    shortens tiles but adds epilogues. Each K block stages at most STAGE_INPUTS inputs.
     `k_warps` defaults to 8 (all of K in one block: no arrival) where one block stages all of K and
     16-row tiles make at most 2 blocks per SM, with 32-row tiles once 16-row ones exceed one block per
-    SM; else 1, with 16 or 32 rows per warp by the cost model. Measured on the H200
-    (`gemv_variants_kw_h200.json`, `gemv_variants_b5901af_h200.json`): 8 K warps took 24-31 % off
-    the small models' shapes, and with 32-row tiles 22 % off 4096x4096 (8.4 vs 10.8 us), but lost at
-    6144x4096 and above, where each of 3+ blocks per SM staging all 4096 inputs costs more than the
-    K blocks' arrival. `early_load` defaults to True with k_warps > 1. The CUDA-core kernel's step is
-    32 units (a warp's 32 lanes), 8 rows per warp, and `paired` defaults to True at 4 bits.
+    SM; else 1, with 16 or 32 rows per warp by the cost model. (On larger shapes each of 3+ blocks per
+    SM staging all of K costs more than the K blocks' arrival.) `early_load` defaults to k_warps > 1.
     """
+    _check_group(group_size)
     if bits not in (3, 4):
         raise ValueError(f"bits = {bits}: allowed 3 or 4")
-    if in_features % 32 or group_size % 32:
-        raise ValueError(f"in_features = {in_features}, group_size = {group_size}: both must be multiples of 32")
-    mma = group_size == MMA_GROUP if mma is None else mma
-    if mma and group_size != MMA_GROUP:
-        raise ValueError(f"the tensor-core kernel takes weights in groups of {MMA_GROUP}")
+    if in_features % 32:
+        raise ValueError(f"in_features = {in_features}: must be a multiple of 32")
     n_groups = -(-in_features // MMA_GROUP)
     tiles16 = -(-out_features // MMA_ROWS)
-    if mma and k_warps is None and n_groups <= MMA_STAGE_GROUPS and tiles16 <= 2 * n_sm:
+    if k_warps is None and n_groups <= MMA_STAGE_GROUPS and tiles16 <= 2 * n_sm:
         # 32-row tiles once 16-row ones would put 2 blocks on an SM: half the blocks stage all of K
         k_warps, rows_per_warp = 8, rows_per_warp or (2 * MMA_ROWS if tiles16 > n_sm else MMA_ROWS)
         k_blocks = k_blocks or 1
-    if mma and (rows_per_warp is None or k_warps is None):  # whichever the cost model prefers
-        plans = [plan_gemv(out_features, in_features, bits, group_size, n_sm, r, k_blocks, pipeline, persistent,
-                           paired, mma, k_warps or 1, early_load)
+    if rows_per_warp is None or k_warps is None:  # whichever the cost model prefers
+        plans = [plan_gemv(out_features, in_features, bits, group_size, n_sm, r, k_blocks, persistent,
+                           k_warps or 1, early_load)
                  for r in ((MMA_ROWS, 2 * MMA_ROWS) if rows_per_warp is None else (rows_per_warp,))]
         return min(plans, key=lambda p: _plan_cost(p, n_sm))
-    k_warps = 1 if k_warps is None else k_warps
-    if k_warps not in K_WARPS or (k_warps > 1 and not mma):
-        raise ValueError(f"k_warps = {k_warps}: the tensor-core kernel takes {K_WARPS}, the CUDA-core one 1")
+    if k_warps not in K_WARPS:
+        raise ValueError(f"k_warps = {k_warps}: allowed {K_WARPS}")
     early_load = k_warps > 1 if early_load is None else early_load
-    if early_load and not mma:
-        raise ValueError("early_load is for the tensor-core kernel")
-    rows_per_warp = ROWS_PER_WARP if rows_per_warp is None else rows_per_warp
-    if mma and rows_per_warp % MMA_ROWS:
-        raise ValueError(f"rows_per_warp = {rows_per_warp}: the tensor-core kernel takes multiples of {MMA_ROWS}")
-    if not mma and 32 % rows_per_warp:
-        raise ValueError(f"rows_per_warp = {rows_per_warp}: allowed 1, 2, 4, 8, 16, 32")
-    paired = (bits == 4 and not mma) if paired is None else paired
-    if paired and (bits != 4 or mma):
-        raise ValueError("paired decoding is for 4-bit weights on the CUDA-core kernel")
-    unit = MMA_GROUP if mma else 16 if bits == 4 else 32
-    step_units = 1 if mma else 32  # units per step
-    n_units = -(-in_features // unit)
-    max_units = STAGE_INPUTS // unit
+    if rows_per_warp % MMA_ROWS:
+        raise ValueError(f"rows_per_warp = {rows_per_warp}: must be a multiple of {MMA_ROWS}")
     n_tiles = -(-out_features // (WARPS // k_warps * rows_per_warp))
 
     def make(kb: int) -> GemvPlan:
-        units = min(max_units, -(-(-(-n_units // kb)) // step_units) * step_units)  # whole steps per K block
-        kb = -(-n_units // units)
-        slots = _slots(bits, rows_per_warp, pipeline or mma, mma, n_sm)
-        tiles = -(-n_tiles * kb // slots) if persistent else 1
-        return GemvPlan(bits, out_features, in_features, group_size, rows_per_warp, kb, units, pipeline or mma,
-                        tiles, paired, mma, k_warps, early_load)
+        groups = min(MMA_STAGE_GROUPS, -(-n_groups // kb))
+        kb = -(-n_groups // groups)
+        tiles = -(-n_tiles * kb // (n_sm * MMA_MIN_BLOCKS)) if persistent else 1
+        return GemvPlan(bits, out_features, in_features, rows_per_warp, kb, groups, tiles, k_warps, early_load)
 
     if k_blocks is not None:
         return make(k_blocks)
-    return min((make(kb) for kb in range(-(-n_units // max_units), -(-n_units // step_units) + 1)),
+    return min((make(kb) for kb in range(-(-n_groups // MMA_STAGE_GROUPS), n_groups + 1)),
                key=lambda p: (_plan_cost(p, n_sm), p.k_blocks))
 
 
-def _slots(bits: int, rows_per_warp: int, pipeline: bool, mma: bool, n_sm: int) -> int:
-    """Blocks resident at once: blocks per SM (by registers) x SMs."""
-    return n_sm * (MMA_MIN_BLOCKS if mma else _min_blocks(bits, rows_per_warp, pipeline))
-
-
 def _plan_cost(p: GemvPlan, n_sm: int) -> float:
-    """Time of a plan in steps of one warp over 128 inputs x 16 rows (mma) or 32 units x R rows: waves x
-    (staging + tiles x (steps + epilogue)). Measured on the H200 for the tensor-core kernel (bench/
-    gemv_variants.py): staging ~3 steps, a tile's epilogue ~1 step + 1/8 step per K part summed at the
-    arrival; two mma tiles per warp make a step twice as long; K warps (only when asked for: the default
-    plans choose them by rule, see `plan_gemv`) an unfitted half step for their shared-memory sum. The
-    CUDA-core kernel: staging and epilogue ~1 step each."""
-    blocks = p.grid[0] * p.grid[1]
-    waves = -(-blocks // _slots(p.bits, p.rows_per_warp, p.pipeline, p.mma, n_sm))
-    if p.mma:
-        return waves * (3 + p.tiles_per_block * (p.steps_per_tile * p.rows_per_warp / MMA_ROWS + 1 + p.k_blocks / 8
-                                                 + (0.5 if p.k_warps > 1 else 0)))
-    return waves * (1 + p.tiles_per_block * (1 + p.units_per_kblock // 32))
+    """Time of a plan in steps of one warp over 128 inputs x 16 rows: waves x (staging + tiles x (steps +
+    epilogue)). Coefficients fitted to bench/gemv_variants.py runs: staging ~3 steps, a tile's epilogue
+    ~1 step + 1/8 step per K part summed at the arrival; two mma tiles per warp make a step twice as long;
+    K warps (only when asked for: the default plans choose them by rule, see `plan_gemv`) an unfitted
+    half step for their shared-memory sum."""
+    waves = -(-p.grid[0] * p.grid[1] // (n_sm * MMA_MIN_BLOCKS))
+    return waves * (3 + p.tiles_per_block * (p.steps_per_tile * p.rows_per_warp / MMA_ROWS + 1 + p.k_blocks / 8
+                                             + (0.5 if p.k_warps > 1 else 0)))
 
 
 @dataclass
@@ -361,267 +295,19 @@ class SplitOutput:
         return -(-self.n_out // self.tile_rows)
 
 
-# ----------------------------------------------------------------------------------------------------
-# the kernel
-
-
-def _min_blocks(bits: int, R: int, pipeline: bool = False) -> int:
-    """Blocks per SM to ask of the register allocator (ptxas -v, sm_90, no spills): R = 8 uses 80
-    registers (3 blocks), 96 / 128 pipelined at 4 / 3 bits (2 blocks); R = 4 at most 56 (4 blocks)."""
-    if R <= 4:
-        return 4
-    return 2 if pipeline or R > 8 else 3
-
-
-def jit_with_bounds(max_threads: int, min_blocks: int):
-    """`cuda.jit` with launch bounds (max_threads, min_blocks) where this Numba takes them (numba-cuda
-    does; the simulator and Numba's built-in CUDA target do not)."""
-    if "launch_bounds" in inspect.signature(cuda.jit).parameters:
-        return cuda.jit(launch_bounds=(max_threads, min_blocks))
-    return cuda.jit
-
-
-PAIR_SHIFT = (15, 7, -1, -9)  # 4-bit pairs (j, j + 1), j = 0, 2, 4, 6 of a word: left shift that puts
-# nibble j at mantissa bits 15..18 and nibble j + 1 at 19..22 of 1.0 (f = 1 + c / 256 and 1 + c / 16)
-
-
-def pair_scale(j: int) -> float:
-    """M_j of the paired 4-bit decode: input j of a unit gives f_j = 1 + code / M_j."""
-    return 256.0 if j % 2 == 0 else 16.0
-
-
-def _code_float(field: str, mask: int) -> str:
-    """Source of the float 1.0 with the bits `mask` of `field` in its mantissa: one LOP3, as the
-    constant 1.0 arrives in a register (`one`, a kernel argument: with an immediate ptxas needs two)."""
-    return f"int_as_float(int32(({field} & uint32({mask:#x})) | one))"
-
-
-def _shifted(word: str, sh: int) -> str:
-    return f"({word} << uint32({sh}))" if sh >= 0 else f"({word} >> uint32({-sh}))"
-
-
-def _step_source(bits: int, R: int, row_words: int, paired: bool = False, exact: bool = False) -> str:
-    """Source of one lane's step over R rows, as two device functions written out statement by statement.
-
-    Numba keeps the R-row block in registers only when every index is a constant, and NVVM does not
-    fully unroll loops this large by itself (a 3-bit R = 8 step went to local memory), so the step is
-    generated unrolled. `load` issues all R rows' weight loads of one unit (R loads in flight) and
-    returns the words; `dots` then, for each input j, reads x~_j from shared memory once for all R rows
-    and returns (A, S, s_0 .. s_{R-1}) with s_r = sum_j f_rj x~_j, f = 1 + code / M, S = sum_j x~_j and
-    A = M S, so that sum_j code_rj x~_j = M s_r - A.
-    `paired` (4-bit): the staged inputs are M_j x~_j (`pair_scale`: 256 for even j, 16 for odd), two codes
-    are decoded per shift, and then sum_j code_rj x~_j = s_r - A with A = sum_j M_j x~_j (returned
-    with M = 1 for the caller).
-    `exact`: the rows fill whole tiles, so no row is clamped and row r's words sit at a constant offset
-    from row 0's (folded into the load instruction).
-    """
-    unit = 16 if bits == 4 else 32
-    load = ["def load(qw, row0, last_row, gu):"]
-    if exact:
-        load.append(f"    base = row0 * uint64({row_words}) + {'gu' if bits == 4 else 'uint64(3) * gu'}")
-    for r in range(R):
-        row = f"base + uint64({r * row_words})" if exact else \
-            f"min(row0 + uint64({r}), last_row) * uint64({row_words}) + {'gu' if bits == 4 else 'uint64(3) * gu'}"
-        if bits == 4:
-            load.append(f"    w{r} = qw[{row}]")
-        else:
-            load += [f"    b{r} = {row}",
-                     f"    a{r} = uint32(qw[b{r}])",
-                     f"    c{r} = uint32(qw[b{r} + uint64(1)])",
-                     f"    h{r} = uint32(qw[b{r} + uint64(2)])"]
-    names = [f"w{r}" for r in range(R)] if bits == 4 else [f"{v}{r}" for r in range(R) for v in "ach"]
-    load.append(f"    return ({', '.join(names)},)")
-    dots = ["def dots(words, xs, xoff, one):"]
-    for r in range(R):
-        if bits == 4:
-            dots += [f"    lo{r} = uint32(words[{r}] & uint64(0xFFFFFFFF))",
-                     f"    hi{r} = uint32(words[{r}] >> uint64(32))"]
-        else:
-            dots += [f"    a{r} = words[{3 * r}]", f"    c{r} = words[{3 * r + 1}]", f"    h{r} = words[{3 * r + 2}]"]
-    dots += ["    S = float32(0)", "    T = float32(0)"] + [f"    s{r} = float32(0)" for r in range(R)]
-    if paired:
-        for j in range(0, unit, 2):
-            dots += [f"    x = xs[xoff + uint64({j * PAD})]", f"    y = xs[xoff + uint64({(j + 1) * PAD})]",
-                     "    S += x", "    T += y"]
-            for r in range(R):
-                # one shift puts nibble j at mantissa bits 15..18 and nibble j + 1 at 19..22
-                t = _shifted(f"{'hi' if j >= 8 else 'lo'}{r}", PAIR_SHIFT[(j % 8) // 2])
-                dots += [f"    t = {t}", f"    s{r} += {_code_float('t', 0x00078000)} * x",
-                         f"    s{r} += {_code_float('t', 0x00780000)} * y"]
-        # S, T: the even / odd inputs' staged sums; sum_j (f_j - 1) M_j x~_j = s - (S + T), sum_j x~_j below
-        dots.append(f"    return (S + T, S * float32({1 / pair_scale(0)}) + T * float32({1 / pair_scale(1)}), "
-                    + ", ".join(f"s{r}" for r in range(R)) + ")")
-        return "\n".join(load) + "\n\n\n" + "\n".join(dots) + "\n"
-    for j in range(unit):
-        dots += [f"    x = xs[xoff + uint64({j * PAD})]", "    S += x"]
-        for r in range(R):
-            if bits == 4:  # nibble j % 8 to mantissa bits 19..22
-                f = _code_float(_shifted(f"{'hi' if j >= 8 else 'lo'}{r}", 19 - 4 * (j % 8)), 0x00780000)
-            else:  # low 2 bits (16 per word) to mantissa bits 20..21, high bit (32 per word) to 22
-                lo = _shifted(f"{'c' if j >= 16 else 'a'}{r}", 20 - 2 * (j % 16))
-                hi = _shifted(f"h{r}", 22 - j)
-                f = f"int_as_float(int32(({lo} & uint32(0x00300000)) | ({hi} & uint32(0x00400000)) | one))"
-            dots.append(f"    s{r} += {f} * x")
-    m = 16 if bits == 4 else 8  # sum_j (f_j - 1) M x~_j = M s - M S
-    dots.append(f"    return (S * float32({m}), S, " + ", ".join(f"s{r}" for r in range(R)) + ")")
-    return "\n".join(load) + "\n\n\n" + "\n".join(dots) + "\n"
-
-
-@functools.lru_cache(maxsize=None)
-def _make_step(bits: int, R: int, row_words: int, paired: bool = False, exact: bool = False):
-    """Compile `_step_source` into device functions (load, dots); the simulator runs the same source."""
-    src = _step_source(bits, R, row_words, paired, exact)
-    name = f"<base_gemv.step bits={bits} R={R} row_words={row_words} paired={paired} exact={exact}>"
-    linecache.cache[name] = (len(src), None, src.splitlines(True), name)  # tracebacks show the source
-    scope = {"uint32": uint32, "uint64": uint64, "int32": int32, "float32": float32, "int_as_float": int_as_float}
-    exec(compile(src, name, "exec"), scope)
-    return cuda.jit(device=True)(scope["load"]), cuda.jit(device=True)(scope["dots"])
-
-
-@functools.lru_cache(maxsize=None)
-def _gemv_kernel(bits: int, rows_per_warp: int, row_words: int, n_groups: int, group_size: int,
-                 pipeline: bool = False, paired: bool = False, exact: bool = False):
-    """Kernel for one (bits, R, row stride, group count, group size): strides become immediates.
-    `pipeline`: load the next (tile, step)'s weights before computing this one (twice the word
-    registers); `paired`: the 4-bit decode of two codes per shift; `exact`: the rows fill whole tiles
-    (no clamping; see `_step_source`)."""
-    R = rows_per_warp
-    UNIT = 16 if bits == 4 else 32  # inputs one lane takes per step
-    M = float32(1 if paired else 16 if bits == 4 else 8)  # see `_step_source`: sum code x~ = M s - A
-    STEP_IN = 32 * UNIT  # inputs one warp covers per step
-    STAGE = (STAGE_INPUTS // STEP_IN) * UNIT * PAD
-    STAGE_PER_THREAD = STAGE_INPUTS // THREADS
-    TILE = WARPS * R
-    P = 32 // R  # threads summing one row's 32 lane values in the epilogue
-    RED = THREADS * R  # shared sizes must be literal constants for Numba
-    load, dots = _make_step(bits, R, row_words, paired, exact)
-
-    @jit_with_bounds(THREADS, _min_blocks(bits, R, pipeline))
-    def kernel(x, act_scale, qw, scales, zeros, out, partials, counters, n_out, n_in, units_per_kblock,
-               direct, n_parts, one_bits):
-        """y[row] = sum over this block's K range of deq(Q)[row, i] * x[i] * act_scale[i].
-
-        Layout: qw flat uint64 [out * in / 16] (4-bit) or uint32 [out * 3 in / 32] (3-bit); scales,
-        zeros flat fp16 [out * n_groups]; out fp16 [out]; partials flat f32 [n_parts * out].
-        Launch: grid (G, k_blocks), block 256. Block (b, kb) stages the inputs of units
-        [kb * U, (kb + 1) * U) (U = units_per_kblock) once, then takes row tiles b, b + G, b + 2G, ...
-        (8R rows each; warp w the R rows from tile * 8R + w R), streaming the weights as one sequence of
-        (tile, step) pairs so that the next tile's first loads are in flight during this tile's last step.
-        Bytes: the packed weights once, scales + zeros once (4 B per row and group), x and act_scale
-        once per block from L2 (6 B per input per block), 2 B per row out (+ 4 B per row and K block,
-        read back once, when K is split or merged). `one_bits` = MAGIC_ONE, an argument so that it
-        sits in a register.
-        """
-        one = uint32(one_bits)
-        xs = cuda.shared.array(STAGE, float32)
-        red = cuda.shared.array(RED, float32)
-        flags = cuda.shared.array(FLAG_CAP, int32)
-        tid = cuda.threadIdx.x
-        lane = tid % 32
-        warp = tid // 32
-        kb = cuda.blockIdx.y
-        u0 = kb * units_per_kblock
-        n_units = min(units_per_kblock, n_in // UNIT - u0)
-        n_steps = (n_units + 31) // 32
-        n_tiles = (n_out + TILE - 1) // TILE
-        stride = cuda.gridDim.x
-        tile = cuda.blockIdx.x
-        n_iter = ((n_tiles - tile + stride - 1) // stride) * n_steps  # this block's (tile, step) pairs
-        last_row = uint64(n_out - 1)
-        last_unit = n_units - 1  # lanes past the end load a valid unit and discard it
-        warp_row = uint64(warp * R)
-        words = load(qw, uint64(tile * TILE) + warp_row, last_row, uint64(u0 + min(lane, last_unit)))
-        # stage x * act_scale (times M_j when paired): input e of the block goes to (step, j, lane) =
-        # (e // STEP_IN, e % UNIT, (e // UNIT) % 32); all of a thread's loads go out before any store
-        vals = cuda.local.array(STAGE_PER_THREAD, float32)
-        n_stage = n_units * UNIT
-        for q in range(STAGE_PER_THREAD):
-            e = tid + q * THREADS
-            if e < n_stage:
-                vals[q] = float32(x[u0 * UNIT + e]) * act_scale[u0 * UNIT + e]
-        for q in range(STAGE_PER_THREAD):
-            e = tid + q * THREADS
-            if e < n_stage:
-                u = e // UNIT
-                j = e % UNIT
-                v = vals[q]
-                if paired:
-                    v *= float32(256) if j % 2 == 0 else float32(16)  # pair_scale(j)
-                xs[((u // 32) * UNIT + j) * PAD + u % 32] = v
-        cuda.syncthreads()
-
-        acc = cuda.local.array(R, float32)
-        for r in range(R):
-            acc[r] = float32(0)
-        step = 0
-        for it in range(n_iter):
-            row0 = uint64(tile * TILE) + warp_row
-            u = step * 32 + lane
-            next_step = step + 1
-            next_tile = tile
-            if next_step == n_steps:
-                next_step = 0
-                next_tile = tile + stride
-            if pipeline:
-                ahead = words
-                if it + 1 < n_iter:
-                    ahead = load(qw, uint64(next_tile * TILE) + warp_row, last_row,
-                                 uint64(u0 + min(next_step * 32 + lane, last_unit)))
-            elif it > 0:
-                words = load(qw, row0, last_row, uint64(u0 + min(u, last_unit)))
-            if u < n_units:
-                g = uint64(u0 + u) * uint64(UNIT) // uint64(group_size)
-                res = dots(words, xs, uint64(step * UNIT * PAD + lane), one)  # (A, S, s_0 .. s_{R-1})
-                gbase = row0 * uint64(n_groups) + g
-                for r in range(R):
-                    if exact:  # a constant offset, folded into the load
-                        gi = gbase + uint64(r * n_groups)
-                    else:
-                        gi = min(row0 + uint64(r), last_row) * uint64(n_groups) + g
-                    acc[r] += float32(scales[gi]) * (M * res[2 + r] - res[0] - float32(zeros[gi]) * res[1])
-            if pipeline:
-                words = ahead
-            if next_step == 0:  # the tile is complete: sum each row's 32 lane values through shared
-                # memory (the simulator has no shuffles): P threads per row add R lane values each, then
-                # one thread adds the P sums and writes the fp16 row (one K block) or its float32 part
-                for r in range(R):
-                    red[(warp * R + r) * 32 + lane] = acc[r]
-                    acc[r] = float32(0)
-                cuda.syncthreads()
-                s = float32(0)
-                for q in range(R):
-                    s += red[(tid // P) * 32 + (tid % P) * R + q]
-                cuda.syncthreads()
-                red[tid] = s
-                cuda.syncthreads()
-                if tid < TILE:
-                    total = float32(0)
-                    for p in range(P):
-                        total += red[tid * P + p]
-                    if tile * TILE + tid < n_out:
-                        write_row(out, partials, n_out, kb, tile * TILE + tid, total, direct)
-                if direct:
-                    cuda.syncthreads()  # the next tile's epilogue rewrites `red`
-                else:
-                    arrive_gemv_tile(partials, counters, out, n_out, n_parts, TILE, tile, flags)
-            tile = next_tile
-            step = next_step
-
-    return kernel
-
 
 # ----------------------------------------------------------------------------------------------------
-# the tensor-core kernel (group 128; 4-bit, and 3-bit below)
+# the kernel (4-bit, and 3-bit below)
 #
-# A batch-1 GEMV has one input column, so it wastes 7 of the mma's 8 columns; what it gains is the
-# arithmetic. One mma.m16n8k16 multiplies 16 rows x 16 inputs in one instruction, and a 4-bit code
-# becomes an fp16 operand with one LOP3: (word & 0x000F000F) | 0x64006400 is the half2
-# (1024 + q_j, 1024 + q_j+4); with mask 0x00F000F0 it is (1024 + 16 q, ...), and after `word >> 8` the
-# other two pairs. So 8 codes cost 1 shift + 4 LOP3 + 1 mma's share instead of ~28 instructions on
-# the CUDA cores. The 1024 offset is not subtracted per code: the mma sums in float32, and
-# sum_k (1024 + q_k) b_k = 1024 sum_k b_k + sum_k q_k b_k, so each group's 1024 sum b is subtracted
-# once per row (C below). The inputs b are x * act_scale * f in fp16, with f a power of two chosen per
-# block so that the largest |b| lies in [2^14, 2^15): no overflow, no precision lost to the scaling.
+# A batch-1 GEMV has one input column, so it wastes 7 of the mma's 8 columns; what it gains is the arithmetic.
+# One mma.m16n8k16 multiplies 16 rows x 16 inputs in one instruction, and a 4-bit code becomes an fp16 operand
+# with one LOP3: (word & 0x000F000F) | 0x64006400 is the half2 (1024 + q_j, 1024 + q_j+4); with mask
+# 0x00F000F0 it is (1024 + 16 q, ...), and after `word >> 8` the other two pairs. So 8 codes cost 1 shift + 4
+# LOP3 and a share of an mma, where decoding each code to a float and multiplying it on the CUDA cores costs
+# several instructions a code. The 1024 offset is not subtracted per code: the mma sums in float32, and sum_k
+# (1024 + q_k) b_k = 1024 sum_k b_k + sum_k q_k b_k, so each group's 1024 sum b is subtracted once per row (C
+# below). The inputs b are x * act_scale * f in fp16, with f a power of two chosen per block so that the
+# largest |b| lies in [2^14, 2^15): no overflow, no precision lost to the scaling.
 #
 # Layout: k may be permuted freely inside a group as long as A and B agree, so lane (g, t) (g = lane
 # // 4, t = lane % 4) loads the 4 words (one 128-bit load, 32 inputs) t of its group for rows g and g+8
@@ -636,10 +322,10 @@ def _gemv_kernel(bits: int, rows_per_warp: int, row_words: int, n_groups: int, g
 # the mma and the epilogue are shared. A lane's step reads 16 + 8 bytes (rows g and g + 8).
 
 
-
 def _mma_step_source(bits: int, m_tiles: int, n_groups: int, exact_rows: bool) -> str:
-    """Source of one lane's step over `m_tiles` mma tiles, as `load` and `dots` (generated unrolled, as
-    `_step_source`: every register index a constant). `load` issues the tile's weight loads (`mma_layout`:
+    """Source of one lane's step over `m_tiles` mma tiles, as `load` and `dots`, written out statement by
+    statement: Numba keeps the tiles' words in registers only when every index is a constant, and NVVM
+    does not fully unroll loops this large by itself. `load` issues the tile's weight loads (`mma_layout`:
     constant offsets, folded into the load instruction) and the lane's row (scale, zero) pair, and returns
     them untouched (fp16 still: converting would wait for the load). `dots` goes word by word (4
     staged pairs live at a time), running each tile's 2 mmas of the word, and returns per tile the
@@ -914,9 +600,8 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
             grp_s[tid] = s_sum
         cuda.syncthreads()
 
-        # the next (tile, step)'s weights are loaded while this one is computed. (More steps in flight,
-        # the first loads before the staging, or all staging loads before their use: each measured
-        # slower on the H200, bench/gemv_variants.py at 9089a83, d184ffd, 129e6d3.)
+        # the next (tile, step)'s weights are loaded while this one is computed (one step ahead: deeper
+        # prefetch, or all staging loads before their use, timed slower in bench/gemv_variants.py)
         ltile = tile  # the load cursor, one (tile, step) ahead of the computation's
         lstep = 0
         if not EARLY:
@@ -956,6 +641,7 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
     return kernel
 
 
+
 def _flat(a, dtype=None):
     """A flat (1-D) view of a contiguous device array, optionally reinterpreted as dtype."""
     flat = a.reshape(int(np.prod(a.shape)))
@@ -978,6 +664,7 @@ class BaseGemv:
 
     def __init__(self, qweight, scales, zeros, act_scale, bits: int, group_size: int = 128,
                  plan: GemvPlan | None = None):
+        _check_group(group_size)
         qweight, scales, zeros, act_scale = (_device(a) for a in (qweight, scales, zeros, act_scale))
         out_features, in_features = qweight.shape[0], act_scale.shape[0]
         if qweight.shape[1] * 32 != in_features * bits:
@@ -985,35 +672,25 @@ class BaseGemv:
                              f"need {in_features * bits // 32}")
         n_sm = 132 if SIMULATED else cuda.get_current_device().MULTIPROCESSOR_COUNT
         self.plan = plan or plan_gemv(out_features, in_features, bits, group_size, n_sm)
-        self.n_groups = -(-in_features // group_size)
         p = self.plan
-        if (p.out_features, p.in_features, p.bits, p.group_size) != (out_features, in_features, bits, group_size):
-            raise ValueError(f"plan is for a {p.out_features}x{p.in_features} {p.bits}-bit g{p.group_size} linear, "
-                             f"not {out_features}x{in_features} {bits}-bit g{group_size}")
-        exact = p.out_features % p.tile_rows == 0
+        if (p.out_features, p.in_features, p.bits) != (out_features, in_features, bits):
+            raise ValueError(f"plan is for a {p.out_features}x{p.in_features} {p.bits}-bit linear, "
+                             f"not {out_features}x{in_features} {bits}-bit")
         self.act_scale = act_scale
-        if p.mma:  # copies in the kernel's own layouts; the caller may free `qweight`
-            if SIMULATED:
-                self.qw = cuda.to_device(mma_layout(torch.from_numpy(qweight.copy_to_host()), bits, in_features,
-                                                    p.tile_rows).numpy().view(np.uint32))
-                scale_zero = np.stack([scales.copy_to_host(), zeros.copy_to_host()], -1).view(np.uint32)
-                self.weights = (self.qw, cuda.to_device(scale_zero.reshape(-1)))
-            else:
-                self._qw_tiled = mma_layout(torch.as_tensor(qweight, device="cuda"), bits, in_features, p.tile_rows)
-                self._scale_zero = torch.stack([torch.as_tensor(scales, device="cuda"),
-                                                torch.as_tensor(zeros, device="cuda")], -1).view(torch.int32)
-                self.qw = _flat(_device(self._qw_tiled), np.uint32)
-                self.weights = (self.qw, _flat(_device(self._scale_zero), np.uint32))
-            self.kernel = _mma_kernel(bits, p.rows_per_warp // MMA_ROWS, self.n_groups, exact, p.k_warps,
-                                      p.early_load)
-            self.magic = MMA_MAGIC
+        # copies in the kernel's own layouts; the caller may free `qweight`
+        if SIMULATED:
+            self.qw = cuda.to_device(mma_layout(torch.from_numpy(qweight.copy_to_host()), bits, in_features,
+                                                p.tile_rows).numpy().view(np.uint32))
+            scale_zero = np.stack([scales.copy_to_host(), zeros.copy_to_host()], -1).view(np.uint32)
+            self.weights = (self.qw, cuda.to_device(scale_zero.reshape(-1)))
         else:
-            self.qw = _flat(qweight, np.uint64 if bits == 4 else np.uint32)
-            self.weights = (self.qw, _flat(scales), _flat(zeros))
-            row_words = in_features // 16 if bits == 4 else 3 * in_features // 32
-            self.kernel = _gemv_kernel(bits, p.rows_per_warp, row_words, self.n_groups, group_size, p.pipeline,
-                                       p.paired, exact)
-            self.magic = MAGIC_ONE
+            self._qw_tiled = mma_layout(torch.as_tensor(qweight, device="cuda"), bits, in_features, p.tile_rows)
+            self._scale_zero = torch.stack([torch.as_tensor(scales, device="cuda"),
+                                            torch.as_tensor(zeros, device="cuda")], -1).view(torch.int32)
+            self.qw = _flat(_device(self._qw_tiled), np.uint32)
+            self.weights = (self.qw, _flat(_device(self._scale_zero), np.uint32))
+        self.kernel = _mma_kernel(bits, p.rows_per_warp // MMA_ROWS, -(-in_features // MMA_GROUP),
+                                  p.out_features % p.tile_rows == 0, p.k_warps, p.early_load)
         self._own_split: SplitOutput | None = None
 
     def split_output(self, extra_parts: int = 0) -> SplitOutput:
@@ -1037,16 +714,10 @@ class BaseGemv:
         n_parts = merge.n_parts if merge else 1
         self.kernel[p.grid, THREADS, stream](
             x, self.act_scale, *self.weights, out, partials, counters,
-            p.out_features, p.in_features, p.units_per_kblock, direct, n_parts, self.magic)
+            p.out_features, p.in_features, p.groups_per_kblock, direct, n_parts, MMA_MAGIC)
 
 
 @functools.lru_cache(maxsize=None)
 def _dummy(dtype) -> object:
     """A 1-element device array for kernel arguments a launch does not use."""
     return cuda.to_device(np.zeros(1, dtype))
-
-
-def base_gemv_cuda(x, qweight, scales, zeros, act_scale, bits: int, group_size: int = 128, *, out, stream=0,
-                   merge: SplitOutput | None = None, plan: GemvPlan | None = None) -> None:
-    """One-shot GPU `base_gemv_reference`: x fp16 [in] -> out fp16 [out] (prepare a `BaseGemv` to reuse)."""
-    BaseGemv(qweight, scales, zeros, act_scale, bits, group_size, plan)(x, out, stream, merge)

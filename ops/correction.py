@@ -20,15 +20,9 @@ per 64 rows. The sum order is fixed, so the result is deterministic, as is the s
 Stand-alone (no `merge`), each block writes out[o] = base_out[o] + corr[o] for its rows.
 
 Launch it on a high-priority side stream (torch.cuda.Stream(priority=-1)): its few blocks are then
-dispatched before the base GEMV's, which cut the overlapped slowdown several-fold on the H100.
-Measured on the H200 (bench/gpu_ops.py, bench/correction_floor.py, zero-copy tables rotated past L2):
-alone, ~8 us on a Gemma-sized layer and 10.7 us at 4096x4096, k_chunk 8 (session 5: 17.5 us, of it
-10.7 us selecting); 87 % of the best zero-copy read at 28672x4096, k_chunk 64. Next to the 3-bit
-tensor-core GEMV at priority -1: +1-2 % at 28672x4096 for k_chunk <= 8, +24 % at 14336x4096, and
-+47-155 % on layers whose GEMV takes under 20 us, where this kernel's floor shows. The floor, by the
-stamped build (4096x4096, k 8): selection 4.4 us, fetch + multiply 3.6 us (one PCIe round trip),
-reduction + emission 2.0 us, prologue 0.4 us, 0.8 us between launches; a warm, cold or huge-page
-table times the same.
+dispatched before the base GEMV's, which keeps the overlapped slowdown small where the GEMV is long.
+Its floor on short layers is one selection pass (every block selects every chunk itself) and one PCIe
+round trip for the fetch; bench/correction_floor.py breaks it down.
 """
 
 from __future__ import annotations
@@ -40,19 +34,19 @@ import numpy as np
 import torch
 from numba import cuda, float32, int32, uint32, uint64
 
-from decdec.ops import ptx
-from decdec.ops.base_gemv import FLAG_CAP, SplitOutput, arrive_tiles, jit_with_bounds, nib_float
+from decdec.ops.base_gemv import FLAG_CAP, SplitOutput, arrive_tiles, int_as_float, jit_with_bounds
 from decdec.ops.layout import unpack_rows
 from decdec.constants import chunk_ks
 from decdec.ops.selector import BucketBounds, select_bucket, selection_mask
-from decdec.ops.selector_cuda import (CUTS_SIZE, GROUP_SIZE, HIST_SIZE, MAX_CHUNK, SCAN_SIZE, SEL_CAP, SELECT_MARKS,
-                               STASH_SIZE, pass_chunks, select_chunks, select_chunks_stamped)
+from decdec.ops.selector_cuda import (CUTS_SIZE, GROUP_SIZE, HIST_SIZE, MAX_CHUNK, SCAN_SIZE, SEL_CAP, STASH_SIZE,
+                                      pass_chunks, select_chunks)
 
 WORD_OUTPUTS = 8  # outputs per uint32 word of a residual row (8 nibbles)
 UNROLL = 8  # chosen rows whose (PCIe) loads one thread has in flight at once
 THREADS = 512  # ptxas needs up to 128 registers (no spills): 512 x 128 fills the register file
 RED_SIZE = max(SEL_CAP, THREADS * WORD_OUTPUTS)  # floats: the picks' x~, then the reduction (16 KiB)
-TILE_ROWS = 64  # default merge tile: the base GEMV's 8 warps x 8 rows
+TILE_ROWS = 64  # default merge tile: `ops.base_gemv.MERGE_ROWS`
+ONE_BITS = 0x3F800000  # float32 1.0: a nibble or-ed into its mantissa decodes without a conversion
 
 __all__ = ["compensate", "correction_reference", "correction_cuda", "Correction", "CorrectionPlan",
            "plan_correction"]
@@ -118,20 +112,20 @@ def plan_correction(out_features: int, n_tb: int, tile_rows: int = TILE_ROWS) ->
     return CorrectionPlan(n_tb, THREADS, wc_n, THREADS // wc_n, tile_rows, n_tiles, per_block)
 
 
-STAMPS = 16  # uint64 slots per block of a stamped build: see `_correction_kernel`
+@cuda.jit(device=True)
+def nib_float(word, j):
+    """1 + (4-bit field j of the uint32 word) / 16: the field shifted to mantissa bits 19..22 of 1.0."""
+    sh = 19 - 4 * j  # a constant once the caller's j loop is unrolled
+    if sh >= 0:
+        v = word << uint32(sh)
+    else:
+        v = word >> uint32(-sh)
+    return int_as_float(int32((v & uint32(0x00780000)) | uint32(ONE_BITS)))
 
 
 @functools.lru_cache(maxsize=None)
-def _correction_kernel(merge: bool, stamped: bool = False):
-    """The fused select + fetch + dequantize + GEMV + merge kernel (one compiled variant per merge mode).
-
-    `stamped` builds time the kernel's phases from inside: thread 0 of block i writes stamps[16 i ..]:
-    [0] globaltimer at its start and [5] at its end (ns); the SM cycles (clock64) spent [1] selecting,
-    [2] fetching and multiplying, [3] reducing and emitting, [4] arriving, [6] the prologue before
-    the first pass, each measured between the block's barriers; [8 .. 12] the selection's five steps
-    (`select_chunks_stamped`).
-    """
-    select = select_chunks_stamped if stamped else select_chunks
+def _correction_kernel(merge: bool):
+    """The fused select + fetch + dequantize + GEMV + merge kernel (one compiled variant per merge mode)."""
 
     @cuda.jit(device=True)
     def emit(o, v, o_hi, rscale, base_out, out, partials, n_parts, n_out):
@@ -144,7 +138,7 @@ def _correction_kernel(merge: bool, stamped: bool = False):
                 out[o] = float32(base_out[o]) + corr
 
     @jit_with_bounds(THREADS, 1)
-    def kernel(x, act_scale, rows, rscale, base_out, out, partials, counters, n_parts, stamps, a, b, hi_scale,
+    def kernel(x, act_scale, rows, rscale, base_out, out, partials, counters, n_parts, a, b, hi_scale,
                lo_scale, k_chunk, k_last, batch, n_out, tile_rows, n_tiles, tiles_per_block, wc_n, ks_n):
         """Correction of rows [t0 * tile_rows, t1 * tile_rows) of block (t0, t1 = its tiles).
 
@@ -171,13 +165,6 @@ def _correction_kernel(merge: bool, stamped: bool = False):
         t1 = min(t0 + tiles_per_block, n_tiles)
         if t0 >= t1:
             return
-        marks = cuda.local.array(SELECT_MARKS, uint64)
-        if stamped:
-            start_ns = ptx.globaltimer()
-            c_sel = c_fetch = c_emit = uint64(0)
-            for m in range(SELECT_MARKS):
-                marks[m] = uint64(0)
-            ca = ptx.clock64()
         o_hi = min(t1 * tile_rows, n_out)
         w_lo = t0 * tile_rows // 8
         w_hi = (o_hi + 7) // 8
@@ -188,10 +175,6 @@ def _correction_kernel(merge: bool, stamped: bool = False):
         acc = cuda.local.array(8, float32)
         wv = cuda.local.array(UNROLL, uint32)
         xu = cuda.local.array(UNROLL, float32)
-        if stamped:
-            cb = ptx.clock64()
-            c_pro = cb - ca
-            ca = cb
         wp = w_lo  # (while loops: a range with a run-time step costs a 64-bit division)
         while wp < w_hi:
             w = wp + wc
@@ -202,14 +185,8 @@ def _correction_kernel(merge: bool, stamped: bool = False):
             c0 = 0
             while c0 < n_chunks and k_chunk > 0:
                 nb = min(batch, n_chunks - c0)
-                if stamped:
-                    cb = ptx.clock64()
-                    c_emit += cb - ca
-                select(x, act_scale, True, MAX_CHUNK, c0, nb, k_chunk, k_last, a, b, hi_scale, lo_scale,
-                       hist, cuts, scan, group_sums, x_stash, sel_idx, sel_x, marks)
-                if stamped:
-                    ca = ptx.clock64()
-                    c_sel += ca - cb
+                select_chunks(x, act_scale, True, MAX_CHUNK, c0, nb, k_chunk, k_last, a, b, hi_scale, lo_scale,
+                              hist, cuts, scan, group_sums, x_stash, sel_idx, sel_x)
                 n_sel = (nb - 1) * k_chunk + (k_last if c0 + nb == n_chunks else k_chunk)
                 s0 = ks * UNROLL
                 while mine and s0 < n_sel:
@@ -227,10 +204,6 @@ def _correction_kernel(merge: bool, stamped: bool = False):
                             acc[j] += nib_float(wv[m], j) * xu[m]
                     s0 += ks_n * UNROLL
                 cuda.syncthreads()  # sel_idx / sel_x are rewritten by the next pass
-                if stamped:
-                    cb = ptx.clock64()
-                    c_fetch += cb - ca
-                    ca = cb
                 c0 += batch
             red = sel_x
             # sum_s (code - 8) x_s = 16 sum_s f x_s - 24 sum_s x_s, with f = 1 + code / 16
@@ -270,22 +243,8 @@ def _correction_kernel(merge: bool, stamped: bool = False):
                     e += nthr
                 cuda.syncthreads()
             wp += wc_n
-        if stamped:
-            cb = ptx.clock64()
-            c_emit += cb - ca
         if merge:
             arrive_tiles(partials, counters, out, n_out, n_parts, tile_rows, t0, t1 - t0, flags)
-        if stamped and tid == 0:
-            at = cuda.blockIdx.x * STAMPS
-            stamps[at] = start_ns
-            stamps[at + 1] = c_sel
-            stamps[at + 2] = c_fetch
-            stamps[at + 3] = c_emit
-            stamps[at + 4] = ptx.clock64() - cb
-            stamps[at + 5] = ptx.globaltimer()
-            stamps[at + 6] = c_pro
-            for m in range(SELECT_MARKS):
-                stamps[at + 8 + m] = marks[m]
 
     return kernel
 
@@ -333,33 +292,29 @@ class Correction:
         self.plan = plan_correction(self.out_features, n_tb, tile_rows)
 
     def __call__(self, x, act_scale=None, *, base_out=None, out=None, merge: SplitOutput | None = None,
-                 stream=0, stamps=None) -> None:
+                 stream=0) -> None:
         """Launch on `stream`. With `merge`: add into the base GEMV's split output (concurrently with it);
-        else out = base_out + correction (out defaults to base_out, in place). `stamps` (uint64 device
-        array, STAMPS per block): launch the stamped build, which times its phases into it."""
+        else out = base_out + correction (out defaults to base_out, in place)."""
         p = self.plan
         if x.shape[0] != self.rows.shape[0]:
             raise ValueError(f"x has {x.shape[0]} channels, the residual table {self.rows.shape[0]} rows")
-        stamped = stamps is not None
-        if stamped and stamps.shape[0] < STAMPS * p.blocks:
-            raise ValueError(f"stamps holds {stamps.shape[0]} slots, the stamped build writes {STAMPS * p.blocks}")
         if act_scale is None:
             act_scale = _ones(x.shape[0])
         if merge is not None:
             if merge.tile_rows != p.tile_rows or merge.n_out != self.out_features:
                 raise ValueError("merge scratch and correction disagree on tile rows or outputs")
             kernel, base_out, partials, counters, n_parts = (
-                _correction_kernel(True, stamped), _dummy(np.float16), merge.partials, merge.counters, merge.n_parts)
+                _correction_kernel(True), _dummy(np.float16), merge.partials, merge.counters, merge.n_parts)
         else:
             if base_out is None:
                 raise ValueError("give base_out (stand-alone) or merge (fused with the base GEMV)")
             out = base_out if out is None else out
-            kernel, partials, counters, n_parts = (_correction_kernel(False, stamped), _dummy(np.float32),
+            kernel, partials, counters, n_parts = (_correction_kernel(False), _dummy(np.float32),
                                                    _dummy(np.int32), 1)
         a, b, hi_scale, lo_scale = self.bounds
         kernel[p.blocks, p.threads, stream](
             x, act_scale, self.rows, self.rscale, base_out, out, partials, counters, n_parts,
-            stamps if stamped else _dummy(np.uint64), a, b, hi_scale, lo_scale, self.k_chunk, self.k_last,
+            a, b, hi_scale, lo_scale, self.k_chunk, self.k_last,
             pass_chunks(self.k_chunk), self.out_features, p.tile_rows, p.n_tiles, p.tiles_per_block, p.wc_n, p.ks_n)
 
 

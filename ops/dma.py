@@ -1,20 +1,17 @@
-"""DMA op: residual rows in pinned, device-mapped host memory, and the two ways to fetch chosen rows.
+"""DMA op: residual rows in pinned, device-mapped host memory, read by the kernels zero-copy.
 
 DecDEC keeps each linear group's residual table (docs/FORMATS.md, "Residual table": row i = input
 channel i, ceil(out / 2) bytes) in host memory and reads only the rows it picks, over PCIe, each step.
-
-- Zero-copy (the product path): the table lives in `cudaHostAlloc(Mapped | Portable)` memory and kernels
-  load it through its device pointer; a warp's load of 128 contiguous bytes becomes one PCIe read, so
-  the rows of many blocks stream concurrently. `PinnedTable.device_array()` hands the mapping to Numba
-  kernels through `__cuda_array_interface__`; `fetch_rows_cuda` is a plain zero-copy gather.
-- Memcpy (for comparison): one `cudaMemcpyAsync` per chosen row into a device staging buffer. Each
-  copy costs ~16 us at these sizes (DESIGN.md §6) and needs the indices on the host first.
+The table lives in `cudaHostAlloc(Mapped | Portable)` memory and kernels load it through its device
+pointer: a warp's load of 128 contiguous bytes becomes one PCIe read, so the rows of many blocks stream
+concurrently, and the picks never travel to the host (one memcpy per row would need them there first).
+`PinnedTable.device_array()` hands the mapping to Numba kernels through `__cuda_array_interface__`; the
+fused correction (`ops.correction`) is its reader.
 
 Rows are stored with their stride padded to 16 bytes (`ROW_ALIGN`), so every row starts aligned for
 wide loads; padding bytes hold 0x88 (residual code 0) and are never used.
 
-Only `PinnedTable`, `copy_rows_memcpy` and real `fetch_rows_cuda` launches need a GPU; the layout
-helpers and `fetch_rows_reference` are plain NumPy.
+Only `PinnedTable` needs a GPU; the layout helpers are plain NumPy.
 """
 
 from __future__ import annotations
@@ -29,14 +26,12 @@ from decdec.errors import DeviceError
 
 ROW_ALIGN = 16  # bytes: each row starts 16-byte aligned (uint32 / uint64 / 128-bit loads all line up)
 PAD_BYTE = 0x88  # both nibbles = 8, i.e. residual code 0: harmless if a kernel ever reads padding
-FETCH_THREADS = 256
 
-__all__ = ["ROW_ALIGN", "padded_stride", "pad_rows", "fetch_rows_reference", "fetch_rows_cuda", "PinnedTable",
-           "copy_rows_memcpy", "stream_handle"]
+__all__ = ["ROW_ALIGN", "padded_stride", "pad_rows", "PinnedTable"]
 
 
 # ----------------------------------------------------------------------------------------------------
-# layout and the CPU reference (pure NumPy)
+# layout (pure NumPy)
 
 
 def padded_stride(row_bytes: int, align: int = ROW_ALIGN) -> int:
@@ -50,47 +45,6 @@ def pad_rows(table: np.ndarray, align: int = ROW_ALIGN) -> np.ndarray:
     out = np.full((table.shape[0], padded_stride(table.shape[1], align)), PAD_BYTE, np.uint8)
     out[:, : table.shape[1]] = table
     return out
-
-
-def fetch_rows_reference(table_np: np.ndarray, idx) -> np.ndarray:
-    """The chosen rows, in the order of idx: table_np[idx]."""
-    return table_np[np.asarray(idx, dtype=np.int64)]
-
-
-# ----------------------------------------------------------------------------------------------------
-# zero-copy gather kernel
-
-
-@cuda.jit
-def _fetch_kernel(table, idx, out):
-    """out[r, :] = table[idx[r], :] for uint32 words; table may be mapped host memory.
-
-    Launch: grid (len(idx),), block 256: one block per row, consecutive threads read consecutive
-    words (one 128-byte PCIe read per warp-load). Bytes: k rows over PCIe in, k rows to HBM out.
-    """
-    r = cuda.blockIdx.x
-    src = idx[r]
-    for w in range(cuda.threadIdx.x, out.shape[1], cuda.blockDim.x):
-        out[r, w] = table[src, w]
-
-
-def fetch_rows_cuda(table, idx, *, out, stream=0) -> None:
-    """GPU `fetch_rows_reference`: table [rows, stride bytes] (device or mapped, any dtype), idx int32 [k]
-    -> out [k, stride bytes]. The row stride must be a multiple of 4 bytes (PinnedTable's are of 16)."""
-    k = idx.shape[0]
-    if k == 0:
-        return
-    _fetch_kernel[k, FETCH_THREADS, stream](_as_words(table), idx, _as_words(out))
-
-
-def _as_words(a):
-    """A contiguous [rows, n] device array of any dtype viewed as uint32 [rows, row bytes / 4]."""
-    row_bytes = a.shape[1] * a.dtype.itemsize
-    if row_bytes % 4:
-        raise ValueError(f"row stride {row_bytes} bytes: must be a multiple of 4 for 32-bit loads")
-    if a.dtype == np.uint32:
-        return a
-    return a.reshape(a.shape[0] * a.shape[1]).view(np.uint32).reshape(a.shape[0], row_bytes // 4)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -110,17 +64,6 @@ def _check(rt, err, what: str) -> None:
     if err != rt.cudaError_t.cudaSuccess:
         _, msg = rt.cudaGetErrorString(err)
         raise DeviceError(f"{what}: {err.name} ({msg.decode() if isinstance(msg, bytes) else msg})")
-
-
-def stream_handle(stream) -> int:
-    """The raw cudaStream_t of a Numba stream, a torch stream, an int, or None / 0 (the default stream)."""
-    if stream is None or isinstance(stream, int):
-        return int(stream or 0)
-    if hasattr(stream, "cuda_stream"):  # torch.cuda.Stream
-        return int(stream.cuda_stream)
-    handle = getattr(stream, "handle", stream)  # a Numba stream wraps its handle
-    value = getattr(handle, "value", handle)  # ctypes c_void_p keeps the pointer in .value (None = 0)
-    return int(value or 0)
 
 
 class PinnedTable:
@@ -197,17 +140,3 @@ class PinnedTable:
 def _free_host(ptr: int) -> None:
     rt = _runtime()
     rt.cudaFreeHost(ptr)
-
-
-def copy_rows_memcpy(table: PinnedTable, idx, dst, stream=0, scatter: bool = False) -> None:
-    """The memcpy path: row idx[r] of the pinned table -> row r of dst (device uint8 [k, stride]), or
-    row idx[r] of dst (uint8 [n_rows, stride]) with `scatter`; one cudaMemcpyAsync per row on `stream`.
-    idx must be on the host, so a GPU-made selection costs a device-to-host sync first."""
-    rt = _runtime()
-    dst_ptr = dst.__cuda_array_interface__["data"][0]
-    s = rt.cudaStream_t(stream_handle(stream))
-    for r, i in enumerate(np.asarray(idx, dtype=np.int64).reshape(-1)):
-        at = int(i) if scatter else r
-        err, = rt.cudaMemcpyAsync(dst_ptr + at * table.stride, table.ptr + int(i) * table.stride, table.stride,
-                                  rt.cudaMemcpyKind.cudaMemcpyHostToDevice, s)
-        _check(rt, err, f"cudaMemcpyAsync of residual row {int(i)}")

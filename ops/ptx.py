@@ -12,8 +12,6 @@ patterns so that no fp16x2 type is needed in Numba:
 - `pack_half2(lo, hi)`: two float32 rounded to fp16 (nearest even) in one register, `lo` in the
   low half.
 - `half2_floats(h)`: the two fp16 halves of a register as float32 (lo, hi).
-- `globaltimer()`, `clock64()`: the GPU's nanosecond timer and the SM's cycle counter (uint64), for
-  the stamped builds that time a kernel's phases from inside (`bench/correction_floor.py`).
 - `load_u32x4(a, i)`, `load_u32x2(a, i)`: a[i .. i+3] (a[i], a[i+1]) of a global uint32 array in one
   128-bit (64-bit) load, i a multiple of 4 (2), through the read-only path (`ld.global.nc`: the
   operand must not be written during the kernel).
@@ -26,16 +24,13 @@ every thread of the block must call it the same number of times, as a real mma n
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 from numba import cuda
 
 SIMULATED = cuda.jit.__module__.startswith("numba.cuda.simulator")
 MMA_SWAP = 6  # uint32 slots per thread in the simulator's fragment exchange
 
-__all__ = ["mma_f16", "pack_half2", "half2_floats", "load_u32x4", "load_u32x2", "globaltimer", "clock64",
-           "MMA_SWAP", "SIMULATED"]
+__all__ = ["mma_f16", "pack_half2", "half2_floats", "load_u32x4", "load_u32x2", "MMA_SWAP", "SIMULATED"]
 
 
 if SIMULATED:
@@ -61,12 +56,6 @@ if SIMULATED:
     @cuda.jit(device=True)
     def load_u32x2(a, i):
         return np.uint32(a[i]), np.uint32(a[i + 1])
-
-    @cuda.jit(device=True)
-    def globaltimer():
-        return np.uint64(time.perf_counter_ns())
-
-    clock64 = globaltimer
 
     @cuda.jit(device=True)
     def mma_f16(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, swap):
@@ -138,23 +127,6 @@ else:
             return context.make_tuple(builder, sig.return_type, floats)
 
         return sig, codegen
-
-    def _special_register(name: str):
-        """An intrinsic reading a 64-bit special register; volatile, so that it stays where it is written."""
-
-        @intrinsic
-        def read(typingctx):
-            def codegen(context, builder, sig, args):
-                fn = ir.InlineAsm(ir.FunctionType(ir.IntType(64), []), f"mov.u64 $0, %{name};", "=l",
-                                  side_effect=True)
-                return builder.call(fn, [])
-
-            return types.uint64(), codegen
-
-        return read
-
-    globaltimer = _special_register("globaltimer")
-    clock64 = _special_register("clock64")
 
     def _load_vector(n: int):
         """An intrinsic loading a[i .. i + n - 1] of a global uint32 array in one n x 32-bit load."""

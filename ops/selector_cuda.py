@@ -3,8 +3,8 @@
 The CPU reference is `ops.selector.select_bucket`; per chunk of 1024 channels it takes the `k_c` channels
 of smallest `(bucket, index)` (docs/FORMATS.md, "Selection"). `select_chunks` is a block-wide device
 function that makes exactly that choice for up to 4 chunks at once, so the fused correction kernel
-(`ops.correction`) selects with the very code tested here; `select_bucket_cuda` wraps it in a kernel of
-one block per chunk that also lists the picks in the reference's (bucket, index) order.
+(`ops.correction`) selects with the very code tested here (bench/op_kernels.py wraps it in a stand-alone
+kernel for the tests and the benchmarks).
 
 How one block chooses, deterministically (the reference kernel keeps whichever channels of the cut
 bucket its atomics reach first; ours takes the lowest indices, like the CPU rule). Thread j of a chunk
@@ -20,24 +20,17 @@ owns a contiguous run of up to RUN_MAX = 8 channels and keeps their buckets in r
 Five barriers per pass, shared by all its chunks (up to 4), so latency grows little with the width.
 Arithmetic is int32 where Numba would widen to int64, indices unsigned where it would add a
 negative-index check: the selection is instruction-bound, as every correction block selects every
-chunk. Session 6 measured the first version (channels interleaved over threads, buckets in shared
-memory, a Hillis-Steele scan, ~145 instructions a channel) at 10.7 us of a 17.5 us correction, this
-one at 4.4 us of 10.8 (4096x4096, k_chunk 8; bench/results/correction_floor_*_h200.json).
-No warp intrinsics are used, so the CUDA simulator runs the same code as the GPU.
+chunk. No warp intrinsics are used, so the CUDA simulator runs the same code as the GPU.
 """
 
 from __future__ import annotations
 
-import numpy as np
 from numba import cuda, float32, int32, uint32, uint64
 
-from decdec.ops import ptx
-from decdec.constants import CHUNK_SIZE, N_BUCKETS, chunk_ks
-from decdec.ops.selector import BucketBounds
+from decdec.constants import N_BUCKETS
 
-__all__ = ["select_bucket_cuda", "select_chunks", "bucket_of", "pass_chunks", "MAX_CHUNK", "PASS_CHUNKS",
-           "SEL_CAP", "HIST_SIZE", "CUTS_SIZE", "SCAN_SIZE", "GROUP_SIZE", "STASH_SIZE", "CHUNK_THREADS",
-           "select_chunks_stamped", "SELECT_MARKS"]
+__all__ = ["select_chunks", "bucket_of", "pass_chunks", "MAX_CHUNK", "PASS_CHUNKS", "SEL_CAP", "HIST_SIZE",
+           "CUTS_SIZE", "SCAN_SIZE", "GROUP_SIZE", "STASH_SIZE", "CHUNK_THREADS"]
 
 MAX_CHUNK = 1024  # shared arrays are laid out per 1024 channels; smaller chunks work too
 RUN_MAX = 8  # channels one thread owns at most (their buckets live in registers; 16 spill in the correction)
@@ -52,8 +45,6 @@ CUTS_SIZE = 2 * PASS_CHUNKS  # cut bucket of each chunk, then how many of it are
 SCAN_SIZE = 512  # one slot per thread (blocks of up to 512 threads)
 GROUP_SIZE = SCAN_SIZE // GROUP  # one sum per group of 8 threads
 STASH_SIZE = PASS_CHUNKS * MAX_CHUNK  # the pass's x~, float32 (16 KiB)
-SELECT_MARKS = 5  # steps of select_chunks the stamped build times (one per barrier)
-SELECT_THREADS = CHUNK_THREADS  # block of the stand-alone kernel: one chunk
 COMMON_FIRST = 24  # buckets 24..31 are counted in a register first (see select_chunks)
 
 
@@ -98,221 +89,122 @@ def _bucket_at(packed, r):
     return int32((packed[r // 4] >> uint32(8 * (r % 4))) & uint32(0xFF))
 
 
-def _make_select_chunks(stamped: bool):
-    """`select_chunks`, or with `stamped` its build that adds the SM cycles of each of its five steps
-    (each ending at a barrier: buckets, histogram, cut, scan, slots) into marks[0..4]: the profile of
-    bench/correction_floor.py."""
+@cuda.jit(device=True)
+def select_chunks(x, act_scale, has_scale, chunk, c0, nb, k_chunk, k_last, a, b, hi_scale, lo_scale,
+                  hist, cuts, scan, group_sums, x_stash, sel_idx, sel_x):
+    """Block-wide: the picks of chunks c0 .. c0 + nb - 1 (nb <= 4, chunk <= 1024) of x [width].
 
-    @cuda.jit(device=True)
-    def now():
-        return ptx.clock64() if stamped else uint64(0)
-
-    @cuda.jit(device=True)
-    def mark(marks, step, since):
-        if stamped:
-            t = ptx.clock64()
-            marks[step] += t - since
-            return t
-        return since
-
-    @cuda.jit(device=True)
-    def select_chunks(x, act_scale, has_scale, chunk, c0, nb, k_chunk, k_last, a, b, hi_scale, lo_scale,
-                      hist, cuts, scan, group_sums, x_stash, sel_idx, sel_x, marks):
-        """Block-wide: the picks of chunks c0 .. c0 + nb - 1 (nb <= 4, chunk <= 1024) of x [width].
-
-        Every thread of the block must call it (it synchronises). On return, chunk c0 + q's k_q picks are
-        sel_idx[q * k_chunk : q * k_chunk + k_q] (global channel indices, ascending) with their x~ in
-        sel_x; nb * k_chunk <= len(sel_idx) is the caller's to ensure (`pass_chunks`). k_last: the picks
-        of x's last chunk (k_chunk, or fewer if it is partial: `ops.selector.chunk_ks`).
-        Needs a block of 128 nb to 512 threads. Shared scratch: hist i32[128], cuts i32[8], scan i32[512],
-        group_sums i32[64], x_stash f32[4096]. Thread j = tid % 128 of chunk q = tid // 128 owns channels
-        [j run, (j + 1) run), run = ceil(chunk / 128) <= 8, and keeps their buckets in registers, their
-        x~ in x_stash (for the picks). Cost per thread of a chunk: 8 loads of x (and act_scale) from
-        L1/L2, all in flight at once, ~30 instructions a channel; 5 barriers.
-        """
-        t = now()
-        tid = int32(cuda.threadIdx.x)
-        width = x.shape[0]
-        run = (chunk + CHUNK_THREADS - 1) // CHUNK_THREADS
-        q = int32(tid // CHUNK_THREADS)  # whole warps per chunk: threads past the last chunk skip step 1 together
-        j = int32(tid % CHUNK_THREADS)
-        start = (c0 + q) * chunk
-        wc = min(chunk, width - start) if q < nb else 0  # channels of this thread's chunk
-        first = j * run
-        if tid < nb * N_BUCKETS:  # (a block has 128 nb threads; a strided range would cost a division)
-            hist[tid] = 0
-        if tid < GROUP_SIZE:
-            group_sums[tid] = 0
-        if tid < nb:
-            cuts[tid] = -1  # no cut: nothing taken (k_c = 0)
-            cuts[PASS_CHUNKS + tid] = 0
-        # 1. buckets of the run, N_BUCKETS past the chunk's end. Every load is issued before the first
-        # use (indices clamped into x, no branch around them), so their latencies overlap.
-        packed = cuda.local.array(PACKED_WORDS, uint32)  # the run's buckets, 8 bits each (registers)
+    Every thread of the block must call it (it synchronises). On return, chunk c0 + q's k_q picks are
+    sel_idx[q * k_chunk : q * k_chunk + k_q] (global channel indices, ascending) with their x~ in
+    sel_x; nb * k_chunk <= len(sel_idx) is the caller's to ensure (`pass_chunks`). k_last: the picks
+    of x's last chunk (k_chunk, or fewer if it is partial: `ops.selector.chunk_ks`).
+    Needs a block of 128 nb to 512 threads. Shared scratch: hist i32[128], cuts i32[8], scan i32[512],
+    group_sums i32[64], x_stash f32[4096]. Thread j = tid % 128 of chunk q = tid // 128 owns channels
+    [j run, (j + 1) run), run = ceil(chunk / 128) <= 8, and keeps their buckets in registers, their
+    x~ in x_stash (for the picks). Cost per thread of a chunk: 8 loads of x (and act_scale) from
+    L1/L2, all in flight at once; 5 barriers.
+    """
+    tid = int32(cuda.threadIdx.x)
+    width = x.shape[0]
+    run = (chunk + CHUNK_THREADS - 1) // CHUNK_THREADS
+    q = int32(tid // CHUNK_THREADS)  # whole warps per chunk: threads past the last chunk skip step 1 together
+    j = int32(tid % CHUNK_THREADS)
+    start = (c0 + q) * chunk
+    wc = min(chunk, width - start) if q < nb else 0  # channels of this thread's chunk
+    first = j * run
+    if tid < nb * N_BUCKETS:  # (a block has 128 nb threads; a strided range would cost a division)
+        hist[tid] = 0
+    if tid < GROUP_SIZE:
+        group_sums[tid] = 0
+    if tid < nb:
+        cuts[tid] = -1  # no cut: nothing taken (k_c = 0)
+        cuts[PASS_CHUNKS + tid] = 0
+    # 1. buckets of the run, N_BUCKETS past the chunk's end. Every load is issued before the first
+    # use (indices clamped into x, no branch around them), so their latencies overlap.
+    packed = cuda.local.array(PACKED_WORDS, uint32)  # the run's buckets, 8 bits each (registers)
+    for w in range(PACKED_WORDS):
+        packed[w] = uint32(N_BUCKETS * 0x01010101)
+    if q < nb:
+        xv = cuda.local.array(RUN_MAX, float32)
+        for r in range(RUN_MAX):  # unconditional loads, all in flight (past the chunk: its last channel, unused)
+            xv[r] = _xt(x, act_scale, has_scale, start + min(first + r, wc - 1))
+        for r in range(RUN_MAX):  # interleaved by thread: no bank conflicts
+            x_stash[q * MAX_CHUNK + r * CHUNK_THREADS + j] = xv[r]
         for w in range(PACKED_WORDS):
-            packed[w] = uint32(N_BUCKETS * 0x01010101)
-        if q < nb:
-            xv = cuda.local.array(RUN_MAX, float32)
-            for r in range(RUN_MAX):  # unconditional loads, all in flight (past the chunk: its last channel, unused)
-                xv[r] = _xt(x, act_scale, has_scale, start + min(first + r, wc - 1))
-            for r in range(RUN_MAX):  # interleaved by thread: no bank conflicts
-                x_stash[q * MAX_CHUNK + r * CHUNK_THREADS + j] = xv[r]
-            for w in range(PACKED_WORDS):
-                word = uint32(0)
-                for u in range(4):
-                    r = 4 * w + u
-                    bkt = bucket_of(abs(xv[r]), a, b, hi_scale, lo_scale)
-                    bkt = bkt if r < run and first + r < wc else N_BUCKETS
-                    word |= uint32(bkt) << uint32(8 * u)
-                packed[w] = word
-        cuda.syncthreads()  # hist zeroed
-        t = mark(marks, 0, t)
-        # Most channels fall in the last few buckets (|x| far below b), and shared atomics on one address
-        # serialise, so buckets 24..31 are counted in one packed register (8 bits each) flushed once, and
-        # only the rare upper buckets take an atomic per channel.
-        common = uint64(0)
-        for r in range(RUN_MAX):
-            bkt = _bucket_at(packed, r)
-            if bkt < COMMON_FIRST:
-                cuda.atomic.add(hist, q * N_BUCKETS + bkt, 1)
-            elif bkt < N_BUCKETS:
-                common += uint64(1) << uint64(8 * (bkt - COMMON_FIRST))
-        if q < nb and common != 0:
-            for f in range(N_BUCKETS - COMMON_FIRST):
-                n = int32((common >> uint64(8 * f)) & uint64(0xFF))
-                if n > 0:
-                    cuda.atomic.add(hist, q * N_BUCKETS + COMMON_FIRST + f, n)
-        cuda.syncthreads()
-        t = mark(marks, 1, t)
-        # 2. cut bucket of each chunk: thread (chunk, bucket) checks whether the running count crosses k_c there
-        if tid < nb * N_BUCKETS:
-            qc = tid // N_BUCKETS
-            bb = tid % N_BUCKETS
-            cstart = (c0 + qc) * chunk
-            if cstart < width:
-                kc = k_chunk if cstart + chunk <= width else k_last
-                below = int32(0)  # int32 throughout: Numba widens int32 sums to int64 (twice the instructions)
-                for u in range(N_BUCKETS):  # unrolled: 32 independent loads, no latency carried from one to the next
-                    h = hist[qc * N_BUCKETS + u]
-                    below = int32(below + (h if u < bb else int32(0)))
-                if 0 < kc and below < kc and kc <= below + hist[qc * N_BUCKETS + bb]:
-                    cuts[qc] = bb
-                    cuts[PASS_CHUNKS + qc] = kc - below
-        cuda.syncthreads()
-        t = mark(marks, 2, t)
-        # 3. (#above the cut, #at the cut) of each thread's run, packed in one int32 (counts < 2**16)
-        cut = cuts[q] if q < nb else int32(-1)
-        need = cuts[PASS_CHUNKS + q] if q < nb else int32(0)
-        mine = int32(0)
-        for r in range(RUN_MAX):
-            bkt = _bucket_at(packed, r)
-            mine = int32(mine + (int32(1) if bkt < cut else int32(0)) + (int32(1 << 16) if bkt == cut else int32(0)))
-        scan[tid] = mine
-        g = int32(tid // GROUP)  # this thread's group of 8; the group sums were zeroed with hist
-        if mine != 0:
-            cuda.atomic.add(group_sums, g, mine)  # integer sums: the order the atomics land in is irrelevant
-        cuda.syncthreads()
-        t = mark(marks, 3, t)
-        before = int32(0)  # the packed counts of the chunk's earlier runs: earlier groups', then this group's
-        groups_before = int32(g - q * CHUNK_GROUPS)
-        runs_before = int32(tid - g * GROUP)
-        for u in range(CHUNK_GROUPS):  # unrolled, masked: independent loads
-            v = group_sums[q * CHUNK_GROUPS + u]
-            before = int32(before + (v if u < groups_before else int32(0)))
-        for u in range(GROUP):
-            v = scan[g * GROUP + u]
-            before = int32(before + (v if u < runs_before else int32(0)))
-        # 4. slots: the k-th taken channel (by index) goes to slot k of its chunk
-        above = int32(before & 0xFFFF)
-        at = int32(before >> 16)
-        slot0 = int32(q * k_chunk)
-        channel0 = int32(start + first)
-        stash0 = int32(q * MAX_CHUNK + j)
-        for r in range(RUN_MAX):
-            bkt = _bucket_at(packed, r)
-            if bkt < cut or (bkt == cut and at < need):
-                slot = uint32(slot0 + above + min(at, need))  # unsigned: no negative-index wraparound
-                sel_idx[slot] = int32(channel0 + r)
-                sel_x[slot] = x_stash[uint32(stash0 + r * CHUNK_THREADS)]
-            if bkt < cut:
-                above = int32(above + 1)
-            elif bkt == cut:
-                at = int32(at + 1)
-        cuda.syncthreads()
-        t = mark(marks, 4, t)
-
-    return select_chunks
-
-
-select_chunks = _make_select_chunks(False)
-select_chunks_stamped = _make_select_chunks(True)
-
-
-@cuda.jit
-def _select_kernel(x, act_scale, has_scale, k_chunk, k_last, chunk, a, b, hi_scale, lo_scale, out_idx, out_x):
-    """One block per (chunk, row) of x [rows, width]; out_idx / out_x [rows, n_selected] in FORMATS order.
-
-    Launch: grid (n_chunks, rows), block SELECT_THREADS. Bytes: reads x (and act_scale) of the chunk,
-    writes 8 B per pick. After `select_chunks` (index order), each pick's slot in (bucket, index) order
-    is the picks of lower buckets plus the earlier picks of its own bucket (O(k^2) compares: a tool and
-    test path; the fused correction needs only the set).
-    """
-    hist = cuda.shared.array(HIST_SIZE, int32)
-    cuts = cuda.shared.array(CUTS_SIZE, int32)
-    scan = cuda.shared.array(SCAN_SIZE, int32)
-    group_sums = cuda.shared.array(GROUP_SIZE, int32)
-    x_stash = cuda.shared.array(STASH_SIZE, float32)
-    sel_idx = cuda.shared.array(MAX_CHUNK, int32)
-    sel_x = cuda.shared.array(MAX_CHUNK, float32)
-    sel_b = cuda.shared.array(MAX_CHUNK, int32)
-    c = cuda.blockIdx.x
-    row = cuda.blockIdx.y
-    xr = x[row]
-    start = c * chunk
-    k = k_chunk if start + chunk <= xr.shape[0] else k_last
-    select_chunks(xr, act_scale, has_scale, chunk, c, 1, k_chunk, k_last, a, b, hi_scale, lo_scale,
-                  hist, cuts, scan, group_sums, x_stash, sel_idx, sel_x, cuda.local.array(SELECT_MARKS, uint64))
-    cut = cuts[0]
-    need = cuts[PASS_CHUNKS]
-    for p in range(cuda.threadIdx.x, k, cuda.blockDim.x):
-        sel_b[p] = bucket_of(abs(sel_x[p]), a, b, hi_scale, lo_scale)  # x~ in float32: the same bucket
+            word = uint32(0)
+            for u in range(4):
+                r = 4 * w + u
+                bkt = bucket_of(abs(xv[r]), a, b, hi_scale, lo_scale)
+                bkt = bkt if r < run and first + r < wc else N_BUCKETS
+                word |= uint32(bkt) << uint32(8 * u)
+            packed[w] = word
+    cuda.syncthreads()  # hist zeroed
+    # Most channels fall in the last few buckets (|x| far below b), and shared atomics on one address
+    # serialise, so buckets 24..31 are counted in one packed register (8 bits each) flushed once, and
+    # only the rare upper buckets take an atomic per channel.
+    common = uint64(0)
+    for r in range(RUN_MAX):
+        bkt = _bucket_at(packed, r)
+        if bkt < COMMON_FIRST:
+            cuda.atomic.add(hist, q * N_BUCKETS + bkt, 1)
+        elif bkt < N_BUCKETS:
+            common += uint64(1) << uint64(8 * (bkt - COMMON_FIRST))
+    if q < nb and common != 0:
+        for f in range(N_BUCKETS - COMMON_FIRST):
+            n = int32((common >> uint64(8 * f)) & uint64(0xFF))
+            if n > 0:
+                cuda.atomic.add(hist, q * N_BUCKETS + COMMON_FIRST + f, n)
     cuda.syncthreads()
-    for p in range(cuda.threadIdx.x, k, cuda.blockDim.x):
-        bp = sel_b[p]
-        slot = 0
-        for u in range(bp):  # picks of lower buckets: all of them above the cut
-            slot += hist[u] if u < cut else need
-        for s in range(p):
-            if sel_b[s] == bp:
-                slot += 1
-        out_idx[row, c * k_chunk + slot] = sel_idx[p]
-        out_x[row, c * k_chunk + slot] = sel_x[p]
-
-
-def select_bucket_cuda(x, k_chunk: int, bounds: BucketBounds, chunk_size: int = CHUNK_SIZE, *,
-                       out, out_x=None, act_scale=None, stream=0) -> None:
-    """GPU `select_bucket`: x [rows, width] or [width] (fp16/fp32 device array) -> out int32 [.., n_selected].
-
-    With `act_scale` [width], selects on x * act_scale (float32), as the GEMV sees it; `out_x`
-    (float32, same shape as out) receives the chosen x~ values if given.
-    """
-    if len(x.shape) == 1:
-        x, out = x.reshape(1, x.shape[0]), out.reshape(1, out.shape[0])
-        out_x = None if out_x is None else out_x.reshape(1, out_x.shape[0])
-    rows, width = x.shape
-    ks = chunk_ks(width, k_chunk, chunk_size)  # validates k_chunk
-    if chunk_size > MAX_CHUNK:
-        raise ValueError(f"chunk_size = {chunk_size}: the GPU selector supports chunks up to {MAX_CHUNK}")
-    if tuple(out.shape) != (rows, sum(ks)):
-        raise ValueError(f"out has shape {tuple(out.shape)}, expected {(rows, sum(ks))}")
-    if sum(ks) == 0:
-        return
-    if out_x is None:
-        out_x = cuda.device_array(out.shape, np.float32, stream=stream)
-    has_scale = act_scale is not None
-    scale = act_scale if has_scale else cuda.device_array(1, np.float32, stream=stream)
-    grid = ((width + chunk_size - 1) // chunk_size, rows)
-    _select_kernel[grid, SELECT_THREADS, stream](
-        x, scale, has_scale, k_chunk, ks[-1], chunk_size,
-        np.float32(bounds.a), np.float32(bounds.b), np.float32(bounds.hi_scale), np.float32(bounds.lo_scale),
-        out, out_x)
+    # 2. cut bucket of each chunk: thread (chunk, bucket) checks whether the running count crosses k_c there
+    if tid < nb * N_BUCKETS:
+        qc = tid // N_BUCKETS
+        bb = tid % N_BUCKETS
+        cstart = (c0 + qc) * chunk
+        if cstart < width:
+            kc = k_chunk if cstart + chunk <= width else k_last
+            below = int32(0)  # int32 throughout: Numba widens int32 sums to int64 (twice the instructions)
+            for u in range(N_BUCKETS):  # unrolled: 32 independent loads, no latency carried from one to the next
+                h = hist[qc * N_BUCKETS + u]
+                below = int32(below + (h if u < bb else int32(0)))
+            if 0 < kc and below < kc and kc <= below + hist[qc * N_BUCKETS + bb]:
+                cuts[qc] = bb
+                cuts[PASS_CHUNKS + qc] = kc - below
+    cuda.syncthreads()
+    # 3. (#above the cut, #at the cut) of each thread's run, packed in one int32 (counts < 2**16)
+    cut = cuts[q] if q < nb else int32(-1)
+    need = cuts[PASS_CHUNKS + q] if q < nb else int32(0)
+    mine = int32(0)
+    for r in range(RUN_MAX):
+        bkt = _bucket_at(packed, r)
+        mine = int32(mine + (int32(1) if bkt < cut else int32(0)) + (int32(1 << 16) if bkt == cut else int32(0)))
+    scan[tid] = mine
+    g = int32(tid // GROUP)  # this thread's group of 8; the group sums were zeroed with hist
+    if mine != 0:
+        cuda.atomic.add(group_sums, g, mine)  # integer sums: the order the atomics land in is irrelevant
+    cuda.syncthreads()
+    before = int32(0)  # the packed counts of the chunk's earlier runs: earlier groups', then this group's
+    groups_before = int32(g - q * CHUNK_GROUPS)
+    runs_before = int32(tid - g * GROUP)
+    for u in range(CHUNK_GROUPS):  # unrolled, masked: independent loads
+        v = group_sums[q * CHUNK_GROUPS + u]
+        before = int32(before + (v if u < groups_before else int32(0)))
+    for u in range(GROUP):
+        v = scan[g * GROUP + u]
+        before = int32(before + (v if u < runs_before else int32(0)))
+    # 4. slots: the k-th taken channel (by index) goes to slot k of its chunk
+    above = int32(before & 0xFFFF)
+    at = int32(before >> 16)
+    slot0 = int32(q * k_chunk)
+    channel0 = int32(start + first)
+    stash0 = int32(q * MAX_CHUNK + j)
+    for r in range(RUN_MAX):
+        bkt = _bucket_at(packed, r)
+        if bkt < cut or (bkt == cut and at < need):
+            slot = uint32(slot0 + above + min(at, need))  # unsigned: no negative-index wraparound
+            sel_idx[slot] = int32(channel0 + r)
+            sel_x[slot] = x_stash[uint32(stash0 + r * CHUNK_THREADS)]
+        if bkt < cut:
+            above = int32(above + 1)
+        elif bkt == cut:
+            at = int32(at + 1)
+    cuda.syncthreads()

@@ -4,7 +4,7 @@
 - `graph_us`: launches captured into one CUDA graph, replayed and timed by CUDA events (per launch);
   `event_us`: CUDA events around a single large operation (or one graph replay).
 - Operands are random (any bit pattern is a valid packing) and rotated through enough copies that
-  every replay streams from HBM, not from the 50 MB L2 (`copies_for`, DESIGN.md §6).
+  every replay streams from HBM, not from L2 (`copies_for`).
 - `measure_pairs` / `measure_shape`: one linear shape's base GEMV alone, and base + fused correction
   concurrently (correction on a priority -1 side stream, merged through the GEMV's split output, as
   `runtime/executor_cuda.py` runs them), over a k_chunk x n_tb grid: the rows `MeasuredModel.from_rows`

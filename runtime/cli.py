@@ -1,6 +1,7 @@
 """`decdec` command line. Every verb works with no CFG on a fresh machine (the embedded default model).
 
-Bad input prints one line, `error: ...`, and exits with status 2; nothing half-written is left.
+Bad input prints one line, `error: ...`, and exits with status 2; Ctrl-C prints one line and exits
+with 130. Nothing half-written is left. Status and progress go to stderr; generated text to stdout.
 """
 
 from __future__ import annotations
@@ -8,10 +9,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
-from decdec.errors import ConfigError, DecDECError
+from decdec.errors import ConfigError, DecDECError, InputError
 
 
 def _int_list(text: str) -> list[int]:
@@ -21,16 +24,28 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+# flag -> the least value allowed; checked before anything slow
+AT_LEAST = {"ctx": 2, "max_tokens": 1, "max_new_tokens": 1, "ppl_tokens": 0, "steps": 1}
+
+
+def _check_flags(args) -> None:
+    for name, low in AT_LEAST.items():
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            raise InputError(f"--{name.replace('_', '-')} {value} is out of range: allowed {low} or more")
+
+
 def _config(args) -> "Config":  # noqa: F821 - imported lazily to keep `decdec --help` fast
     from decdec.config import load_config
 
+    _check_flags(args)
     cfg = load_config(args.cfg)
     overrides: dict = {}
     if getattr(args, "corpus", None):
         overrides.setdefault("eval", {})["corpus"] = args.corpus
-    if getattr(args, "ctx", None):
+    if getattr(args, "ctx", None) is not None:
         overrides.setdefault("eval", {})["ctx"] = args.ctx
-    if getattr(args, "max_tokens", None):
+    if getattr(args, "max_tokens", None) is not None:
         overrides.setdefault("eval", {})["tokens"] = args.max_tokens
     if getattr(args, "artifacts", None):
         overrides["artifacts"] = args.artifacts
@@ -46,8 +61,8 @@ def cmd_prepare(args) -> None:
     from decdec.models.prepare import prepare
 
     prepared = prepare(_config(args), force=args.force)
-    bits = prepared.layer_bits
-    print(f"artifacts ready in {prepared.folder} ({len(prepared.groups)} linear groups, layer bits {bits})")
+    how = "reused" if prepared.reused else "ready"
+    print(f"artifacts {how} in {prepared.folder} ({len(prepared.groups)} linear groups, layer bits {prepared.layer_bits})")
 
 
 def cmd_eval(args) -> None:
@@ -78,27 +93,54 @@ def cmd_run(args) -> None:
     cfg = _config(args)
     engine = runtime.compile(cfg, force=args.force)
     k_text = f"k_chunk {engine.k_chunk}" if engine.tuning is None else "k_chunk tuned per group (below)"
-    print(f"\nmodel {engine.prepared.model.source}, {cfg.quant.method} {cfg.quant.bits:g}-bit, "
-          f"DecDEC {k_text} ({cfg.decdec.selection} selection), device {cfg.device}")
+    print(f"model {engine.prepared.model.source}, {cfg.quant.method} {cfg.quant.bits:g}-bit, "
+          f"DecDEC {k_text} ({cfg.decdec.selection} selection), device {cfg.device}", file=sys.stderr)
     if engine.tuning is not None:
-        print(engine.tuning.format())
-    text = engine.generate(args.prompt, max_new_tokens=args.max_new_tokens)
-    print(f"\n{args.prompt}{text}\n")
+        print(engine.tuning.format(), file=sys.stderr)
+    print(f"\n{args.prompt}", end="", flush=True)
+    start, first, ids = time.perf_counter(), None, []
+    for piece in engine.stream(args.prompt, max_new_tokens=args.max_new_tokens, ids=ids):
+        first = first or time.perf_counter()
+        print(piece, end="", flush=True)
+    seconds = time.perf_counter() - start
+    print("\n")
+    print(f"{len(ids)} tokens in {seconds:.1f} s: {len(ids) / seconds:.1f} tokens/s"
+          + (f" (the first after {first - start:.2f} s, with the prompt's prefill)" if first else ""), file=sys.stderr)
     if args.ppl_tokens > 0:
         small = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, tokens=args.ppl_tokens))
         prepared = dataclasses.replace(engine.prepared, config=small)
         ks = [engine.k_chunk] if isinstance(engine.k_chunk, int) and engine.k_chunk else []
         if engine.tuning is not None:  # the tuned mix, per group, as the engine runs it
             ks = [engine.tuning.k_chunks]
+        print(f"perplexity over {args.ppl_tokens} tokens of evaluation text (reference: the model's own weights "
+              "in float32; then quantized, then quantized + DecDEC):", file=sys.stderr)
         print(format_table(eval_rows(prepared, ks, ["bucket"], reference=True)))
 
 
-def _layer_bits(cfg, args_model) -> list[int]:
+def cmd_chat(args) -> None:
+    from decdec import runtime
+    from decdec.runtime.chat import chat
+
+    engine = runtime.compile(_config(args), force=args.force)
+
+    def lines():
+        while True:
+            try:
+                yield input("> " if sys.stdin.isatty() else "")
+            except EOFError:
+                return
+
+    chat(engine, lines(), lambda text: print(text, end="", flush=True),
+         lambda text: print(text, file=sys.stderr, flush=True), args.max_new_tokens, args.temperature)
+
+
+def _layer_bits(cfg, model) -> list[int]:
     from decdec.models.artifacts import read_manifest
+    from decdec.models.prepare import artifact_folder
 
     if cfg.quant.bits != 3.5:
-        return [int(cfg.quant.bits)] * args_model.n_layers
-    manifest = read_manifest(cfg.artifact_dir())
+        return [int(cfg.quant.bits)] * model.args.n_layers
+    manifest = read_manifest(artifact_folder(model, cfg))
     if manifest is None:
         raise ConfigError("3.5-bit layer bits are chosen by `decdec prepare`: run it first")
     return manifest["info"]["layer_bits"]
@@ -121,7 +163,7 @@ def cmd_graph(args) -> None:
         print(engine.tuning.format())
     else:
         model = load_model(cfg.model.source, cfg.model.max_seq_len)
-        graph = build_graph(model.args, _layer_bits(cfg, model.args), k_chunk)
+        graph = build_graph(model.args, _layer_bits(cfg, model), k_chunk)
         print(schedule(graph).format())
     counts: dict[str, int] = {}
     for node in graph.nodes:
@@ -140,7 +182,7 @@ def cmd_tune(args) -> None:
     from decdec.models.loader import load_model
 
     model = load_model(cfg.model.source, cfg.model.max_seq_len)
-    shapes = group_shapes(model.args, _layer_bits(cfg, model.args))
+    shapes = group_shapes(model.args, _layer_bits(cfg, model))
     profile = measure_profile(shapes, quick=args.quick)
     path = Path(args.out) if args.out else profile_path(cfg, torch.cuda.get_device_name())
     profile.save(path)
@@ -180,17 +222,22 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--json", help="write {'rows': [...]} here")
     v.add_argument("--force", action="store_true", help="rebuild artifacts")
 
-    v = verb("run", "generate text with DecDEC and print a short perplexity comparison", cmd_run)
+    v = verb("run", "generate text with DecDEC (streamed) and print a short perplexity comparison", cmd_run)
     v.add_argument("--prompt", default="The capital of France is")
     v.add_argument("--max-new-tokens", type=int, default=32)
     v.add_argument("--ppl-tokens", type=int, default=512, help="tokens for the perplexity comparison (0: skip)")
+    v.add_argument("--force", action="store_true", help="rebuild artifacts")
+
+    v = verb("chat", "chat with the model: one line a turn on stdin, replies streamed, in its chat format", cmd_chat)
+    v.add_argument("--max-new-tokens", type=int, default=256, help="longest reply in tokens")
+    v.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     v.add_argument("--force", action="store_true", help="rebuild artifacts")
 
     verb("graph", "print the compiled op graph: per layer, ops in order with streams, k_chunk and n_tb", cmd_graph)
 
     v = verb("tune", "measure this GPU on the model's linear shapes: the device profile the tuner uses", cmd_tune)
     v.add_argument("--out", help="profile JSON to write (default: decdec.device_profile, else "
-                                 "artifacts/device-profiles/<GPU name>.json)")
+                                 "~/.cache/decdec/device-profiles/<GPU name>.json)")
     v.add_argument("--quick", action="store_true", help="a smaller k_chunk x n_tb grid and fewer repetitions")
 
     v = verb("profile", "decode some steps and print a per-op timeline; write a Chrome trace", cmd_profile)
@@ -204,12 +251,19 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # OpenMP threads that spin while they wait starve each other on busy cores (torch's elementwise
+    # ops ran 10-40x slower on 2 shared cores); waiting threads sleep instead. libgomp reads this when
+    # torch loads, which no verb has done yet.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = parser().parse_args(argv)
     try:
         args.fn(args)
     except DecDECError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # artifacts are renamed into place, manifest last: nothing half-written is trusted
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     return 0
 
 

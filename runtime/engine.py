@@ -8,11 +8,16 @@ target x that time over the model's (kind, bits) group shapes; the decode graph 
 group's k_chunk and n_tb. The tuned step is captured and timed too, and retuned with a smaller
 budget while it is over the target (`scheduler.tuner.tune_measured`); `engine.tuning` keeps the
 choices, the predicted and the measured step time.
+
+Generation: `tokens()` yields token ids as they are decoded, continuing the current sequence;
+`stream()` yields the text of a new sequence piece by piece; `generate()` returns it whole.
 """
 
 from __future__ import annotations
 
+import operator
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 
@@ -20,7 +25,7 @@ from decdec.models.arch import forward
 from decdec.models.graph import build_graph, group_shapes
 from decdec.models.prepare import Prepared, prepare
 from decdec.config import Config, load_config
-from decdec.errors import ConfigError, DeviceError
+from decdec.errors import ConfigError, DeviceError, InputError
 from decdec.runtime.evaluate import decdec_linear, dense_groups
 from decdec.runtime.executor_cpu import CPUExecutor
 from decdec.graph import Graph
@@ -55,15 +60,26 @@ class Engine:
                 f"sequence of {self.position + n} tokens exceeds model.max_seq_len = {self.max_seq_len}"
             )
 
+    def _out_of_range(self, what: str) -> InputError:
+        return InputError(f"{what} is not a token id of this model: allowed 0 .. {self.prepared.model.args.vocab_size - 1}")
+
     @torch.no_grad()
     def prefill(self, token_ids) -> torch.Tensor:
-        """Logits [T, vocab] of a prompt, with the base (uncompensated) kernels, filling the KV cache."""
-        tokens = torch.as_tensor(token_ids, dtype=torch.int64).reshape(-1)
+        """Logits [T, vocab] of a prompt's token ids (from `engine.tokenizer.encode(text)`), with the
+        base (uncompensated) kernels, filling the KV cache after the tokens already in it."""
+        ids = torch.as_tensor(token_ids).reshape(-1)
+        if ids.numel() == 0:
+            raise InputError("prefill needs at least one token id, got an empty prompt")
+        if ids.is_floating_point() or ids.is_complex():
+            raise InputError(f"token ids must be integers, got {ids.dtype}")
+        bad = ((ids < 0) | (ids >= self.prepared.model.args.vocab_size)).nonzero()
+        if bad.numel():
+            raise self._out_of_range(f"token {int(ids[bad[0, 0]])} (at index {int(bad[0, 0])})")
+        tokens = ids.to(torch.int64)
         self._check_room(tokens.shape[0])
         args, weights = self.prepared.model.args, self.prepared.model.weights
         if self.prefill_executor is not None:  # CUDA: token by token through the base-only step graph
-            rows = [self.prefill_executor.run(int(t), self.position + i) for i, t in enumerate(tokens.tolist())]
-            logits = torch.stack(rows) if rows else torch.empty(0, args.vocab_size)
+            logits = torch.stack([self.prefill_executor.run(t, self.position + i) for i, t in enumerate(tokens.tolist())])
         else:
             base = decdec_linear(self.executor.groups, "none")  # the quantized weights, no compensation
             logits = forward(args, weights, tokens, base, self.position, self.executor.cache)
@@ -71,31 +87,72 @@ class Engine:
         return logits
 
     def step(self, token: int) -> torch.Tensor:
-        """One decode step at the next position: logits [vocab]."""
+        """One decode step of `token` at the next position: logits [vocab]."""
+        try:
+            token = operator.index(token)  # an int, a NumPy integer or a one-element integer tensor
+        except TypeError:
+            raise InputError(f"token {token!r} is not an integer token id") from None
+        if not 0 <= token < self.prepared.model.args.vocab_size:
+            raise self._out_of_range(f"token {token}")
         self._check_room(1)
-        logits = self.executor.run(int(token), self.position)
+        logits = self.executor.run(token, self.position)
         self.position += 1
         return logits
 
-    def generate(self, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0) -> str:
-        """Greedy (temperature 0) or sampled continuation of `prompt`."""
-        if self.tokenizer is None:
-            raise ConfigError("this model has no tokenizer (synthetic source): use prefill/step with token ids")
-        self.reset()
-        ids = self.tokenizer.encode(prompt)
-        logits = self.prefill(ids)[-1]
+    def tokens(self, prompt_ids, max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0,
+               stop: Iterable[int] = ()) -> Iterator[int]:
+        """Prefill `prompt_ids` after the sequence so far, then yield each new token id as it is
+        decoded: greedy (temperature 0) or sampled; ends at EOS, a `stop` id, `max_new_tokens` or a
+        full cache. Every yielded token enters the cache before the next one is decoded."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise InputError(f"max_new_tokens = {max_new_tokens!r}: allowed 0 or more")
+        if not temperature >= 0:
+            raise InputError(f"temperature = {temperature!r}: allowed 0 or more")
+        logits = self.prefill(prompt_ids)[-1]  # now: bad ids fail here, not at the first next()
+        return self._decode(logits, max_new_tokens, temperature, seed, {self.prepared.model.args.eos_id, *stop})
+
+    def _decode(self, logits, max_new_tokens: int, temperature: float, seed: int, stop: set) -> Iterator[int]:
         gen = torch.Generator().manual_seed(seed)
-        out: list[int] = []
         for _ in range(max_new_tokens):
             if temperature > 0:
                 token = int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen))
             else:
                 token = int(logits.argmax())
-            if token == self.prepared.model.args.eos_id or self.position >= self.max_seq_len:
-                break
-            out.append(token)
+            if token in stop or self.position >= self.max_seq_len:
+                return
+            yield token
             logits = self.step(token)
-        return self.tokenizer.decode(out)
+
+    def stream(self, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0,
+               ids: list[int] | None = None) -> Iterator[str]:
+        """Start a new sequence with `prompt` and yield its continuation's text as tokens are decoded
+        (their ids appended to `ids` when given)."""
+        if self.tokenizer is None:
+            raise ConfigError("this model has no tokenizer (synthetic source): use prefill/step with token ids")
+        if not isinstance(prompt, str) or not prompt:
+            raise InputError(f"prompt must be a non-empty string, got {prompt!r}")
+        self.reset()
+        return text_pieces(self.tokenizer, self.tokens(self.tokenizer.encode(prompt), max_new_tokens, temperature, seed), ids)
+
+    def generate(self, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0) -> str:
+        """Greedy (temperature 0) or sampled continuation of `prompt`."""
+        return "".join(self.stream(prompt, max_new_tokens, temperature, seed))
+
+
+def text_pieces(tokenizer, token_ids: Iterable[int], ids: list[int] | None = None) -> Iterator[str]:
+    """The text of `token_ids`, piece by piece as they arrive (appended to `ids` when given). A token
+    that ends inside a multi-byte character decodes to U+FFFD: its text waits for the one completing it."""
+    ids = [] if ids is None else ids
+    shown = ""
+    for token in token_ids:
+        ids.append(token)
+        text = tokenizer.decode(ids)
+        if not text.endswith("\ufffd") and text.startswith(shown):
+            yield text[len(shown):]
+            shown = text
+    text = tokenizer.decode(ids)
+    if text != shown and text.startswith(shown):
+        yield text[len(shown):]
 
 
 def engine_k_chunk(cfg: Config) -> int | None:

@@ -81,14 +81,24 @@ def perplexity(args, weights, windows: list[torch.Tensor], linear: Linear | None
 
 
 def eval_windows(prepared: Prepared) -> list[torch.Tensor]:
+    """Windows of at most `eval.ctx` tokens that predict exactly `eval.tokens` tokens (each predicts
+    its length - 1; the last one is cut), or as many as the text holds."""
     from decdec.models.corpus import corpus_text, token_windows
 
     cfg, model = prepared.config, prepared.model
     if model.tokenizer is None:  # synthetic: a fixed random stream, disjoint seed from calibration
         gen = torch.Generator().manual_seed(1)
-        return [torch.randint(0, model.args.vocab_size, (cfg.eval.ctx,), generator=gen)
-                for _ in range(max(1, cfg.eval.tokens // cfg.eval.ctx))]
-    return token_windows(model.tokenizer, corpus_text(cfg.eval.corpus, "eval"), cfg.eval.ctx, cfg.eval.tokens)
+        windows = [torch.randint(0, model.args.vocab_size, (cfg.eval.ctx,), generator=gen)
+                   for _ in range(math.ceil(cfg.eval.tokens / (cfg.eval.ctx - 1)))]
+    else:
+        windows = token_windows(model.tokenizer, corpus_text(cfg.eval.corpus, "eval"), cfg.eval.ctx, cfg.eval.tokens)
+    cut, left = [], cfg.eval.tokens
+    for window in windows:
+        if left <= 0:
+            break
+        cut.append(window[:left + 1])
+        left -= cut[-1].shape[0] - 1
+    return cut
 
 
 def eval_rows(
@@ -109,11 +119,9 @@ def eval_rows(
         desc = f"perplexity {row['method']} {row['bits']:g}-bit {row['selection']} k={row['k_chunk']}"
         ppl, tokens = perplexity(model.args, model.weights, windows, linear, desc=desc, progress=progress)
         rows.append({**row, "ppl": ppl, "tokens": tokens})
-        if progress:
-            tqdm.write(f"  {row['method']:>9} {row['bits']:>4} {row['selection']:>6} k={row['k_chunk']:<4} ppl {ppl:.3f}")
 
     if reference:
-        add({**base, "method": "reference", "bits": 16, "selection": "none", "k_chunk": 0}, None)
+        add({**base, "method": "reference", "bits": 32, "selection": "none", "k_chunk": 0}, None)  # float32 weights
     groups = dense_groups(prepared)
     add({**base, "selection": "none", "k_chunk": 0}, decdec_linear(groups))
     for k in (k for k in k_chunks if isinstance(k, dict) or k > 0):

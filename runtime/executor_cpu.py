@@ -13,8 +13,12 @@ import time
 
 import torch
 
-from decdec.models.arch import KVCache, ModelArgs, act_mul, attend, embed, residual_add, rms_norm
+from decdec.args import ModelArgs
+from decdec.models.arch import embed
+from decdec.ops.act import act_mul
+from decdec.ops.attention import KVCache, attend
 from decdec.ops.correction import compensate
+from decdec.ops.norm import residual_add, rms_norm
 from decdec.ops.selector import bucket_bounds, select_bucket
 from decdec.runtime.evaluate import DenseGroup
 from decdec.scheduler.plan import Plan

@@ -1,42 +1,35 @@
-"""CUDA executor: the plan's decode step on the GPU, captured once as one CUDA graph (DESIGN.md §3, §6).
+"""CUDA executor: the plan's decode step on the GPU, captured once as one CUDA graph.
 
 Everything is allocated at construction; a step allocates nothing and costs one `graph.replay()`:
 
 - `DeviceModel` (built once, shared by executors): the quantized weights as `BaseGemv` objects, the
   residual tables in pinned, device-mapped host memory (`PinnedTable`, zero-copy) with their
   per-output scales on the GPU, and the other weights (embedding / lm_head fp16, norms float32).
-- `DecodeState` (the torch half of a step, on any device): one static buffer per graph tensor, the
-  step's inputs (token, position) as device tensors the graph reads, the fp16 KV cache
-  [n_layers, max_seq, n_kv, hd], RoPE tables, and one function per non-GEMV op (`TORCH_OPS`), the
-  math of `models/arch.py` rewritten only where it would read the position on the host.
-- `CUDAExecutor`: binds every plan item to a launch, warms everything up on the capture stream and
-  captures the step with `torch.cuda.graph(g, stream=main)`. `run(token, position)` writes the
-  inputs on the replay stream, replays, and returns the logits.
+- `DecodeState`: one static buffer per graph tensor, the step's inputs (token, position) as device
+  tensors the graph reads, the fp16 KV cache [n_layers, max_seq, n_kv, hd] and the RoPE tables; the
+  two torch ops of a step (`TORCH_OPS`: the embedding row, the fp16 lm_head).
+- `CUDAExecutor`: binds every plan launch to a kernel (base GEMV; the fused correction; residual
+  add + RMSNorm, attention with RoPE and the KV write, act x up from ops/), warms everything up on
+  the capture stream and captures the step with `torch.cuda.graph(g, stream=main)`.
+  `run(token, position)` writes the inputs on the replay stream, replays, and returns the logits.
 
-Per-op timing (`run(..., timings)`, what `decdec profile` reads): a second graph, the "profiled
-graph", is captured on the first timed step: the same launches with CUDA events recorded as graph
-nodes (`external=True`, cudaEventRecordExternal) at the step's start and around every plan item on
-its stream. Its replay is the real step (same kernels, same fork/join, no Python between ops) plus
-two event-record nodes per op; events recorded inside a capture without `external` would only order
-streams and could not be timed. `eager=True` launches item by item instead (as without a graph),
-with ordinary timing events: that timeline is mostly Python launch gaps.
+Streams (scheduler/plan.py): every launch but the corrections runs on the main stream. A compensated
+group's fused correction (selector -> dma -> correction -> merge) waits for its input's event on a
+high-priority side stream, so its few blocks are dispatched before the GEMV's; it adds its part into
+the base GEMV's `SplitOutput`, and whichever kernel completes a row tile last writes the fp16 output.
+The next reader of that output waits for the side launch's event, which also joins the side stream
+back before the capture ends.
 
-Streams and events (scheduler/plan.py): torch ops and base GEMVs run on the main stream. A
-compensated group's side items wait for the fork event of its input on a high-priority side stream
-(priority -1: measured on the H100, the pair slows down by ~8 % instead of 50-90 % at priority 0,
-README "Base GEMV and correction concurrently"). The graph's three side nodes, selector -> dma ->
-correction, are ONE launch of the fused `Correction` kernel (it selects, fetches over PCIe and
-corrects itself); it runs as one more part of the base GEMV's `SplitOutput`, so whichever kernel
-completes a row tile last writes the final fp16 output. The merge node is therefore a no-op on the
-GPU, but its wait on the join event stays: the next consumer on the main stream must not start
-before the correction has arrived, and every side stream must join back before the capture ends.
+Per-launch timing (`run(..., timings)`, what `decdec profile` reads): a second captured graph with
+CUDA events as graph nodes (`external=True`) at the step's start and around every launch; its
+replay is the real step plus two event nodes per launch. `eager=True` launches one by one instead,
+with ordinary events: that timeline is mostly Python launch gaps.
 
-Precision: GEMV inputs and outputs are fp16 (the kernels' contract), the KV cache is fp16, and
-everything else (the residual stream, norms, attention, softmax) is float32, because Gemma 3's
-residual stream exceeds fp16's range (max |x| 104 061 on the evaluation text, CPU reference).
+Precision: GEMV inputs and outputs and the KV cache are fp16; the residual stream is float32
+(Gemma 3's exceeds fp16's range), and the layer kernels compute in float32.
 
-Prefill replays a base-only step graph token by token (see runtime/engine.py): the same kernels, no
-dense copy of the weights; O(prompt) replays, which is fine for prompts of hundreds of tokens.
+Prefill replays a base-only step graph token by token (runtime/engine.py): the same kernels, no
+dense copy of the weights.
 """
 
 from __future__ import annotations
@@ -44,17 +37,21 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from numba import cuda
 
-from decdec.models.arch import LINEAR_KINDS, KVCache, ModelArgs, act_mul, attention, embed, residual_add, rms_norm
+from decdec.args import ModelArgs
+from decdec.constants import LINEAR_KINDS
+from decdec.models.arch import embed
+from decdec.ops.act import ActMul
+from decdec.ops.attention import AttentionScratch, DecodeAttention, KVCache, plan_attention, rope_table
 from decdec.ops.base_gemv import SIMULATED, BaseGemv
 from decdec.ops.correction import Correction
 from decdec.ops.dma import PinnedTable
+from decdec.ops.norm import AddRmsNorm
 from decdec.ops.selector import bucket_bounds
 from decdec.errors import ConfigError, DeviceError
 from decdec.graph import Node
@@ -67,49 +64,6 @@ DEVICE = "cuda"  # where DeviceModel and CUDAExecutor put their tensors
 
 # ----------------------------------------------------------------------------------------------------
 # pure helpers (any device; tested on the CPU)
-
-
-def rope_table(head_dim: int, base: float, max_seq_len: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [max_seq_len, head_dim] of `models.arch.rope`'s angles at every position, computed the
-    same way in float32 (a test checks that a lookup equals `rope`)."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
-    angles = torch.arange(max_seq_len, device=device).to(torch.float32)[:, None] * inv_freq[None, :]
-    return torch.cat([angles.cos(), angles.cos()], -1), torch.cat([angles.sin(), angles.sin()], -1)
-
-
-def rope_at(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """`models.arch.rope` with looked-up cos / sin [T, hd], on x [T, heads, hd]."""
-    hd = x.shape[-1]
-    x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
-    return x * cos[:, None, :] + torch.cat([-x2, x1], -1) * sin[:, None, :]
-
-
-def decode_attention(args: ModelArgs, weights, layer: int, qkv: torch.Tensor, position: torch.Tensor,
-                     cache: KVCache, table: tuple[torch.Tensor, torch.Tensor], k_pos: torch.Tensor) -> torch.Tensor:
-    """`models.arch.attend` for one token whose position is a device tensor: fixed shapes, no host sync.
-
-    qkv [1, q + 2 kv] float32, position int64 [1], table = rope_table(...), k_pos = arange(max_seq).
-    K and V are written into the cache at `position` (index_copy_), and attention reads the whole
-    cache: `arch.attention_mask` hides the positions after `position` (and, on Gemma's sliding
-    layers, those before its window). `arch.attend` itself slices the cache up to `int(position)`,
-    which would read the position on the host, so its first half is repeated here.
-    """
-    p = f"layers.{layer}."
-    if args.qkv_bias:
-        qkv = qkv + weights[p + "qkv_bias"]
-    q, k, v = qkv.split([args.q_dim, args.kv_dim, args.kv_dim], dim=-1)
-    q = q.reshape(1, args.n_heads, args.head_dim)
-    k = k.reshape(1, args.n_kv_heads, args.head_dim)
-    v = v.reshape(1, args.n_kv_heads, args.head_dim)
-    if args.is_gemma:
-        q = rms_norm(q, weights[p + "q_norm"], args.norm_eps)
-        k = rms_norm(k, weights[p + "k_norm"], args.norm_eps)
-    cos, sin = (t.index_select(0, position) for t in table)  # [1, hd]
-    q, k = rope_at(q, cos, sin), rope_at(k, cos, sin)
-    cache.k[layer].index_copy_(0, position, k.to(cache.k.dtype))
-    cache.v[layer].index_copy_(0, position, v.to(cache.v.dtype))
-    keys, values = cache.k[layer].float(), cache.v[layer].float()  # [max_seq, KV, hd]
-    return attention(args, layer, q, keys, values, position, k_pos)
 
 
 def device_weights(weights: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
@@ -179,8 +133,8 @@ class DecodeState:
     """Static buffers, step inputs, KV cache and RoPE tables of one plan on one device.
 
     `buf[name]` is a 1-D tensor per graph tensor (see `buffer_specs`); `token` and `position` are
-    int64 [1] device tensors that the ops read, so the same launches serve every step. The torch ops
-    (`TORCH_OPS`) compute in float32 and copy their result into their output buffer.
+    int64 [1] device tensors that the launches read, so the same launches serve every step. `rope`:
+    (cos, sin) float32 [max_seq, head_dim / 2] per RoPE base of the model's layers.
     """
 
     def __init__(self, args: ModelArgs, weights: dict[str, torch.Tensor], nodes: list[Node], max_seq_len: int,
@@ -193,48 +147,25 @@ class DecodeState:
         for name, target in aliases.items():
             self.buf[name] = self.buf[target]
         self.cache = cache if cache is not None else KVCache.allocate(args, max_seq_len, device, torch.float16)
-        bases = {args.rope_local_base if args.is_sliding(i) else args.rope_base for i in range(args.n_layers)}
-        self.rope = {base: rope_table(args.head_dim, base, max_seq_len, device) for base in bases}
-        self.k_pos = torch.arange(max_seq_len, device=device)
+        self.rope = {base: tuple(t.to(device) for t in rope_table(args.head_dim, base, max_seq_len))
+                     for base in {rope_base(args, i) for i in range(args.n_layers)}}
 
-    def read(self, name: str) -> torch.Tensor:
-        """A buffer as a float32 row [1, width]."""
-        return self.buf[name].float()[None]
 
-    def write(self, node: Node, value: torch.Tensor) -> None:
-        self.buf[node.outputs[0]].copy_(value.reshape(-1))
+def rope_base(args: ModelArgs, layer: int) -> float:
+    return args.rope_local_base if args.is_sliding(layer) else args.rope_base
 
 
 def _embed(st: DecodeState, node: Node) -> None:
-    st.write(node, embed(st.args, st.weights, st.token).float())  # Gemma's sqrt(dim) in fp16, as HF does
-
-
-def _rms_norm(st: DecodeState, node: Node) -> None:
-    st.write(node, rms_norm(st.read(node.inputs[0]), st.weights[node.attr("weight")], st.args.norm_eps))
-
-
-def _attention(st: DecodeState, node: Node) -> None:
-    args, layer = st.args, node.layer
-    table = st.rope[args.rope_local_base if args.is_sliding(layer) else args.rope_base]
-    st.write(node, decode_attention(args, st.weights, layer, st.read(node.inputs[0]), st.position, st.cache,
-                                    table, st.k_pos))
-
-
-def _act_mul(st: DecodeState, node: Node) -> None:
-    st.write(node, act_mul(st.args, st.read(node.inputs[0])))
-
-
-def _residual_add(st: DecodeState, node: Node) -> None:
-    x, branch = (st.read(name) for name in node.inputs)
-    st.write(node, residual_add(st.args, st.weights, x, branch, node.attr("post_norm")))
+    out = st.buf[node.outputs[0]]
+    out.copy_(embed(st.args, st.weights, st.token).reshape(-1))  # Gemma's sqrt(dim) in fp16, as HF does
 
 
 def _lm_head(st: DecodeState, node: Node) -> None:
-    st.write(node, F.linear(st.buf[node.inputs[0]][None], st.weights["lm_head"]))  # fp16 in, fp32 accumulate
+    out = st.buf[node.outputs[0]]
+    out.copy_(F.linear(st.buf[node.inputs[0]][None], st.weights["lm_head"]).reshape(-1))  # fp16 in, fp32 accumulate
 
 
-TORCH_OPS = {"embed": _embed, "rms_norm": _rms_norm, "attention": _attention, "act_mul": _act_mul,
-             "residual_add": _residual_add, "lm_head": _lm_head}
+TORCH_OPS = {"embed": _embed, "lm_head": _lm_head}  # the rest of the step: our kernels (see CUDAExecutor._bind)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -246,30 +177,11 @@ class DeviceGroup:
     """One linear group on the GPU: the quantized GEMV and, for DecDEC, its residual table."""
 
     shape: tuple[int, int]  # (out, in)
-    gemv: BaseGemv | None  # None: `matvec` is used instead
+    gemv: BaseGemv
     tensors: tuple  # the torch tensors the kernels read through Numba views (kept alive here)
     table: PinnedTable | None = None  # residual rows [in, stride], pinned and mapped (zero-copy)
     rscale: object = None  # Numba fp16 [out] view of the residual scales, on the GPU
     thresholds: np.ndarray | None = None  # float32 [in], the calibrated profile (bucket bounds per k_chunk)
-    matvec: Callable | None = None  # matvec(x, out): a torch GEMV instead of ours (bench/'s baselines)
-
-
-def fp16_matvec(weight: torch.Tensor) -> Callable:
-    """matvec(x, out) = torch's fp16 GEMV of `weight` ([out, in], put on the GPU as fp16): the fp16
-    reference of bench/gpu_engine.py."""
-    w = weight.to(DEVICE, torch.float16).contiguous()
-    return lambda x, out: torch.mv(w, x, out=out)
-
-
-def torch_int4_matvec(codes: torch.Tensor, scales_zeros: torch.Tensor, group_size: int = 128) -> Callable:
-    """matvec(x, out) through torch's int4 kernel (`_weight_int4pack_mm`, bf16 activations): codes
-    uint8 [out, in / 2] (two per byte, as `torch._convert_weight_to_int4pack` takes them),
-    scales_zeros bf16 [in / group_size, out, 2]. The torch int4 path of bench/gpu_engine.py; its fp16
-    to bf16 casts and the copy out are part of what that path costs."""
-    packed = torch._convert_weight_to_int4pack(codes.to(DEVICE), 8)
-    sz = scales_zeros.to(DEVICE, torch.bfloat16).contiguous()
-    return lambda x, out: out.copy_(torch._weight_int4pack_mm(x.view(1, -1).to(torch.bfloat16), packed,
-                                                              group_size, sz).view(-1))
 
 
 def quantized_group(qweight, scales, zeros, act_scale, bits: int, group_size: int = 128, *, rows=None,
@@ -279,8 +191,7 @@ def quantized_group(qweight, scales, zeros, act_scale, bits: int, group_size: in
     tensors = tuple(t.to(DEVICE).contiguous() for t in (qweight, scales, zeros))
     tensors += (act_scale.to(DEVICE, torch.float32).contiguous(),)
     gemv = BaseGemv(*tensors, bits, group_size)
-    if gemv.plan.mma:  # the tensor-core kernel reads its own copy of the weights (`mma_layout`)
-        tensors = tensors[1:]
+    tensors = tensors[1:]  # the kernel reads its own tiled copy of qweight (`mma_layout`), not qweight
     shape = (gemv.plan.out_features, gemv.plan.in_features)
     if rows is None:
         return DeviceGroup(shape, gemv, tensors)
@@ -315,6 +226,11 @@ class DeviceModel:
         for g in self.groups.values():
             if g.table is not None:
                 g.table.close()
+
+
+def _view(t: torch.Tensor):
+    """A Numba view of a device tensor (no copy, no synchronisation): made once, outside any capture."""
+    return cuda.as_cuda_array(t, sync=False)
 
 
 def require_cuda() -> None:
@@ -371,9 +287,10 @@ class CUDAExecutor:
         self.streams = (torch.cuda.Stream(), torch.cuda.Stream(priority=-1))
         self.numba_streams = tuple(cuda.external_stream(s.cuda_stream) for s in self.streams)
         self.events = {name: torch.cuda.Event() for launch in plan.launches for name in launch.records}
-        # Numba views of the fp16 buffers, made once: a conversion inside the capture could synchronize
-        self.views = {name: cuda.as_cuda_array(t, sync=False) for name, t in self.state.buf.items()
-                      if t.dtype == torch.float16}
+        # Numba views of the buffers, made once: a conversion inside the capture could synchronize
+        self.views = {name: _view(t) for name, t in self.state.buf.items()}
+        self.attention_plan = plan_attention(model.args)
+        self.attention_scratch = AttentionScratch.allocate(self.attention_plan)  # shared: layers run in turn
         self.base_out = {(n.layer, n.attr("group")): n.outputs[0] for n in nodes if n.op == "base_gemv"}
         self.corrections: dict = {}
         self.splits: dict = {}  # the compensated groups' split outputs: the correction is their last part
@@ -398,7 +315,7 @@ class CUDAExecutor:
     def _prepare_correction(self, node: Node, n_tb: int | None) -> None:
         key = (node.layer, node.attr("group"))
         g = self.model.groups[key]
-        if g.table is None or g.gemv is None:
+        if g.table is None:
             raise ConfigError(f"{node.name}: group {key} has no residual table (model built without residuals)")
         k_chunk = node.attr("k_chunk")
         tb = node.attr("n_tb") or n_tb or default_n_tb(*g.shape)
@@ -418,18 +335,37 @@ class CUDAExecutor:
             return lambda: corr(x_n, act, out=out_n, merge=split, stream=stream)
         if node.op == "base_gemv":
             g, x, out = self.model.groups[key], node.inputs[0], node.outputs[0]
-            if g.gemv is None:  # a torch baseline (fp16 torch.mv, torch's int4 kernel)
-                matvec, xb, ob = g.matvec, self.state.buf[x], self.state.buf[out]
-                return lambda: matvec(xb, ob)
             gemv, x_n, out_n = g.gemv, self.views[x], self.views[out]
             stream, merge = self.numba_streams[MAIN], self.splits.get(key)
             return lambda: gemv(x_n, out_n, stream, merge=merge)
-        missing = [n.op for n in launch.nodes if n.op not in TORCH_OPS]
-        if missing:
-            raise ValueError(f"the CUDA executor has no launch for op(s) {missing}")
-        # torch ops launch on the current stream, the main one; a fused pair runs as its two ops in turn
-        calls = [functools.partial(TORCH_OPS[n.op], self.state, n) for n in launch.nodes]
-        return lambda: [call() for call in calls]
+        if launch.op in TORCH_OPS:  # torch launches on its current stream: the main one
+            return functools.partial(TORCH_OPS[launch.op], self.state, node)
+        stream = self.numba_streams[MAIN]
+        kernel = self._layer_kernel(launch)
+        return lambda: kernel(stream)
+
+    def _layer_kernel(self, launch: Launch):
+        """The kernel of a launch between the GEMVs: the fused norm (after a residual add, or alone),
+        attention, or act x up; its arguments are views made here, once."""
+        args, w, v, node = self.model.args, self.model.weights, self.views, launch.nodes[-1]
+        if launch.op in ("rms_norm", "residual_add+rms_norm"):
+            add = launch.nodes[0] if len(launch.nodes) == 2 else None
+            post = add.attr("post_norm") if add else None
+            return AddRmsNorm(args, _view(w[node.attr("weight")]), v[launch.nodes[0].inputs[0]], v[node.outputs[0]],
+                              branch=v[add.inputs[1]] if add else None, x_out=v[add.outputs[0]] if add else None,
+                              post_weight=_view(w[post]) if post else None)
+        if launch.op == "attention":
+            p, st = f"layers.{node.layer}.", self.state
+            k, vc = _view(st.cache.k), _view(st.cache.v)
+            rope = tuple(_view(t) for t in st.rope[rope_base(args, node.layer)])
+            return DecodeAttention(args, node.layer, self.attention_plan, self.attention_scratch, v[node.inputs[0]],
+                                   _view(st.position), k, vc, v[node.outputs[0]], rope,
+                                   **{name: _view(w[p + key]) for name, key in
+                                      (("bias", "qkv_bias"), ("q_norm", "q_norm"), ("k_norm", "k_norm"))
+                                      if p + key in w})
+        if launch.op == "act_mul":
+            return ActMul(args, v[node.inputs[0]], v[node.outputs[0]])
+        raise ValueError(f"the CUDA executor has no launch for {launch.op}")
 
     def _capture(self, timing: StepEvents | None = None) -> torch.cuda.CUDAGraph:
         """The step captured on the main stream (with `timing`: its events become nodes of the graph)."""
@@ -474,7 +410,7 @@ class CUDAExecutor:
             self.profiled = self._capture_profiled()  # before the inputs are written: capture synchronizes
         main = self.streams[MAIN]
         with torch.cuda.stream(main):
-            # the graph's inputs, written on the replay stream before the replay (DESIGN.md §6's race)
+            # the graph's inputs, written on the replay stream before the replay (a copy on another stream races it)
             self.state.token.fill_(token)
             self.state.position.fill_(position)
             host_start = time.perf_counter()

@@ -4,7 +4,11 @@ The profiled step's total is its span, from the first op's start to the last op'
 plan streams (not the sum of its ops: on the GPU side-stream ops overlap the main stream's).
 
 On the CPU each op is timed with the host clock around its reference call; ops of both streams run
-one after another there, so the span is the sum of the ops plus the timer's own cost.
+one after another there, so the span is the sum of the ops plus the timer's own cost (well under 1 %),
+and the shares of the summary, taken of the mean span, add up to about 100 %. Each step total is
+printed with its spread over the steps: on busy cores they vary several-fold from step to step, so
+the profiled and the plain step, timed one after the other, can differ that much too (the CLI makes
+torch's OpenMP threads sleep rather than spin while they wait, which removes most of that).
 
 On the GPU (runtime/executor_cuda.py) the profiled steps are replays of the "profiled graph": the
 captured step with CUDA timing events as nodes of the graph (one at the step's start, two around
@@ -34,6 +38,10 @@ def step_span(step: list[tuple]) -> float:
 
 def _median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
+
+
+def _stats_ms(values: list[float]) -> str:
+    return f"{_median(values) * 1e3:.2f} ms (median; {min(values) * 1e3:.2f} .. {max(values) * 1e3:.2f} over {len(values)} steps)"
 
 
 def _timed_steps(engine, token: int, steps: int, **run_args) -> list[list[tuple]]:
@@ -71,14 +79,14 @@ def _timeline(step: list[tuple], index: int) -> list[str]:
 
 
 def _summary(all_steps: list[list[tuple]], span: float) -> list[str]:
-    """Per op type: count, mean summed duration per step, and its share of the step's span."""
+    """Per op type: count, mean summed duration per step, and its share of the step's mean span."""
     by_op: dict[str, list[float]] = {}
     for step in all_steps:
         for item, start, end in step:
             by_op.setdefault(item.op, []).append(end - start)
     n = len(all_steps)
-    lines = [f"summary by op type (mean per step over {n} steps; share of the profiled step's span: side-stream "
-             "ops overlapping the main stream's, on the GPU, make shares add up to more than 100 %)",
+    lines = [f"summary by op type (mean per step over {n} steps; share of the profiled step's mean span: "
+             "side-stream ops overlapping the main stream's, on the GPU, make shares add up to more than 100 %)",
              f"{'op':<40} {'count':>6} {'total µs':>10} {'share':>7}"]
     for op, times in sorted(by_op.items(), key=lambda kv: -sum(kv[1])):
         per_step = sum(times) / n
@@ -97,18 +105,16 @@ def profile_steps(engine, steps: int, trace_path: str | None = None, eager: bool
     eager_steps = _timed_steps(engine, token, steps, eager=True) if eager and captured else None
     plain = _plain_steps(engine, token, steps)
 
-    span = _median([step_span(s) for s in all_steps])
+    spans = [step_span(s) for s in all_steps]
     how = ("timing events inside the graph replay: the real step plus 2 event nodes per op" if captured
            else "ops run one after another, each timed on its own")
-    lines = _timeline(all_steps[-1], steps) + [""] + _summary(all_steps, span) + [""]
-    lines.append(f"profiled step: {span * 1e3:.2f} ms (first op's start to last op's end, median over "
-                 f"{steps} steps; {how})")
-    lines.append(f"plain step: {_median(plain) * 1e3:.2f} ms (median wall time of engine.step, no per-op timing"
-                 + ("; one replay of the captured graph)" if captured else ")"))
+    lines = _timeline(all_steps[-1], steps) + [""] + _summary(all_steps, sum(spans) / len(spans)) + [""]
+    lines.append(f"profiled step: {_stats_ms(spans)}, first op's start to last op's end; {how}")
+    lines.append(f"plain step: {_stats_ms(plain)}, wall time of engine.step, no per-op timing"
+                 + ("; one replay of the captured graph" if captured else ""))
     if eager_steps is not None:
-        eager_span = _median([step_span(s) for s in eager_steps])
-        lines.append(f"eager step: {eager_span * 1e3:.2f} ms (ops launched one by one from Python with timing "
-                     "events, first op's start to last op's end: mostly launch gaps)")
+        lines.append(f"eager step: {_stats_ms([step_span(s) for s in eager_steps])}, ops launched one by one from "
+                     "Python with timing events, first op's start to last op's end: mostly launch gaps")
     elif eager:
         lines.append("eager step: not timed (only a captured GPU step has a separate launch-by-launch path)")
     if trace_path:

@@ -14,11 +14,11 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from decdec.config import cache_root
 from decdec.errors import ConfigError
 from decdec.scheduler.latency import MeasuredModel
 
 FORMAT = 1  # bumped when the JSON layout changes; an older file is refused with a clear error
-PROFILE_DIR = Path("artifacts") / "device-profiles"
 
 
 @dataclass
@@ -83,5 +83,6 @@ def slug(name: str) -> str:
 
 
 def default_path(device: str) -> Path:
-    """Where `decdec tune` saves, and `runtime.compile` looks for, the profile of `device`."""
-    return PROFILE_DIR / f"{slug(device)}.json"
+    """Where `decdec tune` saves, and `runtime.compile` looks for, the profile of `device`: in the same
+    per-user cache as the artifacts (`decdec.config.cache_root`)."""
+    return cache_root() / "device-profiles" / f"{slug(device)}.json"

@@ -1,6 +1,16 @@
-"""Shared test set-up: tests marked `gpu` skip cleanly on a machine without a CUDA device."""
+"""Shared test set-up.
 
-import pytest
+Numba's CUDA simulator is switched on here, before any test module imports numba.cuda (the models
+import the ops, whose kernels import it), unless DECDEC_GPU_TESTS=1 asks for the real GPU. Tests
+marked `gpu` skip cleanly on a machine without a CUDA device.
+"""
+
+import os
+
+if os.environ.get("DECDEC_GPU_TESTS") != "1":
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+
+import pytest  # noqa: E402
 
 
 def _has_cuda() -> bool:

@@ -72,15 +72,20 @@ def test_off_domain_eval_windows():
     model = load_model("smollm2-135m")
     cfg = load_config({"model": {"source": "smollm2-135m"}, "eval": {"corpus": "pysource", "tokens": 300, "ctx": 128}})
     windows = eval_windows(Prepared(model, {}, [], cfg, Path(".")))
-    assert [w.shape[0] for w in windows] == [128, 128, 128]
+    assert len(windows) >= 2 and windows[0].shape[0] == 128
     assert '"""Bisection algorithms."""' in model.tokenizer.decode(windows[0].tolist())
 
 
 def test_robust_artifacts_depend_on_k_chunk():
-    dirs = {load_config({"quant": {"method": "robust"}, "decdec": {"k_chunk": k}}).artifact_dir() for k in (8, 32)}
-    assert len(dirs) == 2
-    off = load_config({"quant": {"method": "robust"}, "decdec": {"selection": "none"}})
-    assert off.quant_k_chunk() == 0 and str(off.artifact_dir()).endswith("robust3-k0-cal2048x512")
+    from types import SimpleNamespace
+
+    from decdec.models.prepare import artifact_key
+
+    model = SimpleNamespace(sha256="0" * 64)
+    keys = [artifact_key(model, load_config({"quant": {"method": "robust"}, "decdec": {"k_chunk": k}})) for k in (8, 32)]
+    assert keys[0] != keys[1]
+    off = load_config({"quant": {"method": "robust"}, "decdec": {"k_chunk": 32, "selection": "none"}})
+    assert off.quant_k_chunk() == 0
 
 
 def test_prepare_robust_keys_artifacts_by_k_chunk(tmp_path):

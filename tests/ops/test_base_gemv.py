@@ -90,14 +90,15 @@ def test_packing_agrees_with_models_quantize(bits):
 @pytest.mark.parametrize("bits", [3, 4])
 def test_plan_covers_k_in_whole_steps_within_the_staging(bits):
     for out_features, in_features in [(4096, 4096), (28672, 4096), (4096, 14336), (640, 1024), (576, 1536), (64, 576)]:
-        for rows_per_warp, pipeline in [(8, False), (4, False), (8, True)]:
-            p = bg.plan_gemv(out_features, in_features, bits, rows_per_warp=rows_per_warp, pipeline=pipeline, mma=False)
-            assert p.units_per_kblock % 32 == 0 and p.units_per_kblock * p.unit <= bg.STAGE_INPUTS
-            assert (p.k_blocks - 1) * p.units_per_kblock < in_features // p.unit <= p.k_blocks * p.units_per_kblock
-        p = bg.plan_gemv(out_features, in_features, bits)  # tensor cores: whole groups, a partial last one too
-        assert p.mma and p.units_per_kblock * p.unit <= bg.STAGE_INPUTS
+        n_groups = -(-in_features // 128)  # whole groups, a partial last one too
+        for rows_per_warp in (16, 32):
+            p = bg.plan_gemv(out_features, in_features, bits, rows_per_warp=rows_per_warp, k_warps=1)
+            assert p.groups_per_kblock * bg.MMA_GROUP <= bg.STAGE_INPUTS and p.tile_rows == 8 * rows_per_warp
+            assert (p.k_blocks - 1) * p.groups_per_kblock < n_groups <= p.k_blocks * p.groups_per_kblock
+        p = bg.plan_gemv(out_features, in_features, bits)
+        assert p.groups_per_kblock * bg.MMA_GROUP <= bg.STAGE_INPUTS
         assert p.tile_rows == p.rows_per_warp * 8 // p.k_warps and p.tile_rows in (16, 32, 128, 256)
-        assert (p.k_blocks - 1) * p.units_per_kblock < -(-in_features // 128) <= p.k_blocks * p.units_per_kblock
+        assert (p.k_blocks - 1) * p.groups_per_kblock < n_groups <= p.k_blocks * p.groups_per_kblock
     # short shapes: 8 warps split K inside a block of 16 rows, one K block; large ones: K blocks instead
     p = bg.plan_gemv(4096, 4096, bits)
     assert (p.k_warps, p.k_blocks, p.tile_rows, p.early_load) == (8, 1, 32, True)  # 128 blocks of 32 rows
@@ -107,9 +108,12 @@ def test_plan_covers_k_in_whole_steps_within_the_staging(bits):
         bg.plan_gemv(64, 256, bits, k_warps=3)
     with pytest.raises(ValueError):
         bg.plan_gemv(64, 100, bits)
-    with pytest.raises(ValueError, match="tensor-core"):
-        bg.plan_gemv(64, 256, bits, group_size=64, mma=True)
-    assert not bg.plan_gemv(64, 256, bits, group_size=64).mma  # other group sizes: the CUDA-core kernel
+    with pytest.raises(ValueError, match="rows_per_warp"):
+        bg.plan_gemv(64, 256, bits, rows_per_warp=8, k_warps=1)
+    with pytest.raises(ValueError, match="groups of 128"):  # the only group size the config allows
+        bg.plan_gemv(64, 256, bits, group_size=64)
+    with pytest.raises(ValueError, match="groups of 128"):
+        bg.BaseGemv(None, None, None, None, bits, group_size=64)
 
 
 @pytest.mark.parametrize("bits", [3, 4])
@@ -150,55 +154,17 @@ def test_mma_layout_is_the_documented_order(bits, monkeypatch):
 # kernel (simulator, tiny shapes)
 
 
-def run_kernel(rng, bits, out_features, in_features, k_blocks=None, rows_per_warp=None,
-               pipeline=True, x=None, **plan_args):
+def run_kernel(rng, bits, out_features, in_features, k_blocks=None, rows_per_warp=None, x=None, **plan_args):
     _, q, scales, zeros, act = random_linear(rng, bits, out_features, in_features)
     x = rng.standard_normal(in_features).astype(np.float16) if x is None else x
     ref = bg.base_gemv_reference(torch.from_numpy(x.astype(np.float32)),
                                  *map(torch.from_numpy, (q, scales, zeros, act)), bits).numpy()
-    plan = bg.plan_gemv(out_features, in_features, bits, rows_per_warp=rows_per_warp, k_blocks=k_blocks,
-                        pipeline=pipeline, **plan_args)
+    plan = bg.plan_gemv(out_features, in_features, bits, rows_per_warp=rows_per_warp, k_blocks=k_blocks, **plan_args)
     gemv = bg.BaseGemv(*(cuda.to_device(a) for a in (q, scales, zeros, act)), bits, plan=plan)
     out = cuda.to_device(np.full(out_features, np.nan, np.float16))  # poison: every row must be written
     xd = cuda.to_device(x)
     gemv(xd, out)
     return out.copy_to_host().astype(np.float32), ref, gemv, xd, out
-
-
-@kernels
-@pytest.mark.parametrize("bits, out_features, in_features, k_blocks, pipeline", [
-    (4, 72, 640, 2, False),  # partial row tile; K split in 2: merge through counters
-    (3, 40, 576, 1, False),  # partial tile and a partial last group; direct fp16 write
-    (4, 32, 1088, 1, True),  # pipelined: 68 units, three steps, a partial last one
-    (3, 24, 1088, 2, True),  # 3-bit K split (34 units over 2 blocks), pipelined
-])
-def test_kernel_matches_reference(bits, out_features, in_features, k_blocks, pipeline):
-    rng = np.random.default_rng(100 * bits + out_features)
-    got, ref, *_ = run_kernel(rng, bits, out_features, in_features, k_blocks, pipeline=pipeline, mma=False)
-    assert_close_fp16(got, ref)
-
-
-@kernels
-@pytest.mark.parametrize("bits, out_features, k_blocks, pipeline, paired", [
-    (4, 200, 1, True, True),  # 4 tiles over 2 blocks (one SM): 2 tiles each, the last one partial
-    (4, 200, 2, False, False),  # the same with K split, unpaired 4-bit decode, no prefetch
-    (3, 136, 2, True, False),  # 3-bit, 3 tiles over 1 block per K block, pipelined across tiles
-])
-def test_blocks_that_stream_several_tiles_match_reference(bits, out_features, k_blocks, pipeline, paired):
-    rng = np.random.default_rng(300 + out_features + k_blocks)
-    got, ref, gemv, *_ = run_kernel(rng, bits, out_features, 1088, k_blocks, pipeline=pipeline, paired=paired,
-                                    n_sm=1, mma=False)  # one SM: few block slots, so each block takes several tiles
-    assert gemv.plan.tiles_per_block > 1
-    assert_close_fp16(got, ref)
-
-
-@kernels
-def test_kernel_four_rows_per_warp_and_repeat_is_bitwise_equal():
-    rng = np.random.default_rng(7)
-    got, ref, gemv, xd, out = run_kernel(rng, 4, 32, 640, k_blocks=2, rows_per_warp=4, pipeline=False, mma=False)
-    assert_close_fp16(got, ref)
-    gemv(xd, out)  # the counters were reset by the first launch; parts sum in a fixed order
-    assert (out.copy_to_host().astype(np.float32) == got).all()
 
 
 @kernels
@@ -215,7 +181,7 @@ def test_tensor_core_kernel_matches_reference(bits, out_features, in_features, r
     rng = np.random.default_rng(500 + out_features + in_features + bits)
     got, ref, gemv, xd, out = run_kernel(rng, bits, out_features, in_features, k_blocks, rows_per_warp=rows_per_warp,
                                          n_sm=n_sm, k_warps=1)
-    assert gemv.plan.mma and gemv.plan.tiles_per_block == tiles_per_block
+    assert gemv.plan.tiles_per_block == tiles_per_block
     assert_close_fp16(got, ref)
 
 
@@ -233,8 +199,7 @@ def test_tensor_core_kernel_with_k_warps_matches_reference(bits, out_features, i
     got, ref, gemv, xd, out = run_kernel(rng, bits, out_features, in_features, k_blocks, rows_per_warp=rows_per_warp,
                                          n_sm=n_sm, k_warps=k_warps)
     p = gemv.plan
-    assert (p.mma, p.k_warps, p.tile_rows, p.tiles_per_block) == (True, k_warps, 128 * rows_per_warp // 16 // k_warps,
-                                                                  tiles_per_block)
+    assert (p.k_warps, p.tile_rows, p.tiles_per_block) == (k_warps, 128 * rows_per_warp // 16 // k_warps, tiles_per_block)
     assert_close_fp16(got, ref)
     gemv(xd, out)  # counters reset by the first launch; the parts and the K warps sum in a fixed order
     assert (out.copy_to_host().astype(np.float32) == got).all()
@@ -247,8 +212,7 @@ def test_tensor_core_kernel_scales_wide_ranges_without_overflow():
     rng = np.random.default_rng(9)
     x = (rng.standard_normal(256) * 1e-3).astype(np.float16)
     x[17] = 6e4
-    got, ref, gemv, *_ = run_kernel(rng, 4, 24, 256, 1, rows_per_warp=16, x=x)
-    assert gemv.plan.mma
+    got, ref, *_ = run_kernel(rng, 4, 24, 256, 1, rows_per_warp=16, x=x)
     assert_close_fp16(got, ref)
     x[17] = 0  # and only tiny inputs: scaled up, not lost to fp16 subnormals
     got, ref, *_ = run_kernel(np.random.default_rng(9), 4, 24, 256, 1, rows_per_warp=16, x=x)
@@ -261,17 +225,16 @@ def test_tensor_core_kernel_scales_wide_ranges_without_overflow():
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("bits, mma", [(3, False), (3, True), (4, False), (4, True)])
+@pytest.mark.parametrize("bits", [3, 4])
 @pytest.mark.parametrize("out_features, in_features", [(4096, 4096), (14336, 4096), (4096, 14336), (640, 1024),
                                                        (1536, 576)])
-def test_kernel_matches_reference_on_gpu(bits, mma, out_features, in_features):
+def test_kernel_matches_reference_on_gpu(bits, out_features, in_features):
     rng = np.random.default_rng(out_features + in_features + bits)
     codes, q, scales, zeros, act = random_linear(rng, bits, out_features, in_features)
     x = rng.standard_normal(in_features).astype(np.float16)
     w = bg.dequantize(*map(torch.from_numpy, (q, scales, zeros)), bits, in_features).cuda()
     ref = (w.double() @ (torch.from_numpy(x).cuda().double() * torch.from_numpy(act).cuda().double())).cpu().numpy()
-    plan = bg.plan_gemv(out_features, in_features, bits, mma=mma,
-                        n_sm=cuda.get_current_device().MULTIPROCESSOR_COUNT)
+    plan = bg.plan_gemv(out_features, in_features, bits, n_sm=cuda.get_current_device().MULTIPROCESSOR_COUNT)
     gemv = bg.BaseGemv(*(cuda.to_device(a) for a in (q, scales, zeros, act)), bits, plan=plan)
     out = cuda.to_device(np.full(out_features, np.nan, np.float16))
     gemv(cuda.to_device(x), out)

@@ -88,25 +88,6 @@ def test_standalone_kernel_matches_reference(width, out_features, k_chunk, n_tb)
 
 
 @kernels
-def test_stamped_build_matches_and_times_its_phases():
-    """The stamped build (bench/correction_floor.py) computes the same output and fills its stamps."""
-    rng = np.random.default_rng(5)
-    width, out_features, k_chunk, n_tb = 640, 96, 37, 2
-    x, act, bounds, rows, rscale, base = case(rng, width, out_features, k_chunk)
-    xs = torch.from_numpy(x.astype(np.float32)) * torch.from_numpy(act)
-    want = co.correction_reference(xs, torch.from_numpy(base), rows, rscale, bounds, k_chunk).numpy()
-    corr = co.Correction(cuda.to_device(dma.pad_rows(rows)), cuda.to_device(rscale), bounds, k_chunk, n_tb=n_tb)
-    out = cuda.to_device(np.full(out_features, np.nan, np.float16))
-    stamps = cuda.to_device(np.zeros(co.STAMPS * corr.plan.blocks, np.uint64))
-    corr(cuda.to_device(x), cuda.to_device(act), base_out=cuda.to_device(base), out=out, stamps=stamps)
-    assert_close_fp16(out.copy_to_host().astype(np.float32), want)
-    st = stamps.copy_to_host().reshape(corr.plan.blocks, co.STAMPS).astype(np.int64)
-    assert (st[:, 5] > st[:, 0]).all() and (st[:, 1] > 0).all() and (st[:, 2] > 0).all()
-    with pytest.raises(ValueError, match="stamps holds"):
-        corr(cuda.to_device(x), cuda.to_device(act), base_out=cuda.to_device(base), out=out, stamps=stamps[:8])
-
-
-@kernels
 @pytest.mark.parametrize("bits, k_blocks, k_warps, order, out_features", [
     (4, 2, 1, ("correction", "base"), 40),  # two steps: either kernel merges; the second reuses reset counters
     (3, None, 1, ("base",), 40),

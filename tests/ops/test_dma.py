@@ -1,5 +1,5 @@
-"""DMA: row layout and the reference on the CPU, the zero-copy gather kernel in the simulator, and
-pinned, device-mapped host memory plus the memcpy path on a real GPU (DECDEC_GPU_TESTS=1)."""
+"""DMA: row layout on the CPU, and pinned, device-mapped host memory on a real GPU (DECDEC_GPU_TESTS=1);
+the stand-alone gather and memcpy paths of bench/op_kernels.py, the gather also in the simulator."""
 
 from tests.ops.cudasim import GPU_RUN, ON_GPU, SIMULATED, cuda, gpu, kernels  # noqa: F401 - first: the simulator
 
@@ -7,6 +7,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from bench import op_kernels  # noqa: E402
 from decdec.ops import dma  # noqa: E402
 from decdec.errors import DeviceError  # noqa: E402
 
@@ -34,7 +35,7 @@ def test_fetch_rows_reference_is_row_gather():
     rng = np.random.default_rng(1)
     table = random_table(rng, 10, 64)
     idx = [7, 0, 7, 3]
-    got = dma.fetch_rows_reference(table, idx)
+    got = op_kernels.fetch_rows_reference(table, idx)
     assert got.shape == (4, 32)
     for r, i in enumerate(idx):
         assert (got[r] == table[i]).all()
@@ -56,7 +57,7 @@ def test_stream_handle_accepts_the_usual_stream_objects():
     class TorchLike:
         cuda_stream = 99
 
-    assert [dma.stream_handle(s) for s in (None, 0, 5, NumbaLike(), TorchLike())] == [0, 0, 5, 1234, 99]
+    assert [op_kernels.stream_handle(s) for s in (None, 0, 5, NumbaLike(), TorchLike())] == [0, 0, 5, 1234, 99]
 
 
 @kernels
@@ -67,8 +68,8 @@ def test_fetch_kernel_matches_reference(out_features, idx, as_words):
     table = dma.pad_rows(random_table(rng, 20, out_features))
     out = cuda.to_device(np.full((len(idx), table.shape[1]), 0xEE, np.uint8))  # poison
     table_d = cuda.to_device(table.view(np.uint32) if as_words else table)  # any dtype: rows are bytes
-    dma.fetch_rows_cuda(table_d, cuda.to_device(np.array(idx, np.int32)), out=out)
-    assert (out.copy_to_host() == dma.fetch_rows_reference(table, idx)).all()
+    op_kernels.fetch_rows_cuda(table_d, cuda.to_device(np.array(idx, np.int32)), out=out)
+    assert (out.copy_to_host() == op_kernels.fetch_rows_reference(table, idx)).all()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -81,21 +82,21 @@ def test_pinned_table_zero_copy_and_memcpy_paths():
     rng = np.random.default_rng(2)
     table = random_table(rng, 4096, 14336)
     idx = rng.choice(4096, 64, replace=False).astype(np.int32)
-    want = dma.fetch_rows_reference(dma.pad_rows(table), idx)
+    want = op_kernels.fetch_rows_reference(dma.pad_rows(table), idx)
     with dma.PinnedTable.from_array(table) as pinned:
         assert pinned.stride % dma.ROW_ALIGN == 0 and (pinned.host[:, : table.shape[1]] == table).all()
         out = cuda.to_device(np.full(want.shape, 0xEE, np.uint8))
-        dma.fetch_rows_cuda(pinned.device_array(), cuda.to_device(idx), out=out)
+        op_kernels.fetch_rows_cuda(pinned.device_array(), cuda.to_device(idx), out=out)
         cuda.synchronize()
         assert (out.copy_to_host() == want).all()
         pinned.host[idx[0], 0] ^= 0xFF  # zero-copy: the kernel sees the host's current bytes
-        dma.fetch_rows_cuda(pinned.device_array(np.uint32), cuda.to_device(idx), out=out)
+        op_kernels.fetch_rows_cuda(pinned.device_array(np.uint32), cuda.to_device(idx), out=out)
         cuda.synchronize()
         assert out.copy_to_host()[0, 0] == want[0, 0] ^ 0xFF
         pinned.host[idx[0], 0] ^= 0xFF
         staged = cuda.to_device(np.full(want.shape, 0xEE, np.uint8))
         stream = cuda.stream()
-        dma.copy_rows_memcpy(pinned, idx, staged, stream)
+        op_kernels.copy_rows_memcpy(pinned, idx, staged, stream)
         stream.synchronize()
         assert (staged.copy_to_host() == want).all()
     pinned.close()  # idempotent

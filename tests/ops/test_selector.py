@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from decdec.constants import n_selected
 from decdec.ops import selector
 from decdec.errors import ConfigError
 
@@ -58,7 +59,7 @@ def test_bucket_select_matches_literal_rule(width, k_chunk):
     x[3, : width // 2] = x[3, width // 2 : 2 * (width // 2)]  # exact ties between channels
     bounds = selector.bucket_bounds(t, k_chunk)
     got = selector.select_bucket(torch.from_numpy(x), k_chunk, bounds)
-    assert got.shape == (4, selector.n_selected(width, k_chunk))
+    assert got.shape == (4, n_selected(width, k_chunk))
     for row in range(4):
         assert sorted(got[row].tolist()) == sorted(literal_bucket_select(x[row], k_chunk, t))
         assert got[row].min() >= 0 if got.shape[-1] else True
@@ -69,7 +70,7 @@ def test_partial_chunk_counts():
     assert selector.chunk_ks(640, 8) == [5]
     assert selector.chunk_ks(1536, 8) == [8, 4]
     assert selector.chunk_ks(3000, 1024) == [1024, 1024, 952]
-    assert selector.n_selected(4096, 16) == 64
+    assert n_selected(4096, 16) == 64
 
 
 def test_exact_select_is_top_k_per_chunk_lowest_index_on_ties():

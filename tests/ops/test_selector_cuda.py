@@ -1,4 +1,5 @@
-"""GPU selector: the same indices, in the same order, as the CPU reference `ops.selector.select_bucket`.
+"""GPU selector (`ops.selector_cuda.select_chunks`, launched stand-alone by bench/op_kernels.py): the same
+indices, in the same order, as the CPU reference `ops.selector.select_bucket`.
 
 Simulator on tiny inputs by default; DECDEC_GPU_TESTS=1 runs everything on the GPU, plus real widths.
 """
@@ -10,8 +11,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from numba import cuda, float32  # noqa: E402
 
+from bench.op_kernels import select_bucket_cuda  # noqa: E402 - `select_chunks` in a stand-alone kernel
+from decdec.constants import n_selected  # noqa: E402
 from decdec.ops import selector  # noqa: E402
-from decdec.ops.selector_cuda import bucket_of, select_bucket_cuda  # noqa: E402
+from decdec.ops.selector_cuda import bucket_of  # noqa: E402
 
 
 
@@ -32,7 +35,7 @@ def hard_inputs(rng, rows: int, width: int, dtype=np.float32) -> np.ndarray:
 
 
 def run(x: np.ndarray, k_chunk: int, bounds, act_scale=None):
-    n = selector.n_selected(x.shape[-1], k_chunk)
+    n = n_selected(x.shape[-1], k_chunk)
     out = cuda.to_device(np.full((x.shape[0], n), -1, np.int32))  # poison: -1 is no channel
     out_x = cuda.to_device(np.full((x.shape[0], n), np.nan, np.float32))
     scale = None if act_scale is None else cuda.to_device(act_scale)

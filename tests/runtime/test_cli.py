@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 import yaml
+from safetensors.torch import save_file
 
 from decdec.runtime.cli import main
 from decdec.config import load_config
@@ -31,7 +32,8 @@ def test_prepare_eval_graph_profile(cfg_file, tmp_path, capsys):
     rows = json.loads(out_json.read_text())["rows"]
     assert [(r["method"], r["selection"], r["k_chunk"]) for r in rows] == [
         ("reference", "none", 0), ("rtn", "none", 0), ("rtn", "bucket", 128), ("rtn", "exact", 128), ("rtn", "static", 128)]
-    assert all(r["ppl"] > 1 and r["tokens"] == 62 for r in rows)
+    assert all(r["ppl"] > 1 and r["tokens"] == 64 for r in rows)  # exactly eval.tokens
+    assert rows[0]["bits"] == 32  # the reference runs the float32 weights
     assert main(["graph", str(cfg_file)]) == 0
     out = capsys.readouterr().out
     assert "L0.qkv.selector" in out and "side" in out
@@ -40,8 +42,12 @@ def test_prepare_eval_graph_profile(cfg_file, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "summary by op type" in out and "profiled step" in out and "plain step" in out
     assert "eager step: not timed" in out  # the CPU step has no graph: it already runs op by op
+    shares = [float(line.split()[-1][:-1]) for line in out.splitlines() if line.endswith("%")]
+    assert 97 <= sum(shares) <= 100.5  # CPU ops run one after another: they fill the step but for the timer
     events = json.loads(trace.read_text())["traceEvents"]
-    assert {e["tid"] for e in events if e["ph"] == "X"} == {0, 1}
+    ops = [e for e in events if e["ph"] == "X"]
+    assert {e["tid"] for e in ops} == {0}  # the CPU runs the unfused plan on one stream
+    assert {"selector", "dma", "correction", "merge"} <= {e["cat"] for e in ops}  # every logical op, timed
 
 
 BAD_CONFIGS = [
@@ -114,13 +120,73 @@ def test_corrupt_artifacts_are_refused(cfg_file, tmp_path, capsys):
 def test_interrupted_prepare_leaves_nothing_trusted(cfg_file, tmp_path, monkeypatch, capsys):
     from decdec.models import artifacts
 
-    def crash(*a, **k):
-        raise KeyboardInterrupt
+    assert main(["prepare", str(cfg_file)]) == 0
+    written = []
+
+    def crash(tensors, path):  # the second file of a forced rebuild: Ctrl-C
+        if written:
+            raise KeyboardInterrupt
+        written.append(path)
+        save_file(tensors, path)
 
     monkeypatch.setattr(artifacts, "save_file", crash)
-    with pytest.raises(KeyboardInterrupt):
-        main(["prepare", str(cfg_file)])
-    assert not (tmp_path / "art" / "manifest.json").exists()
+    assert main(["prepare", str(cfg_file), "--force"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted"
+    folder = tmp_path / "art"
+    assert not (folder / "manifest.json").exists()  # the old one went before the first file changed
+    assert not list(folder.glob("*.tmp"))
+    monkeypatch.undo()
+    assert main(["prepare", str(cfg_file)]) == 0  # rebuilt, not refused
+    assert "artifacts ready" in capsys.readouterr().out
+
+
+BAD_FLAGS = [
+    (["eval", "--ctx", "0"], "--ctx 0 is out of range: allowed 2 or more"),
+    (["eval", "--ctx", "1"], "--ctx 1 is out of range: allowed 2 or more"),
+    (["eval", "--max-tokens", "0"], "--max-tokens 0 is out of range: allowed 1 or more"),
+    (["run", "--max-new-tokens", "-1"], "--max-new-tokens -1 is out of range: allowed 1 or more"),
+    (["run", "--ppl-tokens", "-5"], "--ppl-tokens -5 is out of range: allowed 0 or more"),
+    (["chat", "--max-new-tokens", "0"], "--max-new-tokens 0 is out of range: allowed 1 or more"),
+    (["profile", "--steps", "0"], "--steps 0 is out of range: allowed 1 or more"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD_FLAGS)
+def test_bad_counts_are_one_error_before_any_work(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DECDEC_CACHE", str(tmp_path / "cache"))
+    assert main(argv) == 2  # the default model: nothing is loaded before the flags are checked
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("manifest,message", [
+    ({"format_version": 1}, "field 'key' is missing or not an object"),
+    ([], "a JSON list, expected an object"),
+    ({"format_version": 1, "key": {}, "info": {"layer_bits": [3, 3]}, "files": {"quantized": {}}},
+     "field 'files.quantized' needs 'sha256' and 'shapes'"),
+    ({"format_version": 1, "key": {}, "info": {}, "files": {}}, "field 'info.layer_bits' is missing"),
+])
+def test_hand_written_manifest_is_one_clear_error(cfg_file, tmp_path, capsys, manifest, message):
+    folder = tmp_path / "art"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["eval", str(cfg_file), "--k-chunk", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+
+
+def test_run_streams_then_compares_exactly_ppl_tokens(tmp_path, capsys):
+    from tests.runtime.tiny_hf import tiny_hf_cfg, tiny_hf_folder
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_hf_cfg(tiny_hf_folder(tmp_path / "m"), tmp_path / "art")))
+    assert main(["run", str(cfg), "--prompt", "Hi", "--max-new-tokens", "5", "--ppl-tokens", "40"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    table = lines[lines.index(next(line for line in lines if line.startswith("model "))):]
+    assert [line.split()[1:3] for line in table[1:]] == [["reference", "32"], ["rtn", "3"], ["rtn", "3"]]
+    assert all(line.split()[-1] == "40" for line in table[1:])  # tokens evaluated, as asked, rows once
+    assert "5 tokens in" in captured.err and "tokens/s" in captured.err
 
 
 def test_k_chunk_and_target_both_unset_is_one_config_error():

@@ -10,7 +10,8 @@ import torch
 
 from decdec import runtime
 from decdec.models.arch import LINEAR_KINDS, forward
-from decdec.errors import ConfigError
+from decdec.errors import ConfigError, InputError
+from decdec.runtime.engine import text_pieces
 from decdec.runtime.evaluate import decdec_linear, dense_groups
 
 TINY = {"family": "llama", "vocab_size": 300, "dim": 128, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
@@ -126,3 +127,69 @@ def test_step_equals_simulation_on_gemma3(tmp_path):
     p = engine.prepared
     sim = forward(p.model.args, p.model.weights, tokens, decdec_linear(dense_groups(p), "bucket", 32))
     assert_close_logits(step_logits(engine, tokens), sim)
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda e: e.step(300), r"token 300 is not a token id of this model: allowed 0 .. 299"),
+    (lambda e: e.step(5000), r"token 5000 is not a token id"),
+    (lambda e: e.step(-1), r"token -1 is not a token id"),
+    (lambda e: e.step(2.5), r"token 2.5 is not an integer token id"),
+    (lambda e: e.prefill([]), r"at least one token id, got an empty prompt"),
+    (lambda e: e.prefill([5, 300, 7]), r"token 300 \(at index 1\) is not a token id"),
+    (lambda e: e.prefill(torch.tensor([1.0, 2.0])), r"token ids must be integers"),
+    (lambda e: e.tokens([1, 2], max_new_tokens=-1), r"max_new_tokens = -1: allowed 0 or more"),
+    (lambda e: e.tokens([1, 2], temperature=-1.0), r"temperature = -1.0: allowed 0 or more"),
+])
+def test_bad_inputs_are_one_clear_error(tmp_path, call, message):
+    engine = runtime.compile(tiny_cfg(tmp_path, selection="none"), progress=False)
+    with pytest.raises(InputError, match=message):
+        call(engine)
+    assert engine.position == 0  # nothing entered the cache
+    engine.step(torch.tensor(299))  # the last id, as a one-element tensor, is fine
+
+
+@pytest.fixture(scope="module")
+def text_engine(tmp_path_factory):
+    from tests.runtime.tiny_hf import tiny_hf_cfg, tiny_hf_folder
+
+    tmp = tmp_path_factory.mktemp("hf")
+    return runtime.compile(tiny_hf_cfg(tiny_hf_folder(tmp / "model"), tmp / "art"), progress=False)
+
+
+def test_tokens_stream_as_they_are_decoded(text_engine):
+    engine = text_engine
+    engine.reset()
+    prompt = engine.tokenizer.encode("Hello")
+    stream = engine.tokens(prompt, max_new_tokens=5)
+    assert engine.position == len(prompt)  # prefilled at once: a bad prompt fails before the first next()
+    first = next(stream)
+    assert engine.position == len(prompt)  # the first token came out before any decode step ran
+    rest = list(stream)
+    assert engine.position == len(prompt) + 1 + len(rest)  # every yielded token entered the cache
+    engine.reset()
+    assert [first, *rest] == list(engine.tokens(prompt, max_new_tokens=5, stop=()))
+    engine.reset()
+    assert list(engine.tokens(prompt, max_new_tokens=5, stop=[first])) == []  # a stop id ends it
+
+
+def test_stream_pieces_add_up_to_generate(text_engine):
+    ids: list[int] = []
+    pieces = list(text_engine.stream("Hello", max_new_tokens=6, ids=ids))
+    assert len(ids) == 6
+    assert "".join(pieces) == text_engine.generate("Hello", max_new_tokens=6) == text_engine.tokenizer.decode(ids)
+    with pytest.raises(InputError, match="prompt must be a non-empty string"):
+        text_engine.stream("")
+
+
+def test_text_pieces_wait_for_a_whole_character(text_engine):
+    tok = text_engine.tokenizer
+    ids = tok.encode("aé b")
+    assert len(ids) == 5  # byte-level: 'é' is two tokens
+    pieces = list(text_pieces(tok, iter(ids)))
+    assert pieces == ["a", "é", " ", "b"]
+
+
+def test_generate_needs_a_tokenizer(tmp_path):
+    engine = runtime.compile(tiny_cfg(tmp_path, selection="none"), progress=False)
+    with pytest.raises(ConfigError, match="no tokenizer"):
+        engine.generate("hi")

@@ -1,10 +1,11 @@
 """The CUDA executor: its pure parts on the CPU, and on a GPU the engine against the CPU engine.
 
-On the CPU: the RoPE tables and the device-side attention against models/arch.py, the buffer plan,
-the plan checks; the whole torch half of the step (`DecodeState`, fp16 buffers and KV cache) with the
-two kernels emulated by their CPU references, against the CPU engine; and the executor's own code
-(binding, events, capture/replay, run, prefill, per-op timing) on a fake device whose GPU-only parts
-are CPU stand-ins with the same signatures and the split-output merge semantics.
+On the CPU: the buffer plan and the plan checks; the executor's own code (binding, events,
+capture/replay, run, prefill, per-op timing) on a fake device whose GPU-only parts are CPU stand-ins
+with the same signatures: the GEMV and the correction with the split-output merge semantics, and the
+layer kernels (fused norm, attention, act x up) as their ops' CPU references on the fp16 buffers and
+cache, against the CPU engine. The kernels themselves are checked against those references in
+tests/ops/.
 
 On the GPU (`DECDEC_GPU_TESTS=1`): `device: cuda` engines against `device: cpu` engines on the
 same artifacts, 32 decode steps, DecDEC on and off; the captured replay against the eager path
@@ -13,7 +14,7 @@ and the profiled replay (timing events in the graph).
 Tolerance against the CPU engine (float32 throughout): GEMV inputs and outputs and the KV cache are
 fp16 on the GPU (relative rounding 2^-11 per value, through every layer) and the lm_head is an fp16
 matmul. Without compensation, or with k_chunk 1024 (every channel picked, so nothing depends on the
-selection), we require max |logit diff| <= 1e-2 * max |logit| (the CPU emulation below measures
+selection), we require max |logit diff| <= 1e-2 * max |logit| (the CPU emulation measured
 1.3e-3 on the tiny models, 1.2e-3 at k_chunk 1024 and 3.9e-3 without DecDEC on Gemma 3 270M).
 With k_chunk < 1024 the selection sees fp16 activations, so a channel near the edge of the last,
 partly taken bucket can flip in or out, and one flipped channel moves the logits by a visible share
@@ -25,7 +26,7 @@ The captured replay runs the same launches as the eager path and the profiled re
 1e-3 * max |logit|.
 """
 
-from tests.ops.cudasim import gpu  # noqa: F401 - first: the CUDA simulator (or the GPU) is chosen there
+from tests.ops.cudasim import SIMULATED, gpu  # noqa: F401 - first: the CUDA simulator (or the GPU) is chosen there
 
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
@@ -36,12 +37,14 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from decdec import runtime  # noqa: E402
-from decdec.models.arch import KVCache, ModelArgs, attend, forward, rope  # noqa: E402
+from decdec.models.arch import KVCache, ModelArgs  # noqa: E402
 from decdec.models.graph import build_graph  # noqa: E402
 from decdec.models.loader import synthetic_model  # noqa: E402
-from decdec.ops import dma  # noqa: E402
-from decdec.ops.correction import compensate, correction_reference  # noqa: E402
-from decdec.ops.selector import select_bucket  # noqa: E402
+from decdec.ops import act, attention, dma, norm  # noqa: E402
+from decdec.ops.act import act_mul_reference  # noqa: E402
+from decdec.ops.attention import decode_attention_reference  # noqa: E402
+from decdec.ops.correction import correction_reference  # noqa: E402
+from decdec.ops.norm import add_rms_norm_reference  # noqa: E402
 from decdec.runtime import executor_cuda as xc  # noqa: E402
 from decdec.errors import DeviceError, ModelFileError  # noqa: E402
 from decdec.scheduler.plan import MAIN, SIDE, Plan, schedule  # noqa: E402
@@ -84,41 +87,6 @@ def small_args(family: str) -> tuple[ModelArgs, dict]:
 
 # ---------------------------------------------------------------------------------------------------
 # pure helpers, on the CPU
-
-
-@pytest.mark.parametrize("head_dim, base", [(32, 10_000.0), (256, 1_000_000.0)])
-def test_rope_table_lookup_equals_arch_rope(head_dim, base):
-    cos, sin = xc.rope_table(head_dim, base, 300)
-    gen = torch.Generator().manual_seed(0)
-    for pos in ([0], [7], [299], [3, 150]):
-        positions = torch.tensor(pos)
-        x = torch.randn(len(pos), 4, head_dim, generator=gen)
-        want = rope(x, positions, base)
-        got = xc.rope_at(x, cos[positions], sin[positions])
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
-def test_decode_attention_equals_arch_attend(family):
-    """Step by step over more positions than Gemma's sliding window, on both a sliding and a global
-    layer: same outputs as `arch.attend` with its own cache, and the same cache contents."""
-    args, weights = small_args(family)
-    max_seq = 16
-    ours, theirs = KVCache.allocate(args, max_seq), KVCache.allocate(args, max_seq)
-    tables = {b: xc.rope_table(args.head_dim, b, max_seq) for b in (args.rope_base, args.rope_local_base)}
-    k_pos = torch.arange(max_seq)
-    gen = torch.Generator().manual_seed(1)
-    width = args.q_dim + 2 * args.kv_dim
-    for pos in range(10):
-        position = torch.tensor([pos])
-        for layer in range(args.n_layers):
-            qkv = torch.randn(1, width, generator=gen)
-            table = tables[args.rope_local_base if args.is_sliding(layer) else args.rope_base]
-            got = xc.decode_attention(args, weights, layer, qkv, position, ours, table, k_pos)
-            want = attend(args, weights, layer, qkv, position, theirs)
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ours.k, theirs.k)
-    torch.testing.assert_close(ours.v, theirs.v)
 
 
 def test_buffer_plan_dtypes_and_aliases():
@@ -175,43 +143,6 @@ def test_cuda_device_without_cuda_is_a_clear_error(tmp_path):
         runtime.compile(cfg, progress=False)
 
 
-# ---------------------------------------------------------------------------------------------------
-# the torch half of the step on the CPU, with the two kernels emulated by their references
-
-
-def emulated_steps(engine, tokens) -> torch.Tensor:
-    """Logits of the CUDA executor's step with `DecodeState` on the CPU: torch ops as on the GPU (fp16
-    buffers and cache), the base GEMV as a float32 accumulation of the fp16 input written once as fp16
-    (plus the correction's part when compensated, as the split-output arrival does), the fused
-    correction as `compensate` on the fp16 input. It runs the GPU's plan of the CPU engine's graph."""
-    args, plan, groups = engine.prepared.model.args, schedule(engine.graph), engine.executor.groups
-    nodes = [n for launch in plan.launches for n in launch.nodes]
-    state = xc.DecodeState(args, xc.device_weights(engine.prepared.model.weights, "cpu"), nodes,
-                           engine.max_seq_len, "cpu")
-    out = []
-    for position, token in enumerate(tokens.tolist()):
-        state.token.fill_(token)
-        state.position.fill_(position)
-        corrections = {}
-        for launch in plan.launches:
-            node = launch.nodes[0]
-            key = (node.layer, node.attr("group"))
-            if launch.stream == SIDE:  # the fused correction, issued before its base GEMV
-                g = groups[key]
-                x = state.buf[node.inputs[0]].float() * g.act_scale
-                corrections[key] = compensate(x, select_bucket(x, node.attr("k_chunk"), engine.executor.bounds[key]),
-                                              g.residual)
-            elif node.op != "base_gemv":
-                for n in launch.nodes:
-                    xc.TORCH_OPS[n.op](state, n)
-            else:
-                g = groups[key]
-                y = (state.buf[node.inputs[0]].float() * g.act_scale) @ g.weight.T
-                state.buf[node.outputs[0]].copy_(y + corrections.get(key, 0))
-        out.append(state.buf["logits"].clone())
-    return torch.stack(out)
-
-
 def cpu_steps(engine, tokens) -> torch.Tensor:
     engine.reset()
     return torch.stack([engine.step(int(t)) for t in tokens])
@@ -221,23 +152,6 @@ def prefill_then_steps(engine, tokens, n_prefill: int = 8) -> torch.Tensor:
     engine.reset()
     prompt = engine.prefill(tokens[:n_prefill])
     return torch.cat([prompt, torch.stack([engine.step(int(t)) for t in tokens[n_prefill:]])])
-
-
-@pytest.mark.parametrize("family, method", [("llama", "rtn"), ("gemma3", "awq")])
-@pytest.mark.parametrize("k_chunk", K_CASES)
-def test_fp16_step_emulation_matches_cpu_engine(tmp_path, family, method, k_chunk):
-    engine = runtime.compile(tiny_k_cfg(tmp_path, k_chunk, family, method), progress=False)
-    base = runtime.compile(tiny_k_cfg(tmp_path, 0, family, method), progress=False)
-    tokens = torch.randint(0, TINY["vocab_size"], (STEPS,), generator=torch.Generator().manual_seed(7))
-    assert_matches_cpu(emulated_steps(engine, tokens), cpu_steps(engine, tokens), cpu_steps(base, tokens), k_chunk)
-
-
-@pytest.mark.slow
-def test_fp16_step_emulation_matches_cpu_engine_on_gemma3(tmp_path):
-    engine = runtime.compile(gemma_cfg(tmp_path, "cpu", 32), progress=False)
-    base = runtime.compile(gemma_cfg(tmp_path, "cpu", 0), progress=False)
-    tokens = gemma_tokens(engine)
-    assert_matches_cpu(emulated_steps(engine, tokens), cpu_steps(engine, tokens), cpu_steps(base, tokens), 32)
 
 
 def gemma_cfg(tmp_path, device: str, k_chunk: int = 32) -> dict:
@@ -307,6 +221,53 @@ class FakeCorrection:
         merge.arrive(corr, out)
 
 
+class FakeNorm:
+    """The fused `AddRmsNorm` on the CPU (its reference), same signatures."""
+
+    def __init__(self, args, weight, x, h, branch=None, x_out=None, post_weight=None):
+        self.args, self.weight, self.x, self.h, self.branch, self.x_out, self.post = (args, weight, x, h, branch,
+                                                                                      x_out, post_weight)
+        assert x.dtype == torch.float32 and h.dtype == torch.float16
+        assert branch is None or (branch.dtype == torch.float16 and x_out.dtype == torch.float32)
+
+    def __call__(self, stream=0):
+        assert stream.name == "main"
+        x, h = add_rms_norm_reference(self.args, self.x, self.weight, self.branch, self.post)
+        if self.branch is not None:
+            self.x_out.copy_(x)
+        self.h.copy_(h)
+
+
+class FakeAttention:
+    """`DecodeAttention` on the CPU (its reference), same signatures."""
+
+    def __init__(self, args, layer, plan, scratch, qkv, position, k_cache, v_cache, out, rope, bias=None, q_norm=None,
+                 k_norm=None):
+        assert qkv.dtype == out.dtype == k_cache.dtype == torch.float16 and len(rope) == 2
+        p = f"layers.{layer}."
+        self.weights = {p + k: t for k, t in (("qkv_bias", bias), ("q_norm", q_norm), ("k_norm", k_norm))
+                        if t is not None}
+        self.args, self.layer, self.qkv, self.position, self.cache, self.out = (args, layer, qkv, position,
+                                                                                KVCache(k_cache, v_cache), out)
+
+    def __call__(self, stream=0):
+        assert stream.name == "main"
+        self.out.copy_(decode_attention_reference(self.args, self.weights, self.layer, self.qkv, self.position,
+                                                  self.cache))
+
+
+class FakeActMul:
+    """`ActMul` on the CPU (its reference), same signatures."""
+
+    def __init__(self, args, gate_up, out):
+        assert gate_up.dtype == out.dtype == torch.float16
+        self.args, self.gate_up, self.out = args, gate_up, out
+
+    def __call__(self, stream=0):
+        assert stream.name == "main"
+        self.out.copy_(act_mul_reference(self.args, self.gate_up))
+
+
 class FakeTable:
     def __init__(self, table):
         self.table, self.nbytes = torch.from_numpy(dma.pad_rows(table)), table.nbytes
@@ -371,7 +332,9 @@ def fake_cuda(monkeypatch):
 
     fake_numba = types.SimpleNamespace(external_stream=external_stream, as_cuda_array=lambda t, sync=True: t)
     for name, value in {"DEVICE": "cpu", "require_cuda": lambda: None, "cuda": fake_numba, "BaseGemv": FakeGemv,
-                        "Correction": FakeCorrection, "PinnedTable": FakeTable}.items():
+                        "Correction": FakeCorrection, "PinnedTable": FakeTable, "AddRmsNorm": FakeNorm,
+                        "DecodeAttention": FakeAttention, "ActMul": FakeActMul,
+                        "AttentionScratch": types.SimpleNamespace(allocate=lambda plan: None)}.items():
         monkeypatch.setattr(xc, name, value)
     for name, value in {"is_available": lambda: True, "Stream": make_stream, "Event": FakeEvent,
                         "stream": lambda s: contextlib.nullcontext(), "synchronize": lambda: None,
@@ -398,11 +361,12 @@ def fake_cuda(monkeypatch):
     return made
 
 
+@pytest.mark.parametrize("family, method", [("llama", "rtn"), ("gemma3", "awq")])
 @pytest.mark.parametrize("k_chunk", K_CASES)
-def test_cuda_executor_on_a_fake_device_matches_cpu_engine(tmp_path, fake_cuda, k_chunk):
-    cfg = tiny_k_cfg(tmp_path, k_chunk, "gemma3", "awq")
+def test_cuda_executor_on_a_fake_device_matches_cpu_engine(tmp_path, fake_cuda, family, method, k_chunk):
+    cfg = tiny_k_cfg(tmp_path, k_chunk, family, method)
     cpu = runtime.compile(cfg, progress=False)
-    base = runtime.compile(tiny_k_cfg(tmp_path, 0, "gemma3", "awq"), progress=False)
+    base = runtime.compile(tiny_k_cfg(tmp_path, 0, family, method), progress=False)
     dev = runtime.compile({**cfg, "device": "cuda"}, progress=False)
     assert len(fake_cuda) == (1 if k_chunk == 0 else 2) and dev.prefill_executor.cache is dev.executor.cache
     tokens = torch.randint(0, TINY["vocab_size"], (STEPS,), generator=torch.Generator().manual_seed(7))
@@ -427,22 +391,44 @@ def test_cuda_executor_on_a_fake_device_matches_cpu_engine(tmp_path, fake_cuda, 
     assert "summary by op type" in report and "inside the graph replay" in report and "eager step" in report
 
 
-def test_fp16_reference_groups_on_a_fake_device_match_the_reference_model(fake_cuda):
-    """bench/gpu_engine.py's fp16 baseline: fp16 groups (torch.mv) in the same executor."""
-    args, weights = small_args("gemma3")
-    groups = {(i, kind): xc.DeviceGroup(args.linear_shape(kind), None, (),
-                                        matvec=xc.fp16_matvec(weights[f"layers.{i}.{kind}"]))
-              for i in range(args.n_layers) for kind in ("qkv", "o", "gate_up", "down")}
-    ex = xc.CUDAExecutor(xc.DeviceModel(args, weights, groups), schedule(build_graph(args, [3, 3], 0)), 16)
-    tokens = torch.randint(0, args.vocab_size, (10,), generator=torch.Generator().manual_seed(9))
-    got = torch.stack([ex.run(int(t), p) for p, t in enumerate(tokens)])
-    assert_close(got, forward(args, weights, tokens), GPU_TOL)
+@pytest.mark.slow
+def test_cuda_executor_on_a_fake_device_matches_cpu_engine_on_gemma3(tmp_path, fake_cuda):
+    cpu, base, dev = (runtime.compile(gemma_cfg(tmp_path, device, k), progress=False)
+                      for device, k in (("cpu", 32), ("cpu", 0), ("cuda", 32)))
+    tokens = gemma_tokens(cpu)
+    assert_matches_cpu(cpu_steps(dev, tokens), cpu_steps(cpu, tokens), cpu_steps(base, tokens), 32)
+
+
+def on_simulator(kernel_class):
+    """A layer-kernel class whose torch (CPU) arguments become Numba simulator arrays over the same memory."""
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+    def device(a):
+        if isinstance(a, tuple):
+            return tuple(map(device, a))
+        return FakeCUDAArray(a.numpy()) if torch.is_tensor(a) else a
+
+    return lambda *args, **kw: kernel_class(*map(device, args), **{k: device(v) for k, v in kw.items()})
+
+
+@pytest.mark.skipif(not SIMULATED, reason="needs Numba's CUDA simulator")
+def test_layer_kernels_in_the_simulator_match_cpu_engine(tmp_path, fake_cuda, monkeypatch):
+    """The fake device with the real fused norm, attention and act x up kernels (Numba's CUDA simulator on
+    the CPU buffers, cache and RoPE tables): the executor's binding of every kernel argument, end to end,
+    on the tiny Gemma 3 (post-norms, q/k norms, sliding window, tanh-GELU; ~2 minutes on 2 cores)."""
+    for module, name in ((norm, "AddRmsNorm"), (attention, "DecodeAttention"), (act, "ActMul")):
+        monkeypatch.setattr(xc, name, on_simulator(getattr(module, name)))
+    monkeypatch.setattr(xc, "AttentionScratch", attention.AttentionScratch)
+    cfg = tiny_k_cfg(tmp_path, 0, "gemma3", "rtn")
+    cpu, dev = (runtime.compile({**cfg, "device": device}, progress=False) for device in ("cpu", "cuda"))
+    tokens = torch.randint(0, TINY["vocab_size"], (5,), generator=torch.Generator().manual_seed(3))
+    assert_close(cpu_steps(dev, tokens), cpu_steps(cpu, tokens), GPU_TOL)
 
 
 def test_node_n_tb_reaches_the_correction(tmp_path, fake_cuda):
     dev = runtime.compile({**tiny_k_cfg(tmp_path, 64, "llama", "rtn"), "device": "cuda"}, progress=False)
     args = dev.prepared.model.args
-    graph = build_graph(args, [3, 3], 64, {"qkv": 3, "o": 0, ("gate_up", 3): 5, "down": 7})
+    graph = build_graph(args, [3, 3], 64, {("qkv", 3): 3, ("o", 3): 0, ("gate_up", 3): 5, ("down", 3): 7})
     ex = xc.CUDAExecutor(dev.executor.model, schedule(graph), 16, n_tb=2)
     for layer in range(args.n_layers):
         got = {kind: ex.corrections[layer, kind].n_tb for kind in ("qkv", "o", "gate_up", "down")}

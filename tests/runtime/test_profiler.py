@@ -75,7 +75,7 @@ def test_report_of_a_captured_step(tmp_path):
     assert calls == [(p, True, False) for p in range(3)] + [(p, True, True) for p in range(3)] + \
         [(p, False, False) for p in range(3)]
     lines = report.splitlines()
-    assert "profiled step: 0.05 ms" in report and "inside the graph replay" in report
+    assert "profiled step: 0.05 ms (median; 0.05 .. 0.05 over 3 steps)" in report and "inside the graph replay" in report
     assert "eager step: 0.50 ms" in report and "plain step:" in report and "replay of the captured graph" in report
     rows = {line.split()[0]: line.split() for line in lines[lines.index("") + 3:] if line and "%" in line}
     assert rows["base_gemv"][1:] == ["1", "30.0", "60.0%"] and rows["correction"][1:] == ["1", "20.0", "40.0%"]
@@ -93,4 +93,6 @@ def test_report_of_a_cpu_step():
     assert engine.executor.calls == [(0, True, False), (1, True, False), (0, False, False), (1, False, False)]
     assert "profiled step: 0.05 ms" in report and "one after another" in report
     assert "eager step: not timed" in report
+    rows = [line.split() for line in report.splitlines() if line.endswith("%")]
+    assert sum(float(r[-1][:-1]) for r in rows) == pytest.approx(140.0)  # the scripted ops overlap: 70 of 50 µs
     assert "eager step" not in profile_steps(engine, 2)

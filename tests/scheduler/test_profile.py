@@ -79,9 +79,10 @@ def test_profile_errors_name_the_path(tmp_path):
         profile.check_device("Other GPU", "p.json")
 
 
-def test_default_path_is_a_slug_of_the_gpu_name():
+def test_default_path_is_a_slug_of_the_gpu_name(tmp_path, monkeypatch):
     assert slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
-    assert default_path("NVIDIA H200").as_posix() == "artifacts/device-profiles/nvidia-h200.json"
+    monkeypatch.setenv("DECDEC_CACHE", str(tmp_path))  # beside the artifacts, in the per-user cache
+    assert default_path("NVIDIA H200") == tmp_path / "device-profiles" / "nvidia-h200.json"
 
 
 def corrections(graph) -> dict:

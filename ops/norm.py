@@ -1,0 +1,119 @@
+"""Residual add + RMSNorm op: the glue between two sublayers of the decode step, as one kernel.
+
+    x_new = x + post_norm(branch)      (Gemma's post-norm of the branch; plain x + branch elsewhere)
+    h     = rms_norm(x_new, weight)    (the next GEMV's fp16 input)
+
+The residual stream x stays float32 (Gemma 3's exceeds fp16's range); the branch is a GEMV's fp16
+output. Without a branch it is the plain RMSNorm of x (layer 0's first norm, after the embedding).
+`rms_norm` and `residual_add` are the model's math (models/arch.py composes them),
+`add_rms_norm_reference` their fused form as the kernel computes it, `AddRmsNorm` the kernel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from numba import cuda, float32
+
+from decdec.args import ModelArgs
+from decdec.ops.ptx import half2_floats, pack_half2
+from decdec.ops.reduce import SCRATCH, WARPS_MAX, block_sum, words
+
+MAX_THREADS = 1024  # one block: one fp16 pair per thread up to 2048 channels, two at 4096
+MAX_DIM = 8192  # channels the shared stash holds (32 KiB of float32)
+
+__all__ = ["rms_norm", "residual_add", "add_rms_norm_reference", "AddRmsNorm", "MAX_DIM"]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def residual_add(args: ModelArgs, weights, x: torch.Tensor, branch: torch.Tensor, post_norm: str | None) -> torch.Tensor:
+    """x + branch, with Gemma's post-norm on the branch."""
+    if post_norm is not None:
+        branch = rms_norm(branch, weights[post_norm], args.norm_eps)
+    return x + branch
+
+
+def add_rms_norm_reference(args: ModelArgs, x: torch.Tensor, weight: torch.Tensor, branch: torch.Tensor | None = None,
+                           post_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_new float32, h fp16) for x float32 [dim], branch fp16 [dim] or None, weights float32 [dim]."""
+    x = x.float()
+    if branch is not None:
+        b = branch.float()
+        x = x + (rms_norm(b, post_weight.float(), args.norm_eps) if post_weight is not None else b)
+    return x, rms_norm(x, weight.float(), args.norm_eps).half()
+
+
+@cuda.jit
+def _add_rms_norm_kernel(x, branch, post_weight, weight, x_out, h, dim, eps, has_branch, has_post):
+    """One block of min(1024, dim / 2 rounded up to a warp) threads; thread t owns fp16 pairs t, t + T, ...
+
+    x float32 [dim], branch fp16 pairs as uint32 [dim / 2], weights float32 [dim] -> x_out float32
+    [dim] (may alias x), h fp16 pairs as uint32 [dim / 2]. The thread's values wait in a shared stash
+    between the reductions (each thread reads back only its own slots: no barrier beyond the sums').
+    Bytes at dim 4096 with a branch: 16 KiB x + 8 KiB branch + 16 KiB weight (+16 KiB post-norm
+    weight on Gemma) read; 16 KiB x_out + 8 KiB h written.
+    """
+    stash = cuda.shared.array(MAX_DIM, float32)
+    red = cuda.shared.array(WARPS_MAX, float32)
+    scratch = cuda.shared.array(SCRATCH, float32)
+    tid = cuda.threadIdx.x
+    nthr = cuda.blockDim.x
+    pairs = dim // 2
+    rb = float32(1)
+    if has_branch:
+        ss = float32(0)
+        for p in range(tid, pairs, nthr):
+            b0, b1 = half2_floats(branch[p])
+            stash[2 * p] = b0
+            stash[2 * p + 1] = b1
+            ss += b0 * b0 + b1 * b1
+        if has_post:
+            rb = float32(1) / math.sqrt(block_sum(ss, red, scratch) / dim + eps)
+    ss = float32(0)
+    for p in range(tid, pairs, nthr):
+        x0 = x[2 * p]
+        x1 = x[2 * p + 1]
+        if has_branch:
+            b0 = stash[2 * p]
+            b1 = stash[2 * p + 1]
+            if has_post:
+                b0 = b0 * rb * post_weight[2 * p]
+                b1 = b1 * rb * post_weight[2 * p + 1]
+            x0 += b0
+            x1 += b1
+            x_out[2 * p] = x0
+            x_out[2 * p + 1] = x1
+        stash[2 * p] = x0
+        stash[2 * p + 1] = x1
+        ss += x0 * x0 + x1 * x1
+    r = float32(1) / math.sqrt(block_sum(ss, red, scratch) / dim + eps)
+    for p in range(tid, pairs, nthr):
+        h[p] = pack_half2(stash[2 * p] * r * weight[2 * p], stash[2 * p + 1] * r * weight[2 * p + 1])
+
+
+class AddRmsNorm:
+    """A prepared fused norm: (x_out, h) = (x + post_norm(branch), rms_norm(x_new)) per launch.
+
+    All arrays are Numba device arrays (views of torch buffers, made once): x / x_out / weights
+    float32 [dim], branch / h fp16 [dim]. Without `branch` it is rms_norm(x) alone (x_out unused).
+    """
+
+    def __init__(self, args: ModelArgs, weight, x, h, branch=None, x_out=None, post_weight=None):
+        dim = weight.shape[0]
+        if dim % 2 or dim > MAX_DIM:
+            raise ValueError(f"dim = {dim}: the fused norm takes an even width up to {MAX_DIM}")
+        self.threads = min(MAX_THREADS, -(-dim // 64) * 32)
+        self.dim, self.eps = dim, np.float32(args.norm_eps)
+        self.has_branch, self.has_post = branch is not None, post_weight is not None
+        dummy = cuda.device_array(1, np.float32) if branch is None or post_weight is None else None
+        self.args = (x, words(branch) if branch is not None else dummy.view(np.uint32),
+                     post_weight if post_weight is not None else dummy, weight,
+                     x_out if x_out is not None else x, words(h))
+
+    def __call__(self, stream=0) -> None:
+        _add_rms_norm_kernel[1, self.threads, stream](*self.args, self.dim, self.eps, self.has_branch, self.has_post)

@@ -1,0 +1,79 @@
+"""Warp and block reductions for the layer kernels (norm, attention), with simulator twins.
+
+On the GPU `warp_sum` / `warp_max` are five `shfl_xor_sync` steps (every lane gets the result).
+Numba's CUDA simulator has no warp shuffles, so there the twins exchange values through `scratch`, a
+block-shared float32 array of `SCRATCH` slots (one per thread; 1 slot on the GPU, which ignores it),
+between two barriers: as with `ptx.mma_f16`, every thread of the block must call them the same
+number of times. `block_sum` adds one shared slot per warp (`red`, WARPS_MAX floats) and two
+barriers; it returns the sum to every thread.
+"""
+
+from __future__ import annotations
+
+
+import numpy as np
+from numba import cuda, float32
+
+SIMULATED = cuda.jit.__module__.startswith("numba.cuda.simulator")
+WARPS_MAX = 32  # warps of a 1024-thread block: the `red` slots of a block reduction
+SCRATCH = 1024 if SIMULATED else 1  # slots of the simulator's shuffle stand-in (threads of a block)
+FULL_MASK = 0xFFFFFFFF
+
+__all__ = ["warp_sum", "warp_max", "block_sum", "words", "SCRATCH", "WARPS_MAX"]
+
+
+if SIMULATED:
+    def _warp_values(v, scratch):
+        tid = cuda.threadIdx.x
+        scratch[tid] = v
+        cuda.syncthreads()
+        base = tid - tid % 32
+        values = np.array(scratch[base:base + 32], np.float32)
+        cuda.syncthreads()  # the scratch is rewritten by the next call
+        return values
+
+    @cuda.jit(device=True)
+    def warp_sum(v, scratch):
+        return np.float32(_warp_values(v, scratch).sum(dtype=np.float32))
+
+    @cuda.jit(device=True)
+    def warp_max(v, scratch):
+        return np.float32(_warp_values(v, scratch).max())
+else:
+    @cuda.jit(device=True)
+    def warp_sum(v, scratch):
+        v += cuda.shfl_xor_sync(FULL_MASK, v, 16)
+        v += cuda.shfl_xor_sync(FULL_MASK, v, 8)
+        v += cuda.shfl_xor_sync(FULL_MASK, v, 4)
+        v += cuda.shfl_xor_sync(FULL_MASK, v, 2)
+        v += cuda.shfl_xor_sync(FULL_MASK, v, 1)
+        return v
+
+    @cuda.jit(device=True)
+    def warp_max(v, scratch):
+        v = max(v, cuda.shfl_xor_sync(FULL_MASK, v, 16))
+        v = max(v, cuda.shfl_xor_sync(FULL_MASK, v, 8))
+        v = max(v, cuda.shfl_xor_sync(FULL_MASK, v, 4))
+        v = max(v, cuda.shfl_xor_sync(FULL_MASK, v, 2))
+        v = max(v, cuda.shfl_xor_sync(FULL_MASK, v, 1))
+        return v
+
+
+@cuda.jit(device=True)
+def block_sum(v, red, scratch):
+    """Sum of v over the block (blockDim.x a multiple of 32), for every thread."""
+    tid = cuda.threadIdx.x
+    v = warp_sum(v, scratch)
+    if tid % 32 == 0:
+        red[tid // 32] = v
+    cuda.syncthreads()
+    s = float32(0)
+    for w in range(cuda.blockDim.x // 32):
+        s += red[w]
+    cuda.syncthreads()  # `red` is rewritten by the next call
+    return s
+
+
+def words(a):
+    """A flat uint32 view of a contiguous Numba device array of 16-bit values (pairs as one word)."""
+    return a.reshape(a.size).view(np.uint32)

@@ -1,4 +1,4 @@
-"""A new user's first minutes (issue 18): `decdec run` with the default model from a clean cache,
+"""A new user's first minutes: `decdec run` with the default model from a clean cache,
 then again from another directory.
 
     python bench/first_run.py --out bench/results/first_run.json

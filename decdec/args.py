@@ -51,6 +51,10 @@ class ModelArgs:
     def is_sliding(self, layer: int) -> bool:
         return self.sliding_pattern > 0 and (layer + 1) % self.sliding_pattern != 0
 
+    def rope_base_of(self, layer: int) -> float:
+        """The RoPE base of a layer: Gemma 3's sliding layers use their own."""
+        return self.rope_local_base if self.is_sliding(layer) else self.rope_base
+
     def linear_shape(self, kind: str) -> tuple[int, int]:
         """(out, in) of one linear group."""
         return {

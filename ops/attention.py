@@ -96,7 +96,7 @@ def attend(args: ModelArgs, weights, layer: int, qkv: torch.Tensor, positions, c
     if args.is_gemma:
         q = rms_norm(q, weights[p + "q_norm"], args.norm_eps)
         k = rms_norm(k, weights[p + "k_norm"], args.norm_eps)
-    base = args.rope_local_base if args.is_sliding(layer) else args.rope_base
+    base = args.rope_base_of(layer)
     q, k = rope(q, positions, base), rope(k, positions, base)
     k_pos = positions
     if cache is not None:

@@ -148,11 +148,7 @@ class DecodeState:
             self.buf[name] = self.buf[target]
         self.cache = cache if cache is not None else KVCache.allocate(args, max_seq_len, device, torch.float16)
         self.rope = {base: tuple(t.to(device) for t in rope_table(args.head_dim, base, max_seq_len))
-                     for base in {rope_base(args, i) for i in range(args.n_layers)}}
-
-
-def rope_base(args: ModelArgs, layer: int) -> float:
-    return args.rope_local_base if args.is_sliding(layer) else args.rope_base
+                     for base in {args.rope_base_of(i) for i in range(args.n_layers)}}
 
 
 def _embed(st: DecodeState, node: Node) -> None:
@@ -357,7 +353,7 @@ class CUDAExecutor:
         if launch.op == "attention":
             p, st = f"layers.{node.layer}.", self.state
             k, vc = _view(st.cache.k), _view(st.cache.v)
-            rope = tuple(_view(t) for t in st.rope[rope_base(args, node.layer)])
+            rope = tuple(_view(t) for t in st.rope[args.rope_base_of(node.layer)])
             return DecodeAttention(args, node.layer, self.attention_plan, self.attention_scratch, v[node.inputs[0]],
                                    _view(st.position), k, vc, v[node.outputs[0]], rope,
                                    **{name: _view(w[p + key]) for name, key in

@@ -9,8 +9,7 @@ output. q/k/v share one group (one selection, one fetch), and so do gate/up.
 from __future__ import annotations
 
 from decdec.args import ModelArgs
-from decdec.constants import LINEAR_KINDS
-from decdec.constants import n_selected
+from decdec.constants import LINEAR_KINDS, n_selected
 from decdec.graph import Graph
 
 PerGroup = int | dict  # one value for every linear group, or one per (kind, bits) as the tuner gives them

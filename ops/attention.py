@@ -30,7 +30,8 @@ from decdec.ops.reduce import SCRATCH, warp_max, warp_sum, words
 THREADS = 128  # 4 warps a block
 WARPS = THREADS // 32
 TILE_HALVES = 8192  # a tile of keys (or values) is 16 KiB of fp16: 64 positions at head_dim 128
-SPLITS = 32  # blocks per kv head at most (<= 32: the combine gives each split a lane)
+SPLITS = 64  # blocks per kv head at most (the combine gives each split one of a warp's 2 x 32 slots)
+BLOCKS = 256  # blocks the plan aims at at long context: ~2 per SM, whatever the kv head count
 HEAD_DIMS = (32, 64, 128, 256)  # powers of 2: a row is whole 16-byte vectors, their count a power of 2
 
 __all__ = ["KVCache", "rope", "attention_mask", "attention", "attend", "decode_attention_reference", "rope_table",
@@ -142,17 +143,19 @@ class AttentionPlan:
         return self.n_kv_heads, self.splits
 
 
-def plan_attention(args: ModelArgs, tile: int | None = None, splits: int = SPLITS) -> AttentionPlan:
+def plan_attention(args: ModelArgs, tile: int | None = None, splits: int | None = None) -> AttentionPlan:
     """The plan of `args`' layers: tiles of TILE_HALVES / head_dim positions (at most THREADS) unless
-    `tile` is given."""
+    `tile` is given; BLOCKS / n_kv_heads splits (32 to SPLITS) unless `splits` is: a model with one kv
+    head (Gemma 3 270M) needs more splits than one with eight to fill the GPU at long context."""
     hd = args.head_dim
     tile = tile or min(THREADS, TILE_HALVES // max(hd, 1))
     if hd not in HEAD_DIMS or args.n_heads % args.n_kv_heads:
         raise ValueError(f"head_dim = {hd}, {args.n_heads} heads on {args.n_kv_heads} kv heads: the attention "
                          f"kernel takes head_dim in {HEAD_DIMS} and whole query groups")
-    if THREADS % tile or tile * hd % (8 * THREADS) or not 1 <= splits <= 32:
+    splits = splits or min(SPLITS, max(32, BLOCKS // args.n_kv_heads))
+    if THREADS % tile or tile * hd % (8 * THREADS) or not 1 <= splits <= SPLITS:
         raise ValueError(f"tile = {tile}, splits = {splits}: tile must divide {THREADS} and hold a multiple of "
-                         f"{8 * THREADS} halves, splits in 1..32")
+                         f"{8 * THREADS} halves, splits in 1..{SPLITS}")
     return AttentionPlan(args.n_kv_heads, args.n_heads // args.n_kv_heads, hd, tile, splits)
 
 
@@ -230,6 +233,8 @@ def _attention_kernel(group: int, hd: int, tile: int, splits: int):
     # shared sizes must be literal constants for Numba: each its own closure variable
     tile_words, q_size, v_size, r_size = tile * pitch, qk, hd, group + 1
     sc_size, acc_size, stat_size, coef_size = group * tile, group * hd, 3 * group, group * splits
+    QKV_ITEMS = -(-(group + 2) * hw // THREADS)  # fp16 pairs of q, k, v a thread loads
+    ROPE_ITEMS = -(-(group + 1) * hw // THREADS)  # rotated pairs of q and k a thread takes
 
     @cuda.jit
     def kernel(qkv, bias, has_bias, q_norm, k_norm, has_norm, eps, scale, position, cos, sin, kc, vc, out,
@@ -250,6 +255,24 @@ def _attention_kernel(group: int, hd: int, tile: int, splits: int):
         tid = cuda.threadIdx.x
         lane = tid % 32
         warp = tid // 32
+        q_words = n_kv * group * hw
+        # 1. prologue. A block's latency is a chain of memory round trips, so every global load of the
+        # prologue is issued before the first use: the thread's qkv pairs, the position, then its RoPE
+        # angles and norm weights
+        qv = cuda.local.array(2 * QKV_ITEMS, float32)
+        for j in range(QKV_ITEMS):
+            e = tid + j * THREADS
+            if e < (group + 2) * hw:
+                if e < group * hw:
+                    src = h * group * hw + e
+                elif e < (group + 1) * hw:
+                    src = q_words + h * hw + e - group * hw
+                else:
+                    src = q_words + n_kv * hw + h * hw + e - (group + 1) * hw
+                qv[2 * j], qv[2 * j + 1] = half2_floats(qkv[src])
+                if has_bias:
+                    qv[2 * j] += bias[2 * src]
+                    qv[2 * j + 1] += bias[2 * src + 1]
         pos = int32(position[0])
         lo = max(int32(0), pos - window + 1) if window > 0 else int32(0)
         first = lo // tile
@@ -258,25 +281,25 @@ def _attention_kernel(group: int, hd: int, tile: int, splits: int):
         if b >= n_active:
             return
         owner = (last - first) % splits == b
-        q_words = n_kv * group * hw
-        # 1. prologue
-        for e in range(tid, (group + 2) * hw, THREADS):
-            if e < group * hw:
-                src = h * group * hw + e
-            elif e < (group + 1) * hw:
-                src = q_words + h * hw + e - group * hw
-            else:
-                src = q_words + n_kv * hw + h * hw + e - (group + 1) * hw
-            a, c = half2_floats(qkv[src])
-            if has_bias:
-                a += bias[2 * src]
-                c += bias[2 * src + 1]
+        rot = cuda.local.array(4 * ROPE_ITEMS, float32)  # (cos, sin, norm weight of x1, of x2) per pair
+        for j in range(ROPE_ITEMS):
+            e = tid + j * THREADS
             if e < (group + 1) * hw:
-                qs[2 * e] = a
-                qs[2 * e + 1] = c
-            else:
-                vs[2 * (e - (group + 1) * hw)] = a
-                vs[2 * (e - (group + 1) * hw) + 1] = c
+                i = e % hw
+                rot[4 * j] = cos[pos * hw + i]
+                rot[4 * j + 1] = sin[pos * hw + i]
+                if has_norm:
+                    nw = q_norm if e < group * hw else k_norm
+                    rot[4 * j + 2] = nw[i]
+                    rot[4 * j + 3] = nw[i + hw]
+        for j in range(QKV_ITEMS):
+            e = tid + j * THREADS
+            if e < (group + 1) * hw:
+                qs[2 * e] = qv[2 * j]
+                qs[2 * e + 1] = qv[2 * j + 1]
+            elif e < (group + 2) * hw:
+                vs[2 * (e - (group + 1) * hw)] = qv[2 * j]
+                vs[2 * (e - (group + 1) * hw) + 1] = qv[2 * j + 1]
         if tid < group:
             stat[tid] = neg_inf
             stat[group + tid] = 0
@@ -295,28 +318,26 @@ def _attention_kernel(group: int, hd: int, tile: int, splits: int):
                 if lane == 0 and hh <= group:
                     rs[hh] = float32(1) / math.sqrt(ss / hd + eps)
             cuda.syncthreads()
-        for e in range(tid, (group + 1) * hw, THREADS):
-            hh = e // hw
-            i = e % hw
-            x1 = qs[hh * hd + i]
-            x2 = qs[hh * hd + i + hw]
-            if has_norm:
-                r = rs[hh]
+        for j in range(ROPE_ITEMS):
+            e = tid + j * THREADS
+            if e < (group + 1) * hw:
+                hh = e // hw
+                i = e % hw
+                x1 = qs[hh * hd + i]
+                x2 = qs[hh * hd + i + hw]
+                if has_norm:
+                    r = rs[hh]
+                    x1 = x1 * r * rot[4 * j + 2]
+                    x2 = x2 * r * rot[4 * j + 3]
+                c = rot[4 * j]
+                s = rot[4 * j + 1]
+                y1 = x1 * c - x2 * s
+                y2 = x2 * c + x1 * s
                 if hh < group:
-                    x1 = x1 * r * q_norm[i]
-                    x2 = x2 * r * q_norm[i + hw]
-                else:
-                    x1 = x1 * r * k_norm[i]
-                    x2 = x2 * r * k_norm[i + hw]
-            c = cos[pos * hw + i]
-            s = sin[pos * hw + i]
-            y1 = x1 * c - x2 * s
-            y2 = x2 * c + x1 * s
-            if hh < group:
-                y1 *= scale
-                y2 *= scale
-            qs[hh * hd + i] = y1
-            qs[hh * hd + i + hw] = y2
+                    y1 *= scale
+                    y2 *= scale
+                qs[hh * hd + i] = y1
+                qs[hh * hd + i + hw] = y2
         cuda.syncthreads()
         row_words = (pos * n_kv + h) * hw
         if owner:
@@ -410,19 +431,26 @@ def _attention_kernel(group: int, hd: int, tile: int, splits: int):
         if flag[0] == 0:
             return
         cuda.threadfence()
-        for g0 in range(0, group, WARPS):
+        for g0 in range(0, group, WARPS):  # a warp per head, a lane per split (two above 32 splits)
             g = g0 + warp
-            live = g < group and lane < n_active
             m = neg_inf
-            l = float32(0)
-            if live:
-                m = part_ml[2 * ((h * splits + lane) * group + g)]
-                l = part_ml[2 * ((h * splits + lane) * group + g) + 1]
-            m_all = warp_max(m, scratch)
-            e = math.exp(m - m_all) if live else float32(0)
-            total = warp_sum(e * l, scratch)
-            if live:
-                coef[g * splits + lane] = e / total
+            l0 = l1 = float32(0)
+            m0 = m1 = neg_inf
+            if g < group:
+                if lane < n_active:
+                    m0 = part_ml[2 * ((h * splits + lane) * group + g)]
+                    l0 = part_ml[2 * ((h * splits + lane) * group + g) + 1]
+                if lane + 32 < n_active:
+                    m1 = part_ml[2 * ((h * splits + lane + 32) * group + g)]
+                    l1 = part_ml[2 * ((h * splits + lane + 32) * group + g) + 1]
+            m_all = warp_max(max(m0, m1), scratch)
+            e0 = math.exp(m0 - m_all) if m0 > neg_inf else float32(0)
+            e1 = math.exp(m1 - m_all) if m1 > neg_inf else float32(0)
+            total = warp_sum(e0 * l0 + e1 * l1, scratch)
+            if g < group and lane < n_active:
+                coef[g * splits + lane] = e0 / total
+            if g < group and lane + 32 < n_active:
+                coef[g * splits + lane + 32] = e1 / total
         cuda.syncthreads()
         for it in range(tid, items, THREADS):
             g = it // hw

@@ -34,6 +34,7 @@ from numba import cuda, float32, int32, uint32, uint64
 
 from decdec.ops.layout import dequantize, unpack_codes  # noqa: F401 - re-exported: the reference's decoding
 from decdec.ops.ptx import MMA_SWAP, half2_floats, load_u32x2, load_u32x4, mma_f16, pack_half2
+from decdec.ops.reduce import SCRATCH, lanes8_max, lanes8_sum
 
 SIMULATED = cuda.jit.__module__.startswith("numba.cuda.simulator")  # the CUDA simulator runs these kernels
 
@@ -306,8 +307,10 @@ class SplitOutput:
 # LOP3 and a share of an mma, where decoding each code to a float and multiplying it on the CUDA cores costs
 # several instructions a code. The 1024 offset is not subtracted per code: the mma sums in float32, and sum_k
 # (1024 + q_k) b_k = 1024 sum_k b_k + sum_k q_k b_k, so each group's 1024 sum b is subtracted once per row (C
-# below). The inputs b are x * act_scale * f in fp16, with f a power of two chosen per block so that the
-# largest |b| lies in [2^14, 2^15): no overflow, no precision lost to the scaling.
+# below). The inputs b are x * act_scale * f in fp16, with f a power of two chosen per group so that the
+# group's largest |b| lies in [2^14, 2^15): no overflow, no precision lost to the scaling. Per group, not per
+# block: the 8 threads that stage a group find its maximum and its sums by warp shuffles, so the staging
+# needs one barrier and no shared atomics, and each step's result is scaled back by its group's 1 / f.
 #
 # Layout: k may be permuted freely inside a group as long as A and B agree, so lane (g, t) (g = lane
 # // 4, t = lane % 4) loads the 4 words (one 128-bit load, 32 inputs) t of its group for rows g and g+8
@@ -354,7 +357,7 @@ def _mma_step_source(bits: int, m_tiles: int, n_groups: int, exact_rows: bool) -
         ret.append(f"sz{mt}")
     load.append(f"    return ({', '.join(ret)},)")
     per_tile = 9 if bits == 4 else 7  # words + the (scale, zero) pair
-    dots = ["def dots(v, xs, xo, c, sz, upper, magic, swap):"]
+    dots = ["def dots(v, xs, xo, c, sz, inv_f, upper, magic, swap):"]
     dots += [f"    d{mt} = (float32(0), float32(0), float32(0), float32(0))" for mt in range(m_tiles)]
     for m in range(4):
         dots += [f"    x{a} = xs[xo + uint32({4 * m + a})]" for a in range(4)]  # unsigned: no wraparound
@@ -382,7 +385,7 @@ def _mma_step_source(bits: int, m_tiles: int, n_groups: int, exact_rows: bool) -
     outs = []
     for mt in range(m_tiles):
         dots.append(f"    s{mt}, z{mt} = half2_floats(v[{per_tile * mt + per_tile - 1}])")
-        dots.append(f"    e{mt} = s{mt} * ((d{mt}[2] if upper else d{mt}[0]) - (c + z{mt} * sz))")
+        dots.append(f"    e{mt} = s{mt} * inv_f * ((d{mt}[2] if upper else d{mt}[0]) - (c + z{mt} * sz))")
         outs.append(f"e{mt}")
     dots.append(f"    return ({', '.join(outs)},)")
     return "\n".join(load) + "\n\n\n" + "\n".join(dots) + "\n"
@@ -467,8 +470,7 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
     load, dots = _make_mma_step(bits, m_tiles, n_groups, exact_rows)
 
     @cuda.jit(device=True)
-    def finish_mma_tile(acc, red, out, partials, counters, flags, n_out, n_parts, kb, tile, row_warp, kw, inv_f,
-                        direct):
+    def finish_mma_tile(acc, red, out, partials, counters, flags, n_out, n_parts, kb, tile, row_warp, kw, direct):
         """A row tile's end: each row's sum (over the K warps, through `red`, when KW > 1) written as fp16
         (`direct`) or as this K block's float32 part, then the arrival. Lanes t = 0 and 2 hold rows g, g + 8."""
         tid = cuda.threadIdx.x
@@ -480,7 +482,7 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
                 if KW > 1:
                     red[kw * TILE + r] = acc[mt]
                 elif tile * TILE + r < n_out:
-                    write_row(out, partials, n_out, kb, tile * TILE + r, acc[mt] * inv_f, direct)
+                    write_row(out, partials, n_out, kb, tile * TILE + r, acc[mt], direct)
             acc[mt] = float32(0)
         if KW > 1:
             cuda.syncthreads()
@@ -488,7 +490,7 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
                 total = float32(0)
                 for q in range(KW):  # in a fixed order: deterministic
                     total += red[q * TILE + tid]
-                write_row(out, partials, n_out, kb, tile * TILE + tid, total * inv_f, direct)
+                write_row(out, partials, n_out, kb, tile * TILE + tid, total, direct)
         if not direct:
             arrive_gemv_tile(partials, counters, out, n_out, n_parts, TILE, tile, flags)
         elif KW > 1:
@@ -513,11 +515,10 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
         """
         magic = uint32(magic_bits)
         xs = cuda.shared.array(XS_WORDS, uint32)
-        part_c = cuda.shared.array(THREADS, float32)
-        part_s = cuda.shared.array(THREADS, float32)
         grp_c = cuda.shared.array(STAGE_GROUPS, float32)
         grp_s = cuda.shared.array(STAGE_GROUPS, float32)
-        amax = cuda.shared.array(1, int32)
+        grp_f = cuda.shared.array(STAGE_GROUPS, float32)  # the group's 1 / f
+        scratch = cuda.shared.array(SCRATCH, float32)
         flags = cuda.shared.array(FLAG_CAP, int32)
         swap = cuda.shared.array(SWAP, uint32)
         red = cuda.shared.array(RED, float32)
@@ -556,10 +557,7 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
                          last_row, lane4, uint32(grp0 + min(kw, last_grp)), sel8)
         # stage: thread tid takes inputs [16 p, 16 p + 16) of group tid // 8 (p = tid % 8), i.e. words
         # 2 (p % 2) and 2 (p % 2) + 1 of lane t = p // 2; zeros past the end of the input
-        if tid == 0:
-            amax[0] = 0
-        cuda.syncthreads()
-        sg = tid // 8
+        sg = tid // 8  # the group this thread stages, with the 7 lanes beside it
         p = tid % 8
         e0 = (grp0 + sg) * MMA_GROUP + CHUNK * p
         vals = cuda.local.array(CHUNK, float32)
@@ -570,11 +568,9 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
                 v = float32(x[e0 + i]) * act_scale[e0 + i]
             vals[i] = v
             vmax = max(vmax, abs(v))
-        cuda.atomic.max(amax, 0, float_as_int(vmax))  # non-negative floats order as their bits do
-        cuda.syncthreads()
-        f_exp = min(max(268 - ((amax[0] >> 23) & 0xFF), 1), 253)  # largest |b| in [2^14, 2^15)
+        vmax = lanes8_max(vmax, scratch)
+        f_exp = min(max(268 - ((float_as_int(vmax) >> 23) & 0xFF), 1), 253)  # largest |b| in [2^14, 2^15)
         f = int_as_float(int32(f_exp << 23))
-        inv_f = int_as_float(int32((254 - f_exp) << 23))
         c_sum = float32(0)
         s_sum = float32(0)
         for i in range(8):  # pair (word 2 (p % 2) + i // 4, alpha = i % 4)
@@ -587,17 +583,12 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
             lo, hi = half2_floats(h)
             c_sum += lo + hi
             s_sum += (lo + hi) * (float32(16) if odd else float32(1))
-        part_c[tid] = c_sum
-        part_s[tid] = s_sum
-        cuda.syncthreads()
-        if tid < n_grp:
-            c_sum = float32(0)
-            s_sum = float32(0)
-            for q in range(8):
-                c_sum += part_c[8 * tid + q]
-                s_sum += part_s[8 * tid + q]
-            grp_c[tid] = float32(1024) * c_sum
-            grp_s[tid] = s_sum
+        c_sum = lanes8_sum(c_sum, scratch)
+        s_sum = lanes8_sum(s_sum, scratch)
+        if p == 0:
+            grp_c[sg] = float32(1024) * c_sum
+            grp_s[sg] = s_sum
+            grp_f[sg] = int_as_float(int32((254 - f_exp) << 23))
         cuda.syncthreads()
 
         # the next (tile, step)'s weights are loaded while this one is computed (one step ahead: deeper
@@ -628,13 +619,14 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
             grp = step * KW + kw
             # unsigned indices: Numba adds a negative-index wraparound to signed ones
             ugrp = uint32(step) if KW == 1 else uint32(min(grp, last_grp))
-            e = dots(cur, xs, ugrp * uint32(GROUP_WORDS) + t_pitch, grp_c[ugrp], grp_s[ugrp], upper, magic, swap)
+            e = dots(cur, xs, ugrp * uint32(GROUP_WORDS) + t_pitch, grp_c[ugrp], grp_s[ugrp], grp_f[ugrp], upper,
+                     magic, swap)
             if KW == 1 or grp < n_grp:
                 for mt in range(m_tiles):
                     acc[mt] += e[mt]
             if next_step == 0:  # tile complete: lanes t = 0 and 2 hold whole rows g and g + 8
                 finish_mma_tile(acc, red, out, partials, counters, flags, n_out, n_parts, kb, tile, row_warp, kw,
-                                inv_f, direct)
+                                direct)
             tile = next_tile
             step = next_step
 

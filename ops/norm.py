@@ -11,6 +11,7 @@ output. Without a branch it is the plain RMSNorm of x (layer 0's first norm, aft
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -22,7 +23,7 @@ from decdec.ops.ptx import half2_floats, pack_half2
 from decdec.ops.reduce import SCRATCH, WARPS_MAX, block_sum, words
 
 MAX_THREADS = 1024  # one block: one fp16 pair per thread up to 2048 channels, two at 4096
-MAX_DIM = 8192  # channels the shared stash holds (32 KiB of float32)
+MAX_DIM = 8192  # channels: at most 4 fp16 pairs a thread
 
 __all__ = ["rms_norm", "residual_add", "add_rms_norm_reference", "AddRmsNorm", "MAX_DIM"]
 
@@ -48,52 +49,64 @@ def add_rms_norm_reference(args: ModelArgs, x: torch.Tensor, weight: torch.Tenso
     return x, rms_norm(x, weight.float(), args.norm_eps).half()
 
 
-@cuda.jit
-def _add_rms_norm_kernel(x, branch, post_weight, weight, x_out, h, dim, eps, has_branch, has_post):
-    """One block of min(1024, dim / 2 rounded up to a warp) threads; thread t owns fp16 pairs t, t + T, ...
+@functools.lru_cache(maxsize=None)
+def _add_rms_norm_kernel(per_thread: int):
+    """The kernel for `per_thread` fp16 pairs a thread (a constant: the thread's values stay in registers)."""
+    P = per_thread
 
-    x float32 [dim], branch fp16 pairs as uint32 [dim / 2], weights float32 [dim] -> x_out float32
-    [dim] (may alias x), h fp16 pairs as uint32 [dim / 2]. The thread's values wait in a shared stash
-    between the reductions (each thread reads back only its own slots: no barrier beyond the sums').
-    Bytes at dim 4096 with a branch: 16 KiB x + 8 KiB branch + 16 KiB weight (+16 KiB post-norm
-    weight on Gemma) read; 16 KiB x_out + 8 KiB h written.
-    """
-    stash = cuda.shared.array(MAX_DIM, float32)
-    red = cuda.shared.array(WARPS_MAX, float32)
-    scratch = cuda.shared.array(SCRATCH, float32)
-    tid = cuda.threadIdx.x
-    nthr = cuda.blockDim.x
-    pairs = dim // 2
-    rb = float32(1)
-    if has_branch:
+    @cuda.jit
+    def kernel(x, branch, post_weight, weight, x_out, h, dim, eps, has_branch, has_post):
+        """One block of min(1024, dim / 2 rounded up to a warp) threads; thread t owns fp16 pairs
+        t, t + T, ... (at most P).
+
+        x float32 [dim], branch fp16 pairs as uint32 [dim / 2], weights float32 [dim] -> x_out float32
+        [dim] (may alias x), h fp16 pairs as uint32 [dim / 2]. Every load is issued before the first
+        reduction (a single block has little else to hide its memory latency behind), then one block
+        sum (two with Gemma's post-norm). Bytes at dim 4096 with a branch: 16 KiB x + 8 KiB branch +
+        16 KiB weight (+16 KiB post-norm weight on Gemma) read; 16 KiB x_out + 8 KiB h written.
+        """
+        red = cuda.shared.array(WARPS_MAX, float32)
+        scratch = cuda.shared.array(SCRATCH, float32)
+        xv = cuda.local.array(2 * P, float32)
+        bv = cuda.local.array(2 * P, float32)
+        wv = cuda.local.array(2 * P, float32)
+        tid = cuda.threadIdx.x
+        nthr = cuda.blockDim.x
+        pairs = dim // 2
+        ssb = float32(0)  # the branch's square sum (Gemma's post-norm)
+        for j in range(P):
+            p = tid + j * nthr
+            b0 = b1 = x0 = x1 = w0 = w1 = float32(0)
+            if p < pairs:
+                x0, x1 = x[2 * p], x[2 * p + 1]
+                w0, w1 = weight[2 * p], weight[2 * p + 1]
+                if has_branch:
+                    b0, b1 = half2_floats(branch[p])
+                    ssb += b0 * b0 + b1 * b1
+                    if has_post:  # the post-norm's weight now, its 1 / rms once the sum is known
+                        b0 *= post_weight[2 * p]
+                        b1 *= post_weight[2 * p + 1]
+            xv[2 * j], xv[2 * j + 1] = x0, x1
+            wv[2 * j], wv[2 * j + 1] = w0, w1
+            bv[2 * j], bv[2 * j + 1] = b0, b1
+        rb = float32(1)
+        if has_branch and has_post:
+            rb = float32(1) / math.sqrt(block_sum(ssb, red, scratch) / dim + eps)
         ss = float32(0)
-        for p in range(tid, pairs, nthr):
-            b0, b1 = half2_floats(branch[p])
-            stash[2 * p] = b0
-            stash[2 * p + 1] = b1
-            ss += b0 * b0 + b1 * b1
-        if has_post:
-            rb = float32(1) / math.sqrt(block_sum(ss, red, scratch) / dim + eps)
-    ss = float32(0)
-    for p in range(tid, pairs, nthr):
-        x0 = x[2 * p]
-        x1 = x[2 * p + 1]
-        if has_branch:
-            b0 = stash[2 * p]
-            b1 = stash[2 * p + 1]
-            if has_post:
-                b0 = b0 * rb * post_weight[2 * p]
-                b1 = b1 * rb * post_weight[2 * p + 1]
-            x0 += b0
-            x1 += b1
-            x_out[2 * p] = x0
-            x_out[2 * p + 1] = x1
-        stash[2 * p] = x0
-        stash[2 * p + 1] = x1
-        ss += x0 * x0 + x1 * x1
-    r = float32(1) / math.sqrt(block_sum(ss, red, scratch) / dim + eps)
-    for p in range(tid, pairs, nthr):
-        h[p] = pack_half2(stash[2 * p] * r * weight[2 * p], stash[2 * p + 1] * r * weight[2 * p + 1])
+        for j in range(2 * P):
+            if has_branch:
+                xv[j] += bv[j] * rb
+            ss += xv[j] * xv[j]
+        r = float32(1) / math.sqrt(block_sum(ss, red, scratch) / dim + eps)
+        for j in range(P):
+            p = tid + j * nthr
+            if p < pairs:
+                if has_branch:
+                    x_out[2 * p] = xv[2 * j]
+                    x_out[2 * p + 1] = xv[2 * j + 1]
+                h[p] = pack_half2(xv[2 * j] * r * wv[2 * j], xv[2 * j + 1] * r * wv[2 * j + 1])
+
+    return kernel
 
 
 class AddRmsNorm:
@@ -108,6 +121,7 @@ class AddRmsNorm:
         if dim % 2 or dim > MAX_DIM:
             raise ValueError(f"dim = {dim}: the fused norm takes an even width up to {MAX_DIM}")
         self.threads = min(MAX_THREADS, -(-dim // 64) * 32)
+        self.kernel = _add_rms_norm_kernel(-(-dim // 2 // self.threads))
         self.dim, self.eps = dim, np.float32(args.norm_eps)
         self.has_branch, self.has_post = branch is not None, post_weight is not None
         dummy = cuda.device_array(1, np.float32) if branch is None or post_weight is None else None
@@ -116,4 +130,4 @@ class AddRmsNorm:
                      x_out if x_out is not None else x, words(h))
 
     def __call__(self, stream=0) -> None:
-        _add_rms_norm_kernel[1, self.threads, stream](*self.args, self.dim, self.eps, self.has_branch, self.has_post)
+        self.kernel[1, self.threads, stream](*self.args, self.dim, self.eps, self.has_branch, self.has_post)

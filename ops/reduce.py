@@ -1,6 +1,7 @@
 """Warp and block reductions for the layer kernels (norm, attention), with simulator twins.
 
-On the GPU `warp_sum` / `warp_max` are five `shfl_xor_sync` steps (every lane gets the result).
+On the GPU `warp_sum` / `warp_max` are five `shfl_xor_sync` steps (every lane gets the result);
+`lanes8_sum` / `lanes8_max` three, over each aligned group of 8 lanes.
 Numba's CUDA simulator has no warp shuffles, so there the twins exchange values through `scratch`, a
 block-shared float32 array of `SCRATCH` slots (one per thread; 1 slot on the GPU, which ignores it),
 between two barriers: as with `ptx.mma_f16`, every thread of the block must call them the same
@@ -19,7 +20,7 @@ WARPS_MAX = 32  # warps of a 1024-thread block: the `red` slots of a block reduc
 SCRATCH = 1024 if SIMULATED else 1  # slots of the simulator's shuffle stand-in (threads of a block)
 FULL_MASK = 0xFFFFFFFF
 
-__all__ = ["warp_sum", "warp_max", "block_sum", "words", "SCRATCH", "WARPS_MAX"]
+__all__ = ["warp_sum", "warp_max", "lanes8_sum", "lanes8_max", "block_sum", "words", "SCRATCH", "WARPS_MAX"]
 
 
 if SIMULATED:
@@ -39,6 +40,16 @@ if SIMULATED:
     @cuda.jit(device=True)
     def warp_max(v, scratch):
         return np.float32(_warp_values(v, scratch).max())
+
+    @cuda.jit(device=True)
+    def lanes8_sum(v, scratch):
+        first = cuda.threadIdx.x % 32 // 8 * 8
+        return np.float32(_warp_values(v, scratch)[first:first + 8].sum(dtype=np.float32))
+
+    @cuda.jit(device=True)
+    def lanes8_max(v, scratch):
+        first = cuda.threadIdx.x % 32 // 8 * 8
+        return np.float32(_warp_values(v, scratch)[first:first + 8].max())
 else:
     @cuda.jit(device=True)
     def warp_sum(v, scratch):
@@ -53,6 +64,20 @@ else:
     def warp_max(v, scratch):
         v = max(v, cuda.shfl_xor_sync(FULL_MASK, v, 16))
         v = max(v, cuda.shfl_xor_sync(FULL_MASK, v, 8))
+        v = max(v, cuda.shfl_xor_sync(FULL_MASK, v, 4))
+        v = max(v, cuda.shfl_xor_sync(FULL_MASK, v, 2))
+        v = max(v, cuda.shfl_xor_sync(FULL_MASK, v, 1))
+        return v
+
+    @cuda.jit(device=True)
+    def lanes8_sum(v, scratch):
+        v += cuda.shfl_xor_sync(FULL_MASK, v, 4)
+        v += cuda.shfl_xor_sync(FULL_MASK, v, 2)
+        v += cuda.shfl_xor_sync(FULL_MASK, v, 1)
+        return v
+
+    @cuda.jit(device=True)
+    def lanes8_max(v, scratch):
         v = max(v, cuda.shfl_xor_sync(FULL_MASK, v, 4))
         v = max(v, cuda.shfl_xor_sync(FULL_MASK, v, 2))
         v = max(v, cuda.shfl_xor_sync(FULL_MASK, v, 1))

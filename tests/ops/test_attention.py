@@ -97,6 +97,11 @@ def test_gemma3_norms_scale_and_window_match_reference(layer, positions):
     check_attention(attn_args("gemma3", 2, 1, 256, **GEMMA), layer, 48, positions, tile=16, splits=4, seed=2)
 
 
+@kernels
+def test_more_than_32_splits_combine():  # the combine's second slot per lane; 2 of 36 splits take 2 tiles
+    check_attention(attn_args("llama", 2, 1, 64), 0, 600, [599], tile=16, splits=36, seed=4)
+
+
 def test_plan_rejects_unsupported_shapes():
     with pytest.raises(ValueError, match="head_dim"):
         plan_attention(attn_args("llama", 4, 2, 96))
@@ -105,6 +110,9 @@ def test_plan_rejects_unsupported_shapes():
         plan_attention(attn_args("llama", 4, 2, 64), tile=8)
     p = plan_attention(attn_args("llama", 32, 8, 128))
     assert (p.tile, p.group, p.grid) == (64, 4, (8, 32))
+    assert plan_attention(attn_args("gemma3", 4, 1, 256, **GEMMA)).grid == (1, 64)  # one kv head: more splits
+    with pytest.raises(ValueError, match="splits"):
+        plan_attention(attn_args("llama", 4, 2, 64), splits=65)
 
 
 @pytest.mark.gpu

@@ -235,6 +235,7 @@ def _attention_kernel(group: int, hd: int, tile: int, splits: int):
     sc_size, acc_size, stat_size, coef_size = group * tile, group * hd, 3 * group, group * splits
     QKV_ITEMS = -(-(group + 2) * hw // THREADS)  # fp16 pairs of q, k, v a thread loads
     ROPE_ITEMS = -(-(group + 1) * hw // THREADS)  # rotated pairs of q and k a thread takes
+    qv_size, rot_size = 2 * QKV_ITEMS, 4 * ROPE_ITEMS
 
     @cuda.jit
     def kernel(qkv, bias, has_bias, q_norm, k_norm, has_norm, eps, scale, position, cos, sin, kc, vc, out,
@@ -259,7 +260,7 @@ def _attention_kernel(group: int, hd: int, tile: int, splits: int):
         # 1. prologue. A block's latency is a chain of memory round trips, so every global load of the
         # prologue is issued before the first use: the thread's qkv pairs, the position, then its RoPE
         # angles and norm weights
-        qv = cuda.local.array(2 * QKV_ITEMS, float32)
+        qv = cuda.local.array(qv_size, float32)
         for j in range(QKV_ITEMS):
             e = tid + j * THREADS
             if e < (group + 2) * hw:
@@ -281,7 +282,7 @@ def _attention_kernel(group: int, hd: int, tile: int, splits: int):
         if b >= n_active:
             return
         owner = (last - first) % splits == b
-        rot = cuda.local.array(4 * ROPE_ITEMS, float32)  # (cos, sin, norm weight of x1, of x2) per pair
+        rot = cuda.local.array(rot_size, float32)  # (cos, sin, norm weight of x1, of x2) per pair
         for j in range(ROPE_ITEMS):
             e = tid + j * THREADS
             if e < (group + 1) * hw:

@@ -53,6 +53,7 @@ def add_rms_norm_reference(args: ModelArgs, x: torch.Tensor, weight: torch.Tenso
 def _add_rms_norm_kernel(per_thread: int):
     """The kernel for `per_thread` fp16 pairs a thread (a constant: the thread's values stay in registers)."""
     P = per_thread
+    VALUES = 2 * P  # local array sizes must be literal constants for Numba
 
     @cuda.jit
     def kernel(x, branch, post_weight, weight, x_out, h, dim, eps, has_branch, has_post):
@@ -67,9 +68,9 @@ def _add_rms_norm_kernel(per_thread: int):
         """
         red = cuda.shared.array(WARPS_MAX, float32)
         scratch = cuda.shared.array(SCRATCH, float32)
-        xv = cuda.local.array(2 * P, float32)
-        bv = cuda.local.array(2 * P, float32)
-        wv = cuda.local.array(2 * P, float32)
+        xv = cuda.local.array(VALUES, float32)
+        bv = cuda.local.array(VALUES, float32)
+        wv = cuda.local.array(VALUES, float32)
         tid = cuda.threadIdx.x
         nthr = cuda.blockDim.x
         pairs = dim // 2

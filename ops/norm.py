@@ -22,8 +22,9 @@ from decdec.args import ModelArgs
 from decdec.ops.ptx import half2_floats, pack_half2
 from decdec.ops.reduce import SCRATCH, WARPS_MAX, block_sum, words
 
-MAX_THREADS = 1024  # one block: one fp16 pair per thread up to 2048 channels, two at 4096
-MAX_DIM = 8192  # channels: at most 4 fp16 pairs a thread
+PAIRS_PER_THREAD = 4  # fp16 pairs a thread takes: fewer warps to sum over, enough loads in flight each
+MAX_THREADS = 512  # one block: 4 pairs a thread up to 4096 channels
+MAX_DIM = 8192  # channels: at most 8 fp16 pairs a thread
 
 __all__ = ["rms_norm", "residual_add", "add_rms_norm_reference", "AddRmsNorm", "MAX_DIM"]
 
@@ -57,7 +58,7 @@ def _add_rms_norm_kernel(per_thread: int):
 
     @cuda.jit
     def kernel(x, branch, post_weight, weight, x_out, h, dim, eps, has_branch, has_post):
-        """One block of min(1024, dim / 2 rounded up to a warp) threads; thread t owns fp16 pairs
+        """One block of T = min(512, dim / 8 rounded up to a warp) threads; thread t owns fp16 pairs
         t, t + T, ... (at most P).
 
         x float32 [dim], branch fp16 pairs as uint32 [dim / 2], weights float32 [dim] -> x_out float32
@@ -121,7 +122,7 @@ class AddRmsNorm:
         dim = weight.shape[0]
         if dim % 2 or dim > MAX_DIM:
             raise ValueError(f"dim = {dim}: the fused norm takes an even width up to {MAX_DIM}")
-        self.threads = min(MAX_THREADS, -(-dim // 64) * 32)
+        self.threads = min(MAX_THREADS, -(-dim // (64 * PAIRS_PER_THREAD)) * 32)
         self.kernel = _add_rms_norm_kernel(-(-dim // 2 // self.threads))
         self.dim, self.eps = dim, np.float32(args.norm_eps)
         self.has_branch, self.has_post = branch is not None, post_weight is not None

@@ -44,7 +44,7 @@ def check(got, want, branch: bool):
 
 @kernels
 @pytest.mark.parametrize("dim, branch, post, scale", [
-    (96, False, False, 1.0),  # plain norm (layer 0's first, the final one): 48 pairs on 2 warps
+    (96, False, False, 1.0),  # plain norm (layer 0's first, the final one): 48 pairs on one warp, 2 a thread
     (160, True, False, 1.0),  # Llama / Qwen2: x + branch, then the norm
     (136, True, True, 3e4),  # Gemma: post-norm of the branch, a residual stream beyond fp16's range
 ])

@@ -22,7 +22,7 @@ def time_norm(dim: int, threads: int, post: bool, n: int = 200) -> float:
     t = lambda *s, dt=torch.float32: torch.randn(*s, device="cuda").to(dt)  # noqa: E731
     x, w, pw, b, h = t(dim), t(dim), t(dim), t(dim, dt=torch.float16), t(dim, dt=torch.float16)
     v = [cuda.as_cuda_array(a) for a in (w, x, h, b, x, pw)]
-    norm.MAX_THREADS = threads
+    norm.MAX_THREADS, norm.PAIRS_PER_THREAD = threads, 1  # blocks of min(threads, dim / 2)
     op = norm.AddRmsNorm(args, v[0], v[1], v[2], branch=v[3], x_out=v[4], post_weight=v[5] if post else None)
     times = kernel_times(lambda: [op() for _ in range(n)], 1)
     return sum(t for _, t in times.values()) / n

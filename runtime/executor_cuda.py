@@ -140,8 +140,8 @@ class DecodeState:
     def __init__(self, args: ModelArgs, weights: dict[str, torch.Tensor], nodes: list[Node], max_seq_len: int,
                  device, cache: KVCache | None = None):
         self.args, self.weights = args, weights  # weights: from device_weights()
-        self.token = torch.zeros(1, dtype=torch.int64, device=device)
-        self.position = torch.zeros(1, dtype=torch.int64, device=device)
+        self.inputs = torch.zeros(2, dtype=torch.int64, device=device)  # written by one copy a step
+        self.token, self.position = self.inputs[0:1], self.inputs[1:2]
         specs, aliases = buffer_specs(args, nodes)
         self.buf = {name: torch.zeros(width, dtype=dtype, device=device) for name, (width, dtype) in specs.items()}
         for name, target in aliases.items():
@@ -278,6 +278,7 @@ class CUDAExecutor:
         self.model, self.plan = model, plan
         nodes = [n for launch in plan.launches for n in launch.nodes]
         self.state = DecodeState(model.args, model.weights, nodes, max_seq_len, DEVICE, cache)
+        self.host_inputs = torch.zeros(2, dtype=torch.int64, pin_memory=True)  # (token, position) of a step
         self.cache = self.state.cache
         # index MAIN / SIDE; priority -1 dispatches the correction's few blocks before the GEMV's
         self.streams = (torch.cuda.Stream(), torch.cuda.Stream(priority=-1))
@@ -406,12 +407,16 @@ class CUDAExecutor:
             self.profiled = self._capture_profiled()  # before the inputs are written: capture synchronizes
         main = self.streams[MAIN]
         with torch.cuda.stream(main):
-            # the graph's inputs, written on the replay stream before the replay (a copy on another stream races it)
-            self.state.token.fill_(token)
-            self.state.position.fill_(position)
+            # the graph's inputs, written on the replay stream before the replay (a copy on another stream
+            # races it); both in one copy from pinned memory, which the last step's sync left free
+            self.host_inputs.numpy()[:] = (token, position)
+            self.state.inputs.copy_(self.host_inputs, non_blocking=True)
             host_start = time.perf_counter()
             timing = self._step(timings is not None, eager)
-            logits = self.state.buf["logits"].to("cpu", copy=True)  # waits for main, which joined the side
+            # into pinned memory: a pageable copy of the logits costs a staging copy on the host
+            logits = torch.empty(self.state.buf["logits"].shape, dtype=torch.float32, pin_memory=True)
+            logits.copy_(self.state.buf["logits"], non_blocking=True)
+            main.synchronize()  # main joined the side stream: the step is done
         if timing is not None:
             torch.cuda.synchronize()
             timings.extend(timing.times(self.plan.launches, host_start))

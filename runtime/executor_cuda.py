@@ -278,7 +278,8 @@ class CUDAExecutor:
         self.model, self.plan = model, plan
         nodes = [n for launch in plan.launches for n in launch.nodes]
         self.state = DecodeState(model.args, model.weights, nodes, max_seq_len, DEVICE, cache)
-        self.host_inputs = torch.zeros(2, dtype=torch.int64, pin_memory=True)  # (token, position) of a step
+        self.pinned = self.state.inputs.is_cuda  # host buffers the device copies from and into are pinned
+        self.host_inputs = torch.zeros(2, dtype=torch.int64, pin_memory=self.pinned)  # (token, position) of a step
         self.cache = self.state.cache
         # index MAIN / SIDE; priority -1 dispatches the correction's few blocks before the GEMV's
         self.streams = (torch.cuda.Stream(), torch.cuda.Stream(priority=-1))
@@ -414,7 +415,7 @@ class CUDAExecutor:
             host_start = time.perf_counter()
             timing = self._step(timings is not None, eager)
             # into pinned memory: a pageable copy of the logits costs a staging copy on the host
-            logits = torch.empty(self.state.buf["logits"].shape, dtype=torch.float32, pin_memory=True)
+            logits = torch.empty(self.state.buf["logits"].shape, dtype=torch.float32, pin_memory=self.pinned)
             logits.copy_(self.state.buf["logits"], non_blocking=True)
             main.synchronize()  # main joined the side stream: the step is done
         if timing is not None:

@@ -13,6 +13,7 @@ from decdec.models.quantize import (
     quant_dequant,
     quantize_awq,
     quantize_rtn,
+    corrected,
     uncorrected,
     unpack_codes,
 )
@@ -231,3 +232,11 @@ def test_uncorrected_zeroes_top_k_per_chunk() -> None:
     smallest_zeroed = torch.where(zeroed[:, :1024], x[:, :1024].abs(), torch.inf).amin(-1)
     largest_kept = torch.where(zeroed[:, :1024], 0, x[:, :1024].abs()).amax(-1)
     assert (smallest_zeroed > largest_kept).all()
+
+
+def test_corrected_is_what_uncorrected_zeroes() -> None:
+    x = torch.randn(5, 1536, generator=_gen(10))
+    for k_chunk in (8, 32):
+        picked = corrected(x, k_chunk)
+        assert picked.layout == torch.sparse_csr and picked._nnz() == 5 * (k_chunk + k_chunk // 2)
+        assert torch.equal(picked.to_dense() + uncorrected(x, k_chunk), x)

@@ -376,8 +376,8 @@ def _search_clip(w_eff: torch.Tensor, gram: torch.Tensor, bits: int, group_size:
     """Per (row, group) clipping bound max|w| * ratio, ratio on a grid of CLIP_GRID in
     [CLIP_MIN_RATIO, 1], minimising the group's output error (gram: `_group_gram` of the rows that
     w_eff sees). Every other ratio is tried first, then the two neighbours of each (row, group)'s
-    best: the error is smooth at that step, and it saves 8 of 20 quantizations. Returns clip
-    [out, n_groups]; ties keep the least clipping."""
+    best (coarse to fine, as `_search_alpha`: 12 quantizations instead of CLIP_GRID). Returns
+    clip [out, n_groups]; ties keep the least clipping."""
     max_abs = _grouped(w_eff, group_size).abs().amax(-1)  # [out, n_groups]
     ratios = torch.linspace(1.0, CLIP_MIN_RATIO, CLIP_GRID)
 
@@ -425,7 +425,10 @@ class _Fit:
         return _from_fake(*codes, self.act_scale, bits, group_size)
 
 
-def _fit_awq(weight, mean_abs, gram, alpha: float, clip: bool, bits: int, group_size: int) -> _Fit:
+def _fit_awq(
+    weight: torch.Tensor, mean_abs: torch.Tensor, gram: torch.Tensor | None, alpha: float, clip: bool, bits: int,
+    group_size: int,
+) -> _Fit:
     """The scale of `alpha` from mean|x| and, if asked, the clipping searched against `gram`."""
     act_scale = 1.0 / awq_channel_scale(mean_abs, alpha)
     if not clip:
@@ -473,6 +476,26 @@ def compensated_error(
     return out.square().sum().item()
 
 
+def _held_back_alpha(
+    weight: torch.Tensor, x: torch.Tensor, k_chunk: int, bits: int, group_size: int, n_grid: int
+) -> tuple[float, float]:
+    """(the alpha quantize_robust fits, RTN's error on the held-back rows with the real table).
+
+    Candidates: AWQ's alpha, the DecDEC-aware alpha (both searched on all the rows, as
+    `quantize_awq` searches) and RTN's (0), each scaled by mean|x| of the search rows of
+    `split_rows` and scored on its held-back rows without clipping and with an exact residual;
+    AWQ's is kept unless another beats it by FALLBACK_MARGIN."""
+    search, held = split_rows(x)
+    alphas = _search_alpha(weight, _subsample_rows(x, AWQ_SEARCH_ROWS), x.abs().mean(0), bits, group_size, n_grid,
+                           tuple(dict.fromkeys((0, k_chunk))))
+    choices = list(dict.fromkeys((*alphas, 0.0)))  # AWQ's alpha first, RTN's last
+    fits = [_fit_awq(weight, search.abs().mean(0), None, a, False, bits, group_size) for a in choices]
+    errors = [compensated_error(weight, f, held, k_chunk, bits, group_size, table=False) for f in fits]
+    best = min(range(len(errors)), key=errors.__getitem__)
+    alpha = choices[best] if errors[best] < errors[0] * (1 - FALLBACK_MARGIN) else choices[0]
+    return alpha, compensated_error(weight, fits[-1], held, k_chunk, bits, group_size)
+
+
 def quantize_robust(
     weight: torch.Tensor,
     calib_x: torch.Tensor,
@@ -483,28 +506,16 @@ def quantize_robust(
 ) -> QuantizedLinear:
     """AWQ that never ends worse than RTN off its fitting rows, and that knows DecDEC is coming.
 
-    The AWQ alpha is searched twice: plainly, and scored by the error left after DecDEC's
-    compensation at `k_chunk` (channels that DecDEC corrects anyway need no protection from the
-    scale). The scales of these alphas and RTN's are scored by `compensated_error` on the rows
-    held back by `split_rows`, with mean|x| from the other rows; AWQ's plain scale is kept unless
-    another is clearly better there (FALLBACK_MARGIN). The chosen scale is then fitted on all the
+    The scale comes from `_held_back_alpha`: AWQ's, unless RTN's or one searched for the error left
+    after DecDEC's compensation at `k_chunk` (channels that DecDEC corrects anyway need no
+    protection from the scale) is clearly better on held-back rows. It is then fitted on all the
     rows with clipping searched plainly (clipping aimed past the corrected channels inflates the
-    residual: see `compensated_error`), exactly as `quantize_awq` does for AWQ's scale; if that
-    ends worse than RTN on the held-back rows, RTN is kept.
+    residual: see `compensated_error`), exactly as `quantize_awq` fits AWQ's scale; if that ends
+    worse than RTN on the held-back rows, RTN is kept.
     """
     weight, x = _check_awq(weight, calib_x, bits, n_grid)
-    search, held = split_rows(x)
-    mean_search, mean_all = search.abs().mean(0), x.abs().mean(0)
-    alphas = _search_alpha(weight, _subsample_rows(x, AWQ_SEARCH_ROWS), mean_all, bits, group_size, n_grid,
-                           tuple(dict.fromkeys((0, k_chunk))))
-    choices = list(dict.fromkeys((*alphas, 0.0)))  # AWQ's alpha first, RTN's (0) last
-    fits = [_fit_awq(weight, mean_search, None, a, False, bits, group_size) for a in choices]
-    errors = [compensated_error(weight, f, held, k_chunk, bits, group_size, table=False) for f in fits]
-    best = min(range(len(errors)), key=errors.__getitem__)
-    if errors[best] >= errors[0] * (1 - FALLBACK_MARGIN):
-        best = 0
-    fit = _fit_awq(weight, mean_all, _group_gram(x, group_size), choices[best], True, bits, group_size)
-    rtn_error = compensated_error(weight, fits[-1], held, k_chunk, bits, group_size)
-    if compensated_error(weight, fit, held, k_chunk, bits, group_size) > rtn_error:
+    alpha, rtn_error = _held_back_alpha(weight, x, k_chunk, bits, group_size, n_grid)
+    fit = _fit_awq(weight, x.abs().mean(0), _group_gram(x, group_size), alpha, True, bits, group_size)
+    if compensated_error(weight, fit, split_rows(x)[1], k_chunk, bits, group_size) > rtn_error:
         return quantize_rtn(weight, bits, group_size)
     return fit.pack(weight, bits, group_size)

@@ -12,12 +12,12 @@ AWQ (Lin et al., "AWQ: Activation-aware Weight Quantization", MLSys 2024) in two
 The layer then computes `y = deq(Q) @ (x * act_scale)` with `act_scale = 1 / s`.
 
 `quantize_robust` guards AWQ against its own over-fitting and aims it at what DecDEC leaves: it
-scores AWQ's scale, RTN's and a scale searched for the error left after DecDEC's compensation at
-the planned k_chunk on calibration rows held back from the scale's statistics, keeps AWQ's unless
-another is clearly better there, and falls back to RTN where the result ends worse than RTN.
+scores AWQ's scale and RTN's by the error left after DecDEC's compensation at the planned
+k_chunk, on calibration rows held back from the scale's statistics, keeps AWQ's unless RTN's is
+clearly better there, and falls back to RTN where the result ends worse than RTN.
 
 Every search scores its candidates with float32 matrix products on the CPU: one quantization and
-one product per candidate, the corrected channels as a sparse product, and the clipping search
+one product per candidate, the corrected channels as a sparse product, the clipping search
 against one Gram matrix per group of inputs.
 """
 
@@ -44,9 +44,6 @@ from decdec.constants import CHUNK_SIZE, chunk_ks
 GROUP_SIZE = 128  # inputs sharing one scale/zero (FORMATS.md; AWQ's and GPTQ's usual choice)
 
 AWQ_SEARCH_ROWS = 512  # calibration rows for the alpha search (llm-awq also searches on 512 tokens)
-# weight rows (outputs, evenly strided) whose error the alpha search sums: the loss is a sum of
-# independent per-output terms, so a sample of a wide layer's outputs estimates it at a fraction of the cost
-AWQ_SEARCH_OUTPUTS = 1024
 AWQ_MIN_CHANNEL_SCALE = 1e-4  # floor on mean|x|^alpha: a channel that is always 0 gets a finite s
 CLIP_GRID = 20  # clipping ratios tried per (row, group) ...
 CLIP_MIN_RATIO = 0.5  # ... evenly from 1.0 (no clipping) down to this (half the range, as llm-awq)
@@ -276,7 +273,8 @@ def awq_channel_scale(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
 def _top_channels(x_seen: torch.Tensor, k_chunk: int) -> torch.Tensor:
     """int64 [N, n]: per row, the channels of largest |x~| that DecDEC corrects at k_chunk (exact
     top-k per 1024-chunk, which the bucket selector nearly matches), ascending. Ties are
-    immaterial to an error estimate, so topk, not the selector's slower stable sort."""
+    immaterial to an error estimate, so topk, not the selector's slower stable sort. The 4-bit
+    residual is what DecDEC adds there; the other channels keep the weight's error."""
     width = x_seen.shape[-1]
     parts = [x_seen[:, start : start + CHUNK_SIZE].abs().topk(k, dim=-1, sorted=False).indices + start
              for start, k in zip(range(0, width, CHUNK_SIZE), chunk_ks(width, k_chunk)) if k]
@@ -285,20 +283,10 @@ def _top_channels(x_seen: torch.Tensor, k_chunk: int) -> torch.Tensor:
     return torch.cat(parts, -1).sort(-1).values
 
 
-def uncorrected(x_seen: torch.Tensor, k_chunk: int) -> torch.Tensor:
-    """The activations x~ [N, in] whose weight error DecDEC leaves in the output: x~ with the
-    channels of `_top_channels` zeroed in every row. The 4-bit residual is taken as exact, so a
-    corrected channel adds no error. k_chunk = 0 (no DecDEC) leaves x~ whole."""
-    if k_chunk == 0:
-        return x_seen
-    keep = torch.ones_like(x_seen)
-    keep.scatter_(-1, _top_channels(x_seen, k_chunk), 0.0)
-    return x_seen * keep
-
-
 def corrected(x_seen: torch.Tensor, k_chunk: int) -> torch.Tensor:
-    """x~ - uncorrected(x~) as a sparse CSR [N, in] tensor: DecDEC corrects k_chunk of every 1024
-    channels, so a product with it costs a few per cent of the dense one."""
+    """x~ at the channels of `_top_channels`, zero elsewhere, as a sparse CSR [N, in] tensor:
+    DecDEC corrects k_chunk of every 1024 channels, so a product with it costs a few per cent of
+    the dense one."""
     top = _top_channels(x_seen, k_chunk)  # [N, n]
     rows = torch.arange(0, top.numel() + 1, max(1, top.shape[1]))
     with warnings.catch_warnings():  # torch calls all of CSR "beta"; a product with a dense matrix is all we use
@@ -306,48 +294,29 @@ def corrected(x_seen: torch.Tensor, k_chunk: int) -> torch.Tensor:
         return torch.sparse_csr_tensor(rows, top.flatten(), x_seen.gather(1, top).flatten(), x_seen.shape)
 
 
-def _left_after_decdec(out: torch.Tensor, x_seen: torch.Tensor, k_chunk: int, err_t: torch.Tensor) -> torch.Tensor:
-    """uncorrected(x_seen, k_chunk) @ err_t from out = x_seen @ err_t: the dense product is shared
-    by every k_chunk, only the sparse corrected part is subtracted."""
-    return out - torch.sparse.mm(corrected(x_seen, k_chunk), err_t) if k_chunk else out
-
-
 def _search_alpha(
-    weight: torch.Tensor,
-    x: torch.Tensor,
-    mean_abs: torch.Tensor,
-    bits: int,
-    group_size: int,
-    n_grid: int,
-    k_chunks: tuple[int, ...] = (0,),
-) -> list[float]:
-    """Per k_chunk, the alpha in {0, 1/n_grid, ..., (n_grid-1)/n_grid} whose act_scale = 1/s has
-    the least output error on rows x after DecDEC's compensation at that k_chunk with an exact
-    residual, ||uncorrected(x * act_scale) (Q(W') - W')^T||^2 with W' = W / act_scale, summed over
-    at most AWQ_SEARCH_OUTPUTS outputs (one quantization and one dense product per alpha serve
-    every k_chunk). Every other alpha is tried first, then the two neighbours of each k_chunk's
-    best (a coarse-to-fine search: it trusts the error to change little from one alpha to the
-    next). alpha = 0, plain RTN, is always tried; ties keep the smaller alpha; a NaN loss (float16
-    scale overflow) is never chosen."""
-    losses = torch.full((len(k_chunks), n_grid), float("inf"))
-    weight = _subsample_rows(weight, AWQ_SEARCH_OUTPUTS)
+    weight: torch.Tensor, x: torch.Tensor, mean_abs: torch.Tensor, bits: int, group_size: int, n_grid: int
+) -> float:
+    """The alpha in {0, 1/n_grid, ..., (n_grid-1)/n_grid} whose act_scale = 1/s has the least output
+    error ||(x * act_scale) (Q(W') - W')^T||^2 on rows x, with W' = W / act_scale. Every other
+    alpha is tried first, then the two neighbours of the best (a coarse-to-fine search: it trusts
+    the error to change little from one alpha to the next). alpha = 0, plain RTN, is always tried;
+    ties keep the smaller alpha; a NaN loss (float16 scale overflow) is never chosen."""
+    losses = torch.full((n_grid,), float("inf"))
 
     def score(a: int) -> None:
         act_scale = 1.0 / awq_channel_scale(mean_abs, a / n_grid)
         w_eff = weight / act_scale
-        err_t = (quant_dequant(w_eff, bits, group_size) - w_eff).T.contiguous()
-        xs = x * act_scale
-        out = xs @ err_t
-        for i, k in enumerate(k_chunks):
-            losses[i, a] = _left_after_decdec(out, xs, k, err_t).square().sum()
+        losses[a] = torch.nan_to_num(((x * act_scale) @ (quant_dequant(w_eff, bits, group_size) - w_eff).T).square().sum(),
+                                     nan=float("inf"))
 
     for a in range(0, n_grid, 2):
         score(a)
-    best = torch.nan_to_num(losses, nan=float("inf")).argmin(1).tolist()
-    for a in sorted({b + step for b in best for step in (-1, 1)} - set(range(0, n_grid, 2))):
-        if 0 <= a < n_grid:
+    best = int(losses.argmin())
+    for a in (best - 1, best + 1):
+        if 0 <= a < n_grid and a % 2:
             score(a)
-    return [int(i) / n_grid for i in torch.nan_to_num(losses, nan=float("inf")).argmin(1)]
+    return int(losses.argmin()) / n_grid
 
 
 def _group_gram(x: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -452,7 +421,7 @@ def quantize_awq(
     """
     weight, x = _check_awq(weight, calib_x, bits, n_grid)
     mean_abs = x.abs().mean(0)
-    (alpha,) = _search_alpha(weight, _subsample_rows(x, AWQ_SEARCH_ROWS), mean_abs, bits, group_size, n_grid)
+    alpha = _search_alpha(weight, _subsample_rows(x, AWQ_SEARCH_ROWS), mean_abs, bits, group_size, n_grid)
     return _fit_awq(weight, mean_abs, _group_gram(x, group_size), alpha, True, bits, group_size).pack(weight, bits, group_size)
 
 
@@ -481,19 +450,17 @@ def _held_back_alpha(
 ) -> tuple[float, float]:
     """(the alpha quantize_robust fits, RTN's error on the held-back rows with the real table).
 
-    Candidates: AWQ's alpha, the DecDEC-aware alpha (both searched on all the rows, as
-    `quantize_awq` searches) and RTN's (0), each scaled by mean|x| of the search rows of
-    `split_rows` and scored on its held-back rows without clipping and with an exact residual;
-    AWQ's is kept unless another beats it by FALLBACK_MARGIN."""
+    AWQ's alpha (searched on all the rows, as `quantize_awq` searches) and RTN's (0) are scaled by
+    mean|x| of the search rows of `split_rows` and scored after DecDEC's compensation at k_chunk
+    on its held-back rows, without clipping and with an exact residual; AWQ's is kept unless
+    RTN's beats it by FALLBACK_MARGIN."""
     search, held = split_rows(x)
-    alphas = _search_alpha(weight, _subsample_rows(x, AWQ_SEARCH_ROWS), x.abs().mean(0), bits, group_size, n_grid,
-                           tuple(dict.fromkeys((0, k_chunk))))
-    choices = list(dict.fromkeys((*alphas, 0.0)))  # AWQ's alpha first, RTN's last
-    fits = [_fit_awq(weight, search.abs().mean(0), None, a, False, bits, group_size) for a in choices]
-    errors = [compensated_error(weight, f, held, k_chunk, bits, group_size, table=False) for f in fits]
-    best = min(range(len(errors)), key=errors.__getitem__)
-    alpha = choices[best] if errors[best] < errors[0] * (1 - FALLBACK_MARGIN) else choices[0]
-    return alpha, compensated_error(weight, fits[-1], held, k_chunk, bits, group_size)
+    awq = _search_alpha(weight, _subsample_rows(x, AWQ_SEARCH_ROWS), x.abs().mean(0), bits, group_size, n_grid)
+    awq_fit, rtn_fit = (_fit_awq(weight, search.abs().mean(0), None, a, False, bits, group_size) for a in (awq, 0.0))
+    awq_error, rtn_exact = (compensated_error(weight, f, held, k_chunk, bits, group_size, table=False)
+                            for f in (awq_fit, rtn_fit))
+    alpha = 0.0 if rtn_exact < awq_error * (1 - FALLBACK_MARGIN) else awq
+    return alpha, compensated_error(weight, rtn_fit, held, k_chunk, bits, group_size)
 
 
 def quantize_robust(
@@ -506,12 +473,12 @@ def quantize_robust(
 ) -> QuantizedLinear:
     """AWQ that never ends worse than RTN off its fitting rows, and that knows DecDEC is coming.
 
-    The scale comes from `_held_back_alpha`: AWQ's, unless RTN's or one searched for the error left
-    after DecDEC's compensation at `k_chunk` (channels that DecDEC corrects anyway need no
-    protection from the scale) is clearly better on held-back rows. It is then fitted on all the
-    rows with clipping searched plainly (clipping aimed past the corrected channels inflates the
-    residual: see `compensated_error`), exactly as `quantize_awq` fits AWQ's scale; if that ends
-    worse than RTN on the held-back rows, RTN is kept.
+    The scale comes from `_held_back_alpha`: AWQ's, unless RTN's is clearly better on held-back
+    rows once DecDEC has compensated at `k_chunk` (AWQ protects the salient channels, which
+    DecDEC may correct anyway). It is then fitted on all the rows with clipping searched plainly
+    (clipping aimed past the corrected channels inflates the residual: see `compensated_error`),
+    exactly as `quantize_awq` fits AWQ's scale; if that ends worse than RTN on the held-back rows,
+    RTN is kept.
     """
     weight, x = _check_awq(weight, calib_x, bits, n_grid)
     alpha, rtn_error = _held_back_alpha(weight, x, k_chunk, bits, group_size, n_grid)

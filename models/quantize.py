@@ -344,22 +344,16 @@ def _group_output_error(w_err: torch.Tensor, gram: torch.Tensor, group_size: int
 def _search_clip(w_eff: torch.Tensor, gram: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """Per (row, group) clipping bound max|w| * ratio, ratio on a grid of CLIP_GRID in
     [CLIP_MIN_RATIO, 1], minimising the group's output error (gram: `_group_gram` of the rows that
-    w_eff sees). Every other ratio is tried first, then the two neighbours of each (row, group)'s
-    best (coarse to fine, as `_search_alpha`: 12 quantizations instead of CLIP_GRID). Returns
+    w_eff sees). Every ratio is tried: a (row, group)'s error jumps with the rounding from one
+    ratio to the next, and a coarse-to-fine search missed minima that cost perplexity. Returns
     clip [out, n_groups]; ties keep the least clipping."""
     max_abs = _grouped(w_eff, group_size).abs().amax(-1)  # [out, n_groups]
     ratios = torch.linspace(1.0, CLIP_MIN_RATIO, CLIP_GRID)
-
-    def error(ratio: torch.Tensor) -> torch.Tensor:
-        return _group_output_error(quant_dequant(w_eff, bits, group_size, max_abs * ratio) - w_eff, gram, group_size)
-
-    best_err, best = torch.stack([error(r) for r in ratios[::2]]).min(0)  # first minimum: the least clipping
-    best = best * 2
-    less, more = (best - 1).clamp(min=0), (best + 1).clamp(max=CLIP_GRID - 1)
-    for near, keep_ties in ((less, True), (more, False)):  # a tie goes to less clipping
-        err = error(ratios[near])
-        better = err <= best_err if keep_ties else err < best_err
-        best_err, best = torch.where(better, err, best_err), torch.where(better, near, best)
+    errors = [
+        _group_output_error(quant_dequant(w_eff, bits, group_size, max_abs * r) - w_eff, gram, group_size)
+        for r in ratios.tolist()
+    ]
+    best = torch.stack(errors).argmin(0)  # first minimum: the largest ratio among equals
     return max_abs * ratios[best]
 
 

@@ -345,8 +345,8 @@ def _search_clip(w_eff: torch.Tensor, gram: torch.Tensor, bits: int, group_size:
     """Per (row, group) clipping bound max|w| * ratio, ratio on a grid of CLIP_GRID in
     [CLIP_MIN_RATIO, 1], minimising the group's output error (gram: `_group_gram` of the rows that
     w_eff sees). Every ratio is tried: a (row, group)'s error jumps with the rounding from one
-    ratio to the next, and a coarse-to-fine search missed minima that cost perplexity. Returns
-    clip [out, n_groups]; ties keep the least clipping."""
+    ratio to the next, so a minimum can sit between the points of a coarser grid. Returns clip
+    [out, n_groups]; ties keep the least clipping."""
     max_abs = _grouped(w_eff, group_size).abs().amax(-1)  # [out, n_groups]
     ratios = torch.linspace(1.0, CLIP_MIN_RATIO, CLIP_GRID)
     errors = [

@@ -12,13 +12,18 @@ AWQ (Lin et al., "AWQ: Activation-aware Weight Quantization", MLSys 2024) in two
 The layer then computes `y = deq(Q) @ (x * act_scale)` with `act_scale = 1 / s`.
 
 `quantize_robust` guards AWQ against its own over-fitting and aims it at what DecDEC leaves: it
-searches on part of the calibration rows, scores every choice by the output error that remains
-after DecDEC's compensation at the planned k_chunk, and keeps per layer whichever of RTN and the
-AWQ variants does best on the rows held back from the search.
+scores AWQ's scale and RTN's by the error left after DecDEC's compensation at the planned
+k_chunk, on calibration rows held back from the scale's statistics, keeps AWQ's unless RTN's is
+clearly better there, and falls back to RTN where the result ends worse than RTN.
+
+Every search scores its candidates with float32 matrix products on the CPU: one quantization and
+one product per candidate, the corrected channels as a sparse product, the clipping search
+against one Gram matrix per group of inputs.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -43,6 +48,10 @@ AWQ_MIN_CHANNEL_SCALE = 1e-4  # floor on mean|x|^alpha: a channel that is always
 CLIP_GRID = 20  # clipping ratios tried per (row, group) ...
 CLIP_MIN_RATIO = 0.5  # ... evenly from 1.0 (no clipping) down to this (half the range, as llm-awq)
 HOLDOUT_FRACTION = 4  # quantize_robust validates its choice on the last quarter of the calibration rows
+# quantize_robust leaves AWQ's scale for another only when that one's held-back error is lower by
+# this fraction: the held-back rows are one stretch of text, and smaller wins there were noise
+# that did not carry over to other text
+FALLBACK_MARGIN = 0.15
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,67 +270,83 @@ def awq_channel_scale(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
     return s / (s.max() * s.min()).sqrt()
 
 
-def uncorrected(x_seen: torch.Tensor, k_chunk: int) -> torch.Tensor:
-    """The activations x~ [N, in] whose weight error DecDEC leaves in the output: x~ with the k_chunk
-    channels of largest |x~| per 1024-chunk zeroed in every row (the exact top-k, which the bucket
-    selector nearly matches; ties are immaterial to an error estimate, so topk, not the selector's
-    slower stable sort). The 4-bit residual is taken as exact, so a corrected channel adds no
-    error. k_chunk = 0 (no DecDEC) leaves x~ whole."""
-    if k_chunk == 0:
-        return x_seen
-    keep = torch.ones_like(x_seen)
-    for start, k in zip(range(0, x_seen.shape[-1], CHUNK_SIZE), chunk_ks(x_seen.shape[-1], k_chunk)):
-        top = x_seen[:, start : start + CHUNK_SIZE].abs().topk(k, dim=-1, sorted=False).indices
-        keep.scatter_(-1, top + start, 0.0)
-    return x_seen * keep
+def _top_channels(x_seen: torch.Tensor, k_chunk: int) -> torch.Tensor:
+    """int64 [N, n]: per row, the channels of largest |x~| that DecDEC corrects at k_chunk (exact
+    top-k per 1024-chunk, which the bucket selector nearly matches), ascending. Ties are
+    immaterial to an error estimate, so topk, not the selector's slower stable sort. The 4-bit
+    residual is what DecDEC adds there; the other channels keep the weight's error."""
+    width = x_seen.shape[-1]
+    parts = [x_seen[:, start : start + CHUNK_SIZE].abs().topk(k, dim=-1, sorted=False).indices + start
+             for start, k in zip(range(0, width, CHUNK_SIZE), chunk_ks(width, k_chunk)) if k]
+    if not parts:
+        return torch.empty(x_seen.shape[0], 0, dtype=torch.int64)
+    return torch.cat(parts, -1).sort(-1).values
 
 
-def _search_act_scale(
-    weight: torch.Tensor,
-    x: torch.Tensor,
-    mean_abs: torch.Tensor,
-    bits: int,
-    group_size: int,
-    n_grid: int,
-    k_chunks: tuple[int, ...] = (0,),
-) -> list[torch.Tensor]:
-    """Per k_chunk, act_scale = 1/s for the alpha in {0, 1/n_grid, ..., (n_grid-1)/n_grid} with the
-    least output error on rows x after DecDEC's compensation at that k_chunk with an exact residual,
-    ||(Q(W') - W') uncorrected(x * act_scale)||^2 with W' = W / act_scale (one quantization per
-    alpha serves every k_chunk). alpha = 0 is plain RTN, so the search never does worse on x; ties
-    keep the smaller alpha; a NaN loss (float16 scale overflow) is never chosen."""
-    scales = [1.0 / awq_channel_scale(mean_abs, a / n_grid) for a in range(n_grid)]
-    losses = torch.empty(len(k_chunks), n_grid)
-    for a, act_scale in enumerate(scales):
+def corrected(x_seen: torch.Tensor, k_chunk: int) -> torch.Tensor:
+    """x~ at the channels of `_top_channels`, zero elsewhere, as a sparse CSR [N, in] tensor:
+    DecDEC corrects k_chunk of every 1024 channels, so a product with it costs a few per cent of
+    the dense one."""
+    top = _top_channels(x_seen, k_chunk)  # [N, n]
+    rows = torch.arange(0, top.numel() + 1, max(1, top.shape[1]))
+    with warnings.catch_warnings():  # torch calls all of CSR "beta"; a product with a dense matrix is all we use
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(rows, top.flatten(), x_seen.gather(1, top).flatten(), x_seen.shape)
+
+
+def _search_alpha(
+    weight: torch.Tensor, x: torch.Tensor, mean_abs: torch.Tensor, bits: int, group_size: int, n_grid: int
+) -> float:
+    """The alpha in {0, 1/n_grid, ..., (n_grid-1)/n_grid} whose act_scale = 1/s has the least output
+    error ||(x * act_scale) (Q(W') - W')^T||^2 on rows x, with W' = W / act_scale. Every other
+    alpha is tried first, then the two neighbours of the best (a coarse-to-fine search: it trusts
+    the error to change little from one alpha to the next). alpha = 0, plain RTN, is always tried;
+    ties keep the smaller alpha; a NaN loss (float16 scale overflow) is never chosen."""
+    losses = torch.full((n_grid,), float("inf"))
+
+    def score(a: int) -> None:
+        act_scale = 1.0 / awq_channel_scale(mean_abs, a / n_grid)
         w_eff = weight / act_scale
-        err_t = (quant_dequant(w_eff, bits, group_size) - w_eff).T
-        xs = x * act_scale
-        for i, k in enumerate(k_chunks):
-            losses[i, a] = (uncorrected(xs, k) @ err_t).square().sum().item()
-    return [scales[int(i)] for i in torch.nan_to_num(losses, nan=float("inf")).argmin(1)]
+        losses[a] = torch.nan_to_num(((x * act_scale) @ (quant_dequant(w_eff, bits, group_size) - w_eff).T).square().sum(),
+                                     nan=float("inf"))
+
+    for a in range(0, n_grid, 2):
+        score(a)
+    best = int(losses.argmin())
+    for a in (best - 1, best + 1):
+        if 0 <= a < n_grid and a % 2:
+            score(a)
+    return int(losses.argmin()) / n_grid
 
 
 def _group_gram(x: torch.Tensor, group_size: int) -> torch.Tensor:
     """Per-group Gram matrices of the rows of x [N, in] -> [n_groups, group_size, group_size].
 
     The output error of one (row, group) is d^T G d with d the group's weight error, so the
-    clipping search sees every calibration row at the cost of one Gram matrix."""
-    groups = _grouped(x, group_size)  # [N, n_groups, group_size]
-    return torch.einsum("ngi,ngj->gij", groups, groups)
+    clipping search sees every calibration row at the cost of one Gram matrix; the Gram of
+    x * act_scale is this one scaled on both sides, so one per layer serves every scale."""
+    groups = _grouped(x, group_size).transpose(0, 1)  # [n_groups, N, group_size]
+    return groups.transpose(1, 2) @ groups
+
+
+def _scaled_gram(gram: torch.Tensor, act_scale: torch.Tensor) -> torch.Tensor:
+    """The `_group_gram` of x * act_scale from that of x."""
+    s = _grouped(act_scale, gram.shape[-1])  # [n_groups, group_size]
+    return s[:, :, None] * gram * s[:, None, :]
 
 
 def _group_output_error(w_err: torch.Tensor, gram: torch.Tensor, group_size: int) -> torch.Tensor:
     """sum over rows of x of (x_g . d_og)^2 for weight error d [out, in] -> [out, n_groups]."""
-    d = _grouped(w_err, group_size)  # [out, n_groups, group_size]
-    return (torch.einsum("ogi,gij->ogj", d, gram) * d).sum(-1)
+    d = _grouped(w_err, group_size).transpose(0, 1)  # [n_groups, out, group_size]
+    return ((d @ gram) * d).sum(-1).T
 
 
-def _search_clip(
-    w_eff: torch.Tensor, x_eff: torch.Tensor, bits: int, group_size: int
-) -> torch.Tensor:
-    """Per (row, group) clipping bound max|w| * ratio, ratio in [CLIP_MIN_RATIO, 1], minimising the
-    group's output error on x_eff. Returns clip [out, n_groups]; ties keep the least clipping."""
-    gram = _group_gram(x_eff, group_size)
+def _search_clip(w_eff: torch.Tensor, gram: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """Per (row, group) clipping bound max|w| * ratio, ratio on a grid of CLIP_GRID in
+    [CLIP_MIN_RATIO, 1], minimising the group's output error (gram: `_group_gram` of the rows that
+    w_eff sees). Every ratio is tried: a (row, group)'s error jumps with the rounding from one
+    ratio to the next, so a minimum can sit between the points of a coarser grid. Returns clip
+    [out, n_groups]; ties keep the least clipping."""
     max_abs = _grouped(w_eff, group_size).abs().amax(-1)  # [out, n_groups]
     ratios = torch.linspace(1.0, CLIP_MIN_RATIO, CLIP_GRID)
     errors = [
@@ -346,6 +371,34 @@ def _check_awq(weight: torch.Tensor, calib_x: torch.Tensor, bits: int, n_grid: i
     return weight, x
 
 
+@dataclass
+class _Fit:
+    """One candidate quantization before packing: the AWQ scale (1/s) and the clipping bounds."""
+
+    act_scale: torch.Tensor  # float32 [in]
+    clip: torch.Tensor | None  # [out, n_groups], None: the full range
+
+    def dequantized(self, weight: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W', deq(Q(W'))): the weight it quantizes and its dequantized codes, as `pack` stores them."""
+        w_eff = weight / self.act_scale  # exactly what residual.effective_weight recomputes
+        return w_eff, quant_dequant(w_eff, bits, group_size, self.clip)
+
+    def pack(self, weight: torch.Tensor, bits: int, group_size: int) -> QuantizedLinear:
+        codes = fake_quantize(weight / self.act_scale, bits, group_size, self.clip)
+        return _from_fake(*codes, self.act_scale, bits, group_size)
+
+
+def _fit_awq(
+    weight: torch.Tensor, mean_abs: torch.Tensor, gram: torch.Tensor | None, alpha: float, clip: bool, bits: int,
+    group_size: int,
+) -> _Fit:
+    """The scale of `alpha` from mean|x| and, if asked, the clipping searched against `gram`."""
+    act_scale = 1.0 / awq_channel_scale(mean_abs, alpha)
+    if not clip:
+        return _Fit(act_scale, None)
+    return _Fit(act_scale, _search_clip(weight / act_scale, _scaled_gram(gram, act_scale), bits, group_size))
+
+
 def quantize_awq(
     weight: torch.Tensor,
     calib_x: torch.Tensor,
@@ -361,24 +414,47 @@ def quantize_awq(
     uses at most AWQ_SEARCH_ROWS evenly strided rows; mean|x| and the clipping search use all.
     """
     weight, x = _check_awq(weight, calib_x, bits, n_grid)
-    (act_scale,) = _search_act_scale(weight, _subsample_rows(x, AWQ_SEARCH_ROWS), x.abs().mean(0), bits, group_size, n_grid)
-    w_eff = weight / act_scale  # exactly what residual.effective_weight recomputes
-    clip = _search_clip(w_eff, x * act_scale, bits, group_size)
-    return _from_fake(*fake_quantize(w_eff, bits, group_size, clip), act_scale, bits, group_size)
+    mean_abs = x.abs().mean(0)
+    alpha = _search_alpha(weight, _subsample_rows(x, AWQ_SEARCH_ROWS), mean_abs, bits, group_size, n_grid)
+    return _fit_awq(weight, mean_abs, _group_gram(x, group_size), alpha, True, bits, group_size).pack(weight, bits, group_size)
 
 
-def compensated_error(weight: torch.Tensor, q: QuantizedLinear, x: torch.Tensor, k_chunk: int) -> float:
-    """Squared output error of `q` on rows x [N, in] after DecDEC's compensation at k_chunk with the
-    real 4-bit residual table: clipping inflates the residual's range and so its 4-bit error, which
-    the scale search's estimate (an exact residual) cannot see."""
-    from decdec.models.residual import build_residual, effective_weight  # residual.py builds on this module
+def compensated_error(
+    weight: torch.Tensor, fit: _Fit, x: torch.Tensor, k_chunk: int, bits: int, group_size: int, table: bool = True
+) -> float:
+    """Squared output error of `fit` on rows x [N, in] after DecDEC's compensation at k_chunk, with
+    the real 4-bit residual table (`table`) or an exact residual. The table matters where a choice
+    must be exact: clipping inflates the residual's range and so its 4-bit error, which an exact
+    residual cannot see, and its scale search costs more than the rest of this error."""
+    from decdec.models.residual import residual_round_trip  # residual.py builds on this module
 
-    xs = x * q.act_scale
-    w_eff = effective_weight(weight, q)
-    out = xs @ (q.dequantize() - w_eff).T
+    w_eff, deq = fit.dequantized(weight, bits, group_size)
+    xs = x * fit.act_scale
+    out = xs @ (deq - w_eff).T
     if k_chunk:
-        out += (xs - uncorrected(xs, k_chunk)) @ build_residual(w_eff, q).dequantize().T
+        residual = w_eff - deq
+        if table:
+            residual = residual_round_trip(residual)
+        out += torch.sparse.mm(corrected(xs, k_chunk), residual.T.contiguous())
     return out.square().sum().item()
+
+
+def _held_back_alpha(
+    weight: torch.Tensor, x: torch.Tensor, k_chunk: int, bits: int, group_size: int, n_grid: int
+) -> tuple[float, float]:
+    """(the alpha quantize_robust fits, RTN's error on the held-back rows with the real table).
+
+    AWQ's alpha (searched on all the rows, as `quantize_awq` searches) and RTN's (0) are scaled by
+    mean|x| of the search rows of `split_rows` and scored after DecDEC's compensation at k_chunk
+    on its held-back rows, without clipping and with an exact residual; AWQ's is kept unless
+    RTN's beats it by FALLBACK_MARGIN."""
+    search, held = split_rows(x)
+    awq = _search_alpha(weight, _subsample_rows(x, AWQ_SEARCH_ROWS), x.abs().mean(0), bits, group_size, n_grid)
+    awq_fit, rtn_fit = (_fit_awq(weight, search.abs().mean(0), None, a, False, bits, group_size) for a in (awq, 0.0))
+    awq_error, rtn_exact = (compensated_error(weight, f, held, k_chunk, bits, group_size, table=False)
+                            for f in (awq_fit, rtn_fit))
+    alpha = 0.0 if rtn_exact < awq_error * (1 - FALLBACK_MARGIN) else awq
+    return alpha, compensated_error(weight, rtn_fit, held, k_chunk, bits, group_size)
 
 
 def quantize_robust(
@@ -389,28 +465,18 @@ def quantize_robust(
     k_chunk: int = 0,
     n_grid: int = 20,
 ) -> QuantizedLinear:
-    """AWQ that never ends worse than RTN off its search rows, and that knows DecDEC is coming.
+    """AWQ that never ends worse than RTN off its fitting rows, and that knows DecDEC is coming.
 
-    The AWQ scale is searched on the search rows of `split_rows` twice: plainly, and scored by the
-    error left after DecDEC's compensation at `k_chunk` (channels that DecDEC
-    corrects anyway need no protection from the scale). Clipping is searched plainly for each
-    scale (clipping aimed past the corrected channels inflates the residual: see
-    `compensated_error`). The candidates RTN, RTN + clipping and each scale + clipping are then
-    scored by `compensated_error` on the held-back rows, and the best is kept (ties go to the
-    earlier, simpler one): a search that over-fits its rows falls back per layer.
+    The scale comes from `_held_back_alpha`: AWQ's, unless RTN's is clearly better on held-back
+    rows once DecDEC has compensated at `k_chunk` (AWQ protects the salient channels, which
+    DecDEC may correct anyway). It is then fitted on all the rows with clipping searched plainly
+    (clipping aimed past the corrected channels inflates the residual: see `compensated_error`),
+    exactly as `quantize_awq` fits AWQ's scale; if that ends worse than RTN on the held-back rows,
+    RTN is kept.
     """
     weight, x = _check_awq(weight, calib_x, bits, n_grid)
-    search, held = split_rows(x)
-    rows, mean_abs = _subsample_rows(search, AWQ_SEARCH_ROWS), search.abs().mean(0)
-    ones = torch.ones(weight.shape[1])
-    scales = [ones]
-    for s in _search_act_scale(weight, rows, mean_abs, bits, group_size, n_grid, tuple(dict.fromkeys((0, k_chunk)))):
-        if not any(torch.equal(s, t) for t in scales):
-            scales.append(s)
-    candidates = [quantize_rtn(weight, bits, group_size)] + [
-        _from_fake(*fake_quantize(weight / s, bits, group_size, _search_clip(weight / s, search * s, bits, group_size)),
-                   s, bits, group_size)
-        for s in scales
-    ]
-    errors = [compensated_error(weight, q, held, k_chunk) for q in candidates]
-    return candidates[min(range(len(errors)), key=errors.__getitem__)]
+    alpha, rtn_error = _held_back_alpha(weight, x, k_chunk, bits, group_size, n_grid)
+    fit = _fit_awq(weight, x.abs().mean(0), _group_gram(x, group_size), alpha, True, bits, group_size)
+    if compensated_error(weight, fit, split_rows(x)[1], k_chunk, bits, group_size) > rtn_error:
+        return quantize_rtn(weight, bits, group_size)
+    return fit.pack(weight, bits, group_size)

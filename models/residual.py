@@ -18,7 +18,7 @@ from decdec.errors import ArtifactError
 
 RESIDUAL_MAX_CODE = 7  # symmetric 4-bit codes in [-7, 7]: 0 is exact and -8 is left unused
 SCALE_GRID = 32  # candidate scales max|R_row| / 7 * c / 32, c = 1..32 (DecDEC's grid search)
-SEARCH_BLOCK = 1 << 20  # elements of one batch of the scale search
+SEARCH_BLOCK = 1 << 19  # elements of one batch of the scale search
 
 
 @dataclass
@@ -84,7 +84,7 @@ def effective_weight(weight: torch.Tensor, qlinear: QuantizedLinear) -> torch.Te
 
 def _quantize_rows(residual: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Symmetric codes in [-7, 7] of residual [..., in] at scales [..., 1] (0 scale: 0)."""
-    ratio = torch.where(scales > 0, residual / scales, 0.0)
+    ratio = residual / torch.where(scales > 0, scales, torch.inf)
     return ratio.round_().clamp_(-RESIDUAL_MAX_CODE, RESIDUAL_MAX_CODE)
 
 
@@ -94,7 +94,8 @@ def search_row_scales(residual: torch.Tensor) -> torch.Tensor:
     each candidate rounded to float16, i.e. with the scale that is actually stored.
 
     All 32 candidates are tried at once on a block of rows ([rows, 32, in], about SEARCH_BLOCK
-    elements: it stays in cache, where one pass per candidate over the whole matrix would not)."""
+    elements: it stays in cache, where one pass per candidate over the whole matrix would not),
+    in place where it can be: this search is most of the cost of a residual table."""
     out, width = residual.shape
     base = residual.abs().amax(1) / RESIDUAL_MAX_CODE  # [out], the plain max/7 scale
     grid = torch.arange(1, SCALE_GRID + 1) / SCALE_GRID
@@ -104,7 +105,8 @@ def search_row_scales(residual: torch.Tensor) -> torch.Tensor:
     for start in range(0, out, step):
         s = candidates[start:start + step]
         sf, r = s.float()[:, :, None], residual[start:start + step, None, :]
-        err = _quantize_rows(r, sf).mul_(sf).sub_(r).square_().sum(-1)  # [rows, 32]
+        err = _quantize_rows(r, sf).mul_(sf).sub_(r)
+        err = torch.linalg.vecdot(err, err)  # [rows, 32]
         last_min = SCALE_GRID - 1 - err.flip(1).argmin(1)  # argmin takes the first: a tie goes to the larger c
         best[start:start + step] = s.gather(1, last_min[:, None])[:, 0]
     return best
@@ -118,7 +120,18 @@ def build_residual(weight_eff: torch.Tensor, qlinear: QuantizedLinear) -> Residu
             f"weight_eff {list(weight_eff.shape)} does not match "
             f"the quantized weight {list(deq.shape)}"
         )
-    residual = weight_eff.float() - deq
+    codes, scales = _quantize_residual(weight_eff.float() - deq)
+    return ResidualTable(pack_rows(codes), scales, out_features=deq.shape[0])
+
+
+def _quantize_residual(residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes [out, in], float16 scales [out]) of the 4-bit table of residual [out, in]."""
     scales = search_row_scales(residual)
-    codes = _quantize_rows(residual, scales.float()[:, None])
-    return ResidualTable(pack_rows(codes), scales, out_features=residual.shape[0])
+    return _quantize_rows(residual, scales.float()[:, None]), scales
+
+
+def residual_round_trip(residual: torch.Tensor) -> torch.Tensor:
+    """float32 [out, in]: R_hat, the residual [out, in] as its table stores it (what
+    `build_residual(...).dequantize()` gives), without packing it."""
+    codes, scales = _quantize_residual(residual)
+    return codes * scales.float()[:, None]

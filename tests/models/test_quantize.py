@@ -13,7 +13,7 @@ from decdec.models.quantize import (
     quant_dequant,
     quantize_awq,
     quantize_rtn,
-    uncorrected,
+    corrected,
     unpack_codes,
 )
 from decdec.errors import ArtifactError
@@ -222,12 +222,14 @@ def _grouped_max(weight: torch.Tensor) -> torch.Tensor:
     return torch.stack([g.abs().amax(-1) for g in weight.split(GROUP_SIZE, dim=-1)], -1)
 
 
-def test_uncorrected_zeroes_top_k_per_chunk() -> None:
+def test_corrected_keeps_top_k_per_chunk() -> None:
     x = torch.randn(3, 1536, generator=_gen(9))
-    kept = uncorrected(x, 32)
-    assert torch.equal(uncorrected(x, 0), x)
-    zeroed = kept == 0
-    assert zeroed[:, :1024].sum(-1).tolist() == [32] * 3 and zeroed[:, 1024:].sum(-1).tolist() == [16] * 3
-    smallest_zeroed = torch.where(zeroed[:, :1024], x[:, :1024].abs(), torch.inf).amin(-1)
-    largest_kept = torch.where(zeroed[:, :1024], 0, x[:, :1024].abs()).amax(-1)
-    assert (smallest_zeroed > largest_kept).all()
+    picked = corrected(x, 32)
+    assert picked.layout == torch.sparse_csr and picked._nnz() == 3 * (32 + 16)
+    dense = picked.to_dense()
+    kept = dense != 0
+    assert kept[:, :1024].sum(-1).tolist() == [32] * 3 and kept[:, 1024:].sum(-1).tolist() == [16] * 3
+    assert torch.equal(dense[kept], x[kept])
+    smallest_kept = torch.where(kept[:, :1024], x[:, :1024].abs(), torch.inf).amin(-1)
+    largest_left = torch.where(kept[:, :1024], 0, x[:, :1024].abs()).amax(-1)
+    assert (smallest_kept > largest_left).all()

@@ -1,5 +1,6 @@
-"""Where our GPU decode step goes: `decdec profile`'s summary by op type for the base step of
-bench/engine.py's synthetic models (random 3-bit weights of the real shapes), and the glue share.
+"""Where our GPU decode step goes, for the base step of bench/engine.py's synthetic models (random
+3-bit weights of the real shapes): `decdec profile`'s summary by op type, the glue share, and each
+kernel's own duration from CUPTI (torch.profiler over graph replays, no timing events between).
 
     python bench/step_profile.py [--models llama3-8b,gemma3-270m] [--steps 16] [--out FILE.json]
 
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.anchor import SHAPES  # noqa: E402
 from bench.engine import close_engine, free_gpu, our_engine, synthetic_prepared  # noqa: E402
 from bench.meta import run_meta  # noqa: E402
-from decdec.runtime.profiler import _timed_steps, step_span  # noqa: E402
+from decdec.runtime.profiler import _median, _timed_steps, op_totals, step_span  # noqa: E402
 
 NOT_GLUE = ("base_gemv", "lm_head")
 
@@ -52,12 +53,8 @@ def profile_model(name: str, steps: int, max_seq: int) -> dict:
     try:
         token = 1
         all_steps = _timed_steps(engine, token, steps)
-        spans = sorted(step_span(s) for s in all_steps)
-        span = spans[len(spans) // 2]
-        by_op: dict[str, float] = {}
-        for step in all_steps:
-            for item, start, end in step:
-                by_op[item.op] = by_op.get(item.op, 0.0) + (end - start) / len(all_steps)
+        span = _median([step_span(s) for s in all_steps])
+        by_op = {op: seconds for op, (_, seconds) in op_totals(all_steps).items()}
         ops = engine.executor
         plain = []
         ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
@@ -67,11 +64,10 @@ def profile_model(name: str, steps: int, max_seq: int) -> dict:
             ev[1].record(ops.streams[0])
             ev[1].synchronize()
             plain.append(ev[0].elapsed_time(ev[1]) / 1e3)
-        plain.sort()
         kernels = kernel_times(lambda: ops.replay_only(steps), steps)
         glue = sum(v for k, v in by_op.items() if not any(k.startswith(n) for n in NOT_GLUE))
-        return {"model": name, "span_us": span * 1e6, "replay_us": plain[len(plain) // 2] * 1e6,
-                "ops_us": {k: v * 1e6 for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])},
+        return {"model": name, "span_us": span * 1e6, "replay_us": _median(plain) * 1e6,
+                "ops_us": {k: v * 1e6 for k, v in by_op.items()},
                 "glue_share": glue / span, "kernels_us": kernels}
     finally:
         close_engine(engine)

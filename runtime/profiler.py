@@ -78,19 +78,23 @@ def _timeline(step: list[tuple], index: int) -> list[str]:
     return lines
 
 
-def _summary(all_steps: list[list[tuple]], span: float) -> list[str]:
-    """Per op type: count, mean summed duration per step, and its share of the step's mean span."""
+def op_totals(all_steps: list[list[tuple]]) -> dict[str, tuple[int, float]]:
+    """Op type -> (ops per step, mean summed seconds per step), the largest total first."""
     by_op: dict[str, list[float]] = {}
     for step in all_steps:
         for item, start, end in step:
             by_op.setdefault(item.op, []).append(end - start)
     n = len(all_steps)
-    lines = [f"summary by op type (mean per step over {n} steps; share of the profiled step's mean span: "
+    return {op: (len(times) // n, sum(times) / n) for op, times in sorted(by_op.items(), key=lambda kv: -sum(kv[1]))}
+
+
+def _summary(all_steps: list[list[tuple]], span: float) -> list[str]:
+    """Per op type: count, mean summed duration per step, and its share of the step's mean span."""
+    lines = [f"summary by op type (mean per step over {len(all_steps)} steps; share of the profiled step's mean span: "
              "side-stream ops overlapping the main stream's, on the GPU, make shares add up to more than 100 %)",
              f"{'op':<40} {'count':>6} {'total µs':>10} {'share':>7}"]
-    for op, times in sorted(by_op.items(), key=lambda kv: -sum(kv[1])):
-        per_step = sum(times) / n
-        lines.append(f"{op:<40} {len(times) // n:>6} {per_step * 1e6:>10.1f} {per_step / (span or 1):>7.1%}")
+    for op, (count, per_step) in op_totals(all_steps).items():
+        lines.append(f"{op:<40} {count:>6} {per_step * 1e6:>10.1f} {per_step / (span or 1):>7.1%}")
     return lines
 
 

@@ -27,5 +27,8 @@ def time_norm(dim: int, threads: int, post: bool, n: int = 200) -> float:
     times = kernel_times(lambda: [op() for _ in range(n)], 1)
     return sum(t for _, t in times.values()) / n
 
-for dim, post in ((4096, False), (640, True), (576, False)):
-    print(dim, "post" if post else "", {th: round(time_norm(dim, th, post), 2) for th in (128, 256, 512, 1024)})
+
+
+if __name__ == "__main__":
+    for dim, post in ((4096, False), (640, True), (576, False)):
+        print(dim, "post" if post else "", {th: round(time_norm(dim, th, post), 2) for th in (128, 256, 512, 1024)})

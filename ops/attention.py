@@ -218,7 +218,7 @@ def _attention_kernel(group: int, hd: int, tile: int, splits: int):
        P V by a thread per (head, fp16 pair) into a float32 accumulator in shared memory.
     3. a kv head with one active split writes its output; otherwise each split writes (max, sum, acc)
        and the last to arrive (an int32 atomic counter per kv head) combines them: a lane per split
-       finds the weights, then a thread per (head, pair) sums the splits in order 0, 1, ...
+       (two splits a lane above 32) finds the weights, then a thread per (head, pair) sums the splits in order 0, 1, ...
     Bytes at Llama-3-8B shapes and position P: keys and values 4 KiB x (P + 1) per layer (all kv heads);
     per active block ~1.5 KiB of qkv read, ~2 KiB of partials written and read back; output 8 KiB.
     """
@@ -434,7 +434,6 @@ def _attention_kernel(group: int, hd: int, tile: int, splits: int):
         cuda.threadfence()
         for g0 in range(0, group, WARPS):  # a warp per head, a lane per split (two above 32 splits)
             g = g0 + warp
-            m = neg_inf
             l0 = l1 = float32(0)
             m0 = m1 = neg_inf
             if g < group:

@@ -95,7 +95,7 @@ def _add_rms_norm_kernel(per_thread: int):
         if has_branch and has_post:
             rb = float32(1) / math.sqrt(block_sum(ssb, red, scratch) / dim + eps)
         ss = float32(0)
-        for j in range(2 * P):
+        for j in range(VALUES):
             if has_branch:
                 xv[j] += bv[j] * rb
             ss += xv[j] * xv[j]

@@ -440,17 +440,19 @@ def compensated_error(
 
 
 def _held_back_alpha(
-    weight: torch.Tensor, x: torch.Tensor, k_chunk: int, bits: int, group_size: int, n_grid: int
+    weight: torch.Tensor, x: torch.Tensor, mean_abs: torch.Tensor, k_chunk: int, bits: int, group_size: int,
+    n_grid: int,
 ) -> tuple[float, float]:
     """(the alpha quantize_robust fits, RTN's error on the held-back rows with the real table).
 
-    AWQ's alpha (searched on all the rows, as `quantize_awq` searches) and RTN's (0) are scaled by
-    mean|x| of the search rows of `split_rows` and scored after DecDEC's compensation at k_chunk
-    on its held-back rows, without clipping and with an exact residual; AWQ's is kept unless
-    RTN's beats it by FALLBACK_MARGIN."""
+    AWQ's alpha (searched on all the rows x, whose mean|x| is `mean_abs`, as `quantize_awq` searches)
+    and RTN's (0) are scaled by mean|x| of the search rows of `split_rows` and scored after DecDEC's
+    compensation at k_chunk on its held-back rows, without clipping and with an exact residual;
+    AWQ's is kept unless RTN's beats it by FALLBACK_MARGIN."""
     search, held = split_rows(x)
-    awq = _search_alpha(weight, _subsample_rows(x, AWQ_SEARCH_ROWS), x.abs().mean(0), bits, group_size, n_grid)
-    awq_fit, rtn_fit = (_fit_awq(weight, search.abs().mean(0), None, a, False, bits, group_size) for a in (awq, 0.0))
+    awq = _search_alpha(weight, _subsample_rows(x, AWQ_SEARCH_ROWS), mean_abs, bits, group_size, n_grid)
+    search_mean_abs = search.abs().mean(0)
+    awq_fit, rtn_fit = (_fit_awq(weight, search_mean_abs, None, a, False, bits, group_size) for a in (awq, 0.0))
     awq_error, rtn_exact = (compensated_error(weight, f, held, k_chunk, bits, group_size, table=False)
                             for f in (awq_fit, rtn_fit))
     alpha = 0.0 if rtn_exact < awq_error * (1 - FALLBACK_MARGIN) else awq
@@ -475,8 +477,9 @@ def quantize_robust(
     RTN is kept.
     """
     weight, x = _check_awq(weight, calib_x, bits, n_grid)
-    alpha, rtn_error = _held_back_alpha(weight, x, k_chunk, bits, group_size, n_grid)
-    fit = _fit_awq(weight, x.abs().mean(0), _group_gram(x, group_size), alpha, True, bits, group_size)
+    mean_abs = x.abs().mean(0)
+    alpha, rtn_error = _held_back_alpha(weight, x, mean_abs, k_chunk, bits, group_size, n_grid)
+    fit = _fit_awq(weight, mean_abs, _group_gram(x, group_size), alpha, True, bits, group_size)
     if compensated_error(weight, fit, split_rows(x)[1], k_chunk, bits, group_size) > rtn_error:
         return quantize_rtn(weight, bits, group_size)
     return fit.pack(weight, bits, group_size)

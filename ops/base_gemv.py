@@ -3,7 +3,7 @@
 
 `base_gemv_reference` is the obviously-correct CPU version (torch, float32). `BaseGemv` is the Numba CUDA
 kernel for batch 1 (`_mma_kernel`): fp16 activations in, fp16 out, float32 accumulation on tensor cores.
-Codes become fp16 operands of mma.m16n8k16 with one LOP3 (4-bit) or two (3-bit) per pair, read from a
+Codes become fp16 operands of mma.m16n8k16 with about one LOP3 per pair of codes, read from a
 tiled copy of the weights (`mma_layout`); see the section comment above `_mma_step_source`.
 
 A batch-1 GEMV must stream the packed weights at HBM speed, and plain Numba is bound by instructions long
@@ -33,7 +33,8 @@ import torch
 from numba import cuda, float32, int32, uint32, uint64
 
 from decdec.ops.layout import dequantize, unpack_codes  # noqa: F401 - re-exported: the reference's decoding
-from decdec.ops.ptx import MMA_SWAP, half2_floats, load_u32x2, load_u32x4, mma_f16, pack_half2
+from decdec.ops.ptx import (MMA_SWAP, SHARED_ALIGN, half2_floats, load_shared_u32x4, load_u32x2, load_u32x4,
+                            mma_f16, pack_half2, prefetch_l2)
 from decdec.ops.reduce import SCRATCH, lanes8_max, lanes8_sum
 
 SIMULATED = cuda.jit.__module__.startswith("numba.cuda.simulator")  # the CUDA simulator runs these kernels
@@ -52,7 +53,8 @@ MMA_MIN_BLOCKS = 3  # blocks per SM asked of ptxas
 MMA_STAGE_GROUPS = STAGE_INPUTS // MMA_GROUP
 K_WARPS = (1, 2, 4, 8)  # warps of a block that may split its K range (`GemvPlan.k_warps`)
 _MASK_LO, _MASK_HI = 0x000F000F, 0x00F000F0  # 4-bit pairs (j, j + 4), j even / odd (x 16)
-_HI_SHIFT = (0, -1, 2, 1)  # 3-bit: left shift of the high-bit word that aligns word m's bits (- = right)
+_FIELD_3BIT = 0x00070007  # 3-bit: a pair's codes at bits 0..2 of each half (x 8, x 64 one and two fields up)
+_SPARE_SLOT = 15  # 3-bit: the slot whose codes sit one bit in each of a lane-row's 3 words (bit 9 of a half)
 MMA_GROUP_WORDS = {4: 256, 3: 192}  # uint32 per (16-row block, group) in `mma_layout`
 
 __all__ = [
@@ -180,6 +182,7 @@ class GemvPlan:
     k_warps: int = 1  # warps of a block that split its K range (and share its rows), summed in shared
     # memory at the tile's end; > 1 gives short-K and few-row shapes shorter blocks
     early_load: bool = False  # the first weights are loaded before the inputs are staged
+    prefetch: bool = False  # each warp asks L2 for its next tile's weights (`prefetch_l2`) as it starts one
 
     @property
     def row_warps(self) -> int:
@@ -214,7 +217,7 @@ class GemvPlan:
 
 def plan_gemv(out_features: int, in_features: int, bits: int, group_size: int = 128, n_sm: int = 132,
               rows_per_warp: int | None = None, k_blocks: int | None = None, persistent: bool = True,
-              k_warps: int | None = None, early_load: bool | None = None) -> GemvPlan:
+              k_warps: int | None = None, early_load: bool | None = None, prefetch: bool = False) -> GemvPlan:
     """Pick the K split and the rows per warp by a small cost model, `_plan_cost`.
 
     Blocks run in waves of n_sm x MMA_MIN_BLOCKS. A block stages its K range's inputs once and,
@@ -238,7 +241,7 @@ def plan_gemv(out_features: int, in_features: int, bits: int, group_size: int = 
         k_blocks = k_blocks or 1
     if rows_per_warp is None or k_warps is None:  # whichever the cost model prefers
         plans = [plan_gemv(out_features, in_features, bits, group_size, n_sm, r, k_blocks, persistent,
-                           k_warps or 1, early_load)
+                           k_warps or 1, early_load, prefetch)
                  for r in ((MMA_ROWS, 2 * MMA_ROWS) if rows_per_warp is None else (rows_per_warp,))]
         return min(plans, key=lambda p: _plan_cost(p, n_sm))
     if k_warps not in K_WARPS:
@@ -252,7 +255,8 @@ def plan_gemv(out_features: int, in_features: int, bits: int, group_size: int = 
         groups = min(MMA_STAGE_GROUPS, -(-n_groups // kb))
         kb = -(-n_groups // groups)
         tiles = -(-n_tiles * kb // (n_sm * MMA_MIN_BLOCKS)) if persistent else 1
-        return GemvPlan(bits, out_features, in_features, rows_per_warp, kb, groups, tiles, k_warps, early_load)
+        return GemvPlan(bits, out_features, in_features, rows_per_warp, kb, groups, tiles, k_warps, early_load,
+                        prefetch)
 
     if k_blocks is not None:
         return make(k_blocks)
@@ -316,13 +320,17 @@ class SplitOutput:
 # // 4, t = lane % 4) loads the 4 words (one 128-bit load, 32 inputs) t of its group for rows g and g+8
 # and uses them as they are: word m's pairs P0..P3 = inputs (0, 4), (1, 5), (2, 6), (3, 7) of the word
 # are the A registers of two mmas. The staged B holds the matching inputs in the same order:
-# xs[group * 80 + t * 20 + m * 4 + alpha] = half2 of inputs 32 t + 8 m + (alpha, alpha + 4), with odd
-# alpha divided by 16 (their A carries 16 q). Pitch 20 (not 16) keeps the four t's reads in distinct banks.
+# xs[group * 80 + t * 20 + s] = half2 of inputs 32 t + 8 m + (alpha, alpha + 4), slot s = 4 m + alpha,
+# divided by the power of two its A carries q at (`slot_shift`: 16 for odd alpha at 4 bits). Pitch 20
+# (not 16) keeps the four t's reads in distinct banks.
 #
-# 3-bit: `mma_layout` stores each word m's codes as a low-bit plane and a high-bit plane, placed so that
-# after a shift each pair is (L & 0x00030003) | (H & 0x00040004) | magic = 1024 + lo + 4 hi = 1024 + q
-# (masks x 16 for the odd pairs): the same operands as at 4 bits from 2 LOP3s, so the staged inputs,
-# the mma and the epilogue are shared. A lane's step reads 16 + 8 bytes (rows g and g + 8).
+# 3-bit: a lane-row's 32 codes of a group fill 3 words, each half of a word holding 5 codes whole: slots
+# s = 5 w + f (f = 0..4) of word w at bits 0, 3, 6 (in place: x 1, x 8, x 64 in the mantissa) and 10, 13
+# (the word >> 10 first), the low and high halves carrying the pair's two codes; slot 15's codes take bit
+# 9 of each half of all 3 words (bit b of the code in word b). A pair costs one LOP3, (src & mask) | magic,
+# plus a shift per word: about as many instructions per code as at 4 bits. Each slot's power of two is
+# undone by its staged input (`slot_shift`), so the staged inputs, the mma and the epilogue are shared with
+# the 4-bit kernel. A lane's step reads 16 + 8 bytes (rows g and g + 8).
 
 
 def _mma_step_source(bits: int, m_tiles: int, n_groups: int, exact_rows: bool) -> str:
@@ -348,7 +356,7 @@ def _mma_step_source(bits: int, m_tiles: int, n_groups: int, exact_rows: bool) -
             for h in range(2):
                 load.append(f"    w{mt}{h} = load_u32x4(qw, wb + uint64({off + h * 128}))")
                 ret += [f"w{mt}{h}[{i}]" for i in range(4)]
-        else:  # the low-bit words of rows g and g + 8 (512 bytes for the warp), then the high-bit words (256)
+        else:  # words 0, 1 of rows g and g + 8 (512 bytes for the warp), then their words 2 (256)
             load += [f"    l{mt} = load_u32x4(qw, wb + uint64({off}))", f"    h{mt} = load_u32x2(qw, hb + uint64({off + 128}))"]
             ret += [f"l{mt}[{i}]" for i in range(4)] + [f"h{mt}[{i}]" for i in range(2)]
         addr = f"sb + uint64({MMA_ROWS * mt * n_groups})" if exact_rows else \
@@ -360,28 +368,20 @@ def _mma_step_source(bits: int, m_tiles: int, n_groups: int, exact_rows: bool) -
     dots = ["def dots(v, xs, xo, c, sz, inv_f, upper, magic, swap):"]
     dots += [f"    d{mt} = (float32(0), float32(0), float32(0), float32(0))" for mt in range(m_tiles)]
     for m in range(4):
-        dots += [f"    x{a} = xs[xo + uint32({4 * m + a})]" for a in range(4)]  # unsigned: no wraparound
+        dots.append(f"    x0, x1, x2, x3 = load_shared_u32x4(xs, xo + uint32({4 * m}))")  # unsigned: no wraparound
         for mt in range(m_tiles):
             v0 = per_tile * mt
-            if bits == 4:  # pairs from word m of rows g (a) and g + 8 (b)
-                a, b = f"v[{v0 + m}]", f"v[{v0 + 4 + m}]"
-                pairs = {(r, sh, mask): f"({w if sh == 0 else f'({w} >> uint32(8))'} & uint32({mask:#x})) | magic"
-                         for r, w in (("a", a), ("b", b)) for sh in (0, 8) for mask in (_MASK_LO, _MASK_HI)}
-            else:  # low bits of word m: L >> 2 (m % 2) of low word m // 2; high bits: H moved by _HI_SHIFT[m]
-                pairs = {}
-                for r, h in (("a", 0), ("b", 1)):
-                    lo = f"(v[{v0 + 2 * h + m // 2}] >> uint32({2 * (m % 2)}))"
-                    sh = _HI_SHIFT[m]
-                    hi = f"(v[{v0 + 4 + h}] {'<<' if sh > 0 else '>>'} uint32({abs(sh)}))" if sh else f"v[{v0 + 4 + h}]"
-                    for s8 in (0, 8):
-                        for lmask, hmask in ((0x00030003, 0x00040004), (0x00300030, 0x00400040)):
-                            pairs[(r, s8, _MASK_LO if lmask == 0x00030003 else _MASK_HI)] = (
-                                f"(({lo} >> uint32({s8})) & uint32({lmask:#x})) | (({hi} >> uint32({s8})) & "
-                                f"uint32({hmask:#x})) | magic")
-            for s8, (xa, xb) in ((0, (0, 1)), (8, (2, 3))):
-                dots.append(f"    d{mt} = mma_f16({pairs[('a', s8, _MASK_LO)]}, {pairs[('b', s8, _MASK_LO)]}, "
-                            f"{pairs[('a', s8, _MASK_HI)]}, {pairs[('b', s8, _MASK_HI)]}, x{xa}, x{xb}, "
-                            f"d{mt}[0], d{mt}[1], d{mt}[2], d{mt}[3], swap)")
+            if bits == 4:  # word m of rows g (a) and g + 8 (b); slot alpha: (w >> 8 (alpha // 2)) & mask
+                pairs = {(r, alpha): f"({w if alpha < 2 else f'({w} >> uint32(8))'} & "
+                                     f"uint32({_MASK_HI if alpha % 2 else _MASK_LO:#x})) | magic"
+                         for r, w in (("a", f"v[{v0 + m}]"), ("b", f"v[{v0 + 4 + m}]")) for alpha in range(4)}
+            else:  # the lane-row's words (v0, v1, v4) (row g) or (v2, v3, v5) (row g + 8)
+                pairs = {(r, alpha): _pair_3bit([f"v[{i}]" for i in words], 4 * m + alpha)
+                         for r, words in (("a", (v0, v0 + 1, v0 + 4)), ("b", (v0 + 2, v0 + 3, v0 + 5)))
+                         for alpha in range(4)}
+            for xa, xb in ((0, 1), (2, 3)):  # slots 4 m + xa and 4 m + xb of both rows: one mma
+                dots.append(f"    d{mt} = mma_f16({pairs['a', xa]}, {pairs['b', xa]}, {pairs['a', xb]}, "
+                            f"{pairs['b', xb]}, x{xa}, x{xb}, d{mt}[0], d{mt}[1], d{mt}[2], d{mt}[3], swap)")
     outs = []
     for mt in range(m_tiles):
         dots.append(f"    s{mt}, z{mt} = half2_floats(v[{per_tile * mt + per_tile - 1}])")
@@ -391,16 +391,34 @@ def _mma_step_source(bits: int, m_tiles: int, n_groups: int, exact_rows: bool) -
     return "\n".join(load) + "\n\n\n" + "\n".join(dots) + "\n"
 
 
+def _pair_3bit(words: list[str], slot: int) -> str:
+    """Source of slot `slot`'s operand (codes in the mantissas of fp16 1024) from a lane-row's 3 words."""
+    if slot == _SPARE_SLOT:  # bit b of each code in word b, bit 9 of each half: gathered at bits 7..9
+        return (f"(({words[0]} >> uint32(2)) & uint32(0x00800080)) | (({words[1]} >> uint32(1)) & "
+                f"uint32(0x01000100)) | ({words[2]} & uint32(0x02000200)) | magic")
+    w, f = divmod(slot, 5)
+    src = words[w] if f < 3 else f"({words[w]} >> uint32(10))"
+    return f"({src} & uint32({_FIELD_3BIT << 3 * (f % 3):#x})) | magic"
+
+
+@cuda.jit(device=True)
+def slot_shift(bits, slot):
+    """log2 of the factor slot `slot`'s codes carry in their fp16 operand (`_pair_3bit`, the 4-bit masks)."""
+    if bits == 4:
+        return 4 * (slot % 2)
+    return 7 if slot == _SPARE_SLOT else 3 * (slot % 5 % 3)
+
+
 def mma_layout(qweight: torch.Tensor, bits: int, in_features: int, tile_rows: int) -> torch.Tensor:
     """qweight int32 [out, in * bits / 32] (FORMATS.md) -> the tensor-core kernel's device layout, flat
     int32. Rows are padded with zero codes to whole tiles and inputs to whole groups (so no load needs a
     clamp). Lane l = 4 g + t of 16-row block T takes inputs 128 G + 32 t + 8 m + j (word m = 0..3,
     j = 0..7) of group G for rows 16 T + g (half h = 0) and 16 T + 8 + g (h = 1); per (T, G):
     - 4-bit, 256 words: [h][lane][m], the FORMATS.md words as they are (nibble j of word m);
-    - 3-bit, 192 words: [lane][h][p] low-bit words (128), then [lane][h] high-bit words (64). Low word p
-      holds the 2 low bits of word m = 2 p + o's codes at bits POS(j) + 2 o, the high word those of all
-      four m at POS(j) + 2 - _HI_SHIFT[m], POS(j) = 4 (j % 4) + 16 (j // 4): moved back by the kernel's
-      shifts, code j and j + 4 land where the 4-bit decode has them, (low | high << 2) = the code.
+    - 3-bit, 192 words: [lane][h][w] words w = 0, 1 (128), then [lane][h] words 2 (64). Slot s = 4 m + a
+      (a = 0..3) holds codes j = a (low half) and a + 4 (high half) of word m; slots s = 5 w + f < 15 sit
+      whole in word w at bit 3 f (f < 3) or 3 f + 1 of each half, slot 15's code bit b at bit 9 of each
+      half of word b (`_pair_3bit` decodes them).
     A warp's 128-bit load of one part reads 512 contiguous bytes (256 for the 3-bit high words)."""
     out_features = qweight.shape[0]
     rows = -(-out_features // tile_rows) * tile_rows
@@ -417,27 +435,27 @@ def mma_layout(qweight: torch.Tensor, bits: int, in_features: int, tile_rows: in
         codes = torch.zeros((n, n_groups * MMA_GROUP), dtype=torch.int64, device=qweight.device)
         if r0 < out_features:
             codes[:min(n, out_features - r0), :in_features] = unpack_codes(qweight[r0:r0 + n], bits, in_features)
-        parts.append(_planes_3bit(codes))
+        parts.append(_words_3bit(codes))
     return torch.cat(parts)
 
 
 LAYOUT_ROWS = 1024  # rows `mma_layout` re-packs at once (a multiple of 16)
 
 
-def _planes_3bit(codes: torch.Tensor) -> torch.Tensor:
+def _words_3bit(codes: torch.Tensor) -> torch.Tensor:
     """Codes int64 [rows, groups * 128] (rows a multiple of 16) -> `mma_layout`'s 3-bit words, flat int32."""
     rows, n_groups = codes.shape[0], codes.shape[1] // MMA_GROUP
-    dev = codes.device
-    # [T, h, g, G, t, m, j] -> [T, G, g, t, h, m, j]
-    c = codes.view(rows // 16, 2, 8, n_groups, 4, 4, 8).permute(0, 3, 2, 4, 1, 5, 6)
-    pos = 4 * (torch.arange(8, device=dev) % 4) + 16 * (torch.arange(8, device=dev) // 4)
-    lo = ((c & 3) << (pos + 2 * (torch.arange(4, device=dev) % 2)[:, None])).sum(-1)  # [..., h, m]
-    lo = lo.view(*lo.shape[:-1], 2, 2).sum(-1)  # words p = m // 2: [T, G, g, t, h, p]
-    hi = ((c >> 2) << (pos + 2 - torch.tensor(_HI_SHIFT, device=dev)[:, None])).sum(-1).sum(-1)  # [T, G, g, t, h]
-    as_int32 = lambda w: torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)  # noqa: E731
-    lo = as_int32(lo).reshape(rows // 16, n_groups, 128)
-    hi = as_int32(hi).reshape(rows // 16, n_groups, 64)
-    return torch.cat([lo, hi], dim=-1).reshape(-1)
+    # [T, h, g, G, t, m, half, a] -> [T, G, g, t, h, slot = 4 m + a, half]
+    c = codes.view(rows // 16, 2, 8, n_groups, 4, 4, 2, 4).permute(0, 3, 2, 4, 1, 5, 7, 6).reshape(
+        rows // 16, n_groups, 8, 4, 2, 16, 2)
+    half = 16 * torch.arange(2, device=codes.device)
+    f = torch.arange(15, device=codes.device) % 5
+    whole = (c[..., :15, :] << (3 * f + (f >= 3).long())[:, None] + half).view(*c.shape[:-2], 3, 5, 2).sum((-1, -2))
+    spare = (c[..., 15, None, :] >> torch.arange(3, device=codes.device)[:, None] & 1) << 9 + half
+    words = whole + spare.sum(-1)  # [T, G, g, t, h, w]
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    first = words[..., :2].reshape(rows // 16, n_groups, 128)
+    return torch.cat([first, words[..., 2].reshape(rows // 16, n_groups, 64)], dim=-1).reshape(-1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -446,18 +464,23 @@ def _make_mma_step(bits: int, m_tiles: int, n_groups: int, exact_rows: bool):
     name = f"<base_gemv.mma_step bits={bits} m_tiles={m_tiles} n_groups={n_groups} exact={exact_rows}>"
     linecache.cache[name] = (len(src), None, src.splitlines(True), name)
     scope = {"uint32": uint32, "uint64": uint64, "float32": float32, "load_u32x4": load_u32x4,
-             "load_u32x2": load_u32x2, "mma_f16": mma_f16, "half2_floats": half2_floats}
+             "load_u32x2": load_u32x2, "load_shared_u32x4": load_shared_u32x4, "mma_f16": mma_f16,
+             "half2_floats": half2_floats}
     exec(compile(src, name, "exec"), scope)
     return cuda.jit(device=True)(scope["load"]), cuda.jit(device=True)(scope["dots"])
 
 
 @functools.lru_cache(maxsize=None)
-def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warps: int = 1, early_load: bool = False):
+def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warps: int = 1, early_load: bool = False,
+                prefetch: bool = False):
     """The tensor-core kernel for one (bits, m_tiles, group count, k_warps); `exact_rows`: the rows fill
     whole tiles (no clamps on scale / zero rows); `early_load`: the first weights are loaded before the
     staging. See the section comment."""
+    BITS = bits
     KW = k_warps
     EARLY = early_load
+    PREFETCH = prefetch
+    WORDS = MMA_GROUP_WORDS[bits]
     TILE = WARPS // KW * MMA_ROWS * m_tiles
     RED = KW * TILE if KW > 1 else 1  # the K warps' row sums at a tile's end
     TILES16 = TILE // MMA_ROWS
@@ -496,6 +519,13 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
         elif KW > 1:
             cuda.syncthreads()  # `red` is rewritten at the next tile's end
 
+    @cuda.jit(device=True)
+    def prefetch_tile(qw, tw, grp0, n_grp):
+        """Ask L2 for the weights of a warp's 16-row blocks tw .. tw + m_tiles - 1 in groups [grp0, grp0 + n_grp)."""
+        for mt in range(m_tiles):
+            prefetch_l2(qw, ((tw + uint32(mt)) * uint32(n_groups) + uint32(grp0)) * uint32(WORDS),
+                        uint32(n_grp * WORDS * 4))
+
     @jit_with_bounds(THREADS, MMA_MIN_BLOCKS)
     def kernel(x, act_scale, qw, scale_zero, out, partials, counters, n_out, n_in, groups_per_kblock,
                direct, n_parts, magic_bits):
@@ -514,7 +544,10 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
         2 B per row out (+ 4 B per row and K block when K is split or merged).
         """
         magic = uint32(magic_bits)
-        xs = cuda.shared.array(XS_WORDS, uint32)
+        if SHARED_ALIGN:  # 128-bit reads of the staged inputs
+            xs = cuda.shared.array(XS_WORDS, uint32, alignment=16)
+        else:
+            xs = cuda.shared.array(XS_WORDS, uint32)
         grp_c = cuda.shared.array(STAGE_GROUPS, float32)
         grp_s = cuda.shared.array(STAGE_GROUPS, float32)
         grp_f = cuda.shared.array(STAGE_GROUPS, float32)  # the group's 1 / f
@@ -550,6 +583,8 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
         acc = cuda.local.array(m_tiles, float32)
         for mt in range(m_tiles):
             acc[mt] = float32(0)
+        if PREFETCH and lane == 0 and kw == 0 and tile < n_tiles:  # the first tile's HBM reads start now
+            prefetch_tile(qw, uint32(tile * TILES16) + warp_t16, grp0, n_grp)
         # the first (tile, step)'s weights: before the staging when EARLY (its HBM latency then overlaps the
         # staging's; what a block of one or two steps waits on), else after it (fewer live registers)
         if EARLY:
@@ -575,14 +610,14 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
         s_sum = float32(0)
         for i in range(8):  # pair (word 2 (p % 2) + i // 4, alpha = i % 4)
             j = 8 * (i // 4) + i % 4
-            odd = i % 2 == 1
-            mult = f * (float32(0.0625) if odd else float32(1))
+            sh = slot_shift(BITS, 4 * (2 * (p % 2) + i // 4) + i % 4)
+            mult = f * int_as_float(int32((127 - sh) << 23))
             h = pack_half2(vals[j] * mult, vals[j + 4] * mult)
             if sg < n_grp:
                 xs[sg * GROUP_WORDS + (p // 2) * MMA_PITCH + (2 * (p % 2) + i // 4) * 4 + i % 4] = h
             lo, hi = half2_floats(h)
             c_sum += lo + hi
-            s_sum += (lo + hi) * (float32(16) if odd else float32(1))
+            s_sum += (lo + hi) * float32(1 << sh)
         c_sum = lanes8_sum(c_sum, scratch)
         s_sum = lanes8_sum(s_sum, scratch)
         if p == 0:
@@ -600,6 +635,8 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
                          last_row, lane4, uint32(grp0 + min(kw, last_grp)), sel8)
         step = 0
         while tile < n_tiles:  # (a loop on the cursors: no step counter held in a register)
+            if PREFETCH and step == 0 and lane == 0 and kw == 0 and tile + stride < n_tiles:
+                prefetch_tile(qw, uint32((tile + stride) * TILES16) + warp_t16, grp0, n_grp)
             lstep += 1
             if lstep == n_steps:
                 lstep = 0
@@ -682,7 +719,7 @@ class BaseGemv:
             self.qw = _flat(_device(self._qw_tiled), np.uint32)
             self.weights = (self.qw, _flat(_device(self._scale_zero), np.uint32))
         self.kernel = _mma_kernel(bits, p.rows_per_warp // MMA_ROWS, -(-in_features // MMA_GROUP),
-                                  p.out_features % p.tile_rows == 0, p.k_warps, p.early_load)
+                                  p.out_features % p.tile_rows == 0, p.k_warps, p.early_load, p.prefetch)
         self._own_split: SplitOutput | None = None
 
     def split_output(self, extra_parts: int = 0) -> SplitOutput:

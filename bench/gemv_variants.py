@@ -55,8 +55,6 @@ def variants(out_f: int, in_f: int, bits: int, n_sm: int, quick: bool, default_o
     p = lambda **kw: bg.plan_gemv(out_f, in_f, bits, n_sm=n_sm, **kw)  # noqa: E731
     v = {"default": p()}
     d = v["default"]
-    v["L2 prefetch"] = p(rows_per_warp=d.rows_per_warp, k_warps=d.k_warps, k_blocks=d.k_blocks,
-                         early_load=d.early_load, prefetch=not d.prefetch)
     if default_only:
         return v
     v["R=16"] = p(rows_per_warp=16)
@@ -118,7 +116,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true", help="only the default, 16 / 32 rows per warp and 1 / 2 / 4 / 8 K warps")
-    ap.add_argument("--default-only", action="store_true", help="only the default plan of each shape, with and without L2 prefetch")
+    ap.add_argument("--default-only", action="store_true", help="only the default plan of each shape")
     ap.add_argument("--sass", action="store_true", help="opcode histogram of the default 4-bit kernel")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--shapes", help="comma list OUTxIN (default: Llama-3-8B's six)")
@@ -168,7 +166,7 @@ def main(argv=None) -> int:
                 moved = plan.weight_bytes + 4 * out_f * -(-in_f // 128)
                 row = {"out": out_f, "in": in_f, "bits": bits, "variant": name, "k_blocks": plan.k_blocks,
                        "tiles_per_block": plan.tiles_per_block, "rows_per_warp": plan.rows_per_warp,
-                       "k_warps": plan.k_warps, "early_load": plan.early_load, "prefetch": plan.prefetch,
+                       "k_warps": plan.k_warps, "early_load": plan.early_load,
                        "us": us, "rel_err": err,
                        "GBps": moved / us / 1e3, "frac_hbm_read": moved / us / 1e3 / report["hbm_read_GBps"]}
                 report["rows"].append(row)

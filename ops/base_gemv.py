@@ -33,8 +33,7 @@ import torch
 from numba import cuda, float32, int32, uint32, uint64
 
 from decdec.ops.layout import dequantize, unpack_codes  # noqa: F401 - re-exported: the reference's decoding
-from decdec.ops.ptx import (MMA_SWAP, SHARED_ALIGN, half2_floats, load_shared_u32x4, load_u32x2, load_u32x4,
-                            mma_f16, pack_half2, prefetch_l2)
+from decdec.ops.ptx import MMA_SWAP, half2_floats, load_u32x2, load_u32x4, mma_f16, pack_half2
 from decdec.ops.reduce import SCRATCH, lanes8_max, lanes8_sum
 
 SIMULATED = cuda.jit.__module__.startswith("numba.cuda.simulator")  # the CUDA simulator runs these kernels
@@ -182,7 +181,6 @@ class GemvPlan:
     k_warps: int = 1  # warps of a block that split its K range (and share its rows), summed in shared
     # memory at the tile's end; > 1 gives short-K and few-row shapes shorter blocks
     early_load: bool = False  # the first weights are loaded before the inputs are staged
-    prefetch: bool = False  # each warp asks L2 for its next tile's weights (`prefetch_l2`) as it starts one
 
     @property
     def row_warps(self) -> int:
@@ -217,7 +215,7 @@ class GemvPlan:
 
 def plan_gemv(out_features: int, in_features: int, bits: int, group_size: int = 128, n_sm: int = 132,
               rows_per_warp: int | None = None, k_blocks: int | None = None, persistent: bool = True,
-              k_warps: int | None = None, early_load: bool | None = None, prefetch: bool = False) -> GemvPlan:
+              k_warps: int | None = None, early_load: bool | None = None) -> GemvPlan:
     """Pick the K split and the rows per warp by a small cost model, `_plan_cost`.
 
     Blocks run in waves of n_sm x MMA_MIN_BLOCKS. A block stages its K range's inputs once and,
@@ -241,7 +239,7 @@ def plan_gemv(out_features: int, in_features: int, bits: int, group_size: int = 
         k_blocks = k_blocks or 1
     if rows_per_warp is None or k_warps is None:  # whichever the cost model prefers
         plans = [plan_gemv(out_features, in_features, bits, group_size, n_sm, r, k_blocks, persistent,
-                           k_warps or 1, early_load, prefetch)
+                           k_warps or 1, early_load)
                  for r in ((MMA_ROWS, 2 * MMA_ROWS) if rows_per_warp is None else (rows_per_warp,))]
         return min(plans, key=lambda p: _plan_cost(p, n_sm))
     if k_warps not in K_WARPS:
@@ -255,8 +253,7 @@ def plan_gemv(out_features: int, in_features: int, bits: int, group_size: int = 
         groups = min(MMA_STAGE_GROUPS, -(-n_groups // kb))
         kb = -(-n_groups // groups)
         tiles = -(-n_tiles * kb // (n_sm * MMA_MIN_BLOCKS)) if persistent else 1
-        return GemvPlan(bits, out_features, in_features, rows_per_warp, kb, groups, tiles, k_warps, early_load,
-                        prefetch)
+        return GemvPlan(bits, out_features, in_features, rows_per_warp, kb, groups, tiles, k_warps, early_load)
 
     if k_blocks is not None:
         return make(k_blocks)
@@ -321,7 +318,7 @@ class SplitOutput:
 # and uses them as they are: word m's pairs P0..P3 = inputs (0, 4), (1, 5), (2, 6), (3, 7) of the word
 # are the A registers of two mmas. The staged B holds the matching inputs in the same order:
 # xs[group * 80 + t * 20 + s] = half2 of inputs 32 t + 8 m + (alpha, alpha + 4), slot s = 4 m + alpha,
-# divided by the power of two its A carries q at (`slot_shift`: 16 for odd alpha at 4 bits). Pitch 20
+# divided by the power of two its A carries q at (`slot_shifts`: 16 for odd alpha at 4 bits). Pitch 20
 # (not 16) keeps the four t's reads in distinct banks.
 #
 # 3-bit: a lane-row's 32 codes of a group fill 3 words, each half of a word holding 5 codes whole: slots
@@ -329,7 +326,7 @@ class SplitOutput:
 # (the word >> 10 first), the low and high halves carrying the pair's two codes; slot 15's codes take bit
 # 9 of each half of all 3 words (bit b of the code in word b). A pair costs one LOP3, (src & mask) | magic,
 # plus a shift per word: about as many instructions per code as at 4 bits. Each slot's power of two is
-# undone by its staged input (`slot_shift`), so the staged inputs, the mma and the epilogue are shared with
+# undone by its staged input (`slot_shifts`), so the staged inputs, the mma and the epilogue are shared with
 # the 4-bit kernel. A lane's step reads 16 + 8 bytes (rows g and g + 8).
 
 
@@ -368,7 +365,7 @@ def _mma_step_source(bits: int, m_tiles: int, n_groups: int, exact_rows: bool) -
     dots = ["def dots(v, xs, xo, c, sz, inv_f, upper, magic, swap):"]
     dots += [f"    d{mt} = (float32(0), float32(0), float32(0), float32(0))" for mt in range(m_tiles)]
     for m in range(4):
-        dots.append(f"    x0, x1, x2, x3 = load_shared_u32x4(xs, xo + uint32({4 * m}))")  # unsigned: no wraparound
+        dots += [f"    x{a} = xs[xo + uint32({4 * m + a})]" for a in range(4)]  # unsigned: no wraparound
         for mt in range(m_tiles):
             v0 = per_tile * mt
             if bits == 4:  # word m of rows g (a) and g + 8 (b); slot alpha: (w >> 8 (alpha // 2)) & mask
@@ -401,12 +398,11 @@ def _pair_3bit(words: list[str], slot: int) -> str:
     return f"({src} & uint32({_FIELD_3BIT << 3 * (f % 3):#x})) | magic"
 
 
-@cuda.jit(device=True)
-def slot_shift(bits, slot):
-    """log2 of the factor slot `slot`'s codes carry in their fp16 operand (`_pair_3bit`, the 4-bit masks)."""
-    if bits == 4:
-        return 4 * (slot % 2)
-    return 7 if slot == _SPARE_SLOT else 3 * (slot % 5 % 3)
+def slot_shifts(bits: int) -> int:
+    """log2 of the factor each slot's codes carry in their fp16 operand (the 4-bit masks, `_pair_3bit`),
+    3 bits a slot (slot s at bits 3 s): one constant the staging reads with constant shifts."""
+    shift = (lambda s: 4 * (s % 2)) if bits == 4 else (lambda s: 7 if s == _SPARE_SLOT else 3 * (s % 5 % 3))
+    return sum(shift(s) << 3 * s for s in range(16))
 
 
 def mma_layout(qweight: torch.Tensor, bits: int, in_features: int, tile_rows: int) -> torch.Tensor:
@@ -464,23 +460,19 @@ def _make_mma_step(bits: int, m_tiles: int, n_groups: int, exact_rows: bool):
     name = f"<base_gemv.mma_step bits={bits} m_tiles={m_tiles} n_groups={n_groups} exact={exact_rows}>"
     linecache.cache[name] = (len(src), None, src.splitlines(True), name)
     scope = {"uint32": uint32, "uint64": uint64, "float32": float32, "load_u32x4": load_u32x4,
-             "load_u32x2": load_u32x2, "load_shared_u32x4": load_shared_u32x4, "mma_f16": mma_f16,
-             "half2_floats": half2_floats}
+             "load_u32x2": load_u32x2, "mma_f16": mma_f16, "half2_floats": half2_floats}
     exec(compile(src, name, "exec"), scope)
     return cuda.jit(device=True)(scope["load"]), cuda.jit(device=True)(scope["dots"])
 
 
 @functools.lru_cache(maxsize=None)
-def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warps: int = 1, early_load: bool = False,
-                prefetch: bool = False):
+def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warps: int = 1, early_load: bool = False):
     """The tensor-core kernel for one (bits, m_tiles, group count, k_warps); `exact_rows`: the rows fill
     whole tiles (no clamps on scale / zero rows); `early_load`: the first weights are loaded before the
     staging. See the section comment."""
-    BITS = bits
+    SHIFTS = slot_shifts(bits)
     KW = k_warps
     EARLY = early_load
-    PREFETCH = prefetch
-    WORDS = MMA_GROUP_WORDS[bits]
     TILE = WARPS // KW * MMA_ROWS * m_tiles
     RED = KW * TILE if KW > 1 else 1  # the K warps' row sums at a tile's end
     TILES16 = TILE // MMA_ROWS
@@ -519,13 +511,6 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
         elif KW > 1:
             cuda.syncthreads()  # `red` is rewritten at the next tile's end
 
-    @cuda.jit(device=True)
-    def prefetch_tile(qw, tw, grp0, n_grp):
-        """Ask L2 for the weights of a warp's 16-row blocks tw .. tw + m_tiles - 1 in groups [grp0, grp0 + n_grp)."""
-        for mt in range(m_tiles):
-            prefetch_l2(qw, ((tw + uint32(mt)) * uint32(n_groups) + uint32(grp0)) * uint32(WORDS),
-                        uint32(n_grp * WORDS * 4))
-
     @jit_with_bounds(THREADS, MMA_MIN_BLOCKS)
     def kernel(x, act_scale, qw, scale_zero, out, partials, counters, n_out, n_in, groups_per_kblock,
                direct, n_parts, magic_bits):
@@ -544,10 +529,7 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
         2 B per row out (+ 4 B per row and K block when K is split or merged).
         """
         magic = uint32(magic_bits)
-        if SHARED_ALIGN:  # 128-bit reads of the staged inputs
-            xs = cuda.shared.array(XS_WORDS, uint32, alignment=16)
-        else:
-            xs = cuda.shared.array(XS_WORDS, uint32)
+        xs = cuda.shared.array(XS_WORDS, uint32)
         grp_c = cuda.shared.array(STAGE_GROUPS, float32)
         grp_s = cuda.shared.array(STAGE_GROUPS, float32)
         grp_f = cuda.shared.array(STAGE_GROUPS, float32)  # the group's 1 / f
@@ -583,8 +565,6 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
         acc = cuda.local.array(m_tiles, float32)
         for mt in range(m_tiles):
             acc[mt] = float32(0)
-        if PREFETCH and lane == 0 and kw == 0 and tile < n_tiles:  # the first tile's HBM reads start now
-            prefetch_tile(qw, uint32(tile * TILES16) + warp_t16, grp0, n_grp)
         # the first (tile, step)'s weights: before the staging when EARLY (its HBM latency then overlaps the
         # staging's; what a block of one or two steps waits on), else after it (fewer live registers)
         if EARLY:
@@ -608,16 +588,17 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
         f = int_as_float(int32(f_exp << 23))
         c_sum = float32(0)
         s_sum = float32(0)
+        shifts = uint64(SHIFTS) >> uint64(24 * (p % 2))  # this thread's slots 8 (p % 2) + i
         for i in range(8):  # pair (word 2 (p % 2) + i // 4, alpha = i % 4)
             j = 8 * (i // 4) + i % 4
-            sh = slot_shift(BITS, 4 * (2 * (p % 2) + i // 4) + i % 4)
+            sh = int32((shifts >> uint64(3 * i)) & uint64(7))
             mult = f * int_as_float(int32((127 - sh) << 23))
             h = pack_half2(vals[j] * mult, vals[j + 4] * mult)
             if sg < n_grp:
                 xs[sg * GROUP_WORDS + (p // 2) * MMA_PITCH + (2 * (p % 2) + i // 4) * 4 + i % 4] = h
             lo, hi = half2_floats(h)
             c_sum += lo + hi
-            s_sum += (lo + hi) * float32(1 << sh)
+            s_sum += (lo + hi) * int_as_float(int32((127 + sh) << 23))
         c_sum = lanes8_sum(c_sum, scratch)
         s_sum = lanes8_sum(s_sum, scratch)
         if p == 0:
@@ -635,8 +616,6 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
                          last_row, lane4, uint32(grp0 + min(kw, last_grp)), sel8)
         step = 0
         while tile < n_tiles:  # (a loop on the cursors: no step counter held in a register)
-            if PREFETCH and step == 0 and lane == 0 and kw == 0 and tile + stride < n_tiles:
-                prefetch_tile(qw, uint32((tile + stride) * TILES16) + warp_t16, grp0, n_grp)
             lstep += 1
             if lstep == n_steps:
                 lstep = 0
@@ -719,7 +698,7 @@ class BaseGemv:
             self.qw = _flat(_device(self._qw_tiled), np.uint32)
             self.weights = (self.qw, _flat(_device(self._scale_zero), np.uint32))
         self.kernel = _mma_kernel(bits, p.rows_per_warp // MMA_ROWS, -(-in_features // MMA_GROUP),
-                                  p.out_features % p.tile_rows == 0, p.k_warps, p.early_load, p.prefetch)
+                                  p.out_features % p.tile_rows == 0, p.k_warps, p.early_load)
         self._own_split: SplitOutput | None = None
 
     def split_output(self, extra_parts: int = 0) -> SplitOutput:

@@ -15,12 +15,6 @@ patterns so that no fp16x2 type is needed in Numba:
 - `load_u32x4(a, i)`, `load_u32x2(a, i)`: a[i .. i+3] (a[i], a[i+1]) of a global uint32 array in one
   128-bit (64-bit) load, i a multiple of 4 (2), through the read-only path (`ld.global.nc`: the
   operand must not be written during the kernel).
-- `prefetch_l2(a, i, nbytes)`: ask the copy engine to bring a[i ..] (nbytes, a multiple of 16, i a
-  multiple of 4) of a global uint32 array into L2 (`cp.async.bulk.prefetch.L2`, sm_90): one
-  instruction for a whole range, no registers held, nothing to wait for.
-- `load_shared_u32x4(a, i)`: a[i .. i+3] of a shared uint32 array in one 128-bit load, i a multiple
-  of 4 (an aligned vector load that LLVM turns into `ld.shared.v4`). The array must be declared with
-  `alignment=16`, which only numba-cuda takes (`SHARED_ALIGN`); elsewhere it is four 32-bit loads.
 
 Under the CUDA simulator (`NUMBA_ENABLE_CUDASIM=1`) the same names are plain Python. The simulator
 has no warp shuffles, so `mma_f16` exchanges fragments through a block-shared scratch array
@@ -30,17 +24,13 @@ every thread of the block must call it the same number of times, as a real mma n
 
 from __future__ import annotations
 
-import inspect
-
 import numpy as np
 from numba import cuda
 
 SIMULATED = cuda.jit.__module__.startswith("numba.cuda.simulator")
 MMA_SWAP = 6  # uint32 slots per thread in the simulator's fragment exchange
-SHARED_ALIGN = not SIMULATED and "alignment" in inspect.signature(cuda.shared.array).parameters  # numba-cuda
 
-__all__ = ["mma_f16", "pack_half2", "half2_floats", "load_u32x4", "load_u32x2", "load_shared_u32x4", "prefetch_l2", "MMA_SWAP",
-           "SHARED_ALIGN", "SIMULATED"]
+__all__ = ["mma_f16", "pack_half2", "half2_floats", "load_u32x4", "load_u32x2", "MMA_SWAP", "SIMULATED"]
 
 
 if SIMULATED:
@@ -66,12 +56,6 @@ if SIMULATED:
     @cuda.jit(device=True)
     def load_u32x2(a, i):
         return np.uint32(a[i]), np.uint32(a[i + 1])
-
-    load_shared_u32x4 = load_u32x4
-
-    @cuda.jit(device=True)
-    def prefetch_l2(a, i, nbytes):
-        pass
 
     @cuda.jit(device=True)
     def mma_f16(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, swap):
@@ -103,8 +87,8 @@ else:
 
     _i32, _f32 = ir.IntType(32), ir.FloatType()
 
-    def _asm(builder, ret, args, text: str, constraints: str, values, side_effect: bool = False):
-        fn = ir.InlineAsm(ir.FunctionType(ret, args), text, constraints, side_effect=side_effect)
+    def _asm(builder, ret, args, text: str, constraints: str, values):
+        fn = ir.InlineAsm(ir.FunctionType(ret, args), text, constraints)
         return builder.call(fn, values)
 
     @intrinsic
@@ -166,39 +150,3 @@ else:
 
     load_u32x4 = _load_vector(4)
     load_u32x2 = _load_vector(2)
-
-    @intrinsic
-    def prefetch_l2(typingctx, a, i, nbytes):
-        sig = types.void(a, i, nbytes)
-
-        def codegen(context, builder, sig, args):
-            ary = context.make_array(sig.args[0])(context, builder, value=args[0])
-            idx = context.cast(builder, args[1], sig.args[1], types.intp)
-            ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary, [idx], wraparound=False)
-            size = context.cast(builder, args[2], sig.args[2], types.uint32)
-            _asm(builder, ir.VoidType(), [ptr.type, _i32], "cp.async.bulk.prefetch.L2.global [$0], $1;", "l,r",
-                 [ptr, size], side_effect=True)  # no result: kept only as a side effect
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    @intrinsic
-    def _load_shared_v4(typingctx, a, i):
-        sig = types.UniTuple(types.uint32, 4)(a, i)
-
-        def codegen(context, builder, sig, args):
-            ary = context.make_array(sig.args[0])(context, builder, value=args[0])
-            idx = context.cast(builder, args[1], sig.args[1], types.intp)
-            ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary, [idx], wraparound=False)
-            vec = builder.load(builder.bitcast(ptr, ir.VectorType(_i32, 4).as_pointer()), align=16)
-            return context.make_tuple(builder, sig.return_type, [builder.extract_element(vec, ir.Constant(_i32, k))
-                                                                 for k in range(4)])
-
-        return sig, codegen
-
-    if SHARED_ALIGN:
-        load_shared_u32x4 = _load_shared_v4
-    else:
-        @cuda.jit(device=True)
-        def load_shared_u32x4(a, i):
-            return a[i], a[i + 1], a[i + 2], a[i + 3]

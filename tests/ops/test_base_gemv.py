@@ -195,14 +195,12 @@ def test_tensor_core_kernel_matches_reference(bits, out_features, in_features, r
     (3, 72, 640, 32, 2, 2, 132, 1),  # 3-bit, two mma tiles per warp, 2 K warps, K split: 3 and 2 groups
     (3, 72, 384, 16, 8, 1, 1, 2),  # 3-bit, 16-row tiles streamed 2 per block, direct write (shared sums reused)
 ])
-@pytest.mark.parametrize("prefetch", [False, True])
 def test_tensor_core_kernel_with_k_warps_matches_reference(bits, out_features, in_features, rows_per_warp, k_warps,
-                                                           k_blocks, n_sm, tiles_per_block, prefetch):
-    """Warps of a block splitting its K range: their row sums meet in shared memory at each tile's end.
-    With `prefetch` (a no-op in the simulator: here it checks that the kernel's other paths are unchanged)."""
+                                                           k_blocks, n_sm, tiles_per_block):
+    """Warps of a block splitting its K range: their row sums meet in shared memory at each tile's end."""
     rng = np.random.default_rng(700 + out_features + in_features + bits)
     got, ref, gemv, xd, out = run_kernel(rng, bits, out_features, in_features, k_blocks, rows_per_warp=rows_per_warp,
-                                         n_sm=n_sm, k_warps=k_warps, prefetch=prefetch)
+                                         n_sm=n_sm, k_warps=k_warps)
     p = gemv.plan
     assert (p.k_warps, p.tile_rows, p.tiles_per_block) == (k_warps, 128 * rows_per_warp // 16 // k_warps, tiles_per_block)
     assert_close_fp16(got, ref)
@@ -233,15 +231,13 @@ def test_tensor_core_kernel_scales_wide_ranges_without_overflow():
 @pytest.mark.parametrize("bits", [3, 4])
 @pytest.mark.parametrize("out_features, in_features", [(4096, 4096), (14336, 4096), (4096, 14336), (640, 1024),
                                                        (1536, 576)])
-@pytest.mark.parametrize("prefetch", [False, True])
-def test_kernel_matches_reference_on_gpu(bits, out_features, in_features, prefetch):
+def test_kernel_matches_reference_on_gpu(bits, out_features, in_features):
     rng = np.random.default_rng(out_features + in_features + bits)
     codes, q, scales, zeros, act = random_linear(rng, bits, out_features, in_features)
     x = rng.standard_normal(in_features).astype(np.float16)
     w = bg.dequantize(*map(torch.from_numpy, (q, scales, zeros)), bits, in_features).cuda()
     ref = (w.double() @ (torch.from_numpy(x).cuda().double() * torch.from_numpy(act).cuda().double())).cpu().numpy()
-    plan = bg.plan_gemv(out_features, in_features, bits, n_sm=cuda.get_current_device().MULTIPROCESSOR_COUNT,
-                        prefetch=prefetch)
+    plan = bg.plan_gemv(out_features, in_features, bits, n_sm=cuda.get_current_device().MULTIPROCESSOR_COUNT)
     gemv = bg.BaseGemv(*(cuda.to_device(a) for a in (q, scales, zeros, act)), bits, plan=plan)
     out = cuda.to_device(np.full(out_features, np.nan, np.float16))
     gemv(cuda.to_device(x), out)

@@ -148,9 +148,8 @@ def fake_quantize(
 def quant_dequant(
     weight: torch.Tensor, bits: int, group_size: int = GROUP_SIZE, clip: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """`dequantize_codes(*fake_quantize(...))`, bit for bit, computed per group with broadcast
-    scales: the searches call it dozens of times per layer and the per-element gather of scales
-    and zeros in `dequantize_codes` dominated their time."""
+    """`dequantize_codes(*fake_quantize(...))`, bit for bit, without packing the codes into uint8
+    and unpacking them again: the searches call it dozens of times per layer."""
     return _ungrouped(_grouped_quant_dequant(_grouped(weight.float(), group_size), bits, clip), weight.shape[-1])
 
 

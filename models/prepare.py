@@ -13,8 +13,10 @@ import dataclasses
 import hashlib
 import json
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -37,7 +39,7 @@ from decdec.config import Config, load_config
 Group = tuple[int, str]
 # Seconds per million linear weights for 2048 calibration tokens on 2 idle CPU threads (this
 # project's reference machine), by quantizer: what the first-run announcement extrapolates from.
-PREPARE_S_PER_MPARAM = {"rtn": 0.09, "awq": 0.24, "robust": 0.56}  # robust at k_chunk 32
+PREPARE_S_PER_MPARAM = {"rtn": 0.10, "awq": 0.28, "robust": 0.36}  # robust at k_chunk 32
 SENSITIVITY_WINDOWS = 2  # windows of calibration text for the 3.5-bit layer ranking (2 x ctx tokens)
 
 
@@ -96,6 +98,21 @@ def quantize_group(weight: torch.Tensor, x: torch.Tensor, bits: int, cfg: Config
     return quantize_rtn(weight, bits, cfg.quant.group_size)
 
 
+def _map_groups(fn: Callable, items: list, desc: str, progress: bool) -> list:
+    """[fn(item) for item in items] on as many Python threads as torch has CPU threads, each
+    running its torch ops on one thread. One group at a time on all threads leaves cores idle in
+    its many single-threaded steps (top-k, NumPy's sort, ops on small tensors); and a group's
+    result, with its reductions on one thread, does not depend on the number of cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    pool = ThreadPoolExecutor(threads)
+    try:
+        return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, disable=not progress))
+    finally:  # after an error or Ctrl-C, only the groups already started are waited for
+        pool.shutdown(cancel_futures=True)
+        torch.set_num_threads(threads)
+
+
 def build(model: LoadedModel, cfg: Config, progress: bool = True) -> tuple[dict[Group, PreparedGroup], list[int]]:
     args, weights = model.args, model.weights
     windows = calibration_windows(model, cfg)
@@ -103,11 +120,10 @@ def build(model: LoadedModel, cfg: Config, progress: bool = True) -> tuple[dict[
         acts = collect_activations(args, weights, windows, bar)
     groups = [(layer, kind) for layer in range(args.n_layers) for kind in LINEAR_KINDS]
     candidate_bits = [3, 4] if cfg.quant.bits == 3.5 else [int(cfg.quant.bits)]
-    quantized: dict[tuple[int, str, int], QuantizedLinear] = {}
-    for layer, kind in tqdm(groups, desc=f"quantizing ({cfg.quant.method})", disable=not progress):
-        w = weights[f"layers.{layer}.{kind}"]
-        for bits in candidate_bits:
-            quantized[layer, kind, bits] = quantize_group(w, acts[layer, kind], bits, cfg)
+    candidates = [(layer, kind, bits) for layer, kind in groups for bits in candidate_bits]
+    quantized = dict(zip(candidates, _map_groups(
+        lambda c: quantize_group(weights[f"layers.{c[0]}.{c[1]}"], acts[c[0], c[1]], c[2], cfg), candidates,
+        f"quantizing ({cfg.quant.method})", progress)))
     sensitivity = None
     if cfg.quant.bits == 3.5:
         def applied(layer, kind, bits):  # the weight applied to x itself: deq(Q) * act_scale
@@ -116,13 +132,14 @@ def build(model: LoadedModel, cfg: Config, progress: bool = True) -> tuple[dict[
 
         sensitivity = layer_sensitivity(args, weights, windows[:SENSITIVITY_WINDOWS], applied)
     layer_bits = bits_per_layer(cfg.quant.bits, sensitivity, args.n_layers)
-    prepared = {}
-    for layer, kind in tqdm(groups, desc="residuals + thresholds", disable=not progress):
-        q = quantized[layer, kind, layer_bits[layer]]
-        x_seen = acts[layer, kind] * q.act_scale  # what the quantized GEMV (and the selector) sees
-        residual = build_residual(effective_weight(weights[f"layers.{layer}.{kind}"], q), q)
-        prepared[layer, kind] = PreparedGroup(q, residual, threshold_profile(x_seen), mean_abs(x_seen))
-    return prepared, layer_bits
+
+    def prepared_group(group: Group) -> PreparedGroup:
+        q = quantized[(*group, layer_bits[group[0]])]
+        x_seen = acts[group] * q.act_scale  # what the quantized GEMV (and the selector) sees
+        residual = build_residual(effective_weight(weights[f"layers.{group[0]}.{group[1]}"], q), q)
+        return PreparedGroup(q, residual, threshold_profile(x_seen), mean_abs(x_seen))
+
+    return dict(zip(groups, _map_groups(prepared_group, groups, "residuals + thresholds", progress))), layer_bits
 
 
 def _to_tensors(groups: dict[Group, PreparedGroup]) -> dict[str, dict[str, torch.Tensor]]:

@@ -96,11 +96,16 @@ def _round_up_to_half(x: torch.Tensor) -> torch.Tensor:
     return torch.where(half.float() < x, up, half)
 
 
-def _grid(groups: torch.Tensor, bits: int, clip: torch.Tensor | None):
-    """Codes (float), float16 scales and float zeros of grouped weights [..., n_groups, group_size]."""
+def _range(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) of each group of grouped weights [..., n_groups, group_size], widened to include 0."""
+    return groups.amin(-1).clamp_(max=0.0), groups.amax(-1).clamp_(min=0.0)  # (torch.aminmax is slower)
+
+
+def _grid(groups: torch.Tensor, bits: int, clip: torch.Tensor | None, w_range: tuple | None = None):
+    """Codes (float), float16 scales and float zeros of grouped weights [..., n_groups, group_size];
+    `w_range`, the groups' `_range` if known (a search quantizes one weight many times)."""
     max_code = 2**bits - 1
-    w_min = groups.amin(-1).clamp(max=0.0)
-    w_max = groups.amax(-1).clamp(min=0.0)
+    w_min, w_max = w_range or _range(groups)
     if clip is not None:
         w_min = torch.maximum(w_min, -clip)
         w_max = torch.minimum(w_max, clip)
@@ -109,8 +114,17 @@ def _grid(groups: torch.Tensor, bits: int, clip: torch.Tensor | None):
     scales = torch.where(scales > 0, scales, torch.ones_like(scales))
     scales_f = scales.float()
     zeros = torch.round(-w_min / scales_f).clamp(0, max_code)
-    codes = (torch.round(groups / scales_f[..., None]) + zeros[..., None]).clamp(0, max_code)
+    # in place: these passes over every weight are most of a search's elementwise work
+    codes = torch.div(groups, scales_f[..., None]).round_().add_(zeros[..., None]).clamp_(0, max_code)
     return codes, scales, zeros
+
+
+def _grouped_quant_dequant(
+    groups: torch.Tensor, bits: int, clip: torch.Tensor | None = None, w_range: tuple | None = None
+) -> torch.Tensor:
+    """`quant_dequant` of weights already grouped by `_grouped`, in the same layout."""
+    codes, scales, zeros = _grid(groups, bits, clip, w_range)
+    return codes.sub_(zeros[..., None]).mul_(scales.float()[..., None])
 
 
 def fake_quantize(
@@ -134,11 +148,9 @@ def fake_quantize(
 def quant_dequant(
     weight: torch.Tensor, bits: int, group_size: int = GROUP_SIZE, clip: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """`dequantize_codes(*fake_quantize(...))`, bit for bit, computed per group with broadcast
-    scales: the searches call it dozens of times per layer and the per-element gather of scales
-    and zeros in `dequantize_codes` dominated their time."""
-    codes, scales, zeros = _grid(_grouped(weight.float(), group_size), bits, clip)
-    return _ungrouped((codes - zeros[..., None]) * scales.float()[..., None], weight.shape[-1])
+    """`dequantize_codes(*fake_quantize(...))`, bit for bit, without packing the codes into uint8
+    and unpacking them again: the searches call it dozens of times per layer."""
+    return _ungrouped(_grouped_quant_dequant(_grouped(weight.float(), group_size), bits, clip), weight.shape[-1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,10 +347,10 @@ def _scaled_gram(gram: torch.Tensor, act_scale: torch.Tensor) -> torch.Tensor:
     return s[:, :, None] * gram * s[:, None, :]
 
 
-def _group_output_error(w_err: torch.Tensor, gram: torch.Tensor, group_size: int) -> torch.Tensor:
-    """sum over rows of x of (x_g . d_og)^2 for weight error d [out, in] -> [out, n_groups]."""
-    d = _grouped(w_err, group_size).transpose(0, 1)  # [n_groups, out, group_size]
-    return ((d @ gram) * d).sum(-1).T
+def _group_output_error(d: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """sum over rows of x of (x_g . d_og)^2 for the weight error d, grouped and batched by group
+    ([n_groups, out, group_size]) -> [n_groups, out]."""
+    return (d @ gram).mul_(d).sum(-1)
 
 
 def _search_clip(w_eff: torch.Tensor, gram: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
@@ -347,14 +359,16 @@ def _search_clip(w_eff: torch.Tensor, gram: torch.Tensor, bits: int, group_size:
     w_eff sees). Every ratio is tried: a (row, group)'s error jumps with the rounding from one
     ratio to the next, so a minimum can sit between the points of a coarser grid. Returns clip
     [out, n_groups]; ties keep the least clipping."""
-    max_abs = _grouped(w_eff, group_size).abs().amax(-1)  # [out, n_groups]
+    # one layout for every ratio, batched by group as the Gram matrices are; the range is the same for all
+    groups = _grouped(w_eff, group_size).transpose(0, 1).contiguous()  # [n_groups, out, group_size]
+    w_range, max_abs = _range(groups), groups.abs().amax(-1)  # [n_groups, out]
     ratios = torch.linspace(1.0, CLIP_MIN_RATIO, CLIP_GRID)
     errors = [
-        _group_output_error(quant_dequant(w_eff, bits, group_size, max_abs * r) - w_eff, gram, group_size)
+        _group_output_error(_grouped_quant_dequant(groups, bits, max_abs * r, w_range).sub_(groups), gram)
         for r in ratios.tolist()
     ]
     best = torch.stack(errors).argmin(0)  # first minimum: the largest ratio among equals
-    return max_abs * ratios[best]
+    return (max_abs * ratios[best]).T
 
 
 def _check_awq(weight: torch.Tensor, calib_x: torch.Tensor, bits: int, n_grid: int):
@@ -419,24 +433,25 @@ def quantize_awq(
     return _fit_awq(weight, mean_abs, _group_gram(x, group_size), alpha, True, bits, group_size).pack(weight, bits, group_size)
 
 
-def compensated_error(
-    weight: torch.Tensor, fit: _Fit, x: torch.Tensor, k_chunk: int, bits: int, group_size: int, table: bool = True
-) -> float:
-    """Squared output error of `fit` on rows x [N, in] after DecDEC's compensation at k_chunk, with
-    the real 4-bit residual table (`table`) or an exact residual. The table matters where a choice
-    must be exact: clipping inflates the residual's range and so its 4-bit error, which an exact
-    residual cannot see, and its scale search costs more than the rest of this error."""
+def compensated_errors(
+    weight: torch.Tensor, fit: _Fit, x: torch.Tensor, k_chunk: int, bits: int, group_size: int,
+    tables: tuple[bool, ...] = (True,),
+) -> list[float]:
+    """Squared output error of `fit` on rows x [N, in] after DecDEC's compensation at k_chunk, per
+    entry of `tables`: with the real 4-bit residual table (True) or an exact residual (False); the
+    entries share the dequantization, the uncorrected product and the selection. The table matters
+    where a choice must be exact: clipping inflates the residual's range and so its 4-bit error,
+    which an exact residual cannot see, and its scale search costs more than the rest of this error."""
     from decdec.models.residual import residual_round_trip  # residual.py builds on this module
 
     w_eff, deq = fit.dequantized(weight, bits, group_size)
     xs = x * fit.act_scale
     out = xs @ (deq - w_eff).T
-    if k_chunk:
-        residual = w_eff - deq
-        if table:
-            residual = residual_round_trip(residual)
-        out += torch.sparse.mm(corrected(xs, k_chunk), residual.T.contiguous())
-    return out.square().sum().item()
+    if not k_chunk:
+        return [out.square().sum().item()] * len(tables)
+    picked, residual = corrected(xs, k_chunk), w_eff - deq
+    return [(out + torch.sparse.mm(picked, (residual_round_trip(residual) if table else residual).T.contiguous()))
+            .square().sum().item() for table in tables]
 
 
 def _held_back_alpha(
@@ -453,10 +468,10 @@ def _held_back_alpha(
     awq = _search_alpha(weight, _subsample_rows(x, AWQ_SEARCH_ROWS), mean_abs, bits, group_size, n_grid)
     search_mean_abs = search.abs().mean(0)
     awq_fit, rtn_fit = (_fit_awq(weight, search_mean_abs, None, a, False, bits, group_size) for a in (awq, 0.0))
-    awq_error, rtn_exact = (compensated_error(weight, f, held, k_chunk, bits, group_size, table=False)
-                            for f in (awq_fit, rtn_fit))
+    [awq_error] = compensated_errors(weight, awq_fit, held, k_chunk, bits, group_size, tables=(False,))
+    rtn_exact, rtn_table = compensated_errors(weight, rtn_fit, held, k_chunk, bits, group_size, tables=(False, True))
     alpha = 0.0 if rtn_exact < awq_error * (1 - FALLBACK_MARGIN) else awq
-    return alpha, compensated_error(weight, rtn_fit, held, k_chunk, bits, group_size)
+    return alpha, rtn_table
 
 
 def quantize_robust(
@@ -472,7 +487,7 @@ def quantize_robust(
     The scale comes from `_held_back_alpha`: AWQ's, unless RTN's is clearly better on held-back
     rows once DecDEC has compensated at `k_chunk` (AWQ protects the salient channels, which
     DecDEC may correct anyway). It is then fitted on all the rows with clipping searched plainly
-    (clipping aimed past the corrected channels inflates the residual: see `compensated_error`),
+    (clipping aimed past the corrected channels inflates the residual: see `compensated_errors`),
     exactly as `quantize_awq` fits AWQ's scale; if that ends worse than RTN on the held-back rows,
     RTN is kept.
     """
@@ -480,6 +495,6 @@ def quantize_robust(
     mean_abs = x.abs().mean(0)
     alpha, rtn_error = _held_back_alpha(weight, x, mean_abs, k_chunk, bits, group_size, n_grid)
     fit = _fit_awq(weight, mean_abs, _group_gram(x, group_size), alpha, True, bits, group_size)
-    if compensated_error(weight, fit, split_rows(x)[1], k_chunk, bits, group_size) > rtn_error:
+    if compensated_errors(weight, fit, split_rows(x)[1], k_chunk, bits, group_size)[0] > rtn_error:
         return quantize_rtn(weight, bits, group_size)
     return fit.pack(weight, bits, group_size)

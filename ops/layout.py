@@ -32,11 +32,6 @@ def _words_to_int32(words: torch.Tensor) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-def _int32_to_words(qweight: torch.Tensor) -> torch.Tensor:
-    """int32 words -> their unsigned 32-bit values in int64, so right shifts bring in zeros."""
-    return qweight.to(torch.int64) & 0xFFFFFFFF
-
-
 def _or_fields(fields: torch.Tensor, width: int) -> torch.Tensor:
     """Pack the last dim of `fields` (each < 2**width) into one word, field j at bits width*j."""
     shifts = torch.arange(fields.shape[-1], dtype=torch.int64, device=fields.device) * width
@@ -45,9 +40,11 @@ def _or_fields(fields: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def _split_fields(words: torch.Tensor, width: int, count: int) -> torch.Tensor:
-    """Inverse of `_or_fields`: words [...] -> fields [..., count]."""
-    shifts = torch.arange(count, dtype=torch.int64, device=words.device) * width
-    return (words[..., None] >> shifts) & ((1 << width) - 1)
+    """Inverse of `_or_fields` on int32 words [...] -> uint8 fields [..., count]. The mask drops the
+    copies of the sign bit that a right shift of a negative int32 brings in, so the words need no
+    widening to int64."""
+    shifts = torch.arange(count, dtype=torch.int32, device=words.device) * width
+    return ((words[..., None] >> shifts) & ((1 << width) - 1)).to(torch.uint8)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -92,23 +89,27 @@ def unpack_codes(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Te
             f"at {bits} bits"
         )
     out_features = qweight.shape[0]
-    words = _int32_to_words(qweight)
     if bits == 4:
-        codes = _split_fields(words, 4, WORD_BITS // 4)  # [out, in/8, 8]
+        codes = _split_fields(qweight, 4, WORD_BITS // 4)  # [out, in/8, 8]
     else:
-        units = words.reshape(out_features, -1, 3)  # [out, in/32, (low 0..15, low 16..31, high)]
+        units = qweight.reshape(out_features, -1, 3)  # [out, in/32, (low 0..15, low 16..31, high)]
         half = PACK_INPUTS // 2
         low = torch.cat(
             [_split_fields(units[..., 0], 2, half), _split_fields(units[..., 1], 2, half)], dim=-1
         )
         codes = low | (_split_fields(units[..., 2], 1, PACK_INPUTS) << 2)  # [out, in/32, 32]
-    return codes.reshape(out_features, in_features).to(torch.uint8)
+    return codes.reshape(out_features, in_features)
 
 
 def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int = 128) -> torch.Tensor:
-    """codes [out, in] with per-(row, group) scales/zeros [out, n_groups] -> float32 (q - zero) * scale."""
-    group = torch.arange(codes.shape[-1]) // group_size
-    return (codes.float() - zeros.float()[:, group]) * scales.float()[:, group]
+    """codes [out, in] with per-(row, group) scales/zeros [out, n_groups] -> float32 (q - zero) * scale.
+    Per group with broadcast scales and zeros (a zero-padded partial last group is dropped again):
+    a per-element gather of them costs many times more."""
+    out_features, in_features = codes.shape
+    n_groups = scales.shape[-1]
+    groups = torch.nn.functional.pad(codes, (0, n_groups * group_size - in_features)).reshape(out_features, n_groups, -1)
+    deq = groups.float().sub_(zeros.float()[..., None]).mul_(scales.float()[..., None])
+    return deq.reshape(out_features, -1)[:, :in_features]
 
 
 def dequantize(qweight, scales, zeros, bits: int, in_features: int, group_size: int = 128) -> torch.Tensor:

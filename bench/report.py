@@ -177,6 +177,23 @@ def k_warps_table(path: Path) -> str:
 
 
 KW_RUNS = ("gemv_variants_b5901af_h200.json",)  # the base GEMV with and without K warps
+LAYOUT_RUNS = ("gemv_3cc37ce_h100.json", "gemv_40f36df_h100.json")  # 3-bit layouts, one device call
+
+
+def layout_table(new_path: Path, old_path: Path) -> str:
+    """Default plans of two bench/gemv_variants.py runs of one device call: the 3-bit layout of whole
+    codes (new) beside the low- and high-bit planes (old), with 4-bit and torch's int4 kernel."""
+    new, old = (json.loads(p.read_text()) for p in (new_path, old_path))
+    us = lambda d, o, i, b, v="default": next((r["us"] for r in d["rows"]  # noqa: E731
+                                               if (r["out"], r["in"], r["bits"], r["variant"]) == (o, i, b, v)), None)
+    f = lambda x: "" if x is None else f"{x:.1f}"  # noqa: E731
+    lines = [f"The base GEMV's 3-bit layouts, µs per launch in CUDA graphs, weights rotated past L2 ({source(new_path)}, "
+             f"{source(old_path)}; {new['device']}, one device call):", "",
+             *header("out x in", "3-bit planes", "3-bit whole codes", "with L2 prefetch", "4-bit", "torch int4")]
+    for o, i in dict.fromkeys((r["out"], r["in"]) for r in new["rows"]):
+        lines.append(row(f"{o}x{i}", f(us(old, o, i, 3)), f(us(new, o, i, 3)), f(us(new, o, i, 3, "L2 prefetch")),
+                         f(us(new, o, i, 4)), f(us(new, o, i, 4, "torch int4"))))
+    return "\n".join(lines)
 # the correction's floor before and after the selection's rewrite (runs of bench/correction_floor.py)
 FLOOR_RUNS = ("correction_floor_37bb371_h200.json", "correction_floor_1d0ca18_h200.json")
 
@@ -303,7 +320,8 @@ def page() -> str:
                    + [parity_table(p) for p in existing(["parity.json"])]
                    + [recall_table(p) for p in sorted(RESULTS.glob("selector_recall_*.json"))],
         "CPU step": [cpu_step_table(p) for p in sorted(RESULTS.glob("cpu_step_*.json"))],
-        "Kernels": [k_warps_table(p) for p in existing(KW_RUNS)]
+        "Kernels": ([layout_table(*existing(LAYOUT_RUNS))] if len(existing(LAYOUT_RUNS)) == 2 else [])
+                   + [k_warps_table(p) for p in existing(KW_RUNS)]
                    + ([floor_table(existing(FLOOR_RUNS))] if existing(FLOOR_RUNS) else [])
                    + [gpu_tables(p) for p in sorted(RESULTS.glob("gpu_ops_*.json"), reverse=True)],
     }

@@ -4,6 +4,7 @@
 # check:  the layer kernels and the engine on the GPU (real shapes), against their CPU references
 # llama:  bench/engine.py on Llama-3-8B shapes: ours beside the anchor at KV 256 / 2048 / 8192, tuned targets
 # small:  the same on Gemma 3 270M and SmolLM2-135M shapes (merged into the same results file)
+# gemv:   the base GEMV's GPU tests, then its default plans timed beside torch's int4 kernel (Llama, small shapes)
 # memcheck: compute-sanitizer over the layer kernels' and the engine's GPU tests
 # Each stage runs on a bare machine: it installs the NumPy wheel that numba-cuda needs (carry .whl).
 set -uo pipefail
@@ -28,6 +29,12 @@ small)
   cp bench/results/engine_*.json $OUT/engine.json 2>/dev/null
   timeout 400 python bench/engine.py --models gemma3-270m,smollm2-135m --targets "${TARGETS:-0.025,0.05,0.1,0.2}" \
     --out $OUT/engine.json --merge 2>&1 | tee $OUT/engine_small.log | grep -v "^\[" | tail -30
+  ;;
+gemv)
+  DECDEC_GPU_TESTS=1 timeout 150 python -m pytest -q -x -m gpu tests/ops/test_base_gemv.py 2>&1 \
+    | tee $OUT/gemv_tests.log | tail -2
+  timeout 200 python bench/gemv_variants.py --default-only --out $OUT/gemv.json \
+    --shapes 28672x4096,14336x4096,6144x4096,4096x4096,4096x14336,1024x4096,1536x640,640x2048 2>&1 | tee $OUT/gemv.log
   ;;
 memcheck)
   DECDEC_GPU_TESTS=1 timeout 300 compute-sanitizer --tool memcheck python -m pytest -q -p no:cacheprovider -m gpu \

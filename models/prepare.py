@@ -39,7 +39,7 @@ from decdec.config import Config, load_config
 Group = tuple[int, str]
 # Seconds per million linear weights for 2048 calibration tokens on 2 idle CPU threads (this
 # project's reference machine), by quantizer: what the first-run announcement extrapolates from.
-PREPARE_S_PER_MPARAM = {"rtn": 0.10, "awq": 0.28, "robust": 0.36}  # robust at k_chunk 32
+PREPARE_S_PER_MPARAM = {"rtn": 0.10, "awq": 0.28, "robust": 0.34}  # robust at k_chunk 32
 SENSITIVITY_WINDOWS = 2  # windows of calibration text for the 3.5-bit layer ranking (2 x ctx tokens)
 
 

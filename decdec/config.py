@@ -44,7 +44,9 @@ class DecDECSection:
 @dataclass(frozen=True)
 class CorpusSection:
     corpus: str = "pydoc"  # "pydoc" (CPython's language reference, split by topic) or a text file
-    tokens: int = 2048  # tokens used (4 windows of 512: AWQ and thresholds settle by then; CPU-bound)
+    # calibration: text tokens, BOS not counted, in whole windows (2048 at ctx 512: 4 windows, 5 for a
+    # model that starts each window with BOS); CPU-bound. Evaluation: tokens predicted.
+    tokens: int = 2048
     ctx: int = 512  # window length
 
 

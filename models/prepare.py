@@ -39,7 +39,7 @@ from decdec.config import Config, load_config
 Group = tuple[int, str]
 # Seconds per million linear weights for 2048 calibration tokens on 2 idle CPU threads (this
 # project's reference machine), by quantizer: what the first-run announcement extrapolates from.
-PREPARE_S_PER_MPARAM = {"rtn": 0.10, "awq": 0.28, "robust": 0.36}  # robust at k_chunk 32
+PREPARE_S_PER_MPARAM = {"rtn": 0.10, "awq": 0.28, "robust": 0.34}  # robust at k_chunk 32
 SENSITIVITY_WINDOWS = 2  # windows of calibration text for the 3.5-bit layer ranking (2 x ctx tokens)
 
 
@@ -90,12 +90,15 @@ def calibration_windows(model: LoadedModel, cfg: Config) -> list[torch.Tensor]:
     return token_windows(model.tokenizer, corpus_text(cal.corpus, "calibration"), cal.ctx, cal.tokens)
 
 
-def quantize_group(weight: torch.Tensor, x: torch.Tensor, bits: int, cfg: Config) -> QuantizedLinear:
+def quantize_group(
+    weight: torch.Tensor, x: torch.Tensor, bits: int, cfg: Config
+) -> tuple[QuantizedLinear, ResidualTable | None]:
+    """The quantized group and, where the quantizer built it, its residual table."""
     if cfg.quant.method == "awq":
-        return quantize_awq(weight, x, bits, cfg.quant.group_size)
+        return quantize_awq(weight, x, bits, cfg.quant.group_size), None
     if cfg.quant.method == "robust":
         return quantize_robust(weight, x, bits, cfg.quant.group_size, cfg.quant_k_chunk())
-    return quantize_rtn(weight, bits, cfg.quant.group_size)
+    return quantize_rtn(weight, bits, cfg.quant.group_size), None
 
 
 def _map_groups(fn: Callable, items: list, desc: str, progress: bool) -> list:
@@ -127,16 +130,17 @@ def build(model: LoadedModel, cfg: Config, progress: bool = True) -> tuple[dict[
     sensitivity = None
     if cfg.quant.bits == 3.5:
         def applied(layer, kind, bits):  # the weight applied to x itself: deq(Q) * act_scale
-            q = quantized[layer, kind, bits]
+            q = quantized[layer, kind, bits][0]
             return q.dequantize() * q.act_scale
 
         sensitivity = layer_sensitivity(args, weights, windows[:SENSITIVITY_WINDOWS], applied)
     layer_bits = bits_per_layer(cfg.quant.bits, sensitivity, args.n_layers)
 
     def prepared_group(group: Group) -> PreparedGroup:
-        q = quantized[(*group, layer_bits[group[0]])]
+        q, residual = quantized[(*group, layer_bits[group[0]])]
         x_seen = acts[group] * q.act_scale  # what the quantized GEMV (and the selector) sees
-        residual = build_residual(effective_weight(weights[f"layers.{group[0]}.{group[1]}"], q), q)
+        if residual is None:
+            residual = build_residual(effective_weight(weights[f"layers.{group[0]}.{group[1]}"], q), q)
         return PreparedGroup(q, residual, threshold_profile(x_seen), mean_abs(x_seen))
 
     return dict(zip(groups, _map_groups(prepared_group, groups, "residuals + thresholds", progress))), layer_bits

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import ClassVar
+from functools import cached_property
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
@@ -40,6 +41,9 @@ from decdec.ops.layout import (  # noqa: F401 - the packed layout lives with the
 )
 from decdec.errors import ArtifactError
 from decdec.constants import CHUNK_SIZE, chunk_ks
+
+if TYPE_CHECKING:  # residual.py builds on this module
+    from decdec.models.residual import ResidualTable
 
 GROUP_SIZE = 128  # inputs sharing one scale/zero (FORMATS.md; AWQ's and GPTQ's usual choice)
 
@@ -387,19 +391,33 @@ def _check_awq(weight: torch.Tensor, calib_x: torch.Tensor, bits: int, n_grid: i
 
 @dataclass
 class _Fit:
-    """One candidate quantization before packing: the AWQ scale (1/s) and the clipping bounds."""
+    """One candidate quantization of `weight` before packing: the AWQ scale (1/s) and the clipping
+    bounds. Its dequantization and residual table are kept once computed: the table that
+    `quantize_robust` scores its result with is the one it hands on to be stored."""
 
+    weight: torch.Tensor  # float32 [out, in]
+    bits: int
+    group_size: int
     act_scale: torch.Tensor  # float32 [in]
     clip: torch.Tensor | None  # [out, n_groups], None: the full range
 
-    def dequantized(self, weight: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    @cached_property
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W', deq(Q(W'))): the weight it quantizes and its dequantized codes, as `pack` stores them."""
-        w_eff = weight / self.act_scale  # exactly what residual.effective_weight recomputes
-        return w_eff, quant_dequant(w_eff, bits, group_size, self.clip)
+        w_eff = self.weight / self.act_scale  # exactly what residual.effective_weight recomputes
+        return w_eff, quant_dequant(w_eff, self.bits, self.group_size, self.clip)
 
-    def pack(self, weight: torch.Tensor, bits: int, group_size: int) -> QuantizedLinear:
-        codes = fake_quantize(weight / self.act_scale, bits, group_size, self.clip)
-        return _from_fake(*codes, self.act_scale, bits, group_size)
+    @cached_property
+    def table(self) -> ResidualTable:
+        """The 4-bit residual table of W' - deq(Q(W')): what `residual.build_residual` makes of `pack()`."""
+        from decdec.models.residual import residual_table  # residual.py builds on this module
+
+        w_eff, deq = self.dequantized
+        return residual_table(w_eff - deq)
+
+    def pack(self) -> QuantizedLinear:
+        codes = fake_quantize(self.weight / self.act_scale, self.bits, self.group_size, self.clip)
+        return _from_fake(*codes, self.act_scale, self.bits, self.group_size)
 
 
 def _fit_awq(
@@ -408,9 +426,8 @@ def _fit_awq(
 ) -> _Fit:
     """The scale of `alpha` from mean|x| and, if asked, the clipping searched against `gram`."""
     act_scale = 1.0 / awq_channel_scale(mean_abs, alpha)
-    if not clip:
-        return _Fit(act_scale, None)
-    return _Fit(act_scale, _search_clip(weight / act_scale, _scaled_gram(gram, act_scale), bits, group_size))
+    bounds = _search_clip(weight / act_scale, _scaled_gram(gram, act_scale), bits, group_size) if clip else None
+    return _Fit(weight, bits, group_size, act_scale, bounds)
 
 
 def quantize_awq(
@@ -430,28 +447,27 @@ def quantize_awq(
     weight, x = _check_awq(weight, calib_x, bits, n_grid)
     mean_abs = x.abs().mean(0)
     alpha = _search_alpha(weight, _subsample_rows(x, AWQ_SEARCH_ROWS), mean_abs, bits, group_size, n_grid)
-    return _fit_awq(weight, mean_abs, _group_gram(x, group_size), alpha, True, bits, group_size).pack(weight, bits, group_size)
+    return _fit_awq(weight, mean_abs, _group_gram(x, group_size), alpha, True, bits, group_size).pack()
 
 
-def compensated_errors(
-    weight: torch.Tensor, fit: _Fit, x: torch.Tensor, k_chunk: int, bits: int, group_size: int,
-    tables: tuple[bool, ...] = (True,),
-) -> list[float]:
+def compensated_errors(fit: _Fit, x: torch.Tensor, k_chunk: int, tables: tuple[bool, ...] = (True,)) -> list[float]:
     """Squared output error of `fit` on rows x [N, in] after DecDEC's compensation at k_chunk, per
-    entry of `tables`: with the real 4-bit residual table (True) or an exact residual (False); the
-    entries share the dequantization, the uncorrected product and the selection. The table matters
-    where a choice must be exact: clipping inflates the residual's range and so its 4-bit error,
-    which an exact residual cannot see, and its scale search costs more than the rest of this error."""
-    from decdec.models.residual import residual_round_trip  # residual.py builds on this module
-
-    w_eff, deq = fit.dequantized(weight, bits, group_size)
+    entry of `tables`: with the real 4-bit residual table (True, `fit.table`) or an exact residual
+    (False); the entries share the dequantization, the uncorrected product and the selection. The
+    table matters where a choice must be exact: clipping inflates the residual's range and so its
+    4-bit error, which an exact residual cannot see, and its scale search costs more than the rest
+    of this error."""
+    w_eff, deq = fit.dequantized
     xs = x * fit.act_scale
     out = xs @ (deq - w_eff).T
     if not k_chunk:
         return [out.square().sum().item()] * len(tables)
-    picked, residual = corrected(xs, k_chunk), w_eff - deq
-    return [(out + torch.sparse.mm(picked, (residual_round_trip(residual) if table else residual).T.contiguous()))
-            .square().sum().item() for table in tables]
+    picked = corrected(xs, k_chunk)
+
+    def correction(table: bool) -> torch.Tensor:  # [in, out]: row i is what a pick of channel i adds
+        return fit.table.dequantize_rows(torch.arange(w_eff.shape[1])) if table else (w_eff - deq).T.contiguous()
+
+    return [(out + torch.sparse.mm(picked, correction(table))).square().sum().item() for table in tables]
 
 
 def _held_back_alpha(
@@ -468,8 +484,8 @@ def _held_back_alpha(
     awq = _search_alpha(weight, _subsample_rows(x, AWQ_SEARCH_ROWS), mean_abs, bits, group_size, n_grid)
     search_mean_abs = search.abs().mean(0)
     awq_fit, rtn_fit = (_fit_awq(weight, search_mean_abs, None, a, False, bits, group_size) for a in (awq, 0.0))
-    [awq_error] = compensated_errors(weight, awq_fit, held, k_chunk, bits, group_size, tables=(False,))
-    rtn_exact, rtn_table = compensated_errors(weight, rtn_fit, held, k_chunk, bits, group_size, tables=(False, True))
+    [awq_error] = compensated_errors(awq_fit, held, k_chunk, tables=(False,))
+    rtn_exact, rtn_table = compensated_errors(rtn_fit, held, k_chunk, tables=(False, True))
     alpha = 0.0 if rtn_exact < awq_error * (1 - FALLBACK_MARGIN) else awq
     return alpha, rtn_table
 
@@ -481,7 +497,7 @@ def quantize_robust(
     group_size: int = GROUP_SIZE,
     k_chunk: int = 0,
     n_grid: int = 20,
-) -> QuantizedLinear:
+) -> tuple[QuantizedLinear, ResidualTable | None]:
     """AWQ that never ends worse than RTN off its fitting rows, and that knows DecDEC is coming.
 
     The scale comes from `_held_back_alpha`: AWQ's, unless RTN's is clearly better on held-back
@@ -489,12 +505,13 @@ def quantize_robust(
     DecDEC may correct anyway). It is then fitted on all the rows with clipping searched plainly
     (clipping aimed past the corrected channels inflates the residual: see `compensated_errors`),
     exactly as `quantize_awq` fits AWQ's scale; if that ends worse than RTN on the held-back rows,
-    RTN is kept.
+    RTN is kept. Returns the quantized group and, where that check built it (k_chunk > 0 and AWQ's
+    fit kept), its residual table, which a caller then need not build again.
     """
     weight, x = _check_awq(weight, calib_x, bits, n_grid)
     mean_abs = x.abs().mean(0)
     alpha, rtn_error = _held_back_alpha(weight, x, mean_abs, k_chunk, bits, group_size, n_grid)
     fit = _fit_awq(weight, mean_abs, _group_gram(x, group_size), alpha, True, bits, group_size)
-    if compensated_errors(weight, fit, split_rows(x)[1], k_chunk, bits, group_size)[0] > rtn_error:
-        return quantize_rtn(weight, bits, group_size)
-    return fit.pack(weight, bits, group_size)
+    if compensated_errors(fit, split_rows(x)[1], k_chunk)[0] > rtn_error:
+        return quantize_rtn(weight, bits, group_size), None
+    return fit.pack(), fit.table if k_chunk else None

@@ -120,18 +120,11 @@ def build_residual(weight_eff: torch.Tensor, qlinear: QuantizedLinear) -> Residu
             f"weight_eff {list(weight_eff.shape)} does not match "
             f"the quantized weight {list(deq.shape)}"
         )
-    codes, scales = _quantize_residual(weight_eff.float() - deq)
-    return ResidualTable(pack_rows(codes), scales, out_features=deq.shape[0])
+    return residual_table(weight_eff.float() - deq)
 
 
-def _quantize_residual(residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes [out, in], float16 scales [out]) of the 4-bit table of residual [out, in]."""
+def residual_table(residual: torch.Tensor) -> ResidualTable:
+    """The 4-bit table of residual [out, in]."""
     scales = search_row_scales(residual)
-    return _quantize_rows(residual, scales.float()[:, None]), scales
-
-
-def residual_round_trip(residual: torch.Tensor) -> torch.Tensor:
-    """float32 [out, in]: R_hat, the residual [out, in] as its table stores it (what
-    `build_residual(...).dequantize()` gives), without packing it."""
-    codes, scales = _quantize_residual(residual)
-    return codes * scales.float()[:, None]
+    codes = _quantize_rows(residual, scales.float()[:, None])
+    return ResidualTable(pack_rows(codes), scales, out_features=residual.shape[0])

@@ -9,7 +9,6 @@ from decdec.models.residual import (
     ResidualTable,
     build_residual,
     effective_weight,
-    residual_round_trip,
     search_row_scales,
 )
 from decdec.errors import ArtifactError
@@ -127,8 +126,3 @@ def test_residual_recovers_weight_at_3_bits(method: str) -> None:
     base_err = (weight_eff - q.dequantize()).square().sum()
     fixed_err = (weight_eff - q.dequantize() - table.dequantize()).square().sum()
     assert fixed_err * 10 <= base_err  # measured ~70x lower squared error
-
-
-def test_round_trip_is_the_tables_dequantized_residual() -> None:
-    weight, q, table = _rtn_case()
-    assert torch.equal(residual_round_trip(weight - q.dequantize()), table.dequantize())

@@ -42,10 +42,14 @@ def test_robust_never_worse_than_rtn_on_held_back_rows(smollm_layers, k_chunk):
     better = 0
     for weight, x in smollm_layers:
         held = x[-(x.shape[0] // 4):]  # the rows the quantizer holds back from its searches
-        robust = _held_error(quantize_robust(weight, x, 3, k_chunk=k_chunk), weight, held, k_chunk)
+        q, table = quantize_robust(weight, x, 3, k_chunk=k_chunk)
+        robust = _held_error(q, weight, held, k_chunk)
         rtn = _held_error(quantize_rtn(weight, 3), weight, held, k_chunk)
         assert robust <= rtn * (1 + 1e-5)
         better += robust < 0.99 * rtn
+        if table is not None:  # the table it scored with is the one prepare would build, bit for bit
+            built = build_residual(effective_weight(weight, q), q)
+            assert torch.equal(table.rows, built.rows) and torch.equal(table.scales, built.scales)
     assert better >= len(smollm_layers) // 2  # it does choose something other than RTN on real layers
 
 

@@ -33,6 +33,7 @@ import torch
 from numba import cuda, float32, int32, uint32, uint64
 
 from decdec.ops.layout import dequantize, unpack_codes  # noqa: F401 - re-exported: the reference's decoding
+from decdec.ops.layout import words_to_int32
 from decdec.ops.ptx import MMA_SWAP, half2_floats, load_u32x2, load_u32x4, mma_f16, pack_half2
 from decdec.ops.reduce import SCRATCH, lanes8_max, lanes8_sum
 
@@ -448,8 +449,7 @@ def _words_3bit(codes: torch.Tensor) -> torch.Tensor:
     f = torch.arange(15, device=codes.device) % 5
     whole = (c[..., :15, :] << (3 * f + (f >= 3).long())[:, None] + half).view(*c.shape[:-2], 3, 5, 2).sum((-1, -2))
     spare = (c[..., 15, None, :] >> torch.arange(3, device=codes.device)[:, None] & 1) << 9 + half
-    words = whole + spare.sum(-1)  # [T, G, g, t, h, w]
-    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    words = words_to_int32(whole + spare.sum(-1))  # [T, G, g, t, h, w]
     first = words[..., :2].reshape(rows // 16, n_groups, 128)
     return torch.cat([first, words[..., 2].reshape(rows // 16, n_groups, 64)], dim=-1).reshape(-1)
 

@@ -27,7 +27,7 @@ def _check_width(in_features: int) -> None:
         )
 
 
-def _words_to_int32(words: torch.Tensor) -> torch.Tensor:
+def words_to_int32(words: torch.Tensor) -> torch.Tensor:
     """Unsigned 32-bit values held in int64 -> the same bits as int32 (two's complement)."""
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
@@ -76,7 +76,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
             ],
             dim=-1,
         )  # [out, in/32, 3]
-    return _words_to_int32(words.reshape(out_features, -1))
+    return words_to_int32(words.reshape(out_features, -1))
 
 
 def unpack_codes(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:

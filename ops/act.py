@@ -11,6 +11,7 @@ one launch of a captured graph.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from numba import cuda, float32
 
 from decdec.args import ModelArgs
-from decdec.ops.ptx import half2_floats, pack_half2
+from decdec.ops.ptx import half2_floats, pack_half2, pdl_supported, release_dependents, wait_upstream
 from decdec.ops.reduce import words
 
 THREADS = 256
@@ -49,16 +50,25 @@ def _act(g, gelu):
     return g / (float32(1) + math.exp(-g))
 
 
-@cuda.jit
-def _act_mul_kernel(gate_up, out, half_pairs, gelu):
-    """Thread p of the grid: fp16 pair p of the gate (word p) and of the up half (word half_pairs + p)
-    -> word p of out. gate_up, out: fp16 pairs as uint32; grid ceil(ffn / 2 / 256) x 256 threads.
-    Bytes at ffn 14336: 56 KiB read, 28 KiB written."""
-    p = cuda.grid(1)
-    if p < half_pairs:
-        g0, g1 = half2_floats(gate_up[p])
-        u0, u1 = half2_floats(gate_up[half_pairs + p])
-        out[p] = pack_half2(_act(g0, gelu) * u0, _act(g1, gelu) * u1)
+@functools.lru_cache(maxsize=None)
+def _act_mul_kernel():
+    PDL = pdl_supported()
+
+    @cuda.jit
+    def kernel(gate_up, out, half_pairs, gelu):
+        """Thread p of the grid: fp16 pair p of the gate (word p) and of the up half (word half_pairs + p)
+        -> word p of out. gate_up, out: fp16 pairs as uint32; grid ceil(ffn / 2 / 256) x 256 threads.
+        Bytes at ffn 14336: 56 KiB read, 28 KiB written."""
+        if PDL:
+            wait_upstream()
+            release_dependents()
+        p = cuda.grid(1)
+        if p < half_pairs:
+            g0, g1 = half2_floats(gate_up[p])
+            u0, u1 = half2_floats(gate_up[half_pairs + p])
+            out[p] = pack_half2(_act(g0, gelu) * u0, _act(g1, gelu) * u1)
+
+    return kernel
 
 
 class ActMul:
@@ -74,4 +84,4 @@ class ActMul:
         self.gate_up, self.out = words(gate_up), words(out)
 
     def __call__(self, stream=0) -> None:
-        _act_mul_kernel[-(-self.pairs // THREADS), THREADS, stream](self.gate_up, self.out, self.pairs, self.gelu)
+        _act_mul_kernel()[-(-self.pairs // THREADS), THREADS, stream](self.gate_up, self.out, self.pairs, self.gelu)

@@ -24,7 +24,7 @@ from numba import cuda, float32, int32, uint32
 
 from decdec.args import ModelArgs
 from decdec.ops.norm import rms_norm
-from decdec.ops.ptx import half2_floats, load_u32x4, pack_half2
+from decdec.ops.ptx import half2_floats, load_u32x4, pack_half2, pdl_supported, release_dependents, wait_upstream
 from decdec.ops.reduce import SCRATCH, warp_max, warp_sum, words
 
 THREADS = 128  # 4 warps a block
@@ -211,7 +211,8 @@ def _attention_kernel(group: int, hd: int, tile: int, splits: int):
     block with no tile returns at once, so the cost grows with the position, not with max_seq.
     1. prologue: q, k, v of head h from qkv (+ bias), q/k RMSNorm, RoPE from the cos / sin tables at
        the position, 1 / sqrt(hd)-style scale folded into q; the block owning the position's tile
-       writes k, v (fp16) into the cache there.
+       writes k, v (fp16) into the cache there. The block's first tile of step 2 is copied before q, k,
+       v are read: behind a programmatic edge (`wait_upstream`) that copy overlaps the qkv GEMV.
     2. per tile: keys and values are copied to shared memory (16-byte loads; pitch hd / 2 + 1 words so
        that a thread per position reads its row conflict-free), the position's own row replaced from
        the prologue; scores by a thread per (position, query head); online softmax by a warp per head;
@@ -230,6 +231,7 @@ def _attention_kernel(group: int, hd: int, tile: int, splits: int):
     hstep = THREADS // tile  # threads per position in the score step
     items = group * hw
     neg_inf = float32(-math.inf)
+    PDL = pdl_supported()
     # shared sizes must be literal constants for Numba: each its own closure variable
     tile_words, q_size, v_size, r_size = tile * pitch, qk, hd, group + 1
     sc_size, acc_size, stat_size, coef_size = group * tile, group * hd, 3 * group, group * splits
@@ -257,23 +259,11 @@ def _attention_kernel(group: int, hd: int, tile: int, splits: int):
         lane = tid % 32
         warp = tid // 32
         q_words = n_kv * group * hw
-        # 1. prologue. A block's latency is a chain of memory round trips, so every global load of the
-        # prologue is issued before the first use: the thread's qkv pairs, the position, then its RoPE
-        # angles and norm weights
-        qv = cuda.local.array(qv_size, float32)
-        for j in range(QKV_ITEMS):
-            e = tid + j * THREADS
-            if e < (group + 2) * hw:
-                if e < group * hw:
-                    src = h * group * hw + e
-                elif e < (group + 1) * hw:
-                    src = q_words + h * hw + e - group * hw
-                else:
-                    src = q_words + n_kv * hw + h * hw + e - (group + 1) * hw
-                qv[2 * j], qv[2 * j + 1] = half2_floats(qkv[src])
-                if has_bias:
-                    qv[2 * j] += bias[2 * src]
-                    qv[2 * j + 1] += bias[2 * src + 1]
+        # 1. prologue. A block's latency is a chain of memory round trips, so every global load is issued
+        # before its first use. What no kernel of the step writes comes first, before `wait_upstream`
+        # (behind a programmatic edge it overlaps the qkv GEMV): the position (written before the step),
+        # the RoPE angles and norm weights, and the block's first tile of the cache (rows < position, of
+        # earlier steps; the position's own row is replaced below). Then q, k, v of this step.
         pos = int32(position[0])
         lo = max(int32(0), pos - window + 1) if window > 0 else int32(0)
         first = lo // tile
@@ -293,6 +283,26 @@ def _attention_kernel(group: int, hd: int, tile: int, splits: int):
                     nw = q_norm if e < group * hw else k_norm
                     rot[4 * j + 2] = nw[i]
                     rot[4 * j + 3] = nw[i + hw]
+        t_first = first + b
+        copy(kc, vc, kt, vt, t_first * tile, max(lo - t_first * tile, 0), min(pos - t_first * tile + 1, tile), n_kv,
+             hw, h, tid)
+        if PDL:
+            wait_upstream()
+            release_dependents()
+        qv = cuda.local.array(qv_size, float32)
+        for j in range(QKV_ITEMS):
+            e = tid + j * THREADS
+            if e < (group + 2) * hw:
+                if e < group * hw:
+                    src = h * group * hw + e
+                elif e < (group + 1) * hw:
+                    src = q_words + h * hw + e - group * hw
+                else:
+                    src = q_words + n_kv * hw + h * hw + e - (group + 1) * hw
+                qv[2 * j], qv[2 * j + 1] = half2_floats(qkv[src])
+                if has_bias:
+                    qv[2 * j] += bias[2 * src]
+                    qv[2 * j + 1] += bias[2 * src + 1]
         for j in range(QKV_ITEMS):
             e = tid + j * THREADS
             if e < (group + 1) * hw:
@@ -345,14 +355,15 @@ def _attention_kernel(group: int, hd: int, tile: int, splits: int):
             for w in range(tid, hw, THREADS):
                 kc[row_words + w] = pack_half2(qs[group * hd + 2 * w], qs[group * hd + 2 * w + 1])
                 vc[row_words + w] = pack_half2(vs[2 * w], vs[2 * w + 1])
-        # 2. tiles
-        t = first + b
+        # 2. tiles (the first one was copied in the prologue)
+        t = t_first
         while t <= last:
             t0 = t * tile
             r0 = max(lo - t0, 0)
             r1 = min(pos - t0 + 1, tile)
-            cuda.syncthreads()  # the previous tile is consumed
-            copy(kc, vc, kt, vt, t0, r0, r1, n_kv, hw, h, tid)
+            if t > t_first:
+                cuda.syncthreads()  # the previous tile is consumed
+                copy(kc, vc, kt, vt, t0, r0, r1, n_kv, hw, h, tid)
             if t == last:  # the position's row: this block wrote it, the read-only loads may not see it
                 cuda.syncthreads()
                 for w in range(tid, hw, THREADS):

@@ -34,7 +34,8 @@ from numba import cuda, float32, int32, uint32, uint64
 
 from decdec.ops.layout import dequantize, unpack_codes  # noqa: F401 - re-exported: the reference's decoding
 from decdec.ops.layout import words_to_int32
-from decdec.ops.ptx import MMA_SWAP, half2_floats, load_u32x2, load_u32x4, mma_f16, pack_half2
+from decdec.ops.ptx import (MMA_SWAP, half2_floats, load_u32x2, load_u32x4, mma_f16, pack_half2, pdl_supported,
+                            release_dependents, wait_upstream)
 from decdec.ops.reduce import SCRATCH, lanes8_max, lanes8_sum
 
 SIMULATED = cuda.jit.__module__.startswith("numba.cuda.simulator")  # the CUDA simulator runs these kernels
@@ -471,6 +472,7 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
     whole tiles (no clamps on scale / zero rows); `early_load`: the first weights are loaded before the
     staging. See the section comment."""
     SHIFTS = slot_shifts(bits)
+    PDL = pdl_supported()
     KW = k_warps
     EARLY = early_load
     TILE = WARPS // KW * MMA_ROWS * m_tiles
@@ -527,6 +529,8 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
         Bytes: the packed weights once (128-bit loads, a warp's 1 KiB of a step contiguous),
         scales + zeros once (4 B per row and group), x and act_scale once per block (6 B per input),
         2 B per row out (+ 4 B per row and K block when K is split or merged).
+        Launched behind a programmatic edge, the block loads its first weights (EARLY) before
+        `wait_upstream`, while the kernel before it still runs.
         """
         magic = uint32(magic_bits)
         xs = cuda.shared.array(XS_WORDS, uint32)
@@ -570,6 +574,9 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
         if EARLY:
             words = load(qw, scale_zero, uint32(tile * TILES16) + warp_t16, uint32(tile * TILE) + lane_row,
                          last_row, lane4, uint32(grp0 + min(kw, last_grp)), sel8)
+        if PDL:  # the weights are the graph's constants; x and the split output are the step's
+            wait_upstream()
+            release_dependents()
         # stage: thread tid takes inputs [16 p, 16 p + 16) of group tid // 8 (p = tid % 8), i.e. words
         # 2 (p % 2) and 2 (p % 2) + 1 of lane t = p // 2; zeros past the end of the input
         sg = tid // 8  # the group this thread stages, with the 7 lanes beside it

@@ -36,6 +36,7 @@ from numba import cuda, float32, int32, uint32, uint64
 
 from decdec.ops.base_gemv import FLAG_CAP, SplitOutput, arrive_tiles, int_as_float, jit_with_bounds
 from decdec.ops.layout import unpack_rows
+from decdec.ops.ptx import pdl_supported, release_dependents, wait_upstream
 from decdec.constants import chunk_ks
 from decdec.ops.selector import BucketBounds, select_bucket, selection_mask
 from decdec.ops.selector_cuda import (CUTS_SIZE, GROUP_SIZE, HIST_SIZE, MAX_CHUNK, SCAN_SIZE, SEL_CAP, STASH_SIZE,
@@ -126,6 +127,7 @@ def nib_float(word, j):
 @functools.lru_cache(maxsize=None)
 def _correction_kernel(merge: bool):
     """The fused select + fetch + dequantize + GEMV + merge kernel (one compiled variant per merge mode)."""
+    PDL = pdl_supported()
 
     @cuda.jit(device=True)
     def emit(o, v, o_hi, rscale, base_out, out, partials, n_parts, n_out):
@@ -159,6 +161,9 @@ def _correction_kernel(merge: bool):
         sel_idx = cuda.shared.array(SEL_CAP, int32)
         sel_x = cuda.shared.array(RED_SIZE, float32)  # the picks' x~; after the last pass, the reduction
         flags = cuda.shared.array(FLAG_CAP, int32)
+        if PDL:
+            wait_upstream()
+            release_dependents()
         tid = cuda.threadIdx.x
         nthr = cuda.blockDim.x
         t0 = cuda.blockIdx.x * tiles_per_block

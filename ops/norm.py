@@ -19,7 +19,7 @@ import torch
 from numba import cuda, float32
 
 from decdec.args import ModelArgs
-from decdec.ops.ptx import half2_floats, pack_half2
+from decdec.ops.ptx import half2_floats, pack_half2, pdl_supported, release_dependents, wait_upstream
 from decdec.ops.reduce import SCRATCH, WARPS_MAX, block_sum, words
 
 PAIRS_PER_THREAD = 4  # fp16 pairs a thread takes: fewer warps to sum over, enough loads in flight each
@@ -55,6 +55,7 @@ def _add_rms_norm_kernel(per_thread: int):
     """The kernel for `per_thread` fp16 pairs a thread (a constant: the thread's values stay in registers)."""
     P = per_thread
     VALUES = 2 * P  # local array sizes must be literal constants for Numba
+    PDL = pdl_supported()
 
     @cuda.jit
     def kernel(x, branch, post_weight, weight, x_out, h, dim, eps, has_branch, has_post):
@@ -64,7 +65,8 @@ def _add_rms_norm_kernel(per_thread: int):
         x float32 [dim], branch fp16 pairs as uint32 [dim / 2], weights float32 [dim] -> x_out float32
         [dim] (may alias x), h fp16 pairs as uint32 [dim / 2]. Every load is issued before the first
         reduction (a single block has little else to hide its memory latency behind), then one block
-        sum (two with Gemma's post-norm). Bytes at dim 4096 with a branch: 16 KiB x + 8 KiB branch +
+        sum (two with Gemma's post-norm). The weights are loaded before `wait_upstream` (nothing in the
+        step writes them), x and the branch after it. Bytes at dim 4096 with a branch: 16 KiB x + 8 KiB branch +
         16 KiB weight (+16 KiB post-norm weight on Gemma) read; 16 KiB x_out + 8 KiB h written.
         """
         red = cuda.shared.array(WARPS_MAX, float32)
@@ -75,21 +77,31 @@ def _add_rms_norm_kernel(per_thread: int):
         tid = cuda.threadIdx.x
         nthr = cuda.blockDim.x
         pairs = dim // 2
+        for j in range(P):  # bv holds the post-norm's weight until the branch arrives
+            p = tid + j * nthr
+            w0 = w1 = pw0 = pw1 = float32(0)
+            if p < pairs:
+                w0, w1 = weight[2 * p], weight[2 * p + 1]
+                if has_post:
+                    pw0, pw1 = post_weight[2 * p], post_weight[2 * p + 1]
+            wv[2 * j], wv[2 * j + 1] = w0, w1
+            bv[2 * j], bv[2 * j + 1] = pw0, pw1
+        if PDL:
+            wait_upstream()
+            release_dependents()
         ssb = float32(0)  # the branch's square sum (Gemma's post-norm)
         for j in range(P):
             p = tid + j * nthr
-            b0 = b1 = x0 = x1 = w0 = w1 = float32(0)
+            b0 = b1 = x0 = x1 = float32(0)
             if p < pairs:
                 x0, x1 = x[2 * p], x[2 * p + 1]
-                w0, w1 = weight[2 * p], weight[2 * p + 1]
                 if has_branch:
                     b0, b1 = half2_floats(branch[p])
                     ssb += b0 * b0 + b1 * b1
                     if has_post:  # the post-norm's weight now, its 1 / rms once the sum is known
-                        b0 *= post_weight[2 * p]
-                        b1 *= post_weight[2 * p + 1]
+                        b0 *= bv[2 * j]
+                        b1 *= bv[2 * j + 1]
             xv[2 * j], xv[2 * j + 1] = x0, x1
-            wv[2 * j], wv[2 * j + 1] = w0, w1
             bv[2 * j], bv[2 * j + 1] = b0, b1
         rb = float32(1)
         if has_branch and has_post:

@@ -15,6 +15,13 @@ patterns so that no fp16x2 type is needed in Numba:
 - `load_u32x4(a, i)`, `load_u32x2(a, i)`: a[i .. i+3] (a[i], a[i+1]) of a global uint32 array in one
   128-bit (64-bit) load, i a multiple of 4 (2), through the read-only path (`ld.global.nc`: the
   operand must not be written during the kernel).
+- `wait_upstream()`, `release_dependents()`: programmatic dependent launch (sm_90+, `griddepcontrol`).
+  A kernel launched behind a programmatic graph edge may start while the kernel before it still runs;
+  `wait_upstream()` blocks until that kernel has completed and its writes are visible, so a kernel
+  reads nothing another kernel writes (and writes nothing) before it. `release_dependents()` lets
+  the next kernel's blocks launch (the hardware does so once every block has called it or exited).
+  Both are no-ops in a kernel launched the ordinary way; `pdl_supported()` says whether this device
+  has them (kernels are built with or without them).
 
 Under the CUDA simulator (`NUMBA_ENABLE_CUDASIM=1`) the same names are plain Python. The simulator
 has no warp shuffles, so `mma_f16` exchanges fragments through a block-shared scratch array
@@ -30,7 +37,14 @@ from numba import cuda
 SIMULATED = cuda.jit.__module__.startswith("numba.cuda.simulator")
 MMA_SWAP = 6  # uint32 slots per thread in the simulator's fragment exchange
 
-__all__ = ["mma_f16", "pack_half2", "half2_floats", "load_u32x4", "load_u32x2", "MMA_SWAP", "SIMULATED"]
+__all__ = ["mma_f16", "pack_half2", "half2_floats", "load_u32x4", "load_u32x2", "wait_upstream",
+           "release_dependents", "pdl_supported", "MMA_SWAP", "SIMULATED"]
+
+
+def pdl_supported() -> bool:
+    """Whether kernels built now may use `wait_upstream` / `release_dependents` (compute capability
+    9.0 or newer; never under the simulator, which launches kernels one after another anyway)."""
+    return not SIMULATED and cuda.get_current_device().compute_capability >= (9, 0)
 
 
 if SIMULATED:
@@ -56,6 +70,14 @@ if SIMULATED:
     @cuda.jit(device=True)
     def load_u32x2(a, i):
         return np.uint32(a[i]), np.uint32(a[i + 1])
+
+    @cuda.jit(device=True)
+    def wait_upstream():
+        pass
+
+    @cuda.jit(device=True)
+    def release_dependents():
+        pass
 
     @cuda.jit(device=True)
     def mma_f16(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, swap):
@@ -150,3 +172,20 @@ else:
 
     load_u32x4 = _load_vector(4)
     load_u32x2 = _load_vector(2)
+
+    def _grid_control(text: str):
+        """An intrinsic issuing one `griddepcontrol` instruction; a memory clobber keeps every load and
+        store on its side of it."""
+        @intrinsic
+        def control(typingctx):
+            def codegen(context, builder, sig, args):
+                fn = ir.InlineAsm(ir.FunctionType(ir.VoidType(), []), text, "~{memory}", side_effect=True)
+                builder.call(fn, [])
+                return context.get_dummy_value()
+
+            return types.void(), codegen
+
+        return control
+
+    wait_upstream = _grid_control("griddepcontrol.wait;")
+    release_dependents = _grid_control("griddepcontrol.launch_dependents;")

@@ -20,6 +20,12 @@ the base GEMV's `SplitOutput`, and whichever kernel completes a row tile last wr
 The next reader of that output waits for the side launch's event, which also joins the side stream
 back before the capture ends.
 
+Programmatic dependent launch (compute capability 9.0+): after the capture, every edge from a kernel to
+one of our kernels (`PDL_KERNELS`) becomes a programmatic edge (`programmatic_edges`), so a kernel's
+blocks launch while the kernel before it still runs and load what no kernel of the step writes
+(weights, the cache's earlier rows) before `ops.ptx.wait_upstream`. A decode step is a chain of a few
+hundred short kernels: each launch's ramp and first memory round trip otherwise sit on that chain.
+
 Per-launch timing (`run(..., timings)`, what `decdec profile` reads): a second captured graph with
 CUDA events as graph nodes (`external=True`) at the step's start and around every launch; its
 replay is the real step plus two event nodes per launch. `eager=True` launches one by one instead,
@@ -52,11 +58,15 @@ from decdec.ops.base_gemv import SIMULATED, BaseGemv
 from decdec.ops.correction import Correction
 from decdec.ops.dma import PinnedTable
 from decdec.ops.norm import AddRmsNorm
+from decdec.ops.ptx import pdl_supported
 from decdec.ops.selector import bucket_bounds
 from decdec.errors import ConfigError, DeviceError
 from decdec.graph import Node
 from decdec.scheduler.plan import CORRECTION_OPS, MAIN, SIDE, Launch, Plan, default_n_tb
 
+# our kernels that wait for the kernel before them (`ops.ptx.wait_upstream`) before reading what it writes:
+# only an edge into one of these may become programmatic (matched in the kernel's mangled name)
+PDL_KERNELS = ("_mma_kernel", "_correction_kernel", "_add_rms_norm_kernel", "_attention_kernel", "_act_mul_kernel")
 FP16_INPUTS = ("base_gemv", "lm_head")  # ops that read fp16 buffers (the GEMV kernels, torch's fp16 matmul)
 FP16_OUTPUTS = ("base_gemv",)  # ops that write fp16 buffers (a merge's output is its base GEMV's buffer)
 DEVICE = "cuda"  # where DeviceModel and CUDAExecutor put their tensors
@@ -229,6 +239,45 @@ def _view(t: torch.Tensor):
     return cuda.as_cuda_array(t, sync=False)
 
 
+def programmatic_edges(raw_graph: int) -> int:
+    """Make every edge from a kernel node to a `PDL_KERNELS` kernel node of the captured graph
+    `raw_graph` (a cudaGraph_t) programmatic: the downstream kernel may launch once every block of
+    the upstream one has called `release_dependents` (or exited), and its `wait_upstream` returns when
+    the upstream kernel has completed. Returns the number of edges changed."""
+    from cuda.bindings import driver as cu
+
+    def call(fn, *args):
+        err, *out = fn(*args)
+        if err != cu.CUresult.CUDA_SUCCESS:
+            raise DeviceError(f"{fn.__name__}: {err.name} (making the step's graph edges programmatic)")
+        return out
+
+    get, remove, add = (getattr(cu, f + "_v2", None) or getattr(cu, f)  # CUDA 12 names the edge-data forms _v2
+                        for f in ("cuGraphGetEdges", "cuGraphRemoveDependencies", "cuGraphAddDependencies"))
+    graph = cu.CUgraph(raw_graph)
+    [n] = call(get, graph, 0)[-1:]
+    src, dst, data, _ = call(get, graph, n)
+
+    def ours(node) -> bool | None:  # None: not a kernel node
+        [kind] = call(cu.cuGraphNodeGetType, node)
+        if kind != cu.CUgraphNodeType.CU_GRAPH_NODE_TYPE_KERNEL:
+            return None
+        [params] = call(cu.cuGraphKernelNodeGetParams, node)
+        [name] = call(cu.cuFuncGetName, params.func)
+        return any(k.encode() in name for k in PDL_KERNELS)
+
+    programmatic = cu.CUgraphEdgeData()
+    programmatic.from_port = cu.CU_GRAPH_KERNEL_NODE_PORT_PROGRAMMATIC
+    programmatic.type = cu.CUgraphDependencyType.CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC
+    changed = 0
+    for a, b, d in zip(src, dst, data):
+        if d.type == cu.CUgraphDependencyType.CU_GRAPH_DEPENDENCY_TYPE_DEFAULT and ours(b) and ours(a) is not None:
+            call(remove, graph, [a], [b], [d], 1)
+            call(add, graph, [a], [b], [programmatic], 1)
+            changed += 1
+    return changed
+
+
 def require_cuda() -> None:
     if not torch.cuda.is_available():
         raise DeviceError("config asks for device 'cuda', but no CUDA device is available here")
@@ -272,7 +321,7 @@ class CUDAExecutor:
     """
 
     def __init__(self, model: DeviceModel, plan: Plan, max_seq_len: int, *, capture: bool = True,
-                 cache: KVCache | None = None, n_tb: int | None = None):
+                 cache: KVCache | None = None, n_tb: int | None = None, pdl: bool = True):
         require_cuda()
         check_plan(plan)
         self.model, self.plan = model, plan
@@ -303,8 +352,9 @@ class CUDAExecutor:
         with torch.no_grad(), torch.cuda.stream(self.streams[MAIN]):
             self._issue()
         torch.cuda.synchronize()
+        self.pdl_edges = 0  # programmatic edges of the step's graph (0: none, or the device has none)
         if capture:
-            self.graph = self._capture()
+            self.graph = self._capture(pdl=pdl)
 
     @property
     def max_seq_len(self) -> int:
@@ -365,11 +415,15 @@ class CUDAExecutor:
             return ActMul(args, v[node.inputs[0]], v[node.outputs[0]])
         raise ValueError(f"the CUDA executor has no launch for {launch.op}")
 
-    def _capture(self, timing: StepEvents | None = None) -> torch.cuda.CUDAGraph:
-        """The step captured on the main stream (with `timing`: its events become nodes of the graph)."""
-        graph = torch.cuda.CUDAGraph()
+    def _capture(self, timing: StepEvents | None = None, pdl: bool = False) -> torch.cuda.CUDAGraph:
+        """The step captured on the main stream (with `timing`: its events become nodes of the graph;
+        with `pdl`: kernel-to-kernel edges become programmatic where the device has them)."""
+        graph = torch.cuda.CUDAGraph(keep_graph=True)
         with torch.no_grad(), torch.cuda.graph(graph, stream=self.streams[MAIN]):
             self._issue(timing)
+        if pdl and pdl_supported():
+            self.pdl_edges = programmatic_edges(graph.raw_cuda_graph())
+        graph.instantiate()
         torch.cuda.synchronize()
         return graph
 

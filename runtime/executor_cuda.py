@@ -240,10 +240,15 @@ def _view(t: torch.Tensor):
 
 
 def programmatic_edges(raw_graph: int) -> int:
-    """Make every edge from a kernel node to a `PDL_KERNELS` kernel node of the captured graph
+    """Make the edges from a kernel node to a `PDL_KERNELS` kernel node of the captured graph
     `raw_graph` (a cudaGraph_t) programmatic: the downstream kernel may launch once every block of
     the upstream one has called `release_dependents` (or exited), and its `wait_upstream` returns when
-    the upstream kernel has completed. Returns the number of edges changed."""
+    the upstream kernel has completed. Returns the number of edges changed.
+
+    Edges out of a fork to a correction, and out of the kernels it forks to, stay ordinary: the base
+    GEMV and the correction beside it must start together, when their input is complete, so that the
+    side stream's priority dispatches the correction's few blocks first; launched early, the GEMV's
+    persistent blocks fill every SM and the correction runs after it instead of beside it."""
     from cuda.bindings import driver as cu
 
     def call(fn, *args):
@@ -258,22 +263,27 @@ def programmatic_edges(raw_graph: int) -> int:
     [n] = call(get, graph, 0)[-1:]
     src, dst, data, _ = call(get, graph, n)
 
-    def ours(node) -> bool | None:  # None: not a kernel node
-        [kind] = call(cu.cuGraphNodeGetType, node)
+    @functools.cache
+    def kernel_name(node: int) -> bytes | None:  # None: not a kernel node
+        [kind] = call(cu.cuGraphNodeGetType, cu.CUgraphNode(node))
         if kind != cu.CUgraphNodeType.CU_GRAPH_NODE_TYPE_KERNEL:
             return None
-        [params] = call(cu.cuGraphKernelNodeGetParams, node)
-        [name] = call(cu.cuFuncGetName, params.func)
-        return any(k.encode() in name for k in PDL_KERNELS)
+        [params] = call(cu.cuGraphKernelNodeGetParams, cu.CUgraphNode(node))
+        return call(cu.cuFuncGetName, params.func)[0]
 
+    edges = [(int(a), int(b), d) for a, b, d in zip(src, dst, data)]
+    forks = {a for a, b, _ in edges if b"_correction_kernel" in (kernel_name(b) or b"")}
+    ordinary = forks | {b for a, b, _ in edges if a in forks}  # the forks, the corrections and their GEMVs
     programmatic = cu.CUgraphEdgeData()
     programmatic.from_port = cu.CU_GRAPH_KERNEL_NODE_PORT_PROGRAMMATIC
     programmatic.type = cu.CUgraphDependencyType.CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC
     changed = 0
-    for a, b, d in zip(src, dst, data):
-        if d.type == cu.CUgraphDependencyType.CU_GRAPH_DEPENDENCY_TYPE_DEFAULT and ours(b) and ours(a) is not None:
-            call(remove, graph, [a], [b], [d], 1)
-            call(add, graph, [a], [b], [programmatic], 1)
+    for a, b, d in edges:
+        if (d.type == cu.CUgraphDependencyType.CU_GRAPH_DEPENDENCY_TYPE_DEFAULT and kernel_name(a) is not None
+                and any(k.encode() in (kernel_name(b) or b"") for k in PDL_KERNELS) and a not in ordinary):
+            a_node, b_node = cu.CUgraphNode(a), cu.CUgraphNode(b)
+            call(remove, graph, [a_node], [b_node], [d], 1)
+            call(add, graph, [a_node], [b_node], [programmatic], 1)
             changed += 1
     return changed
 

@@ -194,6 +194,39 @@ def layout_table(new_path: Path, old_path: Path) -> str:
         lines.append(row(f"{o}x{i}", f(us(old, o, i, 3)), f(us(new, o, i, 3)), f(us(new, o, i, 3, "L2 prefetch")),
                          f(us(new, o, i, 4)), f(us(new, o, i, 4, "torch int4"))))
     return "\n".join(lines)
+GEMV_RUN = "gemv_f3926e7_h100.json"  # the base GEMV's default plans beside torch's int4 kernel
+
+
+def gemv_table(path: Path) -> str:
+    """A bench/gemv_variants.py --default-only run: our default plans at 3 and 4 bits beside torch int4."""
+    d = json.loads(path.read_text())
+    us = {(r["out"], r["in"], r["bits"], r["variant"]): r["us"] for r in d["rows"]}
+    frac = {(r["out"], r["in"]): r["frac_hbm_read"] for r in d["rows"] if r["bits"] == 3 and r["variant"] == "default"}
+    lines = [f"The base GEMV's default plans, µs per launch in CUDA graphs, weights rotated past L2 ({source(path)}; "
+             f"{d['device']}; HBM read {d['hbm_read_GBps']:.0f} GB/s):", "",
+             *header("out x in", "3-bit", "4-bit", "torch int4", "torch int4 / 3-bit", "3-bit, share of HBM read")]
+    for o, i in dict.fromkeys((r["out"], r["in"]) for r in d["rows"]):
+        three, four, int4 = (us.get((o, i, b, v)) for b, v in ((3, "default"), (4, "default"), (4, "torch int4")))
+        lines.append(row(f"{o}x{i}", f"{three:.1f}", f"{four:.1f}", f"{int4:.1f}", f"{int4 / three:.2f}x",
+                         f"{frac[o, i]:.0%}"))
+    return "\n".join(lines)
+
+
+def pdl_table(path: Path) -> str:
+    """bench/pdl.py: our base step's graph with programmatic edges and without, alternated in one run."""
+    d = json.loads(path.read_text())
+    lines = [f"Programmatic dependent launch: the same step graph with programmatic edges and without, timed "
+             f"alternately ({source(path)}; {d['device']}; ms per step, median):", "",
+             *header("model", "KV length", "edges", "device, with", "device, without", "wall, with", "wall, without",
+                     "logits equal")]
+    by = {(r["model"], r["position"], r["mode"]): r for r in d["rows"]}
+    for model, pos in dict.fromkeys((r["model"], r["position"]) for r in d["rows"]):
+        on, off = by[model, pos, "pdl"], by[model, pos, "plain"]
+        lines.append(row(model, pos + 1, on["programmatic_edges"], f"{on['device_ms']:.3f}", f"{off['device_ms']:.3f}",
+                         f"{on['wall_ms']:.3f}", f"{off['wall_ms']:.3f}", "yes" if on["logits_equal"] else "NO"))
+    return "\n".join(lines)
+
+
 # the correction's floor before and after the selection's rewrite (runs of bench/correction_floor.py)
 FLOOR_RUNS = ("correction_floor_37bb371_h200.json", "correction_floor_1d0ca18_h200.json")
 
@@ -320,7 +353,9 @@ def page() -> str:
                    + [parity_table(p) for p in existing(["parity.json"])]
                    + [recall_table(p) for p in sorted(RESULTS.glob("selector_recall_*.json"))],
         "CPU step": [cpu_step_table(p) for p in sorted(RESULTS.glob("cpu_step_*.json"))],
-        "Kernels": ([layout_table(*existing(LAYOUT_RUNS))] if len(existing(LAYOUT_RUNS)) == 2 else [])
+        "Kernels": [pdl_table(p) for p in sorted(RESULTS.glob("pdl_*.json"))]
+                   + [gemv_table(p) for p in existing([GEMV_RUN])]
+                   + ([layout_table(*existing(LAYOUT_RUNS))] if len(existing(LAYOUT_RUNS)) == 2 else [])
                    + [k_warps_table(p) for p in existing(KW_RUNS)]
                    + ([floor_table(existing(FLOOR_RUNS))] if existing(FLOOR_RUNS) else [])
                    + [gpu_tables(p) for p in sorted(RESULTS.glob("gpu_ops_*.json"), reverse=True)],

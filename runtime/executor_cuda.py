@@ -245,10 +245,10 @@ def programmatic_edges(raw_graph: int) -> int:
     the upstream one has called `release_dependents` (or exited), and its `wait_upstream` returns when
     the upstream kernel has completed. Returns the number of edges changed.
 
-    Edges out of a fork to a correction, and out of the kernels it forks to, stay ordinary: the base
-    GEMV and the correction beside it must start together, when their input is complete, so that the
-    side stream's priority dispatches the correction's few blocks first; launched early, the GEMV's
-    persistent blocks fill every SM and the correction runs after it instead of beside it."""
+    The edge into a base GEMV with a correction beside it stays ordinary: launched early, the GEMV's
+    persistent blocks would fill every SM before the correction's few blocks, and the correction would
+    run after the GEMV instead of beside it. The correction launches early instead, so its blocks are
+    resident first and the GEMV takes the rest when its input is complete."""
     from cuda.bindings import driver as cu
 
     def call(fn, *args):
@@ -272,15 +272,16 @@ def programmatic_edges(raw_graph: int) -> int:
         return call(cu.cuFuncGetName, params.func)[0]
 
     edges = [(int(a), int(b), d) for a, b, d in zip(src, dst, data)]
-    forks = {a for a, b, _ in edges if b"_correction_kernel" in (kernel_name(b) or b"")}
-    ordinary = forks | {b for a, b, _ in edges if a in forks}  # the forks, the corrections and their GEMVs
+    corrections = {b for _, b, _ in edges if b"_correction_kernel" in (kernel_name(b) or b"")}
+    forks = {a for a, b, _ in edges if b in corrections}
+    gemvs_beside = {b for a, b, _ in edges if a in forks and b not in corrections}
     programmatic = cu.CUgraphEdgeData()
     programmatic.from_port = cu.CU_GRAPH_KERNEL_NODE_PORT_PROGRAMMATIC
     programmatic.type = cu.CUgraphDependencyType.CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC
     changed = 0
     for a, b, d in edges:
         if (d.type == cu.CUgraphDependencyType.CU_GRAPH_DEPENDENCY_TYPE_DEFAULT and kernel_name(a) is not None
-                and any(k.encode() in (kernel_name(b) or b"") for k in PDL_KERNELS) and a not in ordinary):
+                and any(k.encode() in (kernel_name(b) or b"") for k in PDL_KERNELS) and b not in gemvs_beside):
             a_node, b_node = cu.CUgraphNode(a), cu.CUgraphNode(b)
             call(remove, graph, [a_node], [b_node], [d], 1)
             call(add, graph, [a_node], [b_node], [programmatic], 1)

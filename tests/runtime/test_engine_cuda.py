@@ -114,13 +114,13 @@ def test_check_plan_accepts_schedules_and_rejects_broken_ones():
     items = schedule(build_graph(args, [3, 3], 64)).launches
     unjoined = tuple(dataclasses.replace(it, waits=()) if it.stream == MAIN else it for it in items)
     with pytest.raises(ValueError, match="never joins back"):
-        xc.check_plan(Plan(unjoined, 2))
+        xc.check_plan(Plan(unjoined))
     with pytest.raises(ValueError, match="only the fused"):
-        xc.check_plan(Plan((dataclasses.replace(items[0], stream=SIDE),) + items[1:], 2))
+        xc.check_plan(Plan((dataclasses.replace(items[0], stream=SIDE),) + items[1:]))
     first_side = next(i for i, it in enumerate(items) if it.stream == SIDE)
     early = (items[first_side],) + items[:first_side] + items[first_side + 1:]
     with pytest.raises(ValueError, match="before anything records it"):
-        xc.check_plan(Plan(early, 2))
+        xc.check_plan(Plan(early))
 
 
 def test_default_n_tb():

@@ -289,10 +289,8 @@ def load_hf_folder(folder: Path, max_seq_len: int | None = None) -> LoadedModel:
 
 def synthetic_model(spec: dict) -> LoadedModel:
     """Random weights of given shapes (latency work, tests): same op graph, meaningless text."""
-    fields = {k: v for k, v in spec.items() if k != "seed"}
-    fields.setdefault("family", "llama")
-    fields.setdefault("norm_eps", 1e-6)
-    fields.setdefault("rope_base", 10_000.0)
+    defaults = {"family": "llama", "norm_eps": 1e-6, "rope_base": 10_000.0}
+    fields = {**defaults, **{k: v for k, v in spec.items() if k != "seed"}}
     try:
         args = ModelArgs(**fields)
     except TypeError as e:

@@ -101,9 +101,7 @@ def cmd_run(args) -> None:
     if args.ppl_tokens > 0:
         small = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, tokens=args.ppl_tokens))
         prepared = dataclasses.replace(engine.prepared, config=small)
-        ks = [engine.k_chunk] if isinstance(engine.k_chunk, int) and engine.k_chunk else []
-        if engine.tuning is not None:  # the tuned mix, per group, as the engine runs it
-            ks = [engine.tuning.k_chunks]
+        ks = [engine.k_chunk] if engine.k_chunk else []  # tuned: the per-group mix, as the engine runs it
         print(f"perplexity over {args.ppl_tokens} tokens of evaluation text (reference: the model's own weights "
               "in float32; then quantized, then quantized + DecDEC):", file=sys.stderr)
         print(format_table(eval_rows(prepared, ks, ["bucket"], reference=True)))

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from decdec.args import FAMILIES, ModelArgs  # noqa: F401 - the model's shapes, re-exported
+from decdec.args import ModelArgs  # noqa: F401 - the model's shapes, re-exported
 from decdec.constants import LINEAR_KINDS  # noqa: F401 - re-exported
 from decdec.ops.act import act_mul
 from decdec.ops.attention import KVCache, attend

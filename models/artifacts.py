@@ -28,11 +28,13 @@ FORMAT_VERSION = 1
 FILES = ("quantized", "residuals", "calibration")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(paths: list[Path]) -> str:
+    """One sha256 over the bytes of all `paths`, in sorted order (a model's files, one artifact file)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
+    for path in sorted(paths):
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
     return h.hexdigest()
 
 
@@ -70,7 +72,7 @@ def save_artifacts(folder: Path, key: dict, tensors: dict[str, dict[str, torch.T
         part = {k: v.contiguous() for k, v in tensors[name].items()}
         _atomic_write(path, lambda tmp: save_file(part, str(tmp)))
         manifest["files"][name] = {
-            "sha256": _sha256(path),
+            "sha256": file_sha256([path]),
             "shapes": {k: list(v.shape) for k, v in part.items()},
         }
     _atomic_write(folder / "manifest.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
@@ -135,7 +137,7 @@ def load_artifacts(folder: Path, key: dict) -> tuple[dict[str, dict[str, torch.T
         entry = manifest["files"][name]
         if not path.exists():
             raise ArtifactError(f"{path} is missing; prepare again with --force")
-        if _sha256(path) != entry["sha256"]:
+        if file_sha256([path]) != entry["sha256"]:
             raise ArtifactError(f"{path} is corrupt (sha256 differs from the manifest); prepare again with --force")
         try:
             tensors[name] = load_file(str(path))

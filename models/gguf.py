@@ -242,10 +242,7 @@ def dequantize(raw: np.ndarray, type_name: str) -> np.ndarray:
             f"cannot dequantize GGML type {type_name}; supported: {', '.join(SUPPORTED_TYPES)}"
         )
     block_size, type_size = _TYPE_SIZES[type_name]
-    raw = np.asarray(raw, dtype=np.uint8)
-    if raw.size % type_size:
-        raise ValueError(f"{raw.size} bytes are not whole {type_size}-byte {type_name} blocks")
-    blocks = raw.reshape(-1, type_size)
+    blocks = np.asarray(raw, dtype=np.uint8).reshape(-1, type_size)  # whole blocks, or a ValueError
     out = np.empty((len(blocks), block_size), dtype=np.float32)
     step = max(1, _CHUNK_ELEMENTS // block_size)
     for start in range(0, len(blocks), step):
@@ -344,6 +341,19 @@ class _Cursor:
             return self.array()
         raise self.fail(f"unknown metadata value type {value_type}")
 
+    def names(self, n: int, what: str):
+        """Yield the name that opens each of `n` table entries (`what`: "tensor info", ...); `where`
+        names the entry while the caller reads the rest of it. A name seen before is corrupt."""
+        seen = set()
+        for i in range(n):
+            self.where = f"{what} {i} of {n}"
+            name = self.string()
+            self.where = f"{what} {i} of {n} ({name!r})"
+            if name in seen:
+                raise self.fail(f"duplicate name {name!r}")
+            seen.add(name)
+            yield name
+
     def array(self) -> list:
         element_type, n = self.u32(), self.u64()
         if element_type not in _MIN_ELEMENT_BYTES:
@@ -370,10 +380,6 @@ class GGUFTensor:
     n_bytes: int
 
     @property
-    def n_elements(self) -> int:
-        return math.prod(self.shape)
-
-    @property
     def supported(self) -> bool:
         """Whether `GGUFFile.load` can dequantize this tensor's type."""
         return self.type_name in _DEQUANTIZERS
@@ -392,7 +398,9 @@ class GGUFFile:
         self.version = _read_preamble(cursor)
         n_tensors = cursor.count(cursor.u64(), 24, "tensor")  # a tensor info is >= 24 bytes
         n_kv = cursor.count(cursor.u64(), 13, "metadata entry")  # an entry is >= 13 bytes
-        self.metadata: dict[str, object] = _read_metadata(cursor, n_kv)
+        self.metadata: dict[str, object] = {
+            key: cursor.value(cursor.u32()) for key in cursor.names(n_kv, "metadata entry")
+        }
         self.alignment = _alignment(cursor, self.metadata)
         infos = _read_tensor_infos(cursor, n_tensors)
         data_start = -(-cursor.pos // self.alignment) * self.alignment  # round up
@@ -434,18 +442,13 @@ class GGUFFile:
             raise ModelFileError(f"{self.path}: GGUF metadata has no 'general.architecture' string")
         return arch
 
-    def raw(self, name: str) -> np.ndarray:
-        """The tensor's bytes as stored (a read-only view into the memory map)."""
-        t = self._tensor(name)
-        return self._data[t.offset : t.offset + t.n_bytes]
-
     def load(self, name: str) -> np.ndarray:
         """Dequantize tensor `name` to a new float32 array of its shape."""
         t = self._tensor(name)
         if not t.supported:
             raise self._unsupported([t])
         # always a fresh array (F32 too), never a view of the read-only map
-        return dequantize(self.raw(name), t.type_name).reshape(t.shape)
+        return dequantize(self._data[t.offset : t.offset + t.n_bytes], t.type_name).reshape(t.shape)
 
     def check_supported(self) -> None:
         """Raise `UnsupportedModelError` now if any tensor has a type `load` cannot dequantize."""
@@ -470,12 +473,6 @@ class GGUFFile:
             f"{', '.join(SUPPORTED_TYPES)}"
         )
 
-    def __repr__(self) -> str:
-        return (
-            f"GGUFFile({str(self.path)!r}, v{self.version}, "
-            f"{len(self.metadata)} metadata keys, {len(self.tensors)} tensors)"
-        )
-
 
 def _read_preamble(cursor: _Cursor) -> int:
     """Check the magic (already known to match) and return the version."""
@@ -493,18 +490,6 @@ def _read_preamble(cursor: _Cursor) -> int:
     return version
 
 
-def _read_metadata(cursor: _Cursor, n_kv: int) -> dict[str, object]:
-    metadata: dict[str, object] = {}
-    for i in range(n_kv):
-        cursor.where = f"metadata entry {i} of {n_kv}"
-        key = cursor.string()
-        cursor.where = f"metadata entry {i} of {n_kv} ({key!r})"
-        if key in metadata:
-            raise cursor.fail(f"duplicate metadata key {key!r}")
-        metadata[key] = cursor.value(cursor.u32())
-    return metadata
-
-
 def _alignment(cursor: _Cursor, metadata: dict[str, object]) -> int:
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
@@ -518,14 +503,7 @@ _TensorInfo = tuple[str, tuple[int, ...], str, int]  # name, shape (NumPy order)
 def _read_tensor_infos(cursor: _Cursor, n_tensors: int) -> list[_TensorInfo]:
     """The tensor table; offsets are relative to the start of the data section."""
     infos: list[_TensorInfo] = []
-    names: set[str] = set()
-    for i in range(n_tensors):
-        cursor.where = f"tensor info {i} of {n_tensors}"
-        name = cursor.string()
-        cursor.where = f"tensor info {i} of {n_tensors} ({name!r})"
-        if name in names:
-            raise cursor.fail(f"duplicate tensor name {name!r}")
-        names.add(name)
+    for name in cursor.names(n_tensors, "tensor info"):
         n_dims = cursor.u32()
         if n_dims > MAX_DIMS:
             raise cursor.fail(f"tensor {name!r} has {n_dims} dims (at most {MAX_DIMS})")

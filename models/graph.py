@@ -28,12 +28,8 @@ def per_group(value: PerGroup, kind: str, bits: int, name: str) -> int:
 def group_shapes(args: ModelArgs, layer_bits: list[int]) -> dict[tuple[str, int], tuple[int, int, int, int]]:
     """(kind, bits) -> (out, in, bits, groups per decode step): the linear shapes a step runs, as the
     tuner and `decdec tune` take them (a 3.5-bit model has each kind at 3 and at 4 bits)."""
-    shapes = {}
-    for bits in sorted(set(layer_bits)):
-        count = layer_bits.count(bits)
-        for kind in LINEAR_KINDS:
-            shapes[kind, bits] = (*args.linear_shape(kind), bits, count)
-    return shapes
+    return {(kind, bits): (*args.linear_shape(kind), bits, layer_bits.count(bits))
+            for bits in sorted(set(layer_bits)) for kind in LINEAR_KINDS}
 
 
 def add_linear(g: Graph, layer: int, group: str, x: str, out: str, shape: tuple[int, int], bits: int, k_chunk: int,

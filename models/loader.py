@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from decdec.args import FAMILIES, ModelArgs
 from decdec.errors import ModelFileError, UnsupportedModelError
+from decdec.models.artifacts import file_sha256
 
 
 @dataclass
@@ -47,7 +48,6 @@ def _smollm2_package() -> Path:
 
 # Real pretrained models that install from the package index (no model hub is needed).
 PACKAGED: dict[str, Callable[[], Path]] = {"gemma3-270m": _gemma_package, "smollm2-135m": _smollm2_package}
-DEFAULT_MODEL = "gemma3-270m"
 
 
 def load_model(source: str | dict, max_seq_len: int | None = None) -> LoadedModel:
@@ -67,26 +67,36 @@ def load_model(source: str | dict, max_seq_len: int | None = None) -> LoadedMode
     return load_gguf(path, max_seq_len=max_seq_len)
 
 
-def file_sha256(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in sorted(paths):
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                h.update(block)
-    return h.hexdigest()
+# canonical per-layer weight -> (its GGUF tensor, its Hugging Face tensor under model.layers.{i}.);
+# a list is rows concatenated, and a bias has its weight's names. The norm before the MLP is
+# 'post_attention_layernorm' in Llama/Qwen2 but 'pre_feedforward_layernorm' in Gemma 3, where
+# 'post_attention_layernorm' normalises the attention output instead (`load_hf_folder`).
+LAYER_NAMES = {
+    "attn_norm": ("attn_norm", "input_layernorm"),
+    "ffn_norm": ("ffn_norm", "post_attention_layernorm"),
+    "post_attn_norm": ("post_attention_norm", "post_attention_layernorm"),
+    "post_ffn_norm": ("post_ffw_norm", "post_feedforward_layernorm"),
+    "q_norm": ("attn_q_norm", "self_attn.q_norm"),
+    "k_norm": ("attn_k_norm", "self_attn.k_norm"),
+    "qkv": (["attn_q", "attn_k", "attn_v"], ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+    "o": ("attn_output", "self_attn.o_proj"),
+    "gate_up": (["ffn_gate", "ffn_up"], ["mlp.gate_proj", "mlp.up_proj"]),
+    "down": ("ffn_down", "mlp.down_proj"),
+}
 
 
-def layer_weights(args: ModelArgs, names: dict, fetch: Callable[[int, str, str], torch.Tensor]) -> dict:
-    """Canonical per-layer weights: `names` maps ours -> theirs (a list: rows concatenated);
-    `fetch(layer, their_name, ours)` returns one of their tensors as float32 torch."""
+def layer_weights(args: ModelArgs, names: dict, fetch: Callable[[int, str], torch.Tensor]) -> dict:
+    """Canonical per-layer weights: `names` maps ours -> theirs (one column of `LAYER_NAMES`);
+    `fetch(layer, their_name)` returns one of their tensors (`name.weight` or `name.bias`) as float32 torch."""
     expected = args.weight_shapes()
     weights = {}
     # disable=None: a bar on a terminal (dequantizing takes seconds), silence in logs and tests
     for i in tqdm(range(args.n_layers), desc="loading weights", unit="layer", leave=False, disable=None):
         for ours, theirs in names.items():
-            if f"layers.{i}.{ours}" in expected:
-                parts = [fetch(i, t, ours) for t in ([theirs] if isinstance(theirs, str) else theirs)]
-                weights[f"layers.{i}.{ours}"] = torch.cat(parts, dim=0)
+            for name, suffix in ((ours, "weight"), (f"{ours}_bias", "bias")):
+                if f"layers.{i}.{name}" in expected:
+                    parts = [fetch(i, f"{t}.{suffix}") for t in ([theirs] if isinstance(theirs, str) else theirs)]
+                    weights[f"layers.{i}.{name}"] = torch.cat(parts, dim=0)
     return weights
 
 
@@ -105,7 +115,7 @@ def check_weights(args: ModelArgs, weights: dict[str, torch.Tensor], where: str)
 # ---------------------------------------------------------------- GGUF
 
 
-def _gguf_args(meta: dict, n_vocab: int, max_seq_len: int | None) -> ModelArgs:
+def _gguf_args(meta: dict, n_vocab: int, tied: bool, max_seq_len: int | None) -> ModelArgs:
     arch = meta.get("general.architecture")
     if arch not in FAMILIES:
         raise UnsupportedModelError(f"GGUF architecture '{arch}' is not supported: supported are {list(FAMILIES)}")
@@ -138,7 +148,7 @@ def _gguf_args(meta: dict, n_vocab: int, max_seq_len: int | None) -> ModelArgs:
         sliding_window=int(get("attention.sliding_window")) if gemma else None,
         sliding_pattern=6 if gemma else 0,  # llama.cpp fixes Gemma 3's pattern: 5 local layers, then 1 global
         query_scale=head_dim**-0.5 if gemma else None,
-        tied_embeddings=True,  # corrected below when the file has its own output.weight
+        tied_embeddings=tied,
         max_seq_len=min(ctx, max_seq_len or ctx),
         bos_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_id=meta.get("tokenizer.ggml.eos_token_id"),
@@ -151,21 +161,6 @@ def _unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, out // n_heads // 2, 2, inp).swapaxes(1, 2).reshape(out, inp)
 
 
-GGUF_NAMES = {  # canonical per-layer name -> GGUF tensor name(s); lists are concatenated rows
-    "attn_norm": "attn_norm",
-    "ffn_norm": "ffn_norm",
-    "post_attn_norm": "post_attention_norm",
-    "post_ffn_norm": "post_ffw_norm",
-    "q_norm": "attn_q_norm",
-    "k_norm": "attn_k_norm",
-    "qkv": ["attn_q", "attn_k", "attn_v"],
-    "qkv_bias": ["attn_q", "attn_k", "attn_v"],
-    "o": "attn_output",
-    "gate_up": ["ffn_gate", "ffn_up"],
-    "down": "ffn_down",
-}
-
-
 def load_gguf(path: Path, source_name: str | None = None, max_seq_len: int | None = None) -> LoadedModel:
     from decdec.models.gguf import read_gguf
     from decdec.models.tokenizer import tokenizer_from_gguf_metadata
@@ -173,28 +168,20 @@ def load_gguf(path: Path, source_name: str | None = None, max_seq_len: int | Non
     f = read_gguf(path)
     meta = f.metadata
     n_vocab = len(meta.get("tokenizer.ggml.tokens", [])) or f.tensors["token_embd.weight"].shape[0]
-    args = _gguf_args(meta, n_vocab, max_seq_len)
-    if "output.weight" in f.tensors:
-        args = ModelArgs(**{**args.__dict__, "tied_embeddings": False})
+    args = _gguf_args(meta, n_vocab, "output.weight" not in f.tensors, max_seq_len)
     f.check_supported()
+    weights: dict[str, torch.Tensor] = {"embed": torch.from_numpy(f.load("token_embd.weight"))}
+    weights["lm_head"] = weights["embed"] if args.tied_embeddings else torch.from_numpy(f.load("output.weight"))
+    weights["norm"] = torch.from_numpy(f.load("output_norm.weight"))
+    heads = {"attn_q.weight": args.n_heads, "attn_k.weight": args.n_kv_heads}
 
-    def tensor(name: str) -> np.ndarray:
-        if name not in f.tensors:
-            raise ModelFileError(f"{path}: missing tensor '{name}'")
-        return f.load(name)
-
-    weights: dict[str, torch.Tensor] = {"embed": torch.from_numpy(tensor("token_embd.weight"))}
-    weights["lm_head"] = weights["embed"] if args.tied_embeddings else torch.from_numpy(tensor("output.weight"))
-    weights["norm"] = torch.from_numpy(tensor("output_norm.weight"))
-    heads = {"attn_q": args.n_heads, "attn_k": args.n_kv_heads}
-
-    def fetch(i: int, theirs: str, ours: str) -> torch.Tensor:
-        w = tensor(f"blk.{i}.{theirs}{'.bias' if ours.endswith('_bias') else '.weight'}")
-        if args.family == "llama" and ours == "qkv" and theirs in heads:  # only llama.cpp's Llama permutes q, k
+    def fetch(i: int, theirs: str) -> torch.Tensor:
+        w = f.load(f"blk.{i}.{theirs}")
+        if args.family == "llama" and theirs in heads:  # only llama.cpp's Llama permutes q, k
             w = _unpermute_rope(w, heads[theirs])
         return torch.from_numpy(w)
 
-    weights.update(layer_weights(args, GGUF_NAMES, fetch))
+    weights.update(layer_weights(args, {ours: names[0] for ours, names in LAYER_NAMES.items()}, fetch))
     # Gemma's norms are `1 + w`; llama.cpp's converter already stored the sum, which is our convention.
     check_weights(args, weights, str(path))
     return LoadedModel(args, weights, tokenizer_from_gguf_metadata(meta), source_name or str(path), file_sha256([Path(path)]))
@@ -244,29 +231,6 @@ def _hf_args(cfg: dict, max_seq_len: int | None) -> ModelArgs:
         raise ModelFileError(f"config.json lacks the field {e}") from e
 
 
-HF_NAMES = {  # canonical per-layer name -> HF tensor name(s) under model.layers.{i}.
-    "attn_norm": "input_layernorm",
-    "q_norm": "self_attn.q_norm",
-    "k_norm": "self_attn.k_norm",
-    "qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-    "qkv_bias": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-    "o": "self_attn.o_proj",
-    "gate_up": ["mlp.gate_proj", "mlp.up_proj"],
-    "down": "mlp.down_proj",
-}
-# The norm before the MLP is 'post_attention_layernorm' in Llama/Qwen2 but 'pre_feedforward_layernorm'
-# in Gemma 3, where 'post_attention_layernorm' normalises the attention output instead.
-HF_NORMS = {
-    "llama": {"ffn_norm": "post_attention_layernorm"},
-    "qwen2": {"ffn_norm": "post_attention_layernorm"},
-    "gemma3": {
-        "ffn_norm": "pre_feedforward_layernorm",
-        "post_attn_norm": "post_attention_layernorm",
-        "post_ffn_norm": "post_feedforward_layernorm",
-    },
-}
-
-
 def _read_safetensors(folder: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -305,18 +269,18 @@ def load_hf_folder(folder: Path, max_seq_len: int | None = None) -> LoadedModel:
     weights = {"embed": tensor("model.embed_tokens.weight"), "norm": tensor("model.norm.weight") + norm_offset}
     weights["lm_head"] = weights["embed"] if args.tied_embeddings else tensor("lm_head.weight")
 
-    def fetch(i: int, theirs: str, ours: str) -> torch.Tensor:
-        w = tensor(f"model.layers.{i}.{theirs}{'.bias' if ours.endswith('_bias') else '.weight'}")
-        return w + norm_offset if ours.endswith("norm") else w
+    def fetch(i: int, theirs: str) -> torch.Tensor:
+        w = tensor(f"model.layers.{i}.{theirs}")
+        return w + norm_offset if theirs.endswith("norm.weight") else w
 
-    weights.update(layer_weights(args, {**HF_NAMES, **HF_NORMS[args.family]}, fetch))
+    names = {ours: names[1] for ours, names in LAYER_NAMES.items()}
+    if args.is_gemma:
+        names["ffn_norm"] = "pre_feedforward_layernorm"
+    weights.update(layer_weights(args, names, fetch))
     check_weights(args, weights, str(folder))
-    tok_path = folder / "tokenizer.json"
-    tokenizer = None
-    if tok_path.exists():
-        from decdec.models.tokenizer import tokenizer_from_json
+    from decdec.models.tokenizer import tokenizer_from_json
 
-        tokenizer = tokenizer_from_json(tok_path, cfg)
+    tokenizer = tokenizer_from_json(folder, cfg)  # None where the folder has no tokenizer.json
     return LoadedModel(args, weights, tokenizer, str(folder), file_sha256([config_path, *files]))
 
 
@@ -325,10 +289,8 @@ def load_hf_folder(folder: Path, max_seq_len: int | None = None) -> LoadedModel:
 
 def synthetic_model(spec: dict) -> LoadedModel:
     """Random weights of given shapes (latency work, tests): same op graph, meaningless text."""
-    fields = {k: v for k, v in spec.items() if k != "seed"}
-    fields.setdefault("family", "llama")
-    fields.setdefault("norm_eps", 1e-6)
-    fields.setdefault("rope_base", 10_000.0)
+    defaults = {"family": "llama", "norm_eps": 1e-6, "rope_base": 10_000.0}
+    fields = {**defaults, **{k: v for k, v in spec.items() if k != "seed"}}
     try:
         args = ModelArgs(**fields)
     except TypeError as e:

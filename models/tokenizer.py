@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,27 +50,17 @@ PRE_SPLITS: dict[str, tuple[str, ...]] = {
     # llama.cpp's fallback for a byte-level file that names no known pre-tokenizer: punctuation runs
     # are cut off first, then GPT-2's split, then digit runs and triples.
     "default": (r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"),
-    "gpt2": (_GPT2,),
-    "mpt": (_GPT2,),
-    "olmo": (_GPT2,),
-    "smollm": _DIGITS_THEN_GPT2,
-    "starcoder": _DIGITS_THEN_GPT2,
-    "refact": _DIGITS_THEN_GPT2,
-    "command-r": _DIGITS_THEN_GPT2,
-    "llama-bpe": (_LLAMA3,),
-    "llama3": (_LLAMA3,),
-    "llama-v3": (_LLAMA3,),
-    "dbrx": (_LLAMA3,),
-    "smaug-bpe": (_LLAMA3,),
-    "qwen2": (_QWEN2,),
-    "stablelm2": (_QWEN2,),
-    "deepseek-r1-qwen": (_QWEN2,),
+    **dict.fromkeys(("gpt2", "mpt", "olmo"), (_GPT2,)),
+    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r"), _DIGITS_THEN_GPT2),
+    **dict.fromkeys(("llama-bpe", "llama3", "llama-v3", "dbrx", "smaug-bpe"), (_LLAMA3,)),
+    **dict.fromkeys(("qwen2", "stablelm2", "deepseek-r1-qwen"), (_QWEN2,)),
 }
 # Llama 3's vocabulary is used whole when a split piece is a token, before any merge (llama.cpp's
 # `ignore_merges`), and llama.cpp adds BOS for it unless the file says otherwise.
 _LLAMA3_FAMILY = {"llama-bpe", "llama3", "llama-v3"}
 
 
+@dataclass
 class Tokenizer:
     """Encodes text to token ids and back; adds BOS by the model's default unless told otherwise.
 
@@ -77,22 +68,17 @@ class Tokenizer:
     single ids. `decode` drops special tokens unless `skip_special=False`.
     """
 
-    def __init__(
-        self,
-        backend: tokenizers.Tokenizer,
-        *,
-        bos_id: int | None,
-        eos_id: int | None,
-        add_bos_default: bool,
-        vocab_size: int | None = None,
-        chat_template: str | None = None,
-    ):
-        self.backend = backend
-        self.bos_id = bos_id
-        self.eos_id = eos_id
-        self.add_bos_default = bool(add_bos_default and bos_id is not None)
-        self.vocab_size = vocab_size if vocab_size is not None else backend.get_vocab_size(with_added_tokens=True)
-        self.chat_template = chat_template  # the model's Jinja chat template, when its files carry one
+    backend: tokenizers.Tokenizer = field(repr=False)
+    bos_id: int | None
+    eos_id: int | None
+    add_bos_default: bool  # made False where the model has no BOS
+    vocab_size: int
+    chat_template: str | None = field(default=None, repr=False)  # the model's Jinja template, if it has one
+
+    def __post_init__(self) -> None:
+        self.add_bos_default = bool(self.add_bos_default and self.bos_id is not None)
+        if not isinstance(self.chat_template, str):  # a malformed metadata value counts as none
+            self.chat_template = None
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of `text`; `add_bos=None` follows the model (`add_bos_default`)."""
@@ -107,12 +93,6 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         """The text of `ids`; special tokens (BOS, EOS, control tokens) are dropped by default."""
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special)
-
-    def __repr__(self) -> str:
-        return (
-            f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id}, "
-            f"add_bos_default={self.add_bos_default})"
-        )
 
 
 # ---------------------------------------------------------------- GGUF
@@ -134,9 +114,7 @@ def tokenizer_from_gguf_metadata(meta: dict[str, Any]) -> Tokenizer:
     # llama.cpp's defaults when the file has no flag: BOS for SentencePiece and Llama 3 vocabularies.
     default = kind == "llama" or meta.get("tokenizer.ggml.pre") in _LLAMA3_FAMILY
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", default))
-    template = meta.get("tokenizer.chat_template")
-    return Tokenizer(backend, bos_id=bos_id, eos_id=eos_id, add_bos_default=add_bos, vocab_size=len(tokens),
-                     chat_template=template if isinstance(template, str) else None)
+    return Tokenizer(backend, bos_id, eos_id, add_bos, len(tokens), meta.get("tokenizer.chat_template"))
 
 
 def _tokens_and_types(meta: dict[str, Any]) -> tuple[list[str], list[int]]:
@@ -248,50 +226,40 @@ def _add_whole_tokens(backend: tokenizers.Tokenizer, tokens: list[str], types: l
     spaces (Gemma's '  ' runs), as llama.cpp's converter pre-normalizes them. Each piece is already
     in the model's vocabulary, so it keeps its id.
     """
-    special = [
-        AddedToken(piece, special=True, normalized=False)
-        for piece, kind in zip(tokens, types, strict=True)
-        if kind in (CONTROL, UNKNOWN) and piece
-    ]
-    user = [
-        AddedToken(piece, special=False, normalized=False)
-        for piece, kind in zip(tokens, types, strict=True)
-        if kind == USER_DEFINED and piece
-    ]
-    backend.add_special_tokens(special)
-    backend.add_tokens(user)
+
+    def whole(kinds: tuple[int, ...], special: bool) -> list[AddedToken]:
+        return [AddedToken(piece, special=special, normalized=False)
+                for piece, kind in zip(tokens, types, strict=True) if kind in kinds and piece]
+
+    backend.add_special_tokens(whole((CONTROL, UNKNOWN), special=True))
+    backend.add_tokens(whole((USER_DEFINED,), special=False))
 
 
 # ---------------------------------------------------------------- Hugging Face folders
 
 
-def tokenizer_from_json(path: str | Path, config: dict[str, Any] | None = None) -> Tokenizer:
-    """The tokenizer of a Hugging Face folder, from its `tokenizer.json` (or the folder itself).
+def tokenizer_from_json(folder: Path, config: dict[str, Any]) -> Tokenizer | None:
+    """The tokenizer of a Hugging Face folder, from its `tokenizer.json`; None when it has none.
 
     BOS/EOS come from `tokenizer_config.json` next to it, else from `config` (the model's
-    `config.json`, read from the same folder when not given). Whether BOS is added by default comes
-    from `add_bos_token` in `tokenizer_config.json`, else from what the file's post-processor does.
+    `config.json`). Whether BOS is added by default comes from `add_bos_token` in
+    `tokenizer_config.json`, else from what the file's post-processor does.
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "tokenizer.json"
+    path = folder / "tokenizer.json"
     if not path.is_file():
-        raise ModelFileError(f"{path}: tokenizer file not found")
+        return None
     try:
         backend = tokenizers.Tokenizer.from_file(str(path))
     except Exception as err:  # tokenizers raises a bare Exception for bad JSON or an unknown schema
         raise ModelFileError(f"{path}: not a valid tokenizer.json ({err})") from err
-    tok_config = _read_json(path.parent / "tokenizer_config.json")
-    if config is None:
-        config = _read_json(path.parent / "config.json")
+    tok_config = _read_json(folder / "tokenizer_config.json")
     bos_id = _special_id(backend, tok_config.get("bos_token"), config.get("bos_token_id"))
     eos_id = _special_id(backend, tok_config.get("eos_token"), config.get("eos_token_id"))
     add_bos = tok_config.get("add_bos_token")
     if not isinstance(add_bos, bool):
         add_bos = _post_processor_adds(backend, bos_id)
-    template = tok_config.get("chat_template")
-    return Tokenizer(backend, bos_id=bos_id, eos_id=eos_id, add_bos_default=add_bos,
-                     chat_template=template if isinstance(template, str) else None)
+    return Tokenizer(backend, bos_id, eos_id, add_bos, backend.get_vocab_size(with_added_tokens=True),
+                     tok_config.get("chat_template"))
 
 
 def _read_json(path: Path) -> dict[str, Any]:

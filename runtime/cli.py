@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from decdec.errors import ConfigError, DecDECError, InputError
@@ -39,22 +40,13 @@ def _config(args) -> "Config":  # noqa: F821 - imported lazily to keep `decdec -
     from decdec.config import load_config
 
     _check_flags(args)
-    cfg = load_config(args.cfg)
-    overrides: dict = {}
-    if getattr(args, "corpus", None):
-        overrides.setdefault("eval", {})["corpus"] = args.corpus
-    if getattr(args, "ctx", None) is not None:
-        overrides.setdefault("eval", {})["ctx"] = args.ctx
-    if getattr(args, "max_tokens", None) is not None:
-        overrides.setdefault("eval", {})["tokens"] = args.max_tokens
-    if getattr(args, "artifacts", None):
-        overrides["artifacts"] = args.artifacts
-    if not overrides:
-        return cfg
-    merged = dataclasses.asdict(cfg)
-    for key, value in overrides.items():
-        merged[key] = {**merged[key], **value} if isinstance(value, dict) else value
-    return load_config(merged)
+    flags = {"corpus": getattr(args, "corpus", None), "ctx": getattr(args, "ctx", None),
+             "tokens": getattr(args, "max_tokens", None)}  # eval.* fields; verbs without them have None
+    merged = dataclasses.asdict(load_config(args.cfg))
+    merged["eval"].update({field: value for field, value in flags.items() if value not in (None, "")})
+    if args.artifacts:
+        merged["artifacts"] = args.artifacts
+    return load_config(merged)  # the flags validated with the rest, as one config
 
 
 def cmd_prepare(args) -> None:
@@ -109,9 +101,7 @@ def cmd_run(args) -> None:
     if args.ppl_tokens > 0:
         small = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, tokens=args.ppl_tokens))
         prepared = dataclasses.replace(engine.prepared, config=small)
-        ks = [engine.k_chunk] if isinstance(engine.k_chunk, int) and engine.k_chunk else []
-        if engine.tuning is not None:  # the tuned mix, per group, as the engine runs it
-            ks = [engine.tuning.k_chunks]
+        ks = [engine.k_chunk] if engine.k_chunk else []  # tuned: the per-group mix, as the engine runs it
         print(f"perplexity over {args.ppl_tokens} tokens of evaluation text (reference: the model's own weights "
               "in float32; then quantized, then quantized + DecDEC):", file=sys.stderr)
         print(format_table(eval_rows(prepared, ks, ["bucket"], reference=True)))
@@ -165,9 +155,7 @@ def cmd_graph(args) -> None:
         model = load_model(cfg.model.source, cfg.model.max_seq_len)
         graph = build_graph(model.args, _layer_bits(cfg, model), k_chunk)
         print(schedule(graph).format())
-    counts: dict[str, int] = {}
-    for node in graph.nodes:
-        counts[node.op] = counts.get(node.op, 0) + 1
+    counts = Counter(node.op for node in graph.nodes)
     print(f"\n{len(graph.nodes)} nodes: " + ", ".join(f"{op} {n}" for op, n in counts.items()))
 
 
@@ -175,7 +163,7 @@ def cmd_tune(args) -> None:
     from decdec.runtime.tune import format_profile, measure_profile, profile_path, require_gpu
 
     cfg = _config(args)
-    require_gpu("`decdec tune`")  # before loading the model or anything slow
+    require_gpu("`decdec tune` measures this machine's GPU")  # before loading the model or anything slow
     import torch
 
     from decdec.models.graph import group_shapes

@@ -25,11 +25,11 @@ from decdec.models.arch import forward
 from decdec.models.graph import build_graph, group_shapes
 from decdec.models.prepare import Prepared, prepare
 from decdec.config import Config, load_config
-from decdec.errors import ConfigError, DeviceError, InputError
+from decdec.errors import ConfigError, InputError
 from decdec.runtime.evaluate import decdec_linear, dense_groups
 from decdec.runtime.executor_cpu import CPUExecutor
 from decdec.graph import Graph
-from decdec.runtime.tune import load_profile, measure_step_us
+from decdec.runtime.tune import load_profile, measure_step_us, require_gpu
 from decdec.scheduler.plan import Plan, schedule
 from decdec.scheduler.profile import MeasuredProfile
 from decdec.scheduler.tuner import Tuning, check_shapes, tune_measured
@@ -179,8 +179,8 @@ def engine_k_chunk(cfg: Config) -> int | None:
 def compile(model_cfg, progress: bool = True, force: bool = False) -> Engine:
     """Config (YAML path, dict or Config) -> a ready decode engine."""
     cfg = load_config(model_cfg)
-    if cfg.device == "cuda" and not torch.cuda.is_available():  # before the minutes of prepare
-        raise DeviceError("config asks for device 'cuda', but no CUDA device is available here")
+    if cfg.device == "cuda":  # before the minutes of prepare
+        require_gpu("config asks for device 'cuda'")
     k_chunk = engine_k_chunk(cfg)
     profile, path = None, None
     if k_chunk is None:  # a missing or foreign device profile fails now, not after prepare
@@ -208,7 +208,7 @@ def compile_cuda(prepared: Prepared, k_chunk: int | None, profile: MeasuredProfi
     shapes = group_shapes(args, bits)
     if profile is not None:  # before the weights go to the GPU
         check_shapes(profile.model, shapes, profile_path)
-    model = DeviceModel.from_prepared(args, prepared.model.weights, prepared.groups, residuals=k_chunk != 0)
+    model = DeviceModel(args, prepared.model.weights, prepared.groups, residuals=k_chunk != 0)
     base_graph = build_graph(args, bits, 0)
     base = CUDAExecutor(model, schedule(base_graph), max_seq)
     if k_chunk == 0:

@@ -70,10 +70,11 @@ def decdec_linear(groups: dict[tuple[int, str], DenseGroup], selection: str = "n
 
 
 @torch.no_grad()
-def perplexity(args, weights, windows: list[torch.Tensor], linear: Linear | None, desc: str = "", progress=True):
+def perplexity(args, weights, windows: list[torch.Tensor], linear: Linear | None, desc: str = "perplexity",
+               progress=True):
     """(perplexity, predicted tokens) over non-overlapping windows."""
     nll, count = 0.0, 0
-    for window in tqdm(windows, desc=desc or "perplexity", disable=not progress, leave=False):
+    for window in tqdm(windows, desc=desc, disable=not progress, leave=False):
         logits = forward(args, weights, window, linear)
         nll += F.cross_entropy(logits[:-1], window[1:], reduction="sum").item()
         count += window.shape[0] - 1
@@ -101,13 +102,8 @@ def eval_windows(prepared: Prepared) -> list[torch.Tensor]:
     return cut
 
 
-def eval_rows(
-    prepared: Prepared,
-    k_chunks: list[int | dict],
-    selections: list[str],
-    reference: bool = True,
-    progress: bool = True,
-) -> list[dict]:
+def eval_rows(prepared: Prepared, k_chunks: list[int | dict], selections: list[str],
+              reference: bool = True) -> list[dict]:
     """Rows {model, method, bits, selection, k_chunk, ppl, tokens}: the reference (optionally), the
     quantized model alone, and quantized + DecDEC for every k_chunk > 0 and selection mode."""
     model, cfg = prepared.model, prepared.config
@@ -117,7 +113,7 @@ def eval_rows(
 
     def add(row: dict, linear) -> None:
         desc = f"perplexity {row['method']} {row['bits']:g}-bit {row['selection']} k={row['k_chunk']}"
-        ppl, tokens = perplexity(model.args, model.weights, windows, linear, desc=desc, progress=progress)
+        ppl, tokens = perplexity(model.args, model.weights, windows, linear, desc=desc)
         rows.append({**row, "ppl": ppl, "tokens": tokens})
 
     if reference:
@@ -125,10 +121,9 @@ def eval_rows(
     groups = dense_groups(prepared)
     add({**base, "selection": "none", "k_chunk": 0}, decdec_linear(groups))
     for k in (k for k in k_chunks if isinstance(k, dict) or k > 0):
-        for mode in selections:
-            if mode != "none":  # a per-group dict (a tuned engine's) is labelled 'tuned'
-                add({**base, "selection": mode, "k_chunk": "tuned" if isinstance(k, dict) else k},
-                    decdec_linear(groups, mode, k))
+        for mode in selections:  # a per-group dict (a tuned engine's) is labelled 'tuned'
+            add({**base, "selection": mode, "k_chunk": "tuned" if isinstance(k, dict) else k},
+                decdec_linear(groups, mode, k))
     return rows
 
 

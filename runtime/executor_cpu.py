@@ -28,11 +28,8 @@ class CPUExecutor:
     def __init__(self, args: ModelArgs, weights, groups: dict[tuple[int, str], DenseGroup], plan: Plan,
                  max_seq_len: int):
         self.args, self.weights, self.groups, self.plan = args, weights, groups, plan
-        self.bounds = {}  # (layer, group) -> bucket edges at that group's k_chunk
-        for launch in plan.launches:
-            for n in launch.nodes:
-                if n.op == "selector":
-                    self.bounds[n.layer, n.attr("group")] = bucket_bounds(self.group(n).thresholds, n.attr("k_chunk"))
+        self.bounds = {(n.layer, n.attr("group")): bucket_bounds(self.group(n).thresholds, n.attr("k_chunk"))
+                       for launch in plan.launches for n in launch.nodes if n.op == "selector"}  # at its k_chunk
         self.cache = KVCache.allocate(args, max_seq_len)
 
     def group(self, node) -> DenseGroup:

@@ -54,7 +54,7 @@ from decdec.constants import LINEAR_KINDS
 from decdec.models.arch import embed
 from decdec.ops.act import ActMul
 from decdec.ops.attention import AttentionScratch, DecodeAttention, KVCache, plan_attention, rope_table
-from decdec.ops.base_gemv import SIMULATED, BaseGemv
+from decdec.ops.base_gemv import BaseGemv
 from decdec.ops.correction import Correction
 from decdec.ops.dma import PinnedTable
 from decdec.ops.norm import AddRmsNorm
@@ -62,6 +62,7 @@ from decdec.ops.ptx import pdl_supported
 from decdec.ops.selector import bucket_bounds
 from decdec.errors import ConfigError, DeviceError
 from decdec.graph import Node
+from decdec.runtime.tune import require_gpu
 from decdec.scheduler.plan import CORRECTION_OPS, MAIN, SIDE, Launch, Plan, default_n_tb
 
 # our kernels that wait for the kernel before them (`ops.ptx.wait_upstream`) before reading what it writes:
@@ -190,42 +191,32 @@ class DeviceGroup:
     thresholds: np.ndarray | None = None  # float32 [in], the calibrated profile (bucket bounds per k_chunk)
 
 
-def quantized_group(qweight, scales, zeros, act_scale, bits: int, group_size: int = 128, *, rows=None,
-                    rscale=None, thresholds=None) -> DeviceGroup:
-    """A DeviceGroup from FORMATS.md tensors (any device); with `rows` (uint8 [in, ceil(out / 2)]),
-    `rscale` and `thresholds` also the residual table for DecDEC."""
-    tensors = tuple(t.to(DEVICE).contiguous() for t in (qweight, scales, zeros))
-    tensors += (act_scale.to(DEVICE, torch.float32).contiguous(),)
-    gemv = BaseGemv(*tensors, bits, group_size)
+def device_group(g, residuals: bool) -> DeviceGroup:
+    """A prepared group (`models.prepare.PreparedGroup`, FORMATS.md tensors) on the GPU; with
+    `residuals` also its residual table for DecDEC."""
+    q = g.q
+    tensors = tuple(t.to(DEVICE).contiguous() for t in (q.qweight, q.scales, q.zeros))
+    tensors += (q.act_scale.to(DEVICE, torch.float32).contiguous(),)
+    gemv = BaseGemv(*tensors, q.bits, q.group_size)
     tensors = tensors[1:]  # the kernel reads its own tiled copy of qweight (`mma_layout`), not qweight
     shape = (gemv.plan.out_features, gemv.plan.in_features)
-    if rows is None:
+    if not residuals:
         return DeviceGroup(shape, gemv, tensors)
-    rscale_t = torch.as_tensor(rscale).to(DEVICE, torch.float16).contiguous()
-    table = PinnedTable.from_array(rows.cpu().numpy() if torch.is_tensor(rows) else rows)
-    thresholds = thresholds.cpu().numpy() if torch.is_tensor(thresholds) else thresholds
-    return DeviceGroup(shape, gemv, tensors + (rscale_t,), table, cuda.as_cuda_array(rscale_t, sync=False),
-                       np.asarray(thresholds, dtype=np.float32))
+    rscale = g.residual.scales.to(DEVICE, torch.float16).contiguous()
+    return DeviceGroup(shape, gemv, tensors + (rscale,), PinnedTable.from_array(g.residual.rows.cpu().numpy()),
+                       cuda.as_cuda_array(rscale, sync=False), g.thresholds.cpu().numpy().astype(np.float32))
 
 
 class DeviceModel:
-    """A model's weights on the GPU (residual tables in pinned host memory), shared by executors."""
+    """A model's weights on the GPU (residual tables in pinned host memory), shared by executors:
+    from `models.prepare.Prepared` parts; without `residuals` no pinned memory is taken."""
 
-    def __init__(self, args: ModelArgs, weights: dict[str, torch.Tensor], groups: dict[tuple[int, str], DeviceGroup]):
-        require_cuda()
-        self.args, self.groups = args, groups
+    def __init__(self, args: ModelArgs, weights: dict[str, torch.Tensor], prepared_groups: dict,
+                 residuals: bool = True):
+        require_gpu("config asks for device 'cuda'")
+        self.args = args
+        self.groups = {key: device_group(g, residuals) for key, g in prepared_groups.items()}
         self.weights = device_weights(weights, DEVICE)
-
-    @classmethod
-    def from_prepared(cls, args: ModelArgs, weights, prepared_groups: dict, residuals: bool = True) -> "DeviceModel":
-        """From `models.prepare.Prepared` parts; without `residuals` no pinned memory is taken."""
-        require_cuda()
-        groups = {}
-        for key, g in prepared_groups.items():
-            q = g.q
-            extra = dict(rows=g.residual.rows, rscale=g.residual.scales, thresholds=g.thresholds) if residuals else {}
-            groups[key] = quantized_group(q.qweight, q.scales, q.zeros, q.act_scale, q.bits, q.group_size, **extra)
-        return cls(args, weights, groups)
 
     def close(self) -> None:
         """Free the pinned residual tables (no executor of this model may run afterwards)."""
@@ -289,13 +280,6 @@ def programmatic_edges(raw_graph: int) -> int:
     return changed
 
 
-def require_cuda() -> None:
-    if not torch.cuda.is_available():
-        raise DeviceError("config asks for device 'cuda', but no CUDA device is available here")
-    if SIMULATED:
-        raise DeviceError("Numba's CUDA simulator is on (NUMBA_ENABLE_CUDASIM=1): the CUDA executor needs the GPU")
-
-
 # ----------------------------------------------------------------------------------------------------
 # the executor
 
@@ -324,17 +308,16 @@ class StepEvents:
 
 
 class CUDAExecutor:
-    """Runs a plan on the GPU: captured into one CUDA graph (`capture=True`), or launch by launch.
+    """Runs a plan on the GPU, captured into one CUDA graph (or launch by launch: `run(eager=True)`).
 
     `cache`: share a KV cache with another executor of the same model (prefill's base-only step).
     Thread blocks of a correction: its graph node's `n_tb` attribute (the tuner's choice) where set,
-    else `n_tb`, else `default_n_tb` of its shape.
+    else `default_n_tb` of its shape.
     """
 
-    def __init__(self, model: DeviceModel, plan: Plan, max_seq_len: int, *, capture: bool = True,
-                 cache: KVCache | None = None, n_tb: int | None = None, pdl: bool = True):
-        require_cuda()
-        check_plan(plan)
+    def __init__(self, model: DeviceModel, plan: Plan, max_seq_len: int, *, cache: KVCache | None = None,
+                 pdl: bool = True):
+        check_plan(plan)  # the GPU itself was checked for by `model`
         self.model, self.plan = model, plan
         nodes = [n for launch in plan.launches for n in launch.nodes]
         self.state = DecodeState(model.args, model.weights, nodes, max_seq_len, DEVICE, cache)
@@ -354,9 +337,8 @@ class CUDAExecutor:
         self.splits: dict = {}  # the compensated groups' split outputs: the correction is their last part
         for n in nodes:
             if n.op == "correction":
-                self._prepare_correction(n, n_tb)
+                self._prepare_correction(n)
         self.launches = [self._bind(launch) for launch in plan.launches]
-        self.graph: torch.cuda.CUDAGraph | None = None
         self.profiled: tuple[torch.cuda.CUDAGraph, StepEvents] | None = None  # captured by the first timed run
         # warm-up on the capture stream: Numba compiles, cuBLAS / SDPA initialise, lazy scratch is made
         # (a first cuBLAS call inside a capture invalidates it); it writes the cache at position 0 only
@@ -364,20 +346,19 @@ class CUDAExecutor:
             self._issue()
         torch.cuda.synchronize()
         self.pdl_edges = 0  # programmatic edges of the step's graph (0: none, or the device has none)
-        if capture:
-            self.graph = self._capture(pdl=pdl)
+        self.graph = self._capture(pdl=pdl)
 
     @property
     def max_seq_len(self) -> int:
         return self.cache.k.shape[1]
 
-    def _prepare_correction(self, node: Node, n_tb: int | None) -> None:
+    def _prepare_correction(self, node: Node) -> None:
         key = (node.layer, node.attr("group"))
         g = self.model.groups[key]
         if g.table is None:
             raise ConfigError(f"{node.name}: group {key} has no residual table (model built without residuals)")
         k_chunk = node.attr("k_chunk")
-        tb = node.attr("n_tb") or n_tb or default_n_tb(*g.shape)
+        tb = node.attr("n_tb") or default_n_tb(*g.shape)
         self.corrections[key] = Correction(g.table.device_array(), g.rscale, bucket_bounds(g.thresholds, k_chunk),
                                            k_chunk, n_tb=tb, tile_rows=g.gemv.plan.merge_rows)
         self.splits[key] = g.gemv.split_output(extra_parts=1)
@@ -465,10 +446,9 @@ class CUDAExecutor:
         """One decode step; logits [vocab] float32 on the CPU. Replays the graph; with `timings`, replays
         the profiled graph instead and appends (plan item, start s, end s) per item as runtime/profiler.py
         expects (GPU times from its events, placed after the host's clock at the step's start). With
-        `eager` (or without a graph) the items are launched one by one, timed with ordinary events."""
+        `eager` the items are launched one by one, timed with ordinary events."""
         if not 0 <= position < self.max_seq_len:
             raise ConfigError(f"position {position} is outside the KV cache (model.max_seq_len = {self.max_seq_len})")
-        eager = eager or self.graph is None
         if timings is not None and not eager and self.profiled is None:
             self.profiled = self._capture_profiled()  # before the inputs are written: capture synchronizes
         main = self.streams[MAIN]

@@ -29,13 +29,13 @@ STEP_REPLAYS = 20  # replays of the base step whose median is the tuner's step_u
 
 
 def require_gpu(what: str) -> None:
-    """One DeviceError, before anything slow, when there is no GPU to measure."""
+    """One DeviceError, before anything slow, when there is no GPU for `what` (which asks for one)."""
     if not torch.cuda.is_available():
-        raise DeviceError(f"{what} measures this machine's GPU, but no CUDA device is available here")
+        raise DeviceError(f"{what}, but no CUDA device is available here")
     from decdec.ops.base_gemv import SIMULATED
 
     if SIMULATED:
-        raise DeviceError(f"Numba's CUDA simulator is on (NUMBA_ENABLE_CUDASIM=1): {what} needs the GPU")
+        raise DeviceError(f"{what}, but Numba's CUDA simulator is on (NUMBA_ENABLE_CUDASIM=1)")
 
 
 def profile_path(cfg: Config, device: str) -> Path:
@@ -43,7 +43,7 @@ def profile_path(cfg: Config, device: str) -> Path:
     return Path(cfg.decdec.device_profile) if cfg.decdec.device_profile else default_path(device)
 
 
-def load_profile(cfg: Config, device: str, cfg_name: str = "CFG") -> tuple[MeasuredProfile, Path]:
+def load_profile(cfg: Config, device: str, cfg_name: str) -> tuple[MeasuredProfile, Path]:
     """The device profile `compile` tunes with, and its path; ConfigError when it is missing, unreadable
     or measured on another GPU."""
     path = profile_path(cfg, device)
@@ -73,13 +73,13 @@ def measure_profile(shapes: dict, quick: bool = False, progress: bool = True) ->
                            MeasuredModel.from_rows(info["device"], rows), list(ks), list(tbs))
 
 
-def measure_step_us(executor, replays: int = STEP_REPLAYS, warmup: int = 3) -> float:
+def measure_step_us(executor) -> float:
     """Median µs of one replay of a captured `CUDAExecutor` step (CUDA events on its replay stream)."""
     from decdec.ops.timing import event_us
     from decdec.scheduler.plan import MAIN
 
     with torch.cuda.stream(executor.streams[MAIN]):
-        return event_us(lambda: executor.replay_only(0), replays, warmup)
+        return event_us(lambda: executor.replay_only(0), STEP_REPLAYS, warmup=3)
 
 
 def format_profile(profile: MeasuredProfile, shapes: dict) -> str:

@@ -1,6 +1,7 @@
 """Per-layer latency model: how long a linear group takes, alone and with DecDEC's correction beside it.
 
-A table of measurements on the current device (`decdec tune`), saved in the device profile (JSON).
+A table of measurements on the current device (`decdec tune`), saved in the device profile
+(scheduler/profile.py).
 Pure Python: the predictions run anywhere; only the measurements need the GPU. The model is measured
 rather than fitted because the pair's cost (SMs the correction takes from the GEMV, its fixed floor,
 PCIe against HBM) differs by shape in ways a few-parameter formula misses.
@@ -8,9 +9,7 @@ PCIe against HBM) differs by shape in ways a few-parameter formula misses.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 
 def weight_bytes(out: int, inp: int, bits: int, group_size: int = 128) -> float:
@@ -69,10 +68,3 @@ class MeasuredModel:
             if k0 <= k_chunk <= k1:
                 return t0 + (t1 - t0) * (k_chunk - k0) / (k1 - k0)
         return pts[0][1]  # a single measured k_chunk
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=1))
-
-    @classmethod
-    def load(cls, path: str | Path) -> "MeasuredModel":
-        return cls(**json.loads(Path(path).read_text()))

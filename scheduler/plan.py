@@ -65,7 +65,6 @@ class Launch:
 @dataclass(frozen=True)
 class Plan:
     launches: tuple[Launch, ...]
-    n_streams: int
 
     def format(self) -> str:
         """One line per launch: order, stream, layer, the logical ops it carries out, shape, bits,
@@ -90,7 +89,7 @@ class Plan:
 def schedule(graph: Graph, fuse: bool = True) -> Plan:
     """The GPU plan (fused launches on two streams) or, with fuse=False, the CPU's (a node a launch)."""
     if not fuse:
-        return Plan(tuple(Launch((n,)) for n in graph.nodes), n_streams=1)
+        return Plan(tuple(Launch((n,)) for n in graph.nodes))
     corrections: dict[tuple, list[Node]] = {}
     for n in graph.nodes:
         if n.op in CORRECTION_OPS:
@@ -107,7 +106,7 @@ def schedule(graph: Graph, fuse: bool = True) -> Plan:
             launches[-1] = Launch(last.nodes + (n,))
         else:
             launches.append(Launch((n,)))
-    return Plan(_with_events(launches), n_streams=2)
+    return Plan(_with_events(launches))
 
 
 def _with_events(launches: list[Launch]) -> tuple[Launch, ...]:

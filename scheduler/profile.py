@@ -33,10 +33,6 @@ class MeasuredProfile:
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     format: int = FORMAT
 
-    def shapes(self) -> list[tuple[int, int, int]]:
-        """(out, in, bits) of every shape measured."""
-        return sorted(tuple(int(v) for v in key.split("x")) for key in self.model.base)
-
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,11 +42,9 @@ class MeasuredProfile:
 
     @classmethod
     def load(cls, path: str | Path) -> "MeasuredProfile":
-        """The profile at `path`; ConfigError naming the path when it is missing, unreadable or of
-        another format."""
+        """The profile at `path`; ConfigError naming the path when it is unreadable or of another format
+        (`runtime.tune.load_profile` says how to make a missing one)."""
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"device profile '{path}' not found")
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError) as e:

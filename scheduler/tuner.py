@@ -59,9 +59,7 @@ def tune(p: MeasuredModel, shapes: dict[str, tuple[int, int, int, int]], step_us
     Spends the budget target * step_us greedily: at each move, among the shapes whose next frontier
     point still fits the budget, the one that adds the most corrected residual weights
     (selected channels x out x count) per µs of step time. Raises ConfigError when not even the
-    cheapest move fits."""
-    if target < 0:
-        raise ConfigError(f"target slowdown {target} is negative: allowed 0 .. 10 (a fraction, 0.05 = 5 %)")
+    cheapest move fits (the config keeps the target within 0 .. 10)."""
     budget = target * step_us
     fronts = {name: frontier(p, o, i, b) for name, (o, i, b, n) in shapes.items()}
     chosen = {name: Choice(0, 0, p.base_us(o, i, b), p.base_us(o, i, b)) for name, (o, i, b, n) in shapes.items()}
@@ -183,8 +181,7 @@ def tune_groups(model: MeasuredModel, shapes: dict, step_us: float, target: floa
 
 
 def tune_measured(model: MeasuredModel, shapes: dict, step_us: float, target: float, build: Callable,
-                  measure: Callable, where: str | Path = "", rounds: int = ROUNDS,
-                  tolerance: float = TOLERANCE, repeats: int = REPEATS) -> tuple[Tuning, object]:
+                  measure: Callable, where: str | Path = "") -> tuple[Tuning, object]:
     """`tune_groups`, checked on the device: build(tuning) captures the tuned step and measure(built)
     times it (µs, like `step_us`). The profile times each pair on its own, and a whole step can cost
     more than the sum (seen on Llama-3-8B shapes: gigabytes of residual tables, whose host pages the
@@ -192,17 +189,17 @@ def tune_measured(model: MeasuredModel, shapes: dict, step_us: float, target: fl
     measured slowdown exceeds target + tolerance, the budget shrinks by the measured over the predicted
     extra time and the tuner runs again; a budget below the least compensation (one shape at its
     smallest k_chunk) becomes that plan's cost, tried once. A fetch-heavy step varies by a few % of itself between
-    measurements, so each plan is measured `repeats` times and the slowest decides. Returns (tuning
+    measurements, so each plan is measured `REPEATS` times and the slowest decides. Returns (tuning
     with its rounds, the accepted build); ConfigError when no round meets the target."""
     budget, history = target, []
     floor = cheapest_slowdown(model, shapes, step_us) * (1 + 1e-9)  # the least compensation's budget
-    for _ in range(rounds):
+    for _ in range(ROUNDS):
         t = tune_groups(model, shapes, step_us, budget, where)  # ConfigError when even round 1 cannot fit
         built = build(t)
-        samples = tuple(measure(built) for _ in range(repeats))
+        samples = tuple(measure(built) for _ in range(REPEATS))
         measured = max(samples)
         history.append(Round(budget, t.predicted_step_us, measured, samples))
-        if measured / step_us - 1 <= target + tolerance:
+        if measured / step_us - 1 <= target + TOLERANCE:
             return replace(t, target=target, rounds=tuple(history)), built
         del built  # frees the rejected capture before the next one
         predicted_extra, measured_extra = t.predicted_step_us - step_us, measured - step_us

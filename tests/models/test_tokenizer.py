@@ -229,14 +229,13 @@ def hf_folder(tmp_path: Path) -> Path:
 def test_json_bos_eos_from_tokenizer_config(hf_folder: Path):
     config = {"bos_token": {"content": "<|im_start|>"}, "eos_token": "<|im_end|>", "add_bos_token": True}
     (hf_folder / "tokenizer_config.json").write_text(json.dumps(config))
-    tok = tokenizer_from_json(hf_folder / "tokenizer.json")
+    tok = tokenizer_from_json(hf_folder, {})
     assert (tok.bos_id, tok.eos_id, tok.add_bos_default, tok.vocab_size) == (260, 261, True, 262)
     assert tok.encode("x 12") == [260, ord("x"), ord(" "), ord("1"), ord("2")]  # byte b has id b
 
 
 def test_json_ids_from_config_and_bos_policy_from_post_processor(hf_folder: Path):
-    (hf_folder / "config.json").write_text(json.dumps({"bos_token_id": 260, "eos_token_id": [261, 0]}))
-    tok = tokenizer_from_json(hf_folder)  # the folder itself is accepted too
+    tok = tokenizer_from_json(hf_folder, {"bos_token_id": 260, "eos_token_id": [261, 0]})
     assert (tok.bos_id, tok.eos_id, tok.add_bos_default) == (260, 261, False)
     # A post-processor that puts BOS first (Llama-style files) makes BOS the default.
     backend = tokenizers.Tokenizer.from_file(str(hf_folder / "tokenizer.json"))
@@ -244,23 +243,23 @@ def test_json_ids_from_config_and_bos_policy_from_post_processor(hf_folder: Path
         single="<|im_start|> $A", special_tokens=[("<|im_start|>", 260)]
     )
     backend.save(str(hf_folder / "tokenizer.json"))
-    tok = tokenizer_from_json(hf_folder / "tokenizer.json", config={"bos_token_id": 260, "eos_token_id": 261})
+    tok = tokenizer_from_json(hf_folder, {"bos_token_id": 260, "eos_token_id": 261})
     assert tok.add_bos_default and tok.encode("a") == [260, ord("a")]  # BOS once, not twice
 
 
 def test_json_missing_or_corrupt_is_a_model_file_error(tmp_path: Path, hf_folder: Path):
-    with pytest.raises(ModelFileError, match="not found"):
-        tokenizer_from_json(tmp_path / "nowhere" / "tokenizer.json")
-    broken = tmp_path / "broken.json"
-    broken.write_text('{"version": "1.0", "model": ')
+    assert tokenizer_from_json(tmp_path / "nowhere", {}) is None  # a folder without a tokenizer
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "tokenizer.json").write_text('{"version": "1.0", "model": ')
     with pytest.raises(ModelFileError):
-        tokenizer_from_json(broken)
-    broken.write_text('{"version": "1.0", "model": {"type": "NoSuchModel"}}')
+        tokenizer_from_json(broken, {})
+    (broken / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "NoSuchModel"}}')
     with pytest.raises(ModelFileError):
-        tokenizer_from_json(broken)
+        tokenizer_from_json(broken, {})
     (hf_folder / "tokenizer_config.json").write_text("[not json")
     with pytest.raises(ModelFileError, match="tokenizer_config.json"):
-        tokenizer_from_json(hf_folder)
+        tokenizer_from_json(hf_folder, {})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from decdec.ops.attention import decode_attention_reference  # noqa: E402
 from decdec.ops.correction import correction_reference  # noqa: E402
 from decdec.ops.norm import add_rms_norm_reference  # noqa: E402
 from decdec.ops.ptx import pdl_supported  # noqa: E402
-from decdec.runtime import executor_cuda as xc  # noqa: E402
+from decdec.runtime import engine as runtime_engine, executor_cuda as xc  # noqa: E402
 from decdec.errors import DeviceError, ModelFileError  # noqa: E402
 from decdec.scheduler.plan import MAIN, SIDE, Plan, schedule  # noqa: E402
 from tests.runtime.test_engine import TINY, tiny_cfg  # noqa: E402
@@ -115,13 +115,13 @@ def test_check_plan_accepts_schedules_and_rejects_broken_ones():
     items = schedule(build_graph(args, [3, 3], 64)).launches
     unjoined = tuple(dataclasses.replace(it, waits=()) if it.stream == MAIN else it for it in items)
     with pytest.raises(ValueError, match="never joins back"):
-        xc.check_plan(Plan(unjoined, 2))
+        xc.check_plan(Plan(unjoined))
     with pytest.raises(ValueError, match="only the fused"):
-        xc.check_plan(Plan((dataclasses.replace(items[0], stream=SIDE),) + items[1:], 2))
+        xc.check_plan(Plan((dataclasses.replace(items[0], stream=SIDE),) + items[1:]))
     first_side = next(i for i, it in enumerate(items) if it.stream == SIDE)
     early = (items[first_side],) + items[:first_side] + items[first_side + 1:]
     with pytest.raises(ValueError, match="before anything records it"):
-        xc.check_plan(Plan(early, 2))
+        xc.check_plan(Plan(early))
 
 
 def test_default_n_tb():
@@ -335,7 +335,8 @@ def fake_cuda(monkeypatch):
         return s
 
     fake_numba = types.SimpleNamespace(external_stream=external_stream, as_cuda_array=lambda t, sync=True: t)
-    for name, value in {"DEVICE": "cpu", "require_cuda": lambda: None, "cuda": fake_numba, "BaseGemv": FakeGemv,
+    monkeypatch.setattr(runtime_engine, "require_gpu", lambda what: None)
+    for name, value in {"DEVICE": "cpu", "require_gpu": lambda what: None, "cuda": fake_numba, "BaseGemv": FakeGemv,
                         "Correction": FakeCorrection, "PinnedTable": FakeTable, "AddRmsNorm": FakeNorm,
                         "DecodeAttention": FakeAttention, "ActMul": FakeActMul,
                         "AttentionScratch": types.SimpleNamespace(allocate=lambda plan: None)}.items():
@@ -349,8 +350,7 @@ def fake_cuda(monkeypatch):
 
     def tracking_init(self, *args, **kwargs):
         init(self, *args, **kwargs)
-        if self.graph is not None:
-            self.graph.replay = self._issue
+        self.graph.replay = self._issue
         made.append(self)
 
     capture_profiled = xc.CUDAExecutor._capture_profiled
@@ -433,10 +433,11 @@ def test_node_n_tb_reaches_the_correction(tmp_path, fake_cuda):
     dev = runtime.compile({**tiny_k_cfg(tmp_path, 64, "llama", "rtn"), "device": "cuda"}, progress=False)
     args = dev.prepared.model.args
     graph = build_graph(args, [3, 3], 64, {("qkv", 3): 3, ("o", 3): 0, ("gate_up", 3): 5, ("down", 3): 7})
-    ex = xc.CUDAExecutor(dev.executor.model, schedule(graph), 16, n_tb=2)
+    ex = xc.CUDAExecutor(dev.executor.model, schedule(graph), 16)
+    default_o = xc.default_n_tb(*args.linear_shape("o"))
     for layer in range(args.n_layers):
         got = {kind: ex.corrections[layer, kind].n_tb for kind in ("qkv", "o", "gate_up", "down")}
-        assert got == {"qkv": 3, "o": 2, "gate_up": 5, "down": 7}  # o: no attribute, the executor's n_tb
+        assert got == {"qkv": 3, "o": default_o, "gate_up": 5, "down": 7}  # o: no attribute, the default
     default = xc.CUDAExecutor(dev.executor.model, schedule(build_graph(args, [3, 3], 64)), 16)
     assert default.corrections[0, "gate_up"].n_tb == xc.default_n_tb(*args.linear_shape("gate_up"))
 

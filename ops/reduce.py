@@ -52,36 +52,26 @@ if SIMULATED:
         return np.float32(_warp_values(v, scratch)[first:first + 8].max())
 else:
     @cuda.jit(device=True)
-    def warp_sum(v, scratch):
-        v += cuda.shfl_xor_sync(FULL_MASK, v, 16)
-        v += cuda.shfl_xor_sync(FULL_MASK, v, 8)
-        v += cuda.shfl_xor_sync(FULL_MASK, v, 4)
-        v += cuda.shfl_xor_sync(FULL_MASK, v, 2)
-        v += cuda.shfl_xor_sync(FULL_MASK, v, 1)
-        return v
-
-    @cuda.jit(device=True)
-    def warp_max(v, scratch):
-        v = max(v, cuda.shfl_xor_sync(FULL_MASK, v, 16))
-        v = max(v, cuda.shfl_xor_sync(FULL_MASK, v, 8))
-        v = max(v, cuda.shfl_xor_sync(FULL_MASK, v, 4))
-        v = max(v, cuda.shfl_xor_sync(FULL_MASK, v, 2))
-        v = max(v, cuda.shfl_xor_sync(FULL_MASK, v, 1))
-        return v
-
-    @cuda.jit(device=True)
     def lanes8_sum(v, scratch):
         v += cuda.shfl_xor_sync(FULL_MASK, v, 4)
         v += cuda.shfl_xor_sync(FULL_MASK, v, 2)
-        v += cuda.shfl_xor_sync(FULL_MASK, v, 1)
-        return v
+        return v + cuda.shfl_xor_sync(FULL_MASK, v, 1)
 
     @cuda.jit(device=True)
     def lanes8_max(v, scratch):
         v = max(v, cuda.shfl_xor_sync(FULL_MASK, v, 4))
         v = max(v, cuda.shfl_xor_sync(FULL_MASK, v, 2))
-        v = max(v, cuda.shfl_xor_sync(FULL_MASK, v, 1))
-        return v
+        return max(v, cuda.shfl_xor_sync(FULL_MASK, v, 1))
+
+    @cuda.jit(device=True)
+    def warp_sum(v, scratch):  # the two halves' and quarters' sums, then the 8 lanes'
+        v += cuda.shfl_xor_sync(FULL_MASK, v, 16)
+        return lanes8_sum(v + cuda.shfl_xor_sync(FULL_MASK, v, 8), scratch)
+
+    @cuda.jit(device=True)
+    def warp_max(v, scratch):
+        v = max(v, cuda.shfl_xor_sync(FULL_MASK, v, 16))
+        return lanes8_max(max(v, cuda.shfl_xor_sync(FULL_MASK, v, 8)), scratch)
 
 
 @cuda.jit(device=True)

@@ -17,6 +17,7 @@ from decdec.errors import ConfigError
 from decdec.scheduler.latency import MeasuredModel
 
 TOLERANCE = 0.005  # a measured step may exceed the target slowdown by this (half a point of the step)
+SPENT = 0.01  # ... and a plan measured this far under the target leaves budget to spend (`tune_measured`)
 ROUNDS = 4  # tune-and-measure rounds before a target counts as unreachable (`tune_measured`)
 REPEATS = 3  # measurements of a tuned step; the slowest decides (the same Llama plan measured +10.4 % and +14.2 %)
 K_CHOICES = tuple(range(1, 17)) + tuple(range(20, 129, 4)) + tuple(range(160, 1025, 32))
@@ -115,11 +116,12 @@ class Tuning:
     choices: dict  # (kind, bits) -> Choice
     shapes: dict  # (kind, bits) -> (out, in, bits, groups per step)
     profile: str = ""  # the device profile the predictions come from
-    rounds: tuple = ()  # `Round`s of `tune_measured`, the last one accepted
+    rounds: tuple = ()  # `Round`s of `tune_measured`
+    accepted: int = -1  # the index of the round whose plan this is
 
     @property
     def measured_step_us(self) -> float | None:
-        return self.rounds[-1].measured_step_us if self.rounds else None
+        return self.rounds[self.accepted].measured_step_us if self.rounds else None
 
     @property
     def predicted_slowdown(self) -> float:
@@ -145,8 +147,9 @@ class Tuning:
         lines.append(f"step: {self.step_us:.1f} µs measured without DecDEC, {self.predicted_step_us:.1f} µs "
                      f"predicted with it ({self.predicted_slowdown:+.1%}; target {self.target:.1%})")
         for i, r in enumerate(self.rounds):
+            mark = " (this plan)" if i == self.accepted % len(self.rounds) else ""
             lines.append(f"round {i + 1}: tuned for {r.budget:.2%}, predicted {r.predicted_step_us:.1f} µs, "
-                         f"measured {r.measured_step_us:.1f} µs ({r.measured_step_us / self.step_us - 1:+.1%})")
+                         f"measured {r.measured_step_us:.1f} µs ({r.measured_step_us / self.step_us - 1:+.1%}){mark}")
         return "\n".join(lines)
 
 
@@ -185,29 +188,43 @@ def tune_measured(model: MeasuredModel, shapes: dict, step_us: float, target: fl
     """`tune_groups`, checked on the device: build(tuning) captures the tuned step and measure(built)
     times it (µs, like `step_us`). The profile times each pair on its own, and a whole step can cost
     more than the sum (seen on Llama-3-8B shapes: gigabytes of residual tables, whose host pages the
-    GPU must translate on every fetch, against a profile that rotated a few tables); so while the
-    measured slowdown exceeds target + tolerance, the budget shrinks by the measured over the predicted
-    extra time and the tuner runs again; a budget below the least compensation (one shape at its
-    smallest k_chunk) becomes that plan's cost, tried once. A fetch-heavy step varies by a few % of itself between
-    measurements, so each plan is measured `REPEATS` times and the slowest decides. Returns (tuning
-    with its rounds, the accepted build); ConfigError when no round meets the target."""
-    budget, history = target, []
+    GPU must translate on every fetch, against a profile that rotated a few tables) or less (the
+    pairs overlap their neighbours in the step's graph). So the budget is rescaled by the measured
+    over the predicted extra time and the tuner runs again: down while the measured slowdown exceeds
+    target + TOLERANCE (a budget below the least compensation, one shape at its smallest k_chunk,
+    becomes that plan's cost, tried once), up while it is more than SPENT under the target. A
+    fetch-heavy step varies by a few % of itself between measurements, so each plan is measured
+    `REPEATS` times and the slowest decides. Returns (the tuning of the most compensating plan that
+    met the target, with every round, and its build); ConfigError when no round meets the target."""
+    budget, history, best = target, [], None
     floor = cheapest_slowdown(model, shapes, step_us) * (1 + 1e-9)  # the least compensation's budget
     for _ in range(ROUNDS):
         t = tune_groups(model, shapes, step_us, budget, where)  # ConfigError when even round 1 cannot fit
+        if best is not None and t.predicted_step_us <= best[0].predicted_step_us:
+            break  # a larger budget buys no more compensation
         built = build(t)
         samples = tuple(measure(built) for _ in range(REPEATS))
         measured = max(samples)
         history.append(Round(budget, t.predicted_step_us, measured, samples))
-        if measured / step_us - 1 <= target + TOLERANCE:
-            return replace(t, target=target, rounds=tuple(history)), built
-        del built  # frees the rejected capture before the next one
         predicted_extra, measured_extra = t.predicted_step_us - step_us, measured - step_us
+        if measured / step_us - 1 <= target + TOLERANCE:
+            best = (t, built, len(history) - 1)
+            if measured / step_us - 1 >= target - SPENT:
+                break
+            grown = target * predicted_extra / measured_extra if measured_extra > 0 else 2 * budget
+            budget = min(2 * budget, grown)
+            continue
+        del built  # frees the rejected capture before the next one
+        if best is not None:
+            break  # the grown plan went over: the last one that met the target stands
         budget = min(0.9 * budget, target * max(predicted_extra, 0.0) / measured_extra)  # measured_extra > 0 here
         if budget < floor:  # below the least compensation: try that one plan, unless this round was it
             if t.predicted_slowdown <= floor:
                 break
             budget = floor
+    if best is not None:
+        t, built, accepted = best
+        return replace(t, target=target, rounds=tuple(history), accepted=accepted), built
     tried = "; ".join(f"tuned for {r.budget:.2%}: predicted {r.predicted_step_us / step_us - 1:+.1%}, measured "
                       f"{r.measured_step_us / step_us - 1:+.1%}" for r in history)
     raise ConfigError(f"target slowdown {target:.1%} cannot be met on {model.device}: measured on the whole step, "

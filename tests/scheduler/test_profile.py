@@ -12,7 +12,7 @@ from decdec.errors import ConfigError
 from decdec.scheduler.latency import MeasuredModel
 from decdec.scheduler.plan import schedule
 from decdec.scheduler.profile import MeasuredProfile, default_path, slug
-from decdec.scheduler.tuner import (TOLERANCE, cheapest_slowdown, frontier, predicted_step_us, tune_groups,
+from decdec.scheduler.tuner import (SPENT, TOLERANCE, cheapest_slowdown, frontier, predicted_step_us, tune_groups,
                              tune_measured)
 
 ARGS = ModelArgs("llama", 100, 64, 4, 2, 1, 32, 128, 1e-5, 1e4)  # dim 64, 4 layers, ffn 128
@@ -233,3 +233,29 @@ def test_tune_measured_judges_a_plan_by_its_slowest_measurement():
     first = tuning.rounds[0]
     assert len(first.samples) == 3 and first.measured_step_us == max(first.samples)
     assert len(tuning.rounds) >= 2 and tuning.measured_step_us / step - 1 <= 0.05 + TOLERANCE
+
+
+def test_tune_measured_spends_the_budget_when_the_whole_step_costs_less_than_predicted():
+    """Programmatic launch overlaps a correction with its neighbours: the step can cost less than the
+    profile's isolated pairs, and the plan tuned for the target alone leaves budget unspent."""
+    model, step, builds = hand_made(SHAPES, COST), 1000.0, []
+    tuning, built = tune_measured(model, SHAPES, step, 0.05, *whole_step(step, 0.5, builds))
+    assert built is builds[-1] and len(tuning.rounds) >= 2 and tuning.accepted == len(tuning.rounds) - 1
+    assert 0.05 - SPENT <= tuning.measured_step_us / step - 1 <= 0.05 + TOLERANCE
+    assert tuning.rounds[1].budget > tuning.rounds[0].budget
+    assert sum(tuning.k_chunks.values()) > sum(builds[0].k_chunks.values())  # more compensation than round 1
+    assert "(this plan)" in tuning.format().splitlines()[-1]
+
+
+def test_tune_measured_keeps_the_plan_that_met_the_target_when_a_grown_one_goes_over():
+    model, step, builds = hand_made(SHAPES, COST), 1000.0, []
+    build, _ = whole_step(step, 1.0, builds)
+
+    def measure(tuning):  # cheap while small, dear once the plan grows past 6 % predicted
+        extra = tuning.predicted_step_us - step
+        return step + (0.5 if extra <= 0.06 * step else 2.0) * extra
+
+    tuning, built = tune_measured(model, SHAPES, step, 0.05, build, measure)
+    assert len(tuning.rounds) == 2 and tuning.accepted == 0 and built is builds[0]
+    assert tuning.measured_step_us == tuning.rounds[0].measured_step_us
+    assert tuning.rounds[1].measured_step_us / step - 1 > 0.05 + TOLERANCE

@@ -31,7 +31,7 @@ from decdec.scheduler.plan import MAIN  # noqa: E402
 def measure(name: str, run: Run, rounds: int) -> list[dict]:
     engine = our_engine(synthetic_prepared(SHAPES[name], run.max_seq, "cuda"))
     ex = engine.executor
-    graphs = {"pdl": (ex.graph, ex.pdl_edges), "plain": (ex._capture(pdl=False), 0)}
+    graphs = {"pdl": (ex.graph, ex.pdl_edges), "plain": ex._capture(pdl=False)}
     rows = []
     try:
         for kv_len in run.positions:

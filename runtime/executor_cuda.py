@@ -345,8 +345,8 @@ class CUDAExecutor:
         with torch.no_grad(), torch.cuda.stream(self.streams[MAIN]):
             self._issue()
         torch.cuda.synchronize()
-        self.pdl_edges = 0  # programmatic edges of the step's graph (0: none, or the device has none)
-        self.graph = self._capture(pdl=pdl)
+        # pdl_edges: programmatic edges of the step's graph (0: none asked for, or the device has none)
+        self.graph, self.pdl_edges = self._capture(pdl=pdl)
 
     @property
     def max_seq_len(self) -> int:
@@ -407,21 +407,21 @@ class CUDAExecutor:
             return ActMul(args, v[node.inputs[0]], v[node.outputs[0]])
         raise ValueError(f"the CUDA executor has no launch for {launch.op}")
 
-    def _capture(self, timing: StepEvents | None = None, pdl: bool = False) -> torch.cuda.CUDAGraph:
+    def _capture(self, timing: StepEvents | None = None, pdl: bool = False) -> tuple[torch.cuda.CUDAGraph, int]:
         """The step captured on the main stream (with `timing`: its events become nodes of the graph;
-        with `pdl`: kernel-to-kernel edges become programmatic where the device has them)."""
+        with `pdl`: kernel-to-kernel edges become programmatic where the device has them), and the
+        number of programmatic edges."""
         graph = torch.cuda.CUDAGraph(keep_graph=True)
         with torch.no_grad(), torch.cuda.graph(graph, stream=self.streams[MAIN]):
             self._issue(timing)
-        if pdl and pdl_supported():
-            self.pdl_edges = programmatic_edges(graph.raw_cuda_graph())
+        edges = programmatic_edges(graph.raw_cuda_graph()) if pdl and pdl_supported() else 0
         graph.instantiate()
         torch.cuda.synchronize()
-        return graph
+        return graph, edges
 
     def _capture_profiled(self) -> tuple[torch.cuda.CUDAGraph, StepEvents]:
         timing = StepEvents.make(len(self.plan.launches), external=True)
-        return self._capture(timing), timing
+        return self._capture(timing)[0], timing
 
     def _issue(self, timing: StepEvents | None = None) -> None:
         """Issue every plan item on its stream with its events; with `timing`, records its step start on

@@ -76,8 +76,9 @@ from decdec.runtime.executor_cpu import CPUExecutor  # noqa: E402
 from decdec.scheduler import latency  # noqa: E402
 from decdec.scheduler.plan import MAIN, schedule  # noqa: E402
 
-SYSTEMS = ("ours", "anchor-int4", "anchor-bf16")
-BITS = 3
+SYSTEMS = ("ours", "ours-3.5bit", "ours-4bit", "anchor-int4", "anchor-bf16")
+BITS = 3  # ours (base, fixed k_chunk and tuned steps); "ours-3.5bit" and "ours-4bit" are base steps only
+OTHER_BITS = {"ours-3.5bit": 3.5, "ours-4bit": 4}
 MAX_SEQ = 8192
 POSITIONS = (256, 2048, 8192)
 TOKEN = 1  # the token fed at every step (timing does not depend on it)
@@ -170,10 +171,10 @@ def engine_args(s: Shapes, max_seq: int) -> dict:
             "rope_base": s.rope_base, "max_seq_len": max_seq}
 
 
-def engine_config(spec: dict, device: str, decdec: dict):
+def engine_config(spec: dict, device: str, decdec: dict, bits: int = BITS):
     """The config a user would write for this synthetic model (validated by `load_config`)."""
     return load_config({"model": {"source": {"synthetic": spec}, "max_seq_len": spec["max_seq_len"]},
-                        "quant": {"method": "rtn", "bits": BITS}, "decdec": decdec, "device": device})
+                        "quant": {"method": "rtn", "bits": bits}, "decdec": decdec, "device": device})
 
 
 def threshold_profile(rng, width: int) -> torch.Tensor:
@@ -182,43 +183,50 @@ def threshold_profile(rng, width: int) -> torch.Tensor:
                             .astype(np.float32))
 
 
-def synthetic_prepared(s: Shapes, max_seq: int, device: str) -> Prepared:
-    """A 3-bit model of shapes `s` as `prepare` would hand it over, with random contents: packed codes
+def synthetic_layer_bits(bits: float, n_layers: int) -> list[int]:
+    """3.5 bits: every other layer at 4 (which half is the more sensitive one does not change the time)."""
+    return [4 if bits == 4 or (bits == 3.5 and i % 2) else 3 for i in range(n_layers)]
+
+
+def synthetic_prepared(s: Shapes, max_seq: int, device: str, bits: float = BITS) -> Prepared:
+    """A `bits`-bit model of shapes `s` as `prepare` would hand it over, with random contents: packed codes
     and scales on `device` (scales keep each output about as large as the input, codes centred on the
     zero point, so activations stay finite through the layers), residual tables (random bytes, made on
     `device`, kept on the host) and calibrated-looking thresholds."""
     spec = engine_args(s, max_seq)
-    cfg = engine_config(spec, device, {"k_chunk": 0})
+    cfg = engine_config(spec, device, {"k_chunk": 0}, bits)
     args = ModelArgs(**spec)
     gen = torch.Generator(device=device).manual_seed(0)
     rng = np.random.default_rng(0)
     dense = torch.float16 if device == "cuda" else torch.float32  # the CPU reference computes in float32
     embed = torch.randn(args.vocab_size, args.dim, device=device, generator=gen).to(dense)
     weights = {"embed": embed, "lm_head": embed, "norm": torch.ones(args.dim)}
-    groups = {}
-    for i in range(args.n_layers):
+    groups, layer_bits = {}, synthetic_layer_bits(bits, args.n_layers)
+    for i, bits in enumerate(layer_bits):
         weights[f"layers.{i}.attn_norm"] = weights[f"layers.{i}.ffn_norm"] = torch.ones(args.dim)
         for kind in LINEAR_KINDS:
             out_f, in_f = args.linear_shape(kind)
             n_groups = -(-in_f // 128)
             q = QuantizedLinear(
-                torch.randint(-2**31, 2**31, (out_f, in_f * BITS // 32), dtype=torch.int32, device=device, generator=gen),
+                torch.randint(-2**31, 2**31, (out_f, in_f * bits // 32), dtype=torch.int32, device=device, generator=gen),
                 torch.full((out_f, n_groups), 1 / (2.3 * math.sqrt(in_f)), dtype=torch.float16, device=device),
-                torch.full((out_f, n_groups), 2 ** (BITS - 1), dtype=torch.float16, device=device),
-                torch.ones(in_f, device=device), BITS)
+                torch.full((out_f, n_groups), 2 ** (bits - 1), dtype=torch.float16, device=device),
+                torch.ones(in_f, device=device), bits)
             rows = torch.randint(0, 256, (in_f, -(-out_f // 2)), dtype=torch.uint8, device=device, generator=gen).cpu()
             residual = ResidualTable(rows, torch.full((out_f,), 1e-3, dtype=torch.float16), out_f)
             groups[i, kind] = PreparedGroup(q, residual, threshold_profile(rng, in_f), torch.ones(in_f))
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
     model = LoadedModel(args, weights, None, "synthetic", digest)
-    return Prepared(model, groups, [BITS] * args.n_layers, cfg, Path(tempfile.gettempdir()))
+    return Prepared(model, groups, layer_bits, cfg, Path(tempfile.gettempdir()))
 
 
 def our_engine(prepared: Prepared, profile=None, profile_path: Path | None = None) -> Engine:
     """`runtime.compile`'s engine for an in-memory Prepared: `compile_cuda` on the GPU (tuned to the
-    config's target with `profile`), the CPU branch of `runtime.compile` (base step) on the CPU."""
+    config's target with `profile`, else at its k_chunk), the CPU branch of `runtime.compile` (base
+    step) on the CPU."""
     if prepared.config.device == "cuda":
-        return compile_cuda(prepared, None if profile is not None else 0, profile, profile_path)
+        k_chunk = None if profile is not None else prepared.config.decdec.k_chunk
+        return compile_cuda(prepared, k_chunk, profile, profile_path)
     args = prepared.model.args
     graph = build_graph(args, prepared.layer_bits, 0)
     plan = schedule(graph, fuse=False)
@@ -249,32 +257,44 @@ def time_ours(engine: Engine, run: Run) -> dict[int, dict]:
     return out
 
 
-def our_bytes(s: Shapes) -> int:
-    """Our step's minimal HBM read: 3-bit codes with fp16 scale and zero per group of 128, fp16 lm_head."""
-    return int(s.n_layers * sum(latency.weight_bytes(o, i, BITS) for o, i in s.linear_shapes().values())
-               + 2 * s.vocab_size * s.dim)
+def our_bytes(s: Shapes, bits: float = BITS) -> int:
+    """Our step's minimal HBM read: packed codes with fp16 scale and zero per group of 128, fp16 lm_head."""
+    return int(sum(latency.weight_bytes(o, i, b) for b in synthetic_layer_bits(bits, s.n_layers)
+                   for o, i in s.linear_shapes().values()) + 2 * s.vocab_size * s.dim)
 
 
-def ours(name: str, s: Shapes, run: Run, targets: list[float], quick: bool, emit) -> None:
-    """The base step at every position, then each target's tuned step (GPU)."""
+def base_step(name: str, s: Shapes, run: Run, system: str, emit) -> tuple[Prepared, dict[int, dict], int]:
+    """`system`'s base step (ours at BITS, or OTHER_BITS) at every position: (the model, position ->
+    timing, its bytes)."""
+    bits = OTHER_BITS.get(system, BITS)
     t0 = time.perf_counter()
-    prepared = synthetic_prepared(s, run.max_seq, run.device)
-    log(f"{name}: random 3-bit model made in {time.perf_counter() - t0:.1f} s")
-    nbytes = our_bytes(s)
+    prepared = synthetic_prepared(s, run.max_seq, run.device, bits)
+    log(f"{name}: random {bits}-bit model made in {time.perf_counter() - t0:.1f} s")
+    nbytes = our_bytes(s, bits)
     engine = our_engine(prepared)
     try:
-        log(f"{name}: ours built; timing the base step")
+        log(f"{name}: {system} built; timing the base step")
         base = time_ours(engine, run)
     finally:
         close_engine(engine)
         del engine
         free_gpu()
     for p, t in base.items():
-        emit(make_row(name, "ours", 0.0, p, t, nbytes, run))
-    if not targets:
+        emit(make_row(name, system, 0.0, p, t, nbytes, run))
+    return prepared, base, nbytes
+
+
+def ours(name: str, s: Shapes, run: Run, targets: list[float], k_chunks: list[int], quick: bool, emit) -> None:
+    """The base step at every position, then each fixed k_chunk's step and each target's tuned step (GPU)."""
+    prepared, base, nbytes = base_step(name, s, run, "ours", emit)
+    if not (targets or k_chunks):
         return
     if not run.cuda:
-        log(f"{name}: targets skipped (the tuner measures a GPU)")
+        log(f"{name}: compensated steps skipped (they need the GPU's pinned residual tables)")
+        return
+    for k in k_chunks:
+        compensated(name, prepared, base, nbytes, run, emit, 0.0, {"k_chunk": k})
+    if not targets:
         return
     from decdec.runtime.tune import measure_profile
 
@@ -284,36 +304,41 @@ def ours(name: str, s: Shapes, run: Run, targets: list[float], quick: bool, emit
     path = Path(tempfile.mkdtemp()) / "profile.json"
     profile.save(path)
     log(f"{name}: measured this GPU on {len(shapes)} group shapes in {time.perf_counter() - t0:.0f} s (decdec tune)")
-    tuned(name, prepared, base, targets, profile, path, nbytes, run, emit)
-
-
-def tuned(name: str, prepared: Prepared, base: dict[int, dict], targets: list[float], profile, path: Path, nbytes: int,
-          run: Run, emit) -> None:
-    """Per target: `compile_cuda` with `decdec.target_slowdown` (tuned with `profile`, saved at `path`),
-    timed at every position; slowdown against `base` (position -> the base step's timing)."""
     for target in targets:
-        try:
-            cfg = engine_config(prepared.config.model.source["synthetic"], prepared.config.device,
-                                {"target_slowdown": target})
-            engine = our_engine(dataclasses.replace(prepared, config=cfg), profile, path)
-        except ConfigError as e:  # an unreachable target is a result too
-            log(f"{name}: target {target:.1%}: {e}")
-            emit(error_row(name, "ours", target, e))
-            continue
-        try:
-            tu = engine.tuning
+        compensated(name, prepared, base, nbytes, run, emit, target, {"target_slowdown": target}, profile, path)
+
+
+def compensated(name: str, prepared: Prepared, base: dict[int, dict], nbytes: int, run: Run, emit, target: float,
+                decdec: dict, profile=None, path: Path | None = None) -> None:
+    """One compensated step, `decdec` its config section: a fixed k_chunk on every group (target 0),
+    or a target slowdown tuned with `profile` (saved at `path`); timed at every position, slowdown
+    against `base` (position -> the base step's timing). An unreachable target is an error row."""
+    what = f"target {target:.1%}" if target else f"k_chunk {decdec.get('k_chunk')}"
+    try:
+        cfg = engine_config(prepared.config.model.source["synthetic"], prepared.config.device, decdec)
+        engine = our_engine(dataclasses.replace(prepared, config=cfg), profile, path)
+    except ConfigError as e:  # an unreachable target is a result too
+        log(f"{name}: {what}: {e}")
+        emit(error_row(name, "ours", target, e))
+        return
+    try:
+        tu = engine.tuning
+        if tu is not None:
             extra = {"predicted_slowdown": tu.predicted_slowdown,
                      "tuner_slowdown": tu.measured_step_us / tu.step_us - 1,  # tune_measured's own check, position 0
                      "k_chunk": {f"{kind}@{bits}": c.k_chunk for (kind, bits), c in tu.choices.items()},
                      "n_tb": {f"{kind}@{bits}": c.n_tb for (kind, bits), c in tu.choices.items()}}
-            log(f"{name}: target {target:.1%} tuned (predicted {tu.predicted_slowdown:+.1%}); timing")
-            for p, t in time_ours(engine, run).items():
-                emit(make_row(name, "ours", target, p, t, nbytes, run,
-                              slowdown=t["device_ms"] / base[p]["device_ms"] - 1, **extra))
-        finally:
-            close_engine(engine)
-            del engine
-            free_gpu()
+            log(f"{name}: {what} tuned (predicted {tu.predicted_slowdown:+.1%}); timing")
+        else:
+            keys = [f"{kind}@{bits}" for kind, bits in group_shapes(prepared.model.args, prepared.layer_bits)]
+            extra = {"k_chunk": dict.fromkeys(keys, decdec["k_chunk"]), "n_tb": dict.fromkeys(keys, 0)}
+        for p, t in time_ours(engine, run).items():
+            emit(make_row(name, "ours", target, p, t, nbytes, run,
+                          slowdown=t["device_ms"] / base[p]["device_ms"] - 1, **extra))
+    finally:
+        close_engine(engine)
+        del engine
+        free_gpu()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -418,6 +443,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--targets", default="", help="target slowdowns for ours, e.g. 0.025,0.05,0.1,0.2 (GPU)")
     ap.add_argument("--max-seq", type=int, default=None, help=f"KV cache length (default {MAX_SEQ}; tiny {TINY_MAX_SEQ})")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default 64; tiny 8)")
+    ap.add_argument("--k-chunks", default="", help="fixed k_chunks on every group for ours, e.g. 1,4 (GPU)")
     ap.add_argument("--quick", action="store_true", help="the quick profile grid for --targets")
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--tiny", action="store_true", help=f"one tiny model ({TINY}), max_seq {TINY_MAX_SEQ}")
@@ -428,8 +454,9 @@ def main(argv=None) -> dict:
     systems = csv(a.systems, str)
     models = {"tiny": TINY} if a.tiny else {m: SHAPES[m] for m in csv(a.models, str)}
     unknown = [x for x in systems if x not in SYSTEMS]
-    if unknown or (a.targets and "ours" not in systems):
-        ap.error(f"unknown systems {unknown}" if unknown else "--targets needs the system 'ours' (its base step)")
+    if unknown or ((a.targets or a.k_chunks) and "ours" not in systems):
+        ap.error(f"unknown systems {unknown}" if unknown else "--targets and --k-chunks need the system 'ours' (its "
+                 "base step)")
     max_seq = a.max_seq or (TINY_MAX_SEQ if a.tiny else MAX_SEQ)
     positions = tuple(csv(a.positions, int)) if a.positions else (TINY_POSITIONS if a.tiny else POSITIONS)
     if not all(1 <= p <= max_seq for p in positions):
@@ -468,10 +495,16 @@ def main(argv=None) -> dict:
         log(f"{name}: {s}")
         if "ours" in systems:
             try:
-                ours(name, s, run, csv(a.targets, float), a.quick, emit)
+                ours(name, s, run, csv(a.targets, float), csv(a.k_chunks, int), a.quick, emit)
             except Exception as e:  # noqa: BLE001 - one model failing must not lose the others' numbers
                 traceback.print_exc()
                 emit(error_row(name, "ours", 0.0, e))
+        for system in (x for x in OTHER_BITS if x in systems):
+            try:
+                base_step(name, s, run, system, emit)
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc()
+                emit(error_row(name, system, 0.0, e))
         for quant in (q for q, x in (("int4", "anchor-int4"), (None, "anchor-bf16")) if x in systems):
             anchor(name, s, quant, run, emit)
     out.write_text(json.dumps(result, indent=1))

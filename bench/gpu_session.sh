@@ -22,12 +22,12 @@ check)
     2>&1 | tee $OUT/engine_cuda_tests.log | tail -4
   ;;
 llama)
-  timeout 400 python bench/engine.py --models llama3-8b --targets "${TARGETS:-0.025,0.05,0.1,0.2}" \
+  timeout 500 python bench/engine.py --models llama3-8b --targets "${TARGETS:-0.025,0.05,0.1,0.2}" --k-chunks "${K_CHUNKS:-1,4}" \
     --out $OUT/engine.json 2>&1 | tee $OUT/engine_llama.log | grep -v "^\[" | tail -30
   ;;
 small)
   cp bench/results/engine_*.json $OUT/engine.json 2>/dev/null
-  timeout 400 python bench/engine.py --models gemma3-270m,smollm2-135m --targets "${TARGETS:-0.025,0.05,0.1,0.2}" \
+  timeout 400 python bench/engine.py --models gemma3-270m,smollm2-135m --targets "${TARGETS:-0.025,0.05,0.1,0.2}" --k-chunks "${K_CHUNKS:-1}" \
     --out $OUT/engine.json --merge 2>&1 | tee $OUT/engine_small.log | grep -v "^\[" | tail -30
   ;;
 gemv)

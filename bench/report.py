@@ -269,6 +269,11 @@ def _engine_rows(d: dict) -> tuple[dict, list[dict]]:
     return int4, d["rows"]
 
 
+def _base(r: dict) -> bool:
+    """A base step (no compensation): not a tuned target's row nor a fixed k_chunk's (which has a slowdown)."""
+    return not r["target"] and "slowdown" not in r
+
+
 def _engine_runs(path: Path, d: dict) -> list[str]:
     return [f"- run {x['id']}: {x['device']}, commit {x['commit'][:7]}, {x['date']}, torch {x['torch']}, "
             f"max_seq {x['max_seq']}, {x['steps']} timed steps, HBM read " + (f"{x['hbm_read_GBps']:.0f} GB/s" if x["hbm_read_GBps"] else "-")
@@ -290,13 +295,13 @@ def engine_summary(path: Path) -> str:
         pos = min(r["position"] for r in mine)
 
         def cell(system: str) -> str:
-            r = next((r for r in rows if r["model"] == model and r["system"] == system and r["target"] == 0
+            r = next((r for r in rows if r["model"] == model and r["system"] == system and _base(r)
                       and r.get("position", pos) == pos), None)
             if r is None:
                 return "-"
             return "fails" if "error" in r else f"{r['tokens_per_s']:.1f} ({r['device_tokens_per_s']:.1f})"
 
-        ours = next((r for r in mine if r["system"] == "ours" and r["target"] == 0 and r["position"] == pos), None)
+        ours = next((r for r in mine if r["system"] == "ours" and _base(r) and r["position"] == pos), None)
         anchor = int4.get((model, pos))
         both = ours is not None and anchor is not None
         lines.append(row(model, pos + 1, cell("ours"), cell("anchor-int4"), cell("anchor-bf16"),
@@ -318,10 +323,12 @@ def engine_table(path: Path) -> str:
              *header("model", "KV length", "system", "target", "tokens/s", "device tokens/s", "of roofline",
                      "ours / int4", "ours / int4, device", "slowdown (predicted)",
                      "k_chunk (n_tb): qkv / o / gate_up / down", "ppl")]
-    order = {"ours": 0, "anchor-int4": 1, "anchor-bf16": 2}
+    order = {"ours": 0, "ours-3.5bit": 1, "ours-4bit": 2, "anchor-int4": 3, "anchor-bf16": 4}
     errors = []
-    for r in sorted(rows, key=lambda r: (r["model"], r.get("position", math.inf), order[r["system"]], r["target"])):
-        target = f"{r['target']:.1%}" if r["target"] else "base" if r["system"] == "ours" else ""
+    for r in sorted(rows, key=lambda r: (r["model"], r.get("position", math.inf), order[r["system"]], r["target"],
+                                         "slowdown" in r)):
+        target = (f"{r['target']:.1%}" if r["target"] else "base" if _base(r) and r["system"].startswith("ours")
+                  else f"k_chunk {max(r['k_chunk'].values())}" if "k_chunk" in r else "")
         if "error" in r:
             what = "unreachable" if r["system"] == "ours" and r["target"] else "fails"
             errors.append(f"- {r['model']}, {r['system']}{f' at {target}' if r['target'] else ''}: {r['error'][:300]}")
@@ -334,7 +341,8 @@ def engine_table(path: Path) -> str:
             _pct(r["frac_roofline"]),
             f"{r['tokens_per_s'] / anchor['tokens_per_s']:.2f}x" if anchor else "",
             f"{r['device_tokens_per_s'] / anchor['device_tokens_per_s']:.2f}x" if anchor else "",
-            f"{r['slowdown']:+.1%} ({r['predicted_slowdown']:+.1%})" if tuned else "",
+            (f"{r['slowdown']:+.1%}" + (f" ({r['predicted_slowdown']:+.1%})" if "predicted_slowdown" in r else ""))
+            if tuned else "",
             _ks_dict(r["k_chunk"], r["n_tb"]) if tuned else "", f"{r['ppl']:.2f}" if r.get("ppl") else ""))
     return "\n".join(lines + [""] + errors + _engine_runs(path, d))
 

@@ -22,7 +22,8 @@ def test_dry_run_rows(dry_run):
     d = json.loads(dry_run.read_text())
     assert {"device", "commit", "command", "date", "runs", "rows", "max_seq"} <= set(d)
     measured = [r for r in d["rows"] if "error" not in r]
-    assert {(r["system"], r["position"]) for r in measured} == {(s, p) for s in ("ours", "anchor-bf16") for p in (3, 7)}
+    systems = ("ours", "ours-3.5bit", "ours-4bit", "anchor-bf16")
+    assert {(r["system"], r["position"]) for r in measured} == {(s, p) for s in systems for p in (3, 7)}
     for r in measured:
         assert ROW_KEYS <= set(r) and r["model"] == "tiny" and r["target"] == 0 and r["kv_len"] == r["position"] + 1
         assert r["tokens_per_s"] > 0 and r["device_tokens_per_s"] > 0 and r["frac_roofline"] is None  # no HBM rate
@@ -96,9 +97,10 @@ def test_results_page_has_the_engine_section(tmp_path, monkeypatch):
     assert "## Kernels" not in text  # sections without files are left out
 
 
-def test_tuned_rows_on_cpu_stand_in(monkeypatch):
-    """The --targets branch (GPU: compile_cuda with a target) with a stand-in compile: the CPU engine
-    carrying a tuner's Tuning, and one target the tuner refuses."""
+def test_compensated_rows_on_cpu_stand_in(monkeypatch):
+    """The --targets and --k-chunks branches (GPU: compile_cuda with a target or a k_chunk) with a
+    stand-in compile: the CPU engine carrying a tuner's Tuning, one target the tuner refuses, and a
+    fixed k_chunk."""
     from decdec.errors import ConfigError
     from decdec.scheduler.tuner import Choice, Round, Tuning
 
@@ -111,18 +113,27 @@ def test_tuned_rows_on_cpu_stand_in(monkeypatch):
     def stand_in(p, profile, path):
         target = p.config.decdec.target_slowdown
         targets_seen.append((target, p.config.decdec.k_chunk, profile, path))
-        if target < 0.05:
+        if target is not None and target < 0.05:
             raise ConfigError(f"target slowdown {target:.1%} cannot be met")
         e = build(prepared)
+        if target is None:
+            return e
         e.tuning = Tuning(target, 1000.0, 1040.0, {("gate_up", 3): Choice(12, 16, 10.0, 30.0)}, shapes,
                           rounds=(Round(target, 1040.0, 1045.0),))
         return e
 
     monkeypatch.setattr(engine, "our_engine", stand_in)
     rows = []
-    engine.tuned("tiny", prepared, base, [0.025, 0.1], "PROFILE", "PATH", 123, run, rows.append)
+    for target in (0.025, 0.1):
+        engine.compensated("tiny", prepared, base, 123, run, rows.append, target, {"target_slowdown": target},
+                           "PROFILE", "PATH")
+    engine.compensated("tiny", prepared, base, 123, run, rows.append, 0.0, {"k_chunk": 4})
     assert [(t, k, pr, pa) for t, k, pr, pa in targets_seen] == [(0.025, None, "PROFILE", "PATH"),
-                                                                (0.1, None, "PROFILE", "PATH")]
+                                                                (0.1, None, "PROFILE", "PATH"), (None, 4, None, None)]
+    fixed = rows[3:]
+    assert [r["position"] for r in fixed] == [3, 7] and all(r["target"] == 0.0 for r in fixed)
+    assert all(set(r["k_chunk"].values()) == {4} and "predicted_slowdown" not in r for r in fixed)
+    rows = rows[:3]
     assert rows[0]["target"] == 0.025 and "cannot be met" in rows[0]["error"]
     for r, p in zip(rows[1:], (3, 7)):
         assert r["target"] == 0.1 and r["position"] == p and r["k_chunk"] == {"gate_up@3": 12}

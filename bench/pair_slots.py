@@ -1,0 +1,105 @@
+"""Where a short GEMV's compensation cost comes from: a GEMV beside a correction, with the GEMV's
+persistent grid sized for all of the GPU's block slots (the default plan) or for the slots the
+correction's blocks leave free; the correction alone; each kernel's registers and shared memory.
+
+    python bench/pair_slots.py [--shapes 6144x4096,4096x4096,...] [--k-chunks 1,8] [--n-tbs 4,16]
+        --out bench/results/pair_slots_<gpu>.json
+
+Per shape (3-bit, weights and residual tables rotated past L2, CUDA graphs as `ops.timing` times them):
+  base                 the GEMV alone (default plan)
+  pair, slots S        GEMV + correction (k_chunk, n_tb) on the priority side stream, merged, the GEMV
+                       planned for S = all slots minus `freed` slots (freed 0: the default plan)
+  corr alone           the correction stand-alone (no GEMV beside it)
+A correction block that shares an SM with the GEMV takes the register file of some GEMV blocks: the
+default persistent grid then needs a second wave on those SMs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.meta import run_meta  # noqa: E402
+from decdec.ops import base_gemv, timing  # noqa: E402
+
+
+def kernel_facts(dispatcher) -> dict:
+    """Registers per thread and static shared memory of a compiled Numba kernel (its one overload)."""
+    k = next(iter(dispatcher.overloads.values()))
+    return {"regs_per_thread": k.regs_per_thread, "shared_mem_per_block": k.shared_mem_per_block,
+            "max_threads_per_block": k.max_threads_per_block}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="6144x4096,4096x4096,4096x14336,28672x4096,1536x640,640x2048")
+    ap.add_argument("--k-chunks", default="1,8")
+    ap.add_argument("--n-tbs", default="2,4,16")
+    ap.add_argument("--freed", default="0,1,2", help="GEMV slots freed per correction block")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    from decdec.ops import correction
+
+    n_sm = torch.cuda.get_device_properties(0).multi_processor_count
+    l2 = timing.device_info()["l2_bytes"]
+    streams = timing.Streams.make((timing.SIDE_PRIORITY,))
+    rng, gen = np.random.default_rng(0), torch.Generator(device="cuda").manual_seed(0)
+    result = {**run_meta(), "n_sm": n_sm, "slots": n_sm * base_gemv.MMA_MIN_BLOCKS, "rows": [], "kernels": {}}
+    for shape in a.shapes.split(","):
+        out_f, in_f = map(int, shape.split("x"))
+        s = timing.CorrectionSetup(rng, out_f, in_f, l2)
+        g = timing.GemvSetup(out_f, in_f, 3, gen, l2)
+        default = g.gemvs[0].plan
+        base = timing.graph_us(lambda i: g(i, s.xs[i % timing.N_ACTIVATIONS], streams.main_n), 64, a.reps, streams)
+        print(f"{shape}: base {base['us']:.1f} µs, plan {default}", flush=True)
+        result["rows"].append({"shape": shape, "what": "base", "us": base["us"], "grid": list(default.grid)})
+        for k in map(int, a.k_chunks.split(",")):
+            for n_tb in map(int, a.n_tbs.split(",")):
+                corrs = s.corrections(k, n_tb, g.tile_rows)
+                blocks = corrs[0].plan.blocks
+                alone = timing.graph_us(
+                    lambda i: corrs[i % len(corrs)](s.xs[i % timing.N_ACTIVATIONS], s.act, base_out=s.base,
+                                                    out=s.out, stream=streams.main_n), 64, a.reps, streams)
+                result["rows"].append({"shape": shape, "what": "corr alone", "k_chunk": k, "n_tb": blocks,
+                                       "us": alone["us"]})
+                line = [f"  k {k} n_tb {blocks}: alone {alone['us']:.1f}"]
+                for freed in map(int, a.freed.split(",")):
+                    sm = n_sm - math.ceil(freed * blocks / base_gemv.MMA_MIN_BLOCKS)
+                    plan = base_gemv.plan_gemv(out_f, in_f, 3, n_sm=sm)
+                    if plan.merge_rows != default.merge_rows:
+                        continue
+                    gemvs = [timing.random_gemv(out_f, in_f, 3, gen, plan=plan) for _ in range(len(g.gemvs))]
+                    split = gemvs[0].split_output(extra_parts=1)
+                    x_of = lambda i: s.xs[i % timing.N_ACTIVATIONS]  # noqa: E731
+
+                    def step(i, gemvs=gemvs, split=split):
+                        streams.fork(lambda st: gemvs[i % len(gemvs)](x_of(i), g.out, stream=st, merge=split),
+                                     lambda st: corrs[i % len(corrs)](x_of(i), s.act, out=g.out, merge=split,
+                                                                      stream=st))
+
+                    t = timing.graph_us(step, max(64, len(gemvs)), a.reps, streams)
+                    result["rows"].append({"shape": shape, "what": "pair", "k_chunk": k, "n_tb": blocks,
+                                           "freed": freed, "gemv_sm": sm, "grid": list(plan.grid), "us": t["us"]})
+                    line.append(f"freed {freed} (grid {plan.grid[0]}x{plan.grid[1]}): {t['us']:.1f}")
+                    del gemvs, split
+                print(", ".join(line), flush=True)
+                result["kernels"].setdefault(f"correction {shape}", kernel_facts(correction._correction_kernel(True)))
+        result["kernels"][f"gemv {shape}"] = kernel_facts(g.gemvs[0].kernel)
+        s.close()
+        del g
+        torch.cuda.empty_cache()
+        Path(a.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps(result["kernels"], indent=1))
+
+
+if __name__ == "__main__":
+    main()

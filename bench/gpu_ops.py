@@ -232,11 +232,13 @@ def memcpy_path(streams: Streams, s: CorrectionSetup, g: GemvSetup, base_us: flo
                                                                 stream=streams.main_n), max(len(tables), 16),
                         reps, streams)
 
+        split = g.split_for(corr)
+
         def step(i):
             def side(st):
                 copy_rows(i, streams.side[0][1])
-                corr(x0, s.act, out=g.out, merge=g.split, stream=st)
-            streams.fork(lambda st: g(i, x0, st, merge=g.split), side, priority=0)
+                corr(x0, s.act, out=g.out, merge=split, stream=st)
+            streams.fork(lambda st: g(i, x0, st, merge=split), side, priority=0)
 
         fused = graph_us(step, max(len(g.gemvs), len(tables), 16), reps, streams)
         rows.append({"out": s.out_f, "in": s.in_f, "k_chunk": k, "n_tb": n_tb, "rows": int(idx.size),

@@ -1,17 +1,17 @@
 """Where a short GEMV's compensation cost comes from: a GEMV beside a correction, with the GEMV's
-persistent grid sized for all of the GPU's block slots (the default plan) or for the slots the
-correction's blocks leave free; the correction alone; each kernel's registers and shared memory.
+persistent grid sized for all of the GPU's SMs (the default plan) or for those the correction's
+blocks leave it (`BaseGemv.beside`); the correction alone; each kernel's registers and shared memory.
 
     python bench/pair_slots.py [--shapes 6144x4096,4096x4096,...] [--k-chunks 1,8] [--n-tbs 4,16]
         --out bench/results/pair_slots_<gpu>.json
 
 Per shape (3-bit, weights and residual tables rotated past L2, CUDA graphs as `ops.timing` times them):
   base                 the GEMV alone (default plan)
-  pair, slots S        GEMV + correction (k_chunk, n_tb) on the priority side stream, merged, the GEMV
-                       planned for S = all slots minus `freed` slots (freed 0: the default plan)
+  pair                 GEMV + correction (k_chunk, n_tb) on the priority side stream, merged; the GEMV
+                       with its default plan, or `beside` the correction (as the executor runs it)
   corr alone           the correction stand-alone (no GEMV beside it)
-A correction block that shares an SM with the GEMV takes the register file of some GEMV blocks: the
-default persistent grid then needs a second wave on those SMs.
+A correction block (512 threads x 128 registers) fills an SM's register file: the default persistent
+grid then needs a second wave for the GEMV blocks it displaces (`BaseGemv.beside`).
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ def main() -> None:
     ap.add_argument("--shapes", default="6144x4096,4096x4096,4096x14336,28672x4096,1536x640,640x2048")
     ap.add_argument("--k-chunks", default="1,8")
     ap.add_argument("--n-tbs", default="2,4,16")
-    ap.add_argument("--freed", default="0,1,2", help="GEMV slots freed per correction block")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
@@ -71,26 +70,20 @@ def main() -> None:
                                                     out=s.out, stream=streams.main_n), 64, a.reps, streams)
                 result["rows"].append({"shape": shape, "what": "corr alone", "k_chunk": k, "n_tb": blocks,
                                        "us": alone["us"]})
-                line = [f"  k {k} n_tb {blocks}: alone {alone['us']:.1f}"]
-                for freed in map(int, a.freed.split(",")):
-                    sm = n_sm - math.ceil(freed * blocks / base_gemv.MMA_MIN_BLOCKS)
-                    plan = base_gemv.plan_gemv(out_f, in_f, 3, n_sm=sm)
-                    if plan.merge_rows != default.merge_rows:
-                        continue
-                    gemvs = [timing.random_gemv(out_f, in_f, 3, gen, plan=plan) for _ in range(len(g.gemvs))]
-                    split = gemvs[0].split_output(extra_parts=1)
-                    x_of = lambda i: s.xs[i % timing.N_ACTIVATIONS]  # noqa: E731
+                line = [f"  k {k} blocks {blocks} x {corrs[0].parts} parts: alone {alone['us']:.1f}"]
+                split = g.split_for(corrs[0])
+                for plan_name, gemvs in (("default", g.gemvs), ("beside", g.beside(corrs[0]))):
 
-                    def step(i, gemvs=gemvs, split=split):
-                        streams.fork(lambda st: gemvs[i % len(gemvs)](x_of(i), g.out, stream=st, merge=split),
-                                     lambda st: corrs[i % len(corrs)](x_of(i), s.act, out=g.out, merge=split,
-                                                                      stream=st))
+                    def step(i, gemvs=gemvs):
+                        x = s.xs[i % timing.N_ACTIVATIONS]
+                        streams.fork(lambda st: g(i, x, st, merge=split, gemvs=gemvs),
+                                     lambda st: corrs[i % len(corrs)](x, s.act, out=g.out, merge=split, stream=st))
 
                     t = timing.graph_us(step, max(64, len(gemvs)), a.reps, streams)
-                    result["rows"].append({"shape": shape, "what": "pair", "k_chunk": k, "n_tb": blocks,
-                                           "freed": freed, "gemv_sm": sm, "grid": list(plan.grid), "us": t["us"]})
-                    line.append(f"freed {freed} (grid {plan.grid[0]}x{plan.grid[1]}): {t['us']:.1f}")
-                    del gemvs, split
+                    result["rows"].append({"shape": shape, "what": "pair", "gemv_plan": plan_name, "k_chunk": k,
+                                           "n_tb": blocks, "parts": corrs[0].parts, "grid": list(gemvs[0].plan.grid),
+                                           "us": t["us"]})
+                    line.append(f"{plan_name} (grid {gemvs[0].plan.grid[0]}x{gemvs[0].plan.grid[1]}): {t['us']:.1f}")
                 print(", ".join(line), flush=True)
                 result["kernels"].setdefault(f"correction {shape}", kernel_facts(correction._correction_kernel(True)))
         result["kernels"][f"gemv {shape}"] = kernel_facts(g.gemvs[0].kernel)

@@ -23,6 +23,7 @@ before that, so the kernel
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import linecache
@@ -685,8 +686,8 @@ class BaseGemv:
         if qweight.shape[1] * 32 != in_features * bits:
             raise ValueError(f"qweight has {qweight.shape[1]} words a row; {in_features} inputs at {bits} bits "
                              f"need {in_features * bits // 32}")
-        n_sm = 132 if SIMULATED else cuda.get_current_device().MULTIPROCESSOR_COUNT
-        self.plan = plan or plan_gemv(out_features, in_features, bits, group_size, n_sm)
+        self.n_sm = 132 if SIMULATED else cuda.get_current_device().MULTIPROCESSOR_COUNT
+        self.plan = plan or plan_gemv(out_features, in_features, bits, group_size, self.n_sm)
         p = self.plan
         if (p.out_features, p.in_features, p.bits) != (out_features, in_features, bits):
             raise ValueError(f"plan is for a {p.out_features}x{p.in_features} {p.bits}-bit linear, "
@@ -707,6 +708,19 @@ class BaseGemv:
         self.kernel = _mma_kernel(bits, p.rows_per_warp // MMA_ROWS, -(-in_features // MMA_GROUP),
                                   p.out_features % p.tile_rows == 0, p.k_warps, p.early_load)
         self._own_split: SplitOutput | None = None
+
+    def beside(self, blocks: int) -> "BaseGemv":
+        """This GEMV re-planned to run beside `blocks` resident blocks of another kernel that each fill
+        an SM's register file (a DecDEC correction's): its persistent grid then fits the SMs left in
+        one wave instead of queueing a second wave behind them. Same weights, kernel and tiles; only
+        the tiles per block change (so the split output's layout does not)."""
+        p = self.plan
+        plan = plan_gemv(p.out_features, p.in_features, p.bits, n_sm=max(1, self.n_sm - blocks),
+                         rows_per_warp=p.rows_per_warp, k_blocks=p.k_blocks, k_warps=p.k_warps,
+                         early_load=p.early_load)
+        twin = copy.copy(self)
+        twin.plan, twin._own_split = plan, None
+        return twin
 
     def split_output(self, extra_parts: int = 0) -> SplitOutput:
         """Scratch for this GEMV's K blocks plus `extra_parts` merged parts (1 for a DecDEC correction)."""

@@ -10,13 +10,15 @@ memory (zero-copy, `ops.dma.PinnedTable`) or device memory, dequantizes, multipl
 activations and merges into the output. It is meant to run on a second stream while the base GEMV runs.
 
 The merge (Numba has no fp16 atomic add, and the two kernels run concurrently, so neither may simply
-add into the other's output): the correction is one more *part* of the base GEMV's split output
-(`ops.base_gemv.SplitOutput`). Each block owns whole row tiles of the base GEMV and writes its float32
-correction of those rows as the last part, then arrives at each tile's int32 counter; whichever kernel
-completes a tile last (base K blocks or correction) sums the parts in a fixed order and writes fp16.
-Why it is fast: no float atomics, no memset, no extra launch or finishing kernel, no waiting: the
-only extra traffic is 8 bytes per output row (one float32 written, read back once) and one int32 atomic
-per 64 rows. The sum order is fixed, so the result is deterministic, as is the selection.
+add into the other's output): the correction is more *parts* of the base GEMV's split output
+(`ops.base_gemv.SplitOutput`), one per selection pass (`Correction.parts`: 4 chunks of 1024 inputs
+each, so one part below 4097 inputs). Each block owns whole row tiles of the base GEMV and one pass's
+chunks, writes its float32 correction of those rows as that pass's part, then arrives at each tile's
+int32 counter; whichever kernel completes a tile last (base K blocks or correction) sums the parts in
+a fixed order and writes fp16. A wide input's passes thus run side by side rather than one after
+another in every block. Why it is fast: no float atomics, no memset, no extra launch or finishing
+kernel, no waiting: the only extra traffic is 8 bytes per output row and part (one float32 written,
+read back once) and one int32 atomic per 64 rows and part. The sum order is fixed, so the result is deterministic, as is the selection.
 Stand-alone (no `merge`), each block writes out[o] = base_out[o] + corr[o] for its rows.
 
 Launch it on a high-priority side stream (torch.cuda.Stream(priority=-1)): its few blocks are then
@@ -130,26 +132,29 @@ def _correction_kernel(merge: bool):
     PDL = pdl_supported()
 
     @cuda.jit(device=True)
-    def emit(o, v, o_hi, rscale, base_out, out, partials, n_parts, n_out):
-        """Row o's correction v * scale[o]: into the split output's last part, or added to base_out."""
+    def emit(o, v, o_hi, rscale, base_out, out, partials, part, n_out):
+        """Row o's correction v * scale[o]: into the split output's `part`, or added to base_out."""
         if o < o_hi:
             corr = float32(rscale[o]) * v
             if merge:
-                partials[(n_parts - 1) * n_out + o] = corr
+                partials[part * n_out + o] = corr
             else:
                 out[o] = float32(base_out[o]) + corr
 
     @jit_with_bounds(THREADS, 1)
     def kernel(x, act_scale, rows, rscale, base_out, out, partials, counters, n_parts, a, b, hi_scale,
-               lo_scale, k_chunk, k_last, batch, n_out, tile_rows, n_tiles, tiles_per_block, wc_n, ks_n):
-        """Correction of rows [t0 * tile_rows, t1 * tile_rows) of block (t0, t1 = its tiles).
+               lo_scale, k_chunk, k_last, batch, span, n_out, tile_rows, n_tiles, tiles_per_block, wc_n, ks_n):
+        """Correction of rows [t0 * tile_rows, t1 * tile_rows) of block (t0, t1 = its tiles) from the
+        picks of chunks [y * span, (y + 1) * span), y = blockIdx.y.
 
         Layout: x fp16 [in], act_scale f32 [in], rows uint32 [in, stride / 4] (mapped host or device),
         rscale fp16 [out]; out / base_out [out]; partials flat f32 [n_parts * out], counters i32 [tiles].
-        Launch: grid (blocks,), block `threads` (plan_correction); thread (ks, wc) = (tid // wc_n,
-        tid % wc_n) owns word column wc (8 outputs) of each pass and picks ks, ks + ks_n, ... in groups
-        of UNROLL loads in flight. Every block selects every chunk itself (`select_chunks`, up to 4
-        chunks per pass sharing their barriers; x from L2), then streams all of the pass's picks at once.
+        Launch: grid (blocks, chunk groups), block `threads` (plan_correction); thread (ks, wc) =
+        (tid // wc_n, tid % wc_n) owns word column wc (8 outputs) of each pass and picks ks, ks + ks_n,
+        ... in groups of UNROLL loads in flight. Every block selects its group's chunks itself
+        (`select_chunks`, up to 4 chunks per pass sharing their barriers; x from L2), then streams all
+        of the pass's picks at once. Merged, each chunk group is one part of the split output (the last
+        gridDim.y parts), so a wide input's selection passes run side by side, not one after another.
         Bytes: per block, 4 B of each chosen row's slice it owns over PCIe (all blocks together: each
         chosen row once), x and act_scale once per block from L2, 2 B scale + 4-8 B out per row.
         """
@@ -171,10 +176,13 @@ def _correction_kernel(merge: bool):
         if t0 >= t1:
             return
         o_hi = min(t1 * tile_rows, n_out)
+        part = n_parts - cuda.gridDim.y + cuda.blockIdx.y
+        c_begin = cuda.blockIdx.y * span
         w_lo = t0 * tile_rows // 8
         w_hi = (o_hi + 7) // 8
         width = x.shape[0]
         n_chunks = (width + MAX_CHUNK - 1) // MAX_CHUNK
+        c_end = min(c_begin + span, n_chunks)
         ks = tid // wc_n
         wc = tid % wc_n
         acc = cuda.local.array(8, float32)
@@ -187,9 +195,9 @@ def _correction_kernel(merge: bool):
             for j in range(8):
                 acc[j] = float32(0)
             X = float32(0)  # sum of the chosen x~ this thread saw: folds the 1 + code/16 offset
-            c0 = 0
-            while c0 < n_chunks and k_chunk > 0:
-                nb = min(batch, n_chunks - c0)
+            c0 = c_begin
+            while c0 < c_end and k_chunk > 0:
+                nb = min(batch, c_end - c0)
                 select_chunks(x, act_scale, True, MAX_CHUNK, c0, nb, k_chunk, k_last, a, b, hi_scale, lo_scale,
                               hist, cuts, scan, group_sums, x_stash, sel_idx, sel_x)
                 n_sel = (nb - 1) * k_chunk + (k_last if c0 + nb == n_chunks else k_chunk)
@@ -216,7 +224,7 @@ def _correction_kernel(merge: bool):
                 if mine:
                     for j in range(8):
                         emit(8 * w + j, float32(16) * acc[j] - float32(24) * X, o_hi, rscale, base_out, out,
-                             partials, n_parts, n_out)
+                             partials, part, n_out)
             else:
                 if mine:
                     for j in range(8):
@@ -244,7 +252,7 @@ def _correction_kernel(merge: bool):
                         k += 1
                     total = (s0 + s1) + (s2 + s3)
                     if wp + c < w_hi:
-                        emit(8 * (wp + c) + j, total, o_hi, rscale, base_out, out, partials, n_parts, n_out)
+                        emit(8 * (wp + c) + j, total, o_hi, rscale, base_out, out, partials, part, n_out)
                     e += nthr
                 cuda.syncthreads()
             wp += wc_n
@@ -295,6 +303,9 @@ class Correction:
         self.k_last = chunk_ks(self.rows.shape[0], k_chunk)[-1]  # validates k_chunk; picks of the last chunk
         self.bounds = tuple(np.float32(v) for v in (bounds.a, bounds.b, bounds.hi_scale, bounds.lo_scale))
         self.plan = plan_correction(self.out_features, n_tb, tile_rows)
+        n_chunks = -(-self.rows.shape[0] // MAX_CHUNK)
+        # merged parts: one per selection pass, so that the passes of a wide input run in parallel
+        self.parts = -(-n_chunks // pass_chunks(k_chunk))
 
     def __call__(self, x, act_scale=None, *, base_out=None, out=None, merge: SplitOutput | None = None,
                  stream=0) -> None:
@@ -306,21 +317,24 @@ class Correction:
         if act_scale is None:
             act_scale = _ones(x.shape[0])
         if merge is not None:
-            if merge.tile_rows != p.tile_rows or merge.n_out != self.out_features:
-                raise ValueError("merge scratch and correction disagree on tile rows or outputs")
+            if merge.tile_rows != p.tile_rows or merge.n_out != self.out_features or merge.n_parts <= self.parts:
+                raise ValueError("merge scratch and correction disagree on tile rows, outputs or parts "
+                                 f"(the correction writes {self.parts}: split_output(extra_parts=corr.parts))")
             kernel, base_out, partials, counters, n_parts = (
                 _correction_kernel(True), _dummy(np.float16), merge.partials, merge.counters, merge.n_parts)
+            groups, span = self.parts, pass_chunks(self.k_chunk)
         else:
             if base_out is None:
                 raise ValueError("give base_out (stand-alone) or merge (fused with the base GEMV)")
             out = base_out if out is None else out
             kernel, partials, counters, n_parts = (_correction_kernel(False), _dummy(np.float32),
                                                    _dummy(np.int32), 1)
+            groups, span = 1, self.parts * pass_chunks(self.k_chunk)  # one writer per output: every chunk
         a, b, hi_scale, lo_scale = self.bounds
-        kernel[p.blocks, p.threads, stream](
+        kernel[(p.blocks, groups), p.threads, stream](
             x, act_scale, self.rows, self.rscale, base_out, out, partials, counters, n_parts,
             a, b, hi_scale, lo_scale, self.k_chunk, self.k_last,
-            pass_chunks(self.k_chunk), self.out_features, p.tile_rows, p.n_tiles, p.tiles_per_block, p.wc_n, p.ks_n)
+            pass_chunks(self.k_chunk), span, self.out_features, p.tile_rows, p.n_tiles, p.tiles_per_block, p.wc_n, p.ks_n)
 
 
 def correction_cuda(x, base_out, residual_rows, residual_scales, bounds: BucketBounds, k_chunk: int,

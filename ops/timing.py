@@ -212,7 +212,7 @@ class CorrectionSetup:
 
 class GemvSetup:
     """Random GEMVs of one shape rotated past L2, their output, and the split output that a concurrent
-    correction merges into (one extra part, as in runtime/executor_cuda.py)."""
+    correction merges into (`split_for`, as in runtime/executor_cuda.py)."""
 
     def __init__(self, out_f: int, in_f: int, bits: int, gen: torch.Generator, l2: int):
         from numba import cuda
@@ -220,12 +220,20 @@ class GemvSetup:
         first = random_gemv(out_f, in_f, bits, gen)
         self.gemvs = [first] + [random_gemv(out_f, in_f, bits, gen) for _ in range(
             copies_for(first.plan.weight_bytes, l2) - 1)]
-        self.split = first.split_output(extra_parts=1)
         self.tile_rows = first.plan.merge_rows
         self.out = cuda.as_cuda_array(torch.empty(out_f, dtype=torch.float16, device="cuda"))
 
-    def __call__(self, i: int, x, stream, merge=None) -> None:
-        self.gemvs[i % len(self.gemvs)](x, self.out, stream=stream, merge=merge)
+    def split_for(self, correction):
+        """Scratch for the GEMV's K blocks and `correction`'s parts."""
+        return self.gemvs[0].split_output(extra_parts=correction.parts)
+
+    def beside(self, correction) -> list:
+        """The GEMVs as the executor runs them beside `correction` (`BaseGemv.beside`)."""
+        return [g.beside(correction.plan.blocks * correction.parts) for g in self.gemvs]
+
+    def __call__(self, i: int, x, stream, merge=None, gemvs=None) -> None:
+        gemvs = gemvs or self.gemvs
+        gemvs[i % len(gemvs)](x, self.out, stream=stream, merge=merge)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -251,12 +259,13 @@ def measure_pairs(streams: Streams, s: CorrectionSetup, g: GemvSetup, bits: int,
     for k in k_chunks:
         for n_tb in n_tbs:
             corrs = s.corrections(k, n_tb, g.tile_rows)
+            split, beside = g.split_for(corrs[0]), g.beside(corrs[0])
             for priority in priorities:
 
-                def step(i, corrs=corrs, priority=priority):
+                def step(i, corrs=corrs, priority=priority, split=split, beside=beside):
                     x = s.xs[i % N_ACTIVATIONS]
-                    streams.fork(lambda st: g(i, x, st, merge=g.split),
-                                 lambda st: corrs[i % len(corrs)](x, s.act, out=g.out, merge=g.split, stream=st),
+                    streams.fork(lambda st: g(i, x, st, merge=split, gemvs=beside),
+                                 lambda st: corrs[i % len(corrs)](x, s.act, out=g.out, merge=split, stream=st),
                                  priority)
 
                 t = graph_us(step, steps, reps, streams)

@@ -334,7 +334,8 @@ class CUDAExecutor:
         self.attention_scratch = AttentionScratch.allocate(self.attention_plan)  # shared: layers run in turn
         self.base_out = {(n.layer, n.attr("group")): n.outputs[0] for n in nodes if n.op == "base_gemv"}
         self.corrections: dict = {}
-        self.splits: dict = {}  # the compensated groups' split outputs: the correction is their last part
+        self.splits: dict = {}  # the compensated groups' split outputs: the correction is their last parts
+        self.gemvs: dict = {}  # the compensated groups' GEMVs, re-planned to leave the correction its SMs
         for n in nodes:
             if n.op == "correction":
                 self._prepare_correction(n)
@@ -359,9 +360,11 @@ class CUDAExecutor:
             raise ConfigError(f"{node.name}: group {key} has no residual table (model built without residuals)")
         k_chunk = node.attr("k_chunk")
         tb = node.attr("n_tb") or default_n_tb(*g.shape)
-        self.corrections[key] = Correction(g.table.device_array(), g.rscale, bucket_bounds(g.thresholds, k_chunk),
-                                           k_chunk, n_tb=tb, tile_rows=g.gemv.plan.merge_rows)
-        self.splits[key] = g.gemv.split_output(extra_parts=1)
+        corr = Correction(g.table.device_array(), g.rscale, bucket_bounds(g.thresholds, k_chunk), k_chunk, n_tb=tb,
+                          tile_rows=g.gemv.plan.merge_rows)
+        self.corrections[key] = corr
+        self.gemvs[key] = g.gemv.beside(corr.plan.blocks * corr.parts)
+        self.splits[key] = self.gemvs[key].split_output(extra_parts=corr.parts)
 
     def _bind(self, launch: Launch):
         """The call that issues one launch, with every argument bound (nothing is looked up per step)."""
@@ -375,7 +378,7 @@ class CUDAExecutor:
             return lambda: corr(x_n, act, out=out_n, merge=split, stream=stream)
         if node.op == "base_gemv":
             g, x, out = self.model.groups[key], node.inputs[0], node.outputs[0]
-            gemv, x_n, out_n = g.gemv, self.views[x], self.views[out]
+            gemv, x_n, out_n = self.gemvs.get(key, g.gemv), self.views[x], self.views[out]
             stream, merge = self.numba_streams[MAIN], self.splits.get(key)
             return lambda: gemv(x_n, out_n, stream, merge=merge)
         if launch.op in TORCH_OPS:  # torch launches on its current stream: the main one

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from decdec.constants import CHUNK_SIZE
 from decdec.graph import Graph, Node
 
 MAIN, SIDE = 0, 1
@@ -28,10 +29,15 @@ CORRECTION_OPS = ("selector", "dma", "correction", "merge")  # one fused correct
 LARGE_WEIGHT = 4096 * 4096  # weights of at least this many elements get 16 correction blocks by default
 
 
+SELECTION_PASS = 4 * CHUNK_SIZE  # inputs one correction block selects per pass (ops.selector_cuda.PASS_CHUNKS
+# chunks at k_chunk <= 512); each pass of a wider input gets n_tb blocks of its own
+
+
 def default_n_tb(out_features: int, in_features: int) -> int:
-    """Thread blocks of a correction that the tuner did not size: the best n_tb of the measured pairs
-    is 16 for 4096x4096 and larger weights and 4-8 below, where 8 is never far off."""
-    return 16 if out_features * in_features >= LARGE_WEIGHT else 8
+    """Thread blocks per selection pass of a correction that the tuner did not size: the best n_tb of
+    the measured pairs is 16 for 4096x4096 and larger weights and 4-8 below, where 8 is never far
+    off; shared by the passes of a wider input, so that the correction takes no more SMs from the GEMV."""
+    return max(1, (16 if out_features * in_features >= LARGE_WEIGHT else 8) // -(-in_features // SELECTION_PASS))
 
 
 @dataclass(frozen=True)

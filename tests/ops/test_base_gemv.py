@@ -209,6 +209,21 @@ def test_tensor_core_kernel_with_k_warps_matches_reference(bits, out_features, i
 
 
 @kernels
+def test_beside_another_kernel_streams_more_tiles_per_block_to_the_same_result():
+    """`beside`: the same weights and tiles re-planned for fewer SMs (a correction holds the others)."""
+    rng = np.random.default_rng(11)
+    got, ref, gemv, xd, out = run_kernel(rng, 3, 392, 256, 1, rows_per_warp=16, n_sm=2, k_warps=1)
+    twin = gemv.beside(gemv.n_sm - 1)  # one SM left: 3 block slots for 4 tiles
+    p, q = gemv.plan, twin.plan
+    assert (q.tile_rows, q.k_blocks, q.k_warps) == (p.tile_rows, p.k_blocks, p.k_warps)
+    assert (p.tiles_per_block, q.tiles_per_block) == (1, 2) and twin.weights is gemv.weights
+    out2 = cuda.to_device(np.full(392, np.nan, np.float16))
+    twin(xd, out2)
+    assert (out2.copy_to_host().astype(np.float32) == got).all()  # each tile summed in the same order
+    assert_close_fp16(got, ref)
+
+
+@kernels
 def test_tensor_core_kernel_scales_wide_ranges_without_overflow():
     """fp16 operands: the block's inputs are scaled by a power of two so that the largest is ~2^14; an input
     of 6e4 (x * act_scale ~ 9e4 > fp16's 65504) must neither overflow nor wipe out the small ones."""

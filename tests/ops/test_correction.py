@@ -88,16 +88,17 @@ def test_standalone_kernel_matches_reference(width, out_features, k_chunk, n_tb)
 
 
 @kernels
-@pytest.mark.parametrize("bits, k_blocks, k_warps, order, out_features", [
-    (4, 2, 1, ("correction", "base"), 40),  # two steps: either kernel merges; the second reuses reset counters
-    (3, None, 1, ("base",), 40),
-    (4, 1, 1, ("base",), 200),  # GEMV tiles of 128 rows over merge tiles of 64: 2 + 2 (1 partial) arrivals
-    (3, None, None, ("correction", "base"), 40),  # the default here: 8 K warps, 16-row tiles = merge tiles
+@pytest.mark.parametrize("bits, k_blocks, k_warps, order, out_features, width, k_chunk", [
+    (4, 2, 1, ("correction", "base"), 40, 640, 48),  # two steps: either merges; the second reuses reset counters
+    (3, None, 1, ("base",), 40, 640, 48),
+    (4, 1, 1, ("base",), 200, 640, 48),  # GEMV tiles of 128 rows over merge tiles of 64: 2 + 2 (1 partial) arrivals
+    (3, None, None, ("correction", "base"), 40, 640, 48),  # the default here: 8 K warps, 16-row tiles = merge tiles
+    (3, 2, 1, ("correction", "base"), 40, 2112, 700),  # 2 chunks a pass: 2 correction parts (chunks 0-1, 2)
 ])
-def test_merged_into_base_gemv_in_either_order(bits, k_blocks, k_warps, order, out_features):
-    """Base K blocks and the correction are parts of one split output: whoever arrives last merges."""
-    rng = np.random.default_rng(40 + bits)
-    width, k_chunk = 640, 48
+def test_merged_into_base_gemv_in_either_order(bits, k_blocks, k_warps, order, out_features, width, k_chunk):
+    """Base K blocks and the correction's passes are parts of one split output: whoever arrives last
+    merges."""
+    rng = np.random.default_rng(40 + bits + width)
     _, q, scales, zeros, act = random_linear(rng, bits, out_features, width)
     gemv = bg.BaseGemv(*(cuda.to_device(a) for a in (q, scales, zeros, act)), bits,
                        plan=bg.plan_gemv(out_features, width, bits, k_blocks=k_blocks, k_warps=k_warps))
@@ -108,7 +109,8 @@ def test_merged_into_base_gemv_in_either_order(bits, k_blocks, k_warps, order, o
     _, _, bounds, rows, rscale, _ = case(rng, width, out_features, k_chunk)
     corr = co.Correction(cuda.to_device(dma.pad_rows(rows)), cuda.to_device(rscale), bounds, k_chunk, n_tb=2,
                          tile_rows=gemv.plan.merge_rows)
-    split = gemv.split_output(extra_parts=1)
+    assert corr.parts == (2 if width > 2048 else 1)
+    split = gemv.split_output(extra_parts=corr.parts)
     act_d = cuda.to_device(act)
     for first in order:
         x = rng.standard_t(df=3, size=width).astype(np.float16)
@@ -146,7 +148,7 @@ def test_fused_on_two_streams_on_gpu(bits, out_features, width, k_chunk, n_tb):
     with dma.PinnedTable.from_array(rows) as pinned:
         corr = co.Correction(pinned.device_array(), cuda.to_device(rscale), bounds, k_chunk, n_tb=n_tb,
                              tile_rows=gemv.plan.merge_rows)
-        split = gemv.split_output(extra_parts=1)
+        split = gemv.split_output(extra_parts=corr.parts)
         x_d, act_d = cuda.to_device(x), cuda.to_device(act)
         out = cuda.to_device(np.full(out_features, np.nan, np.float16))
         main, side = cuda.stream(), cuda.stream()

@@ -127,6 +127,7 @@ def test_check_plan_accepts_schedules_and_rejects_broken_ones():
 def test_default_n_tb():
     assert xc.default_n_tb(28672, 4096) == xc.default_n_tb(4096, 4096) == 16
     assert xc.default_n_tb(1536, 640) == xc.default_n_tb(1024, 4096) == 8
+    assert xc.default_n_tb(4096, 14336) == 4  # 4 selection passes share the 16 blocks
 
 
 def test_device_weights_keep_ties_and_drop_linear_groups():
@@ -200,6 +201,10 @@ class FakeGemv:
     def split_output(self, extra_parts=0):
         return FakeSplit(1 + extra_parts)
 
+    def beside(self, blocks):
+        assert blocks >= 1
+        return self
+
     def __call__(self, x, out, stream=0, merge=None):
         assert x.dtype == out.dtype == torch.float16 and tuple(x.shape) == (self.plan.in_features,)
         assert tuple(out.shape) == (self.plan.out_features,) and stream.name == "main"
@@ -212,6 +217,7 @@ class FakeCorrection:
 
     def __init__(self, residual_rows, residual_scales, bounds, k_chunk, *, n_tb=8, tile_rows=64):
         self.rows, self.scales, self.bounds, self.k_chunk = residual_rows, residual_scales.float(), bounds, k_chunk
+        self.parts = 1  # it arrives once per step
         assert n_tb >= 1 and tile_rows == 64
         self.n_tb = n_tb
 

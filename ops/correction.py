@@ -307,6 +307,11 @@ class Correction:
         # merged parts: one per selection pass, so that the passes of a wide input run in parallel
         self.parts = -(-n_chunks // pass_chunks(k_chunk))
 
+    @property
+    def blocks(self) -> int:
+        """Thread blocks of a merged launch (each fills an SM's register file: `BaseGemv.beside`)."""
+        return self.plan.blocks * self.parts
+
     def __call__(self, x, act_scale=None, *, base_out=None, out=None, merge: SplitOutput | None = None,
                  stream=0) -> None:
         """Launch on `stream`. With `merge`: add into the base GEMV's split output (concurrently with it);

@@ -229,7 +229,7 @@ class GemvSetup:
 
     def beside(self, correction) -> list:
         """The GEMVs as the executor runs them beside `correction` (`BaseGemv.beside`)."""
-        return [g.beside(correction.plan.blocks * correction.parts) for g in self.gemvs]
+        return [g.beside(correction.blocks) for g in self.gemvs]
 
     def __call__(self, i: int, x, stream, merge=None, gemvs=None) -> None:
         gemvs = gemvs or self.gemvs

@@ -363,7 +363,7 @@ class CUDAExecutor:
         corr = Correction(g.table.device_array(), g.rscale, bucket_bounds(g.thresholds, k_chunk), k_chunk, n_tb=tb,
                           tile_rows=g.gemv.plan.merge_rows)
         self.corrections[key] = corr
-        self.gemvs[key] = g.gemv.beside(corr.plan.blocks * corr.parts)
+        self.gemvs[key] = g.gemv.beside(corr.blocks)
         self.splits[key] = self.gemvs[key].split_output(extra_parts=corr.parts)
 
     def _bind(self, launch: Launch):

@@ -217,7 +217,7 @@ class FakeCorrection:
 
     def __init__(self, residual_rows, residual_scales, bounds, k_chunk, *, n_tb=8, tile_rows=64):
         self.rows, self.scales, self.bounds, self.k_chunk = residual_rows, residual_scales.float(), bounds, k_chunk
-        self.parts = 1  # it arrives once per step
+        self.parts, self.blocks = 1, n_tb  # it arrives once per step
         assert n_tb >= 1 and tile_rows == 64
         self.n_tb = n_tb
 

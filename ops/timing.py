@@ -200,11 +200,6 @@ class CorrectionSetup:
         return [correction.Correction(t.device_array(), self.rscale, bounds, k_chunk, n_tb=n_tb, tile_rows=tile_rows)
                 for t in self.tables]
 
-    def pcie_bytes(self, k_chunk: int) -> int:
-        from decdec.constants import n_selected
-
-        return n_selected(self.in_f, k_chunk) * -(-self.out_f // 2)
-
     def close(self) -> None:
         for t in self.tables:
             t.close()

@@ -32,7 +32,7 @@ import torch
 
 # the packed layout lives with the ops that read it; pack/unpack are re-exported for the tests and bench
 from decdec.ops.layout import WORD_BITS, _check_bits, _check_width, dequantize_codes, pack_codes, unpack_codes
-from decdec.errors import ArtifactError
+from decdec.models.artifacts import StoredTensors
 from decdec.constants import CHUNK_SIZE, GROUP_SIZE, chunk_ks
 
 if TYPE_CHECKING:  # residual.py builds on this module
@@ -154,7 +154,7 @@ def _expect(name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ..
 
 
 @dataclass
-class QuantizedLinear:
+class QuantizedLinear(StoredTensors):
     """One quantized linear group (FORMATS.md): `y = dequantize() @ (x * act_scale)`."""
 
     qweight: torch.Tensor  # int32 [out, in * bits / 32], packed codes
@@ -164,7 +164,8 @@ class QuantizedLinear:
     bits: int
     group_size: int = GROUP_SIZE
 
-    TENSOR_NAMES: ClassVar[tuple[str, ...]] = ("qweight", "scales", "zeros", "act_scale")
+    TENSOR_NAMES: ClassVar[tuple[str, ...]] = ("qweight", "scales", "zeros", "act_scale")  # bits, group_size: manifest
+    WHAT: ClassVar[str] = "quantized weights"
 
     def __post_init__(self) -> None:
         _check_bits(self.bits)
@@ -197,25 +198,6 @@ class QuantizedLinear:
     def dequantize(self) -> torch.Tensor:
         """float32 [out, in]: the weight applied to `x * act_scale`, i.e. deq(Q) of FORMATS.md."""
         return dequantize_codes(self.codes(), self.scales, self.zeros, self.group_size)
-
-    def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        """Tensors for a safetensors file, named `{prefix}.qweight` etc. (bits/group_size go in
-        the manifest: the reader passes them back to `from_tensors`)."""
-        return {f"{prefix}.{name}": getattr(self, name).contiguous() for name in self.TENSOR_NAMES}
-
-    @classmethod
-    def from_tensors(
-        cls, tensors: dict[str, torch.Tensor], prefix: str, bits: int, group_size: int = GROUP_SIZE
-    ) -> "QuantizedLinear":
-        """Inverse of `to_tensors`; raises ArtifactError on a missing or ill-shaped tensor."""
-        missing = [f"{prefix}.{n}" for n in cls.TENSOR_NAMES if f"{prefix}.{n}" not in tensors]
-        if missing:
-            raise ArtifactError(f"quantized weights lack tensor(s) {missing}")
-        fields = {n: tensors[f"{prefix}.{n}"] for n in cls.TENSOR_NAMES}
-        try:
-            return cls(**fields, bits=bits, group_size=group_size)
-        except ValueError as err:
-            raise ArtifactError(f"quantized weights '{prefix}': {err}") from err
 
 
 def _check_weight(weight: torch.Tensor) -> torch.Tensor:

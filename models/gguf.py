@@ -56,8 +56,8 @@ _CHUNK_ELEMENTS = 1 << 16
 # ----------------------------------------------------------------------------------------------
 # Dequantization: each function reads uint8 blocks `[n, type_size]` and writes their float32
 # values into `out` `[n, block_size]`. Writing in place, rather than returning new arrays, keeps
-# the batch's temporaries to a few small uint8 arrays: fresh float32 temporaries were 3-6x slower
-# (each one page-faults anew).
+# the batch's temporaries to a few small uint8 arrays: fresh float32 temporaries are several times
+# slower (each one page-faults anew).
 
 
 def _f16(blocks: np.ndarray, at: int) -> np.ndarray:

@@ -238,8 +238,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     # OpenMP threads that spin while they wait starve each other on busy cores (torch's elementwise
-    # ops ran 10-40x slower on 2 shared cores); waiting threads sleep instead. libgomp reads this when
-    # torch loads, which no verb has done yet.
+    # ops slow down many times over); waiting threads sleep instead. libgomp reads this when torch
+    # loads, which no verb has done yet.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = parser().parse_args(argv)
     try:

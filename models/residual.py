@@ -40,10 +40,6 @@ class ResidualTable(StoredTensors):
                              f"got {self.rows.dtype} {list(self.rows.shape)}")
 
     @property
-    def in_features(self) -> int:
-        return self.rows.shape[0]
-
-    @property
     def out_features(self) -> int:
         return self.scales.shape[0]
 
@@ -54,7 +50,7 @@ class ResidualTable(StoredTensors):
 
     def dequantize(self) -> torch.Tensor:
         """R_hat, float32 [out, in]."""
-        return self.dequantize_rows(torch.arange(self.in_features)).T.contiguous()
+        return self.dequantize_rows(torch.arange(self.rows.shape[0])).T.contiguous()
 
 
 def effective_weight(weight: torch.Tensor, qlinear: QuantizedLinear) -> torch.Tensor:

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.meta import run_meta  # noqa: E402
 from decdec.ops import correction as co  # noqa: E402
 from decdec.ops import dma, selector  # noqa: E402
-from bench.op_kernels import fetch_rows_cuda, select_bucket_cuda  # noqa: E402
+from bench.op_kernels import fetch_rows_cuda, pcie_bytes, select_bucket_cuda  # noqa: E402
 from decdec.ops.timing import CorrectionSetup, Streams, device_info, graph_us  # noqa: E402
 
 MADV_HUGEPAGE = 14
@@ -130,7 +130,7 @@ def time_variants(streams, s: CorrectionSetup, k: int, n_tb: int, huge: list, re
                                                               act_scale=s.act, stream=streams.main_n),
                                  64, reps, streams)["us"]
     row["rows"] = int(idx.shape[0])
-    row["pcie_bytes"] = s.pcie_bytes(k)
+    row["pcie_bytes"] = pcie_bytes(s.out_f, s.in_f, k)
     return row
 
 

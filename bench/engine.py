@@ -213,7 +213,7 @@ def synthetic_prepared(s: Shapes, max_seq: int, device: str, bits: float = BITS)
                 torch.full((out_f, n_groups), 2 ** (bits - 1), dtype=torch.float16, device=device),
                 torch.ones(in_f, device=device), bits)
             rows = torch.randint(0, 256, (in_f, -(-out_f // 2)), dtype=torch.uint8, device=device, generator=gen).cpu()
-            residual = ResidualTable(rows, torch.full((out_f,), 1e-3, dtype=torch.float16), out_f)
+            residual = ResidualTable(rows, torch.full((out_f,), 1e-3, dtype=torch.float16))
             groups[i, kind] = PreparedGroup(q, residual, threshold_profile(rng, in_f), torch.ones(in_f))
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
     model = LoadedModel(args, weights, None, "synthetic", digest)

@@ -40,7 +40,8 @@ from numba import cuda  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.meta import run_meta  # noqa: E402
-from bench.op_kernels import copy_rows_memcpy, fetch_rows_cuda, fetch_rows_reference, select_bucket_cuda  # noqa: E402
+from bench.op_kernels import (copy_rows_memcpy, fetch_rows_cuda, fetch_rows_reference, pcie_bytes,  # noqa: E402
+                              select_bucket_cuda)
 from decdec.ops import base_gemv as bg  # noqa: E402
 from decdec.ops import correction as co  # noqa: E402
 from decdec.ops import dma, selector  # noqa: E402
@@ -179,9 +180,9 @@ def section_correction(streams: Streams, rng, shapes, ks, n_tbs, reps: int, l2: 
                 n = len(corrs)
                 t = graph_us(lambda i: corrs[i % n](s.xs[i % 8], s.act, base_out=s.base, out=s.out,
                                                    stream=streams.main_n), max(2 * n, 64), reps, streams)
-                gbps = s.pcie_bytes(k) / t["us"] / 1e3
+                gbps = pcie_bytes(out_f, in_f, k) / t["us"] / 1e3
                 rows.append({"out": out_f, "in": in_f, "k_chunk": k, "n_tb": n_tb, **t, "tables": n,
-                             "pcie_bytes": s.pcie_bytes(k), "pcie_GBps": gbps,
+                             "pcie_bytes": pcie_bytes(out_f, in_f, k), "pcie_GBps": gbps,
                              "frac_zero_copy_peak": gbps / zero_copy_peak})
         s.close()
     return rows
@@ -200,7 +201,7 @@ def section_overlap(streams: Streams, rng, shapes, bits_list, ks, n_tbs, reps: i
             pairs = measure_pairs(streams, s, g, bits, ks, n_tbs, reps, priorities)
             rows += [{**{k: r[k] for k in ("out", "in", "bits", "k_chunk", "n_tb", "side_priority", "base_us")},
                       "fused_us": r["pair_us"], "fused_us_min": r["pair_us_min"], "fused_us_max": r["pair_us_max"],
-                      "slowdown": r["pair_us"] / r["base_us"] - 1, "pcie_bytes": s.pcie_bytes(r["k_chunk"])}
+                      "slowdown": r["pair_us"] / r["base_us"] - 1, "pcie_bytes": pcie_bytes(out_f, in_f, r["k_chunk"])}
                      for r in pairs]
             if bits == bits_list[0]:
                 memcpy_rows += memcpy_path(streams, s, g, pairs[0]["base_us"], memcpy_ks, n_tbs[len(n_tbs) // 2], reps)

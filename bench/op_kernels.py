@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda, float32, int32
 
-from decdec.constants import CHUNK_SIZE, chunk_ks
+from decdec.constants import CHUNK_SIZE, chunk_ks, n_selected
 from decdec.ops.dma import PinnedTable, _check, _runtime  # the product's cuda-python access and errors
 from decdec.ops.selector import BucketBounds
 from decdec.ops.selector_cuda import (CHUNK_THREADS, CUTS_SIZE, GROUP_SIZE, HIST_SIZE, MAX_CHUNK, PASS_CHUNKS,
@@ -23,7 +23,13 @@ from decdec.ops.selector_cuda import (CHUNK_THREADS, CUTS_SIZE, GROUP_SIZE, HIST
 
 FETCH_THREADS = 256
 
-__all__ = ["select_bucket_cuda", "fetch_rows_reference", "fetch_rows_cuda", "copy_rows_memcpy", "stream_handle"]
+__all__ = ["select_bucket_cuda", "fetch_rows_reference", "fetch_rows_cuda", "copy_rows_memcpy", "stream_handle",
+           "pcie_bytes"]
+
+
+def pcie_bytes(out_f: int, in_f: int, k_chunk: int) -> int:
+    """Bytes one step's fetch of picked residual rows reads over PCIe for an (out, in) group."""
+    return n_selected(in_f, k_chunk) * -(-out_f // 2)
 
 
 # ----------------------------------------------------------------------------------------------------

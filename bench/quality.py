@@ -13,6 +13,7 @@ knowing the k_chunk buys. Every preparation is forced (timed, never stale artifa
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.meta import run_meta  # noqa: E402
 from decdec.config import load_config  # noqa: E402
-from decdec.models.corpus import corpus_text, text_sha256, token_windows  # noqa: E402
+from decdec.models.corpus import corpus_text, token_windows  # noqa: E402
 from decdec.models.loader import load_model  # noqa: E402
 from decdec.models.prepare import prepare  # noqa: E402
 from decdec.runtime.evaluate import decdec_linear, dense_groups, perplexity  # noqa: E402
@@ -62,7 +63,7 @@ def main() -> None:
     for domain, corpus in DOMAINS.items():
         text = corpus_text(corpus, "eval")
         windows[domain] = token_windows(model.tokenizer, text, a.ctx, a.tokens)
-        result["domains"][domain] = {"corpus": corpus, "text_sha256": text_sha256(text),
+        result["domains"][domain] = {"corpus": corpus, "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
                                      "tokens": sum(w.shape[0] - 1 for w in windows[domain])}
     started = time.time()
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.anchor import SHAPES  # noqa: E402
 from bench.engine import close_engine, free_gpu, our_engine, synthetic_prepared  # noqa: E402
 from bench.meta import run_meta  # noqa: E402
-from decdec.runtime.profiler import _median, _timed_steps, op_totals, step_span  # noqa: E402
+from decdec.runtime.profiler import _timed_steps, op_totals, step_span  # noqa: E402
 
 NOT_GLUE = ("base_gemv", "lm_head")
 
@@ -53,7 +54,7 @@ def profile_model(name: str, steps: int, max_seq: int) -> dict:
     try:
         token = 1
         all_steps = _timed_steps(engine, token, steps)
-        span = _median([step_span(s) for s in all_steps])
+        span = statistics.median([step_span(s) for s in all_steps])
         by_op = {op: seconds for op, (_, seconds) in op_totals(all_steps).items()}
         ops = engine.executor
         plain = []
@@ -66,7 +67,7 @@ def profile_model(name: str, steps: int, max_seq: int) -> dict:
             plain.append(ev[0].elapsed_time(ev[1]) / 1e3)
         kernels = kernel_times(lambda: ops.replay_only(steps), steps)
         glue = sum(v for k, v in by_op.items() if not any(k.startswith(n) for n in NOT_GLUE))
-        return {"model": name, "span_us": span * 1e6, "replay_us": _median(plain) * 1e6,
+        return {"model": name, "span_us": span * 1e6, "replay_us": statistics.median(plain) * 1e6,
                 "ops_us": {k: v * 1e6 for k, v in by_op.items()},
                 "glue_share": glue / span, "kernels_us": kernels}
     finally:

@@ -16,7 +16,7 @@ import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 from safetensors import SafetensorError
@@ -36,6 +36,28 @@ def file_sha256(paths: list[Path]) -> str:
             for block in iter(lambda: f.read(1 << 24), b""):
                 h.update(block)
     return h.hexdigest()
+
+
+class StoredTensors:
+    """A dataclass whose tensor fields `TENSOR_NAMES` are stored as `{prefix}.{name}` in one of the
+    safetensors files (its other fields go in the manifest, and back through `from_tensors`)."""
+
+    TENSOR_NAMES: ClassVar[tuple[str, ...]]
+    WHAT: ClassVar[str]  # how an error names it: "quantized weights", ...
+
+    def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.{name}": getattr(self, name).contiguous() for name in self.TENSOR_NAMES}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str, **fields):
+        """Inverse of `to_tensors`, with the other `fields`; ArtifactError on a missing or ill-shaped tensor."""
+        missing = [f"{prefix}.{n}" for n in cls.TENSOR_NAMES if f"{prefix}.{n}" not in tensors]
+        if missing:
+            raise ArtifactError(f"{cls.WHAT}: missing tensor(s) {missing}")
+        try:
+            return cls(**{n: tensors[f"{prefix}.{n}"] for n in cls.TENSOR_NAMES}, **fields)
+        except ValueError as err:
+            raise ArtifactError(f"{cls.WHAT} '{prefix}': {err}") from err
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -8,12 +8,11 @@ half (even positions) and the evaluation half (odd), so the two never share a to
 modules. The calibration text is English prose about the language; source code is another kind
 of text (identifiers, indentation, operators, terse comments) that no calibration half contains,
 and like pydoc_data it ships with every Python, so it needs no download. It changes only with the
-Python version; `text_sha256` lets a result record exactly which text it measured.
+Python version (a result can record the text's sha256).
 """
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
@@ -36,10 +35,6 @@ def pysource() -> str:
     import importlib.util
 
     return "\n\n".join(Path(importlib.util.find_spec(m).origin).read_text(encoding="utf-8") for m in PYSOURCE_MODULES)
-
-
-def text_sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def corpus_text(corpus: str, half: str) -> str:

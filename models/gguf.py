@@ -18,6 +18,10 @@ GGUF lists dims fastest-varying first (ggml's `ne[0]` is the row length), so our
 dims reversed: a `[640, 262144]` token embedding is `(262144, 640)` here. Quantized types pack
 `block_size` consecutive elements of a row into `type_size` bytes; the layouts and formulas
 below are ggml's (`ggml-common.h`, `dequantize_row_*` in `ggml-quants.c`).
+
+Of the `gguf` package (llama.cpp's own Python code) we take only the table of tensor types: its
+reader parses a large vocabulary's metadata element by element and its dequantizers allocate fresh
+temporaries, both many times slower than this file on the embedded model.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from decdec.errors import ModelFileError, UnsupportedModelError
 
@@ -38,44 +43,9 @@ SUPPORTED_VERSIONS = (2, 3)  # v1 used 32-bit counts; v2 and v3 (adds big-endian
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # ggml tensors have at most 4 dims; more means a corrupt tensor table
 
-# ggml type id -> (name, elements per block, bytes per block). Every type llama.cpp has defined,
-# so that tensors we cannot dequantize are still sized, bounds-checked and listed.
-GGML_TYPES: dict[int, tuple[str, int, int]] = {
-    0: ("F32", 1, 4),
-    1: ("F16", 1, 2),
-    2: ("Q4_0", 32, 18),
-    3: ("Q4_1", 32, 20),
-    6: ("Q5_0", 32, 22),
-    7: ("Q5_1", 32, 24),
-    8: ("Q8_0", 32, 34),
-    9: ("Q8_1", 32, 36),
-    10: ("Q2_K", 256, 84),
-    11: ("Q3_K", 256, 110),
-    12: ("Q4_K", 256, 144),
-    13: ("Q5_K", 256, 176),
-    14: ("Q6_K", 256, 210),
-    15: ("Q8_K", 256, 292),
-    16: ("IQ2_XXS", 256, 66),
-    17: ("IQ2_XS", 256, 74),
-    18: ("IQ3_XXS", 256, 98),
-    19: ("IQ1_S", 256, 50),
-    20: ("IQ4_NL", 32, 18),
-    21: ("IQ3_S", 256, 110),
-    22: ("IQ2_S", 256, 82),
-    23: ("IQ4_XS", 256, 136),
-    24: ("I8", 1, 1),
-    25: ("I16", 1, 2),
-    26: ("I32", 1, 4),
-    27: ("I64", 1, 8),
-    28: ("F64", 1, 8),
-    29: ("IQ1_M", 256, 56),
-    30: ("BF16", 1, 2),
-    34: ("TQ1_0", 256, 54),
-    35: ("TQ2_0", 256, 66),
-    39: ("MXFP4", 32, 17),
-    40: ("NVFP4", 64, 36),
-    41: ("Q1_0", 128, 18),
-}
+# ggml type id -> (name, elements per block, bytes per block), from llama.cpp's own Python package: every
+# type llama.cpp defines, so that tensors we cannot dequantize are still sized, bounds-checked and named.
+GGML_TYPES = {t.value: (t.name, *GGML_QUANT_SIZES[t]) for t in GGMLQuantizationType}
 _TYPE_SIZES = {name: (block, size) for name, block, size in GGML_TYPES.values()}
 
 # Each dequantized block batch is at most this many elements (256 KiB of float32): big enough
@@ -86,8 +56,8 @@ _CHUNK_ELEMENTS = 1 << 16
 # ----------------------------------------------------------------------------------------------
 # Dequantization: each function reads uint8 blocks `[n, type_size]` and writes their float32
 # values into `out` `[n, block_size]`. Writing in place, rather than returning new arrays, keeps
-# the batch's temporaries to a few small uint8 arrays: fresh float32 temporaries were 3-6x slower
-# (each one page-faults anew).
+# the batch's temporaries to a few small uint8 arrays: fresh float32 temporaries are several times
+# slower (each one page-faults anew).
 
 
 def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
@@ -216,17 +186,8 @@ def _deq_q6_k(blocks: np.ndarray, out: np.ndarray) -> None:
 
 
 _DEQUANTIZERS: dict[str, Callable[[np.ndarray, np.ndarray], None]] = {
-    "F32": _deq_f32,
-    "F16": _deq_f16,
-    "BF16": _deq_bf16,
-    "Q8_0": _deq_q8_0,
-    "Q4_0": _deq_q4_0,
-    "Q4_1": _deq_q4_1,
-    "Q5_0": _deq_q5_0,
-    "Q5_1": _deq_q5_1,
-    "Q4_K": _deq_q4_k,
-    "Q5_K": _deq_q5_k,
-    "Q6_K": _deq_q6_k,
+    "F32": _deq_f32, "F16": _deq_f16, "BF16": _deq_bf16, "Q8_0": _deq_q8_0, "Q4_0": _deq_q4_0, "Q4_1": _deq_q4_1,
+    "Q5_0": _deq_q5_0, "Q5_1": _deq_q5_1, "Q4_K": _deq_q4_k, "Q5_K": _deq_q5_k, "Q6_K": _deq_q6_k,
 }
 SUPPORTED_TYPES: tuple[str, ...] = tuple(_DEQUANTIZERS)
 
@@ -238,9 +199,7 @@ def dequantize(raw: np.ndarray, type_name: str) -> np.ndarray:
     per block. Raises `UnsupportedModelError` for a type we have no dequantizer for.
     """
     if type_name not in _DEQUANTIZERS:
-        raise UnsupportedModelError(
-            f"cannot dequantize GGML type {type_name}; supported: {', '.join(SUPPORTED_TYPES)}"
-        )
+        raise UnsupportedModelError(f"cannot dequantize GGML type {type_name}; supported: {', '.join(SUPPORTED_TYPES)}")
     block_size, type_size = _TYPE_SIZES[type_name]
     blocks = np.asarray(raw, dtype=np.uint8).reshape(-1, type_size)  # whole blocks, or a ValueError
     out = np.empty((len(blocks), block_size), dtype=np.float32)
@@ -258,25 +217,11 @@ _U64 = struct.Struct("<Q")
 
 # GGUF metadata value type ids; the numeric ones map to their (little-endian) NumPy dtype.
 _STRING, _ARRAY, _BOOL = 8, 9, 7
-_NUMERIC_DTYPES: dict[int, np.dtype] = {
-    0: np.dtype("<u1"),
-    1: np.dtype("<i1"),
-    2: np.dtype("<u2"),
-    3: np.dtype("<i2"),
-    4: np.dtype("<u4"),
-    5: np.dtype("<i4"),
-    6: np.dtype("<f4"),
-    10: np.dtype("<u8"),
-    11: np.dtype("<i8"),
-    12: np.dtype("<f8"),
-}
+_NUMERIC_DTYPES: dict[int, np.dtype] = {type_id: np.dtype(code) for type_id, code in {
+    0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 10: "<u8", 11: "<i8", 12: "<f8"}.items()}
 # the fewest bytes one array element can take (an empty string or array still has its header)
-_MIN_ELEMENT_BYTES = {
-    **{value_type: dtype.itemsize for value_type, dtype in _NUMERIC_DTYPES.items()},
-    _BOOL: 1,
-    _STRING: 8,
-    _ARRAY: 12,
-}
+_MIN_ELEMENT_BYTES = {**{type_id: dtype.itemsize for type_id, dtype in _NUMERIC_DTYPES.items()},
+                      _BOOL: 1, _STRING: 8, _ARRAY: 12}
 
 
 class _Cursor:

@@ -163,7 +163,7 @@ def _from_tensors(tensors, layer_bits: list[int], cfg: Config) -> dict[Group, Pr
         for kind in LINEAR_KINDS:
             prefix = f"layers.{layer}.{kind}"
             groups[layer, kind] = PreparedGroup(
-                QuantizedLinear.from_tensors(tensors["quantized"], prefix, bits, cfg.quant.group_size),
+                QuantizedLinear.from_tensors(tensors["quantized"], prefix, bits=bits, group_size=cfg.quant.group_size),
                 ResidualTable.from_tensors(tensors["residuals"], prefix),
                 tensors["calibration"][f"{prefix}.thresholds"],
                 tensors["calibration"][f"{prefix}.mean_abs"],

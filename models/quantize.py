@@ -30,22 +30,13 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from decdec.ops.layout import (  # noqa: F401 - the packed layout lives with the ops that read it
-    SUPPORTED_BITS,
-    WORD_BITS,
-    _check_bits,
-    _check_width,
-    dequantize_codes,
-    pack_codes,
-    unpack_codes,
-)
-from decdec.errors import ArtifactError
-from decdec.constants import CHUNK_SIZE, chunk_ks
+# the packed layout lives with the ops that read it; pack/unpack are re-exported for the tests and bench
+from decdec.ops.layout import WORD_BITS, _check_bits, _check_width, dequantize_codes, pack_codes, unpack_codes
+from decdec.models.artifacts import StoredTensors
+from decdec.constants import CHUNK_SIZE, GROUP_SIZE, chunk_ks
 
 if TYPE_CHECKING:  # residual.py builds on this module
     from decdec.models.residual import ResidualTable
-
-GROUP_SIZE = 128  # inputs sharing one scale/zero (FORMATS.md; AWQ's and GPTQ's usual choice)
 
 AWQ_SEARCH_ROWS = 512  # calibration rows for the alpha search (llm-awq also searches on 512 tokens)
 AWQ_MIN_CHANNEL_SCALE = 1e-4  # floor on mean|x|^alpha: a channel that is always 0 gets a finite s
@@ -56,10 +47,6 @@ HOLDOUT_FRACTION = 4  # quantize_robust validates its choice on the last quarter
 # this fraction: the held-back rows are one stretch of text, and smaller wins there were noise
 # that did not carry over to other text
 FALLBACK_MARGIN = 0.15
-
-
-# ---------------------------------------------------------------------------------------------
-# Packed layout (FORMATS.md)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,13 +150,11 @@ def quant_dequant(
 
 def _expect(name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
     if t.dtype != dtype or tuple(t.shape) != shape:
-        raise ValueError(
-            f"{name} must be {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}"
-        )
+        raise ValueError(f"{name} must be {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}")
 
 
 @dataclass
-class QuantizedLinear:
+class QuantizedLinear(StoredTensors):
     """One quantized linear group (FORMATS.md): `y = dequantize() @ (x * act_scale)`."""
 
     qweight: torch.Tensor  # int32 [out, in * bits / 32], packed codes
@@ -179,7 +164,8 @@ class QuantizedLinear:
     bits: int
     group_size: int = GROUP_SIZE
 
-    TENSOR_NAMES: ClassVar[tuple[str, ...]] = ("qweight", "scales", "zeros", "act_scale")
+    TENSOR_NAMES: ClassVar[tuple[str, ...]] = ("qweight", "scales", "zeros", "act_scale")  # bits, group_size: manifest
+    WHAT: ClassVar[str] = "quantized weights"
 
     def __post_init__(self) -> None:
         _check_bits(self.bits)
@@ -213,37 +199,6 @@ class QuantizedLinear:
         """float32 [out, in]: the weight applied to `x * act_scale`, i.e. deq(Q) of FORMATS.md."""
         return dequantize_codes(self.codes(), self.scales, self.zeros, self.group_size)
 
-    def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        """Tensors for a safetensors file, named `{prefix}.qweight` etc. (bits/group_size go in
-        the manifest: the reader passes them back to `from_tensors`)."""
-        return {f"{prefix}.{name}": getattr(self, name).contiguous() for name in self.TENSOR_NAMES}
-
-    @classmethod
-    def from_tensors(
-        cls, tensors: dict[str, torch.Tensor], prefix: str, bits: int, group_size: int = GROUP_SIZE
-    ) -> "QuantizedLinear":
-        """Inverse of `to_tensors`; raises ArtifactError on a missing or ill-shaped tensor."""
-        missing = [f"{prefix}.{n}" for n in cls.TENSOR_NAMES if f"{prefix}.{n}" not in tensors]
-        if missing:
-            raise ArtifactError(f"quantized weights lack tensor(s) {missing}")
-        fields = {n: tensors[f"{prefix}.{n}"] for n in cls.TENSOR_NAMES}
-        try:
-            return cls(**fields, bits=bits, group_size=group_size)
-        except ValueError as err:
-            raise ArtifactError(f"quantized weights '{prefix}': {err}") from err
-
-
-def _from_fake(
-    codes: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    act_scale: torch.Tensor,
-    bits: int,
-    group_size: int,
-) -> QuantizedLinear:
-    """Pack the output of `fake_quantize` into a QuantizedLinear."""
-    return QuantizedLinear(pack_codes(codes, bits), scales, zeros, act_scale, bits, group_size)
-
 
 def _check_weight(weight: torch.Tensor) -> torch.Tensor:
     if weight.dim() != 2:
@@ -255,8 +210,7 @@ def _check_weight(weight: torch.Tensor) -> torch.Tensor:
 def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int = GROUP_SIZE) -> QuantizedLinear:
     """Round-to-nearest: asymmetric min/max per (row, group), act_scale = ones."""
     weight = _check_weight(weight)
-    act_scale = torch.ones(weight.shape[1], dtype=torch.float32)
-    return _from_fake(*fake_quantize(weight, bits, group_size), act_scale, bits, group_size)
+    return _Fit(weight, bits, group_size, torch.ones(weight.shape[1], dtype=torch.float32), None).pack()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,17 +330,16 @@ def _search_clip(w_eff: torch.Tensor, gram: torch.Tensor, bits: int, group_size:
 
 
 def _check_awq(weight: torch.Tensor, calib_x: torch.Tensor, bits: int, n_grid: int):
+    """(weight, calibration rows x [N, in], mean|x| per channel), float32, or a ValueError."""
     weight = _check_weight(weight)
     in_features = weight.shape[1]
     x = calib_x.reshape(-1, calib_x.shape[-1]).float()
     if x.shape[1] != in_features or x.shape[0] == 0:
-        raise ValueError(
-            f"calib_x must be [N >= 1, {in_features}], got shape {tuple(calib_x.shape)}"
-        )
+        raise ValueError(f"calib_x must be [N >= 1, {in_features}], got shape {tuple(calib_x.shape)}")
     if n_grid < 1:
         raise ValueError(f"n_grid must be >= 1, got {n_grid}")
     _check_bits(bits)
-    return weight, x
+    return weight, x, x.abs().mean(0)
 
 
 @dataclass
@@ -416,8 +369,8 @@ class _Fit:
         return residual_table(w_eff - deq)
 
     def pack(self) -> QuantizedLinear:
-        codes = fake_quantize(self.weight / self.act_scale, self.bits, self.group_size, self.clip)
-        return _from_fake(*codes, self.act_scale, self.bits, self.group_size)
+        codes, scales, zeros = fake_quantize(self.weight / self.act_scale, self.bits, self.group_size, self.clip)
+        return QuantizedLinear(pack_codes(codes, self.bits), scales, zeros, self.act_scale, self.bits, self.group_size)
 
 
 def _fit_awq(
@@ -430,13 +383,8 @@ def _fit_awq(
     return _Fit(weight, bits, group_size, act_scale, bounds)
 
 
-def quantize_awq(
-    weight: torch.Tensor,
-    calib_x: torch.Tensor,
-    bits: int,
-    group_size: int = GROUP_SIZE,
-    n_grid: int = 20,
-) -> QuantizedLinear:
+def quantize_awq(weight: torch.Tensor, calib_x: torch.Tensor, bits: int, group_size: int = GROUP_SIZE,
+                 n_grid: int = 20) -> QuantizedLinear:
     """AWQ: search the per-input-channel scale, then the per-group clipping, and quantize W diag(s).
 
     `weight` [out, in] may be several projections that share an input (q, k, v or gate, up)
@@ -444,8 +392,7 @@ def quantize_awq(
     `calib_x` [..., in] are the layer's input activations on calibration text. The alpha search
     uses at most AWQ_SEARCH_ROWS evenly strided rows; mean|x| and the clipping search use all.
     """
-    weight, x = _check_awq(weight, calib_x, bits, n_grid)
-    mean_abs = x.abs().mean(0)
+    weight, x, mean_abs = _check_awq(weight, calib_x, bits, n_grid)
     alpha = _search_alpha(weight, _subsample_rows(x, AWQ_SEARCH_ROWS), mean_abs, bits, group_size, n_grid)
     return _fit_awq(weight, mean_abs, _group_gram(x, group_size), alpha, True, bits, group_size).pack()
 
@@ -490,14 +437,8 @@ def _held_back_alpha(
     return alpha, rtn_table
 
 
-def quantize_robust(
-    weight: torch.Tensor,
-    calib_x: torch.Tensor,
-    bits: int,
-    group_size: int = GROUP_SIZE,
-    k_chunk: int = 0,
-    n_grid: int = 20,
-) -> tuple[QuantizedLinear, ResidualTable | None]:
+def quantize_robust(weight: torch.Tensor, calib_x: torch.Tensor, bits: int, group_size: int = GROUP_SIZE,
+                    k_chunk: int = 0, n_grid: int = 20) -> tuple[QuantizedLinear, ResidualTable | None]:
     """AWQ that never ends worse than RTN off its fitting rows, and that knows DecDEC is coming.
 
     The scale comes from `_held_back_alpha`: AWQ's, unless RTN's is clearly better on held-back
@@ -508,8 +449,7 @@ def quantize_robust(
     RTN is kept. Returns the quantized group and, where that check built it (k_chunk > 0 and AWQ's
     fit kept), its residual table, which a caller then need not build again.
     """
-    weight, x = _check_awq(weight, calib_x, bits, n_grid)
-    mean_abs = x.abs().mean(0)
+    weight, x, mean_abs = _check_awq(weight, calib_x, bits, n_grid)
     alpha, rtn_error = _held_back_alpha(weight, x, mean_abs, k_chunk, bits, group_size, n_grid)
     fit = _fit_awq(weight, mean_abs, _group_gram(x, group_size), alpha, True, bits, group_size)
     if compensated_errors(fit, split_rows(x)[1], k_chunk)[0] > rtn_error:

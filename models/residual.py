@@ -12,9 +12,9 @@ from typing import ClassVar
 
 import torch
 
+from decdec.models.artifacts import StoredTensors
 from decdec.models.quantize import QuantizedLinear
 from decdec.ops.layout import NIBBLE_OFFSET, pack_rows, unpack_rows  # noqa: F401 - FORMATS.md layouts
-from decdec.errors import ArtifactError
 
 RESIDUAL_MAX_CODE = 7  # symmetric 4-bit codes in [-7, 7]: 0 is exact and -8 is left unused
 SCALE_GRID = 32  # candidate scales max|R_row| / 7 * c / 32, c = 1..32 (DecDEC's grid search)
@@ -22,31 +22,26 @@ SEARCH_BLOCK = 1 << 19  # elements of one batch of the scale search
 
 
 @dataclass
-class ResidualTable:
+class ResidualTable(StoredTensors):
     """4-bit residual of one linear group: R_hat[o, i] = (nibble(i, o) - 8) * scales[o]."""
 
     rows: torch.Tensor  # uint8 [in, ceil(out / 2)], row i = input channel i
     scales: torch.Tensor  # float16 [out], per output channel
-    out_features: int
 
     TENSOR_NAMES: ClassVar[tuple[str, ...]] = ("rows", "scales")
+    WHAT: ClassVar[str] = "residual table"
 
     def __post_init__(self) -> None:
+        if self.scales.dtype != torch.float16 or self.scales.dim() != 1:
+            raise ValueError(f"scales must be float16 [out], got {self.scales.dtype} {list(self.scales.shape)}")
         packed = -(-self.out_features // 2)
         if self.rows.dtype != torch.uint8 or self.rows.dim() != 2 or self.rows.shape[1] != packed:
-            raise ValueError(
-                f"rows must be uint8 [in, {packed}] for {self.out_features} outputs, "
-                f"got {self.rows.dtype} {list(self.rows.shape)}"
-            )
-        if self.scales.dtype != torch.float16 or tuple(self.scales.shape) != (self.out_features,):
-            raise ValueError(
-                f"scales must be float16 [{self.out_features}], "
-                f"got {self.scales.dtype} {list(self.scales.shape)}"
-            )
+            raise ValueError(f"rows must be uint8 [in, {packed}] for {self.out_features} outputs, "
+                             f"got {self.rows.dtype} {list(self.rows.shape)}")
 
     @property
-    def in_features(self) -> int:
-        return self.rows.shape[0]
+    def out_features(self) -> int:
+        return self.scales.shape[0]
 
     def dequantize_rows(self, idx: torch.Tensor) -> torch.Tensor:
         """float32 [len(idx), out]: the residual rows of input channels `idx`, dequantized —
@@ -55,26 +50,7 @@ class ResidualTable:
 
     def dequantize(self) -> torch.Tensor:
         """R_hat, float32 [out, in]."""
-        return self.dequantize_rows(torch.arange(self.in_features)).T.contiguous()
-
-    def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        """Tensors for a safetensors file, named `{prefix}.rows` and `{prefix}.scales`."""
-        return {f"{prefix}.{name}": getattr(self, name).contiguous() for name in self.TENSOR_NAMES}
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str) -> "ResidualTable":
-        """Inverse of `to_tensors` (out_features is the length of scales); raises ArtifactError on
-        a missing or ill-shaped tensor."""
-        missing = [f"{prefix}.{n}" for n in cls.TENSOR_NAMES if f"{prefix}.{n}" not in tensors]
-        if missing:
-            raise ArtifactError(f"residual table lacks tensor(s) {missing}")
-        rows, scales = tensors[f"{prefix}.rows"], tensors[f"{prefix}.scales"]
-        if scales.dim() != 1:
-            raise ArtifactError(f"residual table '{prefix}': scales must be 1-D [out]")
-        try:
-            return cls(rows, scales, out_features=scales.shape[0])
-        except ValueError as err:
-            raise ArtifactError(f"residual table '{prefix}': {err}") from err
+        return self.dequantize_rows(torch.arange(self.rows.shape[0])).T.contiguous()
 
 
 def effective_weight(weight: torch.Tensor, qlinear: QuantizedLinear) -> torch.Tensor:
@@ -127,4 +103,4 @@ def residual_table(residual: torch.Tensor) -> ResidualTable:
     """The 4-bit table of residual [out, in]."""
     scales = search_row_scales(residual)
     codes = _quantize_rows(residual, scales.float()[:, None])
-    return ResidualTable(pack_rows(codes), scales, out_features=residual.shape[0])
+    return ResidualTable(pack_rows(codes), scales)

@@ -156,23 +156,13 @@ def thresholds(rng: np.random.Generator, width: int) -> np.ndarray:
     return np.sort(np.abs(calib), axis=-1)[:, ::-1].max(axis=0).astype(np.float32)
 
 
-def activations(rng: np.random.Generator, width: int, n: int) -> list:
-    """n fresh fp16 activations (device arrays) from the calibration distribution."""
-    from numba import cuda
-
-    return [cuda.to_device(rng.standard_t(df=3, size=width).astype(np.float16)) for _ in range(n)]
-
-
-def pinned_tables(rng: np.random.Generator, width: int, out_f: int, n: int) -> list:
-    """n random residual tables (`ops.dma.PinnedTable`, zero-copy) of `width` rows for `out_f` outputs."""
+def random_table(rng: np.random.Generator, out_f: int, in_f: int):
+    """A residual table of random valid codes in pinned, device-mapped host memory (`ops.dma.PinnedTable`)."""
     from decdec.ops.dma import PinnedTable
+    from decdec.ops.layout import pack_rows
 
-    row = -(-out_f // 2)
-    tables = []
-    for _ in range(n):
-        nib = rng.integers(1, 16, (width, 2 * row), dtype=np.uint8)
-        tables.append(PinnedTable.from_array(nib[:, 0::2] | (nib[:, 1::2] << 4)))
-    return tables
+    codes = torch.from_numpy(rng.integers(-7, 8, (out_f, in_f), dtype=np.int8))
+    return PinnedTable.from_array(pack_rows(codes).numpy())
 
 
 class CorrectionSetup:
@@ -183,8 +173,9 @@ class CorrectionSetup:
 
         self.out_f, self.in_f = out_f, in_f
         self.n_tables = copies_for(in_f * -(-out_f // 2), l2)
-        self.tables = pinned_tables(rng, in_f, out_f, self.n_tables)
-        self.xs = activations(rng, in_f, N_ACTIVATIONS)
+        self.tables = [random_table(rng, out_f, in_f) for _ in range(self.n_tables)]
+        # fresh fp16 activations from the calibration distribution
+        self.xs = [cuda.to_device(rng.standard_t(df=3, size=in_f).astype(np.float16)) for _ in range(N_ACTIVATIONS)]
         self.act = cuda.to_device((rng.random(in_f) + 0.5).astype(np.float32))
         self.rscale = cuda.to_device((rng.random(out_f) * 0.01 + 0.001).astype(np.float16))
         self.base = cuda.to_device(rng.standard_normal(out_f).astype(np.float16))
@@ -199,11 +190,6 @@ class CorrectionSetup:
         tile_rows = tile_rows or correction.TILE_ROWS
         return [correction.Correction(t.device_array(), self.rscale, bounds, k_chunk, n_tb=n_tb, tile_rows=tile_rows)
                 for t in self.tables]
-
-    def pcie_bytes(self, k_chunk: int) -> int:
-        from decdec.constants import n_selected
-
-        return n_selected(self.in_f, k_chunk) * -(-self.out_f // 2)
 
     def close(self) -> None:
         for t in self.tables:

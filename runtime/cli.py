@@ -190,16 +190,16 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="decdec", description="DecDEC: low-bit LLM decoding with dynamic error compensation")
     sub = p.add_subparsers(dest="verb", required=True)
 
-    def verb(name: str, help: str, fn):
+    def verb(name: str, help: str, fn, force: bool = True):
         v = sub.add_parser(name, help=help)
         v.add_argument("cfg", nargs="?", default=None, help="model config (YAML); default: the embedded Gemma 3 270M, 3-bit AWQ")
         v.add_argument("--artifacts", help="artifact folder (overrides the config)")
+        if force:
+            v.add_argument("--force", action="store_true", help="rebuild the artifacts even if matching ones exist")
         v.set_defaults(fn=fn)
         return v
 
-    v = verb("prepare", "quantize, build residuals, calibrate thresholds, write artifacts", cmd_prepare)
-    v.add_argument("--force", action="store_true", help="rebuild even if matching artifacts exist")
-
+    verb("prepare", "quantize, build residuals, calibrate thresholds, write artifacts", cmd_prepare)
     v = verb("eval", "perplexity: reference / quantized / quantized + DecDEC", cmd_eval)
     v.add_argument("--corpus", help="evaluation text file (default: CPython's language reference, eval half)")
     v.add_argument("--ctx", type=int, help="window length in tokens")
@@ -208,22 +208,21 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--selection", default="bucket,exact,static", help="comma-separated: bucket, exact, static")
     v.add_argument("--no-reference", action="store_true", help="skip the full-precision row")
     v.add_argument("--json", help="write {'rows': [...]} here")
-    v.add_argument("--force", action="store_true", help="rebuild artifacts")
 
     v = verb("run", "generate text with DecDEC (streamed) and print a short perplexity comparison", cmd_run)
     v.add_argument("--prompt", default="The capital of France is")
     v.add_argument("--max-new-tokens", type=int, default=32)
     v.add_argument("--ppl-tokens", type=int, default=512, help="tokens for the perplexity comparison (0: skip)")
-    v.add_argument("--force", action="store_true", help="rebuild artifacts")
 
     v = verb("chat", "chat with the model: one line a turn on stdin, replies streamed, in its chat format", cmd_chat)
     v.add_argument("--max-new-tokens", type=int, default=256, help="longest reply in tokens")
     v.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    v.add_argument("--force", action="store_true", help="rebuild artifacts")
 
-    verb("graph", "print the compiled op graph: per layer, ops in order with streams, k_chunk and n_tb", cmd_graph)
+    verb("graph", "print the compiled op graph: per layer, ops in order with streams, k_chunk and n_tb", cmd_graph,
+         force=False)
 
-    v = verb("tune", "measure this GPU on the model's linear shapes: the device profile the tuner uses", cmd_tune)
+    v = verb("tune", "measure this GPU on the model's linear shapes: the device profile the tuner uses", cmd_tune,
+             force=False)
     v.add_argument("--out", help="profile JSON to write (default: decdec.device_profile, else "
                                  "~/.cache/decdec/device-profiles/<GPU name>.json)")
     v.add_argument("--quick", action="store_true", help="a smaller k_chunk x n_tb grid and fewer repetitions")
@@ -234,14 +233,13 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--eager", action="store_true",
                    help="GPU: also time the step launched op by op from Python (mostly launch gaps), "
                         "beside the per-op timing inside the graph replay")
-    v.add_argument("--force", action="store_true", help="rebuild artifacts")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     # OpenMP threads that spin while they wait starve each other on busy cores (torch's elementwise
-    # ops ran 10-40x slower on 2 shared cores); waiting threads sleep instead. libgomp reads this when
-    # torch loads, which no verb has done yet.
+    # ops slow down many times over); waiting threads sleep instead. libgomp reads this when torch
+    # loads, which no verb has done yet.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = parser().parse_args(argv)
     try:

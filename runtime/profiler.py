@@ -6,7 +6,7 @@ plan streams (not the sum of its ops: on the GPU side-stream ops overlap the mai
 On the CPU each op is timed with the host clock around its reference call; ops of both streams run
 one after another there, so the span is the sum of the ops plus the timer's own cost (well under 1 %),
 and the shares of the summary, taken of the mean span, add up to about 100 %. Each step total is
-printed with its spread over the steps: on busy cores they vary several-fold from step to step, so
+printed with its spread over the steps: on busy cores they vary widely from step to step, so
 the profiled and the plain step, timed one after the other, can differ that much too (the CLI makes
 torch's OpenMP threads sleep rather than spin while they wait, which removes most of that).
 
@@ -15,13 +15,13 @@ captured step with CUDA timing events as nodes of the graph (one at the step's s
 each op on its stream). The timeline is the replayed step's own, and its span is the plain graph
 replay plus the cost of two event nodes per op. The plain step (`engine.step`, no per-op timing: on
 the GPU one replay of the captured graph) is timed too, and with `eager` also the step launched op
-by op from Python with events around each op, as `decdec profile` did before the profiled graph
-(Gemma 3 270M on the H100: 49.4 ms against a 3.96 ms replay, so that timeline shows launch gaps).
+by op from Python with events around each op, a timeline made mostly of launch gaps.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -36,12 +36,8 @@ def step_span(step: list[tuple]) -> float:
     return max(end for _, _, end in step) - step_start(step)
 
 
-def _median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
-
-
 def _stats_ms(values: list[float]) -> str:
-    return f"{_median(values) * 1e3:.2f} ms (median; {min(values) * 1e3:.2f} .. {max(values) * 1e3:.2f} over {len(values)} steps)"
+    return f"{statistics.median(values) * 1e3:.2f} ms (median; {min(values) * 1e3:.2f} .. {max(values) * 1e3:.2f} over {len(values)} steps)"
 
 
 def _timed_steps(engine, token: int, steps: int, **run_args) -> list[list[tuple]]:

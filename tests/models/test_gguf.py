@@ -1,5 +1,5 @@
 """Our GGUF reader (models/gguf.py) against the `gguf` package (llama.cpp's own Python reader and
-writer, a test-only dependency): dequantization of every supported type, files written by
+writer): dequantization of every supported type, files written by
 `GGUFWriter`, the packaged Gemma 3 / SmolLM2 models, and every way a file can be bad."""
 
 from __future__ import annotations

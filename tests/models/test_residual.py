@@ -28,7 +28,7 @@ def test_shapes_and_dtypes() -> None:
     _, _, table = _rtn_case(out=64, width=576)
     assert table.rows.dtype == torch.uint8 and table.rows.shape == (576, 32)
     assert table.scales.dtype == torch.float16 and table.scales.shape == (64,)
-    assert table.in_features == 576 and table.out_features == 64
+    assert table.rows.shape[0] == 576 and table.out_features == 64
     nibbles = torch.cat([table.rows & 0xF, table.rows >> 4])
     # nibble = code + 8 with code in [-7, 7]
     assert 8 - RESIDUAL_MAX_CODE <= int(nibbles.min())

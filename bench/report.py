@@ -227,6 +227,26 @@ def pdl_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def pair_table(path: Path) -> str:
+    """bench/pair_slots.py: a GEMV beside a correction, planned for every SM or for those the
+    correction's blocks leave it, and the correction alone (stand-alone: its passes in turn)."""
+    d = json.loads(path.read_text())
+    lines = [f"A GEMV beside a correction ({source(path)}; {d['device']}, commit {d['commit'][:7]}; 3-bit, µs per "
+             "launch pair in CUDA graphs; blocks = row blocks x selection passes; default: the GEMV planned for "
+             "every SM, beside: for the SMs the correction's blocks leave it):", "",
+             *header("out x in", "GEMV alone", "k_chunk", "blocks", "correction alone", "pair, default",
+                     "pair, beside")]
+    rows = d["rows"]
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        base = next(r["us"] for r in rows if r["shape"] == shape and r["what"] == "base")
+        for alone in (r for r in rows if r["shape"] == shape and r["what"] == "corr alone"):
+            pair = {r["gemv_plan"]: r for r in rows if r["shape"] == shape and r["what"] == "pair"
+                    and (r["k_chunk"], r["n_tb"]) == (alone["k_chunk"], alone["n_tb"])}
+            lines.append(row(shape, f"{base:.1f}", alone["k_chunk"], f"{alone['n_tb']} x {pair['default']['parts']}",
+                             f"{alone['us']:.1f}", f"{pair['default']['us']:.1f}", f"{pair['beside']['us']:.1f}"))
+    return "\n".join(lines)
+
+
 # the correction's floor before and after the selection's rewrite (runs of bench/correction_floor.py)
 FLOOR_RUNS = ("correction_floor_37bb371_h200.json", "correction_floor_1d0ca18_h200.json")
 
@@ -362,6 +382,7 @@ def page() -> str:
                    + [recall_table(p) for p in sorted(RESULTS.glob("selector_recall_*.json"))],
         "CPU step": [cpu_step_table(p) for p in sorted(RESULTS.glob("cpu_step_*.json"))],
         "Kernels": [pdl_table(p) for p in sorted(RESULTS.glob("pdl_*.json"))]
+                   + [pair_table(p) for p in sorted(RESULTS.glob("pair_slots_*.json"))]
                    + [gemv_table(p) for p in existing([GEMV_RUN])]
                    + ([layout_table(*existing(LAYOUT_RUNS))] if len(existing(LAYOUT_RUNS)) == 2 else [])
                    + [k_warps_table(p) for p in existing(KW_RUNS)]

@@ -25,8 +25,6 @@ from decdec.ops.reduce import words
 THREADS = 256
 GELU_C = math.sqrt(2 / math.pi)  # tanh-GELU: 0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3)))
 
-__all__ = ["activation", "act_mul", "act_mul_reference", "ActMul"]
-
 
 def activation(args: ModelArgs, gate: torch.Tensor) -> torch.Tensor:
     # Gemma uses GeGLU with the tanh approximation of GELU; Llama and Qwen2 use SwiGLU.

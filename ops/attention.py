@@ -34,9 +34,6 @@ SPLITS = 64  # blocks per kv head at most (the combine gives each split one of a
 BLOCKS = 256  # blocks the plan aims at at long context: ~2 per SM, whatever the kv head count
 HEAD_DIMS = (32, 64, 128, 256)  # powers of 2: a row is whole 16-byte vectors, their count a power of 2
 
-__all__ = ["KVCache", "rope", "attention_mask", "attention", "attend", "decode_attention_reference", "rope_table",
-           "AttentionPlan", "plan_attention", "AttentionScratch", "DecodeAttention"]
-
 
 @dataclass
 class KVCache:

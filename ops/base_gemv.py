@@ -59,11 +59,6 @@ _FIELD_3BIT = 0x00070007  # 3-bit: a pair's codes at bits 0..2 of each half (x 8
 _SPARE_SLOT = 15  # 3-bit: the slot whose codes sit one bit in each of a lane-row's 3 words (bit 9 of a half)
 MMA_GROUP_WORDS = {4: 256, 3: 192}  # uint32 per (16-row block, group) in `mma_layout`
 
-__all__ = [
-    "base_gemv_reference", "unpack_codes", "dequantize", "BaseGemv", "GemvPlan", "plan_gemv", "SplitOutput",
-    "arrive_tiles", "arrive_gemv_tile", "int_as_float", "jit_with_bounds",
-]
-
 
 # ----------------------------------------------------------------------------------------------------
 # CPU reference
@@ -298,7 +293,6 @@ class SplitOutput:
     @property
     def n_tiles(self) -> int:
         return -(-self.n_out // self.tile_rows)
-
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -655,7 +649,6 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
             step = next_step
 
     return kernel
-
 
 
 def _flat(a, dtype=None):

@@ -51,9 +51,6 @@ RED_SIZE = max(SEL_CAP, THREADS * WORD_OUTPUTS)  # floats: the picks' x~, then t
 TILE_ROWS = 64  # default merge tile: `ops.base_gemv.MERGE_ROWS`
 ONE_BITS = 0x3F800000  # float32 1.0: a nibble or-ed into its mantissa decodes without a conversion
 
-__all__ = ["compensate", "correction_reference", "correction_cuda", "Correction", "CorrectionPlan",
-           "plan_correction"]
-
 
 # ----------------------------------------------------------------------------------------------------
 # CPU reference

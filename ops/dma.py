@@ -27,8 +27,6 @@ from decdec.errors import DeviceError
 ROW_ALIGN = 16  # bytes: each row starts 16-byte aligned (uint32 / uint64 / 128-bit loads all line up)
 PAD_BYTE = 0x88  # both nibbles = 8, i.e. residual code 0: harmless if a kernel ever reads padding
 
-__all__ = ["ROW_ALIGN", "padded_stride", "pad_rows", "PinnedTable"]
-
 
 # ----------------------------------------------------------------------------------------------------
 # layout (pure NumPy)

@@ -26,8 +26,6 @@ PAIRS_PER_THREAD = 4  # fp16 pairs a thread takes: fewer warps to sum over, enou
 MAX_THREADS = 512  # one block: 4 pairs a thread up to 4096 channels
 MAX_DIM = 8192  # channels: at most 8 fp16 pairs a thread
 
-__all__ = ["rms_norm", "residual_add", "add_rms_norm_reference", "AddRmsNorm", "MAX_DIM"]
-
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight

@@ -37,9 +37,6 @@ from numba import cuda
 SIMULATED = cuda.jit.__module__.startswith("numba.cuda.simulator")
 MMA_SWAP = 6  # uint32 slots per thread in the simulator's fragment exchange
 
-__all__ = ["mma_f16", "pack_half2", "half2_floats", "load_u32x4", "load_u32x2", "wait_upstream",
-           "release_dependents", "pdl_supported", "MMA_SWAP", "SIMULATED"]
-
 
 def pdl_supported() -> bool:
     """Whether kernels built now may use `wait_upstream` / `release_dependents` (compute capability

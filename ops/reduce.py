@@ -20,8 +20,6 @@ WARPS_MAX = 32  # warps of a 1024-thread block: the `red` slots of a block reduc
 SCRATCH = 1024 if SIMULATED else 1  # slots of the simulator's shuffle stand-in (threads of a block)
 FULL_MASK = 0xFFFFFFFF
 
-__all__ = ["warp_sum", "warp_max", "lanes8_sum", "lanes8_max", "block_sum", "words", "SCRATCH", "WARPS_MAX"]
-
 
 if SIMULATED:
     def _warp_values(v, scratch):

@@ -29,8 +29,6 @@ from numba import cuda, float32, int32, uint32, uint64
 
 from decdec.constants import N_BUCKETS
 
-__all__ = ["select_chunks", "bucket_of", "pass_chunks", "MAX_CHUNK", "PASS_CHUNKS", "SEL_CAP", "HIST_SIZE",
-           "CUTS_SIZE", "SCAN_SIZE", "GROUP_SIZE", "STASH_SIZE", "CHUNK_THREADS"]
 
 MAX_CHUNK = 1024  # shared arrays are laid out per 1024 channels; smaller chunks work too
 RUN_MAX = 8  # channels one thread owns at most (their buckets live in registers; 16 spill in the correction)

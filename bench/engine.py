@@ -474,7 +474,7 @@ def main(argv=None) -> dict:
     if a.device == "cuda":
         from decdec.ops import timing
 
-        hbm = timing.bandwidth(10, zero_copy_mib=(), extras=False)["hbm_read_GBps"]
+        hbm = timing.bandwidth(10, zero_copy_mib=())["hbm_read_GBps"]
         log(f"{meta['device']}: HBM read {hbm:.0f} GB/s")
     run = Run(a.device, max_seq, positions, a.steps or (8 if a.tiny else 64), 2 if a.tiny else 5, a.eager, hbm)
     out = Path(a.out or Path(__file__).parent / "results" / f"engine_{gpu_slug(meta['device'])}.json")

@@ -139,7 +139,7 @@ def main(argv=None) -> int:
         return 0
     streams = Streams.make(())
     gen = torch.Generator(device="cuda").manual_seed(0)
-    hbm = bandwidth(args.reps, zero_copy_mib=(), extras=False)["hbm_read_GBps"]  # as bench/gpu_ops.py measures it
+    hbm = bandwidth(args.reps, zero_copy_mib=())["hbm_read_GBps"]  # as bench/gpu_ops.py measures it
     report = {"meta": run_meta(), "device": props.name, "hbm_read_GBps": hbm, "rows": []}
     print(f"{props.name}: HBM read {report['hbm_read_GBps']:.0f} GB/s")
     if args.sass:

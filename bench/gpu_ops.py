@@ -45,8 +45,8 @@ from bench.op_kernels import (copy_rows_memcpy, fetch_rows_cuda, fetch_rows_refe
 from decdec.ops import base_gemv as bg  # noqa: E402
 from decdec.ops import correction as co  # noqa: E402
 from decdec.ops import dma, selector  # noqa: E402
-from decdec.ops.timing import (CorrectionSetup, GemvSetup, Streams, bandwidth, copies_for, graph_us,  # noqa: E402
-                        measure_pairs, random_gemv, thresholds)
+from decdec.ops.timing import (CorrectionSetup, GemvSetup, Streams, bandwidth, copies_for, event_us,  # noqa: E402
+                               graph_us, measure_pairs, random_gemv, thresholds)
 
 LLAMA_SHAPES = [(4096, 4096), (1024, 4096), (6144, 4096), (14336, 4096), (28672, 4096), (4096, 14336)]  # (out, in)
 SMALL_SHAPES = [(1536, 640), (640, 1024), (4096, 640), (640, 2048),  # Gemma 3 270M: qkv, o, gate_up, down
@@ -55,6 +55,16 @@ SMALL_SHAPES = [(1536, 640), (640, 1024), (4096, 640), (640, 2048),  # Gemma 3 2
 
 # ----------------------------------------------------------------------------------------------------
 # sections
+
+
+def copies(reps: int) -> dict:
+    """GB/s of an HBM copy (1 GiB) and a 256 MiB H2D memcpy: the ceilings beside `bandwidth`'s reads."""
+    src = torch.randint(0, 255, (1 << 30,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    host = torch.empty(256 << 20, dtype=torch.uint8).pin_memory()
+    dev = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    return {"hbm_copy_GBps": 2 * src.numel() / event_us(lambda: dst.copy_(src), reps) / 1e3,
+            "h2d_memcpy_256MiB_GBps": host.numel() / event_us(lambda: dev.copy_(host, non_blocking=True), reps) / 1e3}
 
 
 def section_checks(rng) -> list[dict]:
@@ -331,7 +341,7 @@ def main(argv=None) -> int:
         return report.get(name)
 
     run("checks", lambda: section_checks(rng))
-    bw = run("bandwidth", lambda: bandwidth(cfg["reps"])) or {}
+    bw = run("bandwidth", lambda: {**bandwidth(cfg["reps"], (128, 16, 1)), **copies(cfg["reps"])}) or {}
     hbm_read = bw.get("hbm_read_GBps", 3000.0)
     # the best zero-copy read of the run: one reading can come out low (33 against 45-50 GB/s seen once)
     zc_peak = max((v for k, v in bw.items() if k.startswith("zero_copy_read")), default=50.0)

@@ -294,9 +294,9 @@ def _xor_read_kernel():
     return xor_read
 
 
-def bandwidth(reps: int, zero_copy_mib=(128, 16, 1), extras: bool = True) -> dict:
+def bandwidth(reps: int, zero_copy_mib=(128,)) -> dict:
     """GB/s of: HBM read (a kernel summing 1 GiB) and zero-copy read of mapped host memory
-    ("zero_copy_read_<MiB>MiB_GBps"); with `extras` also HBM copy and a 256 MiB H2D memcpy."""
+    ("zero_copy_read_<MiB>MiB_GBps")."""
     from numba import cuda
 
     from decdec.ops.dma import PinnedTable
@@ -307,9 +307,6 @@ def bandwidth(reps: int, zero_copy_mib=(128, 16, 1), extras: bool = True) -> dic
     res = {}
     n = 1 << 30
     src = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
-    if extras:
-        dst = torch.empty_like(src)
-        res["hbm_copy_GBps"] = 2 * n / event_us(lambda: dst.copy_(src), reps) / 1e3
     src_n = cuda.as_cuda_array(src.view(torch.int64)).view(np.uint64)
     res["hbm_read_GBps"] = n / event_us(lambda: kernel[blocks, threads](src_n, sink), reps) / 1e3
     for mib in zero_copy_mib:
@@ -319,9 +316,5 @@ def bandwidth(reps: int, zero_copy_mib=(128, 16, 1), extras: bool = True) -> dic
             arr = pinned.device_array(np.uint64).reshape(nbytes // 8)
             us = event_us(lambda: kernel[blocks, threads](arr, sink), reps)
             res[f"zero_copy_read_{mib}MiB_GBps"] = nbytes / us / 1e3
-    if extras:
-        host = torch.empty(256 << 20, dtype=torch.uint8).pin_memory()
-        dev = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-        res["h2d_memcpy_256MiB_GBps"] = (256 << 20) / event_us(lambda: dev.copy_(host, non_blocking=True), reps) / 1e3
     torch.cuda.empty_cache()
     return res

@@ -63,7 +63,7 @@ def measure_profile(shapes: dict, quick: bool = False, progress: bool = True) ->
 
     ks, tbs, reps = (K_CHUNKS_QUICK, N_TBS_QUICK, REPS_QUICK) if quick else (K_CHUNKS, N_TBS, REPS)
     info = timing.device_info()
-    bw = timing.bandwidth(reps, zero_copy_mib=(128,), extras=False)
+    bw = timing.bandwidth(reps)
     streams = timing.Streams.make((timing.SIDE_PRIORITY,))
     rows = []
     for out, inp, bits in tqdm(sorted({s[:3] for s in shapes.values()}), desc="measuring shapes",

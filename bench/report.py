@@ -364,7 +364,11 @@ def engine_table(path: Path) -> str:
             (f"{r['slowdown']:+.1%}" + (f" ({r['predicted_slowdown']:+.1%})" if "predicted_slowdown" in r else ""))
             if tuned else "",
             _ks_dict(r["k_chunk"], r["n_tb"]) if tuned else "", f"{r['ppl']:.2f}" if r.get("ppl") else ""))
-    return "\n".join(lines + [""] + errors + _engine_runs(path, d))
+    q = d.get("plan_quality")
+    ppl = [f"- ppl: {q['text']['corpus']} ({q['text']['split']}, in-domain), {q['text']['tokens']} tokens in windows of "
+           f"{q['text']['ctx']}, {q['quantizer']}, DecDEC simulated at the row's k_chunk with {q['selection']} "
+           f"selection; {q['device']}, commit {q['commit'][:7]}: `{q['command']}`"] if q else []
+    return "\n".join(lines + [""] + errors + _engine_runs(path, d) + ppl)
 
 
 def engine_files() -> list[Path]:

@@ -11,14 +11,15 @@ activations and merges into the output. It is meant to run on a second stream wh
 
 The merge (Numba has no fp16 atomic add, and the two kernels run concurrently, so neither may simply
 add into the other's output): the correction is more *parts* of the base GEMV's split output
-(`ops.base_gemv.SplitOutput`), one per selection pass (`Correction.parts`: 4 chunks of 1024 inputs
-each, so one part below 4097 inputs). Each block owns whole row tiles of the base GEMV and one pass's
-chunks, writes its float32 correction of those rows as that pass's part, then arrives at each tile's
-int32 counter; whichever kernel completes a tile last (base K blocks or correction) sums the parts in
-a fixed order and writes fp16. A wide input's passes thus run side by side rather than one after
+(`ops.base_gemv.SplitOutput`), one per selection pass (`Correction.parts`; a pass takes up to 4
+chunks of 1024 inputs). Each block owns whole row tiles of the base GEMV and one pass's chunks,
+writes its float32 correction of those rows as that pass's part, then arrives at each tile's int32
+counter; whichever kernel completes a tile last (base K blocks or correction) sums the parts in a
+fixed order and writes fp16. A wide input's passes thus run side by side rather than one after
 another in every block. Why it is fast: no float atomics, no memset, no extra launch or finishing
 kernel, no waiting: the only extra traffic is 8 bytes per output row and part (one float32 written,
-read back once) and one int32 atomic per 64 rows and part. The sum order is fixed, so the result is deterministic, as is the selection.
+read back once) and one int32 atomic per 64 rows and part. The sum order is fixed, so the result is
+deterministic, as is the selection.
 Stand-alone (no `merge`), each block writes out[o] = base_out[o] + corr[o] for its rows.
 
 Launch it on a high-priority side stream (torch.cuda.Stream(priority=-1)): its few blocks are then

@@ -1,6 +1,15 @@
-"""Selector recall (issue 4, table 4): how many of the exact top-k channels the 32-bucket selector
-picks, on activations recorded from a real model on evaluation text (never seen in calibration):
-in-domain (pydoc's evaluation half) and off-domain (stdlib source, unlike the calibration text).
+"""Selection and residuals on activations recorded from a real model on evaluation text (never seen
+in calibration): in-domain (pydoc's evaluation half) and off-domain (stdlib source, unlike the
+calibration text). Per domain, k_chunk and group kind, averaged over layers:
+  bucket_recall / static_recall  how many of the exact top-k channels the 32-bucket selector (and
+                                 the static, mean-|x|-ranked baseline) picks
+  above_top                      channels at or above the calibrated top edge (bucket 0, where ties
+                                 go by index) per channel picked: > 1 when the text runs hotter
+                                 than the calibration
+  exact_in_coarse                share of the exact top-k below the calibrated edge of the k-th
+                                 largest, where the 16 coarse buckets must tell them apart
+  error_removed                  share of the group's quantization error on its outputs,
+                                 ||x~ (W' - deq(Q))^T||^2, that the compensation removes
 
     python bench/selector_recall.py --config configs/gemma3-270m-3bit.yaml --out bench/results/selector_recall_gemma3-270m.json
 
@@ -24,7 +33,9 @@ from decdec.models.calibrate import collect_activations  # noqa: E402
 from decdec.models.corpus import corpus_text, token_windows  # noqa: E402
 from decdec.models.prepare import prepare  # noqa: E402
 from bench.quality import DOMAINS  # noqa: E402
+from decdec.models.residual import effective_weight  # noqa: E402
 from decdec.ops import selector  # noqa: E402
+from decdec.ops.correction import compensate  # noqa: E402
 from decdec.config import load_config  # noqa: E402
 
 
@@ -44,26 +55,32 @@ def main() -> None:
     cfg = load_config(a.config)
     prepared = prepare(cfg)
     model = prepared.model
-    rows, positions = [], {}
+    rows, positions, ks = [], {}, [int(v) for v in a.k_chunk.split(",")]
     for domain, corpus in DOMAINS.items():
         windows = token_windows(model.tokenizer, corpus_text(corpus, "eval"), min(a.tokens, 512), a.tokens)
         positions[domain] = sum(w.shape[0] for w in windows)
         acts = collect_activations(model.args, model.weights, windows)
-        for k in (int(v) for v in a.k_chunk.split(",")):
-            by_kind: dict[str, list[tuple[float, float]]] = {}
-            for (layer, kind), x in acts.items():
-                g = prepared.groups[layer, kind]
-                xs = x * g.q.act_scale
-                picked = selector.select_bucket(xs, k, selector.bucket_bounds(g.thresholds, k))
-                static = selector.select_static(xs, k, g.mean_abs)
+        sums: dict[tuple[int, str], list[dict]] = {}
+        for (layer, kind), x in acts.items():
+            g = prepared.groups[layer, kind]
+            xs = x * g.q.act_scale
+            error = xs @ (effective_weight(model.weights[f"layers.{layer}.{kind}"], g.q) - g.q.dequantize()).T
+            residual = g.residual.dequantize().T
+            for k in ks:
+                bounds = selector.bucket_bounds(g.thresholds, k)
+                picked = selector.select_bucket(xs, k, bounds)
                 exact = selector.select_exact(xs, k)
-                by_kind.setdefault(kind, []).append((recall(picked, exact), recall(static, exact)))
-            for kind, values in by_kind.items():
-                rows.append({"domain": domain, "k_chunk": k, "group": kind, "layers": len(values),
-                             "bucket_recall": sum(v[0] for v in values) / len(values),
-                             "static_recall": sum(v[1] for v in values) / len(values)})
-                print(f"{domain:>3} k_chunk {k:>3} {kind:<8} bucket recall {rows[-1]['bucket_recall']:.3f}  "
-                      f"static {rows[-1]['static_recall']:.3f}")
+                left = error - compensate(xs, picked, residual)
+                sums.setdefault((k, kind), []).append({
+                    "bucket_recall": recall(picked, exact),
+                    "static_recall": recall(selector.select_static(xs, k, g.mean_abs), exact),
+                    "above_top": ((xs.abs() >= bounds.a).sum(-1).float() / picked.shape[-1]).mean().item(),
+                    "exact_in_coarse": (xs.abs().gather(-1, exact) < bounds.b).float().mean().item(),
+                    "error_removed": 1 - (left.square().sum() / error.square().sum()).item()})
+        for (k, kind), values in sums.items():
+            rows.append({"domain": domain, "k_chunk": k, "group": kind, "layers": len(values),
+                         **{m: sum(v[m] for v in values) / len(values) for m in values[0]}})
+            print(f"{domain:>3} k_chunk {k:>3} {kind:<8} " + "  ".join(f"{m} {rows[-1][m]:.3f}" for m in values[0]))
     out = {**run_meta(), "config": a.config, "model": model.source, "positions": positions, "rows": rows}
     Path(a.out).write_text(json.dumps(out, indent=1))
 

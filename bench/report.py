@@ -144,13 +144,24 @@ def recall_table(path: Path) -> str:
     d = json.loads(path.read_text())
     ks = sorted({r["k_chunk"] for r in d["rows"]})
     out = [f"Selector recall against exact top-k, {d['model']}, positions {d['positions']} of in-domain and "
-           f"off-domain evaluation text ({source(path)}): bucket (static in brackets)", "",
+           f"off-domain evaluation text ({source(path)}, commit {d['commit'][:7]}): bucket (static in brackets)", "",
            *header("domain, group", *(f"k={k}" for k in ks))]
     for dom in dict.fromkeys(r["domain"] for r in d["rows"]):
         for g in ("qkv", "o", "gate_up", "down"):
             cells = [next(f"{r['bucket_recall']:.2f} ({r['static_recall']:.2f})" for r in d["rows"]
                           if r["domain"] == dom and r["group"] == g and r["k_chunk"] == k) for k in ks]
             out.append(row(f"{dom}, {g}", *cells))
+    if "error_removed" in d["rows"][0]:
+        out += ["", f"Against the calibrated bucket edges, and the share of each group's quantization error on its outputs "
+                f"that the compensation removes (same activations; {source(path)}): above the top edge per pick / "
+                "exact top-k below the k-th edge (coarse buckets) / error removed", "",
+                *header("domain, group", *(f"k={k}" for k in ks))]
+        for dom in dict.fromkeys(r["domain"] for r in d["rows"]):
+            for g in ("qkv", "o", "gate_up", "down"):
+                cells = [next(f"{r['above_top']:.2f} / {r['exact_in_coarse']:.2f} / {r['error_removed']:.0%}"
+                              for r in d["rows"] if r["domain"] == dom and r["group"] == g and r["k_chunk"] == k)
+                         for k in ks]
+                out.append(row(f"{dom}, {g}", *cells))
     return "\n".join(out)
 
 

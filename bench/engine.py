@@ -202,16 +202,16 @@ def synthetic_prepared(s: Shapes, max_seq: int, device: str, bits: float = BITS)
     embed = torch.randn(args.vocab_size, args.dim, device=device, generator=gen).to(dense)
     weights = {"embed": embed, "lm_head": embed, "norm": torch.ones(args.dim)}
     groups, layer_bits = {}, synthetic_layer_bits(bits, args.n_layers)
-    for i, bits in enumerate(layer_bits):
+    for i, b in enumerate(layer_bits):
         weights[f"layers.{i}.attn_norm"] = weights[f"layers.{i}.ffn_norm"] = torch.ones(args.dim)
         for kind in LINEAR_KINDS:
             out_f, in_f = args.linear_shape(kind)
             n_groups = -(-in_f // 128)
             q = QuantizedLinear(
-                torch.randint(-2**31, 2**31, (out_f, in_f * bits // 32), dtype=torch.int32, device=device, generator=gen),
+                torch.randint(-2**31, 2**31, (out_f, in_f * b // 32), dtype=torch.int32, device=device, generator=gen),
                 torch.full((out_f, n_groups), 1 / (2.3 * math.sqrt(in_f)), dtype=torch.float16, device=device),
-                torch.full((out_f, n_groups), 2 ** (bits - 1), dtype=torch.float16, device=device),
-                torch.ones(in_f, device=device), bits)
+                torch.full((out_f, n_groups), 2 ** (b - 1), dtype=torch.float16, device=device),
+                torch.ones(in_f, device=device), b)
             rows = torch.randint(0, 256, (in_f, -(-out_f // 2)), dtype=torch.uint8, device=device, generator=gen).cpu()
             residual = ResidualTable(rows, torch.full((out_f,), 1e-3, dtype=torch.float16))
             groups[i, kind] = PreparedGroup(q, residual, threshold_profile(rng, in_f), torch.ones(in_f))

@@ -141,27 +141,27 @@ def gpu_tables(path: Path) -> str:
 
 
 def recall_table(path: Path) -> str:
+    """bench/selector_recall.py: recall per (domain, group) and k_chunk; where the file has them, the
+    activations against the calibrated edges and the error removed, as a second table."""
     d = json.loads(path.read_text())
     ks = sorted({r["k_chunk"] for r in d["rows"]})
+
+    def table(cell) -> list[str]:
+        lines = header("domain, group", *(f"k={k}" for k in ks))
+        for dom in dict.fromkeys(r["domain"] for r in d["rows"]):
+            for g in ("qkv", "o", "gate_up", "down"):
+                lines.append(row(f"{dom}, {g}", *(next(cell(r) for r in d["rows"] if r["domain"] == dom
+                                                       and r["group"] == g and r["k_chunk"] == k) for k in ks)))
+        return lines
+
     out = [f"Selector recall against exact top-k, {d['model']}, positions {d['positions']} of in-domain and "
            f"off-domain evaluation text ({source(path)}, commit {d['commit'][:7]}): bucket (static in brackets)", "",
-           *header("domain, group", *(f"k={k}" for k in ks))]
-    for dom in dict.fromkeys(r["domain"] for r in d["rows"]):
-        for g in ("qkv", "o", "gate_up", "down"):
-            cells = [next(f"{r['bucket_recall']:.2f} ({r['static_recall']:.2f})" for r in d["rows"]
-                          if r["domain"] == dom and r["group"] == g and r["k_chunk"] == k) for k in ks]
-            out.append(row(f"{dom}, {g}", *cells))
+           *table(lambda r: f"{r['bucket_recall']:.2f} ({r['static_recall']:.2f})")]
     if "error_removed" in d["rows"][0]:
         out += ["", f"Against the calibrated bucket edges, and the share of each group's quantization error on its outputs "
                 f"that the compensation removes (same activations; {source(path)}): above the top edge per pick / "
                 "exact top-k below the k-th edge (coarse buckets) / error removed", "",
-                *header("domain, group", *(f"k={k}" for k in ks))]
-        for dom in dict.fromkeys(r["domain"] for r in d["rows"]):
-            for g in ("qkv", "o", "gate_up", "down"):
-                cells = [next(f"{r['above_top']:.2f} / {r['exact_in_coarse']:.2f} / {r['error_removed']:.0%}"
-                              for r in d["rows"] if r["domain"] == dom and r["group"] == g and r["k_chunk"] == k)
-                         for k in ks]
-                out.append(row(f"{dom}, {g}", *cells))
+                *table(lambda r: f"{r['above_top']:.2f} / {r['exact_in_coarse']:.2f} / {r['error_removed']:.0%}")]
     return "\n".join(out)
 
 

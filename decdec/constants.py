@@ -9,6 +9,7 @@ from decdec.errors import ConfigError
 
 CHUNK_SIZE = 1024  # channels per selection chunk: the paper's unit (one thread block scans one)
 N_BUCKETS = 32  # approximate top-k: 16 buckets between the two thresholds, 16 below the lower one
+PASS_CHUNKS = 4  # chunks one 512-thread correction block selects in one pass (128 threads a chunk)
 GROUP_SIZE = 128  # quantization group: one scale + zero point per 128 inputs (the AWQ / GPTQ standard)
 LINEAR_KINDS = ("qkv", "o", "gate_up", "down")  # the linear groups of one layer, in forward order
 

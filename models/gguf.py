@@ -186,8 +186,17 @@ def _deq_q6_k(blocks: np.ndarray, out: np.ndarray) -> None:
 
 
 _DEQUANTIZERS: dict[str, Callable[[np.ndarray, np.ndarray], None]] = {
-    "F32": _deq_f32, "F16": _deq_f16, "BF16": _deq_bf16, "Q8_0": _deq_q8_0, "Q4_0": _deq_q4_0, "Q4_1": _deq_q4_1,
-    "Q5_0": _deq_q5_0, "Q5_1": _deq_q5_1, "Q4_K": _deq_q4_k, "Q5_K": _deq_q5_k, "Q6_K": _deq_q6_k,
+    "F32": _deq_f32,
+    "F16": _deq_f16,
+    "BF16": _deq_bf16,
+    "Q8_0": _deq_q8_0,
+    "Q4_0": _deq_q4_0,
+    "Q4_1": _deq_q4_1,
+    "Q5_0": _deq_q5_0,
+    "Q5_1": _deq_q5_1,
+    "Q4_K": _deq_q4_k,
+    "Q5_K": _deq_q5_k,
+    "Q6_K": _deq_q6_k,
 }
 SUPPORTED_TYPES: tuple[str, ...] = tuple(_DEQUANTIZERS)
 
@@ -217,8 +226,18 @@ _U64 = struct.Struct("<Q")
 
 # GGUF metadata value type ids; the numeric ones map to their (little-endian) NumPy dtype.
 _STRING, _ARRAY, _BOOL = 8, 9, 7
-_NUMERIC_DTYPES: dict[int, np.dtype] = {type_id: np.dtype(code) for type_id, code in {
-    0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 10: "<u8", 11: "<i8", 12: "<f8"}.items()}
+_NUMERIC_DTYPES: dict[int, np.dtype] = {
+    0: np.dtype("<u1"),
+    1: np.dtype("<i1"),
+    2: np.dtype("<u2"),
+    3: np.dtype("<i2"),
+    4: np.dtype("<u4"),
+    5: np.dtype("<i4"),
+    6: np.dtype("<f4"),
+    10: np.dtype("<u8"),
+    11: np.dtype("<i8"),
+    12: np.dtype("<f8"),
+}
 # the fewest bytes one array element can take (an empty string or array still has its header)
 _MIN_ELEMENT_BYTES = {**{type_id: dtype.itemsize for type_id, dtype in _NUMERIC_DTYPES.items()},
                       _BOOL: 1, _STRING: 8, _ARRAY: 12}

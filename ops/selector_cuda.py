@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from numba import cuda, float32, int32, uint32, uint64
 
-from decdec.constants import N_BUCKETS
+from decdec.constants import N_BUCKETS, PASS_CHUNKS
 
 
 MAX_CHUNK = 1024  # shared arrays are laid out per 1024 channels; smaller chunks work too
@@ -36,7 +36,6 @@ CHUNK_THREADS = MAX_CHUNK // RUN_MAX  # threads per chunk: 128, four whole warps
 PACKED_WORDS = RUN_MAX // 4  # a run's buckets, 8 bits each, in 2 registers
 GROUP = 8  # threads whose runs the scan's first level sums
 CHUNK_GROUPS = CHUNK_THREADS // GROUP  # scan groups a chunk has: 16
-PASS_CHUNKS = 4  # chunks one pass selects at once: 512 threads / 128 a chunk
 SEL_CAP = 2048  # picks one pass may hold (8 B each in shared memory); fewer chunks per pass if k is large
 HIST_SIZE = PASS_CHUNKS * N_BUCKETS  # shared sizes must be literal constants for Numba
 CUTS_SIZE = 2 * PASS_CHUNKS  # cut bucket of each chunk, then how many of it are taken

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from decdec.constants import CHUNK_SIZE
+from decdec.constants import CHUNK_SIZE, PASS_CHUNKS
 from decdec.graph import Graph, Node
 
 MAIN, SIDE = 0, 1
@@ -29,8 +29,8 @@ CORRECTION_OPS = ("selector", "dma", "correction", "merge")  # one fused correct
 LARGE_WEIGHT = 4096 * 4096  # weights of at least this many elements get 16 correction blocks by default
 
 
-SELECTION_PASS = 4 * CHUNK_SIZE  # inputs one correction block selects per pass (ops.selector_cuda.PASS_CHUNKS
-# chunks at k_chunk <= 512); each pass of a wider input gets n_tb blocks of its own
+SELECTION_PASS = PASS_CHUNKS * CHUNK_SIZE  # inputs one correction block selects per pass (at k_chunk <= 512);
+# each pass of a wider input gets n_tb blocks of its own
 
 
 def default_n_tb(out_features: int, in_features: int) -> int:

@@ -82,6 +82,7 @@ OTHER_BITS = {"ours-3.5bit": 3.5, "ours-4bit": 4}
 MAX_SEQ = 8192
 POSITIONS = (256, 2048, 8192)
 TOKEN = 1  # the token fed at every step (timing does not depend on it)
+BLOCK = 8  # calls of one system in a row when systems are timed in turns (`timed_together`)
 TINY = Shapes(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64, ffn_dim=512, vocab_size=512)
 TINY_MAX_SEQ, TINY_POSITIONS = 64, (16, 64)
 T0 = time.perf_counter()
@@ -115,29 +116,46 @@ class Run:
 def timed(user_step, device_step, stream, run: Run) -> dict:
     """Median ms of user_step() (wall, host clock) and of device_step() (CUDA events on `stream` around
     each call, the calls issued back to back; the host clock on the CPU), after warm-up."""
-    for _ in range(run.warmup):
-        user_step()
-    wall = []
-    for _ in range(run.steps):
-        t = time.perf_counter()
-        user_step()
-        wall.append((time.perf_counter() - t) * 1e3)
-    if run.cuda:
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(run.steps)]
-        torch.cuda.synchronize()
-        for start, end in events:
-            start.record(stream)
-            device_step()
-            end.record(stream)
-        torch.cuda.synchronize()
-        device = [start.elapsed_time(end) for start, end in events]
-    else:
-        device = []
-        for _ in range(run.steps):
+    return timed_together([(user_step, device_step, stream)], run)[0]
+
+
+def timed_together(systems: list[tuple], run: Run) -> list[dict]:
+    """`timed` of each (user_step, device_step, stream) of `systems`, taken in turns of BLOCK calls
+    each: two systems compared with each other (a compensated step and its base step) then see the
+    same clocks and the same state of the host's page tables, not those of minutes apart."""
+    for user_step, _, _ in systems:
+        for _ in range(run.warmup):
+            user_step()
+    wall = [[] for _ in systems]
+    device = [[] for _ in systems]
+    for _ in range(-(-run.steps // BLOCK)):
+        for i, (user_step, device_step, stream) in enumerate(systems):
+            for _ in range(BLOCK):
+                t = time.perf_counter()
+                user_step()
+                wall[i].append((time.perf_counter() - t) * 1e3)
+            device[i] += device_ms(device_step, stream, run)
+    return [{"wall_ms": statistics.median(w), "device_ms": statistics.median(d)} for w, d in zip(wall, device)]
+
+
+def device_ms(device_step, stream, run: Run) -> list[float]:
+    """ms of BLOCK calls of device_step(), issued back to back: CUDA events on `stream` (the host clock
+    on the CPU)."""
+    if not run.cuda:
+        out = []
+        for _ in range(BLOCK):
             t = time.perf_counter()
             device_step()
-            device.append((time.perf_counter() - t) * 1e3)
-    return {"wall_ms": statistics.median(wall), "device_ms": statistics.median(device)}
+            out.append((time.perf_counter() - t) * 1e3)
+        return out
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(BLOCK)]
+    torch.cuda.synchronize()
+    for start, end in events:
+        start.record(stream)
+        device_step()
+        end.record(stream)
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) for start, end in events]
 
 
 def make_row(model: str, system: str, target: float, position: int, t: dict, nbytes: int, run: Run, **extra) -> dict:
@@ -234,26 +252,32 @@ def our_engine(prepared: Prepared, profile=None, profile_path: Path | None = Non
     return Engine(prepared, graph, plan, executor, 0)
 
 
-def close_engine(engine: Engine) -> None:
-    model = getattr(engine.executor, "model", None)  # the CUDA executor's DeviceModel: pinned residual tables
+def close(engine: Engine) -> None:
+    """Frees what `engine` holds: the CUDA executor's pinned residual tables and its device memory."""
+    model = getattr(engine.executor, "model", None)  # the CUDA executor's DeviceModel
     if model is not None:
         model.close()
+    engine.executor = None
+    free_gpu()
 
 
-def time_ours(engine: Engine, run: Run) -> dict[int, dict]:
-    """position -> timing of `engine` at each KV length of the run."""
-    ex, out = engine.executor, {}
+def time_ours(engines: list[Engine], run: Run) -> dict[int, list[dict]]:
+    """position -> timing of each of `engines` at each KV length of the run (`timed_together`)."""
+    out = {}
     for kv_len in run.positions:
         p = kv_len - 1
 
-        def user_step(p=p):
-            engine.position = p
-            return engine.step(TOKEN)
+        def system(engine, p=p):
+            def user_step():
+                engine.position = p
+                return engine.step(TOKEN)
 
-        if run.cuda:
-            out[p] = timed(user_step, lambda p=p: ex.replay_only(p), ex.streams[MAIN], run)
-        else:
-            out[p] = timed(user_step, lambda p=p: ex.run(TOKEN, p), None, run)
+            ex = engine.executor
+            if run.cuda:
+                return user_step, lambda: ex.replay_only(p), ex.streams[MAIN]
+            return user_step, lambda: ex.run(TOKEN, p), None
+
+        out[p] = timed_together([system(e) for e in engines], run)
     return out
 
 
@@ -263,56 +287,58 @@ def our_bytes(s: Shapes, bits: float = BITS) -> int:
                    for o, i in s.linear_shapes().values()) + 2 * s.vocab_size * s.dim)
 
 
-def base_step(name: str, s: Shapes, run: Run, system: str, emit) -> tuple[Prepared, dict[int, dict], int]:
-    """`system`'s base step (ours at BITS, or OTHER_BITS) at every position: (the model, position ->
-    timing, its bytes)."""
+def base_step(name: str, s: Shapes, run: Run, system: str, emit) -> tuple[Prepared, Engine, int]:
+    """`system`'s base step (ours at BITS, or OTHER_BITS) at every position: (the model, its engine, which
+    the caller closes, its bytes)."""
     bits = OTHER_BITS.get(system, BITS)
     t0 = time.perf_counter()
     prepared = synthetic_prepared(s, run.max_seq, run.device, bits)
     log(f"{name}: random {bits}-bit model made in {time.perf_counter() - t0:.1f} s")
     nbytes = our_bytes(s, bits)
     engine = our_engine(prepared)
+    log(f"{name}: {system} built; timing the base step")
     try:
-        log(f"{name}: {system} built; timing the base step")
-        base = time_ours(engine, run)
-    finally:
-        close_engine(engine)
-        del engine
-        free_gpu()
-    for p, t in base.items():
-        emit(make_row(name, system, 0.0, p, t, nbytes, run))
-    return prepared, base, nbytes
+        for p, [t] in time_ours([engine], run).items():
+            emit(make_row(name, system, 0.0, p, t, nbytes, run))
+    except BaseException:
+        close(engine)
+        raise
+    return prepared, engine, nbytes
 
 
 def ours(name: str, s: Shapes, run: Run, targets: list[float], k_chunks: list[int], quick: bool, emit) -> None:
-    """The base step at every position, then each fixed k_chunk's step and each target's tuned step (GPU)."""
+    """The base step at every position, then each fixed k_chunk's step and each target's tuned step (GPU),
+    each timed in turns with the base step (kept alive for that)."""
     prepared, base, nbytes = base_step(name, s, run, "ours", emit)
-    if not (targets or k_chunks):
-        return
-    if not run.cuda:
-        log(f"{name}: compensated steps skipped (they need the GPU's pinned residual tables)")
-        return
-    for k in k_chunks:
-        compensated(name, prepared, base, nbytes, run, emit, 0.0, {"k_chunk": k})
-    if not targets:
-        return
-    from decdec.runtime.tune import measure_profile
+    try:
+        if not (targets or k_chunks):
+            return
+        if not run.cuda:
+            log(f"{name}: compensated steps skipped (they need the GPU's pinned residual tables)")
+            return
+        for k in k_chunks:
+            compensated(name, prepared, base, nbytes, run, emit, 0.0, {"k_chunk": k})
+        if not targets:
+            return
+        from decdec.runtime.tune import measure_profile
 
-    shapes = group_shapes(prepared.model.args, prepared.layer_bits)
-    t0 = time.perf_counter()
-    profile = measure_profile(shapes, quick=quick, progress=False)
-    path = Path(tempfile.mkdtemp()) / "profile.json"
-    profile.save(path)
-    log(f"{name}: measured this GPU on {len(shapes)} group shapes in {time.perf_counter() - t0:.0f} s (decdec tune)")
-    for target in targets:
-        compensated(name, prepared, base, nbytes, run, emit, target, {"target_slowdown": target}, profile, path)
+        shapes = group_shapes(prepared.model.args, prepared.layer_bits)
+        t0 = time.perf_counter()
+        profile = measure_profile(shapes, quick=quick, progress=False)
+        path = Path(tempfile.mkdtemp()) / "profile.json"
+        profile.save(path)
+        log(f"{name}: measured this GPU on {len(shapes)} group shapes in {time.perf_counter() - t0:.0f} s (decdec tune)")
+        for target in targets:
+            compensated(name, prepared, base, nbytes, run, emit, target, {"target_slowdown": target}, profile, path)
+    finally:
+        close(base)
 
 
-def compensated(name: str, prepared: Prepared, base: dict[int, dict], nbytes: int, run: Run, emit, target: float,
+def compensated(name: str, prepared: Prepared, base: Engine, nbytes: int, run: Run, emit, target: float,
                 decdec: dict, profile=None, path: Path | None = None) -> None:
     """One compensated step, `decdec` its config section: a fixed k_chunk on every group (target 0),
-    or a target slowdown tuned with `profile` (saved at `path`); timed at every position, slowdown
-    against `base` (position -> the base step's timing). An unreachable target is an error row."""
+    or a target slowdown tuned with `profile` (saved at `path`); timed at every position in turns with
+    the `base` engine, the slowdown against that (`base_device_ms`). An unreachable target is an error row."""
     what = f"target {target:.1%}" if target else f"k_chunk {decdec.get('k_chunk')}"
     try:
         cfg = engine_config(prepared.config.model.source["synthetic"], prepared.config.device, decdec)
@@ -326,19 +352,18 @@ def compensated(name: str, prepared: Prepared, base: dict[int, dict], nbytes: in
         if tu is not None:
             extra = {"predicted_slowdown": tu.predicted_slowdown,
                      "tuner_slowdown": tu.measured_step_us / tu.step_us - 1,  # tune_measured's own check, position 0
+                     "tuner_rounds": len(tu.rounds),
                      "k_chunk": {f"{kind}@{bits}": c.k_chunk for (kind, bits), c in tu.choices.items()},
                      "n_tb": {f"{kind}@{bits}": c.n_tb for (kind, bits), c in tu.choices.items()}}
             log(f"{name}: {what} tuned (predicted {tu.predicted_slowdown:+.1%}); timing")
         else:
             keys = [f"{kind}@{bits}" for kind, bits in group_shapes(prepared.model.args, prepared.layer_bits)]
             extra = {"k_chunk": dict.fromkeys(keys, decdec["k_chunk"]), "n_tb": dict.fromkeys(keys, 0)}
-        for p, t in time_ours(engine, run).items():
-            emit(make_row(name, "ours", target, p, t, nbytes, run,
-                          slowdown=t["device_ms"] / base[p]["device_ms"] - 1, **extra))
+        for p, (b, t) in time_ours([base, engine], run).items():
+            emit(make_row(name, "ours", target, p, t, nbytes, run, slowdown=t["device_ms"] / b["device_ms"] - 1,
+                          base_device_ms=b["device_ms"], **extra))
     finally:
-        close_engine(engine)
-        del engine
-        free_gpu()
+        close(engine)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -501,7 +526,7 @@ def main(argv=None) -> dict:
                 emit(error_row(name, "ours", 0.0, e))
         for system in (x for x in OTHER_BITS if x in systems):
             try:
-                base_step(name, s, run, system, emit)
+                close(base_step(name, s, run, system, emit)[1])
             except Exception as e:  # noqa: BLE001
                 traceback.print_exc()
                 emit(error_row(name, system, 0.0, e))

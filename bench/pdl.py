@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.anchor import SHAPES  # noqa: E402
-from bench.engine import MAX_SEQ, TOKEN, Run, close_engine, free_gpu, log, our_engine, synthetic_prepared, timed  # noqa: E402
+from bench.engine import MAX_SEQ, TOKEN, Run, close, log, our_engine, synthetic_prepared, timed  # noqa: E402
 from bench.meta import run_meta  # noqa: E402
 from decdec.scheduler.plan import MAIN  # noqa: E402
 
@@ -59,8 +59,7 @@ def measure(name: str, run: Run, rounds: int) -> list[dict]:
                     f"  logits equal: {same}")
     finally:
         ex.graph = graphs["pdl"][0]
-        close_engine(engine)
-        free_gpu()
+        close(engine)
     return rows
 
 

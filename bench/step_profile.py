@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.anchor import SHAPES  # noqa: E402
-from bench.engine import close_engine, free_gpu, our_engine, synthetic_prepared  # noqa: E402
+from bench.engine import close, our_engine, synthetic_prepared  # noqa: E402
 from bench.meta import run_meta  # noqa: E402
 from decdec.runtime.profiler import _timed_steps, op_totals, step_span  # noqa: E402
 
@@ -71,8 +71,7 @@ def profile_model(name: str, steps: int, max_seq: int) -> dict:
                 "ops_us": {k: v * 1e6 for k, v in by_op.items()},
                 "glue_share": glue / span, "kernels_us": kernels}
     finally:
-        close_engine(engine)
-        free_gpu()
+        close(engine)
 
 
 def main(argv=None) -> None:

@@ -18,7 +18,8 @@ from decdec.scheduler.latency import MeasuredModel
 
 TOLERANCE = 0.005  # a measured step may exceed the target slowdown by this (half a point of the step)
 SPENT = 0.01  # ... and a plan measured this far under the target leaves budget to spend (`tune_measured`)
-ROUNDS = 4  # tune-and-measure rounds before a target counts as unreachable (`tune_measured`)
+ROUNDS = 6  # tune-and-measure rounds: to meet the target, then to spend it (`tune_measured`)
+BISECTIONS = 8  # budget halvings in search of a plan between two measured ones (`tune_measured`)
 REPEATS = 3  # measurements of a tuned step; the slowest decides (the same Llama plan measured +10.4 % and +14.2 %)
 K_CHOICES = tuple(range(1, 17)) + tuple(range(20, 129, 4)) + tuple(range(160, 1025, 32))
 
@@ -189,43 +190,70 @@ def tune_measured(model: MeasuredModel, shapes: dict, step_us: float, target: fl
     times it (µs, like `step_us`). The profile times each pair on its own, and a whole step can cost
     more than the sum (seen on Llama-3-8B shapes: gigabytes of residual tables, whose host pages the
     GPU must translate on every fetch, against a profile that rotated a few tables) or less (the
-    pairs overlap their neighbours in the step's graph). So the budget is rescaled by the measured
-    over the predicted extra time and the tuner runs again: down while the measured slowdown exceeds
+    pairs overlap their neighbours in the step's graph). So the budget is searched on measurements:
+    rescaled by the measured over the predicted extra time, down while the measured slowdown exceeds
     target + TOLERANCE (a budget below the least compensation, one shape at its smallest k_chunk,
-    becomes that plan's cost, tried once), up while it is more than SPENT under the target. A
-    fetch-heavy step varies by a few % of itself between measurements, so each plan is measured
-    `REPEATS` times and the slowest decides. Returns (the tuning of the most compensating plan that
-    met the target, with every round, and its build); ConfigError when no round meets the target."""
-    budget, history, best = target, [], None
+    becomes that plan's cost, tried once) and up while it is more than SPENT under the target; once
+    a plan met the target and a larger one went over, the budget is bisected between theirs (the
+    plans are discrete: gate_up's next k_chunk alone can jump past the target). A fetch-heavy step
+    varies by a few % of itself between measurements, so each plan is measured `REPEATS` times and
+    the slowest decides. Returns (the tuning of the most compensating plan that met the target, with
+    every round, and its build); ConfigError when no round meets the target."""
+    budget, history, best, over = target, [], None, None  # best: (tuning, build, round, budget); over: a budget
     floor = cheapest_slowdown(model, shapes, step_us) * (1 + 1e-9)  # the least compensation's budget
     for _ in range(ROUNDS):
-        t = tune_groups(model, shapes, step_us, budget, where)  # ConfigError when even round 1 cannot fit
-        if best is not None and t.predicted_step_us <= best[0].predicted_step_us:
-            break  # a larger budget buys no more compensation
+        if best is None:
+            t = tune_groups(model, shapes, step_us, budget, where)  # ConfigError when even round 1 cannot fit
+        else:
+            budget, t = _untried(model, shapes, step_us, budget, best, over, where)
+            if t is None:
+                break
         built = build(t)
         samples = tuple(measure(built) for _ in range(REPEATS))
         measured = max(samples)
         history.append(Round(budget, t.predicted_step_us, measured, samples))
         predicted_extra, measured_extra = t.predicted_step_us - step_us, measured - step_us
         if measured / step_us - 1 <= target + TOLERANCE:
-            best = (t, built, len(history) - 1)
+            best = (t, built, len(history) - 1, budget)
             if measured / step_us - 1 >= target - SPENT:
                 break
             grown = target * predicted_extra / measured_extra if measured_extra > 0 else 2 * budget
-            budget = min(2 * budget, grown)
+            budget = min(2 * budget, grown) if over is None else (budget + over) / 2
             continue
         del built  # frees the rejected capture before the next one
         if best is not None:
-            break  # the grown plan went over: the last one that met the target stands
+            over, budget = budget, (best[3] + budget) / 2
+            continue
         budget = min(0.9 * budget, target * max(predicted_extra, 0.0) / measured_extra)  # measured_extra > 0 here
         if budget < floor:  # below the least compensation: try that one plan, unless this round was it
             if t.predicted_slowdown <= floor:
                 break
             budget = floor
     if best is not None:
-        t, built, accepted = best
+        t, built, accepted, _ = best
         return replace(t, target=target, rounds=tuple(history), accepted=accepted), built
     tried = "; ".join(f"tuned for {r.budget:.2%}: predicted {r.predicted_step_us / step_us - 1:+.1%}, measured "
                       f"{r.measured_step_us / step_us - 1:+.1%}" for r in history)
     raise ConfigError(f"target slowdown {target:.1%} cannot be met on {model.device}: measured on the whole step, "
                       f"the compensation the tuner could afford cost more ({tried})")
+
+
+def _untried(model: MeasuredModel, shapes: dict, step_us: float, budget: float, best: tuple, over: float | None,
+             where) -> tuple[float, Tuning | None]:
+    """(budget, its tuning) for a plan that compensates more than `best` (tuning, build, round, budget)
+    and, once a budget went `over`, less than that one's: a budget that buys `best`'s plan again moves
+    halfway up towards `over`, one that buys `over`'s halfway down; (budget, None) when the grown budget
+    buys nothing more, or no new plan lies between within BISECTIONS halvings."""
+    low, high = best[3], over
+    for _ in range(BISECTIONS):
+        t = tune_groups(model, shapes, step_us, budget, where)
+        if t.predicted_step_us <= best[0].predicted_step_us:
+            if high is None:
+                return budget, None  # a larger budget buys no more compensation
+            low = budget
+        elif high is None or t.choices != tune_groups(model, shapes, step_us, high, where).choices:
+            return budget, t
+        else:
+            high = budget
+        budget = (low + high) / 2
+    return budget, None

@@ -38,6 +38,11 @@ def points(ks: list[int]) -> list[tuple[str, int | None, list[int]]]:
             ("robust", 0, [0, ks[-1]]), *(("robust", k, [k]) for k in reversed(ks[:-1]))]
 
 
+def kept(method: str, quant_k, keep: set[str]) -> bool:
+    """Whether --keep names this preparation: its method, or method@quant_k."""
+    return method in keep or f"{method}@{quant_k}" in keep  # quant_k: the row's int, or the text of a timing's key
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="gemma3-270m")
@@ -46,8 +51,9 @@ def main() -> None:
     ap.add_argument("--calib-tokens", type=int, default=2048)
     ap.add_argument("--k-chunk", default="8,16,32")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--keep", default="", help="methods whose rows to keep from an earlier --out (e.g. rtn,awq "
-                    "when only the robust quantizer changed); their commit stays in 'kept_from'")
+    ap.add_argument("--keep", default="", help="methods (or method@quant_k) whose rows to keep from an earlier --out "
+                    "(e.g. rtn,awq,robust@0 when only the robust quantizer's k-aware choice changed); their commit "
+                    "stays in 'kept_from'")
     a = ap.parse_args()
     ks = sorted(int(k) for k in a.k_chunk.split(","))
     model = load_model(a.model)
@@ -57,8 +63,8 @@ def main() -> None:
     if keep:
         old = json.loads(Path(a.out).read_text())
         result["kept_from"] = {"commit": old["commit"], "command": old["command"], "methods": sorted(keep)}
-        result["rows"] = [r for r in old["rows"] if r["method"] in keep | {"reference"}]
-        result["prepare_seconds"] = {m: t for m, t in old["prepare_seconds"].items() if m in keep}
+        result["rows"] = [r for r in old["rows"] if kept(r["method"], r["quant_k"], keep | {"reference"})]
+        result["prepare_seconds"] = {m: t for m, t in old["prepare_seconds"].items() if kept(*m.partition("@")[::2], keep)}
     windows = {}
     for domain, corpus in DOMAINS.items():
         text = corpus_text(corpus, "eval")
@@ -77,7 +83,7 @@ def main() -> None:
 
     if not keep:
         add({"method": "reference", "quant_k": None, "bits": 16, "selection": "none", "k_chunk": 0}, None)
-    for method, quant_k, eval_ks in (p for p in points(ks) if p[0] not in keep):
+    for method, quant_k, eval_ks in (p for p in points(ks) if not kept(p[0], p[1], keep)):
         cfg = load_config({
             "model": {"source": a.model},
             "quant": {"method": method, "bits": BITS},

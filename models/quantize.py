@@ -397,44 +397,37 @@ def quantize_awq(weight: torch.Tensor, calib_x: torch.Tensor, bits: int, group_s
     return _fit_awq(weight, mean_abs, _group_gram(x, group_size), alpha, True, bits, group_size).pack()
 
 
-def compensated_errors(fit: _Fit, x: torch.Tensor, k_chunk: int, tables: tuple[bool, ...] = (True,)) -> list[float]:
-    """Squared output error of `fit` on rows x [N, in] after DecDEC's compensation at k_chunk, per
-    entry of `tables`: with the real 4-bit residual table (True, `fit.table`) or an exact residual
-    (False); the entries share the dequantization, the uncorrected product and the selection. The
-    table matters where a choice must be exact: clipping inflates the residual's range and so its
-    4-bit error, which an exact residual cannot see, and its scale search costs more than the rest
-    of this error."""
+def compensated_error(fit: _Fit, x: torch.Tensor, k_chunk: int) -> float:
+    """Squared output error of `fit` on rows x [N, in] after DecDEC's compensation at k_chunk with
+    its real 4-bit residual table (`fit.table`): clipping inflates the residual's range and so its
+    4-bit error, which an exact residual cannot see."""
     w_eff, deq = fit.dequantized
     xs = x * fit.act_scale
     out = xs @ (deq - w_eff).T
-    if not k_chunk:
-        return [out.square().sum().item()] * len(tables)
-    picked = corrected(xs, k_chunk)
-
-    def correction(table: bool) -> torch.Tensor:  # [in, out]: row i is what a pick of channel i adds
-        return fit.table.dequantize_rows(torch.arange(w_eff.shape[1])) if table else (w_eff - deq).T.contiguous()
-
-    return [(out + torch.sparse.mm(picked, correction(table))).square().sum().item() for table in tables]
+    if k_chunk:  # row i of the table is what a pick of channel i adds
+        out = out + torch.sparse.mm(corrected(xs, k_chunk), fit.table.dequantize_rows(torch.arange(w_eff.shape[1])))
+    return out.square().sum().item()
 
 
 def _held_back_alpha(
     weight: torch.Tensor, x: torch.Tensor, mean_abs: torch.Tensor, k_chunk: int, bits: int, group_size: int,
     n_grid: int,
 ) -> tuple[float, float]:
-    """(the alpha quantize_robust fits, RTN's error on the held-back rows with the real table).
+    """(the alpha quantize_robust fits, RTN's error on the held-back rows).
 
     AWQ's alpha (searched on all the rows x, whose mean|x| is `mean_abs`, as `quantize_awq` searches)
     and RTN's (0) are scaled by mean|x| of the search rows of `split_rows` and scored after DecDEC's
-    compensation at k_chunk on its held-back rows, without clipping and with an exact residual;
-    AWQ's is kept unless RTN's beats it by FALLBACK_MARGIN."""
+    compensation at k_chunk with the real 4-bit residual table on its held-back rows, without
+    clipping; AWQ's is kept unless RTN's beats it by FALLBACK_MARGIN. The table, not an exact
+    residual: an unscaled weight's residual can have so wide a range that its 4-bit table
+    corrects little of what an exact residual would (one SmolLM2 layer: RTN 0.6x AWQ's error with
+    an exact residual, 3x with the table)."""
     search, held = split_rows(x)
     awq = _search_alpha(weight, _subsample_rows(x, AWQ_SEARCH_ROWS), mean_abs, bits, group_size, n_grid)
     search_mean_abs = search.abs().mean(0)
-    awq_fit, rtn_fit = (_fit_awq(weight, search_mean_abs, None, a, False, bits, group_size) for a in (awq, 0.0))
-    [awq_error] = compensated_errors(awq_fit, held, k_chunk, tables=(False,))
-    rtn_exact, rtn_table = compensated_errors(rtn_fit, held, k_chunk, tables=(False, True))
-    alpha = 0.0 if rtn_exact < awq_error * (1 - FALLBACK_MARGIN) else awq
-    return alpha, rtn_table
+    awq_error, rtn_error = (compensated_error(_fit_awq(weight, search_mean_abs, None, a, False, bits, group_size),
+                                              held, k_chunk) for a in (awq, 0.0))
+    return (0.0 if rtn_error < awq_error * (1 - FALLBACK_MARGIN) else awq), rtn_error
 
 
 def quantize_robust(weight: torch.Tensor, calib_x: torch.Tensor, bits: int, group_size: int = GROUP_SIZE,
@@ -444,7 +437,7 @@ def quantize_robust(weight: torch.Tensor, calib_x: torch.Tensor, bits: int, grou
     The scale comes from `_held_back_alpha`: AWQ's, unless RTN's is clearly better on held-back
     rows once DecDEC has compensated at `k_chunk` (AWQ protects the salient channels, which
     DecDEC may correct anyway). It is then fitted on all the rows with clipping searched plainly
-    (clipping aimed past the corrected channels inflates the residual: see `compensated_errors`),
+    (clipping aimed past the corrected channels inflates the residual: see `compensated_error`),
     exactly as `quantize_awq` fits AWQ's scale; if that ends worse than RTN on the held-back rows,
     RTN is kept. Returns the quantized group and, where that check built it (k_chunk > 0 and AWQ's
     fit kept), its residual table, which a caller then need not build again.
@@ -452,6 +445,6 @@ def quantize_robust(weight: torch.Tensor, calib_x: torch.Tensor, bits: int, grou
     weight, x, mean_abs = _check_awq(weight, calib_x, bits, n_grid)
     alpha, rtn_error = _held_back_alpha(weight, x, mean_abs, k_chunk, bits, group_size, n_grid)
     fit = _fit_awq(weight, mean_abs, _group_gram(x, group_size), alpha, True, bits, group_size)
-    if compensated_errors(fit, split_rows(x)[1], k_chunk)[0] > rtn_error:
+    if compensated_error(fit, split_rows(x)[1], k_chunk) > rtn_error:
         return quantize_rtn(weight, bits, group_size), None
     return fit.pack(), fit.table if k_chunk else None

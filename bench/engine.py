@@ -257,7 +257,7 @@ def close(engine: Engine) -> None:
     model = getattr(engine.executor, "model", None)  # the CUDA executor's DeviceModel
     if model is not None:
         model.close()
-    engine.executor = None
+    engine.executor = engine.prefill_executor = None  # their graphs and buffers go with the next collection
     free_gpu()
 
 

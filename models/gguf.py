@@ -239,9 +239,9 @@ _NUMERIC_DTYPES: dict[int, np.dtype] = {
     11: np.dtype("<i8"),
     12: np.dtype("<f8"),
 }
+_SCALARS = {**_NUMERIC_DTYPES, _BOOL: np.dtype("<u1")}  # the value types read as NumPy data
 # the fewest bytes one array element can take (an empty string or array still has its header)
-_MIN_ELEMENT_BYTES = {**{type_id: dtype.itemsize for type_id, dtype in _NUMERIC_DTYPES.items()},
-                      _BOOL: 1, _STRING: 8, _ARRAY: 12}
+_MIN_ELEMENT_BYTES = {**{type_id: dtype.itemsize for type_id, dtype in _SCALARS.items()}, _STRING: 8, _ARRAY: 12}
 
 
 class _Cursor:
@@ -289,11 +289,8 @@ class _Cursor:
 
     def value(self, value_type: int) -> object:
         """One metadata value of the given GGUF value type, as a plain Python object."""
-        if value_type in _NUMERIC_DTYPES:
-            dtype = _NUMERIC_DTYPES[value_type]
-            return np.frombuffer(self.buf, dtype, 1, self.take(dtype.itemsize)).item()
-        if value_type == _BOOL:
-            return bool(self.buf[self.take(1)])
+        if value_type in _SCALARS:
+            return self.scalars(value_type, 1)[0]
         if value_type == _STRING:
             return self.string()
         if value_type == _ARRAY:
@@ -318,13 +315,15 @@ class _Cursor:
         if element_type not in _MIN_ELEMENT_BYTES:
             raise self.fail(f"unknown array element type {element_type}")
         self.count(n, _MIN_ELEMENT_BYTES[element_type], "array element")
-        if element_type in _NUMERIC_DTYPES:
-            # one vectorized read: token score / type arrays have 262k entries
-            dtype = _NUMERIC_DTYPES[element_type]
-            return np.frombuffer(self.buf, dtype, n, self.take(n * dtype.itemsize)).tolist()
-        if element_type == _BOOL:
-            return (np.frombuffer(self.buf, np.uint8, n, self.take(n)) != 0).tolist()
+        if element_type in _SCALARS:
+            return self.scalars(element_type, n)
         return [self.value(element_type) for _ in range(n)]
+
+    def scalars(self, value_type: int, n: int) -> list:
+        """`n` numbers (or bools) in one vectorized read: token score / type arrays have 262k entries."""
+        dtype = _SCALARS[value_type]
+        values = np.frombuffer(self.buf, dtype, n, self.take(n * dtype.itemsize))
+        return (values != 0 if value_type == _BOOL else values).tolist()
 
 
 @dataclass(frozen=True)

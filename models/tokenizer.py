@@ -272,12 +272,10 @@ def _special_id(backend: tokenizers.Tokenizer, token: Any, fallback: Any) -> int
 
     A config id may be a list (several end-of-sequence ids); the first one is taken.
     """
-    if isinstance(token, dict):
-        token = token.get("content")
-    if isinstance(token, str):
-        token_id = backend.token_to_id(token)
-        if token_id is not None:
-            return token_id
+    token = token.get("content") if isinstance(token, dict) else token
+    token_id = backend.token_to_id(token) if isinstance(token, str) else None
+    if token_id is not None:
+        return token_id
     if isinstance(fallback, list):
         fallback = fallback[0] if fallback else None
     return int(fallback) if fallback is not None else None

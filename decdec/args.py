@@ -66,22 +66,13 @@ class ModelArgs:
 
     def weight_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every canonical weight this model must have, with its shape."""
-        shapes: dict[str, tuple[int, ...]] = {
-            "embed": (self.vocab_size, self.dim),
-            "lm_head": (self.vocab_size, self.dim),
-            "norm": (self.dim,),
-        }
+        layer = {"attn_norm": (self.dim,), "ffn_norm": (self.dim,), **{k: self.linear_shape(k) for k in LINEAR_KINDS}}
+        if self.qkv_bias:
+            layer["qkv_bias"] = self.linear_shape("qkv")[:1]
+        if self.is_gemma:
+            layer.update(q_norm=(self.head_dim,), k_norm=(self.head_dim,), post_attn_norm=(self.dim,),
+                         post_ffn_norm=(self.dim,))
+        shapes = {"embed": (self.vocab_size, self.dim), "lm_head": (self.vocab_size, self.dim), "norm": (self.dim,)}
         for i in range(self.n_layers):
-            p = f"layers.{i}."
-            shapes[p + "attn_norm"] = (self.dim,)
-            shapes[p + "ffn_norm"] = (self.dim,)
-            for kind in LINEAR_KINDS:
-                shapes[p + kind] = self.linear_shape(kind)
-            if self.qkv_bias:
-                shapes[p + "qkv_bias"] = (self.q_dim + 2 * self.kv_dim,)
-            if self.is_gemma:
-                shapes[p + "q_norm"] = (self.head_dim,)
-                shapes[p + "k_norm"] = (self.head_dim,)
-                shapes[p + "post_attn_norm"] = (self.dim,)
-                shapes[p + "post_ffn_norm"] = (self.dim,)
+            shapes.update({f"layers.{i}.{name}": shape for name, shape in layer.items()})
         return shapes

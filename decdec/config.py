@@ -155,9 +155,7 @@ def load_config(cfg: str | Path | dict | Config | None) -> Config:
     decdec = cfg.get("decdec") if isinstance(cfg, dict) else None
     if isinstance(decdec, dict) and decdec.get("target_slowdown") is not None:
         if decdec.get("k_chunk") is not None:
-            raise ConfigError(
-                "config fields 'decdec.k_chunk' and 'decdec.target_slowdown' exclude each other: set one"
-            )
+            raise ConfigError("config fields 'decdec.k_chunk' and 'decdec.target_slowdown' exclude each other: set one")
         cfg = {**cfg, "decdec": {**decdec, "k_chunk": None}}  # the tuner will choose k_chunk
     config = _build(Config(), cfg, "")
     if config.decdec.k_chunk is None and config.decdec.target_slowdown is None:

@@ -48,14 +48,8 @@ def block(args, weights, layer: int, x, positions, linear: Linear, cache: KVCach
     return residual_add(args, weights, x, d, p + "post_ffn_norm" if post else None)
 
 
-def forward(
-    args: ModelArgs,
-    weights: dict[str, torch.Tensor],
-    tokens: torch.Tensor,
-    linear: Linear | None = None,
-    start_pos: int = 0,
-    cache: KVCache | None = None,
-) -> torch.Tensor:
+def forward(args: ModelArgs, weights: dict[str, torch.Tensor], tokens: torch.Tensor, linear: Linear | None = None,
+            start_pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
     """Logits [T, vocab] for tokens [T] at positions start_pos .. start_pos+T-1.
 
     Without a cache the tokens attend only to each other (teacher-forced evaluation of a window);

@@ -93,10 +93,7 @@ def save_artifacts(folder: Path, key: dict, tensors: dict[str, dict[str, torch.T
         path = folder / f"{name}.safetensors"
         part = {k: v.contiguous() for k, v in tensors[name].items()}
         _atomic_write(path, lambda tmp: save_file(part, str(tmp)))
-        manifest["files"][name] = {
-            "sha256": file_sha256([path]),
-            "shapes": {k: list(v.shape) for k, v in part.items()},
-        }
+        manifest["files"][name] = {"sha256": file_sha256([path]), "shapes": {k: list(v.shape) for k, v in part.items()}}
     _atomic_write(folder / "manifest.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
 
 
@@ -140,11 +137,9 @@ def check_key(folder: Path, manifest: dict, key: dict) -> None:
     theirs = manifest["key"]
     for field in sorted(set(key) | set(theirs)):
         if theirs.get(field) != key.get(field):
-            raise ArtifactError(
-                f"artifacts in {folder} were made with {field} = {theirs.get(field)!r}, "
-                f"but this run has {field} = {key.get(field)!r}: use another artifacts folder, "
-                "or prepare again with --force to overwrite"
-            )
+            raise ArtifactError(f"artifacts in {folder} were made with {field} = {theirs.get(field)!r}, but this run "
+                                f"has {field} = {key.get(field)!r}: use another artifacts folder, "
+                                "or prepare again with --force to overwrite")
 
 
 def load_artifacts(folder: Path, key: dict) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:

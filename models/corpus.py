@@ -59,10 +59,8 @@ def check_disjoint(calibration: str, evaluation: str) -> None:
     same = calibration == evaluation == "pysource" or calibration not in ("pydoc", "pysource") and (
         Path(calibration).resolve() == Path(evaluation).resolve())
     if same:
-        raise ConfigError(
-            f"'calibration.corpus' and 'eval.corpus' are the same text ({calibration}): "
-            "calibration and evaluation text must not overlap"
-        )
+        raise ConfigError(f"'calibration.corpus' and 'eval.corpus' are the same text ({calibration}): "
+                          "calibration and evaluation text must not overlap")
 
 
 def token_windows(tokenizer, text: str, ctx: int, max_tokens: int) -> list[torch.Tensor]:

@@ -26,6 +26,7 @@ temporaries, both many times slower than this file on the embedded model.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import struct
@@ -238,9 +239,9 @@ _NUMERIC_DTYPES: dict[int, np.dtype] = {
     11: np.dtype("<i8"),
     12: np.dtype("<f8"),
 }
+_SCALARS = {**_NUMERIC_DTYPES, _BOOL: np.dtype("<u1")}  # the value types read as NumPy data
 # the fewest bytes one array element can take (an empty string or array still has its header)
-_MIN_ELEMENT_BYTES = {**{type_id: dtype.itemsize for type_id, dtype in _NUMERIC_DTYPES.items()},
-                      _BOOL: 1, _STRING: 8, _ARRAY: 12}
+_MIN_ELEMENT_BYTES = {**{type_id: dtype.itemsize for type_id, dtype in _SCALARS.items()}, _STRING: 8, _ARRAY: 12}
 
 
 class _Cursor:
@@ -255,17 +256,13 @@ class _Cursor:
         self.where = "the header"
 
     def fail(self, problem: str, damage: str = "corrupt") -> ModelFileError:
-        return ModelFileError(
-            f"{self.path}: {damage} GGUF file: {problem} (while reading {self.where})"
-        )
+        return ModelFileError(f"{self.path}: {damage} GGUF file: {problem} (while reading {self.where})")
 
     def take(self, n: int) -> int:
         """Advance over `n` bytes and return where they start."""
         if n > len(self.buf) - self.pos:
-            raise self.fail(
-                f"needs {n} bytes at offset {self.pos} but the file ends at {len(self.buf)}",
-                damage="truncated or corrupt",
-            )
+            raise self.fail(f"needs {n} bytes at offset {self.pos} but the file ends at {len(self.buf)}",
+                            damage="truncated or corrupt")
         start, self.pos = self.pos, self.pos + n
         return start
 
@@ -286,19 +283,14 @@ class _Cursor:
         """Reject a count of items that cannot fit in the rest of the file (a corrupt header
         would otherwise make us loop for hours or allocate terabytes)."""
         if n * min_bytes > len(self.buf) - self.pos:
-            raise self.fail(
-                f"{what} count {n} cannot fit in the {len(self.buf) - self.pos} bytes left",
-                damage="truncated or corrupt",
-            )
+            raise self.fail(f"{what} count {n} cannot fit in the {len(self.buf) - self.pos} bytes left",
+                            damage="truncated or corrupt")
         return n
 
     def value(self, value_type: int) -> object:
         """One metadata value of the given GGUF value type, as a plain Python object."""
-        if value_type in _NUMERIC_DTYPES:
-            dtype = _NUMERIC_DTYPES[value_type]
-            return np.frombuffer(self.buf, dtype, 1, self.take(dtype.itemsize)).item()
-        if value_type == _BOOL:
-            return bool(self.buf[self.take(1)])
+        if value_type in _SCALARS:
+            return self.scalars(value_type, 1)[0]
         if value_type == _STRING:
             return self.string()
         if value_type == _ARRAY:
@@ -323,13 +315,15 @@ class _Cursor:
         if element_type not in _MIN_ELEMENT_BYTES:
             raise self.fail(f"unknown array element type {element_type}")
         self.count(n, _MIN_ELEMENT_BYTES[element_type], "array element")
-        if element_type in _NUMERIC_DTYPES:
-            # one vectorized read: token score / type arrays have 262k entries
-            dtype = _NUMERIC_DTYPES[element_type]
-            return np.frombuffer(self.buf, dtype, n, self.take(n * dtype.itemsize)).tolist()
-        if element_type == _BOOL:
-            return (np.frombuffer(self.buf, np.uint8, n, self.take(n)) != 0).tolist()
+        if element_type in _SCALARS:
+            return self.scalars(element_type, n)
         return [self.value(element_type) for _ in range(n)]
+
+    def scalars(self, value_type: int, n: int) -> list:
+        """`n` numbers (or bools) in one vectorized read: token score / type arrays have 262k entries."""
+        dtype = _SCALARS[value_type]
+        values = np.frombuffer(self.buf, dtype, n, self.take(n * dtype.itemsize))
+        return (values != 0 if value_type == _BOOL else values).tolist()
 
 
 @dataclass(frozen=True)
@@ -362,41 +356,18 @@ class GGUFFile:
         self.version = _read_preamble(cursor)
         n_tensors = cursor.count(cursor.u64(), 24, "tensor")  # a tensor info is >= 24 bytes
         n_kv = cursor.count(cursor.u64(), 13, "metadata entry")  # an entry is >= 13 bytes
-        self.metadata: dict[str, object] = {
-            key: cursor.value(cursor.u32()) for key in cursor.names(n_kv, "metadata entry")
-        }
+        self.metadata = {key: cursor.value(cursor.u32()) for key in cursor.names(n_kv, "metadata entry")}
         self.alignment = _alignment(cursor, self.metadata)
-        infos = _read_tensor_infos(cursor, n_tensors)
-        data_start = -(-cursor.pos // self.alignment) * self.alignment  # round up
+        infos = [_read_tensor_info(cursor, name, self.alignment) for name in cursor.names(n_tensors, "tensor info")]
+        data_start = -(-cursor.pos // self.alignment) * self.alignment  # round up: tensor offsets count from here
         self.tensors: dict[str, GGUFTensor] = {}
-        for name, shape, type_name, rel_offset in infos:
-            self.tensors[name] = self._make_tensor(name, shape, type_name, data_start, rel_offset)
-
-    def _make_tensor(
-        self, name: str, shape: tuple[int, ...], type_name: str, data_start: int, rel_offset: int
-    ) -> GGUFTensor:
-        """Size one tensor and check that its data lies inside the file."""
-        block_size, type_size = _TYPE_SIZES[type_name]
-        row = shape[-1] if shape else 1
-        if row % block_size:
-            raise ModelFileError(
-                f"{self.path}: corrupt GGUF file: tensor {name!r} of type {type_name} has rows of "
-                f"{row} elements, not a multiple of its block size {block_size}"
-            )
-        if rel_offset % self.alignment:
-            raise ModelFileError(
-                f"{self.path}: corrupt GGUF file: tensor {name!r} data offset {rel_offset} is not "
-                f"a multiple of the alignment {self.alignment}"
-            )
-        n_bytes = math.prod(shape) // block_size * type_size
-        offset = data_start + rel_offset
-        if offset + n_bytes > len(self._data):
-            raise ModelFileError(
-                f"{self.path}: truncated or corrupt GGUF file: tensor {name!r} ({type_name}, shape "
-                f"{shape}) needs bytes {offset}..{offset + n_bytes} but the file has only "
-                f"{len(self._data)} bytes"
-            )
-        return GGUFTensor(name, type_name, shape, offset, n_bytes)
+        for t in infos:
+            t = dataclasses.replace(t, offset=data_start + t.offset)
+            if t.offset + t.n_bytes > len(data):
+                raise ModelFileError(
+                    f"{path}: truncated or corrupt GGUF file: tensor {t.name!r} ({t.type_name}, shape {t.shape}) "
+                    f"needs bytes {t.offset}..{t.offset + t.n_bytes} but the file has only {len(data)} bytes")
+            self.tensors[t.name] = t
 
     @property
     def architecture(self) -> str:
@@ -424,18 +395,14 @@ class GGUFFile:
         try:
             return self.tensors[name]
         except KeyError:
-            raise ModelFileError(
-                f"{self.path}: no tensor {name!r} (the file has {len(self.tensors)} tensors)"
-            ) from None
+            raise ModelFileError(f"{self.path}: no tensor {name!r} (the file has {len(self.tensors)} tensors)") from None
 
     def _unsupported(self, tensors: list[GGUFTensor]) -> UnsupportedModelError:
         shown = ", ".join(f"{t.name!r} ({t.type_name})" for t in tensors[:5])
         more = f" and {len(tensors) - 5} more" if len(tensors) > 5 else ""
         noun = "tensor" if len(tensors) == 1 else "tensors"
-        return UnsupportedModelError(
-            f"{self.path}: cannot dequantize {noun} {shown}{more}; supported tensor types: "
-            f"{', '.join(SUPPORTED_TYPES)}"
-        )
+        return UnsupportedModelError(f"{self.path}: cannot dequantize {noun} {shown}{more}; supported tensor types: "
+                                     f"{', '.join(SUPPORTED_TYPES)}")
 
 
 def _read_preamble(cursor: _Cursor) -> int:
@@ -447,10 +414,8 @@ def _read_preamble(cursor: _Cursor) -> int:
             problem = "is a big-endian GGUF file, which is not supported"
         else:
             problem = f"has GGUF version {version}, which is not supported"
-        raise ModelFileError(
-            f"{cursor.path} {problem} (supported: little-endian versions "
-            f"{', '.join(map(str, SUPPORTED_VERSIONS))})"
-        )
+        raise ModelFileError(f"{cursor.path} {problem} (supported: little-endian versions "
+                             f"{', '.join(map(str, SUPPORTED_VERSIONS))})")
     return version
 
 
@@ -461,26 +426,24 @@ def _alignment(cursor: _Cursor, metadata: dict[str, object]) -> int:
     return alignment
 
 
-_TensorInfo = tuple[str, tuple[int, ...], str, int]  # name, shape (NumPy order), type, offset
-
-
-def _read_tensor_infos(cursor: _Cursor, n_tensors: int) -> list[_TensorInfo]:
-    """The tensor table; offsets are relative to the start of the data section."""
-    infos: list[_TensorInfo] = []
-    for name in cursor.names(n_tensors, "tensor info"):
-        n_dims = cursor.u32()
-        if n_dims > MAX_DIMS:
-            raise cursor.fail(f"tensor {name!r} has {n_dims} dims (at most {MAX_DIMS})")
-        dims = [cursor.u64() for _ in range(n_dims)]
-        type_id = cursor.u32()
-        if type_id not in GGML_TYPES:
-            raise UnsupportedModelError(
-                f"{cursor.path}: tensor {name!r} has unknown GGML type id {type_id} (a newer "
-                f"GGUF?); supported tensor types: {', '.join(SUPPORTED_TYPES)}"
-            )
-        offset = cursor.u64()
-        infos.append((name, tuple(reversed(dims)), GGML_TYPES[type_id][0], offset))
-    return infos
+def _read_tensor_info(cursor: _Cursor, name: str, alignment: int) -> GGUFTensor:
+    """The rest of one tensor table entry, sized; its offset is still relative to the data section."""
+    n_dims = cursor.u32()
+    if n_dims > MAX_DIMS:
+        raise cursor.fail(f"tensor {name!r} has {n_dims} dims (at most {MAX_DIMS})")
+    shape = tuple(reversed([cursor.u64() for _ in range(n_dims)]))
+    type_id = cursor.u32()
+    if type_id not in GGML_TYPES:
+        raise UnsupportedModelError(f"{cursor.path}: tensor {name!r} has unknown GGML type id {type_id} (a newer "
+                                    f"GGUF?); supported tensor types: {', '.join(SUPPORTED_TYPES)}")
+    type_name, block_size, type_size = GGML_TYPES[type_id]
+    offset, row = cursor.u64(), shape[-1] if shape else 1
+    if row % block_size:
+        raise cursor.fail(f"tensor {name!r} of type {type_name} has rows of {row} elements, not a multiple of its "
+                          f"block size {block_size}")
+    if offset % alignment:
+        raise cursor.fail(f"tensor {name!r} data offset {offset} is not a multiple of the alignment {alignment}")
+    return GGUFTensor(name, type_name, shape, offset, math.prod(shape) // block_size * type_size)
 
 
 def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
@@ -495,8 +458,5 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
     with path.open("rb") as f:
         magic = f.read(4)
     if magic != GGUF_MAGIC:
-        raise ModelFileError(
-            f"{path} is not a GGUF file: it starts with {magic!r}, "
-            f"not the GGUF magic {GGUF_MAGIC!r}"
-        )
+        raise ModelFileError(f"{path} is not a GGUF file: it starts with {magic!r}, not the GGUF magic {GGUF_MAGIC!r}")
     return GGUFFile(path, np.memmap(path, dtype=np.uint8, mode="r"))

@@ -58,10 +58,8 @@ def load_model(source: str | dict, max_seq_len: int | None = None) -> LoadedMode
         return load_gguf(PACKAGED[source](), source_name=source, max_seq_len=max_seq_len)
     path = Path(source).expanduser()
     if not path.exists():
-        raise ModelFileError(
-            f"model source '{source}' not found: give a .gguf file, a Hugging Face folder "
-            f"(config.json + *.safetensors), or one of the packaged models {sorted(PACKAGED)}"
-        )
+        raise ModelFileError(f"model source '{source}' not found: give a .gguf file, a Hugging Face folder "
+                             f"(config.json + *.safetensors), or one of the packaged models {sorted(PACKAGED)}")
     if path.is_dir():
         return load_hf_folder(path, max_seq_len=max_seq_len)
     return load_gguf(path, max_seq_len=max_seq_len)
@@ -106,10 +104,8 @@ def check_weights(args: ModelArgs, weights: dict[str, torch.Tensor], where: str)
         if name not in weights:
             raise ModelFileError(f"{where}: missing weight '{name}' (expected shape {shape})")
         if tuple(weights[name].shape) != shape:
-            raise ModelFileError(
-                f"{where}: weight '{name}' has shape {tuple(weights[name].shape)}, "
-                f"but the model's config implies {shape}"
-            )
+            raise ModelFileError(f"{where}: weight '{name}' has shape {tuple(weights[name].shape)}, "
+                                 f"but the model's config implies {shape}")
 
 
 # ---------------------------------------------------------------- GGUF
@@ -119,10 +115,9 @@ def _gguf_args(meta: dict, n_vocab: int, tied: bool, max_seq_len: int | None) ->
     arch = meta.get("general.architecture")
     if arch not in FAMILIES:
         raise UnsupportedModelError(f"GGUF architecture '{arch}' is not supported: supported are {list(FAMILIES)}")
-    if meta.get(f"{arch}.rope.scaling.type", "none") not in ("none", "linear") or meta.get(
-        f"{arch}.rope.scaling.factor", 1.0
-    ) != 1.0:
-        raise UnsupportedModelError(f"GGUF uses RoPE scaling ({meta.get(f'{arch}.rope.scaling.type')}), not supported")
+    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+    if scaling not in ("none", "linear") or meta.get(f"{arch}.rope.scaling.factor", 1.0) != 1.0:
+        raise UnsupportedModelError(f"GGUF uses RoPE scaling ({scaling}), not supported")
 
     def get(key: str, default=None):
         value = meta.get(f"{arch}.{key}", default)
@@ -194,9 +189,8 @@ def _hf_args(cfg: dict, max_seq_len: int | None) -> ModelArgs:
     model_type = cfg.get("model_type")
     family = {"llama": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3"}.get(model_type)
     if family is None:
-        raise UnsupportedModelError(
-            f"Hugging Face model_type '{model_type}' is not supported: supported are llama, qwen2, gemma3_text"
-        )
+        raise UnsupportedModelError(f"Hugging Face model_type '{model_type}' is not supported: "
+                                    "supported are llama, qwen2, gemma3_text")
     if cfg.get("rope_scaling") or (cfg.get("rope_parameters") or {}).get("rope_type", "default") != "default":
         raise UnsupportedModelError(f"config.json uses RoPE scaling ({cfg.get('rope_scaling')}), not supported")
     try:
@@ -296,12 +290,9 @@ def synthetic_model(spec: dict) -> LoadedModel:
     except TypeError as e:
         raise ModelFileError(f"synthetic model spec is invalid ({e}); fields are {list(ModelArgs.__dataclass_fields__)}") from e
     gen = torch.Generator().manual_seed(int(spec.get("seed", 0)))
-    weights: dict[str, torch.Tensor] = {}
-    for name, shape in args.weight_shapes().items():
-        if name.endswith("norm"):
-            weights[name] = 1.0 + 0.1 * torch.randn(shape, generator=gen)
-        else:
-            weights[name] = torch.randn(shape, generator=gen) / math.sqrt(shape[-1])
+    weights = {name: 1.0 + 0.1 * torch.randn(shape, generator=gen) if name.endswith("norm")
+               else torch.randn(shape, generator=gen) / math.sqrt(shape[-1])
+               for name, shape in args.weight_shapes().items()}
     if args.tied_embeddings:
         weights["lm_head"] = weights["embed"]
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()

@@ -84,11 +84,8 @@ class Tokenizer:
         """Token ids of `text`; `add_bos=None` follows the model (`add_bos_default`)."""
         # The backend's post-processor (if any) is bypassed: BOS is this class's decision alone.
         ids = self.backend.encode(text, add_special_tokens=False).ids
-        if add_bos is None:
-            add_bos = self.add_bos_default
-        if add_bos and self.bos_id is not None:
-            return [self.bos_id, *ids]
-        return ids
+        add_bos = self.add_bos_default if add_bos is None else add_bos
+        return [self.bos_id, *ids] if add_bos and self.bos_id is not None else ids
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         """The text of `ids`; special tokens (BOS, EOS, control tokens) are dropped by default."""
@@ -124,9 +121,8 @@ def _tokens_and_types(meta: dict[str, Any]) -> tuple[list[str], list[int]]:
         raise ModelFileError("GGUF metadata has no 'tokenizer.ggml.tokens' list")
     types = meta.get("tokenizer.ggml.token_type", [NORMAL] * len(tokens))
     if len(types) != len(tokens):
-        raise ModelFileError(
-            f"GGUF metadata: 'tokenizer.ggml.token_type' has {len(types)} entries for {len(tokens)} tokens"
-        )
+        raise ModelFileError(f"GGUF metadata: 'tokenizer.ggml.token_type' has {len(types)} entries for "
+                             f"{len(tokens)} tokens")
     return list(tokens), [int(t) for t in types]
 
 
@@ -180,10 +176,8 @@ def derive_merges(tokens: Sequence[str], scores: Sequence[float], types: Sequenc
     user-defined tokens are never merge results: they are matched whole or are fallbacks.
     """
     normal = {piece for piece, kind in zip(tokens, types, strict=True) if kind == NORMAL}
-    ranked = sorted(
-        (index for index, piece in enumerate(tokens) if types[index] == NORMAL and len(piece) > 1),
-        key=lambda index: (-scores[index], index),
-    )
+    ranked = sorted((index for index, piece in enumerate(tokens) if types[index] == NORMAL and len(piece) > 1),
+                    key=lambda index: (-scores[index], index))
     merges = []
     for index in ranked:
         piece = tokens[index]
@@ -198,9 +192,8 @@ def _byte_level_backend(meta: dict[str, Any], tokens: list[str], types: list[int
     """GPT-2 style byte-level BPE with the file's merges and the split regex its `pre` names."""
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in PRE_SPLITS:
-        raise UnsupportedModelError(
-            f"GGUF pre-tokenizer 'tokenizer.ggml.pre' = {pre!r} is not supported; supported: {sorted(PRE_SPLITS)}"
-        )
+        raise UnsupportedModelError(f"GGUF pre-tokenizer 'tokenizer.ggml.pre' = {pre!r} is not supported; "
+                                    f"supported: {sorted(PRE_SPLITS)}")
     merges = meta.get("tokenizer.ggml.merges")
     if not merges:
         raise ModelFileError("GGUF metadata: a 'gpt2' tokenizer needs 'tokenizer.ggml.merges'")
@@ -212,9 +205,8 @@ def _byte_level_backend(meta: dict[str, Any], tokens: list[str], types: list[int
     backend = tokenizers.Tokenizer(model)
     splits = [pre_tokenizers.Split(Regex(regex), behavior="isolated") for regex in PRE_SPLITS[pre]]
     # The regexes split the raw text; only then is each byte spelled as its printable stand-in.
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    )
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.pre_tokenizer = pre_tokenizers.Sequence([*splits, byte_level])
     backend.decoder = decoders.ByteLevel()
     return backend
 
@@ -280,12 +272,10 @@ def _special_id(backend: tokenizers.Tokenizer, token: Any, fallback: Any) -> int
 
     A config id may be a list (several end-of-sequence ids); the first one is taken.
     """
-    if isinstance(token, dict):
-        token = token.get("content")
-    if isinstance(token, str):
-        token_id = backend.token_to_id(token)
-        if token_id is not None:
-            return token_id
+    token = token.get("content") if isinstance(token, dict) else token
+    token_id = backend.token_to_id(token) if isinstance(token, str) else None
+    if token_id is not None:
+        return token_id
     if isinstance(fallback, list):
         fallback = fallback[0] if fallback else None
     return int(fallback) if fallback is not None else None
@@ -293,6 +283,4 @@ def _special_id(backend: tokenizers.Tokenizer, token: Any, fallback: Any) -> int
 
 def _post_processor_adds(backend: tokenizers.Tokenizer, bos_id: int | None) -> bool:
     """Whether the file's own post-processor puts BOS in front (Llama-style tokenizer.json files)."""
-    if bos_id is None:
-        return False
-    return backend.encode("a", add_special_tokens=True).ids[:1] == [bos_id]
+    return bos_id is not None and backend.encode("a", add_special_tokens=True).ids[:1] == [bos_id]

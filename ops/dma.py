@@ -98,28 +98,20 @@ class PinnedTable:
     @classmethod
     def from_array(cls, table: np.ndarray, align: int = ROW_ALIGN) -> "PinnedTable":
         """Allocate and copy a uint8 [rows, row_bytes] table in (padding = 0x88)."""
-        table = np.asarray(table, dtype=np.uint8)
-        pinned = cls(table.shape[0], table.shape[1], align)
-        pinned.host[:, : table.shape[1]] = table
-        pinned.host[:, table.shape[1]:] = PAD_BYTE
+        pinned = cls(*np.shape(table), align)
+        pinned.host[:] = pad_rows(table, align)
         return pinned
 
-    def _interface(self, dtype=np.uint8) -> dict:
+    def device_array(self, dtype=np.uint8):
+        """The mapped table as a Numba device array [n_rows, stride / itemsize] of dtype (no copy)."""
         if self.ptr is None:
             raise DeviceError("the pinned table was closed")
         dtype = np.dtype(dtype)
         if self.stride % dtype.itemsize:
             raise ValueError(f"stride {self.stride} is not a multiple of {dtype}'s {dtype.itemsize} bytes")
-        return {"shape": (self.n_rows, self.stride // dtype.itemsize), "typestr": dtype.str,
-                "data": (self.device_ptr, False), "strides": None, "version": 3}
-
-    @property
-    def __cuda_array_interface__(self) -> dict:
-        return self._interface()
-
-    def device_array(self, dtype=np.uint8):
-        """The mapped table as a Numba device array [n_rows, stride / itemsize] of dtype (no copy)."""
-        return cuda.from_cuda_array_interface(self._interface(dtype), owner=self, sync=False)
+        interface = {"shape": (self.n_rows, self.stride // dtype.itemsize), "typestr": dtype.str,
+                     "data": (self.device_ptr, False), "strides": None, "version": 3}
+        return cuda.from_cuda_array_interface(interface, owner=self, sync=False)
 
     def close(self) -> None:
         """Free the pinned memory (idempotent). Kernels still reading it must have finished."""
@@ -136,5 +128,4 @@ class PinnedTable:
 
 
 def _free_host(ptr: int) -> None:
-    rt = _runtime()
-    rt.cudaFreeHost(ptr)
+    _runtime().cudaFreeHost(ptr)

@@ -47,12 +47,9 @@ class Streams:
     def make(cls, priorities=(0, SIDE_PRIORITY)) -> "Streams":
         from numba import cuda
 
-        main = torch.cuda.Stream()
-        side = {}
-        for priority in priorities:
-            stream = torch.cuda.Stream(priority=priority)
-            side[priority] = (cuda.external_stream(stream.cuda_stream), stream)
-        return cls(main, cuda.external_stream(main.cuda_stream), side)
+        main, side = torch.cuda.Stream(), {p: torch.cuda.Stream(priority=p) for p in priorities}
+        numba = lambda s: cuda.external_stream(s.cuda_stream)  # noqa: E731
+        return cls(main, numba(main), {p: (numba(s), s) for p, s in side.items()})
 
     def fork(self, fn_main, fn_side, priority: int = SIDE_PRIORITY) -> None:
         """fn_main(Numba stream) on the capture stream and fn_side on a side stream, joined again by
@@ -83,24 +80,14 @@ def graph_us(step: Callable[[int], None], n_steps: int, reps: int, streams: Stre
     with torch.cuda.graph(graph, stream=streams.main):
         for i in range(n_steps):
             step(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / n_steps)
+    times = [us / n_steps for us in _event_times(graph.replay, reps)]
     del graph
-    return {"us": statistics.median(times), "us_min": min(times), "us_max": max(times), "steps": n_steps,
-            "reps": reps}
+    return {"us": statistics.median(times), "us_min": min(times), "us_max": max(times), "steps": n_steps, "reps": reps}
 
 
-def event_us(fn: Callable[[], None], reps: int, warmup: int = 1) -> float:
-    """Median microseconds of fn() on the current stream, by CUDA events (large single operations,
-    or one replay of a captured graph)."""
+def _event_times(fn: Callable[[], None], reps: int, warmup: int = 1) -> list[float]:
+    """Microseconds of each of `reps` calls of fn() on the current stream, by CUDA events, after
+    `warmup` calls."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -112,7 +99,13 @@ def event_us(fn: Callable[[], None], reps: int, warmup: int = 1) -> float:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
+    return times
+
+
+def event_us(fn: Callable[[], None], reps: int, warmup: int = 1) -> float:
+    """Median microseconds of fn() on the current stream, by CUDA events (large single operations,
+    or one replay of a captured graph)."""
+    return statistics.median(_event_times(fn, reps, warmup))
 
 
 def copies_for(nbytes: int, l2_bytes: int) -> int:
@@ -135,8 +128,7 @@ def random_operands(out_f: int, in_f: int, bits: int, gen: torch.Generator) -> t
     """(qweight, scales, zeros, act_scale) on the GPU: random packed codes (any 32-bit pattern is a
     valid packing), scales, integer zero points and activation scales, group 128."""
     groups = -(-in_f // 128)
-    qweight = torch.randint(-2**31, 2**31, (out_f, in_f * bits // 32), dtype=torch.int32, device="cuda",
-                            generator=gen)
+    qweight = torch.randint(-2**31, 2**31, (out_f, in_f * bits // 32), dtype=torch.int32, device="cuda", generator=gen)
     scales = (torch.rand(out_f, groups, device="cuda", generator=gen) * 0.02 + 0.005).half()
     zeros = torch.randint(0, 2**bits, (out_f, groups), device="cuda", generator=gen).half()
     act = torch.rand(in_f, device="cuda", generator=gen) + 0.5

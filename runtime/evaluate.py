@@ -34,11 +34,8 @@ class DenseGroup:
 
 
 def dense_groups(prepared: Prepared) -> dict[tuple[int, str], DenseGroup]:
-    return {
-        key: DenseGroup(g.q.dequantize(), g.residual.dequantize().T, g.q.act_scale, g.thresholds, g.mean_abs,
-                        g.q.bits)
-        for key, g in prepared.groups.items()
-    }
+    return {key: DenseGroup(g.q.dequantize(), g.residual.dequantize().T, g.q.act_scale, g.thresholds, g.mean_abs,
+                            g.q.bits) for key, g in prepared.groups.items()}
 
 
 def select(mode: str, x: torch.Tensor, k_chunk: int, group: DenseGroup) -> torch.Tensor:
@@ -130,8 +127,6 @@ def eval_rows(prepared: Prepared, k_chunks: list[int | dict], selections: list[s
 def format_table(rows: list[dict]) -> str:
     lines = [f"{'model':<16} {'method':<9} {'bits':>4} {'selection':<9} {'k_chunk':>7} {'ppl':>9} {'tokens':>7}"]
     for r in rows:
-        lines.append(
-            f"{str(r['model'])[:16]:<16} {r['method']:<9} {r['bits']:>4g} {r['selection']:<9} "
-            f"{str(r['k_chunk']):>7} {r['ppl']:>9.3f} {r['tokens']:>7}"
-        )
+        lines.append(f"{str(r['model'])[:16]:<16} {r['method']:<9} {r['bits']:>4g} {r['selection']:<9} "
+                     f"{str(r['k_chunk']):>7} {r['ppl']:>9.3f} {r['tokens']:>7}")
     return "\n".join(lines)

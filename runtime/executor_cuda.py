@@ -163,13 +163,13 @@ class DecodeState:
 
 
 def _embed(st: DecodeState, node: Node) -> None:
-    out = st.buf[node.outputs[0]]
-    out.copy_(embed(st.args, st.weights, st.token).reshape(-1))  # Gemma's sqrt(dim) in fp16, as HF does
+    # Gemma's sqrt(dim) in fp16, as HF does
+    st.buf[node.outputs[0]].copy_(embed(st.args, st.weights, st.token).reshape(-1))
 
 
 def _lm_head(st: DecodeState, node: Node) -> None:
-    out = st.buf[node.outputs[0]]
-    out.copy_(F.linear(st.buf[node.inputs[0]][None], st.weights["lm_head"]).reshape(-1))  # fp16 in, fp32 accumulate
+    # fp16 in, fp32 accumulate
+    st.buf[node.outputs[0]].copy_(F.linear(st.buf[node.inputs[0]][None], st.weights["lm_head"]).reshape(-1))
 
 
 TORCH_OPS = {"embed": _embed, "lm_head": _lm_head}  # the rest of the step: our kernels (see CUDAExecutor._bind)
@@ -295,9 +295,7 @@ class StepEvents:
 
     @classmethod
     def make(cls, n_items: int, external: bool) -> "StepEvents":
-        def event():
-            return torch.cuda.Event(enable_timing=True, external=external)
-
+        event = functools.partial(torch.cuda.Event, enable_timing=True, external=external)
         return cls(event(), [(event(), event()) for _ in range(n_items)])
 
     def times(self, items, host_start: float) -> list[tuple]:
@@ -333,9 +331,9 @@ class CUDAExecutor:
         self.attention_plan = plan_attention(model.args)
         self.attention_scratch = AttentionScratch.allocate(self.attention_plan)  # shared: layers run in turn
         self.base_out = {(n.layer, n.attr("group")): n.outputs[0] for n in nodes if n.op == "base_gemv"}
-        self.corrections: dict = {}
-        self.splits: dict = {}  # the compensated groups' split outputs: the correction is their last parts
-        self.gemvs: dict = {}  # the compensated groups' GEMVs, re-planned to leave the correction its SMs
+        # per compensated group: its correction, its GEMV's split output (the correction is its last parts), and its
+        # GEMV re-planned to leave the correction its SMs
+        self.corrections, self.splits, self.gemvs = {}, {}, {}
         for n in nodes:
             if n.op == "correction":
                 self._prepare_correction(n)
@@ -373,19 +371,16 @@ class CUDAExecutor:
         if launch.stream == SIDE:
             # the fused correction: it selects, fetches over PCIe, corrects and adds its part into the base
             # GEMV's split output; whichever kernel completes a tile writes the fp16 output (the merge)
-            corr, split, act = self.corrections[key], self.splits[key], self.model.groups[key].gemv.act_scale
-            x_n, out_n, stream = self.views[node.inputs[0]], self.views[self.base_out[key]], self.numba_streams[SIDE]
-            return lambda: corr(x_n, act, out=out_n, merge=split, stream=stream)
+            act = self.model.groups[key].gemv.act_scale
+            return functools.partial(self.corrections[key], self.views[node.inputs[0]], act,
+                                     out=self.views[self.base_out[key]], merge=self.splits[key],
+                                     stream=self.numba_streams[SIDE])
         if node.op == "base_gemv":
-            g, x, out = self.model.groups[key], node.inputs[0], node.outputs[0]
-            gemv, x_n, out_n = self.gemvs.get(key, g.gemv), self.views[x], self.views[out]
-            stream, merge = self.numba_streams[MAIN], self.splits.get(key)
-            return lambda: gemv(x_n, out_n, stream, merge=merge)
+            return functools.partial(self.gemvs.get(key, self.model.groups[key].gemv), self.views[node.inputs[0]],
+                                     self.views[node.outputs[0]], self.numba_streams[MAIN], merge=self.splits.get(key))
         if launch.op in TORCH_OPS:  # torch launches on its current stream: the main one
             return functools.partial(TORCH_OPS[launch.op], self.state, node)
-        stream = self.numba_streams[MAIN]
-        kernel = self._layer_kernel(launch)
-        return lambda: kernel(stream)
+        return functools.partial(self._layer_kernel(launch), self.numba_streams[MAIN])
 
     def _layer_kernel(self, launch: Launch):
         """The kernel of a launch between the GEMVs: the fused norm (after a residual add, or alone),
@@ -477,10 +472,7 @@ class CUDAExecutor:
             timing = StepEvents.make(len(self.plan.launches), external=False) if timed else None
             self._issue(timing)
             return timing
-        if not timed:
-            self.graph.replay()
-            return None
-        graph, timing = self.profiled
+        graph, timing = self.profiled if timed else (self.graph, None)
         graph.replay()
         return timing
 

@@ -130,10 +130,8 @@ def write_chrome_trace(steps: list[list[tuple]], path: str) -> None:
               for s, name in ((0, "main stream"), (1, "side stream"))]
     for step_index, step in enumerate(steps):
         for item, start, end in step:
-            events.append({
-                "name": item.name, "cat": item.op, "ph": "X", "pid": 0, "tid": item.stream,
-                "ts": (start - t0) * 1e6, "dur": (end - start) * 1e6,
-                "args": {"step": step_index, "layer": item.layer, "k_chunk": item.attr("k_chunk")},
-            })
+            events.append({"name": item.name, "cat": item.op, "ph": "X", "pid": 0, "tid": item.stream,
+                           "ts": (start - t0) * 1e6, "dur": (end - start) * 1e6,
+                           "args": {"step": step_index, "layer": item.layer, "k_chunk": item.attr("k_chunk")}})
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ns"}))

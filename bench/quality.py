@@ -62,7 +62,9 @@ def main() -> None:
     keep = set(filter(None, a.keep.split(",")))
     if keep:
         old = json.loads(Path(a.out).read_text())
-        result["kept_from"] = {"commit": old["commit"], "command": old["command"], "methods": sorted(keep)}
+        origin = old.get("kept_from") if keep <= set(old.get("kept_from", {}).get("methods", ())) else None
+        origin = origin or old  # rows the earlier file had kept itself come from where it had them
+        result["kept_from"] = {"commit": origin["commit"], "command": origin["command"], "methods": sorted(keep)}
         result["rows"] = [r for r in old["rows"] if kept(r["method"], r["quant_k"], keep | {"reference"})]
         result["prepare_seconds"] = {m: t for m, t in old["prepare_seconds"].items() if kept(*m.partition("@")[::2], keep)}
     windows = {}

@@ -241,19 +241,18 @@ def tune_measured(model: MeasuredModel, shapes: dict, step_us: float, target: fl
 def _untried(model: MeasuredModel, shapes: dict, step_us: float, budget: float, best: tuple, over: float | None,
              where) -> tuple[float, Tuning | None]:
     """(budget, its tuning) for a plan that compensates more than `best` (tuning, build, round, budget)
-    and, once a budget went `over`, less than that one's: a budget that buys `best`'s plan again moves
-    halfway up towards `over`, one that buys `over`'s halfway down; (budget, None) when the grown budget
-    buys nothing more, or no new plan lies between within BISECTIONS halvings."""
+    and, once a budget went `over`, less than that one's: a budget that buys `best`'s plan again grows
+    by a tenth (before any went over: a plan measured a point under the target is worth its next move
+    even where the measured ratio asks for less) or moves halfway up towards `over`; one that buys
+    `over`'s moves halfway down. (budget, None) when no new plan turns up within BISECTIONS tries."""
     low, high = best[3], over
     for _ in range(BISECTIONS):
         t = tune_groups(model, shapes, step_us, budget, where)
         if t.predicted_step_us <= best[0].predicted_step_us:
-            if high is None:
-                return budget, None  # a larger budget buys no more compensation
             low = budget
         elif high is None or t.choices != tune_groups(model, shapes, step_us, high, where).choices:
             return budget, t
         else:
             high = budget
-        budget = (low + high) / 2
+        budget = 1.1 * budget if high is None else (low + high) / 2
     return budget, None

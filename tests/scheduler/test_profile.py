@@ -12,7 +12,7 @@ from decdec.errors import ConfigError
 from decdec.scheduler.latency import MeasuredModel
 from decdec.scheduler.plan import schedule
 from decdec.scheduler.profile import MeasuredProfile, default_path, slug
-from decdec.scheduler.tuner import (ROUNDS, SPENT, TOLERANCE, _untried, cheapest_slowdown, frontier, predicted_step_us,
+from decdec.scheduler.tuner import (BISECTIONS, ROUNDS, SPENT, TOLERANCE, _untried, cheapest_slowdown, frontier, predicted_step_us,
                                     tune_groups, tune_measured)
 
 ARGS = ModelArgs("llama", 100, 64, 4, 2, 1, 32, 128, 1e-5, 1e4)  # dim 64, 4 layers, ffn 128
@@ -288,6 +288,8 @@ def test_bisection_ends_where_no_plan_lies_between():
     best = tune_groups(model, SHAPES, step, 0.05)
     over = 0.05 * (1 + 1e-9)  # no budget in between buys another plan
     assert _untried(model, SHAPES, step, over, (best, None, 0, 0.05), over, "")[1] is None
-    assert _untried(model, SHAPES, step, 0.05, (best, None, 0, 0.05), None, "")[1] is None  # growth that buys nothing
+    budget, t = _untried(model, SHAPES, step, 0.05, (best, None, 0, 0.05), None, "")  # the same plan: the next move
+    assert 0.05 < budget <= 0.05 * 1.1 ** BISECTIONS and t.predicted_step_us > best.predicted_step_us
+    assert tune_groups(model, SHAPES, step, budget / 1.1).predicted_step_us == best.predicted_step_us  # the least growth
     budget, t = _untried(model, SHAPES, step, 0.1, (best, None, 0, 0.05), None, "")
     assert budget == 0.1 and t.predicted_step_us > best.predicted_step_us

@@ -7,7 +7,7 @@ so it is prepared once per k_chunk and evaluated at that k_chunk ('quant_k' of a
 prepared for k_chunk 0 is also evaluated at the largest k_chunk, the ablation that shows what
 knowing the k_chunk buys. Every preparation is forced (timed, never stale artifacts).
 
-    python bench/quality.py --model gemma3-270m --tokens 1022 --ctx 512 --out bench/results/quality_gemma3-270m.json
+    python bench/quality.py --model gemma3-270m --tokens 8190 --ctx 512 --out bench/results/quality_gemma3-270m_8k.json
 """
 
 from __future__ import annotations

@@ -347,10 +347,11 @@ def engine_table(path: Path) -> str:
     d = json.loads(path.read_text())
     int4, rows = _engine_rows(d)
     max_seqs = sorted({x["max_seq"] for x in d["runs"]})
+    paired = any("base_device_ms" in r for r in d["rows"])
     lines = [f"{d['device']}, batch 1, max_seq {' / '.join(map(str, max_seqs))}; wall = token id in, logits on the "
              "host out; device = CUDA events around the step alone; roofline = (weight + lm_head bytes) / measured "
-             "HBM read / wall step; slowdown = device step over the base step at the same KV length (the tuner's "
-             "prediction in brackets):", "",
+             "HBM read / wall step; slowdown = device step over the base step at the same KV length"
+             + (", the two timed in turns" if paired else "") + " (the tuner's prediction in brackets):", "",
              *header("model", "KV length", "system", "target", "tokens/s", "device tokens/s", "of roofline",
                      "ours / int4", "ours / int4, device", "slowdown (predicted)",
                      "k_chunk (n_tb): qkv / o / gate_up / down", "ppl")]

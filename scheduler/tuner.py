@@ -246,13 +246,14 @@ def _untried(model: MeasuredModel, shapes: dict, step_us: float, budget: float, 
     even where the measured ratio asks for less) or moves halfway up towards `over`; one that buys
     `over`'s moves halfway down. (budget, None) when no new plan turns up within BISECTIONS tries."""
     low, high = best[3], over
+    over_choices = None if over is None else tune_groups(model, shapes, step_us, over, where).choices
     for _ in range(BISECTIONS):
         t = tune_groups(model, shapes, step_us, budget, where)
         if t.predicted_step_us <= best[0].predicted_step_us:
             low = budget
-        elif high is None or t.choices != tune_groups(model, shapes, step_us, high, where).choices:
+        elif over_choices is None or t.choices != over_choices:
             return budget, t
         else:
-            high = budget
+            high = budget  # buys over's plan, so over_choices still describes high
         budget = 1.1 * budget if high is None else (low + high) / 2
     return budget, None

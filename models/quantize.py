@@ -423,10 +423,8 @@ def _held_back_alpha(
     and RTN's (0) are scaled by mean|x| of the search rows of `split_rows` and scored after DecDEC's
     compensation at k_chunk with the real 4-bit residual table on its held-back rows, without
     clipping; AWQ's is kept unless RTN's beats it by FALLBACK_MARGIN (COMPENSATED_MARGIN where
-    k_chunk > 0). The table, not an exact
-    residual: an unscaled weight's residual can have so wide a range that its 4-bit table
-    corrects little of what an exact residual would (one SmolLM2 layer: RTN 0.6x AWQ's error with
-    an exact residual, 3x with the table)."""
+    k_chunk > 0). The table, not an exact residual: an unscaled weight's residual can have so wide
+    a range that its 4-bit table corrects far less than an exact residual would."""
     search, held = split_rows(x)
     awq = _search_alpha(weight, _subsample_rows(x, AWQ_SEARCH_ROWS), mean_abs, bits, group_size, n_grid)
     search_mean_abs = search.abs().mean(0)

@@ -130,24 +130,23 @@ def timed_together(systems: list[tuple], run: Run) -> list[dict]:
     device = [[] for _ in systems]
     for _ in range(-(-run.steps // BLOCK)):
         for i, (user_step, device_step, stream) in enumerate(systems):
-            for _ in range(BLOCK):
-                t = time.perf_counter()
-                user_step()
-                wall[i].append((time.perf_counter() - t) * 1e3)
-            device[i] += device_ms(device_step, stream, run)
+            wall[i] += host_ms(user_step)
+            device[i] += device_ms(device_step, stream) if run.cuda else host_ms(device_step)
     return [{"wall_ms": statistics.median(w), "device_ms": statistics.median(d)} for w, d in zip(wall, device)]
 
 
-def device_ms(device_step, stream, run: Run) -> list[float]:
-    """ms of BLOCK calls of device_step(), issued back to back: CUDA events on `stream` (the host clock
-    on the CPU)."""
-    if not run.cuda:
-        out = []
-        for _ in range(BLOCK):
-            t = time.perf_counter()
-            device_step()
-            out.append((time.perf_counter() - t) * 1e3)
-        return out
+def host_ms(step) -> list[float]:
+    """ms of BLOCK calls of step(), each by the host clock."""
+    out = []
+    for _ in range(BLOCK):
+        t = time.perf_counter()
+        step()
+        out.append((time.perf_counter() - t) * 1e3)
+    return out
+
+
+def device_ms(device_step, stream) -> list[float]:
+    """ms of BLOCK calls of device_step(), issued back to back: CUDA events on `stream` around each."""
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(BLOCK)]
     torch.cuda.synchronize()
     for start, end in events:
@@ -263,22 +262,20 @@ def close(engine: Engine) -> None:
 
 def time_ours(engines: list[Engine], run: Run) -> dict[int, list[dict]]:
     """position -> timing of each of `engines` at each KV length of the run (`timed_together`)."""
-    out = {}
-    for kv_len in run.positions:
-        p = kv_len - 1
+    return {kv_len - 1: timed_together([our_steps(e, kv_len - 1, run) for e in engines], run)
+            for kv_len in run.positions}
 
-        def system(engine, p=p):
-            def user_step():
-                engine.position = p
-                return engine.step(TOKEN)
 
-            ex = engine.executor
-            if run.cuda:
-                return user_step, lambda: ex.replay_only(p), ex.streams[MAIN]
-            return user_step, lambda: ex.run(TOKEN, p), None
+def our_steps(engine: Engine, p: int, run: Run) -> tuple:
+    """(user_step, device_step, stream) of `engine` at position p, as `timed_together` takes them."""
+    def user_step():
+        engine.position = p
+        return engine.step(TOKEN)
 
-        out[p] = timed_together([system(e) for e in engines], run)
-    return out
+    ex = engine.executor
+    if run.cuda:
+        return user_step, lambda: ex.replay_only(p), ex.streams[MAIN]
+    return user_step, lambda: ex.run(TOKEN, p), None
 
 
 def our_bytes(s: Shapes, bits: float = BITS) -> int:

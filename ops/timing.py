@@ -80,12 +80,12 @@ def graph_us(step: Callable[[int], None], n_steps: int, reps: int, streams: Stre
     with torch.cuda.graph(graph, stream=streams.main):
         for i in range(n_steps):
             step(i)
-    times = [us / n_steps for us in _event_times(graph.replay, reps)]
+    times = [us / n_steps for us in event_times(graph.replay, reps)]
     del graph
     return {"us": statistics.median(times), "us_min": min(times), "us_max": max(times), "steps": n_steps, "reps": reps}
 
 
-def _event_times(fn: Callable[[], None], reps: int, warmup: int = 1) -> list[float]:
+def event_times(fn: Callable[[], None], reps: int, warmup: int = 1) -> list[float]:
     """Microseconds of each of `reps` calls of fn() on the current stream, by CUDA events, after
     `warmup` calls."""
     for _ in range(warmup):
@@ -105,7 +105,7 @@ def _event_times(fn: Callable[[], None], reps: int, warmup: int = 1) -> list[flo
 def event_us(fn: Callable[[], None], reps: int, warmup: int = 1) -> float:
     """Median microseconds of fn() on the current stream, by CUDA events (large single operations,
     or one replay of a captured graph)."""
-    return statistics.median(_event_times(fn, reps, warmup))
+    return statistics.median(event_times(fn, reps, warmup))
 
 
 def copies_for(nbytes: int, l2_bytes: int) -> int:

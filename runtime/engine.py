@@ -29,7 +29,7 @@ from decdec.errors import ConfigError, InputError
 from decdec.runtime.evaluate import decdec_linear, dense_groups
 from decdec.runtime.executor_cpu import CPUExecutor
 from decdec.graph import Graph
-from decdec.runtime.tune import load_profile, measure_step_us, require_gpu
+from decdec.runtime.tune import TUNE_POSITION, load_profile, measure_pair_us, measure_step_us, require_gpu
 from decdec.scheduler.plan import Plan, schedule
 from decdec.scheduler.profile import MeasuredProfile
 from decdec.scheduler.tuner import Tuning, check_shapes, tune_measured
@@ -221,8 +221,14 @@ def compile_cuda(prepared: Prepared, k_chunk: int | None, profile: MeasuredProfi
     if profile is None:
         graph, decode = build(k_chunk)
         return Engine(prepared, graph, decode.plan, decode, k_chunk, base)
-    # tuned, then checked by measuring the captured step (scheduler.tuner.tune_measured)
-    tuning, (graph, decode) = tune_measured(
-        profile.model, shapes, measure_step_us(base), prepared.config.decdec.target_slowdown,
-        lambda t: build(t.k_chunks, t.n_tbs), lambda built: measure_step_us(built[1]), profile_path)
+    # tuned, then checked by measuring the captured step in turns with the base step (scheduler.tuner.tune_measured)
+    position = min(TUNE_POSITION, max_seq - 1)
+    step_us = measure_step_us(base, position)
+
+    def measure(built) -> float:  # the tuned step, in µs of step_us's scale
+        base_us, built_us = measure_pair_us(base, built[1], position)
+        return step_us * built_us / base_us
+
+    tuning, (graph, decode) = tune_measured(profile.model, shapes, step_us, prepared.config.decdec.target_slowdown,
+                                            lambda t: build(t.k_chunks, t.n_tbs), measure, profile_path)
     return Engine(prepared, graph, decode.plan, decode, tuning.k_chunks, base, tuning)

@@ -5,6 +5,7 @@ decode step, the two inputs `scheduler.tuner.tune_groups` needs besides the targ
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 import torch
@@ -26,6 +27,11 @@ K_CHUNKS_QUICK = (1, 4, 16, 64)
 N_TBS_QUICK = (4, 16)
 REPS_QUICK = 10
 STEP_REPLAYS = 20  # replays of the base step whose median is the tuner's step_us
+# The tuner times steps at this decode position (clipped to max_seq - 1): past the first tokens, where the
+# attention reads 256 keys as in bench/engine.py's first position; at position 0 the step is shorter and
+# every compensation looks dearer than a user sees it.
+TUNE_POSITION = 255
+PAIR_TURNS, PAIR_BLOCK = 4, 5  # a paired measurement: turns of PAIR_BLOCK replays of each step
 
 
 def require_gpu(what: str) -> None:
@@ -73,13 +79,28 @@ def measure_profile(shapes: dict, quick: bool = False, progress: bool = True) ->
                            MeasuredModel.from_rows(info["device"], rows), list(ks), list(tbs))
 
 
-def measure_step_us(executor) -> float:
-    """Median µs of one replay of a captured `CUDAExecutor` step (CUDA events on its replay stream)."""
+def measure_step_us(executor, position: int = 0) -> float:
+    """Median µs of one replay of a captured `CUDAExecutor` step at `position` (CUDA events on its stream)."""
     from decdec.ops.timing import event_us
     from decdec.scheduler.plan import MAIN
 
     with torch.cuda.stream(executor.streams[MAIN]):
-        return event_us(lambda: executor.replay_only(0), STEP_REPLAYS, warmup=3)
+        return event_us(lambda: executor.replay_only(position), STEP_REPLAYS, warmup=3)
+
+
+def measure_pair_us(base, executor, position: int) -> tuple[float, float]:
+    """Median µs of a replay of `base` and of `executor` at `position`, timed in turns of PAIR_BLOCK
+    replays each: the two steps then see the same clocks and the same state of the host's page tables
+    (a fetch-heavy step's time moves by a few % of itself between measurements minutes apart)."""
+    from decdec.ops.timing import event_times
+    from decdec.scheduler.plan import MAIN
+
+    times: tuple[list, list] = ([], [])
+    for _ in range(PAIR_TURNS):
+        for ex, out in zip((base, executor), times):
+            with torch.cuda.stream(ex.streams[MAIN]):
+                out += event_times(lambda: ex.replay_only(position), PAIR_BLOCK)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def format_profile(profile: MeasuredProfile, shapes: dict) -> str:

@@ -8,6 +8,7 @@ latency model, the measured step -> a `Tuning` (choices and the predicted step).
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -20,7 +21,7 @@ TOLERANCE = 0.005  # a measured step may exceed the target slowdown by this (hal
 SPENT = 0.01  # ... and a plan measured this far under the target leaves budget to spend (`tune_measured`)
 ROUNDS = 6  # tune-and-measure rounds: to meet the target, then to spend it (`tune_measured`)
 BISECTIONS = 8  # budget halvings in search of a plan between two measured ones (`tune_measured`)
-REPEATS = 3  # measurements of a tuned step; the slowest decides (the same Llama plan measured +10.4 % and +14.2 %)
+REPEATS = 3  # measurements of a tuned step, each in turns with the base step; the median decides
 K_CHOICES = tuple(range(1, 17)) + tuple(range(20, 129, 4)) + tuple(range(160, 1025, 32))
 
 
@@ -160,7 +161,7 @@ class Round:
 
     budget: float
     predicted_step_us: float
-    measured_step_us: float  # the slowest of the round's measurements
+    measured_step_us: float  # the median of the round's measurements
     samples: tuple = ()  # every measurement (µs)
 
 
@@ -195,9 +196,10 @@ def tune_measured(model: MeasuredModel, shapes: dict, step_us: float, target: fl
     target + TOLERANCE (a budget below the least compensation, one shape at its smallest k_chunk,
     becomes that plan's cost, tried once) and up while it is more than SPENT under the target; once
     a plan met the target and a larger one went over, the budget is bisected between theirs (the
-    plans are discrete: gate_up's next k_chunk alone can jump past the target). A fetch-heavy step
-    varies by a few % of itself between measurements, so each plan is measured `REPEATS` times and
-    the slowest decides. Returns (the tuning of the most compensating plan that met the target, with
+    plans are discrete: gate_up's next k_chunk alone can jump past the target). `measure` times the
+    tuned step in turns with the base step and scales it to `step_us` (a fetch-heavy step moves by a
+    few % of itself between measurements minutes apart); each plan is measured `REPEATS` times and the
+    median decides. Returns (the tuning of the most compensating plan that met the target, with
     every round, and its build); ConfigError when no round meets the target."""
     budget, history, best, over = target, [], None, None  # best: (tuning, build, round, budget); over: a budget
     floor = cheapest_slowdown(model, shapes, step_us) * (1 + 1e-9)  # the least compensation's budget
@@ -210,7 +212,7 @@ def tune_measured(model: MeasuredModel, shapes: dict, step_us: float, target: fl
                 break
         built = build(t)
         samples = tuple(measure(built) for _ in range(REPEATS))
-        measured = max(samples)
+        measured = statistics.median(samples)
         history.append(Round(budget, t.predicted_step_us, measured, samples))
         predicted_extra, measured_extra = t.predicted_step_us - step_us, measured - step_us
         if measured / step_us - 1 <= target + TOLERANCE:

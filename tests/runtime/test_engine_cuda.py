@@ -49,6 +49,7 @@ from decdec.ops.ptx import pdl_supported  # noqa: E402
 from decdec.runtime import engine as runtime_engine, executor_cuda as xc  # noqa: E402
 from decdec.errors import DeviceError, ModelFileError  # noqa: E402
 from decdec.scheduler.plan import MAIN, SIDE, Plan, schedule  # noqa: E402
+from decdec.scheduler.tuner import REPEATS  # noqa: E402
 from tests.runtime.test_engine import TINY, tiny_cfg  # noqa: E402
 
 STEPS = 32
@@ -472,19 +473,21 @@ def tuned_cfg(tmp_path, target: float, profile) -> dict:
 
 
 def test_compile_with_a_target_on_a_fake_device(tmp_path, fake_cuda, monkeypatch):
-    """The base step is built and timed first (1000 µs a replay here; the tuned one 1045 µs, +4.5 % of a
-    5 % target, so the first round is accepted), the tuner's k_chunk and n_tb reach every correction,
-    and the steps equal a CPU executor of the same per-group k_chunk."""
+    """The base step is built and timed first (1000 µs a replay here); the tuned one is timed in turns
+    with it, 4.5 % slower, under a 5 % target, so the first round is accepted; the tuner's k_chunk and
+    n_tb reach every correction, and the steps equal a CPU executor of the same per-group k_chunk."""
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: FAKE_GPU)
-    timed: list = []  # the executors measured, in turn: the base step's first
-    monkeypatch.setattr(runtime.engine, "measure_step_us",
-                        lambda executor: timed.append(executor) or (1000.0 if timed[0] is executor else 1045.0))
+    timed: list = []  # the executors measured: the base step's first, then the tuned one in turns with it
+    monkeypatch.setattr(runtime.engine, "measure_step_us", lambda executor, position: timed.append(executor) or 1000.0)
+    monkeypatch.setattr(runtime.engine, "measure_pair_us",
+                        lambda base, executor, position: timed.append(executor) or (990.0, 1034.55))
     tiny_profile(tmp_path / "p.json")
     dev = runtime.compile(tuned_cfg(tmp_path, 0.05, tmp_path / "p.json"), progress=False)
     tuning = dev.tuning
     assert len(fake_cuda) == 2 and dev.prefill_executor.cache is dev.executor.cache
     assert tuning.step_us == pytest.approx(1000.0) and tuning.profile == str(tmp_path / "p.json")
-    assert 1000.0 < tuning.predicted_step_us <= 1050.0 + 1e-9 and tuning.measured_step_us == 1045.0
+    assert 1000.0 < tuning.predicted_step_us <= 1050.0 + 1e-9 and tuning.measured_step_us == pytest.approx(1045.0)
+    assert timed == [dev.prefill_executor] + [dev.executor] * REPEATS
     assert dev.k_chunk == tuning.k_chunks and len(set(tuning.k_chunks.values())) > 1
     for (layer, kind), corr in dev.executor.corrections.items():
         assert (corr.k_chunk, corr.n_tb) == (tuning.k_chunks[kind, 3], tuning.n_tbs[kind, 3])

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from decdec.models.arch import ModelArgs, block, embed, forward, reference_linear
+from decdec.models.arch import ModelArgs, forward, hidden, reference_linear
 
 Group = tuple[int, str]  # (layer, kind)
 
@@ -34,9 +34,7 @@ def collect_activations(args: ModelArgs, weights, windows: list[torch.Tensor], p
         return ref(layer, kind, x)
 
     for window in windows:
-        x, positions = embed(args, weights, window), torch.arange(window.shape[0])
-        for layer in range(args.n_layers):
-            x = block(args, weights, layer, x, positions, recording_linear, None)
+        hidden(args, weights, window, recording_linear)
         if progress:
             progress.update(1)
     return {group: torch.cat(parts) for group, parts in rows.items()}

@@ -585,12 +585,6 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
         acc = cuda.local.array(m_tiles, float32)
         for mt in range(m_tiles):
             acc[mt] = float32(0)
-        # L2 is asked for the first PF steps (the first one's loads wait for the staging) before the staging and
-        # `wait_upstream` (the weights are the graph's constants): they overlap the staging and the kernel before;
-        # then each step asks for the one PF steps ahead of it
-        ptile, pstep = tile, -1
-        for _ in range(PF):
-            ptile, pstep = prefetch_ahead(qw, ptile, pstep, n_steps, n_tiles, stride, warp_t16, grp0, lane)
         # the first (tile, step)'s weights: before the staging when EARLY (its HBM latency then overlaps the
         # staging's; what a block of one or two steps waits on), else after it (fewer live registers)
         if EARLY:
@@ -643,6 +637,9 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
         if not EARLY:
             words = load(qw, scale_zero, uint32(tile * TILES16) + warp_t16, uint32(tile * TILE) + lane_row,
                          last_row, lane4, uint32(grp0 + min(kw, last_grp)), sel8)
+        ptile, pstep = tile, 0  # the prefetch cursor, PF steps ahead of the load cursor's first step
+        for _ in range(PF):
+            ptile, pstep = prefetch_ahead(qw, ptile, pstep, n_steps, n_tiles, stride, warp_t16, grp0, lane)
         step = 0
         while tile < n_tiles:  # (a loop on the cursors: no step counter held in a register)
             if PF:

@@ -3,7 +3,7 @@
     DECDEC_COMMIT=<sha> python bench/gemv_variants.py --out $OUT/gemv_variants.json [--sass] [--quick]
 
 Each variant (rows per warp, K warps, K split, persistent blocks that stream several row tiles, the first
-weights loaded before or after the staging, L2 prefetches some steps ahead) is first checked against the float32 dequantized reference on the
+weights loaded before or after the staging) is first checked against the float32 dequantized reference on the
 GPU, then timed per launch inside a CUDA graph with the weights rotated through copies larger than 3x L2, next
 to torch's int4 tinygemm and an HBM read in the same run (`ops.timing.bandwidth`'s kernel, as bench/gpu_ops.py
 measures it). `--sass` also prints the opcode histogram of the default 4-bit kernel and its register /
@@ -64,10 +64,6 @@ def variants(out_f: int, in_f: int, bits: int, n_sm: int, quick: bool, default_o
     # the first weights loaded before the staging or after it
     v[f"{'late' if d.early_load else 'early'} first load"] = p(
         rows_per_warp=d.rows_per_warp, k_warps=d.k_warps, k_blocks=d.k_blocks, early_load=not d.early_load)
-    if d.k_warps == 1:  # L2 asked for each warp's weights this many steps ahead
-        for pf in (2, 4, 8):
-            v[f"prefetch={pf}"] = p(rows_per_warp=d.rows_per_warp, k_warps=1, k_blocks=d.k_blocks,
-                                    early_load=d.early_load, prefetch=pf)
     if not quick:
         v["one tile per block"] = p(persistent=False)
         for kb in {max(1, d.k_blocks // 2), d.k_blocks * 2, d.k_blocks + 1, max(1, d.k_blocks - 1)}:
@@ -124,7 +120,6 @@ def main(argv=None) -> int:
     ap.add_argument("--sass", action="store_true", help="opcode histogram of the default 4-bit kernel")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--shapes", help="comma list OUTxIN (default: Llama-3-8B's six)")
-    ap.add_argument("--only", help="comma list of variant names to time (e.g. default,prefetch=4)")
     ap.add_argument("--launch-only", metavar="OUTxINxBITS",
                     help="only launch the default plan of one shape 5 times (a target for ncu)")
     args = ap.parse_args(argv)
@@ -164,8 +159,6 @@ def main(argv=None) -> int:
             weights = [random_operands(out_f, in_f, bits, gen) for _ in range(n)]
             case = reference_case(out_f, in_f, bits, gen)
             for name, plan in variants(out_f, in_f, bits, n_sm, args.quick, args.default_only).items():
-                if args.only and name not in args.only.split(","):
-                    continue
                 err = check(plan, case)
                 gemvs = [bg.BaseGemv(*w, bits, plan=plan) for w in weights]
                 us = graph_us(lambda i: gemvs[i % n](x, out, stream=streams.main_n), max(n, 100), args.reps,

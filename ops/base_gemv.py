@@ -36,7 +36,7 @@ from numba import cuda, float32, int32, uint32, uint64
 from decdec.ops.layout import dequantize, unpack_codes  # noqa: F401 - re-exported: the reference's decoding
 from decdec.ops.layout import words_to_int32
 from decdec.ops.ptx import (MMA_SWAP, half2_floats, load_u32x2, load_u32x4, mma_f16, pack_half2, pdl_supported,
-                            prefetch_l2, release_dependents, wait_upstream)
+                            release_dependents, wait_upstream)
 from decdec.ops.reduce import SCRATCH, lanes8_max, lanes8_sum
 
 SIMULATED = cuda.jit.__module__.startswith("numba.cuda.simulator")  # the CUDA simulator runs these kernels
@@ -179,7 +179,6 @@ class GemvPlan:
     k_warps: int = 1  # warps of a block that split its K range (and share its rows), summed in shared
     # memory at the tile's end; > 1 gives short-K and few-row shapes shorter blocks
     early_load: bool = False  # the first weights are loaded before the inputs are staged
-    prefetch: int = 0  # k_warps 1: each warp asks L2 for its weights this many steps ahead of its loads
 
     @property
     def row_warps(self) -> int:
@@ -214,7 +213,7 @@ class GemvPlan:
 
 def plan_gemv(out_features: int, in_features: int, bits: int, group_size: int = 128, n_sm: int = 132,
               rows_per_warp: int | None = None, k_blocks: int | None = None, persistent: bool = True,
-              k_warps: int | None = None, early_load: bool | None = None, prefetch: int = 0) -> GemvPlan:
+              k_warps: int | None = None, early_load: bool | None = None) -> GemvPlan:
     """Pick the K split and the rows per warp by a small cost model, `_plan_cost`.
 
     Blocks run in waves of n_sm x MMA_MIN_BLOCKS. A block stages its K range's inputs once and,
@@ -238,7 +237,7 @@ def plan_gemv(out_features: int, in_features: int, bits: int, group_size: int = 
         k_blocks = k_blocks or 1
     if rows_per_warp is None or k_warps is None:  # whichever the cost model prefers
         plans = [plan_gemv(out_features, in_features, bits, group_size, n_sm, r, k_blocks, persistent,
-                           k_warps or 1, early_load, prefetch)
+                           k_warps or 1, early_load)
                  for r in ((MMA_ROWS, 2 * MMA_ROWS) if rows_per_warp is None else (rows_per_warp,))]
         return min(plans, key=lambda p: _plan_cost(p, n_sm))
     if k_warps not in K_WARPS:
@@ -252,8 +251,7 @@ def plan_gemv(out_features: int, in_features: int, bits: int, group_size: int = 
         groups = min(MMA_STAGE_GROUPS, -(-n_groups // kb))
         kb = -(-n_groups // groups)
         tiles = -(-n_tiles * kb // (n_sm * MMA_MIN_BLOCKS)) if persistent else 1
-        return GemvPlan(bits, out_features, in_features, rows_per_warp, kb, groups, tiles, k_warps, early_load,
-                        prefetch if k_warps == 1 else 0)
+        return GemvPlan(bits, out_features, in_features, rows_per_warp, kb, groups, tiles, k_warps, early_load)
 
     if k_blocks is not None:
         return make(k_blocks)
@@ -464,12 +462,10 @@ def _make_mma_step(bits: int, m_tiles: int, n_groups: int, exact_rows: bool):
 
 
 @functools.lru_cache(maxsize=None)
-def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warps: int = 1, early_load: bool = False,
-                prefetch: int = 0):
+def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warps: int = 1, early_load: bool = False):
     """The tensor-core kernel for one (bits, m_tiles, group count, k_warps); `exact_rows`: the rows fill
     whole tiles (no clamps on scale / zero rows); `early_load`: the first weights are loaded before the
-    staging; `prefetch` (k_warps 1): steps ahead at which a warp asks L2 for its weights. See the
-    section comment."""
+    staging. See the section comment."""
     SHIFTS = slot_shifts(bits)
     PDL = pdl_supported()
     KW = k_warps
@@ -484,23 +480,6 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
     assert MMA_STAGE_GROUPS * MMA_GROUP == CHUNK * THREADS  # one chunk per thread stages a full K block
     SWAP = THREADS * MMA_SWAP if SIMULATED else 1
     load, dots = _make_mma_step(bits, m_tiles, n_groups, exact_rows)
-    PF = prefetch if k_warps == 1 else 0
-    STEP_BYTES = 4 * MMA_GROUP_WORDS[bits]  # one 16-row block's weights of one group (contiguous)
-
-    @cuda.jit(device=True)
-    def prefetch_ahead(qw, ptile, pstep, n_steps, n_tiles, stride, warp_t16, grp0, lane):
-        """Advance the prefetch cursor (ptile, pstep) one step and, on lane 0, ask L2 for the warp's
-        weights of that step (each of its 16-row blocks: STEP_BYTES contiguous)."""
-        pstep += 1
-        if pstep == n_steps:
-            pstep = 0
-            ptile += stride
-        if lane == 0 and ptile < n_tiles:
-            for mt in range(m_tiles):
-                word = ((uint32(ptile * TILES16) + warp_t16 + uint32(mt)) * uint32(n_groups) + uint32(grp0 + pstep)) \
-                    * uint32(STEP_BYTES // 4)
-                prefetch_l2(qw, word, uint32(STEP_BYTES))
-        return ptile, pstep
 
     @cuda.jit(device=True)
     def finish_mma_tile(acc, red, out, partials, counters, flags, n_out, n_parts, kb, tile, row_warp, kw, direct):
@@ -637,13 +616,8 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
         if not EARLY:
             words = load(qw, scale_zero, uint32(tile * TILES16) + warp_t16, uint32(tile * TILE) + lane_row,
                          last_row, lane4, uint32(grp0 + min(kw, last_grp)), sel8)
-        ptile, pstep = tile, 0  # the prefetch cursor, PF steps ahead of the load cursor's first step
-        for _ in range(PF):
-            ptile, pstep = prefetch_ahead(qw, ptile, pstep, n_steps, n_tiles, stride, warp_t16, grp0, lane)
         step = 0
         while tile < n_tiles:  # (a loop on the cursors: no step counter held in a register)
-            if PF:
-                ptile, pstep = prefetch_ahead(qw, ptile, pstep, n_steps, n_tiles, stride, warp_t16, grp0, lane)
             lstep += 1
             if lstep == n_steps:
                 lstep = 0
@@ -725,7 +699,7 @@ class BaseGemv:
             self.qw = _flat(_device(self._qw_tiled), np.uint32)
             self.weights = (self.qw, _flat(_device(self._scale_zero), np.uint32))
         self.kernel = _mma_kernel(bits, p.rows_per_warp // MMA_ROWS, -(-in_features // MMA_GROUP),
-                                  p.out_features % p.tile_rows == 0, p.k_warps, p.early_load, p.prefetch)
+                                  p.out_features % p.tile_rows == 0, p.k_warps, p.early_load)
         self._own_split: SplitOutput | None = None
 
     def beside(self, blocks: int) -> "BaseGemv":
@@ -736,7 +710,7 @@ class BaseGemv:
         p = self.plan
         plan = plan_gemv(p.out_features, p.in_features, p.bits, n_sm=max(1, self.n_sm - blocks),
                          rows_per_warp=p.rows_per_warp, k_blocks=p.k_blocks, k_warps=p.k_warps,
-                         early_load=p.early_load, prefetch=p.prefetch)
+                         early_load=p.early_load)
         twin = copy.copy(self)
         twin.plan, twin._own_split = plan, None
         return twin

@@ -15,9 +15,6 @@ patterns so that no fp16x2 type is needed in Numba:
 - `load_u32x4(a, i)`, `load_u32x2(a, i)`: a[i .. i+3] (a[i], a[i+1]) of a global uint32 array in one
   128-bit (64-bit) load, i a multiple of 4 (2), through the read-only path (`ld.global.nc`: the
   operand must not be written during the kernel).
-- `prefetch_l2(a, i, nbytes)`: ask L2 for nbytes of a global uint32 array from a[i] on (sm_90
-  `cp.async.bulk.prefetch.L2`: one thread, no register written, no completion to wait for);
-  a[i] 16-byte aligned, nbytes a multiple of 16, all inside the array.
 - `wait_upstream()`, `release_dependents()`: programmatic dependent launch (sm_90+, `griddepcontrol`).
   A kernel launched behind a programmatic graph edge may start while the kernel before it still runs;
   `wait_upstream()` blocks until that kernel has completed and its writes are visible, so a kernel
@@ -70,10 +67,6 @@ if SIMULATED:
     @cuda.jit(device=True)
     def load_u32x2(a, i):
         return np.uint32(a[i]), np.uint32(a[i + 1])
-
-    @cuda.jit(device=True)
-    def prefetch_l2(a, i, nbytes):  # nothing to fetch; the GPU's preconditions are checked
-        assert i % 4 == 0 and nbytes % 16 == 0 and 0 <= i and i + nbytes // 4 <= len(a)
 
     @cuda.jit(device=True)
     def wait_upstream():
@@ -176,20 +169,6 @@ else:
 
     load_u32x4 = _load_vector(4)
     load_u32x2 = _load_vector(2)
-
-    @intrinsic
-    def prefetch_l2(typingctx, a, i, nbytes):
-        def codegen(context, builder, sig, args):
-            ary = context.make_array(sig.args[0])(context, builder, value=args[0])
-            idx = context.cast(builder, args[1], sig.args[1], types.intp)
-            ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary, [idx], wraparound=False)
-            size = context.cast(builder, args[2], sig.args[2], types.uint32)
-            fn = ir.InlineAsm(ir.FunctionType(ir.VoidType(), [ptr.type, _i32]),
-                              "cp.async.bulk.prefetch.L2.global [$0], $1;", "l,r", side_effect=True)
-            builder.call(fn, [ptr, size])
-            return context.get_dummy_value()
-
-        return types.void(a, i, nbytes), codegen
 
     def _grid_control(text: str):
         """An intrinsic issuing one `griddepcontrol` instruction; a memory clobber keeps every load and

@@ -209,20 +209,6 @@ def test_tensor_core_kernel_with_k_warps_matches_reference(bits, out_features, i
 
 
 @kernels
-@pytest.mark.parametrize("bits, out_features, in_features, k_blocks, prefetch", [
-    (4, 520, 256, 1, 3),  # 2 tiles x 2 steps per block: the prefetch cursor crosses into the next tile
-    (3, 40, 576, 2, 2),  # 3-bit, K split: each K block's prefetches stay within its groups
-])
-def test_prefetch_ahead_keeps_the_result(bits, out_features, in_features, k_blocks, prefetch):
-    """L2 prefetches PF steps ahead change no value; the simulator checks each one's address and size."""
-    rng = np.random.default_rng(900 + out_features)
-    got, ref, gemv, xd, out = run_kernel(rng, bits, out_features, in_features, k_blocks, rows_per_warp=16, n_sm=1,
-                                         k_warps=1, prefetch=prefetch)
-    assert gemv.plan.prefetch == prefetch
-    assert_close_fp16(got, ref)
-
-
-@kernels
 def test_beside_another_kernel_streams_more_tiles_per_block_to_the_same_result():
     """`beside`: the same weights and tiles re-planned for fewer SMs (a correction holds the others)."""
     rng = np.random.default_rng(11)

@@ -140,3 +140,4 @@ def test_compensated_rows_on_cpu_stand_in(monkeypatch):
         assert r["n_tb"] == {"gate_up@3": 16} and r["predicted_slowdown"] == pytest.approx(0.04)
         assert r["tuner_slowdown"] == pytest.approx(0.045)
         assert r["slowdown"] == pytest.approx(r["device_ms"] / r["base_device_ms"] - 1) and r["tuner_rounds"] == 1
+        assert r["tuner_search"] == [pytest.approx([0.1, 0.04, 0.045])]

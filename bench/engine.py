@@ -350,9 +350,9 @@ def compensated(name: str, prepared: Prepared, base: Engine, nbytes: int, run: R
             extra = {"predicted_slowdown": tu.predicted_slowdown,
                      "tuner_slowdown": tu.measured_step_us / tu.step_us - 1,  # tune_measured's own (paired) check
                      "tuner_rounds": len(tu.rounds),
-                     # each round's budget, predicted and measured slowdown: where the search went
-                     "tuner_search": [[r.budget, r.predicted_step_us / tu.step_us - 1, r.measured_step_us / tu.step_us - 1]
-                                      for r in tu.rounds],
+                     # each round's budget, predicted and measured slowdown and plan: where the search went
+                     "tuner_search": [[r.budget, r.predicted_step_us / tu.step_us - 1, r.measured_step_us / tu.step_us - 1,
+                                       {f"{kind}@{bits}": k for (kind, bits), k in r.k_chunks}] for r in tu.rounds],
                      "k_chunk": {f"{kind}@{bits}": c.k_chunk for (kind, bits), c in tu.choices.items()},
                      "n_tb": {f"{kind}@{bits}": c.n_tb for (kind, bits), c in tu.choices.items()}}
             log(f"{name}: {what} tuned (predicted {tu.predicted_slowdown:+.1%}); timing")

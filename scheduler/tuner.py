@@ -150,7 +150,8 @@ class Tuning:
                      f"predicted with it ({self.predicted_slowdown:+.1%}; target {self.target:.1%})")
         for i, r in enumerate(self.rounds):
             mark = " (this plan)" if i == self.accepted % len(self.rounds) else ""
-            lines.append(f"round {i + 1}: tuned for {r.budget:.2%}, predicted {r.predicted_step_us:.1f} µs, "
+            plan = " ".join(f"{kind}@{bits}={k}" for (kind, bits), k in r.k_chunks)
+            lines.append(f"round {i + 1}: tuned for {r.budget:.2%} ({plan}), predicted {r.predicted_step_us:.1f} µs, "
                          f"measured {r.measured_step_us:.1f} µs ({r.measured_step_us / self.step_us - 1:+.1%}){mark}")
         return "\n".join(lines)
 
@@ -163,6 +164,7 @@ class Round:
     predicted_step_us: float
     measured_step_us: float  # the median of the round's measurements
     samples: tuple = ()  # every measurement (µs)
+    k_chunks: tuple = ()  # the round's plan: ((kind, bits), k_chunk) of every compensated group
 
 
 def check_shapes(model: MeasuredModel, shapes: dict, where: str | Path = "") -> None:
@@ -213,7 +215,8 @@ def tune_measured(model: MeasuredModel, shapes: dict, step_us: float, target: fl
         built = build(t)
         samples = tuple(measure(built) for _ in range(REPEATS))
         measured = statistics.median(samples)
-        history.append(Round(budget, t.predicted_step_us, measured, samples))
+        history.append(Round(budget, t.predicted_step_us, measured, samples,
+                             tuple((key, k) for key, k in sorted(t.k_chunks.items()) if k)))
         predicted_extra, measured_extra = t.predicted_step_us - step_us, measured - step_us
         if measured / step_us - 1 <= target + TOLERANCE:
             best = (t, built, len(history) - 1, budget)

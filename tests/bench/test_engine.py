@@ -119,7 +119,7 @@ def test_compensated_rows_on_cpu_stand_in(monkeypatch):
         if target is None:
             return e
         e.tuning = Tuning(target, 1000.0, 1040.0, {("gate_up", 3): Choice(12, 16, 10.0, 30.0)}, shapes,
-                          rounds=(Round(target, 1040.0, 1045.0),))
+                          rounds=(Round(target, 1040.0, 1045.0, (), ((("gate_up", 3), 12),)),))
         return e
 
     monkeypatch.setattr(engine, "our_engine", stand_in)
@@ -140,4 +140,5 @@ def test_compensated_rows_on_cpu_stand_in(monkeypatch):
         assert r["n_tb"] == {"gate_up@3": 16} and r["predicted_slowdown"] == pytest.approx(0.04)
         assert r["tuner_slowdown"] == pytest.approx(0.045)
         assert r["slowdown"] == pytest.approx(r["device_ms"] / r["base_device_ms"] - 1) and r["tuner_rounds"] == 1
-        assert r["tuner_search"] == [pytest.approx([0.1, 0.04, 0.045])]
+        assert r["tuner_search"][0][:3] == pytest.approx([0.1, 0.04, 0.045])
+        assert r["tuner_search"][0][3] == {"gate_up@3": 12}

@@ -165,7 +165,8 @@ def test_tune_measured_accepts_a_step_that_meets_the_target_at_once():
     tuning, built = tune_measured(model, SHAPES, step, 0.05, *whole_step(step, 1.0, builds))
     assert built is builds[0] and len(tuning.rounds) == 1 and tuning.target == 0.05
     assert tuning.measured_step_us == pytest.approx(tuning.predicted_step_us)
-    assert "round 1: tuned for 5.00%" in tuning.format()
+    assert "round 1: tuned for 5.00% (" in tuning.format()
+    assert tuning.rounds[0].k_chunks == tuple((key, k) for key, k in sorted(tuning.k_chunks.items()) if k)
 
 
 def test_tune_measured_shrinks_the_budget_until_the_measured_step_meets_the_target():

@@ -218,6 +218,15 @@ def test_tuner_never_picks_a_k_chunk_that_selects_no_channel():
     assert any(k for k in tuning.k_chunks.values())
 
 
+def test_tuner_spends_a_budget_one_k_chunk_at_a_time_past_16():
+    """Where one k_chunk costs half a point of the step, a 9 % target buys k 18 (+9.0 %), not the 16 (+8 %)
+    of a grid that steps by 4 past 16."""
+    shapes = {("gate_up", 3): (256, 1024, 3, 2)}
+    model = hand_made(shapes, {"gate_up": 0.05})  # +0.1 µs per k_chunk per step (two groups)
+    tuning = tune_groups(model, shapes, 20.0, 0.0901)
+    assert tuning.k_chunks == {("gate_up", 3): 18} and tuning.predicted_slowdown == pytest.approx(0.09)
+
+
 def test_tune_measured_judges_a_plan_by_its_median_measurement():
     """One measurement of three far over (+7 % beside +4 %, +4 %: a noisy turn) does not reject a plan of a
     5 % target; two of three over do."""

@@ -117,6 +117,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true", help="only the default, 16 / 32 rows per warp and 1 / 2 / 4 / 8 K warps")
     ap.add_argument("--default-only", action="store_true", help="only the default plan of each shape")
+    ap.add_argument("--bits", default="4,3", help="comma list of weight widths")
+    ap.add_argument("--only", help="comma list of variant names to time (e.g. 'default,R=16')")
     ap.add_argument("--sass", action="store_true", help="opcode histogram of the default 4-bit kernel")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--shapes", help="comma list OUTxIN (default: Llama-3-8B's six)")
@@ -151,7 +153,7 @@ def main(argv=None) -> int:
     print(f"{'out':>6} {'in':>6} {'b':>2} {'variant':<30} {'R':>2} {'kw':>2} {'kb':>3} {'tpb':>3} {'us':>7} {'GB/s':>6} "
           f"{'HBM':>5} {'err':>8}")
     for out_f, in_f in shapes:
-        for bits in (4, 3):
+        for bits in map(int, args.bits.split(",")):
             ref_plan = bg.plan_gemv(out_f, in_f, bits, n_sm=n_sm)
             n = max(2, min(64, math.ceil(3 * l2 / ref_plan.weight_bytes)))
             x = cuda.as_cuda_array(torch.randn(in_f, device="cuda", generator=gen).half())
@@ -159,6 +161,8 @@ def main(argv=None) -> int:
             weights = [random_operands(out_f, in_f, bits, gen) for _ in range(n)]
             case = reference_case(out_f, in_f, bits, gen)
             for name, plan in variants(out_f, in_f, bits, n_sm, args.quick, args.default_only).items():
+                if args.only and name not in args.only.split(","):
+                    continue
                 err = check(plan, case)
                 gemvs = [bg.BaseGemv(*w, bits, plan=plan) for w in weights]
                 us = graph_us(lambda i: gemvs[i % n](x, out, stream=streams.main_n), max(n, 100), args.reps,

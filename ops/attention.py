@@ -29,7 +29,9 @@ from decdec.ops.reduce import SCRATCH, warp_max, warp_sum, words
 
 THREADS = 128  # 4 warps a block
 WARPS = THREADS // 32
-TILE_HALVES = 8192  # a tile of keys (or values) is 16 KiB of fp16: 64 positions at head_dim 128
+TILE_HALVES = 4096  # a tile of keys (or values) is 8 KiB of fp16: 32 positions at head_dim 128 (short tiles
+# spread a short context over more blocks: bench/attention_tiles.py)
+MIN_TILE = 32  # positions: a shorter tile leaves a warp of the score step idle lanes
 SPLITS = 64  # blocks per kv head at most (the combine gives each split one of a warp's 2 x 32 slots)
 BLOCKS = 256  # blocks the plan aims at at long context: ~2 per SM, whatever the kv head count
 HEAD_DIMS = (32, 64, 128, 256)  # powers of 2: a row is whole 16-byte vectors, their count a power of 2
@@ -141,11 +143,11 @@ class AttentionPlan:
 
 
 def plan_attention(args: ModelArgs, tile: int | None = None, splits: int | None = None) -> AttentionPlan:
-    """The plan of `args`' layers: tiles of TILE_HALVES / head_dim positions (at most THREADS) unless
+    """The plan of `args`' layers: tiles of TILE_HALVES / head_dim positions (MIN_TILE to THREADS) unless
     `tile` is given; BLOCKS / n_kv_heads splits (32 to SPLITS) unless `splits` is: a model with one kv
     head (Gemma 3 270M) needs more splits than one with eight to fill the GPU at long context."""
     hd = args.head_dim
-    tile = tile or min(THREADS, TILE_HALVES // max(hd, 1))
+    tile = tile or min(THREADS, max(MIN_TILE, TILE_HALVES // max(hd, 1)))
     if hd not in HEAD_DIMS or args.n_heads % args.n_kv_heads:
         raise ValueError(f"head_dim = {hd}, {args.n_heads} heads on {args.n_kv_heads} kv heads: the attention "
                          f"kernel takes head_dim in {HEAD_DIMS} and whole query groups")

@@ -109,8 +109,10 @@ def test_plan_rejects_unsupported_shapes():
     with pytest.raises(ValueError, match="tile"):
         plan_attention(attn_args("llama", 4, 2, 64), tile=8)
     p = plan_attention(attn_args("llama", 32, 8, 128))
-    assert (p.tile, p.group, p.grid) == (64, 4, (8, 32))
-    assert plan_attention(attn_args("gemma3", 4, 1, 256, **GEMMA)).grid == (1, 64)  # one kv head: more splits
+    assert (p.tile, p.group, p.grid) == (32, 4, (8, 32))
+    gemma = plan_attention(attn_args("gemma3", 4, 1, 256, **GEMMA))
+    assert (gemma.tile, gemma.grid) == (32, (1, 64))  # no tile under 32 positions; one kv head: more splits
+    assert plan_attention(attn_args("llama", 9, 3, 64)).tile == 64
     with pytest.raises(ValueError, match="splits"):
         plan_attention(attn_args("llama", 4, 2, 64), splits=65)
 

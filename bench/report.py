@@ -223,6 +223,34 @@ def gemv_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def attention_table(path: Path) -> str:
+    """bench/attention_tiles.py: decode attention per launch for each tile and split count."""
+    d = json.loads(path.read_text())
+    positions = list(d["rows"][0]["us"])
+    lines = [f"Decode attention's tile (positions a block copies at once) and splits, µs per launch in CUDA graphs "
+             f"over 4 layers' caches ({source(path)}; {d['device']}; max_seq 8192; * the plan at that run's "
+             "commit):", "", *header("model", "tile", "splits", *(f"KV {p}" for p in positions))]
+    for r in d["rows"]:
+        lines.append(row(r["model"], f"{r['tile']}{' *' if r['default'] else ''}", r["splits"],
+                         *(f"{r['us'][p]:.1f}" for p in positions)))
+    return "\n".join(lines)
+
+
+def variants_table(path: Path, what: str) -> str:
+    """A bench/gemv_variants.py run: every variant's µs per launch and share of the HBM read."""
+    d = json.loads(path.read_text())
+    lines = [f"{what} ({source(path)}; {d['device']}; µs per launch in CUDA graphs, weights rotated past L2):", "",
+             *header("out x in", "bits", "variant", "rows per warp", "tiles per block", "µs", "share of HBM read")]
+    for r in d["rows"]:
+        lines.append(row(f"{r['out']}x{r['in']}", r["bits"], r["variant"], r.get("rows_per_warp", ""),
+                         r.get("tiles_per_block", ""), f"{r['us']:.1f}", _pct(r.get("frac_hbm_read")).strip()))
+    return "\n".join(lines)
+
+
+RING_RUN = ("gemv_ring_5489f3f_h100.json", "The base GEMV's weights through a cp.async ring of 2-4 steps per warp "
+            "(not merged: slower at every shape) beside the default's one step held in registers")
+
+
 def pdl_table(path: Path) -> str:
     """bench/pdl.py: our base step's graph with programmatic edges and without, alternated in one run."""
     d = json.loads(path.read_text())
@@ -399,6 +427,8 @@ def page() -> str:
         "CPU step": [cpu_step_table(p) for p in sorted(RESULTS.glob("cpu_step_*.json"))],
         "Kernels": [pdl_table(p) for p in sorted(RESULTS.glob("pdl_*.json"))]
                    + [pair_table(p) for p in sorted(RESULTS.glob("pair_slots_*.json"))]
+                   + [attention_table(p) for p in sorted(RESULTS.glob("attention_tiles_*.json"))]
+                   + [variants_table(p, RING_RUN[1]) for p in existing(RING_RUN[:1])]
                    + [gemv_table(p) for p in existing([GEMV_RUN])]
                    + ([layout_table(*existing(LAYOUT_RUNS))] if len(existing(LAYOUT_RUNS)) == 2 else [])
                    + [k_warps_table(p) for p in existing(KW_RUNS)]

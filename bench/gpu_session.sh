@@ -26,7 +26,8 @@ llama)
     --out $OUT/engine.json 2>&1 | tee $OUT/engine_llama.log | grep -v "^\[" | tail -30
   ;;
 small)
-  cp bench/results/engine_*.json $OUT/engine.json 2>/dev/null
+  gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o -i -E 'h100|h200' | tr A-Z a-z)
+  [ -f bench/results/engine_$gpu.json ] && cp bench/results/engine_$gpu.json $OUT/engine.json  # merged into
   timeout 400 python bench/engine.py --models gemma3-270m,smollm2-135m --targets "${TARGETS:-0.025,0.05,0.1,0.2}" --k-chunks "${K_CHUNKS:-1}" \
     --out $OUT/engine.json --merge 2>&1 | tee $OUT/engine_small.log | grep -v "^\[" | tail -30
   ;;

@@ -41,11 +41,16 @@ class Choice:
 
 def frontier(p, out: int, inp: int, bits: int) -> list[Choice]:
     """The cheapest n_tb for each k_chunk, keeping only points that cost more as k_chunk grows
-    (a larger k_chunk that is no dearer makes the smaller one pointless). A k_chunk that selects no
-    channel at this width (k is floor-scaled in a partial chunk: k = 1 picks none of 576) is no point."""
+    (a larger k_chunk that is no dearer makes the smaller one pointless). k is floor-scaled in a partial
+    chunk, so on an input narrower than a chunk several k select the same channels: only the smallest
+    of them is a point (the others would be moves that fetch nothing more), and no k that selects no
+    channel is one (k = 1 picks none of 576)."""
     base = p.base_us(out, inp, bits)
     best: list[Choice] = []
-    for k in (k for k in K_CHOICES if n_selected(inp, k) > 0):
+    counts = [n_selected(inp, k) for k in K_CHOICES]
+    for k, n, before in zip(K_CHOICES, counts, [0] + counts):
+        if n == before:  # the channels of the k before (or none)
+            continue
         pairs = [Choice(k, tb, base, p.pair_us(out, inp, bits, k, tb)) for tb in p.n_tb_choices(out, inp, bits)]
         pairs = [c for c in pairs if c.pair_us < float("inf")]
         if pairs:

@@ -75,12 +75,12 @@ def test_plan_fuses_logical_ops_into_launches():
 def test_measured_model_interpolates_and_never_extrapolates():
     from decdec.scheduler.latency import MeasuredModel
 
-    rows = [{"out": 64, "in": 128, "bits": 3, "k_chunk": k, "n_tb": 4, "base_us": 10.0, "pair_us": 10.0 + k}
+    rows = [{"out": 64, "in": 1024, "bits": 3, "k_chunk": k, "n_tb": 4, "base_us": 10.0, "pair_us": 10.0 + k}
             for k in (4, 16)]
     m = MeasuredModel.from_rows("x", rows)
-    assert m.pair_us(64, 128, 3, 10, 4) == pytest.approx(20.0)
-    assert m.pair_us(64, 128, 3, 0, 4) == 10.0
-    assert m.pair_us(64, 128, 3, 32, 4) == float("inf")
-    assert m.n_tb_choices(64, 128, 3) == [4]
-    choice = tune(m, {"l": (64, 128, 3, 1)}, step_us=10.0, target=1.0)["l"]
+    assert m.pair_us(64, 1024, 3, 10, 4) == pytest.approx(20.0)
+    assert m.pair_us(64, 1024, 3, 0, 4) == 10.0
+    assert m.pair_us(64, 1024, 3, 32, 4) == float("inf")
+    assert m.n_tb_choices(64, 1024, 3) == [4]
+    choice = tune(m, {"l": (64, 1024, 3, 1)}, step_us=10.0, target=1.0)["l"]
     assert (choice.k_chunk, choice.n_tb) == (10, 4)  # +10 µs on a 10 µs step is exactly 100 %

@@ -15,7 +15,7 @@ from decdec.scheduler.profile import MeasuredProfile, default_path, slug
 from decdec.scheduler.tuner import (BISECTIONS, ROUNDS, SPENT, TOLERANCE, _untried, cheapest_slowdown, frontier, predicted_step_us,
                                     tune_groups, tune_measured)
 
-ARGS = ModelArgs("llama", 100, 64, 4, 2, 1, 32, 128, 1e-5, 1e4)  # dim 64, 4 layers, ffn 128
+ARGS = ModelArgs("llama", 100, 1024, 4, 2, 1, 512, 2048, 1e-5, 1e4)  # dim 1024 (whole chunks), 4 layers, ffn 2048
 MIXED_BITS = [4, 3, 3, 4]  # a 3.5-bit model: half the layers at 4 bits
 
 
@@ -43,7 +43,7 @@ def test_group_shapes_of_a_mixed_bit_model():
     for (kind, bits), (out, inp, b, count) in SHAPES.items():
         assert (out, inp) == ARGS.linear_shape(kind) and b == bits and count == 2
     uniform = group_shapes(ARGS, [3] * 4)
-    assert set(uniform) == {(kind, 3) for kind in LINEAR_KINDS} and uniform["down", 3] == (64, 128, 3, 4)
+    assert set(uniform) == {(kind, 3) for kind in LINEAR_KINDS} and uniform["down", 3] == (1024, 2048, 3, 4)
 
 
 def test_profile_json_round_trip(tmp_path):
@@ -53,8 +53,8 @@ def test_profile_json_round_trip(tmp_path):
     assert not list(path.parent.glob("*.tmp"))
     loaded = MeasuredProfile.load(path)
     assert loaded == profile
-    assert loaded.model.pair_us(64, 128, 3, 10, 8) == profile.model.pair_us(64, 128, 3, 10, 8)
-    assert "64x128x3" in loaded.model.base and "64x128x4" in loaded.model.base
+    assert loaded.model.pair_us(1024, 2048, 3, 10, 8) == profile.model.pair_us(1024, 2048, 3, 10, 8)
+    assert "1024x2048x3" in loaded.model.base and "1024x2048x4" in loaded.model.base
     assert json.loads(path.read_text())["format"] == 1  # plain JSON, readable by anything
 
 
@@ -142,7 +142,7 @@ def test_tune_groups_spends_the_target_per_kind_and_bits():
 
 def test_tune_groups_errors():
     model = hand_made({key: s for key, s in SHAPES.items() if key != ("down", 4)}, COST)
-    with pytest.raises(ConfigError, match=r"'p.json' \(Test GPU\) has no measurements of down 64x128 at 4 bits.*"
+    with pytest.raises(ConfigError, match=r"'p.json' \(Test GPU\) has no measurements of down 1024x2048 at 4 bits.*"
                                           "decdec tune"):
         tune_groups(model, SHAPES, 1000.0, 0.05, "p.json")
     full = hand_made(SHAPES, COST)
@@ -191,10 +191,10 @@ def test_tune_measured_tries_the_least_compensation_before_giving_up():
     """Seen on Gemma 3 270M at 5 %: round 1 measured +5.6 %, round 2 (+4.4 % predicted) +5.9 %, and the
     shrunken budget fell below the cheapest move (+3.8 %), which was never tried. It is now tried once."""
     model, builds = hand_made(SHAPES, COST), []
-    step = cheapest_slowdown(model, SHAPES, 1.0) / 0.04  # the least compensation costs 4 % of this step
+    step = cheapest_slowdown(model, SHAPES, 1.0) / 0.0399  # the least compensation costs 3.99 % of this step
     floor = cheapest_slowdown(model, SHAPES, step)
-    # the whole step costs 1.3x the prediction: round 1 (5 %) measures 6.5 %, its shrunken budget (3.8 %)
-    # is below the cheapest plan, which measures 5.2 %
+    # the whole step costs 1.3x the prediction: round 1 (4.99 %: the cheapest move and one k_chunk more)
+    # measures 6.5 %, its shrunken budget (3.8 %) is below the cheapest plan, which measures 5.2 %
     tuning, built = tune_measured(model, SHAPES, step, 0.05, *whole_step(step, 1.3, builds))
     assert built is builds[-1] and len(tuning.rounds) == 2
     assert tuning.rounds[-1].budget == pytest.approx(floor) and tuning.predicted_slowdown == pytest.approx(floor)
@@ -206,15 +206,18 @@ def test_tune_measured_tries_the_least_compensation_before_giving_up():
     assert builds[-1].predicted_slowdown == pytest.approx(floor)
 
 
-def test_tuner_never_picks_a_k_chunk_that_selects_no_channel():
-    """k_chunk is floor-scaled in a partial chunk: k = 4 picks no channel of these 64-wide inputs
-    (and k = 1 none of SmolLM2's 576), yet its correction would cost a launch. Such points are not
-    on the frontier, and the budget buys channels actually fetched."""
-    model = hand_made(SHAPES, COST)
-    for (kind, bits), (out, inp, b, _) in SHAPES.items():
-        assert all(n_selected(inp, c.k_chunk) > 0 for c in frontier(model, out, inp, b))
-    tuning = tune_groups(model, SHAPES, 1000.0, 0.5)
-    assert all(k == 0 or n_selected(SHAPES[key][1], k) > 0 for key, k in tuning.k_chunks.items())
+def test_tuner_moves_only_to_k_chunks_that_fetch_more_channels():
+    """k_chunk is floor-scaled in a partial chunk: on inputs of 64 (and SmolLM2's 576) many k select
+    no channel, or the channels of the k before, yet each would be a move of its own. Only the
+    smallest k of each channel count is on the frontier, so every move of the budget fetches more."""
+    narrow = group_shapes(ModelArgs("llama", 100, 64, 4, 2, 1, 32, 128, 1e-5, 1e4), MIXED_BITS)
+    model = hand_made(narrow, COST)
+    for (kind, bits), (out, inp, b, _) in narrow.items():
+        counts = [n_selected(inp, c.k_chunk) for c in frontier(model, out, inp, b)]
+        assert counts and counts[0] > 0 and all(a < b for a, b in zip(counts, counts[1:]))
+    assert [c.k_chunk for c in frontier(model, 64, 64, 3)] == [16, 32, 48, 64]  # 1, 2, 3, 4 channels
+    tuning = tune_groups(model, narrow, 1000.0, 0.5)
+    assert all(k == 0 or n_selected(narrow[key][1], k) > 0 for key, k in tuning.k_chunks.items())
     assert any(k for k in tuning.k_chunks.values())
 
 

@@ -576,15 +576,16 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
         # 2 (p % 2) and 2 (p % 2) + 1 of lane t = p // 2; zeros past the end of the input
         sg = tid // 8  # the group this thread stages, with the 7 lanes beside it
         p = tid % 8
-        e0 = (grp0 + sg) * MMA_GROUP + CHUNK * p
+        e0 = uint32((grp0 + sg) * MMA_GROUP + CHUNK * p)
+        last_in = uint32(n_in - 1)
         vals = cuda.local.array(CHUNK, float32)
+        for i in range(CHUNK):  # unconditional loads (index clamped): all issue before the first use, where a
+            j = min(e0 + uint32(i), last_in)  # load under a branch waits for its data before the next issues
+            vals[i] = float32(x[j]) * act_scale[j]
         vmax = float32(0)
         for i in range(CHUNK):
-            v = float32(0)
-            if sg < n_grp and e0 + i < n_in:
-                v = float32(x[e0 + i]) * act_scale[e0 + i]
-            vals[i] = v
-            vmax = max(vmax, abs(v))
+            vals[i] = vals[i] if sg < n_grp and e0 + i < n_in else float32(0)
+            vmax = max(vmax, abs(vals[i]))
         vmax = lanes8_max(vmax, scratch)
         f_exp = min(max(268 - ((float_as_int(vmax) >> 23) & 0xFF), 1), 253)  # largest |b| in [2^14, 2^15)
         f = int_as_float(int32(f_exp << 23))

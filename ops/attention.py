@@ -289,19 +289,23 @@ def _attention_kernel(group: int, hd: int, tile: int, splits: int):
             wait_upstream()
             release_dependents()
         qv = cuda.local.array(qv_size, float32)
+        raw = cuda.local.array(QKV_ITEMS, uint32)
+        for j in range(QKV_ITEMS):  # unconditional loads (index clamped): all issue before the first use, where
+            e = min(tid + j * THREADS, (group + 2) * hw - 1)  # a load under a branch waits before the next issues
+            if e < group * hw:
+                src = h * group * hw + e
+            elif e < (group + 1) * hw:
+                src = q_words + h * hw + e - group * hw
+            else:
+                src = q_words + n_kv * hw + h * hw + e - (group + 1) * hw
+            raw[j] = qkv[src]
+            bi = 2 * src if has_bias else 0  # without a bias: its 1-element dummy
+            qv[2 * j] = bias[bi]
+            qv[2 * j + 1] = bias[bi + 1 if has_bias else 0]
         for j in range(QKV_ITEMS):
-            e = tid + j * THREADS
-            if e < (group + 2) * hw:
-                if e < group * hw:
-                    src = h * group * hw + e
-                elif e < (group + 1) * hw:
-                    src = q_words + h * hw + e - group * hw
-                else:
-                    src = q_words + n_kv * hw + h * hw + e - (group + 1) * hw
-                qv[2 * j], qv[2 * j + 1] = half2_floats(qkv[src])
-                if has_bias:
-                    qv[2 * j] += bias[2 * src]
-                    qv[2 * j + 1] += bias[2 * src + 1]
+            v0, v1 = half2_floats(raw[j])
+            qv[2 * j] = v0 + qv[2 * j] if has_bias else v0
+            qv[2 * j + 1] = v1 + qv[2 * j + 1] if has_bias else v1
         for j in range(QKV_ITEMS):
             e = tid + j * THREADS
             if e < (group + 1) * hw:

@@ -579,9 +579,10 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
         e0 = uint32((grp0 + sg) * MMA_GROUP + CHUNK * p)
         last_in = uint32(n_in - 1)
         vals = cuda.local.array(CHUNK, float32)
-        for i in range(CHUNK):  # unconditional loads (index clamped): all issue before the first use, where a
-            j = min(e0 + uint32(i), last_in)  # load under a branch waits for its data before the next issues
-            vals[i] = float32(x[j]) * act_scale[j]
+        if sg < n_grp:  # one branch around every load (index clamped), so all issue before the first use; a
+            for i in range(CHUNK):  # branch around each made it wait for its data before the next issued
+                j = min(e0 + uint32(i), last_in)
+                vals[i] = float32(x[j]) * act_scale[j]
         vmax = float32(0)
         for i in range(CHUNK):
             vals[i] = vals[i] if sg < n_grp and e0 + i < n_in else float32(0)

@@ -214,7 +214,7 @@ def test_tuner_moves_only_to_k_chunks_that_fetch_more_channels():
     model = hand_made(narrow, COST)
     for (kind, bits), (out, inp, b, _) in narrow.items():
         counts = [n_selected(inp, c.k_chunk) for c in frontier(model, out, inp, b)]
-        assert counts and counts[0] > 0 and all(a < b for a, b in zip(counts, counts[1:]))
+        assert counts and counts[0] > 0 and all(lo < hi for lo, hi in zip(counts, counts[1:]))
     assert [c.k_chunk for c in frontier(model, 64, 64, 3)] == [16, 32, 48, 64]  # 1, 2, 3, 4 channels
     tuning = tune_groups(model, narrow, 1000.0, 0.5)
     assert all(k == 0 or n_selected(narrow[key][1], k) > 0 for key, k in tuning.k_chunks.items())

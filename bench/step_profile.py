@@ -2,7 +2,10 @@
 3-bit weights of the real shapes): `decdec profile`'s summary by op type, the glue share, and each
 kernel's own duration from CUPTI (torch.profiler over graph replays, no timing events between).
 
-    python bench/step_profile.py [--models llama3-8b,gemma3-270m] [--steps 16] [--out FILE.json]
+    python bench/step_profile.py [--models llama3-8b,gemma3-270m] [--steps 16] [--k-chunk K] [--out FILE.json]
+
+With --k-chunk, the step compensates every linear group at that k_chunk (the fused corrections show
+among the kernels, beside the GEMVs they overlap).
 
 Glue = everything but the base GEMVs and the lm_head, as a share of the profiled step's span (the
 graph replay plus two timing-event nodes per op; the plain replay is printed beside it).
@@ -11,6 +14,7 @@ graph replay plus two timing-event nodes per op; the plain replay is printed bes
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import statistics
@@ -22,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.anchor import SHAPES  # noqa: E402
-from bench.engine import close, our_engine, synthetic_prepared  # noqa: E402
+from bench.engine import close, engine_config, our_engine, synthetic_prepared  # noqa: E402
 from bench.meta import run_meta  # noqa: E402
 from decdec.runtime.profiler import _timed_steps, op_totals, step_span  # noqa: E402
 
@@ -49,8 +53,12 @@ def kernel_times(replay, n: int) -> dict[str, list]:
     return dict(sorted(out.items(), key=lambda kv: -kv[1][1]))
 
 
-def profile_model(name: str, steps: int, max_seq: int) -> dict:
-    engine = our_engine(synthetic_prepared(SHAPES[name], max_seq, "cuda"))
+def profile_model(name: str, steps: int, max_seq: int, k_chunk: int = 0) -> dict:
+    prepared = synthetic_prepared(SHAPES[name], max_seq, "cuda")
+    if k_chunk:
+        cfg = engine_config(prepared.config.model.source["synthetic"], "cuda", {"k_chunk": k_chunk})
+        prepared = dataclasses.replace(prepared, config=cfg)
+    engine = our_engine(prepared)
     try:
         token = 1
         all_steps = _timed_steps(engine, token, steps)
@@ -67,7 +75,7 @@ def profile_model(name: str, steps: int, max_seq: int) -> dict:
             plain.append(ev[0].elapsed_time(ev[1]) / 1e3)
         kernels = kernel_times(lambda: ops.replay_only(steps), steps)
         glue = sum(v for k, v in by_op.items() if not any(k.startswith(n) for n in NOT_GLUE))
-        return {"model": name, "span_us": span * 1e6, "replay_us": statistics.median(plain) * 1e6,
+        return {"model": name, "k_chunk": k_chunk, "span_us": span * 1e6, "replay_us": statistics.median(plain) * 1e6,
                 "ops_us": {k: v * 1e6 for k, v in by_op.items()},
                 "glue_share": glue / span, "kernels_us": kernels}
     finally:
@@ -79,19 +87,20 @@ def main(argv=None) -> None:
     ap.add_argument("--models", default="llama3-8b,gemma3-270m")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--max-seq", type=int, default=8192)
+    ap.add_argument("--k-chunk", type=int, default=0, help="compensate every group at this k_chunk")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     rows = []
     for name in a.models.split(","):
-        r = profile_model(name, a.steps, a.max_seq)
+        r = profile_model(name, a.steps, a.max_seq, a.k_chunk)
         rows.append(r)
-        print(f"{name}: profiled step {r['span_us']:.0f} µs, plain replay {r['replay_us']:.0f} µs, "
+        print(f"{name} (k_chunk {a.k_chunk}): profiled step {r['span_us']:.0f} µs, plain replay {r['replay_us']:.0f} µs, "
               f"glue {r['glue_share']:.1%}")
         for op, us in r["ops_us"].items():
             print(f"  {op:<28} {us:8.1f} µs {us / r['span_us']:6.1%}")
         total = sum(t for _, t in r["kernels_us"].values())
         print(f"  kernels (CUPTI, per replay): {total:.0f} µs in all")
-        for k, (c, t) in list(r["kernels_us"].items())[:14]:
+        for k, (c, t) in list(r["kernels_us"].items())[:20]:
             print(f"    {k:<60} x{c:5.1f} {t:8.1f} µs {t / c:6.2f} each")
     if a.out:
         Path(a.out).write_text(json.dumps({**run_meta(), "rows": rows}, indent=1))

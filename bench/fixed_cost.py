@@ -1,7 +1,7 @@
 """Where compensation's fixed cost comes from: the least compensation (k_chunk 1) on one linear-group
 kind at a time, at several correction sizes n_tb, timed in turns with the base step (whole step, GPU).
 
-    DECDEC_COMMIT=<sha> python bench/fixed_cost.py [--model llama3-8b] [--n-tbs 1,4,16] [--out FILE.json]
+    DECDEC_COMMIT=<sha> python bench/fixed_cost.py [--model llama3-8b] [--n-tbs 1,4,16] [--kinds qkv,all] [--out F]
 
 A row per (kinds, n_tb): the step's slowdown against the base step measured in the same turns, and
 that extra time per compensated group (µs). A kind whose extra time falls with n_tb loses it to the
@@ -47,6 +47,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="llama3-8b", choices=sorted(SHAPES))
     ap.add_argument("--n-tbs", default="1,4,16")
+    ap.add_argument("--kinds", default=",".join(LINEAR_KINDS) + ",all", help="comma list of group kinds or 'all'")
     ap.add_argument("--max-seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--out", default=None)
@@ -60,7 +61,7 @@ def main(argv=None) -> None:
                   every.prefill_executor.plan, every.prefill_executor, 0)
     rows = []
     try:
-        for kinds in [(k,) for k in LINEAR_KINDS] + [tuple(LINEAR_KINDS)]:
+        for kinds in [tuple(LINEAR_KINDS) if k == "all" else (k,) for k in a.kinds.split(",")]:
             for n_tb in (int(x) for x in a.n_tbs.split(",")):
                 engine = compensated(base, kinds, n_tb)
                 b, t = timed_together([our_steps(base, POSITION, run), our_steps(engine, POSITION, run)], run)

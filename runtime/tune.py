@@ -18,8 +18,8 @@ from decdec.scheduler.profile import MeasuredProfile, default_path
 from decdec.scheduler.tuner import frontier
 
 # The tuner picks only within what was measured (MeasuredModel never extrapolates), so the k_chunk grid
-# bounds its choices: on an H100-class GPU k_chunk 32 already costs tens of percent of a large layer's
-# GEMV, so 64 is past any target of a few %; the grid is dense below 16, where such targets land.
+# bounds its choices: a k_chunk of a few dozen already costs a large share of a layer's GEMV on a
+# datacenter GPU, so 64 is past any target of a few %; the grid is dense below 16, where such targets land.
 K_CHUNKS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 N_TBS = (2, 4, 8, 16, 32)
 REPS = 20

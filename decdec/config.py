@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from decdec.constants import SELECTION_MODES
 from decdec.errors import ConfigError
 
 
@@ -90,7 +91,7 @@ ALLOWED = {  # field path -> allowed values (checked after the type)
     "decdec.residual_bits": (4,),
     "decdec.chunk_size": (1024,),
     "decdec.n_buckets": (32,),
-    "decdec.selection": ("bucket", "exact", "static", "none"),
+    "decdec.selection": SELECTION_MODES,
     "device": ("cpu", "cuda"),
 }
 RANGES = {  # field path -> (low, high) inclusive

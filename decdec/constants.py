@@ -12,6 +12,7 @@ N_BUCKETS = 32  # approximate top-k: 16 buckets between the two thresholds, 16 b
 PASS_CHUNKS = 4  # chunks one 512-thread correction block selects in one pass (128 threads a chunk)
 GROUP_SIZE = 128  # quantization group: one scale + zero point per 128 inputs (the AWQ / GPTQ standard)
 LINEAR_KINDS = ("qkv", "o", "gate_up", "down")  # the linear groups of one layer, in forward order
+SELECTION_MODES = ("bucket", "exact", "static", "none")  # how the channels to compensate are chosen
 
 
 def chunk_ks(width: int, k_chunk: int, chunk_size: int = CHUNK_SIZE) -> list[int]:

@@ -18,7 +18,6 @@ import torch
 
 from decdec.constants import CHUNK_SIZE, N_BUCKETS, chunk_ks
 
-MODES = ("bucket", "exact", "static", "none")
 
 
 @dataclass(frozen=True)

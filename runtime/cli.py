@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from decdec.constants import SELECTION_MODES
 from decdec.errors import ConfigError, DecDECError, InputError
 
 
@@ -64,8 +65,8 @@ def cmd_eval(args) -> None:
     cfg = _config(args)
     selections = args.selection.split(",")
     for mode in selections:
-        if mode not in ("bucket", "exact", "static"):
-            raise ConfigError(f"--selection '{mode}' is not allowed: allowed are bucket, exact, static")
+        if mode not in SELECTION_MODES[:-1]:  # 'none' is k = 0
+            raise ConfigError(f"--selection '{mode}' is not allowed: allowed are {', '.join(SELECTION_MODES[:-1])}")
     for k in args.k_chunk:  # before minutes of preparation, not after
         if not 0 <= k <= cfg.decdec.chunk_size:
             raise ConfigError(f"--k-chunk {k} is out of range: allowed 0 .. {cfg.decdec.chunk_size} (the chunk size)")

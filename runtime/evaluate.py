@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from decdec.constants import SELECTION_MODES
 from decdec.models.arch import Linear, forward
 from decdec.models.graph import PerGroup, per_group
 from decdec.models.prepare import Prepared
@@ -46,7 +47,7 @@ def select(mode: str, x: torch.Tensor, k_chunk: int, group: DenseGroup) -> torch
         return selector.select_exact(x, k_chunk)
     if mode == "static":
         return selector.select_static(x, k_chunk, group.mean_abs)
-    raise ValueError(f"unknown selection mode {mode!r}: allowed are {selector.MODES}")
+    raise ValueError(f"unknown selection mode {mode!r}: allowed are {SELECTION_MODES}")
 
 
 def decdec_linear(groups: dict[tuple[int, str], DenseGroup], selection: str = "none", k_chunk: PerGroup = 0) -> Linear:

@@ -27,6 +27,13 @@ from torch import nn
 
 GROUP_SIZE = 128  # torch int4: one bf16 scale and zero per 128 inputs
 INNER_K_TILES = 8  # tinygemm's packing (gpt-fast's choice); in_features must be a multiple of 16 x this
+K_MULTIPLE = 16 * INNER_K_TILES  # = GROUP_SIZE: an int4 layer's inputs are zero-padded to a multiple of this
+
+
+def padded_in(in_features: int) -> int:
+    """Inputs an int4 layer packs: as gpt-fast's `WeightOnlyInt4Linear(padding=True)` does, a width the
+    kernel cannot take (SmolLM2's 576) is zero-padded, here to the next multiple it can (640)."""
+    return -(-in_features // K_MULTIPLE) * K_MULTIPLE
 
 
 @dataclass(frozen=True)
@@ -69,7 +76,8 @@ def weight_bytes(s: Shapes, quant: str | None, dtype_bytes: int = 2) -> int:
     total = dtype_bytes * s.vocab_size * s.dim
     for out_f, in_f in s.linear_shapes().values():
         dense = dtype_bytes * out_f * in_f
-        int4 = out_f * in_f // 2 + out_f * (in_f // GROUP_SIZE) * 2 * dtype_bytes
+        k = padded_in(in_f)
+        int4 = out_f * k // 2 + out_f * (k // GROUP_SIZE) * 2 * dtype_bytes
         total += s.n_layers * (int4 if quant == "int4" else dense)
     return total
 
@@ -86,19 +94,22 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
 
 class Int4Linear(nn.Module):
     """y = x @ W^T through torch's int4 tinygemm kernel: W = (q - 8) * scale + zero per group of 128.
-    Random codes; scales keep outputs about as large as the inputs. Shapes torch cannot pack raise
-    torch's own error (in_features must be a multiple of 16 x INNER_K_TILES)."""
+    Random codes; scales keep outputs about as large as the inputs. Inputs are zero-padded to
+    `padded_in(in_features)` (the padded weight columns meet zeros)."""
 
     def __init__(self, in_features: int, out_features: int, device=None):
         super().__init__()
-        self.out_features = out_features
-        codes = torch.randint(0, 16, (out_features, in_features), dtype=torch.int32, device=device)
+        self.out_features, self.pad = out_features, padded_in(in_features) - in_features
+        k = in_features + self.pad
+        codes = torch.randint(0, 16, (out_features, k), dtype=torch.int32, device=device)
         self.register_buffer("weight", torch._convert_weight_to_int4pack(pack_int4(codes), INNER_K_TILES))
-        sz = torch.zeros(in_features // GROUP_SIZE, out_features, 2, dtype=torch.bfloat16, device=device)
+        sz = torch.zeros(k // GROUP_SIZE, out_features, 2, dtype=torch.bfloat16, device=device)
         sz[..., 0] = 1 / (4.6 * math.sqrt(in_features))  # (q - 8) has std ~4.6
         self.register_buffer("scales_and_zeros", sz)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad:
+            x = F.pad(x, (0, self.pad))
         y = torch._weight_int4pack_mm(x.reshape(-1, x.shape[-1]), self.weight, GROUP_SIZE, self.scales_and_zeros)
         return y.reshape(*x.shape[:-1], self.out_features)
 

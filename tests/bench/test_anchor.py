@@ -9,7 +9,7 @@ GPU its kernel is checked against its definition (`check_int4`).
 import pytest
 import torch
 
-from bench.anchor import SHAPES, Anchor, Shapes, check_int4, weight_bytes
+from bench.anchor import SHAPES, Anchor, Shapes, check_int4, padded_in, weight_bytes
 from decdec.models.arch import ModelArgs, forward
 from decdec.scheduler import latency
 
@@ -51,17 +51,22 @@ def test_int4_construction_rejects_dense_dtype():
 
 
 def test_weight_bytes():
-    """Dense: 2 bytes a weight; int4: our 4-bit packing's count (codes, a 2-byte scale and zero per 128)."""
-    s = SHAPES["llama3-8b"]
-    shapes = s.linear_shapes().values()
-    lm_head = 2 * s.vocab_size * s.dim
-    assert weight_bytes(s, None) == s.n_layers * sum(2 * o * i for o, i in shapes) + lm_head
-    assert weight_bytes(s, "int4") == s.n_layers * sum(latency.weight_bytes(o, i, 4) for o, i in shapes) + lm_head
+    """Dense: 2 bytes a weight; int4: our 4-bit packing's count (codes, a 2-byte scale and zero per 128)
+    of the inputs the int4 layer packs (SmolLM2's 576 zero-padded to 640)."""
+    for name in ("llama3-8b", "smollm2-135m"):
+        s = SHAPES[name]
+        shapes = s.linear_shapes().values()
+        lm_head = 2 * s.vocab_size * s.dim
+        assert weight_bytes(s, None) == s.n_layers * sum(2 * o * i for o, i in shapes) + lm_head
+        assert weight_bytes(s, "int4") == s.n_layers * sum(latency.weight_bytes(o, padded_in(i), 4)
+                                                           for o, i in shapes) + lm_head
+    assert padded_in(576) == 640 and padded_in(4096) == 4096 and padded_in(14336) == 14336
 
 
 @pytest.mark.gpu
 def test_int4_kernel_matches_its_definition():
     check_int4("cuda")
-    model = Anchor(Shapes(256, 1, 2, 1, 128, 256, 64), max_seq=8, quant="int4", device="cuda")
-    logits = model(torch.tensor([[3]], device="cuda"), torch.tensor([0], device="cuda"))
-    assert logits.shape == (1, 1, 64) and torch.isfinite(logits).all()
+    for s in (Shapes(256, 1, 2, 1, 128, 256, 64), Shapes(576, 1, 9, 3, 64, 1536, 64)):  # 576: padded to 640
+        model = Anchor(s, max_seq=8, quant="int4", device="cuda")
+        logits = model(torch.tensor([[3]], device="cuda"), torch.tensor([0], device="cuda"))
+        assert logits.shape == (1, 1, 64) and torch.isfinite(logits).all()

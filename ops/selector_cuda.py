@@ -18,6 +18,9 @@ owns a contiguous run of up to RUN_MAX = 8 channels and keeps their buckets in r
    prefix sum, per chunk, of the packed pair (#above-cut, #at-cut) of the threads' runs (groups of 8
    threads by integer atomics, then the group sums) gives each channel its slot, below + min(at, need).
 Five barriers per pass, shared by all its chunks (up to 4), so latency grows little with the width.
+At k_chunk 1 (the least compensation, and the cheapest plan a tuner can choose) steps 2-3 reduce to
+one shared-memory atomic min per thread over the keys bucket * 1024 + index: three barriers, no
+histogram, no scan, as that plan's correction must finish beside the shortest GEMVs.
 Arithmetic is int32 where Numba would widen to int64, indices unsigned where it would add a
 negative-index check: the selection is instruction-bound, as every correction block selects every
 chunk. No warp intrinsics are used, so the CUDA simulator runs the same code as the GPU.
@@ -43,6 +46,7 @@ SCAN_SIZE = 512  # one slot per thread (blocks of up to 512 threads)
 GROUP_SIZE = SCAN_SIZE // GROUP  # one sum per group of 8 threads
 STASH_SIZE = PASS_CHUNKS * MAX_CHUNK  # the pass's x~, float32 (16 KiB)
 COMMON_FIRST = 24  # buckets 24..31 are counted in a register first (see select_chunks)
+NO_KEY = 1 << 30  # above every (bucket, index) key of one pick: bucket * MAX_CHUNK + index < 2^15
 
 
 def pass_chunks(k_chunk: int) -> int:
@@ -87,6 +91,35 @@ def _bucket_at(packed, r):
 
 
 @cuda.jit(device=True)
+def _select_one(packed, q, nb, j, first, run, c0, chunk, width, k_last, best, cuts, x_stash, sel_idx, sel_x):
+    """`select_chunks` at k_chunk 1, after its step 1: chunk q's pick is its channel of least key
+    bucket * MAX_CHUNK + index, found by one atomic min per thread into best[q]; the thread whose run
+    holds it writes it to slot q. As the general path leaves them, cuts[q] is then the pick's bucket
+    (-1: no pick, a short last chunk's k_last of 0) and cuts[PASS_CHUNKS + q] the picks. best[q] was
+    set to NO_KEY before the caller's barrier. Two barriers."""
+    tid = int32(cuda.threadIdx.x)
+    key = int32(NO_KEY)
+    for r in range(RUN_MAX):
+        bkt = _bucket_at(packed, r)  # N_BUCKETS past the chunk's end
+        if bkt < N_BUCKETS:
+            key = min(key, int32(bkt * MAX_CHUNK + first + r))
+    if key < NO_KEY:
+        cuda.atomic.min(best, q, key)
+    cuda.syncthreads()
+    if q < nb:
+        picks = int32(1) if (c0 + q + 1) * chunk <= width else k_last
+        index = best[q] % MAX_CHUNK
+        if picks > 0 and first <= index and index < first + run:  # this thread's run holds it
+            sel_idx[q] = int32((c0 + q) * chunk + index)
+            sel_x[q] = x_stash[uint32(q * MAX_CHUNK + (index - first) * CHUNK_THREADS + j)]  # its own write
+    if tid < nb:
+        picks = int32(1) if (c0 + tid + 1) * chunk <= width else k_last
+        cuts[tid] = best[tid] // MAX_CHUNK if picks > 0 else int32(-1)
+        cuts[PASS_CHUNKS + tid] = picks
+    cuda.syncthreads()
+
+
+@cuda.jit(device=True)
 def select_chunks(x, act_scale, has_scale, chunk, c0, nb, k_chunk, k_last, a, b, hi_scale, lo_scale,
                   hist, cuts, scan, group_sums, x_stash, sel_idx, sel_x):
     """Block-wide: the picks of chunks c0 .. c0 + nb - 1 (nb <= 4, chunk <= 1024) of x [width].
@@ -112,7 +145,7 @@ def select_chunks(x, act_scale, has_scale, chunk, c0, nb, k_chunk, k_last, a, b,
     if tid < nb * N_BUCKETS:  # (a block has 128 nb threads; a strided range would cost a division)
         hist[tid] = 0
     if tid < GROUP_SIZE:
-        group_sums[tid] = 0
+        group_sums[tid] = NO_KEY if k_chunk == 1 else 0  # k_chunk 1: chunk q's least key (`_select_one`)
     if tid < nb:
         cuts[tid] = -1  # no cut: nothing taken (k_c = 0)
         cuts[PASS_CHUNKS + tid] = 0
@@ -136,6 +169,9 @@ def select_chunks(x, act_scale, has_scale, chunk, c0, nb, k_chunk, k_last, a, b,
                 word |= uint32(bkt) << uint32(8 * u)
             packed[w] = word
     cuda.syncthreads()  # hist zeroed
+    if k_chunk == 1:
+        _select_one(packed, q, nb, j, first, run, c0, chunk, width, k_last, group_sums, cuts, x_stash, sel_idx, sel_x)
+        return
     # Most channels fall in the last few buckets (|x| far below b), and shared atomics on one address
     # serialise, so buckets 24..31 are counted in one packed register (8 bits each) flushed once, and
     # only the rare upper buckets take an atomic per channel.

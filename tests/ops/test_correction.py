@@ -75,6 +75,7 @@ def test_plan_covers_every_tile_once():
     (2112, 48, 1024, 1),  # three chunks (the last 64 wide) at k_chunk = 1024: two selection passes
     (1536, 200, 64, 1),  # a partial second chunk (512 wide takes 32); one block owns 4 tiles
     (640, 64, 0, 2),  # nothing chosen: out = base
+    (3136, 72, 1, 2),  # k_chunk 1 (the atomic-min selection): three full chunks and a 64-wide one in one pass
 ])
 def test_standalone_kernel_matches_reference(width, out_features, k_chunk, n_tb):
     rng = np.random.default_rng(width + out_features + k_chunk)
@@ -94,6 +95,7 @@ def test_standalone_kernel_matches_reference(width, out_features, k_chunk, n_tb)
     (4, 1, 1, ("base",), 200, 640, 48),  # GEMV tiles of 128 rows over merge tiles of 64: 2 + 2 (1 partial) arrivals
     (3, None, None, ("correction", "base"), 40, 640, 48),  # the default here: 8 K warps, 16-row tiles = merge tiles
     (3, 2, 1, ("correction", "base"), 40, 2112, 700),  # 2 chunks a pass: 2 correction parts (chunks 0-1, 2)
+    (3, None, None, ("base", "correction"), 40, 3072, 1),  # k_chunk 1: one pick a chunk, three chunks a pass
 ])
 def test_merged_into_base_gemv_in_either_order(bits, k_blocks, k_warps, order, out_features, width, k_chunk):
     """Base K blocks and the correction's passes are parts of one split output: whoever arrives last
@@ -109,7 +111,7 @@ def test_merged_into_base_gemv_in_either_order(bits, k_blocks, k_warps, order, o
     _, _, bounds, rows, rscale, _ = case(rng, width, out_features, k_chunk)
     corr = co.Correction(cuda.to_device(dma.pad_rows(rows)), cuda.to_device(rscale), bounds, k_chunk, n_tb=2,
                          tile_rows=gemv.plan.merge_rows)
-    assert corr.parts == (2 if width > 2048 else 1)
+    assert corr.parts == (2 if k_chunk == 700 else 1)  # a pass takes 4 chunks, 2 at k_chunk 700 (SEL_CAP)
     split = gemv.split_output(extra_parts=corr.parts)
     act_d = cuda.to_device(act)
     for first in order:
@@ -134,7 +136,8 @@ def test_merged_into_base_gemv_in_either_order(bits, k_blocks, k_warps, order, o
 @gpu
 @pytest.mark.parametrize("bits", [3, 4])
 @pytest.mark.parametrize("out_features, width, k_chunk, n_tb", [(4096, 4096, 16, 8), (28672, 4096, 8, 16),
-                                                                 (4096, 14336, 32, 8), (1536, 640, 1024, 4)])
+                                                                 (4096, 14336, 32, 8), (1536, 640, 1024, 4),
+                                                                 (4096, 14336, 1, 4)])
 def test_fused_on_two_streams_on_gpu(bits, out_features, width, k_chunk, n_tb):
     rng = np.random.default_rng(out_features + width + bits)
     _, q, scales, zeros, act = random_linear(rng, bits, out_features, width)

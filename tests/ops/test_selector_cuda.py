@@ -46,6 +46,7 @@ def run(x: np.ndarray, k_chunk: int, bounds, act_scale=None):
 @kernels
 @pytest.mark.parametrize("width, k_chunk", [
     (576, 37), (640, 1024), (640, 0), (1536, 64), (1536, 1), (2112, 100),  # 2112: a 64-wide last chunk
+    (3072, 1),  # k_chunk 1: the atomic-min path, three chunks
 ])
 def test_kernel_matches_reference(width, k_chunk):
     rng = np.random.default_rng(width * 1031 + k_chunk)
@@ -56,6 +57,22 @@ def test_kernel_matches_reference(width, k_chunk):
     assert got.shape == want.shape
     assert (got == want).all()  # same set and same (bucket, index) order
     np.testing.assert_array_equal(got_x, np.take_along_axis(x, got.astype(np.int64), axis=-1))
+
+
+@kernels
+@pytest.mark.parametrize("chunk_size", [256, 96])  # runs of 2 and 1 channels a thread (1024: above)
+def test_kernel_matches_reference_at_k_chunk_1_on_short_chunks(chunk_size):
+    rng = np.random.default_rng(chunk_size)
+    width = 5 * chunk_size + chunk_size // 2  # a half-full last chunk: k_last 0, no pick there
+    x = hard_inputs(rng, 2, width)
+    bounds = selector.bucket_bounds(profile(rng, width), 1)
+    want = selector.select_bucket(torch.from_numpy(x), 1, bounds, chunk_size).numpy()
+    out = cuda.to_device(np.full(want.shape, -1, np.int32))  # poison: -1 is no channel
+    out_x = cuda.to_device(np.full(want.shape, np.nan, np.float32))
+    select_bucket_cuda(cuda.to_device(x), 1, bounds, chunk_size, out=out, out_x=out_x)
+    got = out.copy_to_host()
+    assert want.shape == (2, 5) and (got == want).all()
+    np.testing.assert_array_equal(out_x.copy_to_host(), np.take_along_axis(x, got.astype(np.int64), axis=-1))
 
 
 @kernels
@@ -99,7 +116,7 @@ def test_bucket_of_edges(a, b):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("width", [4096, 14336])
-@pytest.mark.parametrize("k_chunk", [0, 8, 64, 1024])
+@pytest.mark.parametrize("k_chunk", [0, 1, 8, 64, 1024])
 def test_kernel_matches_reference_on_gpu(width, k_chunk):
     rng = np.random.default_rng(width + k_chunk)
     x = hard_inputs(rng, 16, width, np.float16)

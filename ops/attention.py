@@ -24,7 +24,8 @@ from numba import cuda, float32, int32, uint32
 
 from decdec.args import ModelArgs
 from decdec.ops.norm import rms_norm
-from decdec.ops.ptx import half2_floats, load_u32x4, pack_half2, pdl_supported, release_dependents, wait_upstream
+from decdec.ops.ptx import (fence_acq_rel, half2_floats, load_u32x4, pack_half2, pdl_supported, release_dependents,
+                            wait_upstream)
 from decdec.ops.reduce import SCRATCH, warp_max, warp_sum, words
 
 THREADS = 128  # 4 warps a block
@@ -435,17 +436,17 @@ def _attention_kernel(group: int, hd: int, tile: int, splits: int):
         if tid < group:
             part_ml[2 * (part + tid)] = stat[tid]
             part_ml[2 * (part + tid) + 1] = stat[group + tid]
-        cuda.threadfence()
         cuda.syncthreads()
-        if tid == 0:
+        if tid == 0:  # release: the block's partials (ordered before the count by the barrier)
+            fence_acq_rel()
             old = cuda.atomic.add(counters, h, 1)
             flag[0] = 1 if old == n_active - 1 else 0
             if old == n_active - 1:
+                fence_acq_rel()  # acquire: the other splits' partials before this block reads them
                 counters[h] = 0  # every split has arrived: nobody else touches it this launch
         cuda.syncthreads()
         if flag[0] == 0:
             return
-        cuda.threadfence()
         for g0 in range(0, group, WARPS):  # a warp per head, a lane per split (two above 32 splits)
             g = g0 + warp
             l0 = l1 = float32(0)

@@ -35,8 +35,8 @@ from numba import cuda, float32, int32, uint32, uint64
 
 from decdec.ops.layout import dequantize, unpack_codes  # noqa: F401 - re-exported: the reference's decoding
 from decdec.ops.layout import words_to_int32
-from decdec.ops.ptx import (MMA_SWAP, half2_floats, load_u32x2, load_u32x4, mma_f16, pack_half2, pdl_supported,
-                            release_dependents, wait_upstream)
+from decdec.ops.ptx import (MMA_SWAP, fence_acq_rel, half2_floats, load_u32x2, load_u32x4, mma_f16, pack_half2,
+                            pdl_supported, release_dependents, wait_upstream)
 from decdec.ops.reduce import SCRATCH, lanes8_max, lanes8_sum
 
 SIMULATED = cuda.jit.__module__.startswith("numba.cuda.simulator")  # the CUDA simulator runs these kernels
@@ -107,22 +107,25 @@ def arrive_tiles(partials, counters, out, n_out, n_parts, tile_rows, first_tile,
     [n_parts * n_out]). For each tile one int32 atomic counts the arrivals; the block that brings the
     count to n_parts sums the parts in order 0..n_parts-1 (deterministic whoever arrives last), writes
     `out` and resets the counter to 0 for the next step. Nothing waits, so the kernels that share a tile
-    may run in any order or concurrently. Fences: release before the count, acquire after it.
+    may run in any order or concurrently. Fences (`ptx.fence_acq_rel`) only in the threads that count:
+    release before the count (the block's rows, ordered before it by the barrier), acquire after the
+    count that completes a tile (the other parts' rows, ordered before the block's reads by the next
+    barrier).
     """
     tid = cuda.threadIdx.x
     nthr = cuda.blockDim.x
-    cuda.threadfence()
     cuda.syncthreads()
     for base in range(0, n_tiles, FLAG_CAP):
         n_here = min(FLAG_CAP, n_tiles - base)
         for t in range(tid, n_here, nthr):
             tile = first_tile + base + t
+            fence_acq_rel()
             old = cuda.atomic.add(counters, tile, 1)
             flags[t] = 1 if old == n_parts - 1 else 0
             if old == n_parts - 1:
+                fence_acq_rel()
                 counters[tile] = 0  # every part has arrived: nobody else touches it this step
         cuda.syncthreads()
-        cuda.threadfence()
         for e in range(tid, n_here * tile_rows, nthr):
             t = e // tile_rows
             row = (first_tile + base + t) * tile_rows + e % tile_rows

@@ -22,6 +22,11 @@ patterns so that no fp16x2 type is needed in Numba:
   the next kernel's blocks launch (the hardware does so once every block has called it or exited).
   Both are no-ops in a kernel launched the ordinary way; `pdl_supported()` says whether this device
   has them (kernels are built with or without them).
+- `fence_acq_rel()`: `fence.acq_rel.gpu` (SASS MEMBAR.ALL.GPU). Before a relaxed atomic it makes the
+  thread's earlier writes, and those it saw through a barrier, visible to whoever reads the atomic's
+  result (release); after one, it orders the thread's later reads after the writes that result
+  stands for (acquire). Numba's `cuda.threadfence()` is `membar.gl`, a sequentially consistent fence
+  (MEMBAR.SC.GPU), stronger and slower than that pattern needs.
 
 Under the CUDA simulator (`NUMBA_ENABLE_CUDASIM=1`) the same names are plain Python. The simulator
 has no warp shuffles, so `mma_f16` exchanges fragments through a block-shared scratch array
@@ -74,6 +79,10 @@ if SIMULATED:
 
     @cuda.jit(device=True)
     def release_dependents():
+        pass
+
+    @cuda.jit(device=True)
+    def fence_acq_rel():
         pass
 
     @cuda.jit(device=True)
@@ -170,9 +179,9 @@ else:
     load_u32x4 = _load_vector(4)
     load_u32x2 = _load_vector(2)
 
-    def _grid_control(text: str):
-        """An intrinsic issuing one `griddepcontrol` instruction; a memory clobber keeps every load and
-        store on its side of it."""
+    def _ordered(text: str):
+        """An intrinsic issuing one ordering instruction (`griddepcontrol`, `fence`); a memory clobber
+        keeps every load and store on its side of it."""
         @intrinsic
         def control(typingctx):
             def codegen(context, builder, sig, args):
@@ -184,5 +193,6 @@ else:
 
         return control
 
-    wait_upstream = _grid_control("griddepcontrol.wait;")
-    release_dependents = _grid_control("griddepcontrol.launch_dependents;")
+    wait_upstream = _ordered("griddepcontrol.wait;")
+    release_dependents = _ordered("griddepcontrol.launch_dependents;")
+    fence_acq_rel = _ordered("fence.acq_rel.gpu;")

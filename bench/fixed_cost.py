@@ -19,8 +19,8 @@ import argparse
 import dataclasses
 import json
 import statistics
-import tempfile
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

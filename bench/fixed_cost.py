@@ -102,6 +102,9 @@ def main(argv=None) -> None:
     ap.add_argument("--timeline", action="store_true", help="also the CUPTI timeline of the base and k_chunk 1 steps")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
+    unknown = [k for k in a.kinds.split(",") if k not in LINEAR_KINDS + ("all",)]
+    if unknown:
+        ap.error(f"--kinds: unknown {unknown}; allowed {', '.join(LINEAR_KINDS)}, all")
     run = Run("cuda", a.max_seq, (POSITION + 1,), a.steps, 5, False, None)
     prepared = synthetic_prepared(SHAPES[a.model], a.max_seq, "cuda")
     spec = prepared.config.model.source["synthetic"]

@@ -46,7 +46,8 @@ SCAN_SIZE = 512  # one slot per thread (blocks of up to 512 threads)
 GROUP_SIZE = SCAN_SIZE // GROUP  # one sum per group of 8 threads
 STASH_SIZE = PASS_CHUNKS * MAX_CHUNK  # the pass's x~, float32 (16 KiB)
 COMMON_FIRST = 24  # buckets 24..31 are counted in a register first (see select_chunks)
-NO_KEY = 1 << 30  # above every (bucket, index) key of one pick: bucket * MAX_CHUNK + index < 2^15
+KEY_SHIFT = 10  # a pick's key is bucket << KEY_SHIFT | index (MAX_CHUNK = 1 << KEY_SHIFT): its order is (bucket, index)
+NO_KEY = 1 << 30  # above every key (< 2^15)
 
 
 def pass_chunks(k_chunk: int) -> int:
@@ -93,7 +94,7 @@ def _bucket_at(packed, r):
 @cuda.jit(device=True)
 def _select_one(packed, q, nb, j, first, run, c0, chunk, width, k_last, best, cuts, x_stash, sel_idx, sel_x):
     """`select_chunks` at k_chunk 1, after its step 1: chunk q's pick is its channel of least key
-    bucket * MAX_CHUNK + index, found by one atomic min per thread into best[q]; the thread whose run
+    bucket << KEY_SHIFT | index, found by one atomic min per thread into best[q]; the thread whose run
     holds it writes it to slot q. As the general path leaves them, cuts[q] is then the pick's bucket
     (-1: no pick, a short last chunk's k_last of 0) and cuts[PASS_CHUNKS + q] the picks. best[q] was
     set to NO_KEY before the caller's barrier. Two barriers."""
@@ -102,19 +103,19 @@ def _select_one(packed, q, nb, j, first, run, c0, chunk, width, k_last, best, cu
     for r in range(RUN_MAX):
         bkt = _bucket_at(packed, r)  # N_BUCKETS past the chunk's end
         if bkt < N_BUCKETS:
-            key = min(key, int32(bkt * MAX_CHUNK + first + r))
+            key = min(key, int32((bkt << KEY_SHIFT) | (first + r)))
     if key < NO_KEY:
         cuda.atomic.min(best, q, key)
     cuda.syncthreads()
     if q < nb:
         picks = int32(1) if (c0 + q + 1) * chunk <= width else k_last
-        index = best[q] % MAX_CHUNK
+        index = best[q] & int32(MAX_CHUNK - 1)  # (mask and shift: keys are >= 0, no sign fix-up)
         if picks > 0 and first <= index and index < first + run:  # this thread's run holds it
             sel_idx[q] = int32((c0 + q) * chunk + index)
             sel_x[q] = x_stash[uint32(q * MAX_CHUNK + (index - first) * CHUNK_THREADS + j)]  # its own write
     if tid < nb:
         picks = int32(1) if (c0 + tid + 1) * chunk <= width else k_last
-        cuts[tid] = best[tid] // MAX_CHUNK if picks > 0 else int32(-1)
+        cuts[tid] = best[tid] >> int32(KEY_SHIFT) if picks > 0 else int32(-1)
         cuts[PASS_CHUNKS + tid] = picks
     cuda.syncthreads()
 

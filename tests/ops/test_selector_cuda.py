@@ -65,7 +65,7 @@ def test_kernel_matches_reference_at_k_chunk_1_on_short_chunks(chunk_size):
     rng = np.random.default_rng(chunk_size)
     width = 5 * chunk_size + chunk_size // 2  # a half-full last chunk: k_last 0, no pick there
     x = hard_inputs(rng, 2, width)
-    bounds = selector.bucket_bounds(profile(rng, width), 1)
+    bounds = selector.bucket_bounds(profile(rng, width), 1, chunk_size)  # every bucket in use
     want = selector.select_bucket(torch.from_numpy(x), 1, bounds, chunk_size).numpy()
     out = cuda.to_device(np.full(want.shape, -1, np.int32))  # poison: -1 is no channel
     out_x = cuda.to_device(np.full(want.shape, np.nan, np.float32))

@@ -10,7 +10,9 @@ the correction's own floor (selection, PCIe round trip) or for the stream fork a
 
 `timeline` (every kind compensated, and the base step) reads the kernels' start and end times from a
 CUPTI trace of graph replays: per group kind, when the GEMV and the correction start after the
-kernel before them ends, how long each runs, and by how much the correction ends after its GEMV.
+kernel before them ends, how long each runs, and by how much the correction ends after its GEMV. A
+kernel launched early (programmatic launch) counts its wait for the kernel before it in its duration;
+the ends are exact.
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ Needs what the GPU image has but this machine does not, from pip wheels:
 numba-cuda 0.30.4 with nvidia-cuda-nvrtc-cu12 in a venv, and `ptxas` (nvidia-cuda-nvcc-cu12),
 `cuobjdump` + `nvdisasm` (nvidia-cuda-cuobjdump, nvidia-cuda-nvdisasm) on PATH. Numba asks the
 (absent) driver for the compute capability when it compiles device functions, so that one call is
-answered with (9, 0), and the kernel is built with programmatic dependent launch, as on Hopper. The counts matched the H100's own `inspect_sass` within 1 %. Prints ptxas's
-register / spill line, the whole kernel's opcode histogram, and that of its largest FFMA / HMMA block (the
-step body).
+answered with (9, 0), and the kernel is built with programmatic dependent launch, as on Hopper.
+The counts matched the H100's own `inspect_sass` within 1 %. Prints ptxas's register / spill line,
+the whole kernel's opcode histogram, and that of its largest FFMA / HMMA block (the step body).
 """
 
 from __future__ import annotations

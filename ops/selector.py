@@ -19,7 +19,6 @@ import torch
 from decdec.constants import CHUNK_SIZE, N_BUCKETS, chunk_ks
 
 
-
 @dataclass(frozen=True)
 class BucketBounds:
     """The bucket edges of one layer at one k_chunk, as float32 (the kernel gets the same four)."""

@@ -95,10 +95,9 @@ def _bucket_at(packed, r):
 def _select_one(packed, q, nb, j, first, run, c0, chunk, width, k_last, best, cuts, x_stash, sel_idx, sel_x):
     """`select_chunks` at k_chunk 1, after its step 1: chunk q's pick is its channel of least key
     bucket << KEY_SHIFT | index, found by one atomic min per thread into best[q]; the thread whose run
-    holds it writes it to slot q. As the general path leaves them, cuts[q] is then the pick's bucket
-    (-1: no pick, a short last chunk's k_last of 0) and cuts[PASS_CHUNKS + q] the picks. best[q] was
-    set to NO_KEY before the caller's barrier. Two barriers."""
-    tid = int32(cuda.threadIdx.x)
+    holds it writes it to slot q and, as the general path leaves them, the pick's bucket to cuts[q] and
+    1 to cuts[PASS_CHUNKS + q] (a short last chunk's k_last of 0 keeps the caller's -1 and 0). best[q]
+    was set to NO_KEY before the caller's barrier. Two barriers."""
     key = int32(NO_KEY)
     for r in range(RUN_MAX):
         bkt = _bucket_at(packed, r)  # N_BUCKETS past the chunk's end
@@ -113,10 +112,8 @@ def _select_one(packed, q, nb, j, first, run, c0, chunk, width, k_last, best, cu
         if picks > 0 and first <= index and index < first + run:  # this thread's run holds it
             sel_idx[q] = int32((c0 + q) * chunk + index)
             sel_x[q] = x_stash[uint32(q * MAX_CHUNK + (index - first) * CHUNK_THREADS + j)]  # its own write
-    if tid < nb:
-        picks = int32(1) if (c0 + tid + 1) * chunk <= width else k_last
-        cuts[tid] = best[tid] >> int32(KEY_SHIFT) if picks > 0 else int32(-1)
-        cuts[PASS_CHUNKS + tid] = picks
+            cuts[q] = best[q] >> int32(KEY_SHIFT)
+            cuts[PASS_CHUNKS + q] = picks
     cuda.syncthreads()
 
 

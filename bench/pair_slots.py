@@ -70,10 +70,10 @@ def main() -> None:
                 result["rows"].append({"shape": shape, "what": "corr alone", "k_chunk": k, "n_tb": blocks,
                                        "us": alone["us"]})
                 line = [f"  k {k} blocks {blocks} x {corrs[0].parts} parts: alone {alone['us']:.1f}"]
-                split = g.split_for(corrs[0])
                 for plan_name, gemvs in (("default", g.gemvs), ("beside", g.beside(corrs[0]))):
+                    split = g.split_for(corrs[0], gemvs)
 
-                    def step(i, gemvs=gemvs):
+                    def step(i, gemvs=gemvs, split=split):
                         x = s.xs[i % timing.N_ACTIVATIONS]
                         streams.fork(lambda st: g(i, x, st, merge=split, gemvs=gemvs),
                                      lambda st: corrs[i % len(corrs)](x, s.act, out=g.out, merge=split, stream=st))

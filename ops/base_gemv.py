@@ -277,7 +277,7 @@ def _plan_cost(p: GemvPlan, n_sm: int) -> float:
 class SplitOutput:
     """Scratch for an output summed from `n_parts` parts: float32 partials and one counter per row tile.
 
-    Parts 0 .. k_blocks-1 are the GEMV's K blocks; a concurrent correction writes part n_parts - 1.
+    Parts 0 .. k_blocks-1 are the GEMV's K blocks; a concurrent correction writes the parts after them.
     Counters must be zero before a step; the block that completes a tile resets its counter.
     """
 
@@ -286,12 +286,13 @@ class SplitOutput:
     n_parts: int
     n_out: int
     tile_rows: int
+    k_blocks: int  # the GEMV plan's K blocks it was made for (another plan's would write a correction's part)
 
     @classmethod
-    def allocate(cls, n_out: int, tile_rows: int, n_parts: int) -> "SplitOutput":
-        n_tiles = -(-n_out // tile_rows)
+    def allocate(cls, n_out: int, tile_rows: int, k_blocks: int, extra_parts: int = 0) -> "SplitOutput":
+        n_tiles, n_parts = -(-n_out // tile_rows), k_blocks + extra_parts
         return cls(cuda.to_device(np.zeros(n_parts * n_out, np.float32)),
-                   cuda.to_device(np.zeros(n_tiles, np.int32)), n_parts, n_out, tile_rows)
+                   cuda.to_device(np.zeros(n_tiles, np.int32)), n_parts, n_out, tile_rows, k_blocks)
 
     @property
     def n_tiles(self) -> int:
@@ -709,13 +710,18 @@ class BaseGemv:
 
     def beside(self, blocks: int) -> "BaseGemv":
         """This GEMV re-planned to run beside `blocks` resident blocks of another kernel that each fill
-        an SM's register file (a DecDEC correction's): its persistent grid then fits the SMs left in
-        one wave instead of queueing a second wave behind them. Same weights, kernel and tiles; only
-        the tiles per block change (so the split output's layout does not)."""
+        an SM's register file (a DecDEC correction's): its grid must fit the block slots of the SMs left
+        in one wave, or the blocks that find no slot run after the correction, a second wave. A plan that
+        fits stays; one that does not takes the K split the cost model picks for the SMs left (fewer,
+        longer K blocks) rather than more tiles per block (each block then runs twice as long). Same
+        weights, kernel and tiles (rows per warp, K warps), so the correction's merge tiles still match;
+        the split output must come from the twin's plan (its K blocks may differ)."""
         p = self.plan
-        plan = plan_gemv(p.out_features, p.in_features, p.bits, n_sm=max(1, self.n_sm - blocks),
-                         rows_per_warp=p.rows_per_warp, k_blocks=p.k_blocks, k_warps=p.k_warps,
-                         early_load=p.early_load)
+        n_sm = max(1, self.n_sm - blocks)
+        if p.grid[0] * p.grid[1] <= n_sm * MMA_MIN_BLOCKS:
+            return self
+        plan = plan_gemv(p.out_features, p.in_features, p.bits, n_sm=n_sm, rows_per_warp=p.rows_per_warp,
+                         k_warps=p.k_warps, early_load=p.early_load)
         twin = copy.copy(self)
         twin.plan, twin._own_split = plan, None
         return twin
@@ -723,7 +729,7 @@ class BaseGemv:
     def split_output(self, extra_parts: int = 0) -> SplitOutput:
         """Scratch for this GEMV's K blocks plus `extra_parts` merged parts (1 for a DecDEC correction)."""
         p = self.plan
-        return SplitOutput.allocate(p.out_features, p.merge_rows, p.k_blocks + extra_parts)
+        return SplitOutput.allocate(p.out_features, p.merge_rows, p.k_blocks, extra_parts)
 
     def __call__(self, x, out, stream=0, merge: SplitOutput | None = None) -> None:
         """Launch on `stream`: out (fp16 [out]) = deq(Q) @ (x * act_scale), plus any merged part."""
@@ -733,7 +739,7 @@ class BaseGemv:
                 self._own_split = self.split_output()
             merge = self._own_split
         if merge is not None and (merge.n_out != p.out_features or merge.tile_rows != p.merge_rows
-                                  or merge.n_parts < p.k_blocks):
+                                  or merge.k_blocks != p.k_blocks):
             raise ValueError("merge scratch was made for another GEMV plan")
         direct = merge is None
         partials = merge.partials if merge else _dummy(np.float32)

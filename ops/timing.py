@@ -201,9 +201,9 @@ class GemvSetup:
         self.tile_rows = first.plan.merge_rows
         self.out = cuda.as_cuda_array(torch.empty(out_f, dtype=torch.float16, device="cuda"))
 
-    def split_for(self, correction):
-        """Scratch for the GEMV's K blocks and `correction`'s parts."""
-        return self.gemvs[0].split_output(extra_parts=correction.parts)
+    def split_for(self, correction, gemvs=None):
+        """Scratch for the K blocks of `gemvs` (default: the GEMVs' own plan) and `correction`'s parts."""
+        return (gemvs or self.gemvs)[0].split_output(extra_parts=correction.parts)
 
     def beside(self, correction) -> list:
         """The GEMVs as the executor runs them beside `correction` (`BaseGemv.beside`)."""
@@ -237,7 +237,8 @@ def measure_pairs(streams: Streams, s: CorrectionSetup, g: GemvSetup, bits: int,
     for k in k_chunks:
         for n_tb in n_tbs:
             corrs = s.corrections(k, n_tb, g.tile_rows)
-            split, beside = g.split_for(corrs[0]), g.beside(corrs[0])
+            beside = g.beside(corrs[0])
+            split = g.split_for(corrs[0], beside)
             for priority in priorities:
 
                 def step(i, corrs=corrs, priority=priority, split=split, beside=beside):

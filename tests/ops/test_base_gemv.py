@@ -209,17 +209,21 @@ def test_tensor_core_kernel_with_k_warps_matches_reference(bits, out_features, i
 
 
 @kernels
-def test_beside_another_kernel_streams_more_tiles_per_block_to_the_same_result():
-    """`beside`: the same weights and tiles re-planned for fewer SMs (a correction holds the others)."""
+def test_beside_another_kernel_fits_one_wave_of_the_sms_left():
+    """`beside`: a plan whose grid fits the block slots of the SMs a correction leaves stays; one that does
+    not takes fewer K blocks (not more tiles per block), and merges with a split output of its own plan."""
     rng = np.random.default_rng(11)
-    got, ref, gemv, xd, out = run_kernel(rng, 3, 392, 256, 1, rows_per_warp=16, n_sm=2, k_warps=1)
-    twin = gemv.beside(gemv.n_sm - 1)  # one SM left: 3 block slots for 4 tiles
+    got, ref, gemv, xd, out = run_kernel(rng, 3, 256, 2048, rows_per_warp=16, n_sm=3, k_warps=1)
+    assert gemv.beside(gemv.n_sm - 3) is gemv  # 3 SMs left: 9 slots for 2 tiles x 4 K blocks
+    twin = gemv.beside(gemv.n_sm - 2)  # 2 SMs left: 6 slots
     p, q = gemv.plan, twin.plan
-    assert (q.tile_rows, q.k_blocks, q.k_warps) == (p.tile_rows, p.k_blocks, p.k_warps)
-    assert (p.tiles_per_block, q.tiles_per_block) == (1, 2) and twin.weights is gemv.weights
-    out2 = cuda.to_device(np.full(392, np.nan, np.float16))
-    twin(xd, out2)
-    assert (out2.copy_to_host().astype(np.float32) == got).all()  # each tile summed in the same order
+    assert (p.grid, q.grid) == ((2, 4), (2, 3)) and q.tiles_per_block == 1
+    assert (q.tile_rows, q.k_warps) == (p.tile_rows, p.k_warps) and twin.weights is gemv.weights
+    with pytest.raises(ValueError, match="another GEMV plan"):  # the first plan's split: 4 K parts, not 3
+        twin(xd, out, merge=gemv.split_output())
+    out2 = cuda.to_device(np.full(256, np.nan, np.float16))
+    twin(xd, out2, merge=twin.split_output())
+    assert_close_fp16(out2.copy_to_host().astype(np.float32), ref)
     assert_close_fp16(got, ref)
 
 

@@ -285,6 +285,51 @@ def pair_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+# the batched staging loads (263685b) beside the tree before them (9233bec), one run (bench/gemv_variants.py)
+STAGING_RUNS = ("gemv_9233bec_h100.json", "gemv_263685b_h100.json")
+
+
+def staging_table(before: Path, after: Path) -> str:
+    """Two --default-only runs of one machine session: 3-bit default plans before and after a change."""
+    d0, d1 = (json.loads(p.read_text()) for p in (before, after))
+    us0 = {(r["out"], r["in"]): r["us"] for r in d0["rows"] if r["variant"] == "default"}
+    lines = [f"The base GEMV's staging loads issued together (commit {d1['commit']}) beside one by one (commit "
+             f"{d0['commit']}), 3-bit default plans, µs per launch, one machine session ({source(before)}, "
+             f"{source(after)}; {d1['device']}):", "", *header("out x in", "one by one", "together", "change")]
+    for r in (r for r in d1["rows"] if r["variant"] == "default"):
+        a, b = us0[r["out"], r["in"]], r["us"]
+        lines.append(row(f"{r['out']}x{r['in']}", f"{a:.1f}", f"{b:.1f}", f"{b / a - 1:+.0%}"))
+    return "\n".join(lines)
+
+
+def fixed_cost_table(path: Path) -> str:
+    """bench/fixed_cost.py: the least compensation (k_chunk 1) on one group kind at a time, timed in turns
+    with the base step, and (--timeline) when each GEMV and correction start and end in the graph."""
+    d = json.loads(path.read_text())
+    chain = "Not merged (branch chain): the correction chained with its GEMV on one stream. " \
+        if path.name.startswith("chain_") else ""
+    lines = [f"{chain}The least compensation, k_chunk 1, {d['model']} at KV {d['position'] + 1} ({source(path)}; {d['device']}, "
+             f"commit {d['commit'][:7]}; device time per step, CUDA graph replays in turns with the base step):", "",
+             *header("groups compensated", "n_tb", "base ms", "step ms", "slowdown", "µs per group")]
+    for r in d["rows"]:
+        lines.append(row(", ".join(r["kinds"]), r["n_tb"], f"{r['base_ms']:.3f}", f"{r['step_ms']:.3f}",
+                         f"{r['slowdown']:+.1%}", f"{r['extra_us_per_group']:.1f}"))
+    timeline = d.get("timeline_us")
+    if timeline:
+        base, comp = timeline["base"], next(v for k, v in timeline.items() if k != "base")
+        lines += ["", "Per group kind, µs after the kernel before it ends (CUPTI trace of replays; a negative start is "
+                  "an early, programmatic launch, whose time includes its wait): the GEMV's end is its input-to-output "
+                  "time, on the step's critical path:", "",
+                  *header("kind", "base: GEMV start", "base: GEMV end", "k 1: correction start", "k 1: correction end",
+                          "k 1: GEMV start", "k 1: GEMV end")]
+        for kind, b in base.items():
+            c = comp[kind]
+            lines.append(row(kind, f"{b['gemv_start']:.1f}", f"{b['gemv_start'] + b['gemv_us']:.1f}",
+                             f"{c['corr_start']:.1f}", f"{c['corr_start'] + c['corr_us']:.1f}",
+                             f"{c['gemv_start']:.1f}", f"{c['gemv_start'] + c['gemv_us']:.1f}"))
+    return "\n".join(lines)
+
+
 # the correction's floor before and after the selection's rewrite (runs of bench/correction_floor.py)
 FLOOR_RUNS = ("correction_floor_37bb371_h200.json", "correction_floor_1d0ca18_h200.json")
 
@@ -433,7 +478,9 @@ def page() -> str:
                    + [gemv_table(p) for p in existing([GEMV_RUN])]
                    + ([layout_table(*existing(LAYOUT_RUNS))] if len(existing(LAYOUT_RUNS)) == 2 else [])
                    + [k_warps_table(p) for p in existing(KW_RUNS)]
+                   + ([staging_table(*existing(STAGING_RUNS))] if len(existing(STAGING_RUNS)) == 2 else [])
                    + ([floor_table(existing(FLOOR_RUNS))] if existing(FLOOR_RUNS) else [])
+                   + [fixed_cost_table(p) for p in sorted(RESULTS.glob("*fixed_cost_*.json"))]
                    + [gpu_tables(p) for p in sorted(RESULTS.glob("gpu_ops_*.json"), reverse=True)],
     }
     out = ["# Results", "", "Every table is rendered by `python bench/report.py --out docs/RESULTS.md` from the JSON in "

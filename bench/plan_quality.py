@@ -10,8 +10,9 @@ their ppl stays null), on the CPU (`runtime.evaluate`: DecDEC simulated exactly 
                 target, with DecDEC (bucket selection) at the row's k_chunk per group; none on the base row
   ours-3.5bit   the same quantizer at 3.5 bits (the more sensitive half of the layers at 4), no DecDEC
   ours-4bit     ... at 4 bits
-Text: the calibration corpus' evaluation half (pydoc, in-domain), `--tokens` predicted tokens in windows
-of `--ctx`. The file gains "plan_quality" (meta of this run: commit, command, text) beside its runs.
+Texts: the calibration corpus' evaluation half (pydoc, in-domain) into `ppl` and CPython's source code
+(pysource, off-domain: unlike the calibration text) into `ppl_off`, `--tokens` predicted tokens each in
+windows of `--ctx`. The file gains "plan_quality" (meta of this run: commit, command, texts) beside its runs.
 """
 
 from __future__ import annotations
@@ -39,20 +40,24 @@ def plan_of(row: dict) -> tuple:
     return tuple(sorted(((key.split("@")[0], int(key.split("@")[1])), k) for key, k in row["k_chunk"].items()))
 
 
+TEXTS = {"ppl": "pydoc", "ppl_off": "pysource"}  # row key -> evaluation corpus
+
+
 def model_ppl(name: str, rows: list[dict], tokens: int, ctx: int) -> dict[tuple, float]:
-    """(bits, plan) -> perplexity for every distinct plan of `rows` (one model's)."""
+    """(row key, bits, plan) -> perplexity on that key's text for every distinct plan of `rows` (one model's)."""
     model = load_model(name)
     out = {}
     for bits in sorted({BITS[r["system"]] for r in rows}):
-        cfg = load_config({"model": {"source": name}, "quant": {"method": "robust", "bits": bits},
-                           "decdec": {"k_chunk": 0}, "eval": {"tokens": tokens, "ctx": ctx}})
-        prepared = prepare(cfg, model=model)
-        groups, windows = dense_groups(prepared), eval_windows(prepared)
-        for plan in sorted({plan_of(r) for r in rows if BITS[r["system"]] == bits}):
-            linear = decdec_linear(groups, "bucket", dict(plan)) if plan else decdec_linear(groups)
-            out[bits, plan], _ = perplexity(prepared.model.args, prepared.model.weights, windows, linear,
-                                            desc=f"{name} {bits}-bit {dict(plan) or 'base'}")
-            print(f"{name} {bits}-bit {dict(plan) or 'base'}: ppl {out[bits, plan]:.3f}", flush=True)
+        for key, corpus in TEXTS.items():
+            cfg = load_config({"model": {"source": name}, "quant": {"method": "robust", "bits": bits},
+                               "decdec": {"k_chunk": 0}, "eval": {"corpus": corpus, "tokens": tokens, "ctx": ctx}})
+            prepared = prepare(cfg, model=model)
+            groups, windows = dense_groups(prepared), eval_windows(prepared)
+            for plan in sorted({plan_of(r) for r in rows if BITS[r["system"]] == bits}):
+                linear = decdec_linear(groups, "bucket", dict(plan)) if plan else decdec_linear(groups)
+                out[key, bits, plan], _ = perplexity(prepared.model.args, prepared.model.weights, windows, linear,
+                                                     desc=f"{name} {bits}-bit {dict(plan) or 'base'} {corpus}")
+                print(f"{name} {bits}-bit {dict(plan) or 'base'} {corpus}: ppl {out[key, bits, plan]:.3f}", flush=True)
     return out
 
 
@@ -65,7 +70,8 @@ def main() -> None:
     a = ap.parse_args()
     path = Path(a.engine)
     d = json.loads(path.read_text())
-    d["plan_quality"] = {**run_meta(), "text": {"corpus": "pydoc", "split": "eval", "tokens": a.tokens, "ctx": a.ctx},
+    d["plan_quality"] = {**run_meta(), "texts": {key: {"corpus": corpus, "split": "eval", "tokens": a.tokens,
+                                                        "ctx": a.ctx} for key, corpus in TEXTS.items()},
                          "quantizer": "robust, planned for k_chunk 0", "selection": "bucket"}
     for name in a.models.split(","):
         rows = [r for r in d["rows"] if r["model"] == name and r["system"] in BITS and "error" not in r]
@@ -74,7 +80,8 @@ def main() -> None:
             continue
         ppl = model_ppl(name, rows, a.tokens, a.ctx)
         for r in rows:
-            r["ppl"] = ppl[BITS[r["system"]], plan_of(r)]
+            for key in TEXTS:
+                r[key] = ppl[key, BITS[r["system"]], plan_of(r)]
         path.write_text(json.dumps(d, indent=1))
 
 

@@ -426,7 +426,7 @@ def engine_table(path: Path) -> str:
              + (", the two timed in turns" if paired else "") + " (the tuner's prediction in brackets):", "",
              *header("model", "KV length", "system", "target", "tokens/s", "device tokens/s", "of roofline",
                      "ours / int4", "ours / int4, device", "slowdown (predicted)",
-                     "k_chunk (n_tb): qkv / o / gate_up / down", "ppl")]
+                     "k_chunk (n_tb): qkv / o / gate_up / down", "ppl in-domain", "ppl off-domain")]
     order = {"ours": 0, "ours-3.5bit": 1, "ours-4bit": 2, "anchor-int4": 3, "anchor-bf16": 4}
     errors = []
     for r in sorted(rows, key=lambda r: (r["model"], r.get("position", math.inf), order[r["system"]], r["target"],
@@ -447,11 +447,14 @@ def engine_table(path: Path) -> str:
             f"{r['device_tokens_per_s'] / anchor['device_tokens_per_s']:.2f}x" if anchor else "",
             (f"{r['slowdown']:+.1%}" + (f" ({r['predicted_slowdown']:+.1%})" if "predicted_slowdown" in r else ""))
             if tuned else "",
-            _ks_dict(r["k_chunk"], r["n_tb"]) if tuned else "", f"{r['ppl']:.2f}" if r.get("ppl") else ""))
+            _ks_dict(r["k_chunk"], r["n_tb"]) if tuned else "",
+            *(f"{r[key]:.2f}" if r.get(key) else "" for key in ("ppl", "ppl_off"))))
     q = d.get("plan_quality")
-    ppl = [f"- ppl: {q['text']['corpus']} ({q['text']['split']}, in-domain), {q['text']['tokens']} tokens in windows of "
-           f"{q['text']['ctx']}, {q['quantizer']}, DecDEC simulated at the row's k_chunk with {q['selection']} "
-           f"selection; {q['device']}, commit {q['commit'][:7]}: `{q['command']}`"] if q else []
+    texts = (q.get("texts") or {"ppl": q["text"]}) if q else {}
+    ppl = ["- ppl: " + "; ".join(f"{t['corpus']} ({t['split']}, {'off' if key == 'ppl_off' else 'in'}-domain), "
+                                  f"{t['tokens']} tokens in windows of {t['ctx']}" for key, t in texts.items())
+           + f"; {q['quantizer']}, DecDEC simulated at the row's k_chunk with {q['selection']} selection; "
+           f"{q['device']}, commit {q['commit'][:7]}: `{q['command']}`"] if q else []
     return "\n".join(lines + [""] + errors + _engine_runs(path, d) + ppl)
 
 

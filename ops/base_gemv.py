@@ -712,10 +712,11 @@ class BaseGemv:
         """This GEMV re-planned to run beside `blocks` resident blocks of another kernel that each fill
         an SM's register file (a DecDEC correction's): its grid must fit the block slots of the SMs left
         in one wave, or the blocks that find no slot run after the correction, a second wave. A plan that
-        fits stays; one that does not takes the K split the cost model picks for the SMs left (fewer,
-        longer K blocks) rather than more tiles per block (each block then runs twice as long). Same
+        fits stays; one that does not takes the plan the cost model picks for the SMs left, K split
+        included (where only the tiles per block grew, a block of Llama's qkv ran twice as long). Same
         weights, kernel and tiles (rows per warp, K warps), so the correction's merge tiles still match;
-        the split output must come from the twin's plan (its K blocks may differ)."""
+        the split output must come from the twin's plan (its K blocks may differ), and the sum's order,
+        hence its last bits, may differ from the first plan's."""
         p = self.plan
         n_sm = max(1, self.n_sm - blocks)
         if p.grid[0] * p.grid[1] <= n_sm * MMA_MIN_BLOCKS:

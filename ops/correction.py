@@ -320,7 +320,8 @@ class Correction:
         if act_scale is None:
             act_scale = _ones(x.shape[0])
         if merge is not None:
-            if merge.tile_rows != p.tile_rows or merge.n_out != self.out_features or merge.n_parts <= self.parts:
+            if (merge.tile_rows != p.tile_rows or merge.n_out != self.out_features
+                    or merge.n_parts != merge.k_blocks + self.parts):
                 raise ValueError("merge scratch and correction disagree on tile rows, outputs or parts "
                                  f"(the correction writes {self.parts}: split_output(extra_parts=corr.parts))")
             kernel, base_out, partials, counters, n_parts = (

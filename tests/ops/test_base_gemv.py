@@ -211,7 +211,7 @@ def test_tensor_core_kernel_with_k_warps_matches_reference(bits, out_features, i
 @kernels
 def test_beside_another_kernel_fits_one_wave_of_the_sms_left():
     """`beside`: a plan whose grid fits the block slots of the SMs a correction leaves stays; one that does
-    not takes fewer K blocks (not more tiles per block), and merges with a split output of its own plan."""
+    not is re-planned for those SMs (here fewer K blocks), and merges with a split output of its own plan."""
     rng = np.random.default_rng(11)
     got, ref, gemv, xd, out = run_kernel(rng, 3, 256, 2048, rows_per_warp=16, n_sm=3, k_warps=1)
     assert gemv.beside(gemv.n_sm - 3) is gemv  # 3 SMs left: 9 slots for 2 tiles x 4 K blocks

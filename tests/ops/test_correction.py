@@ -114,6 +114,9 @@ def test_merged_into_base_gemv_in_either_order(bits, k_blocks, k_warps, order, o
     assert corr.parts == (2 if k_chunk == 700 else 1)  # a pass takes 4 chunks, 2 at k_chunk 700 (SEL_CAP)
     split = gemv.split_output(extra_parts=corr.parts)
     act_d = cuda.to_device(act)
+    with pytest.raises(ValueError, match="disagree"):  # one part too many: the tiles would never complete
+        corr(cuda.to_device(np.ones(width, np.float16)), act_d, out=cuda.to_device(np.zeros(out_features, np.float16)),
+             merge=gemv.split_output(extra_parts=corr.parts + 1))
     for first in order:
         x = rng.standard_t(df=3, size=width).astype(np.float16)
         xt = torch.from_numpy(x.astype(np.float32))

@@ -74,7 +74,7 @@ from decdec.runtime.engine import Engine, compile_cuda  # noqa: E402
 from decdec.runtime.evaluate import dense_groups  # noqa: E402
 from decdec.runtime.executor_cpu import CPUExecutor  # noqa: E402
 from decdec.scheduler import latency  # noqa: E402
-from decdec.scheduler.plan import MAIN, schedule  # noqa: E402
+from decdec.scheduler.plan import schedule  # noqa: E402
 
 SYSTEMS = ("ours", "ours-3.5bit", "ours-4bit", "anchor-int4", "anchor-bf16")
 BITS = 3  # ours (base, fixed k_chunk and tuned steps); "ours-3.5bit" and "ours-4bit" are base steps only
@@ -274,7 +274,7 @@ def our_steps(engine: Engine, p: int, run: Run) -> tuple:
 
     ex = engine.executor
     if run.cuda:
-        return user_step, lambda: ex.replay_only(p), ex.streams[MAIN]
+        return user_step, lambda: ex.replay_only(p), ex.stream
     return user_step, lambda: ex.run(TOKEN, p), None
 
 

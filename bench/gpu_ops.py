@@ -12,7 +12,7 @@ Sections (each checked or timed on fresh random data, never zeros):
               torch._weight_int4pack_mm; weights rotated through copies > 3x L2, launches captured in
               a CUDA graph and timed by CUDA events (median of replays, per launch)
   correction  the fused correction alone over k_chunk x n_tb: effective PCIe GB/s vs the zero-copy peak
-  overlap     base GEMV on one stream, correction on a second (priority 0 and -1), merged: slowdown
+  overlap     the correction chained with its base GEMV (as the engine runs them), merged: slowdown
               over base alone
   memcpy      the same rows by one cudaMemcpyAsync per row (indices known on the host, best case)
 It prints short tables and writes everything, with device, versions, commit, date and command line,
@@ -198,18 +198,17 @@ def section_correction(streams: Streams, rng, shapes, ks, n_tbs, reps: int, l2: 
     return rows
 
 
-def section_overlap(streams: Streams, rng, shapes, bits_list, ks, n_tbs, reps: int, l2: int, memcpy_ks,
-                    priorities=(0,)) -> tuple[list, list]:
-    """Slowdown of base GEMV + concurrent correction over base alone; and the memcpy path beside it.
-    `priorities`: side-stream priorities to try (-1 dispatches the correction's blocks first)."""
+def section_overlap(streams: Streams, rng, shapes, bits_list, ks, n_tbs, reps: int, l2: int,
+                    memcpy_ks) -> tuple[list, list]:
+    """Slowdown of the correction chained with its base GEMV over base alone; and the memcpy path beside it."""
     rows, memcpy_rows = [], []
     gen = torch.Generator(device="cuda").manual_seed(1)
     for out_f, in_f in shapes:
         s = CorrectionSetup(rng, out_f, in_f, l2)
         for bits in bits_list:
             g = GemvSetup(out_f, in_f, bits, gen, l2)
-            pairs = measure_pairs(streams, s, g, bits, ks, n_tbs, reps, priorities)
-            rows += [{**{k: r[k] for k in ("out", "in", "bits", "k_chunk", "n_tb", "side_priority", "base_us")},
+            pairs = measure_pairs(streams, s, g, bits, ks, n_tbs, reps)
+            rows += [{**{k: r[k] for k in ("out", "in", "bits", "k_chunk", "n_tb", "base_us")},
                       "fused_us": r["pair_us"], "fused_us_min": r["pair_us_min"], "fused_us_max": r["pair_us_max"],
                       "slowdown": r["pair_us"] / r["base_us"] - 1, "pcie_bytes": pcie_bytes(out_f, in_f, r["k_chunk"])}
                      for r in pairs]
@@ -297,12 +296,10 @@ def config(quick: bool) -> dict:
     if quick:
         return dict(gemv_shapes=[(4096, 4096), (28672, 4096), (1536, 640)], corr_shapes=[(4096, 4096)],
                     corr_ks=[8, 32], corr_tbs=[4, 16], overlap_shapes=[(4096, 4096), (28672, 4096)],
-                    overlap_bits=[3], overlap_ks=[8, 32], overlap_tbs=[8], memcpy_ks=[8], priorities=[0, -1],
-                    reps=10)
+                    overlap_bits=[3], overlap_ks=[8, 32], overlap_tbs=[8], memcpy_ks=[8], reps=10)
     return dict(gemv_shapes=LLAMA_SHAPES + SMALL_SHAPES, corr_shapes=[(4096, 4096), (28672, 4096), (4096, 14336)],
                 corr_ks=[4, 8, 16, 32, 64], corr_tbs=[2, 4, 8, 16, 32], overlap_shapes=LLAMA_SHAPES + SMALL_SHAPES[:4],
                 overlap_bits=[3, 4], overlap_ks=[4, 8, 16, 32], overlap_tbs=[4, 8, 16], memcpy_ks=[8, 32],
-                priorities=[0, -1],
                 reps=20)
 
 
@@ -351,7 +348,7 @@ def main(argv=None) -> int:
 
     def overlap():
         rows, memcpy_rows = section_overlap(streams, rng, cfg["overlap_shapes"], cfg["overlap_bits"], cfg["overlap_ks"],
-                                            cfg["overlap_tbs"], cfg["reps"], l2, cfg["memcpy_ks"], cfg["priorities"])
+                                            cfg["overlap_tbs"], cfg["reps"], l2, cfg["memcpy_ks"])
         report["memcpy"] = memcpy_rows
         return rows
 
@@ -376,9 +373,9 @@ def print_summary(report: dict) -> None:
                     [("out", "out"), ("in", "in"), ("k_chunk", "k_chunk"), ("n_tb", "n_tb"), ("us", "us"),
                      ("PCIe GB/s", "pcie_GBps"), ("frac peak", "frac_zero_copy_peak")]))
     if report.get("overlap"):
-        print(table("\nbase + correction on two streams", report["overlap"],
+        print(table("\nbase + correction, chained", report["overlap"],
                     [("out", "out"), ("in", "in"), ("bits", "bits"), ("k_chunk", "k_chunk"), ("n_tb", "n_tb"),
-                     ("priority", "side_priority"), ("base us", "base_us"), ("fused us", "fused_us"),
+                     ("base us", "base_us"), ("fused us", "fused_us"),
                      ("slowdown", "slowdown")]))
     if report.get("memcpy"):
         print(table("\nmemcpy path (one cudaMemcpyAsync per row) vs zero-copy", report["memcpy"],

@@ -26,7 +26,7 @@ LLAMA3_8B = {"qkv": (6144, 4096, 3, 32), "o": (4096, 4096, 3, 32), "gate_up": (2
 def overlap_rows(gpu_ops: dict) -> list[dict]:
     return [{"out": r["out"], "in": r["in"], "bits": r["bits"], "k_chunk": r["k_chunk"], "n_tb": r["n_tb"],
              "base_us": r["base_us"], "pair_us": r["fused_us"]}
-            for r in gpu_ops["overlap"] if r["side_priority"] == -1]
+            for r in gpu_ops["overlap"] if r.get("side_priority", -1) == -1]
 
 
 def leave_one_out(rows: list[dict]) -> list[float]:

@@ -4,7 +4,7 @@
         [--positions 256,8192] [--steps 200] --out bench/results/pdl_<gpu>.json
 
 Per model (bench/engine.py's synthetic 3-bit model of its shapes) one engine; its step graph is
-captured with programmatic edges (`runtime.executor_cuda.programmatic_edges`, the default) and
+captured with programmatic edges (`ops.ptx.programmatic_edges`, the default) and
 without, and the two replays are timed alternately (ABAB, medians of CUDA-event times of one replay,
 as bench/engine.py's device time; and wall time per token, token in and logits out). The logits of
 both graphs must be bitwise equal (the same kernels run; only when they may start changes).
@@ -25,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.anchor import SHAPES  # noqa: E402
 from bench.engine import MAX_SEQ, TOKEN, Run, close, log, our_engine, synthetic_prepared, timed  # noqa: E402
 from bench.meta import run_meta  # noqa: E402
-from decdec.scheduler.plan import MAIN  # noqa: E402
 
 
 def measure(name: str, run: Run, rounds: int) -> list[dict]:
@@ -46,7 +45,7 @@ def measure(name: str, run: Run, rounds: int) -> list[dict]:
                         engine.position = p
                         return engine.step(TOKEN)
 
-                    t = timed(user_step, lambda: ex.replay_only(p), ex.streams[MAIN], run)
+                    t = timed(user_step, lambda: ex.replay_only(p), ex.stream, run)
                     for key in t:
                         times[mode][key].append(t[key])
             same = torch.equal(logits["pdl"], logits["plain"])

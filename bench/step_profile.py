@@ -68,13 +68,13 @@ def profile_model(name: str, steps: int, max_seq: int, k_chunk: int = 0) -> dict
         plain = []
         ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
         for _ in range(steps):
-            ev[0].record(ops.streams[0])
+            ev[0].record(ops.stream)
             ops.replay_only(steps)
-            ev[1].record(ops.streams[0])
+            ev[1].record(ops.stream)
             ev[1].synchronize()
             plain.append(ev[0].elapsed_time(ev[1]) / 1e3)
         kernels = kernel_times(lambda: ops.replay_only(steps), steps)
-        glue = sum(v for k, v in by_op.items() if not any(k.startswith(n) for n in NOT_GLUE))
+        glue = sum(v for k, v in by_op.items() if not any(n in k.split("+") for n in NOT_GLUE))
         return {"model": name, "k_chunk": k_chunk, "span_us": span * 1e6, "replay_us": statistics.median(plain) * 1e6,
                 "ops_us": {k: v * 1e6 for k, v in by_op.items()},
                 "glue_share": glue / span, "kernels_us": kernels}

@@ -138,6 +138,32 @@ def arrive_tiles(partials, counters, out, n_out, n_parts, tile_rows, first_tile,
 
 
 @cuda.jit(device=True)
+def raise_ready(ready):
+    """A chained correction's block (0, 0), once the kernel before it has completed: the GEMV's input is
+    complete (release: the upstream's writes, which this thread has seen, before the flag)."""
+    if cuda.threadIdx.x == 0 and cuda.blockIdx.x == 0 and cuda.blockIdx.y == 0:
+        fence_acq_rel()
+        cuda.atomic.exch(ready, 0, 1)
+
+
+@cuda.jit(device=True)
+def wait_ready(ready):
+    """A chained GEMV's block: wait for `raise_ready` (acquire) and count itself past; the last block
+    past lowers the flag (release) for the next step, whose correction raises it only after this kernel
+    has completed. The block lets the next kernel launch only after this, so a kernel launched behind
+    it finds every block of this one past the flag and the flag lowered."""
+    if cuda.threadIdx.x == 0:
+        while cuda.atomic.max(ready, 0, 0) == 0:
+            pass
+        fence_acq_rel()
+        if cuda.atomic.add(ready, 1, 1) == cuda.gridDim.x * cuda.gridDim.y - 1:
+            ready[1] = 0
+            ready[0] = 0
+        fence_acq_rel()
+    cuda.syncthreads()
+
+
+@cuda.jit(device=True)
 def write_row(out, partials, n_out, kb, row, v, direct):
     """Row `row`'s value: the fp16 output (`direct`) or K block kb's float32 part of the split output."""
     if direct:
@@ -279,6 +305,8 @@ class SplitOutput:
 
     Parts 0 .. k_blocks-1 are the GEMV's K blocks; a concurrent correction writes the parts after them.
     Counters must be zero before a step; the block that completes a tile resets its counter.
+    Chained (`BaseGemv.__call__`), the correction launches just before the GEMV on the same stream and
+    raises `ready[0]` once the GEMV's input is complete; the last GEMV block past it lowers it again.
     """
 
     partials: object  # float32 [n_parts * n_out] device array
@@ -287,12 +315,13 @@ class SplitOutput:
     n_out: int
     tile_rows: int
     k_blocks: int  # the GEMV plan's K blocks it was made for (another plan's would write a correction's part)
+    ready: object  # int32 [2] device array: a chained correction's "input ready" flag, GEMV blocks past it
 
     @classmethod
     def allocate(cls, n_out: int, tile_rows: int, k_blocks: int, extra_parts: int = 0) -> "SplitOutput":
         n_tiles, n_parts = -(-n_out // tile_rows), k_blocks + extra_parts
-        return cls(cuda.to_device(np.zeros(n_parts * n_out, np.float32)),
-                   cuda.to_device(np.zeros(n_tiles, np.int32)), n_parts, n_out, tile_rows, k_blocks)
+        return cls(cuda.to_device(np.zeros(n_parts * n_out, np.float32)), cuda.to_device(np.zeros(n_tiles, np.int32)),
+                   n_parts, n_out, tile_rows, k_blocks, cuda.to_device(np.zeros(2, np.int32)))
 
     @property
     def n_tiles(self) -> int:
@@ -514,7 +543,7 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
 
     @jit_with_bounds(THREADS, MMA_MIN_BLOCKS)
     def kernel(x, act_scale, qw, scale_zero, out, partials, counters, n_out, n_in, groups_per_kblock,
-               direct, n_parts, magic_bits):
+               direct, n_parts, magic_bits, ready, chained):
         """y[row] = sum over this block's K range of deq(Q)[row, i] * x[i] * act_scale[i], on tensor cores.
 
         Layout: qw flat uint32 in `mma_layout`; scale_zero flat uint32 [out * n_groups], the fp16 pair
@@ -529,7 +558,10 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
         scales + zeros once (4 B per row and group), x and act_scale once per block (6 B per input),
         2 B per row out (+ 4 B per row and K block when K is split or merged).
         Launched behind a programmatic edge, the block loads its first weights (EARLY) before
-        `wait_upstream`, while the kernel before it still runs.
+        `wait_upstream`, while the kernel before it still runs. `chained`: the kernel before it is the
+        correction that merges into this output, launched early itself; the block then waits for the
+        correction's `ready` flag (the input is complete, `wait_ready`) instead of for the correction,
+        and for the correction only before it exits, so the kernel after it finds both done.
         """
         magic = uint32(magic_bits)
         xs = cuda.shared.array(XS_WORDS, uint32)
@@ -573,7 +605,11 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
         if EARLY:
             words = load(qw, scale_zero, uint32(tile * TILES16) + warp_t16, uint32(tile * TILE) + lane_row,
                          last_row, lane4, uint32(grp0 + min(kw, last_grp)), sel8)
-        if PDL:  # the weights are the graph's constants; x and the split output are the step's
+        if chained:
+            wait_ready(ready)
+            if PDL:
+                release_dependents()
+        elif PDL:  # the weights are the graph's constants; x and the split output are the step's
             wait_upstream()
             release_dependents()
         # stage: thread tid takes inputs [16 p, 16 p + 16) of group tid // 8 (p = tid % 8), i.e. words
@@ -653,6 +689,8 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
                                 direct)
             tile = next_tile
             step = next_step
+        if chained and PDL:
+            wait_upstream()  # the correction has completed: this kernel's completion stands for both
 
     return kernel
 
@@ -731,8 +769,9 @@ class BaseGemv:
         p = self.plan
         return SplitOutput.allocate(p.out_features, p.merge_rows, p.k_blocks, extra_parts)
 
-    def __call__(self, x, out, stream=0, merge: SplitOutput | None = None) -> None:
-        """Launch on `stream`: out (fp16 [out]) = deq(Q) @ (x * act_scale), plus any merged part."""
+    def __call__(self, x, out, stream=0, merge: SplitOutput | None = None, chained: bool = False) -> None:
+        """Launch on `stream`: out (fp16 [out]) = deq(Q) @ (x * act_scale), plus any merged part.
+        `chained`: the correction merging into `merge` was launched just before, chained, on this stream."""
         p = self.plan
         if merge is None and p.k_blocks > 1:
             if self._own_split is None:
@@ -741,13 +780,16 @@ class BaseGemv:
         if merge is not None and (merge.n_out != p.out_features or merge.tile_rows != p.merge_rows
                                   or merge.k_blocks != p.k_blocks):
             raise ValueError("merge scratch was made for another GEMV plan")
+        if chained and merge is None:
+            raise ValueError("a chained GEMV merges with its correction: give merge")
         direct = merge is None
         partials = merge.partials if merge else _dummy(np.float32)
         counters = merge.counters if merge else _dummy(np.int32)
         n_parts = merge.n_parts if merge else 1
         self.kernel[p.grid, THREADS, stream](
             x, self.act_scale, *self.weights, out, partials, counters,
-            p.out_features, p.in_features, p.groups_per_kblock, direct, n_parts, MMA_MAGIC)
+            p.out_features, p.in_features, p.groups_per_kblock, direct, n_parts, MMA_MAGIC,
+            merge.ready if merge else _dummy(np.int32), chained)
 
 
 @functools.lru_cache(maxsize=None)

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from numba import cuda, float32, int32, uint32, uint64
 
-from decdec.ops.base_gemv import FLAG_CAP, SplitOutput, arrive_tiles, int_as_float, jit_with_bounds
+from decdec.ops.base_gemv import FLAG_CAP, SplitOutput, arrive_tiles, int_as_float, jit_with_bounds, raise_ready
 from decdec.ops.layout import unpack_rows
 from decdec.ops.ptx import pdl_supported, release_dependents, wait_upstream
 from decdec.constants import chunk_ks
@@ -141,7 +141,8 @@ def _correction_kernel(merge: bool):
 
     @jit_with_bounds(THREADS, 1)
     def kernel(x, act_scale, rows, rscale, base_out, out, partials, counters, n_parts, a, b, hi_scale,
-               lo_scale, k_chunk, k_last, batch, span, n_out, tile_rows, n_tiles, tiles_per_block, wc_n, ks_n):
+               lo_scale, k_chunk, k_last, batch, span, n_out, tile_rows, n_tiles, tiles_per_block, wc_n, ks_n,
+               ready, chained):
         """Correction of rows [t0 * tile_rows, t1 * tile_rows) of block (t0, t1 = its tiles) from the
         picks of chunks [y * span, (y + 1) * span), y = blockIdx.y.
 
@@ -155,6 +156,9 @@ def _correction_kernel(merge: bool):
         gridDim.y parts), so a wide input's selection passes run side by side, not one after another.
         Bytes: per block, 4 B of each chosen row's slice it owns over PCIe (all blocks together: each
         chosen row once), x and act_scale once per block from L2, 2 B scale + 4-8 B out per row.
+        `chained` (merged, the GEMV launched next on the same stream): the blocks let the GEMV launch
+        before waiting for the kernel before them, and block (0, 0) then raises the split output's
+        `ready` flag for the GEMV (`ops.base_gemv.wait_ready`).
         """
         hist = cuda.shared.array(HIST_SIZE, int32)
         cuts = cuda.shared.array(CUTS_SIZE, int32)
@@ -164,9 +168,14 @@ def _correction_kernel(merge: bool):
         sel_idx = cuda.shared.array(SEL_CAP, int32)
         sel_x = cuda.shared.array(RED_SIZE, float32)  # the picks' x~; after the last pass, the reduction
         flags = cuda.shared.array(FLAG_CAP, int32)
-        if PDL:
+        if PDL and chained:
+            release_dependents()
+            wait_upstream()
+        elif PDL:
             wait_upstream()
             release_dependents()
+        if chained:
+            raise_ready(ready)
         tid = cuda.threadIdx.x
         nthr = cuda.blockDim.x
         t0 = cuda.blockIdx.x * tiles_per_block
@@ -311,8 +320,9 @@ class Correction:
         return self.plan.blocks * self.parts
 
     def __call__(self, x, act_scale=None, *, base_out=None, out=None, merge: SplitOutput | None = None,
-                 stream=0) -> None:
-        """Launch on `stream`. With `merge`: add into the base GEMV's split output (concurrently with it);
+                 stream=0, chained: bool = False) -> None:
+        """Launch on `stream`. With `merge`: add into the base GEMV's split output (concurrently with it;
+        `chained`: the GEMV is launched next on the same stream, `BaseGemv.__call__(chained=True)`);
         else out = base_out + correction (out defaults to base_out, in place)."""
         p = self.plan
         if x.shape[0] != self.rows.shape[0]:
@@ -323,21 +333,25 @@ class Correction:
             if merge.tile_rows != p.tile_rows or merge.n_out != self.out_features or merge.n_parts <= self.parts:
                 raise ValueError("merge scratch and correction disagree on tile rows, outputs or parts "
                                  f"(the correction writes {self.parts}: split_output(extra_parts=corr.parts))")
-            kernel, base_out, partials, counters, n_parts = (
-                _correction_kernel(True), _dummy(np.float16), merge.partials, merge.counters, merge.n_parts)
+            kernel, base_out, partials, counters, n_parts, ready = (_correction_kernel(True), _dummy(np.float16),
+                                                                    merge.partials, merge.counters, merge.n_parts,
+                                                                    merge.ready)
             groups, span = self.parts, pass_chunks(self.k_chunk)
         else:
             if base_out is None:
                 raise ValueError("give base_out (stand-alone) or merge (fused with the base GEMV)")
             out = base_out if out is None else out
-            kernel, partials, counters, n_parts = (_correction_kernel(False), _dummy(np.float32),
-                                                   _dummy(np.int32), 1)
+            if chained:
+                raise ValueError("a chained correction merges with its GEMV: give merge")
+            kernel, partials, counters, n_parts, ready = (_correction_kernel(False), _dummy(np.float32),
+                                                          _dummy(np.int32), 1, _dummy(np.int32))
             groups, span = 1, self.parts * pass_chunks(self.k_chunk)  # one writer per output: every chunk
         a, b, hi_scale, lo_scale = self.bounds
         kernel[(p.blocks, groups), p.threads, stream](
             x, act_scale, self.rows, self.rscale, base_out, out, partials, counters, n_parts,
             a, b, hi_scale, lo_scale, self.k_chunk, self.k_last,
-            pass_chunks(self.k_chunk), span, self.out_features, p.tile_rows, p.n_tiles, p.tiles_per_block, p.wc_n, p.ks_n)
+            pass_chunks(self.k_chunk), span, self.out_features, p.tile_rows, p.n_tiles, p.tiles_per_block, p.wc_n, p.ks_n,
+            ready, chained)
 
 
 def correction_cuda(x, base_out, residual_rows, residual_scales, bounds: BucketBounds, k_chunk: int,

@@ -10,19 +10,20 @@ Everything is allocated at construction; a step allocates nothing and costs one 
   two torch ops of a step (`TORCH_OPS`: the embedding row, the fp16 lm_head).
 - `CUDAExecutor`: binds every plan launch to a kernel (base GEMV; the fused correction; residual
   add + RMSNorm, attention with RoPE and the KV write, act x up from ops/), warms everything up on
-  the capture stream and captures the step with `torch.cuda.graph(g, stream=main)`.
-  `run(token, position)` writes the inputs on the replay stream, replays, and returns the logits.
+  its stream and captures the step with `torch.cuda.graph(g, stream=self.stream)`.
+  `run(token, position)` writes the inputs on that stream, replays, and returns the logits.
 
-Streams (scheduler/plan.py): every launch but the corrections runs on the main stream. A compensated
-group's fused correction (selector -> dma -> correction -> merge) waits for its input's event on a
-high-priority side stream, so its few blocks are dispatched before the GEMV's; it adds its part into
-the base GEMV's `SplitOutput`, and whichever kernel completes a row tile last writes the fp16 output.
-The next reader of that output waits for the side launch's event, which also joins the side stream
-back before the capture ends.
+One stream (scheduler/plan.py): a compensated group's item is its fused correction (selector -> dma
+-> correction -> merge) and then its base GEMV, chained: the correction's blocks take their SMs first
+and let the GEMV launch at once; the GEMV, re-planned for the SMs left (`BaseGemv.beside`), waits for
+its input through the split output's ready flag rather than for the correction, and for the
+correction only before it exits. Both add their parts into the GEMV's `SplitOutput`, and whichever
+completes a row tile last writes the fp16 output. No events, no second stream: every edge of the
+step's graph stays a programmatic one.
 
 Programmatic dependent launch (compute capability 9.0+): after the capture, every edge from a kernel to
-one of our kernels (`PDL_KERNELS`) becomes a programmatic edge (`programmatic_edges`), so a kernel's
-blocks launch while the kernel before it still runs and load what no kernel of the step writes
+one of our kernels (`ops.ptx.PDL_KERNELS`) becomes a programmatic edge (`ops.ptx.programmatic_edges`),
+so a kernel's blocks launch while the kernel before it still runs and load what no kernel of the step writes
 (weights, the cache's earlier rows) before `ops.ptx.wait_upstream`. A decode step is a chain of a few
 hundred short kernels: each launch's ramp and first memory round trip otherwise sit on that chain.
 
@@ -58,16 +59,13 @@ from decdec.ops.base_gemv import BaseGemv
 from decdec.ops.correction import Correction
 from decdec.ops.dma import PinnedTable
 from decdec.ops.norm import AddRmsNorm
-from decdec.ops.ptx import pdl_supported
+from decdec.ops.ptx import pdl_supported, programmatic_edges
 from decdec.ops.selector import bucket_bounds
-from decdec.errors import ConfigError, DeviceError
+from decdec.errors import ConfigError
 from decdec.graph import Node
 from decdec.runtime.tune import require_gpu
-from decdec.scheduler.plan import CORRECTION_OPS, MAIN, SIDE, Launch, Plan, default_n_tb
+from decdec.scheduler.plan import CORRECTION_OPS, Launch, Plan, default_n_tb
 
-# our kernels that wait for the kernel before them (`ops.ptx.wait_upstream`) before reading what it writes:
-# only an edge into one of these may become programmatic (matched in the kernel's mangled name)
-PDL_KERNELS = ("_mma_kernel", "_correction_kernel", "_add_rms_norm_kernel", "_attention_kernel", "_act_mul_kernel")
 FP16_INPUTS = ("base_gemv", "lm_head")  # ops that read fp16 buffers (the GEMV kernels, torch's fp16 matmul)
 FP16_OUTPUTS = ("base_gemv",)  # ops that write fp16 buffers (a merge's output is its base GEMV's buffer)
 DEVICE = "cuda"  # where DeviceModel and CUDAExecutor put their tensors
@@ -116,24 +114,13 @@ def buffer_specs(args: ModelArgs, nodes: list[Node]) -> tuple[dict[str, tuple[in
 
 
 def check_plan(plan: Plan) -> None:
-    """What the executor relies on: only fused corrections on the side stream; every wait names an
-    event recorded earlier; every event the side stream records is waited for later on the main stream
-    (so the side stream joins back before the step, and the capture, ends)."""
-    recorded: dict[str, int] = {}
-    waited_on_main: set[str] = set()
+    """What the executor relies on: a launch with correction nodes is a group's fused
+    correction followed by that group's base GEMV."""
     for i, launch in enumerate(plan.launches):
-        if launch.stream == SIDE and tuple(n.op for n in launch.nodes) != CORRECTION_OPS:
-            raise ValueError(f"launch {i} ({launch.name}) runs on the side stream: only the fused {CORRECTION_OPS} may")
-        for name in launch.waits:
-            if name not in recorded:
-                raise ValueError(f"launch {i} ({launch.name}) waits for '{name}' before anything records it")
-            if launch.stream == MAIN:
-                waited_on_main.add(name)
-        for name in launch.records:
-            recorded[name] = launch.stream
-    unjoined = sorted(name for name, stream in recorded.items() if stream == SIDE and name not in waited_on_main)
-    if unjoined:
-        raise ValueError(f"the side stream never joins back after {unjoined}")
+        ops = tuple(n.op for n in launch.nodes)
+        if any(op in CORRECTION_OPS for op in ops) and ops != CORRECTION_OPS + ("base_gemv",):
+            raise ValueError(f"launch {i} ({launch.name}) is {ops}: a correction launches as "
+                             f"{CORRECTION_OPS} chained with its group's base_gemv")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -230,64 +217,14 @@ def _view(t: torch.Tensor):
     return cuda.as_cuda_array(t, sync=False)
 
 
-def programmatic_edges(raw_graph: int) -> int:
-    """Make the edges from a kernel node to a `PDL_KERNELS` kernel node of the captured graph
-    `raw_graph` (a cudaGraph_t) programmatic: the downstream kernel may launch once every block of
-    the upstream one has called `release_dependents` (or exited), and its `wait_upstream` returns when
-    the upstream kernel has completed. Returns the number of edges changed.
-
-    The edge into a base GEMV with a correction beside it stays ordinary: launched early, the GEMV's
-    persistent blocks would fill every SM before the correction's few blocks, and the correction would
-    run after the GEMV instead of beside it. The correction launches early instead, so its blocks are
-    resident first and the GEMV takes the rest when its input is complete."""
-    from cuda.bindings import driver as cu
-
-    def call(fn, *args):
-        err, *out = fn(*args)
-        if err != cu.CUresult.CUDA_SUCCESS:
-            raise DeviceError(f"{fn.__name__}: {err.name} (making the step's graph edges programmatic)")
-        return out
-
-    get, remove, add = (getattr(cu, f + "_v2", None) or getattr(cu, f)  # CUDA 12 names the edge-data forms _v2
-                        for f in ("cuGraphGetEdges", "cuGraphRemoveDependencies", "cuGraphAddDependencies"))
-    graph = cu.CUgraph(raw_graph)
-    [n] = call(get, graph, 0)[-1:]
-    src, dst, data, _ = call(get, graph, n)
-
-    @functools.cache
-    def kernel_name(node: int) -> bytes | None:  # None: not a kernel node
-        [kind] = call(cu.cuGraphNodeGetType, cu.CUgraphNode(node))
-        if kind != cu.CUgraphNodeType.CU_GRAPH_NODE_TYPE_KERNEL:
-            return None
-        [params] = call(cu.cuGraphKernelNodeGetParams, cu.CUgraphNode(node))
-        return call(cu.cuFuncGetName, params.func)[0]
-
-    edges = [(int(a), int(b), d) for a, b, d in zip(src, dst, data)]
-    corrections = {b for _, b, _ in edges if b"_correction_kernel" in (kernel_name(b) or b"")}
-    forks = {a for a, b, _ in edges if b in corrections}
-    gemvs_beside = {b for a, b, _ in edges if a in forks and b not in corrections}
-    programmatic = cu.CUgraphEdgeData()
-    programmatic.from_port = cu.CU_GRAPH_KERNEL_NODE_PORT_PROGRAMMATIC
-    programmatic.type = cu.CUgraphDependencyType.CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC
-    changed = 0
-    for a, b, d in edges:
-        if (d.type == cu.CUgraphDependencyType.CU_GRAPH_DEPENDENCY_TYPE_DEFAULT and kernel_name(a) is not None
-                and any(k.encode() in (kernel_name(b) or b"") for k in PDL_KERNELS) and b not in gemvs_beside):
-            a_node, b_node = cu.CUgraphNode(a), cu.CUgraphNode(b)
-            call(remove, graph, [a_node], [b_node], [d], 1)
-            call(add, graph, [a_node], [b_node], [programmatic], 1)
-            changed += 1
-    return changed
-
-
 # ----------------------------------------------------------------------------------------------------
 # the executor
 
 
 @dataclass
 class StepEvents:
-    """The timing events of one step: `start` on the main stream before the first item, and a (start,
-    end) pair per plan item on that item's stream. The profiled graph's events are its nodes: made once
+    """The timing events of one step: `start` before the first item, and a (start, end) pair per plan
+    item. The profiled graph's events are its nodes: made once
     at its capture and read after every replay."""
 
     start: torch.cuda.Event
@@ -322,15 +259,12 @@ class CUDAExecutor:
         self.pinned = self.state.inputs.is_cuda  # host buffers the device copies from and into are pinned
         self.host_inputs = torch.zeros(2, dtype=torch.int64, pin_memory=self.pinned)  # (token, position) of a step
         self.cache = self.state.cache
-        # index MAIN / SIDE; priority -1 dispatches the correction's few blocks before the GEMV's
-        self.streams = (torch.cuda.Stream(), torch.cuda.Stream(priority=-1))
-        self.numba_streams = tuple(cuda.external_stream(s.cuda_stream) for s in self.streams)
-        self.events = {name: torch.cuda.Event() for launch in plan.launches for name in launch.records}
+        self.stream = torch.cuda.Stream()  # captures and replays the step
+        self.numba_stream = cuda.external_stream(self.stream.cuda_stream)
         # Numba views of the buffers, made once: a conversion inside the capture could synchronize
         self.views = {name: _view(t) for name, t in self.state.buf.items()}
         self.attention_plan = plan_attention(model.args)
         self.attention_scratch = AttentionScratch.allocate(self.attention_plan)  # shared: layers run in turn
-        self.base_out = {(n.layer, n.attr("group")): n.outputs[0] for n in nodes if n.op == "base_gemv"}
         # per compensated group: its correction, its GEMV's split output (the correction is its last parts), and its
         # GEMV re-planned to leave the correction its SMs
         self.corrections, self.splits, self.gemvs = {}, {}, {}
@@ -341,7 +275,7 @@ class CUDAExecutor:
         self.profiled: tuple[torch.cuda.CUDAGraph, StepEvents] | None = None  # captured by the first timed run
         # warm-up on the capture stream: Numba compiles, cuBLAS / SDPA initialise, lazy scratch is made
         # (a first cuBLAS call inside a capture invalidates it); it writes the cache at position 0 only
-        with torch.no_grad(), torch.cuda.stream(self.streams[MAIN]):
+        with torch.no_grad(), torch.cuda.stream(self.stream):
             self._issue()
         torch.cuda.synchronize()
         # pdl_edges: programmatic edges of the step's graph (0: none asked for, or the device has none)
@@ -366,21 +300,25 @@ class CUDAExecutor:
 
     def _bind(self, launch: Launch):
         """The call that issues one launch, with every argument bound (nothing is looked up per step)."""
-        node = launch.nodes[0]
+        node = launch.nodes[-1]
         key = (node.layer, node.attr("group"))
-        if launch.stream == SIDE:
-            # the fused correction: it selects, fetches over PCIe, corrects and adds its part into the base
-            # GEMV's split output; whichever kernel completes a tile writes the fp16 output (the merge)
-            act = self.model.groups[key].gemv.act_scale
-            return functools.partial(self.corrections[key], self.views[node.inputs[0]], act,
-                                     out=self.views[self.base_out[key]], merge=self.splits[key],
-                                     stream=self.numba_streams[SIDE])
+        if node.op == "base_gemv" and key in self.corrections:
+            return functools.partial(self._compensated, key, self.views[node.inputs[0]], self.views[node.outputs[0]])
         if node.op == "base_gemv":
-            return functools.partial(self.gemvs.get(key, self.model.groups[key].gemv), self.views[node.inputs[0]],
-                                     self.views[node.outputs[0]], self.numba_streams[MAIN], merge=self.splits.get(key))
-        if launch.op in TORCH_OPS:  # torch launches on its current stream: the main one
+            return functools.partial(self.model.groups[key].gemv, self.views[node.inputs[0]],
+                                     self.views[node.outputs[0]], self.numba_stream)
+        if launch.op in TORCH_OPS:  # torch launches on its current stream: the executor's
             return functools.partial(TORCH_OPS[launch.op], self.state, node)
-        return functools.partial(self._layer_kernel(launch), self.numba_streams[MAIN])
+        return functools.partial(self._layer_kernel(launch), self.numba_stream)
+
+    def _compensated(self, key, x, out) -> None:
+        """A compensated group: the fused correction (it selects, fetches over PCIe, corrects and adds its
+        part into the GEMV's split output) and the base GEMV, chained; whichever completes a tile writes
+        the fp16 output (the merge)."""
+        split = self.splits[key]
+        self.corrections[key](x, self.model.groups[key].gemv.act_scale, out=out, merge=split,
+                              stream=self.numba_stream, chained=True)
+        self.gemvs[key](x, out, self.numba_stream, merge=split, chained=True)
 
     def _layer_kernel(self, launch: Launch):
         """The kernel of a launch between the GEMVs: the fused norm (after a residual add, or alone),
@@ -406,11 +344,11 @@ class CUDAExecutor:
         raise ValueError(f"the CUDA executor has no launch for {launch.op}")
 
     def _capture(self, timing: StepEvents | None = None, pdl: bool = False) -> tuple[torch.cuda.CUDAGraph, int]:
-        """The step captured on the main stream (with `timing`: its events become nodes of the graph;
+        """The step captured on the executor's stream (with `timing`: its events become nodes of the graph;
         with `pdl`: kernel-to-kernel edges become programmatic where the device has them), and the
         number of programmatic edges."""
         graph = torch.cuda.CUDAGraph(keep_graph=True)
-        with torch.no_grad(), torch.cuda.graph(graph, stream=self.streams[MAIN]):
+        with torch.no_grad(), torch.cuda.graph(graph, stream=self.stream):
             self._issue(timing)
         edges = programmatic_edges(graph.raw_cuda_graph()) if pdl and pdl_supported() else 0
         graph.instantiate()
@@ -422,22 +360,15 @@ class CUDAExecutor:
         return self._capture(timing)[0], timing
 
     def _issue(self, timing: StepEvents | None = None) -> None:
-        """Issue every plan item on its stream with its events; with `timing`, records its step start on
-        the main stream and its pair around each item (after the item's wait, so a side item's start is
-        when it may begin, not when its stream was last idle)."""
+        """Issue every plan item; with `timing`, record the step's start and a pair around each item."""
         if timing is not None:
-            timing.start.record(self.streams[MAIN])
-        for i, (launch, issue) in enumerate(zip(self.plan.launches, self.launches)):
-            stream = self.streams[launch.stream]
-            for name in launch.waits:
-                stream.wait_event(self.events[name])
+            timing.start.record(self.stream)
+        for i, issue in enumerate(self.launches):
             if timing is not None:
-                timing.marks[i][0].record(stream)
+                timing.marks[i][0].record(self.stream)
             issue()
             if timing is not None:
-                timing.marks[i][1].record(stream)
-            for name in launch.records:
-                self.events[name].record(stream)
+                timing.marks[i][1].record(self.stream)
 
     @torch.no_grad()
     def run(self, token: int, position: int, timings: list | None = None, *, eager: bool = False) -> torch.Tensor:
@@ -449,8 +380,7 @@ class CUDAExecutor:
             raise ConfigError(f"position {position} is outside the KV cache (model.max_seq_len = {self.max_seq_len})")
         if timings is not None and not eager and self.profiled is None:
             self.profiled = self._capture_profiled()  # before the inputs are written: capture synchronizes
-        main = self.streams[MAIN]
-        with torch.cuda.stream(main):
+        with torch.cuda.stream(self.stream):
             # the graph's inputs, written on the replay stream before the replay (a copy on another stream
             # races it); both in one copy from pinned memory, which the last step's sync left free
             self.host_inputs.numpy()[:] = (token, position)
@@ -460,7 +390,7 @@ class CUDAExecutor:
             # into pinned memory: a pageable copy of the logits costs a staging copy on the host
             logits = torch.empty(self.state.buf["logits"].shape, dtype=torch.float32, pin_memory=self.pinned)
             logits.copy_(self.state.buf["logits"], non_blocking=True)
-            main.synchronize()  # main joined the side stream: the step is done
+            self.stream.synchronize()
         if timing is not None:
             torch.cuda.synchronize()
             timings.extend(timing.times(self.plan.launches, host_start))
@@ -478,6 +408,6 @@ class CUDAExecutor:
 
     def replay_only(self, position: int) -> None:
         """Set the position and replay, leaving the logits on the GPU (for timing the step alone)."""
-        with torch.cuda.stream(self.streams[MAIN]):
+        with torch.cuda.stream(self.stream):
             self.state.position.fill_(position)
             self.graph.replay()

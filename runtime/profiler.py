@@ -1,18 +1,17 @@
 """`decdec profile`: a per-op timeline of decode steps, a summary by op type, and a Chrome trace.
 
-The profiled step's total is its span, from the first op's start to the last op's end over both
-plan streams (not the sum of its ops: on the GPU side-stream ops overlap the main stream's).
+The profiled step's total is its span, from the first op's start to the last op's end.
 
-On the CPU each op is timed with the host clock around its reference call; ops of both streams run
-one after another there, so the span is the sum of the ops plus the timer's own cost (well under 1 %),
-and the shares of the summary, taken of the mean span, add up to about 100 %. Each step total is
+On the CPU each op is timed with the host clock around its reference call, so the span is the sum of
+the ops plus the timer's own cost (well under 1 %), and the shares of the summary, taken of the mean
+span, add up to about 100 %. Each step total is
 printed with its spread over the steps: on busy cores they vary widely from step to step, so
 the profiled and the plain step, timed one after the other, can differ that much too (the CLI makes
 torch's OpenMP threads sleep rather than spin while they wait, which removes most of that).
 
 On the GPU (runtime/executor_cuda.py) the profiled steps are replays of the "profiled graph": the
 captured step with CUDA timing events as nodes of the graph (one at the step's start, two around
-each op on its stream). The timeline is the replayed step's own, and its span is the plain graph
+each op; a compensated group's correction and GEMV are one op, as they run together). The timeline is the replayed step's own, and its span is the plain graph
 replay plus the cost of two event nodes per op. The plain step (`engine.step`, no per-op timing: on
 the GPU one replay of the captured graph) is timed too, and with `eager` also the step launched op
 by op from Python with events around each op, a timeline made mostly of launch gaps.
@@ -27,7 +26,7 @@ from pathlib import Path
 
 
 def step_start(step: list[tuple]) -> float:
-    """The first op's start of one step's (item, start, end), whichever stream it ran on."""
+    """The first op's start of one step's (item, start, end)."""
     return min(start for _, start, _ in step)
 
 
@@ -66,11 +65,11 @@ def _plain_steps(engine, token: int, steps: int) -> list[float]:
 def _timeline(step: list[tuple], index: int) -> list[str]:
     t0 = step_start(step)
     lines = [f"per-op timeline of step {index} (µs from step start)",
-             f"{'layer':>5} {'op':<40} {'stream':<6} {'start':>9} {'end':>9} {'dur':>8}"]
+             f"{'layer':>5} {'op':<50} {'start':>9} {'end':>9} {'dur':>8}"]
     for item, start, end in step:
         layer = "" if item.layer is None else item.layer
-        lines.append(f"{layer:>5} {item.name:<40} {'side' if item.stream else 'main':<6} "
-                     f"{(start - t0) * 1e6:>9.1f} {(end - t0) * 1e6:>9.1f} {(end - start) * 1e6:>8.1f}")
+        lines.append(f"{layer:>5} {item.name:<50} {(start - t0) * 1e6:>9.1f} {(end - t0) * 1e6:>9.1f} "
+                     f"{(end - start) * 1e6:>8.1f}")
     return lines
 
 
@@ -124,13 +123,12 @@ def profile_steps(engine, steps: int, trace_path: str | None = None, eager: bool
 
 
 def write_chrome_trace(steps: list[list[tuple]], path: str) -> None:
-    """Chrome trace events: one track per stream, one complete ('X') event per op."""
+    """Chrome trace events: one complete ('X') event per op, on one track (the step's stream)."""
     t0 = step_start(steps[0])
-    events = [{"name": "thread_name", "ph": "M", "pid": 0, "tid": s, "args": {"name": name}}
-              for s, name in ((0, "main stream"), (1, "side stream"))]
+    events = [{"name": "thread_name", "ph": "M", "pid": 0, "tid": 0, "args": {"name": "stream"}}]
     for step_index, step in enumerate(steps):
         for item, start, end in step:
-            events.append({"name": item.name, "cat": item.op, "ph": "X", "pid": 0, "tid": item.stream,
+            events.append({"name": item.name, "cat": item.op, "ph": "X", "pid": 0, "tid": 0,
                            "ts": (start - t0) * 1e6, "dur": (end - start) * 1e6,
                            "args": {"step": step_index, "layer": item.layer, "k_chunk": item.attr("k_chunk")}})
     Path(path).parent.mkdir(parents=True, exist_ok=True)

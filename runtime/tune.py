@@ -70,7 +70,7 @@ def measure_profile(shapes: dict, quick: bool = False, progress: bool = True) ->
     ks, tbs, reps = (K_CHUNKS_QUICK, N_TBS_QUICK, REPS_QUICK) if quick else (K_CHUNKS, N_TBS, REPS)
     info = timing.device_info()
     bw = timing.bandwidth(reps)
-    streams = timing.Streams.make((timing.SIDE_PRIORITY,))
+    streams = timing.Streams.make()
     rows = []
     for out, inp, bits in tqdm(sorted({s[:3] for s in shapes.values()}), desc="measuring shapes",
                                disable=not progress):
@@ -82,9 +82,8 @@ def measure_profile(shapes: dict, quick: bool = False, progress: bool = True) ->
 def measure_step_us(executor, position: int = 0) -> float:
     """Median µs of one replay of a captured `CUDAExecutor` step at `position` (CUDA events on its stream)."""
     from decdec.ops.timing import event_us
-    from decdec.scheduler.plan import MAIN
 
-    with torch.cuda.stream(executor.streams[MAIN]):
+    with torch.cuda.stream(executor.stream):
         return event_us(lambda: executor.replay_only(position), STEP_REPLAYS, warmup=3)
 
 
@@ -93,12 +92,11 @@ def measure_pair_us(base, executor, position: int) -> tuple[float, float]:
     replays each: the two steps then see the same clocks and the same state of the host's page tables
     (a fetch-heavy step's time moves by a few % of itself between measurements minutes apart)."""
     from decdec.ops.timing import event_times
-    from decdec.scheduler.plan import MAIN
 
     times: tuple[list, list] = ([], [])
     for _ in range(PAIR_TURNS):
         for ex, out in zip((base, executor), times):
-            with torch.cuda.stream(ex.streams[MAIN]):
+            with torch.cuda.stream(ex.stream):
                 out += event_times(lambda: ex.replay_only(position), PAIR_BLOCK)
     return statistics.median(times[0]), statistics.median(times[1])
 

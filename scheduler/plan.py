@@ -1,20 +1,17 @@
-"""The plan: which logical ops of the graph fuse into one launch, on which stream, in which order,
-and which events order the two streams.
+"""The plan: which logical ops of the graph fuse into one launch, in which order.
 
 Pure Python over the graph (no torch, no GPU), so it is tested on the CPU. The GPU plan
 (`schedule(graph)`) fuses:
 
-- a compensated linear group's selector -> dma -> correction -> merge into ONE launch, the fused
-  correction kernel, on the side stream; it is issued just before the group's base GEMV so that the
-  PCIe fetch starts as soon as the GEMV's input is ready. Its merge is done by arrival: both
-  kernels add their parts into the GEMV's split output, and whichever finishes a tile last writes it,
-  so the merge makes neither launch wait for the other; the next reader of the merged output waits
-  for the side launch.
+- a compensated linear group's selector -> dma -> correction -> merge -> base_gemv into ONE item: the
+  fused correction kernel, then the base GEMV, chained on the one stream. The correction launches
+  early (behind the kernel before it) and lets the GEMV launch at once, so its PCIe fetch starts as
+  soon as the GEMV's input is ready and its few blocks hold their SMs before the GEMV's blocks take
+  the rest; the GEMV waits for the input, not for the correction. Their merge is done by arrival:
+  both add their parts into the GEMV's split output, and whichever finishes a tile last writes it.
 - a residual_add and the rms_norm that reads its output into one launch (the fused norm kernel).
 
-The CPU runs the unfused plan (`schedule(graph, fuse=False)`): one launch per node, in graph order,
-one stream. Every launch waits for the tensors it reads that the other stream produced, by an event
-named after the tensor and recorded right after the launch that produced it.
+The CPU runs the unfused plan (`schedule(graph, fuse=False)`): one launch per node, in graph order.
 """
 
 from __future__ import annotations
@@ -24,8 +21,7 @@ from dataclasses import dataclass
 from decdec.constants import CHUNK_SIZE, PASS_CHUNKS
 from decdec.graph import Graph, Node
 
-MAIN, SIDE = 0, 1
-CORRECTION_OPS = ("selector", "dma", "correction", "merge")  # one fused correction launch on the GPU
+CORRECTION_OPS = ("selector", "dma", "correction", "merge")  # one fused correction kernel on the GPU
 LARGE_WEIGHT = 4096 * 4096  # weights of at least this many elements get 16 correction blocks by default
 
 
@@ -42,12 +38,10 @@ def default_n_tb(out_features: int, in_features: int) -> int:
 
 @dataclass(frozen=True)
 class Launch:
-    """One kernel launch (or one reference call on the CPU): the logical nodes it carries out."""
+    """One kernel launch (or one reference call on the CPU): the logical nodes it carries out; a
+    compensated group's item is two chained kernels (the fused correction, then the base GEMV)."""
 
     nodes: tuple[Node, ...]
-    stream: int = MAIN
-    waits: tuple[str, ...] = ()  # tensors from the other stream this launch must wait for
-    records: tuple[str, ...] = ()  # tensors of this launch that the other stream reads afterwards
 
     @property
     def op(self) -> str:
@@ -73,27 +67,25 @@ class Plan:
     launches: tuple[Launch, ...]
 
     def format(self) -> str:
-        """One line per launch: order, stream, layer, the logical ops it carries out, shape, bits,
-        k_chunk, n_tb (* = the default for a shape the tuner did not size) and events."""
-        lines = [f"{'#':>4} {'stream':<6} {'layer':>5} {'launch (logical ops)':<40} {'out x in':>11} {'bits':>4} "
-                 f"{'k_chunk':>7} {'n_tb':>4}  events"]
+        """One line per launch: order, layer, the logical ops it carries out, shape, bits, k_chunk and
+        n_tb (* = the default for a shape the tuner did not size)."""
+        lines = [f"{'#':>4} {'layer':>5} {'launch (logical ops)':<50} {'out x in':>11} {'bits':>4} "
+                 f"{'k_chunk':>7} {'n_tb':>4}"]
         for i, launch in enumerate(self.launches):
             shape = launch.attr("shape", ())
             n_tb = launch.attr("n_tb")
             if "correction" in launch.op:
                 n_tb = f"{n_tb}" if n_tb else f"{default_n_tb(*shape)}*"
-            events = " ".join([f"wait {t}" for t in launch.waits] + [f"record {t}" for t in launch.records])
             layer = "" if launch.layer is None else launch.layer
-            lines.append(f"{i:>4} {'side' if launch.stream else 'main':<6} {layer:>5} {launch.name:<40} "
-                         f"{'x'.join(map(str, shape)):>11} {launch.attr('bits', '')!s:>4} "
-                         f"{launch.attr('k_chunk', '')!s:>7} {n_tb or '':>4}  {events}")
+            lines.append(f"{i:>4} {layer:>5} {launch.name:<50} {'x'.join(map(str, shape)):>11} "
+                         f"{launch.attr('bits', '')!s:>4} {launch.attr('k_chunk', '')!s:>7} {n_tb or '':>4}")
         if any("correction" in launch.op and not launch.attr("n_tb") for launch in self.launches):
             lines.append("n_tb * : the executor's default for the shape (the tuner sizes it with a target slowdown)")
         return "\n".join(lines)
 
 
 def schedule(graph: Graph, fuse: bool = True) -> Plan:
-    """The GPU plan (fused launches on two streams) or, with fuse=False, the CPU's (a node a launch)."""
+    """The GPU plan (fused launches) or, with fuse=False, the CPU's (a node a launch)."""
     if not fuse:
         return Plan(tuple(Launch((n,)) for n in graph.nodes))
     corrections: dict[tuple, list[Node]] = {}
@@ -104,25 +96,12 @@ def schedule(graph: Graph, fuse: bool = True) -> Plan:
     for n in graph.nodes:
         if n.op in CORRECTION_OPS:
             continue
-        key = (n.layer, n.attr("group"))
-        if n.op == "base_gemv" and key in corrections:
-            launches.append(Launch(tuple(corrections[key]), SIDE))
         last = launches[-1] if launches else None
-        if n.op == "rms_norm" and last and last.op == "residual_add" and n.inputs[0] == last.nodes[0].outputs[0]:
+        if n.op == "base_gemv":
+            launches.append(Launch(tuple(corrections.get((n.layer, n.attr("group")), ())) + (n,)))
+        elif n.op == "rms_norm" and last and last.op == "residual_add" and n.inputs[0] == last.nodes[0].outputs[0]:
             launches[-1] = Launch(last.nodes + (n,))
         else:
             launches.append(Launch((n,)))
-    return Plan(_with_events(launches))
+    return Plan(tuple(launches))
 
-
-def _with_events(launches: list[Launch]) -> tuple[Launch, ...]:
-    """Each launch waits for the tensors it reads from the other stream; their producers record them.
-    A merge's inputs make no wait: the merge is done by arrival (see the module docstring)."""
-    stream_of = {t: launch.stream for launch in launches for n in launch.nodes for t in n.outputs}
-    waits = [tuple(sorted({t for n in launch.nodes if n.op != "merge" for t in n.inputs
-                           if t in stream_of and stream_of[t] != launch.stream}))
-             for launch in launches]
-    read_across = {t for w in waits for t in w}
-    return tuple(Launch(launch.nodes, launch.stream, w,
-                        tuple(t for n in launch.nodes for t in n.outputs if t in read_across))
-                 for launch, w in zip(launches, waits))

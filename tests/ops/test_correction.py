@@ -90,16 +90,16 @@ def test_standalone_kernel_matches_reference(width, out_features, k_chunk, n_tb)
 
 @kernels
 @pytest.mark.parametrize("bits, k_blocks, k_warps, order, out_features, width, k_chunk", [
-    (4, 2, 1, ("correction", "base"), 40, 640, 48),  # two steps: either merges; the second reuses reset counters
+    (4, 2, 1, ("correction", "chained", "base"), 40, 640, 48),  # three steps: each reuses reset counters
     (3, None, 1, ("base",), 40, 640, 48),
     (4, 1, 1, ("base",), 200, 640, 48),  # GEMV tiles of 128 rows over merge tiles of 64: 2 + 2 (1 partial) arrivals
     (3, None, None, ("correction", "base"), 40, 640, 48),  # the default here: 8 K warps, 16-row tiles = merge tiles
-    (3, 2, 1, ("correction", "base"), 40, 2112, 700),  # 2 chunks a pass: 2 correction parts (chunks 0-1, 2)
-    (3, None, None, ("base", "correction"), 40, 3072, 1),  # k_chunk 1: one pick a chunk, three chunks a pass
+    (3, 2, 1, ("chained", "correction"), 40, 2112, 700),  # 2 chunks a pass: 2 correction parts (chunks 0-1, 2)
+    (3, None, None, ("base", "chained"), 40, 3072, 1),  # k_chunk 1: one pick a chunk, three chunks a pass
 ])
 def test_merged_into_base_gemv_in_either_order(bits, k_blocks, k_warps, order, out_features, width, k_chunk):
     """Base K blocks and the correction's passes are parts of one split output: whoever arrives last
-    merges."""
+    merges. "chained": the correction first, raising the ready flag that the GEMV waits for and lowers."""
     rng = np.random.default_rng(40 + bits + width)
     _, q, scales, zeros, act = random_linear(rng, bits, out_features, width)
     gemv = bg.BaseGemv(*(cuda.to_device(a) for a in (q, scales, zeros, act)), bits,
@@ -121,15 +121,17 @@ def test_merged_into_base_gemv_in_either_order(bits, k_blocks, k_warps, order, o
         want = co.correction_reference(xt, base_ref, rows, rscale, bounds, k_chunk, act_scale=torch.from_numpy(act))
         x_d = cuda.to_device(x)
         out = cuda.to_device(np.full(out_features, np.nan, np.float16))
-        launches = [lambda: gemv(x_d, out, merge=split), lambda: corr(x_d, act_d, out=out, merge=split)]
+        chained = first == "chained"
+        launches = [lambda: gemv(x_d, out, merge=split, chained=chained),
+                    lambda: corr(x_d, act_d, out=out, merge=split, chained=chained)]
         for launch in launches if first == "base" else launches[::-1]:
             launch()
         assert_close_fp16(out.copy_to_host().astype(np.float32), want.numpy())
-        assert (split.counters.copy_to_host() == 0).all()
+        assert (split.counters.copy_to_host() == 0).all() and (split.ready.copy_to_host() == 0).all()
 
 
 # ---------------------------------------------------------------------------------------------------
-# real GPU, real shapes: zero-copy rows, base and correction on two streams
+# real GPU, real shapes: zero-copy rows, the correction chained with its base GEMV
 
 
 @pytest.mark.gpu
@@ -138,7 +140,11 @@ def test_merged_into_base_gemv_in_either_order(bits, k_blocks, k_warps, order, o
 @pytest.mark.parametrize("out_features, width, k_chunk, n_tb", [(4096, 4096, 16, 8), (28672, 4096, 8, 16),
                                                                  (4096, 14336, 32, 8), (1536, 640, 1024, 4),
                                                                  (4096, 14336, 1, 4)])
-def test_fused_on_two_streams_on_gpu(bits, out_features, width, k_chunk, n_tb):
+def test_chained_with_base_gemv_on_gpu(bits, out_features, width, k_chunk, n_tb):
+    """As the engine runs them: launched one by one, then captured in a CUDA graph whose edges are
+    programmatic (the GEMV starts while the correction runs and waits for its ready flag)."""
+    from decdec.ops.timing import Streams, graph_us
+
     rng = np.random.default_rng(out_features + width + bits)
     _, q, scales, zeros, act = random_linear(rng, bits, out_features, width)
     x, _, bounds, rows, rscale, _ = case(rng, width, out_features, k_chunk)
@@ -151,15 +157,22 @@ def test_fused_on_two_streams_on_gpu(bits, out_features, width, k_chunk, n_tb):
     with dma.PinnedTable.from_array(rows) as pinned:
         corr = co.Correction(pinned.device_array(), cuda.to_device(rscale), bounds, k_chunk, n_tb=n_tb,
                              tile_rows=gemv.plan.merge_rows)
-        gemv = gemv.beside(corr.blocks)  # as the engine runs it: one wave on the SMs the correction leaves
+        gemv = gemv.beside(corr.blocks)  # one wave on the SMs the correction leaves
         split = gemv.split_output(extra_parts=corr.parts)
         x_d, act_d = cuda.to_device(x), cuda.to_device(act)
         out = cuda.to_device(np.full(out_features, np.nan, np.float16))
-        main, side = cuda.stream(), cuda.stream()
-        for _ in range(3):  # repeated steps: counters must come back to zero each time
-            gemv(x_d, out, stream=main, merge=split)
-            corr(x_d, act_d, out=out, merge=split, stream=side)
-            main.synchronize()
-            side.synchronize()
+        streams = Streams.make(())
+
+        def step(i):
+            corr(x_d, act_d, out=out, merge=split, stream=streams.main_n, chained=True)
+            gemv(x_d, out, streams.main_n, merge=split, chained=True)
+
+        for _ in range(3):  # repeated steps: counters and the flag must come back to zero each time
+            step(0)
+            streams.main.synchronize()
             assert_close_fp16(out.copy_to_host().astype(np.float32), want)
-        assert (split.counters.copy_to_host() == 0).all()
+        out.copy_to_device(np.full(out_features, np.nan, np.float16))
+        graph_us(step, 4, 3, streams, pdl=True)  # 4 steps a replay, a warm-up and 3 timed replays
+        torch.cuda.synchronize()
+        assert_close_fp16(out.copy_to_host().astype(np.float32), want)
+        assert (split.counters.copy_to_host() == 0).all() and (split.ready.copy_to_host() == 0).all()

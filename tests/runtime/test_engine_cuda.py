@@ -29,7 +29,6 @@ The captured replay runs the same launches as the eager path and the profiled re
 from tests.ops.cudasim import SIMULATED, gpu  # noqa: F401 - first: the CUDA simulator (or the GPU) is chosen there
 
 import contextlib  # noqa: E402
-import dataclasses  # noqa: E402
 import os  # noqa: E402
 import types  # noqa: E402
 
@@ -48,7 +47,7 @@ from decdec.ops.norm import add_rms_norm_reference  # noqa: E402
 from decdec.ops.ptx import pdl_supported  # noqa: E402
 from decdec.runtime import engine as runtime_engine, executor_cuda as xc  # noqa: E402
 from decdec.errors import DeviceError, ModelFileError  # noqa: E402
-from decdec.scheduler.plan import MAIN, SIDE, Plan, schedule  # noqa: E402
+from decdec.scheduler.plan import Launch, Plan, schedule  # noqa: E402
 from decdec.scheduler.tuner import REPEATS  # noqa: E402
 from tests.runtime.test_engine import TINY, tiny_cfg  # noqa: E402
 
@@ -114,15 +113,11 @@ def test_check_plan_accepts_schedules_and_rejects_broken_ones():
     for k in (0, 64):
         xc.check_plan(schedule(build_graph(args, [3, 3], k)))
     items = schedule(build_graph(args, [3, 3], 64)).launches
-    unjoined = tuple(dataclasses.replace(it, waits=()) if it.stream == MAIN else it for it in items)
-    with pytest.raises(ValueError, match="never joins back"):
-        xc.check_plan(Plan(unjoined))
-    with pytest.raises(ValueError, match="only the fused"):
-        xc.check_plan(Plan((dataclasses.replace(items[0], stream=SIDE),) + items[1:]))
-    first_side = next(i for i, it in enumerate(items) if it.stream == SIDE)
-    early = (items[first_side],) + items[:first_side] + items[first_side + 1:]
-    with pytest.raises(ValueError, match="before anything records it"):
-        xc.check_plan(Plan(early))
+    i = next(i for i, it in enumerate(items) if "correction" in it.op)
+    correction, gemv = Launch(items[i].nodes[:-1]), Launch(items[i].nodes[-1:])
+    for broken in ((correction, gemv), (gemv, correction)):  # a correction launched alone, before or after
+        with pytest.raises(ValueError, match="chained with its group's base_gemv"):
+            xc.check_plan(Plan(items[:i] + broken + items[i + 1:]))
 
 
 def test_default_n_tb():
@@ -176,10 +171,11 @@ def gemma_tokens(engine) -> torch.Tensor:
 
 
 class FakeSplit:
-    """`SplitOutput` semantics: parts arrive in any order; the last one writes the sum as fp16."""
+    """`SplitOutput` semantics: parts arrive in any order; the last one writes the sum as fp16; a chained
+    correction raises `ready` for its GEMV, which lowers it."""
 
     def __init__(self, n_parts: int):
-        self.n_parts, self.parts = n_parts, []
+        self.n_parts, self.parts, self.ready = n_parts, [], False
 
     def arrive(self, part, out):
         self.parts.append(part)
@@ -206,9 +202,12 @@ class FakeGemv:
         assert blocks >= 1
         return self
 
-    def __call__(self, x, out, stream=0, merge=None):
+    def __call__(self, x, out, stream=0, merge=None, chained=False):
         assert x.dtype == out.dtype == torch.float16 and tuple(x.shape) == (self.plan.in_features,)
         assert tuple(out.shape) == (self.plan.out_features,) and stream.name == "main"
+        if merge is not None:  # a merged GEMV is chained, right after its correction
+            assert chained and merge.ready, "a merged GEMV runs chained, after its correction"
+            merge.ready = False
         y = (x.float() * self.act_scale) @ self.weight.T
         merge.arrive(y, out) if merge is not None else out.copy_(y)
 
@@ -222,8 +221,10 @@ class FakeCorrection:
         assert n_tb >= 1 and tile_rows == 64
         self.n_tb = n_tb
 
-    def __call__(self, x, act_scale=None, *, base_out=None, out=None, merge=None, stream=0):
-        assert x.dtype == out.dtype == torch.float16 and merge is not None and stream.name == "side"
+    def __call__(self, x, act_scale=None, *, base_out=None, out=None, merge=None, stream=0, chained=False):
+        assert x.dtype == out.dtype == torch.float16 and merge is not None and stream.name == "main" and chained
+        assert not merge.ready, "the GEMV chained with the last correction did not run"
+        merge.ready = True
         corr = correction_reference(x.float(), torch.zeros(out.shape[0]), self.rows, self.scales, self.bounds,
                                     self.k_chunk, act_scale=act_scale)
         merge.arrive(corr, out)
@@ -288,12 +289,9 @@ class FakeTable:
 class FakeStream:
     count = 0
 
-    def __init__(self, priority=0):
+    def __init__(self):
         FakeStream.count += 1
-        self.cuda_stream, self.priority = FakeStream.count, priority
-
-    def wait_event(self, event):
-        assert event.recorded, "waits for an event that was never recorded"
+        self.cuda_stream = FakeStream.count
 
     def synchronize(self):
         pass  # the fake's launches ran when issued
@@ -317,13 +315,11 @@ class FakeEvent:
 
 
 def assert_timings(timings: list, plan: Plan) -> None:
-    """The profiler's shape: one (item, start, end) per plan item, in plan order, start <= end, and the
-    items of one stream one after another (a side item may overlap main ones, but need not)."""
+    """The profiler's shape: one (item, start, end) per plan item, in plan order, one after another."""
     assert [t[0] for t in timings] == list(plan.launches)
-    assert all(start <= end for _, start, end in timings)
-    for stream in (MAIN, SIDE):
-        spans = [(start, end) for item, start, end in timings if item.stream == stream]
-        assert all(prev_end <= start for (_, prev_end), (start, _) in zip(spans, spans[1:])), stream
+    spans = [(start, end) for _, start, end in timings]
+    assert all(start <= end for start, end in spans)
+    assert all(prev_end <= start for (_, prev_end), (start, _) in zip(spans, spans[1:]))
 
 
 @pytest.fixture
@@ -336,9 +332,9 @@ def fake_cuda(monkeypatch):
     def external_stream(handle):
         return types.SimpleNamespace(name=streams[handle])
 
-    def make_stream(priority=0):
-        s = FakeStream(priority)
-        streams[s.cuda_stream] = "side" if priority < 0 else "main"
+    def make_stream():
+        s = FakeStream()
+        streams[s.cuda_stream] = "main"
         return s
 
     fake_numba = types.SimpleNamespace(external_stream=external_stream, as_cuda_array=lambda t, sync=True: t)

@@ -9,17 +9,17 @@ import torch
 
 from decdec.graph import Node
 from decdec.runtime.profiler import profile_steps, step_span
-from decdec.scheduler.plan import MAIN, SIDE, Launch
+from decdec.scheduler.plan import Launch
 
 
-def item(op: str, stream: int = MAIN, layer=None, group=None) -> Launch:
+def item(op: str, layer=None, group=None) -> Launch:
     attrs = (("group", group),) if group else ()
-    return Launch((Node(op, (), (), layer, attrs),), stream)
+    return Launch((Node(op, (), (), layer, attrs),))
 
 
-# µs from the step's start; the side stream's correction overlaps the main stream's GEMV
+# µs from the step's start; two ops overlap (the span is not the sum of the ops)
 OPS = [(item("embed"), 0, 10), (item("base_gemv", layer=0, group="qkv"), 10, 40),
-       (item("correction", SIDE, layer=0, group="qkv"), 15, 35), (item("lm_head"), 40, 50)]
+       (item("correction", layer=0, group="qkv"), 15, 35), (item("lm_head"), 40, 50)]
 EAGER_SCALE = 10  # the eager path's ops take 10x longer (launch gaps)
 
 
@@ -63,7 +63,7 @@ class ScriptedEngine:
         return logits
 
 
-def test_step_span_is_first_start_to_last_end_across_streams():
+def test_step_span_is_first_start_to_last_end():
     step = [(it, 1.0 + s * 1e-6, 1.0 + e * 1e-6) for it, s, e in OPS]
     assert step_span(step) == pytest.approx(50e-6)  # not 70 µs, the sum of the ops
 
@@ -81,9 +81,9 @@ def test_report_of_a_captured_step(tmp_path):
     assert rows["base_gemv"][1:] == ["1", "30.0", "60.0%"] and rows["correction"][1:] == ["1", "20.0", "40.0%"]
     assert sum(float(r[-1][:-1]) for r in rows.values()) == pytest.approx(140.0)  # overlap: above 100 %
     timeline = next(line for line in lines if "L0.qkv.correction" in line).split()
-    assert timeline[2:] == ["side", "15.0", "35.0", "20.0"]
+    assert timeline[2:] == ["15.0", "35.0", "20.0"]
     events = [e for e in json.loads((tmp_path / "trace.json").read_text())["traceEvents"] if e["ph"] == "X"]
-    assert len(events) == 3 * len(OPS) and {e["tid"] for e in events} == {MAIN, SIDE}
+    assert len(events) == 3 * len(OPS) and {e["tid"] for e in events} == {0}
     assert events[0]["ts"] == 0 and events[2]["ts"] == pytest.approx(15.0)
 
 

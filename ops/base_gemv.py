@@ -35,8 +35,8 @@ from numba import cuda, float32, int32, uint32, uint64
 
 from decdec.ops.layout import dequantize, unpack_codes  # noqa: F401 - re-exported: the reference's decoding
 from decdec.ops.layout import words_to_int32
-from decdec.ops.ptx import (MMA_SWAP, fence_acq_rel, half2_floats, load_u32x2, load_u32x4, mma_f16, pack_half2,
-                            pdl_supported, release_dependents, wait_upstream)
+from decdec.ops.ptx import (MMA_SWAP, back_off, fence_acq_rel, half2_floats, load_relaxed, load_u32x2, load_u32x4,
+                            mma_f16, pack_half2, pdl_supported, release_dependents, wait_upstream)
 from decdec.ops.reduce import SCRATCH, lanes8_max, lanes8_sum
 
 SIMULATED = cuda.jit.__module__.startswith("numba.cuda.simulator")  # the CUDA simulator runs these kernels
@@ -153,8 +153,8 @@ def wait_ready(ready):
     has completed. The block lets the next kernel launch only after this, so a kernel launched behind
     it finds every block of this one past the flag and the flag lowered."""
     if cuda.threadIdx.x == 0:
-        while cuda.atomic.max(ready, 0, 0) == 0:
-            pass
+        while load_relaxed(ready, 0) == 0:  # loads, not atomics: ~300 blocks poll one word
+            back_off()
         fence_acq_rel()
         if cuda.atomic.add(ready, 1, 1) == cuda.gridDim.x * cuda.gridDim.y - 1:
             ready[1] = 0

@@ -28,6 +28,8 @@ patterns so that no fp16x2 type is needed in Numba:
   result (release); after one, it orders the thread's later reads after the writes that result
   stands for (acquire). Numba's `cuda.threadfence()` is `membar.gl`, a sequentially consistent fence
   (MEMBAR.SC.GPU), stronger and slower than that pattern needs.
+- `load_relaxed(a, i)`: `ld.relaxed.gpu` of a global int32, for polling a flag another kernel sets;
+  `back_off()`: `nanosleep` between polls.
 
 Under the CUDA simulator (`NUMBA_ENABLE_CUDASIM=1`) the same names are plain Python. The simulator
 has no warp shuffles, so `mma_f16` exchanges fragments through a block-shared scratch array
@@ -142,6 +144,14 @@ if SIMULATED:
         pass
 
     @cuda.jit(device=True)
+    def load_relaxed(a, i):
+        return a[i]
+
+    @cuda.jit(device=True)
+    def back_off():
+        pass
+
+    @cuda.jit(device=True)
     def mma_f16(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, swap):
         tid = cuda.threadIdx.x
         base = tid - tid % 32  # the warp's first thread
@@ -234,6 +244,33 @@ else:
 
     load_u32x4 = _load_vector(4)
     load_u32x2 = _load_vector(2)
+
+    @intrinsic
+    def load_relaxed(typingctx, a, i):
+        """a[i] of a global int32 array by `ld.relaxed.gpu` (a flag another kernel sets: read from L2 each
+        time, never from a stale L1 line, never hoisted out of a polling loop, and no atomic's cost)."""
+        sig = types.int32(a, i)
+
+        def codegen(context, builder, sig, args):
+            ary = context.make_array(sig.args[0])(context, builder, value=args[0])
+            idx = context.cast(builder, args[1], sig.args[1], types.intp)
+            ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary, [idx], wraparound=False)
+            fn = ir.InlineAsm(ir.FunctionType(_i32, [ptr.type]), "ld.relaxed.gpu.global.b32 $0, [$1];", "=r,l",
+                              side_effect=True)
+            return builder.call(fn, [ptr])
+
+        return sig, codegen
+
+    @intrinsic
+    def back_off(typingctx):
+        """`nanosleep` for about 100 ns: a polling thread leaves the L2 slice and the issue slots to the
+        kernels it waits for."""
+        def codegen(context, builder, sig, args):
+            fn = ir.InlineAsm(ir.FunctionType(ir.VoidType(), []), "nanosleep.u32 100;", "", side_effect=True)
+            builder.call(fn, [])
+            return context.get_dummy_value()
+
+        return types.void(), codegen
 
     def _ordered(text: str):
         """An intrinsic issuing one ordering instruction (`griddepcontrol`, `fence`); a memory clobber

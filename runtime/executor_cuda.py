@@ -230,16 +230,32 @@ def _view(t: torch.Tensor):
     return cuda.as_cuda_array(t, sync=False)
 
 
+def programmatic_pairs(edges: list[tuple[int, int]], kernel_name) -> list[tuple[int, int]]:
+    """The edges (a, b) of a step's graph that may become programmatic: a kernel into one of `PDL_KERNELS`,
+    except into a base GEMV forked beside a correction (`programmatic_edges`). `kernel_name(node)` is
+    the kernel's mangled name, None for a node that is no kernel. The fork is the kernel that launches
+    both (a correction's predecessor that is no correction itself: the side stream's corrections follow
+    one another, and the kernel after a compensated group reads from both streams, which makes neither
+    of them a fork)."""
+    name = lambda node: kernel_name(node) or b""  # noqa: E731
+    corrections = {b for _, b in edges if b"_correction_kernel" in name(b)}
+    forks = {a for a, b in edges if b in corrections and a not in corrections}
+    gemvs_beside = {b for a, b in edges if a in forks and b"_mma_kernel" in name(b)}
+    return [(a, b) for a, b in edges if kernel_name(a) is not None and b not in gemvs_beside
+            and any(k.encode() in name(b) for k in PDL_KERNELS)]
+
+
 def programmatic_edges(raw_graph: int) -> int:
     """Make the edges from a kernel node to a `PDL_KERNELS` kernel node of the captured graph
     `raw_graph` (a cudaGraph_t) programmatic: the downstream kernel may launch once every block of
     the upstream one has called `release_dependents` (or exited), and its `wait_upstream` returns when
     the upstream kernel has completed. Returns the number of edges changed.
 
-    The edge into a base GEMV with a correction beside it stays ordinary: launched early, the GEMV's
-    persistent blocks would fill every SM before the correction's few blocks, and the correction would
-    run after the GEMV instead of beside it. The correction launches early instead, so its blocks are
-    resident first and the GEMV takes the rest when its input is complete."""
+    The edge into a base GEMV with a correction beside it stays ordinary (`programmatic_pairs`):
+    launched early, the GEMV's persistent blocks would fill every SM before the correction's few
+    blocks, and the correction would run after the GEMV instead of beside it. The correction launches
+    early instead, so its blocks are resident first and the GEMV takes the rest when its input is
+    complete. The kernel after them launches early behind both."""
     from cuda.bindings import driver as cu
 
     def call(fn, *args):
@@ -262,21 +278,17 @@ def programmatic_edges(raw_graph: int) -> int:
         [params] = call(cu.cuGraphKernelNodeGetParams, cu.CUgraphNode(node))
         return call(cu.cuFuncGetName, params.func)[0]
 
-    edges = [(int(a), int(b), d) for a, b, d in zip(src, dst, data)]
-    corrections = {b for _, b, _ in edges if b"_correction_kernel" in (kernel_name(b) or b"")}
-    forks = {a for a, b, _ in edges if b in corrections}
-    gemvs_beside = {b for a, b, _ in edges if a in forks and b not in corrections}
+    default = cu.CUgraphDependencyType.CU_GRAPH_DEPENDENCY_TYPE_DEFAULT
+    data_of = {(int(a), int(b)): d for a, b, d in zip(src, dst, data) if d.type == default}
     programmatic = cu.CUgraphEdgeData()
     programmatic.from_port = cu.CU_GRAPH_KERNEL_NODE_PORT_PROGRAMMATIC
     programmatic.type = cu.CUgraphDependencyType.CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC
     changed = 0
-    for a, b, d in edges:
-        if (d.type == cu.CUgraphDependencyType.CU_GRAPH_DEPENDENCY_TYPE_DEFAULT and kernel_name(a) is not None
-                and any(k.encode() in (kernel_name(b) or b"") for k in PDL_KERNELS) and b not in gemvs_beside):
-            a_node, b_node = cu.CUgraphNode(a), cu.CUgraphNode(b)
-            call(remove, graph, [a_node], [b_node], [d], 1)
-            call(add, graph, [a_node], [b_node], [programmatic], 1)
-            changed += 1
+    for a, b in programmatic_pairs(list(data_of), kernel_name):
+        a_node, b_node = cu.CUgraphNode(a), cu.CUgraphNode(b)
+        call(remove, graph, [a_node], [b_node], [data_of[a, b]], 1)
+        call(add, graph, [a_node], [b_node], [programmatic], 1)
+        changed += 1
     return changed
 
 

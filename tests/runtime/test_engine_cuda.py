@@ -45,7 +45,7 @@ from decdec.ops.act import act_mul_reference  # noqa: E402
 from decdec.ops.attention import decode_attention_reference  # noqa: E402
 from decdec.ops.correction import correction_reference  # noqa: E402
 from decdec.ops.norm import add_rms_norm_reference  # noqa: E402
-from decdec.ops.ptx import pdl_supported  # noqa: E402
+from decdec.ops.ptx import pdl_supported, programmatic_pairs  # noqa: E402
 from decdec.runtime import engine as runtime_engine, executor_cuda as xc  # noqa: E402
 from decdec.errors import DeviceError, ModelFileError  # noqa: E402
 from decdec.scheduler.plan import MAIN, SIDE, Plan, schedule  # noqa: E402
@@ -139,7 +139,7 @@ def test_only_the_gemv_beside_a_correction_keeps_an_ordinary_edge():
         edges += [(u, c), (u, g), (c, reader), (g, reader)]
     edges += [("C1", "C2"), ("C2", "C3"), ("C3", "C4")]  # the side stream's order
     name = {node[n]: kinds[n.rstrip("0123456789")] for n in order}
-    got = set(xc.programmatic_pairs([(node[a], node[b]) for a, b in edges], name.get))
+    got = set(programmatic_pairs([(node[a], node[b]) for a, b in edges], name.get))
     ordinary = {(node[a], node[b]) for a, b in edges} - got
     assert ordinary == {(node[u], node[g]) for u, g in (("norm0", "G1"), ("attn", "G2"), ("norm1", "G3"), ("act", "G4"))}
 

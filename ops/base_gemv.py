@@ -157,8 +157,8 @@ def wait_ready(ready):
             back_off()
         fence_acq_rel()
         if cuda.atomic.add(ready, 1, 1) == cuda.gridDim.x * cuda.gridDim.y - 1:
-            ready[1] = 0
-            ready[0] = 0
+            cuda.atomic.exch(ready, 1, 0)  # atomics, as the other blocks' polls read the word concurrently
+            cuda.atomic.exch(ready, 0, 0)
         fence_acq_rel()
     cuda.syncthreads()
 

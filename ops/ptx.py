@@ -249,6 +249,8 @@ else:
     def load_relaxed(typingctx, a, i):
         """a[i] of a global int32 array by `ld.relaxed.gpu` (a flag another kernel sets: read from L2 each
         time, never from a stale L1 line, never hoisted out of a polling loop, and no atomic's cost)."""
+        if getattr(a, "dtype", None) != types.int32:
+            return None  # only int32 arrays: no match, a typing error
         sig = types.int32(a, i)
 
         def codegen(context, builder, sig, args):
@@ -263,10 +265,10 @@ else:
 
     @intrinsic
     def back_off(typingctx):
-        """`nanosleep` for about 100 ns: a polling thread leaves the L2 slice and the issue slots to the
-        kernels it waits for."""
+        """`nanosleep` for up to about 40 ns: a polling thread leaves the L2 slice and the issue slots to
+        the kernels it waits for, and wakes soon after the flag rises (the wait is on the critical path)."""
         def codegen(context, builder, sig, args):
-            fn = ir.InlineAsm(ir.FunctionType(ir.VoidType(), []), "nanosleep.u32 100;", "", side_effect=True)
+            fn = ir.InlineAsm(ir.FunctionType(ir.VoidType(), []), "nanosleep.u32 20;", "", side_effect=True)
             builder.call(fn, [])
             return context.get_dummy_value()
 

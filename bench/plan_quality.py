@@ -18,6 +18,7 @@ windows of `--ctx`. The file gains "plan_quality" (meta of this run: commit, com
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -47,12 +48,15 @@ def model_ppl(name: str, rows: list[dict], tokens: int, ctx: int) -> dict[tuple,
     """(row key, bits, plan) -> perplexity on that key's text for every distinct plan of `rows` (one model's)."""
     model = load_model(name)
     out = {}
+    def config(bits, corpus: str):
+        return load_config({"model": {"source": name}, "quant": {"method": "robust", "bits": bits},
+                            "decdec": {"k_chunk": 0}, "eval": {"corpus": corpus, "tokens": tokens, "ctx": ctx}})
+
     for bits in sorted({BITS[r["system"]] for r in rows}):
+        prepared = prepare(config(bits, TEXTS["ppl"]), model=model)  # the artifacts do not depend on the text
+        groups = dense_groups(prepared)
         for key, corpus in TEXTS.items():
-            cfg = load_config({"model": {"source": name}, "quant": {"method": "robust", "bits": bits},
-                               "decdec": {"k_chunk": 0}, "eval": {"corpus": corpus, "tokens": tokens, "ctx": ctx}})
-            prepared = prepare(cfg, model=model)
-            groups, windows = dense_groups(prepared), eval_windows(prepared)
+            windows = eval_windows(dataclasses.replace(prepared, config=config(bits, corpus)))
             for plan in sorted({plan_of(r) for r in rows if BITS[r["system"]] == bits}):
                 linear = decdec_linear(groups, "bucket", dict(plan)) if plan else decdec_linear(groups)
                 out[key, bits, plan], _ = perplexity(prepared.model.args, prepared.model.weights, windows, linear,

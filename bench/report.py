@@ -296,9 +296,10 @@ def staging_table(before: Path, after: Path) -> str:
     lines = [f"The base GEMV's staging loads issued together (commit {d1['commit']}) beside one by one (commit "
              f"{d0['commit']}), 3-bit default plans, µs per launch, one machine session ({source(before)}, "
              f"{source(after)}; {d1['device']}):", "", *header("out x in", "one by one", "together", "change")]
-    for r in (r for r in d1["rows"] if r["variant"] == "default"):
-        a, b = us0[r["out"], r["in"]], r["us"]
-        lines.append(row(f"{r['out']}x{r['in']}", f"{a:.1f}", f"{b:.1f}", f"{b / a - 1:+.0%}"))
+    for r in d1["rows"]:
+        if r["variant"] == "default":
+            a, b = us0[r["out"], r["in"]], r["us"]
+            lines.append(row(f"{r['out']}x{r['in']}", f"{a:.1f}", f"{b:.1f}", f"{b / a - 1:+.0%}"))
     return "\n".join(lines)
 
 

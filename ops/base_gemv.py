@@ -713,7 +713,7 @@ class BaseGemv:
         an SM's register file (a DecDEC correction's): its grid must fit the block slots of the SMs left
         in one wave, or the blocks that find no slot run after the correction, a second wave. A plan that
         fits stays; one that does not takes the plan the cost model picks for the SMs left, K split
-        included (where only the tiles per block grew, a block of Llama's qkv ran twice as long). Same
+        included (growing only the tiles per block would make every block that much longer). Same
         weights, kernel and tiles (rows per warp, K warps), so the correction's merge tiles still match;
         the split output must come from the twin's plan (its K blocks may differ), and the sum's order,
         hence its last bits, may differ from the first plan's."""

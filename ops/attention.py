@@ -217,6 +217,7 @@ def _attention_kernel(group: int, hd: int, tile: int, splits: int):
     qk = (group + 1) * hd  # the query heads, then the key
     items = group * hw
     neg_inf = float32(-math.inf)
+    inv_hd = float32(1 / hd)
     PDL = pdl_supported()
     # shared and local sizes must be literal constants for Numba: each its own closure variable
     q_size, v_size, r_size, stat_size, coef_size = qk, hd, group + 1, 2 * group, group * splits
@@ -324,7 +325,7 @@ def _attention_kernel(group: int, hd: int, tile: int, splits: int):
                         ss += qs[hh * hd + d] * qs[hh * hd + d]
                 ss = warp_sum(ss, scratch)
                 if lane == 0 and hh <= group:
-                    rs[hh] = float32(1) / math.sqrt(ss / hd + eps)
+                    rs[hh] = float32(1) / math.sqrt(ss * inv_hd + eps)  # float32: ss / hd would be float64
             cuda.syncthreads()
         for j in range(ROPE_ITEMS):
             e = tid + j * THREADS

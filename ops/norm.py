@@ -103,13 +103,13 @@ def _add_rms_norm_kernel(per_thread: int):
             bv[2 * j], bv[2 * j + 1] = b0, b1
         rb = float32(1)
         if has_branch and has_post:
-            rb = float32(1) / math.sqrt(block_sum(ssb, red, scratch) / dim + eps)
+            rb = float32(1) / math.sqrt(block_sum(ssb, red, scratch) / float32(dim) + eps)
         ss = float32(0)
         for j in range(VALUES):
             if has_branch:
                 xv[j] += bv[j] * rb
             ss += xv[j] * xv[j]
-        r = float32(1) / math.sqrt(block_sum(ss, red, scratch) / dim + eps)
+        r = float32(1) / math.sqrt(block_sum(ss, red, scratch) / float32(dim) + eps)  # float32: / dim is float64
         for j in range(P):
             p = tid + j * nthr
             if p < pairs:

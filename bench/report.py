@@ -303,6 +303,30 @@ def staging_table(before: Path, after: Path) -> str:
     return "\n".join(lines)
 
 
+# our base step before the register-tiled decode attention (86b1aa9, `bench/engine.py --systems ours`) and
+# after it (e0b4e9f, the engine file of the same machine session)
+ATTENTION_AB_RUNS = ("engine_base_86b1aa9_h200.json", "engine_h200.json")
+
+
+def base_ab_table(before: Path, after: Path) -> str:
+    """Our base step before and after a change, one machine session: per model and KV length, wall
+    tokens/s (device tokens/s)."""
+    d0, d1 = (json.loads(p.read_text()) for p in (before, after))
+    after_rows = {(r["model"], r["kv_len"]): r for r in d1["rows"] if r["system"] == "ours" and _base(r)}
+    commits = {x["id"]: x["commit"][:7] for x in d1["runs"]}
+    lines = [f"Our base step with the register-tiled attention (commit "
+             f"{', '.join(sorted({commits[r['run']] for r in after_rows.values()}))}) "
+             f"beside the one before it (commit {d0['commit']}), wall tokens/s (device tokens/s), one machine "
+             f"session ({source(before)}, {source(after)}; {d0['device']}):", "",
+             *header("model", "KV length", "before", "after", "change, device")]
+    for r0 in d0["rows"]:
+        r1 = after_rows[r0["model"], r0["kv_len"]]
+        lines.append(row(r0["model"], r0["kv_len"], f"{r0['tokens_per_s']:.1f} ({r0['device_tokens_per_s']:.1f})",
+                         f"{r1['tokens_per_s']:.1f} ({r1['device_tokens_per_s']:.1f})",
+                         f"{r1['device_tokens_per_s'] / r0['device_tokens_per_s'] - 1:+.0%}"))
+    return "\n".join(lines)
+
+
 def fixed_cost_table(path: Path) -> str:
     """bench/fixed_cost.py: the least compensation (k_chunk 1) on one group kind at a time, timed in turns
     with the base step, and (--timeline) when each GEMV and correction start and end in the graph."""
@@ -483,6 +507,7 @@ def page() -> str:
                    + ([layout_table(*existing(LAYOUT_RUNS))] if len(existing(LAYOUT_RUNS)) == 2 else [])
                    + [k_warps_table(p) for p in existing(KW_RUNS)]
                    + ([staging_table(*existing(STAGING_RUNS))] if len(existing(STAGING_RUNS)) == 2 else [])
+                   + ([base_ab_table(*existing(ATTENTION_AB_RUNS))] if len(existing(ATTENTION_AB_RUNS)) == 2 else [])
                    + ([floor_table(existing(FLOOR_RUNS))] if existing(FLOOR_RUNS) else [])
                    + [fixed_cost_table(p) for p in sorted(RESULTS.glob("*fixed_cost_*.json"))]
                    + [gpu_tables(p) for p in sorted(RESULTS.glob("gpu_ops_*.json"), reverse=True)],

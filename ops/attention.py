@@ -26,16 +26,17 @@ from decdec.args import ModelArgs
 from decdec.ops.norm import rms_norm
 from decdec.ops.ptx import (fence_acq_rel, half2_floats, load_u32x4, pack_half2, pdl_supported, release_dependents,
                             wait_upstream)
-from decdec.ops.reduce import SCRATCH, warp_max, warp_sum, words
+from decdec.ops.reduce import SCRATCH, lanes_sum, warp_max, warp_sum, words
 
 THREADS = 128  # 4 warps a block
 WARPS = THREADS // 32
-TILE_HALVES = 4096  # a tile of keys (or values) is 8 KiB of fp16: 32 positions at head_dim 128 (short tiles
-# spread a short context over more blocks: bench/attention_tiles.py)
-MIN_TILE = 32  # positions: a shorter tile leaves a warp of the score step idle lanes
+VEC = 8  # halves of a row a lane holds: one 16-byte load
+ROWS_IN_FLIGHT = 4  # rows a lane loads per tile (keys and values) by default: the loads of one round trip
+MAX_ROWS_IN_FLIGHT = 8  # twice that in registers with the next tile's: the register budget's bound
 SPLITS = 64  # blocks per kv head at most (the combine gives each split one of a warp's 2 x 32 slots)
 BLOCKS = 256  # blocks the plan aims at at long context: ~2 per SM, whatever the kv head count
-HEAD_DIMS = (32, 64, 128, 256)  # powers of 2: a row is whole 16-byte vectors, their count a power of 2
+COMBINE_LOADS = 8  # splits whose partials a thread of the combine loads at once
+HEAD_DIMS = (32, 64, 128, 256)  # powers of 2 from 4 to 32 lanes a row
 
 
 @dataclass
@@ -143,19 +144,25 @@ class AttentionPlan:
         return self.n_kv_heads, self.splits
 
 
+def rows_at_once(head_dim: int) -> int:
+    """Rows of the cache a block holds at once: a row is head_dim / VEC lanes."""
+    return THREADS * VEC // head_dim
+
+
 def plan_attention(args: ModelArgs, tile: int | None = None, splits: int | None = None) -> AttentionPlan:
-    """The plan of `args`' layers: tiles of TILE_HALVES / head_dim positions (MIN_TILE to THREADS) unless
-    `tile` is given; BLOCKS / n_kv_heads splits (32 to SPLITS) unless `splits` is: a model with one kv
-    head (Gemma 3 270M) needs more splits than one with eight to fill the GPU at long context."""
+    """The plan of `args`' layers: tiles of ROWS_IN_FLIGHT rows per lane unless `tile` is given;
+    BLOCKS / n_kv_heads splits (32 to SPLITS) unless `splits` is: a model with one kv head (Gemma 3
+    270M) needs more splits than one with eight to fill the GPU at long context."""
     hd = args.head_dim
-    tile = tile or min(THREADS, max(MIN_TILE, TILE_HALVES // max(hd, 1)))
     if hd not in HEAD_DIMS or args.n_heads % args.n_kv_heads:
         raise ValueError(f"head_dim = {hd}, {args.n_heads} heads on {args.n_kv_heads} kv heads: the attention "
                          f"kernel takes head_dim in {HEAD_DIMS} and whole query groups")
+    rows = rows_at_once(hd)
+    tile = tile or rows * ROWS_IN_FLIGHT
     splits = splits or min(SPLITS, max(32, BLOCKS // args.n_kv_heads))
-    if THREADS % tile or tile * hd % (8 * THREADS) or not 1 <= splits <= SPLITS:
-        raise ValueError(f"tile = {tile}, splits = {splits}: tile must divide {THREADS} and hold a multiple of "
-                         f"{8 * THREADS} halves, splits in 1..{SPLITS}")
+    if tile % rows or not 1 <= tile // rows <= MAX_ROWS_IN_FLIGHT or not 1 <= splits <= SPLITS:
+        raise ValueError(f"tile = {tile}, splits = {splits}: at head_dim {hd} a tile is 1 to {MAX_ROWS_IN_FLIGHT} "
+                         f"times {rows} positions, splits in 1..{SPLITS}")
     return AttentionPlan(args.n_kv_heads, args.n_heads // args.n_kv_heads, hd, tile, splits)
 
 
@@ -176,81 +183,71 @@ class AttentionScratch:
                    cuda.to_device(np.zeros(p.n_kv_heads, np.int32)))
 
 
-def _copy_source(loads: int, vec: int, pitch: int) -> str:
-    """Source of `copy`: a thread's `loads` 16-byte loads of keys and as many of values from one tile of
-    the cache into the shared tiles kt / vt, written out so that every load is issued before the first
-    store (NVVM unrolls the equivalent loop only by 2). Rows outside [r0, r1) load a valid row instead
-    (branch-free; their slots are never read). vec (16-byte vectors per row) is a power of 2."""
-    shift = vec.bit_length() - 1
-    lines = ["def copy(kc, vc, kt, vt, t0, r0, r1, n_kv, hw, h, tid):"]
-    for j in range(loads):
-        lines += [f"    row{j} = (tid + {j * THREADS}) >> {shift}",
-                  f"    col{j} = 4 * ((tid + {j * THREADS}) & {vec - 1})",
-                  f"    src = ((t0 + min(max(row{j}, r0), r1 - 1)) * n_kv + h) * hw + col{j}",
-                  f"    k{j} = load_u32x4(kc, src)",
-                  f"    v{j} = load_u32x4(vc, src)"]
-    for j in range(loads):
-        lines.append(f"    dst = row{j} * {pitch} + col{j}")
-        lines += [f"    {t}t[dst + {c}] = {t}{j}[{c}]" for c in range(4) for t in "kv"]
-    return "\n".join(lines) + "\n"
-
-
-@functools.lru_cache(maxsize=None)
-def _make_copy(loads: int, vec: int, pitch: int):
-    scope = {"load_u32x4": load_u32x4}
-    exec(compile(_copy_source(loads, vec, pitch), f"<attention.copy loads={loads} vec={vec}>", "exec"), scope)
-    return cuda.jit(device=True)(scope["copy"])
-
-
 @functools.lru_cache(maxsize=None)
 def _attention_kernel(group: int, hd: int, tile: int, splits: int):
-    """The kernel for one (group, head_dim, tile, splits): sizes of shared arrays and loops are constants.
+    """The kernel for one (group, head_dim, tile, splits): sizes of local and shared arrays are constants.
 
     Block (h, b), 128 threads: kv head h and its `group` query heads; split b takes tiles first + b,
     first + b + splits, ... up to the tile holding the position (first: the window's first tile). A
     block with no tile returns at once, so the cost grows with the position, not with max_seq.
-    1. prologue: q, k, v of head h from qkv (+ bias), q/k RMSNorm, RoPE from the cos / sin tables at
-       the position, 1 / sqrt(hd)-style scale folded into q; the block owning the position's tile
-       writes k, v (fp16) into the cache there. The block's first tile of step 2 is copied before q, k,
-       v are read: behind a programmatic edge (`wait_upstream`) that copy overlaps the qkv GEMV.
-    2. per tile: keys and values are copied to shared memory (16-byte loads; pitch hd / 2 + 1 words so
-       that a thread per position reads its row conflict-free), the position's own row replaced from
-       the prologue; scores by a thread per (position, query head); online softmax by a warp per head;
-       P V by a thread per (head, fp16 pair) into a float32 accumulator in shared memory.
-    3. a kv head with one active split writes its output; otherwise each split writes (max, sum, acc)
-       and the last to arrive (an int32 atomic counter per kv head) combines them: a lane per split
-       (two splits a lane above 32) finds the weights, then a thread per (head, pair) sums the splits in order 0, 1, ...
+    A row of the cache (head_dim fp16) is held by `hd / 8` lanes, 8 halves (one 16-byte load) each; a
+    warp holds 256 / hd rows at once, the block `rows` = 4 x that (a "slot" each), and a tile is
+    `tile / rows` rows per slot, all loaded before the first is used.
+    1. prologue: the block's first tile of keys and values is loaded into registers before
+       `wait_upstream` (rows < position, of earlier steps: behind a programmatic edge the loads overlap
+       the qkv GEMV). Then q, k, v of head h from qkv (+ bias), q/k RMSNorm, RoPE from the cos / sin
+       tables at the position, 1 / sqrt(hd)-style scale folded into q; the block owning the position's
+       tile writes k, v (fp16) into the cache there. Each lane keeps its 8 dims of every query head.
+    2. per tile: the next tile's loads are issued, then each slot scores its rows (8-dim partial dot
+       products summed over the row's lanes by shuffles; the position's own row taken from the
+       prologue), and updates its own online softmax (max, sum, accumulator of its 8 dims per head) in
+       registers: no barrier inside the loop.
+    3. the slots' states meet in shared memory (one barrier); a kv head with one active split writes
+       its output, otherwise each split writes (max, sum, acc) and the last to arrive (an int32 atomic
+       counter per kv head) combines them: a lane per split (two above 32) finds the weights, then a
+       thread per (head, fp16 pair) sums the splits, COMBINE_LOADS of them loaded at once.
     Bytes at Llama-3-8B shapes and position P: keys and values 4 KiB x (P + 1) per layer (all kv heads);
     per active block ~1.5 KiB of qkv read, ~2 KiB of partials written and read back; output 8 KiB.
     """
     hw = hd // 2  # fp16 pairs (uint32 words) of a head
-    pitch = hw + 1
-    vec = hd // 8  # 16-byte vectors of a row
-    copy = _make_copy(tile * vec // THREADS, vec, pitch)
+    lanes = hd // VEC  # lanes holding one row
+    rows_warp = 32 // lanes
+    rows = WARPS * rows_warp  # slots of the block
+    nj = tile // rows  # rows per slot per tile
     qk = (group + 1) * hd  # the query heads, then the key
-    hstep = THREADS // tile  # threads per position in the score step
     items = group * hw
     neg_inf = float32(-math.inf)
+    inv_hd = float32(1 / hd)
     PDL = pdl_supported()
-    # shared sizes must be literal constants for Numba: each its own closure variable
-    tile_words, q_size, v_size, r_size = tile * pitch, qk, hd, group + 1
-    sc_size, acc_size, stat_size, coef_size = group * tile, group * hd, 3 * group, group * splits
+    # shared and local sizes must be literal constants for Numba: each its own closure variable
+    q_size, v_size, r_size, stat_size, coef_size = qk, hd, group + 1, 2 * group, group * splits
+    acc_size, slot_size, slot_acc_size = group * hd, rows * group, rows * group * hd
+    tile_regs, q_regs, sc_regs = 4 * nj, group * VEC, group * nj
     QKV_ITEMS = -(-(group + 2) * hw // THREADS)  # fp16 pairs of q, k, v a thread loads
     ROPE_ITEMS = -(-(group + 1) * hw // THREADS)  # rotated pairs of q and k a thread takes
     qv_size, rot_size = 2 * QKV_ITEMS, 4 * ROPE_ITEMS
 
+    @cuda.jit(device=True, inline="always")
+    def load_tile(kc, vc, kr, vr, t, lo, pos, n_kv, h, slot, col):
+        """Keys and values of tile t's rows of this lane's slot (rows outside [lo, pos] load a valid one:
+        branch-free; their scores are masked)."""
+        for j in range(nj):
+            src = ((min(max(t * tile + j * rows + slot, lo), pos) * n_kv + h) * hw + col)
+            kr[4 * j], kr[4 * j + 1], kr[4 * j + 2], kr[4 * j + 3] = load_u32x4(kc, src)
+            vr[4 * j], vr[4 * j + 1], vr[4 * j + 2], vr[4 * j + 3] = load_u32x4(vc, src)
+
     @cuda.jit
     def kernel(qkv, bias, has_bias, q_norm, k_norm, has_norm, eps, scale, position, cos, sin, kc, vc, out,
                part_ml, part_acc, counters, n_kv, window):
-        kt = cuda.shared.array(tile_words, uint32)
-        vt = cuda.shared.array(tile_words, uint32)
         qs = cuda.shared.array(q_size, float32)
         vs = cuda.shared.array(v_size, float32)
         rs = cuda.shared.array(r_size, float32)
-        sc = cuda.shared.array(sc_size, float32)
         acc = cuda.shared.array(acc_size, float32)
-        stat = cuda.shared.array(stat_size, float32)  # running max, running sum, last rescale
+        stat = cuda.shared.array(stat_size, float32)  # the block's max and sum per head
         coef = cuda.shared.array(coef_size, float32)
+        slot_m = cuda.shared.array(slot_size, float32)
+        slot_l = cuda.shared.array(slot_size, float32)  # the slot's sum, then its weight in the block
+        slot_acc = cuda.shared.array(slot_acc_size, float32)
         flag = cuda.shared.array(1, int32)
         scratch = cuda.shared.array(SCRATCH, float32)
         h = cuda.blockIdx.x
@@ -258,6 +255,8 @@ def _attention_kernel(group: int, hd: int, tile: int, splits: int):
         tid = cuda.threadIdx.x
         lane = tid % 32
         warp = tid // 32
+        slot = warp * rows_warp + lane // lanes
+        col = 4 * (lane % lanes)  # the lane's first word of a row
         q_words = n_kv * group * hw
         # 1. prologue. A block's latency is a chain of memory round trips, so every global load is issued
         # before its first use. What no kernel of the step writes comes first, before `wait_upstream`
@@ -283,9 +282,10 @@ def _attention_kernel(group: int, hd: int, tile: int, splits: int):
                     nw = q_norm if e < group * hw else k_norm
                     rot[4 * j + 2] = nw[i]
                     rot[4 * j + 3] = nw[i + hw]
-        t_first = first + b
-        copy(kc, vc, kt, vt, t_first * tile, max(lo - t_first * tile, 0), min(pos - t_first * tile + 1, tile), n_kv,
-             hw, h, tid)
+        kr = cuda.local.array(tile_regs, uint32)
+        vr = cuda.local.array(tile_regs, uint32)
+        t = first + b
+        load_tile(kc, vc, kr, vr, t, lo, pos, n_kv, h, slot, col)
         if PDL:
             wait_upstream()
             release_dependents()
@@ -315,12 +315,6 @@ def _attention_kernel(group: int, hd: int, tile: int, splits: int):
             elif e < (group + 2) * hw:
                 vs[2 * (e - (group + 1) * hw)] = qv[2 * j]
                 vs[2 * (e - (group + 1) * hw) + 1] = qv[2 * j + 1]
-        if tid < group:
-            stat[tid] = neg_inf
-            stat[group + tid] = 0
-        for it in range(tid, items, THREADS):
-            acc[2 * it] = 0
-            acc[2 * it + 1] = 0
         cuda.syncthreads()
         if has_norm:
             for hh0 in range(0, group + 1, WARPS):  # every warp calls warp_sum alike (simulator)
@@ -331,7 +325,7 @@ def _attention_kernel(group: int, hd: int, tile: int, splits: int):
                         ss += qs[hh * hd + d] * qs[hh * hd + d]
                 ss = warp_sum(ss, scratch)
                 if lane == 0 and hh <= group:
-                    rs[hh] = float32(1) / math.sqrt(ss / hd + eps)
+                    rs[hh] = float32(1) / math.sqrt(ss * inv_hd + eps)  # float32: ss / hd would be float64
             cuda.syncthreads()
         for j in range(ROPE_ITEMS):
             e = tid + j * THREADS
@@ -354,75 +348,101 @@ def _attention_kernel(group: int, hd: int, tile: int, splits: int):
                 qs[hh * hd + i] = y1
                 qs[hh * hd + i + hw] = y2
         cuda.syncthreads()
-        row_words = (pos * n_kv + h) * hw
         if owner:
+            row_words = (pos * n_kv + h) * hw
             for w in range(tid, hw, THREADS):
                 kc[row_words + w] = pack_half2(qs[group * hd + 2 * w], qs[group * hd + 2 * w + 1])
                 vc[row_words + w] = pack_half2(vs[2 * w], vs[2 * w + 1])
-        # 2. tiles (the first one was copied in the prologue)
-        t = t_first
+        # the lane's dims of the query heads, and of the position's own key and value (fp16, as cached)
+        q = cuda.local.array(q_regs, float32)
+        own_k = cuda.local.array(4, uint32)
+        own_v = cuda.local.array(4, uint32)
+        for d in range(VEC):
+            for g in range(group):
+                q[g * VEC + d] = qs[g * hd + 2 * col + d]
+        for c in range(4):
+            own_k[c] = pack_half2(qs[group * hd + 2 * (col + c)], qs[group * hd + 2 * (col + c) + 1])
+            own_v[c] = pack_half2(vs[2 * (col + c)], vs[2 * (col + c) + 1])
+        # 2. tiles: an online softmax per slot, in registers
+        m = cuda.local.array(group, float32)
+        l = cuda.local.array(group, float32)
+        o = cuda.local.array(q_regs, float32)
+        for g in range(group):
+            m[g] = neg_inf
+            l[g] = 0
+        for i in range(q_regs):
+            o[i] = 0
+        kn = cuda.local.array(tile_regs, uint32)
+        vn = cuda.local.array(tile_regs, uint32)
+        sc = cuda.local.array(sc_regs, float32)
         while t <= last:
-            t0 = t * tile
-            r0 = max(lo - t0, 0)
-            r1 = min(pos - t0 + 1, tile)
-            if t > t_first:
-                cuda.syncthreads()  # the previous tile is consumed
-                copy(kc, vc, kt, vt, t0, r0, r1, n_kv, hw, h, tid)
-            if t == last:  # the position's row: this block wrote it, the read-only loads may not see it
-                cuda.syncthreads()
-                for w in range(tid, hw, THREADS):
-                    kt[(pos - t0) * pitch + w] = pack_half2(qs[group * hd + 2 * w], qs[group * hd + 2 * w + 1])
-                    vt[(pos - t0) * pitch + w] = pack_half2(vs[2 * w], vs[2 * w + 1])
-            cuda.syncthreads()
-            row = tid % tile
-            for g in range(tid // tile, group, hstep):
-                s = neg_inf
-                if r0 <= row < r1:
-                    s = float32(0)
-                    for w in range(hw):
-                        k0, k1 = half2_floats(kt[row * pitch + w])
-                        s += qs[g * hd + 2 * w] * k0 + qs[g * hd + 2 * w + 1] * k1
-                sc[g * tile + row] = s
-            cuda.syncthreads()
-            for g0 in range(0, group, WARPS):  # a warp per head; every warp calls the reductions alike
-                g = g0 + warp
-                m = neg_inf
-                if g < group:
-                    for r in range(lane, tile, 32):
-                        m = max(m, sc[g * tile + r])
-                m = warp_max(m, scratch)
-                l = float32(0)
-                m_old = neg_inf
-                if g < group:
-                    m_old = stat[g]
-                    m = max(m, m_old)
-                    for r in range(lane, tile, 32):
-                        p = math.exp(sc[g * tile + r] - m)
-                        sc[g * tile + r] = p
-                        l += p
-                l = warp_sum(l, scratch)
-                if g < group and lane == 0:
-                    alpha = math.exp(m_old - m)
-                    stat[g] = m
-                    stat[group + g] = stat[group + g] * alpha + l
-                    stat[2 * group + g] = alpha
-            cuda.syncthreads()
-            for it in range(tid, items, THREADS):
-                g = it // hw
-                w = it % hw
-                alpha = stat[2 * group + g]
-                a0 = acc[2 * it] * alpha
-                a1 = acc[2 * it + 1] * alpha
-                for r in range(r0, r1):
-                    p = sc[g * tile + r]
-                    v0, v1 = half2_floats(vt[r * pitch + w])
-                    a0 += p * v0
-                    a1 += p * v1
-                acc[2 * it] = a0
-                acc[2 * it + 1] = a1
+            if t + splits <= last:  # the next tile's loads fly while this one is scored
+                load_tile(kc, vc, kn, vn, t + splits, lo, pos, n_kv, h, slot, col)
+            for j in range(nj):
+                p = t * tile + j * rows + slot
+                mine = p == pos
+                for g in range(group):
+                    sc[g * nj + j] = 0
+                for c in range(4):
+                    k0, k1 = half2_floats(own_k[c] if mine else kr[4 * j + c])
+                    for g in range(group):
+                        sc[g * nj + j] += q[g * VEC + 2 * c] * k0 + q[g * VEC + 2 * c + 1] * k1
+                for g in range(group):
+                    s = lanes_sum(sc[g * nj + j], lanes, scratch)
+                    sc[g * nj + j] = s if lo <= p <= pos else neg_inf
+            for g in range(group):
+                m_new = m[g]
+                for j in range(nj):
+                    m_new = max(m_new, sc[g * nj + j])
+                alpha = math.exp(m[g] - m_new) if m_new > neg_inf else float32(1)
+                m[g] = m_new
+                l[g] *= alpha
+                for d in range(VEC):
+                    o[g * VEC + d] *= alpha
+                for j in range(nj):
+                    e = math.exp(sc[g * nj + j] - m_new) if sc[g * nj + j] > neg_inf else float32(0)
+                    sc[g * nj + j] = e
+                    l[g] += e
+            for j in range(nj):
+                mine = t * tile + j * rows + slot == pos
+                for c in range(4):
+                    v0, v1 = half2_floats(own_v[c] if mine else vr[4 * j + c])
+                    for g in range(group):
+                        o[g * VEC + 2 * c] += sc[g * nj + j] * v0
+                        o[g * VEC + 2 * c + 1] += sc[g * nj + j] * v1
+            for i in range(tile_regs):
+                kr[i] = kn[i]
+                vr[i] = vn[i]
             t += splits
+        # 3. the slots meet: the block's (max, sum) per head in stat, its accumulator in acc
+        for g in range(group):
+            for d in range(VEC):
+                slot_acc[(slot * group + g) * hd + 2 * col + d] = o[g * VEC + d]
+            if lane % lanes == 0:
+                slot_m[slot * group + g] = m[g]
+                slot_l[slot * group + g] = l[g]
         cuda.syncthreads()
-        # 3. output, or partials and the combine (acc item it = (g, w) is head g's pair w)
+        if tid < group:
+            m_blk = neg_inf
+            for s in range(rows):
+                m_blk = max(m_blk, slot_m[s * group + tid])
+            l_blk = float32(0)
+            for s in range(rows):
+                ms = slot_m[s * group + tid]
+                w = math.exp(ms - m_blk) if ms > neg_inf else float32(0)
+                l_blk += w * slot_l[s * group + tid]
+                slot_l[s * group + tid] = w
+            stat[tid] = m_blk
+            stat[group + tid] = l_blk
+        cuda.syncthreads()
+        for i in range(tid, group * hd, THREADS):
+            g = i // hd
+            a = float32(0)
+            for s in range(rows):
+                a += slot_l[s * group + g] * slot_acc[(s * group + g) * hd + i % hd]
+            acc[i] = a
+        cuda.syncthreads()
+        # the output, or partials and the combine (acc item it = (g, w) is head g's pair w)
         out_base = h * group * hw
         if n_active == 1:
             for it in range(tid, items, THREADS):
@@ -471,11 +491,13 @@ def _attention_kernel(group: int, hd: int, tile: int, splits: int):
             g = it // hw
             o0 = float32(0)
             o1 = float32(0)
-            for s in range(n_active):
-                c = coef[g * splits + s]
-                src = ((h * splits + s) * group + g) * hd + 2 * (it % hw)
-                o0 += c * part_acc[src]
-                o1 += c * part_acc[src + 1]
+            for s0 in range(0, n_active, COMBINE_LOADS):
+                for u in range(COMBINE_LOADS):  # unrolled: the loads of COMBINE_LOADS splits issue together
+                    s = min(s0 + u, n_active - 1)
+                    c = coef[g * splits + s] if s0 + u < n_active else float32(0)
+                    src = ((h * splits + s) * group + g) * hd + 2 * (it % hw)
+                    o0 += c * part_acc[src]
+                    o1 += c * part_acc[src + 1]
             out[out_base + it] = pack_half2(o0, o1)
 
     return kernel

@@ -1,7 +1,8 @@
 """Warp and block reductions for the layer kernels (norm, attention), with simulator twins.
 
 On the GPU `warp_sum` / `warp_max` are five `shfl_xor_sync` steps (every lane gets the result);
-`lanes8_sum` / `lanes8_max` three, over each aligned group of 8 lanes.
+`lanes8_sum` / `lanes8_max` three, over each aligned group of 8 lanes; `lanes_sum(v, n)` log2(n) over
+each aligned group of n lanes (n a power of 2, a constant of the caller).
 Numba's CUDA simulator has no warp shuffles, so there the twins exchange values through `scratch`, a
 block-shared float32 array of `SCRATCH` slots (one per thread; 1 slot on the GPU, which ignores it),
 between two barriers: as with `ptx.mma_f16`, every thread of the block must call them the same
@@ -48,7 +49,20 @@ if SIMULATED:
     def lanes8_max(v, scratch):
         first = cuda.threadIdx.x % 32 // 8 * 8
         return np.float32(_warp_values(v, scratch)[first:first + 8].max())
+
+    @cuda.jit(device=True)
+    def lanes_sum(v, n, scratch):
+        first = cuda.threadIdx.x % 32 // n * n
+        return np.float32(_warp_values(v, scratch)[first:first + n].sum(dtype=np.float32))
 else:
+    @cuda.jit(device=True)
+    def lanes_sum(v, n, scratch):
+        step = n // 2
+        while step:
+            v += cuda.shfl_xor_sync(FULL_MASK, v, step)
+            step //= 2
+        return v
+
     @cuda.jit(device=True)
     def lanes8_sum(v, scratch):
         v += cuda.shfl_xor_sync(FULL_MASK, v, 4)

@@ -79,6 +79,16 @@ def test_llama_gqa_matches_reference(positions, splits):
 
 
 @kernels
+@pytest.mark.parametrize("layer, positions, splits", [
+    (1, [100], 2),  # 2 rows per lane and tile, 2 tiles per split: the next tile's loads beside the current one
+    (0, [40], 1),  # one split over the window (keys 21..40): slots whose first tile's rows are all outside it
+])
+def test_tiles_of_several_rows_per_lane_match_reference(layer, positions, splits):
+    args = attn_args("gemma3", 2, 1, 64, **GEMMA)  # 16 rows at once at head_dim 64
+    check_attention(args, layer, 128, positions, tile=32, splits=splits, seed=5)
+
+
+@kernels
 def test_head_dim_32_matches_reference():  # the tiny test models' heads
     check_attention(attn_args("llama", 2, 1, 32), 0, 40, [39], splits=2, seed=3)
 
@@ -107,11 +117,13 @@ def test_plan_rejects_unsupported_shapes():
         plan_attention(attn_args("llama", 4, 2, 96))
     assert plan_attention(attn_args("llama", 4, 2, 32)).tile == 128
     with pytest.raises(ValueError, match="tile"):
-        plan_attention(attn_args("llama", 4, 2, 64), tile=8)
+        plan_attention(attn_args("llama", 4, 2, 64), tile=8)  # 16 rows at once at head_dim 64
+    with pytest.raises(ValueError, match="tile"):
+        plan_attention(attn_args("llama", 4, 2, 64), tile=16 * 9)
     p = plan_attention(attn_args("llama", 32, 8, 128))
     assert (p.tile, p.group, p.grid) == (32, 4, (8, 32))
     gemma = plan_attention(attn_args("gemma3", 4, 1, 256, **GEMMA))
-    assert (gemma.tile, gemma.grid) == (32, (1, 64))  # no tile under 32 positions; one kv head: more splits
+    assert (gemma.tile, gemma.grid) == (16, (1, 64))  # 4 rows at once at head_dim 256; one kv head: more splits
     assert plan_attention(attn_args("llama", 9, 3, 64)).tile == 64
     with pytest.raises(ValueError, match="splits"):
         plan_attention(attn_args("llama", 4, 2, 64), splits=65)

@@ -232,16 +232,17 @@ def _view(t: torch.Tensor):
 
 def programmatic_pairs(edges: list[tuple[int, int]], kernel_name) -> list[tuple[int, int]]:
     """The edges (a, b) of a step's graph that may become programmatic: a kernel into one of `PDL_KERNELS`,
-    except into a base GEMV forked beside a correction (`programmatic_edges`). `kernel_name(node)` is
-    the kernel's mangled name, None for a node that is no kernel. The fork is the kernel that launches
-    both (a correction's predecessor that is no correction itself: the side stream's corrections follow
-    one another, and the kernel after a compensated group reads from both streams, which makes neither
-    of them a fork)."""
+    except into a kernel (no correction) that follows a correction's predecessor. Those are the base
+    GEMV forked beside a correction (`programmatic_edges`) and, as the side stream's corrections
+    follow one another, the kernel that reads a compensated group's output (every group's but the
+    last). Launching those readers early as well doubled the cost of k_chunk 1 on every Llama-3-8B
+    group (bench/results/edge_rule_k1_*_h100.json). `kernel_name(node)` is the kernel's mangled
+    name, None for a node that is no kernel."""
     name = lambda node: kernel_name(node) or b""  # noqa: E731
     corrections = {b for _, b in edges if b"_correction_kernel" in name(b)}
-    forks = {a for a, b in edges if b in corrections and a not in corrections}
-    gemvs_beside = {b for a, b in edges if a in forks and b"_mma_kernel" in name(b)}
-    return [(a, b) for a, b in edges if kernel_name(a) is not None and b not in gemvs_beside
+    before = {a for a, b in edges if b in corrections}
+    held = {b for a, b in edges if a in before and b not in corrections}
+    return [(a, b) for a, b in edges if kernel_name(a) is not None and b not in held
             and any(k.encode() in name(b) for k in PDL_KERNELS)]
 
 
@@ -255,7 +256,7 @@ def programmatic_edges(raw_graph: int) -> int:
     launched early, the GEMV's persistent blocks would fill every SM before the correction's few
     blocks, and the correction would run after the GEMV instead of beside it. The correction launches
     early instead, so its blocks are resident first and the GEMV takes the rest when its input is
-    complete. The kernel after them launches early behind both."""
+    complete."""
     from cuda.bindings import driver as cu
 
     def call(fn, *args):

@@ -125,23 +125,26 @@ def test_check_plan_accepts_schedules_and_rejects_broken_ones():
         xc.check_plan(Plan(early))
 
 
-def test_only_the_gemv_beside_a_correction_keeps_an_ordinary_edge():
+def test_gemvs_beside_corrections_and_readers_of_compensated_outputs_keep_ordinary_edges():
     """A captured layer with every group compensated: each GEMV and its correction fork from the kernel
     that writes their input, the side stream's corrections follow one another, and the next kernel reads
-    from both streams. Only the edges into the GEMVs stay ordinary; the readers launch early behind both."""
+    from both streams. The edges into the GEMVs stay ordinary, and so do those into the readers of every
+    group but the last (their correction precedes the next one); the corrections launch early."""
     kinds = {"norm": b"_add_rms_norm_kernel", "attn": b"_attention_kernel", "act": b"_act_mul_kernel",
              "C": b"_correction_kernel", "G": b"_mma_kernel", "embed": b"index_elementwise_kernel"}
     order = ["embed", "norm0", "C1", "G1", "attn", "C2", "G2", "norm1", "C3", "G3", "act", "C4", "G4", "norm2"]
     node = {name: i for i, name in enumerate(order)}
     edges = [("embed", "norm0")]
-    for u, c, g, reader in (("norm0", "C1", "G1", "attn"), ("attn", "C2", "G2", "norm1"),
-                            ("norm1", "C3", "G3", "act"), ("act", "C4", "G4", "norm2")):
+    groups = (("norm0", "C1", "G1", "attn"), ("attn", "C2", "G2", "norm1"), ("norm1", "C3", "G3", "act"),
+              ("act", "C4", "G4", "norm2"))
+    for u, c, g, reader in groups:
         edges += [(u, c), (u, g), (c, reader), (g, reader)]
     edges += [("C1", "C2"), ("C2", "C3"), ("C3", "C4")]  # the side stream's order
     name = {node[n]: kinds[n.rstrip("0123456789")] for n in order}
     got = set(xc.programmatic_pairs([(node[a], node[b]) for a, b in edges], name.get))
     ordinary = {(node[a], node[b]) for a, b in edges} - got
-    assert ordinary == {(node[u], node[g]) for u, g in (("norm0", "G1"), ("attn", "G2"), ("norm1", "G3"), ("act", "G4"))}
+    want = {(u, g) for u, _, g, _ in groups} | {(x, r) for _, c, g, r in groups[:-1] for x in (c, g)}
+    assert ordinary == {(node[a], node[b]) for a, b in want}
 
 
 def test_default_n_tb():

@@ -304,8 +304,10 @@ def staging_table(before: Path, after: Path) -> str:
 
 
 # our base step before the register-tiled decode attention (86b1aa9, `bench/engine.py --systems ours`) and
-# after it (e0b4e9f, the engine file of the same machine session)
-ATTENTION_AB_RUNS = ("engine_base_86b1aa9_h200.json", "engine_h200.json")
+# after it (d5a5080, the engine file of the same machine session)
+ATTENTION_AB_RUNS = ("base_step_86b1aa9_h100.json", "engine_h100.json")
+# k_chunk 1 on every group with the readers of compensated outputs launched early (86b1aa9) and not (9dc08f9)
+EDGE_RULE_RUNS = {"held back": "edge_rule_k1_9dc08f9_h100.json", "launched early": "edge_rule_k1_86b1aa9_h100.json"}
 
 
 def base_ab_table(before: Path, after: Path) -> str:
@@ -324,6 +326,22 @@ def base_ab_table(before: Path, after: Path) -> str:
         lines.append(row(r0["model"], r0["kv_len"], f"{r0['tokens_per_s']:.1f} ({r0['device_tokens_per_s']:.1f})",
                          f"{r1['tokens_per_s']:.1f} ({r1['device_tokens_per_s']:.1f})",
                          f"{r1['device_tokens_per_s'] / r0['device_tokens_per_s'] - 1:+.0%}"))
+    return "\n".join(lines)
+
+
+def edge_rule_table(runs: dict[str, Path]) -> str:
+    """bench/engine.py --k-chunks 1 runs of two trees in one machine session: the step with k_chunk 1 on
+    every group beside the base step, per tree."""
+    lines = ["k_chunk 1 on every group, KV 256: the kernel that reads a compensated group's output held back "
+             "(ordinary edges) or launched early (programmatic edges from both streams), one machine session:", "",
+             *header("commit", "readers of compensated outputs", "base device tokens/s", "k_chunk 1", "slowdown", "file")]
+    for readers, path in runs.items():
+        d = json.loads(path.read_text())
+        base = next(r for r in d["rows"] if "slowdown" not in r)
+        k1 = next(r for r in d["rows"] if "slowdown" in r)
+        lines.append(row(d["commit"], readers,
+                         f"{base['device_tokens_per_s']:.1f}", f"{k1['device_tokens_per_s']:.1f}",
+                         f"{k1['slowdown']:+.1%}", source(path)))
     return "\n".join(lines)
 
 
@@ -508,6 +526,8 @@ def page() -> str:
                    + [k_warps_table(p) for p in existing(KW_RUNS)]
                    + ([staging_table(*existing(STAGING_RUNS))] if len(existing(STAGING_RUNS)) == 2 else [])
                    + ([base_ab_table(*existing(ATTENTION_AB_RUNS))] if len(existing(ATTENTION_AB_RUNS)) == 2 else [])
+                   + ([edge_rule_table({k: RESULTS / f for k, f in EDGE_RULE_RUNS.items()})]
+                      if len(existing(EDGE_RULE_RUNS.values())) == 2 else [])
                    + ([floor_table(existing(FLOOR_RUNS))] if existing(FLOOR_RUNS) else [])
                    + [fixed_cost_table(p) for p in sorted(RESULTS.glob("*fixed_cost_*.json"))]
                    + [gpu_tables(p) for p in sorted(RESULTS.glob("gpu_ops_*.json"), reverse=True)],

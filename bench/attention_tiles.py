@@ -1,4 +1,4 @@
-"""Decode attention on the GPU: the kernel's tile (positions a block copies at once) and split count timed
+"""Decode attention on the GPU: the kernel's tile (positions a block takes at once) and split count timed
 per launch at KV positions 256, 2048 and 8192 (max_seq 8192), each plan first checked against the CPU
 reference at position 255.
 

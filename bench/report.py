@@ -227,7 +227,7 @@ def attention_table(path: Path) -> str:
     """bench/attention_tiles.py: decode attention per launch for each tile and split count."""
     d = json.loads(path.read_text())
     positions = list(d["rows"][0]["us"])
-    lines = [f"Decode attention's tile (positions a block copies at once) and splits, µs per launch in CUDA graphs "
+    lines = [f"Decode attention's tile (positions a block takes at once) and splits, µs per launch in CUDA graphs "
              f"over 4 layers' caches ({source(path)}; {d['device']}; max_seq 8192; * the plan at that run's "
              "commit):", "", *header("model", "tile", "splits", *(f"KV {p}" for p in positions))]
     for r in d["rows"]:

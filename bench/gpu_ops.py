@@ -251,7 +251,7 @@ def memcpy_path(streams: Streams, s: CorrectionSetup, g: GemvSetup, base_us: flo
                 corr(x0, s.act, out=g.out, merge=split, stream=st)
             streams.fork(lambda st: g(i, x0, st, merge=split), side, priority=0)
 
-        fused = graph_us(step, max(len(g.gemvs), len(tables), 16), reps, streams)
+        fused = graph_us(step, max(len(g.gemvs), len(tables), 16), reps, streams, pdl=True)  # as base_us was
         rows.append({"out": s.out_f, "in": s.in_f, "k_chunk": k, "n_tb": n_tb, "rows": int(idx.size),
                      "memcpy_rows_us": alone["us"], "zero_copy_correction_us": zero["us"],
                      "base_us": base_us, "fused_memcpy_us": fused["us"], "slowdown_memcpy": fused["us"] / base_us - 1})

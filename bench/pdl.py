@@ -4,7 +4,7 @@
         [--positions 256,8192] [--steps 200] --out bench/results/pdl_<gpu>.json
 
 Per model (bench/engine.py's synthetic 3-bit model of its shapes) one engine; its step graph is
-captured with programmatic edges (`runtime.executor_cuda.programmatic_edges`, the default) and
+captured with programmatic edges (`ops.ptx.programmatic_edges`, the default) and
 without, and the two replays are timed alternately (ABAB, medians of CUDA-event times of one replay,
 as bench/engine.py's device time; and wall time per token, token in and logits out). The logits of
 both graphs must be bitwise equal (the same kernels run; only when they may start changes).

@@ -21,7 +21,8 @@ patterns so that no fp16x2 type is needed in Numba:
   reads nothing another kernel writes (and writes nothing) before it. `release_dependents()` lets
   the next kernel's blocks launch (the hardware does so once every block has called it or exited).
   Both are no-ops in a kernel launched the ordinary way; `pdl_supported()` says whether this device
-  has them (kernels are built with or without them).
+  has them (kernels are built with or without them), and `programmatic_edges` turns a captured
+  graph's kernel edges into programmatic ones.
 - `fence_acq_rel()`: `fence.acq_rel.gpu` (SASS MEMBAR.ALL.GPU). Before a relaxed atomic it makes the
   thread's earlier writes, and those it saw through a barrier, visible to whoever reads the atomic's
   result (release); after one, it orders the thread's later reads after the writes that result
@@ -36,8 +37,12 @@ every thread of the block must call it the same number of times, as a real mma n
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from numba import cuda
+
+from decdec.errors import DeviceError
 
 SIMULATED = cuda.jit.__module__.startswith("numba.cuda.simulator")
 MMA_SWAP = 6  # uint32 slots per thread in the simulator's fragment exchange
@@ -47,6 +52,74 @@ def pdl_supported() -> bool:
     """Whether kernels built now may use `wait_upstream` / `release_dependents` (compute capability
     9.0 or newer; never under the simulator, which launches kernels one after another anyway)."""
     return not SIMULATED and cuda.get_current_device().compute_capability >= (9, 0)
+
+
+# our kernels that wait for the kernel before them (`ops.ptx.wait_upstream`) before reading what it writes:
+# only an edge into one of these may become programmatic (matched in the kernel's mangled name)
+PDL_KERNELS = ("_mma_kernel", "_correction_kernel", "_add_rms_norm_kernel", "_attention_kernel", "_act_mul_kernel")
+
+
+def programmatic_pairs(edges: list[tuple[int, int]], kernel_name) -> list[tuple[int, int]]:
+    """The edges (a, b) of a step's graph that may become programmatic: a kernel into one of `PDL_KERNELS`,
+    except into a kernel (no correction) that follows a correction's predecessor. Those are the base
+    GEMV forked beside a correction (`programmatic_edges`) and, as the side stream's corrections
+    follow one another, the kernel that reads a compensated group's output (every group's but the
+    last). Launching those readers early as well doubled the cost of k_chunk 1 on every Llama-3-8B
+    group (bench/results/edge_rule_k1_*_h100.json). `kernel_name(node)` is the kernel's mangled
+    name, None for a node that is no kernel."""
+    name = lambda node: kernel_name(node) or b""  # noqa: E731
+    corrections = {b for _, b in edges if b"_correction_kernel" in name(b)}
+    before = {a for a, b in edges if b in corrections}
+    held = {b for a, b in edges if a in before and b not in corrections}
+    return [(a, b) for a, b in edges if kernel_name(a) is not None and b not in held
+            and any(k.encode() in name(b) for k in PDL_KERNELS)]
+
+
+def programmatic_edges(raw_graph: int) -> int:
+    """Make the edges from a kernel node to a `PDL_KERNELS` kernel node of the captured graph
+    `raw_graph` (a cudaGraph_t) programmatic: the downstream kernel may launch once every block of
+    the upstream one has called `release_dependents` (or exited), and its `wait_upstream` returns when
+    the upstream kernel has completed. Returns the number of edges changed.
+
+    The edge into a base GEMV with a correction beside it stays ordinary (`programmatic_pairs`):
+    launched early, the GEMV's persistent blocks would fill every SM before the correction's few
+    blocks, and the correction would run after the GEMV instead of beside it. The correction launches
+    early instead, so its blocks are resident first and the GEMV takes the rest when its input is
+    complete."""
+    from cuda.bindings import driver as cu
+
+    def call(fn, *args):
+        err, *out = fn(*args)
+        if err != cu.CUresult.CUDA_SUCCESS:
+            raise DeviceError(f"{fn.__name__}: {err.name} (making a graph's edges programmatic)")
+        return out
+
+    get, remove, add = (getattr(cu, f + "_v2", None) or getattr(cu, f)  # CUDA 12 names the edge-data forms _v2
+                        for f in ("cuGraphGetEdges", "cuGraphRemoveDependencies", "cuGraphAddDependencies"))
+    graph = cu.CUgraph(raw_graph)
+    [n] = call(get, graph, 0)[-1:]
+    src, dst, data, _ = call(get, graph, n)
+
+    @functools.cache
+    def kernel_name(node: int) -> bytes | None:  # None: not a kernel node
+        [kind] = call(cu.cuGraphNodeGetType, cu.CUgraphNode(node))
+        if kind != cu.CUgraphNodeType.CU_GRAPH_NODE_TYPE_KERNEL:
+            return None
+        [params] = call(cu.cuGraphKernelNodeGetParams, cu.CUgraphNode(node))
+        return call(cu.cuFuncGetName, params.func)[0]
+
+    default = cu.CUgraphDependencyType.CU_GRAPH_DEPENDENCY_TYPE_DEFAULT
+    data_of = {(int(a), int(b)): d for a, b, d in zip(src, dst, data) if d.type == default}
+    programmatic = cu.CUgraphEdgeData()
+    programmatic.from_port = cu.CU_GRAPH_KERNEL_NODE_PORT_PROGRAMMATIC
+    programmatic.type = cu.CUgraphDependencyType.CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC
+    changed = 0
+    for a, b in programmatic_pairs(list(data_of), kernel_name):
+        a_node, b_node = cu.CUgraphNode(a), cu.CUgraphNode(b)
+        call(remove, graph, [a_node], [b_node], [data_of[a, b]], 1)
+        call(add, graph, [a_node], [b_node], [programmatic], 1)
+        changed += 1
+    return changed
 
 
 if SIMULATED:

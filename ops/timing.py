@@ -6,9 +6,9 @@
 - Operands are random (any bit pattern is a valid packing) and rotated through enough copies that
   every replay streams from HBM, not from L2 (`copies_for`).
 - `measure_pairs` / `measure_shape`: one linear shape's base GEMV alone, and base + fused correction
-  concurrently (correction on a priority -1 side stream, merged through the GEMV's split output, as
-  `runtime/executor_cuda.py` runs them), over a k_chunk x n_tb grid: the rows `MeasuredModel.from_rows`
-  takes.
+  concurrently (correction on a priority -1 side stream, merged through the GEMV's split output, the
+  graph's edges programmatic, as `runtime/executor_cuda.py` runs them), over a k_chunk x n_tb grid: the
+  rows `MeasuredModel.from_rows` takes.
 - `bandwidth`: HBM copy and read, zero-copy read of mapped host memory, H2D memcpy.
 
 Numba's CUDA module and the kernels load only inside the functions, so `import ops.timing` works on
@@ -65,21 +65,27 @@ class Streams:
         self.main.wait_event(joined)
 
 
-def graph_us(step: Callable[[int], None], n_steps: int, reps: int, streams: Streams) -> dict:
+def graph_us(step: Callable[[int], None], n_steps: int, reps: int, streams: Streams, pdl: bool = False) -> dict:
     """Median and spread of microseconds per step of a CUDA graph replaying step(0) .. step(n - 1).
 
     step(i) launches on the capture stream (torch's current stream while it runs; `streams.main_n`
     for Numba). Every step runs once outside the capture first (compilation, cuBLAS handles, lazily
-    made scratch), as a first library call inside a capture would invalidate it.
+    made scratch), as a first library call inside a capture would invalidate it. `pdl`: the graph's
+    edges into our kernels become programmatic (`ops.ptx.programmatic_edges`), as in the engine's step.
     """
+    from decdec.ops.ptx import pdl_supported, programmatic_edges
+
     with torch.cuda.stream(streams.main):
         for i in range(n_steps):
             step(i)
     torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
+    graph = torch.cuda.CUDAGraph(keep_graph=True)
     with torch.cuda.graph(graph, stream=streams.main):
         for i in range(n_steps):
             step(i)
+    if pdl and pdl_supported():
+        programmatic_edges(graph.raw_cuda_graph())
+    graph.instantiate()
     times = [us / n_steps for us in event_times(graph.replay, reps)]
     del graph
     return {"us": statistics.median(times), "us_min": min(times), "us_max": max(times), "steps": n_steps, "reps": reps}
@@ -230,9 +236,11 @@ def supported_n_tbs(out_f: int, n_tbs, tile_rows: int) -> list[int]:
 def measure_pairs(streams: Streams, s: CorrectionSetup, g: GemvSetup, bits: int, k_chunks, n_tbs, reps: int,
                   priorities=(SIDE_PRIORITY,)) -> list[dict]:
     """Rows {out, in, bits, k_chunk, n_tb, side_priority, base_us, pair_us, pair_us_min, pair_us_max}:
-    the GEMV alone, and GEMV + correction on a side stream of each priority, merged (per launch)."""
+    the GEMV alone, and GEMV + correction on a side stream of each priority, merged (per launch). Both
+    with programmatic edges, as in the engine's step: a GEMV after a GEMV launches early, one beside a
+    correction does not (`ops.ptx.programmatic_edges`), and the pair's time includes that."""
     steps = max(len(g.gemvs), s.n_tables, 64)
-    base = graph_us(lambda i: g(i, s.xs[i % N_ACTIVATIONS], streams.main_n), steps, reps, streams)
+    base = graph_us(lambda i: g(i, s.xs[i % N_ACTIVATIONS], streams.main_n), steps, reps, streams, pdl=True)
     rows = []
     for k in k_chunks:
         for n_tb in n_tbs:
@@ -247,7 +255,7 @@ def measure_pairs(streams: Streams, s: CorrectionSetup, g: GemvSetup, bits: int,
                                  lambda st: corrs[i % len(corrs)](x, s.act, out=g.out, merge=split, stream=st),
                                  priority)
 
-                t = graph_us(step, steps, reps, streams)
+                t = graph_us(step, steps, reps, streams, pdl=True)
                 rows.append({"out": s.out_f, "in": s.in_f, "bits": bits, "k_chunk": k, "n_tb": n_tb,
                              "side_priority": priority, "base_us": base["us"], "pair_us": t["us"],
                              "pair_us_min": t["us_min"], "pair_us_max": t["us_max"]})

@@ -21,8 +21,8 @@ The next reader of that output waits for the side launch's event, which also joi
 back before the capture ends.
 
 Programmatic dependent launch (compute capability 9.0+): after the capture, every edge from a kernel to
-one of our kernels (`PDL_KERNELS`) becomes a programmatic edge (`programmatic_edges`), so a kernel's
-blocks launch while the kernel before it still runs and load what no kernel of the step writes
+one of our kernels (`ops.ptx.PDL_KERNELS`) becomes a programmatic edge (`ops.ptx.programmatic_edges`),
+so a kernel's blocks launch while the kernel before it still runs and load what no kernel of the step writes
 (weights, the cache's earlier rows) before `ops.ptx.wait_upstream`. A decode step is a chain of a few
 hundred short kernels: each launch's ramp and first memory round trip otherwise sit on that chain.
 
@@ -58,16 +58,13 @@ from decdec.ops.base_gemv import BaseGemv
 from decdec.ops.correction import Correction
 from decdec.ops.dma import PinnedTable
 from decdec.ops.norm import AddRmsNorm
-from decdec.ops.ptx import pdl_supported
+from decdec.ops.ptx import pdl_supported, programmatic_edges
 from decdec.ops.selector import bucket_bounds
-from decdec.errors import ConfigError, DeviceError
+from decdec.errors import ConfigError
 from decdec.graph import Node
 from decdec.runtime.tune import require_gpu
 from decdec.scheduler.plan import CORRECTION_OPS, MAIN, SIDE, Launch, Plan, default_n_tb
 
-# our kernels that wait for the kernel before them (`ops.ptx.wait_upstream`) before reading what it writes:
-# only an edge into one of these may become programmatic (matched in the kernel's mangled name)
-PDL_KERNELS = ("_mma_kernel", "_correction_kernel", "_add_rms_norm_kernel", "_attention_kernel", "_act_mul_kernel")
 FP16_INPUTS = ("base_gemv", "lm_head")  # ops that read fp16 buffers (the GEMV kernels, torch's fp16 matmul)
 FP16_OUTPUTS = ("base_gemv",)  # ops that write fp16 buffers (a merge's output is its base GEMV's buffer)
 DEVICE = "cuda"  # where DeviceModel and CUDAExecutor put their tensors
@@ -228,69 +225,6 @@ class DeviceModel:
 def _view(t: torch.Tensor):
     """A Numba view of a device tensor (no copy, no synchronisation): made once, outside any capture."""
     return cuda.as_cuda_array(t, sync=False)
-
-
-def programmatic_pairs(edges: list[tuple[int, int]], kernel_name) -> list[tuple[int, int]]:
-    """The edges (a, b) of a step's graph that may become programmatic: a kernel into one of `PDL_KERNELS`,
-    except into a kernel (no correction) that follows a correction's predecessor. Those are the base
-    GEMV forked beside a correction (`programmatic_edges`) and, as the side stream's corrections
-    follow one another, the kernel that reads a compensated group's output (every group's but the
-    last). Launching those readers early as well doubled the cost of k_chunk 1 on every Llama-3-8B
-    group (bench/results/edge_rule_k1_*_h100.json). `kernel_name(node)` is the kernel's mangled
-    name, None for a node that is no kernel."""
-    name = lambda node: kernel_name(node) or b""  # noqa: E731
-    corrections = {b for _, b in edges if b"_correction_kernel" in name(b)}
-    before = {a for a, b in edges if b in corrections}
-    held = {b for a, b in edges if a in before and b not in corrections}
-    return [(a, b) for a, b in edges if kernel_name(a) is not None and b not in held
-            and any(k.encode() in name(b) for k in PDL_KERNELS)]
-
-
-def programmatic_edges(raw_graph: int) -> int:
-    """Make the edges from a kernel node to a `PDL_KERNELS` kernel node of the captured graph
-    `raw_graph` (a cudaGraph_t) programmatic: the downstream kernel may launch once every block of
-    the upstream one has called `release_dependents` (or exited), and its `wait_upstream` returns when
-    the upstream kernel has completed. Returns the number of edges changed.
-
-    The edge into a base GEMV with a correction beside it stays ordinary (`programmatic_pairs`):
-    launched early, the GEMV's persistent blocks would fill every SM before the correction's few
-    blocks, and the correction would run after the GEMV instead of beside it. The correction launches
-    early instead, so its blocks are resident first and the GEMV takes the rest when its input is
-    complete."""
-    from cuda.bindings import driver as cu
-
-    def call(fn, *args):
-        err, *out = fn(*args)
-        if err != cu.CUresult.CUDA_SUCCESS:
-            raise DeviceError(f"{fn.__name__}: {err.name} (making the step's graph edges programmatic)")
-        return out
-
-    get, remove, add = (getattr(cu, f + "_v2", None) or getattr(cu, f)  # CUDA 12 names the edge-data forms _v2
-                        for f in ("cuGraphGetEdges", "cuGraphRemoveDependencies", "cuGraphAddDependencies"))
-    graph = cu.CUgraph(raw_graph)
-    [n] = call(get, graph, 0)[-1:]
-    src, dst, data, _ = call(get, graph, n)
-
-    @functools.cache
-    def kernel_name(node: int) -> bytes | None:  # None: not a kernel node
-        [kind] = call(cu.cuGraphNodeGetType, cu.CUgraphNode(node))
-        if kind != cu.CUgraphNodeType.CU_GRAPH_NODE_TYPE_KERNEL:
-            return None
-        [params] = call(cu.cuGraphKernelNodeGetParams, cu.CUgraphNode(node))
-        return call(cu.cuFuncGetName, params.func)[0]
-
-    default = cu.CUgraphDependencyType.CU_GRAPH_DEPENDENCY_TYPE_DEFAULT
-    data_of = {(int(a), int(b)): d for a, b, d in zip(src, dst, data) if d.type == default}
-    programmatic = cu.CUgraphEdgeData()
-    programmatic.from_port = cu.CU_GRAPH_KERNEL_NODE_PORT_PROGRAMMATIC
-    programmatic.type = cu.CUgraphDependencyType.CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC
-    changed = 0
-    for a, b in programmatic_pairs(list(data_of), kernel_name):
-        a_node, b_node = cu.CUgraphNode(a), cu.CUgraphNode(b)
-        call(remove, graph, [a_node], [b_node], [data_of[a, b]], 1)
-        call(add, graph, [a_node], [b_node], [programmatic], 1)
-        changed += 1
-    return changed
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ from decdec.config import cache_root
 from decdec.errors import ConfigError
 from decdec.scheduler.latency import MeasuredModel
 
-FORMAT = 1  # bumped when the JSON layout changes; an older file is refused with a clear error
+FORMAT = 2  # bumped when the JSON layout or what its times measure changes (2: pairs timed with programmatic
+# edges, as in the engine's step); an older file is refused with a clear error
 
 
 @dataclass

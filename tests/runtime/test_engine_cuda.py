@@ -45,7 +45,7 @@ from decdec.ops.act import act_mul_reference  # noqa: E402
 from decdec.ops.attention import decode_attention_reference  # noqa: E402
 from decdec.ops.correction import correction_reference  # noqa: E402
 from decdec.ops.norm import add_rms_norm_reference  # noqa: E402
-from decdec.ops.ptx import pdl_supported  # noqa: E402
+from decdec.ops.ptx import pdl_supported, programmatic_pairs  # noqa: E402
 from decdec.runtime import engine as runtime_engine, executor_cuda as xc  # noqa: E402
 from decdec.errors import DeviceError, ModelFileError  # noqa: E402
 from decdec.scheduler.plan import MAIN, SIDE, Plan, schedule  # noqa: E402
@@ -141,7 +141,7 @@ def test_gemvs_beside_corrections_and_readers_of_compensated_outputs_keep_ordina
         edges += [(u, c), (u, g), (c, reader), (g, reader)]
     edges += [("C1", "C2"), ("C2", "C3"), ("C3", "C4")]  # the side stream's order
     name = {node[n]: kinds[n.rstrip("0123456789")] for n in order}
-    got = set(xc.programmatic_pairs([(node[a], node[b]) for a, b in edges], name.get))
+    got = set(programmatic_pairs([(node[a], node[b]) for a, b in edges], name.get))
     ordinary = {(node[a], node[b]) for a, b in edges} - got
     want = {(u, g) for u, _, g, _ in groups} | {(x, r) for _, c, g, r in groups[:-1] for x in (c, g)}
     assert ordinary == {(node[a], node[b]) for a, b in want}

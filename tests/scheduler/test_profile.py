@@ -11,7 +11,7 @@ from decdec.constants import n_selected
 from decdec.errors import ConfigError
 from decdec.scheduler.latency import MeasuredModel
 from decdec.scheduler.plan import schedule
-from decdec.scheduler.profile import MeasuredProfile, default_path, slug
+from decdec.scheduler.profile import FORMAT, MeasuredProfile, default_path, slug
 from decdec.scheduler.tuner import (BISECTIONS, ROUNDS, SPENT, TOLERANCE, _untried, cheapest_slowdown, frontier, predicted_step_us,
                                     tune_groups, tune_measured)
 
@@ -55,7 +55,7 @@ def test_profile_json_round_trip(tmp_path):
     assert loaded == profile
     assert loaded.model.pair_us(1024, 2048, 3, 10, 8) == profile.model.pair_us(1024, 2048, 3, 10, 8)
     assert "1024x2048x3" in loaded.model.base and "1024x2048x4" in loaded.model.base
-    assert json.loads(path.read_text())["format"] == 1  # plain JSON, readable by anything
+    assert json.loads(path.read_text())["format"] == FORMAT  # plain JSON, readable by anything
 
 
 def test_profile_errors_name_the_path(tmp_path):
@@ -66,11 +66,11 @@ def test_profile_errors_name_the_path(tmp_path):
     with pytest.raises(ConfigError, match=f"'{bad}' is not a valid profile"):
         MeasuredProfile.load(bad)
     old = tmp_path / "old.json"
-    old.write_text(json.dumps({"format": 0}))
-    with pytest.raises(ConfigError, match="has format 0"):
+    old.write_text(json.dumps({"format": FORMAT - 1}))  # measured another way: refused, not misread
+    with pytest.raises(ConfigError, match=f"has format {FORMAT - 1}"):
         MeasuredProfile.load(old)
     partial = tmp_path / "partial.json"
-    partial.write_text(json.dumps({"format": 1, "device": "x"}))
+    partial.write_text(json.dumps({"format": FORMAT, "device": "x"}))
     with pytest.raises(ConfigError, match="is not a valid profile"):
         MeasuredProfile.load(partial)
     profile = profile_of(hand_made(SHAPES, COST))

@@ -41,11 +41,6 @@ if SIMULATED:
         return np.float32(_warp_values(v, scratch).max())
 
     @cuda.jit(device=True)
-    def lanes8_sum(v, scratch):
-        first = cuda.threadIdx.x % 32 // 8 * 8
-        return np.float32(_warp_values(v, scratch)[first:first + 8].sum(dtype=np.float32))
-
-    @cuda.jit(device=True)
     def lanes8_max(v, scratch):
         first = cuda.threadIdx.x % 32 // 8 * 8
         return np.float32(_warp_values(v, scratch)[first:first + 8].max())
@@ -64,12 +59,6 @@ else:
         return v
 
     @cuda.jit(device=True)
-    def lanes8_sum(v, scratch):
-        v += cuda.shfl_xor_sync(FULL_MASK, v, 4)
-        v += cuda.shfl_xor_sync(FULL_MASK, v, 2)
-        return v + cuda.shfl_xor_sync(FULL_MASK, v, 1)
-
-    @cuda.jit(device=True)
     def lanes8_max(v, scratch):
         v = max(v, cuda.shfl_xor_sync(FULL_MASK, v, 4))
         v = max(v, cuda.shfl_xor_sync(FULL_MASK, v, 2))
@@ -84,6 +73,11 @@ else:
     def warp_max(v, scratch):
         v = max(v, cuda.shfl_xor_sync(FULL_MASK, v, 16))
         return lanes8_max(max(v, cuda.shfl_xor_sync(FULL_MASK, v, 8)), scratch)
+
+
+@cuda.jit(device=True)
+def lanes8_sum(v, scratch):
+    return lanes_sum(v, 8, scratch)
 
 
 @cuda.jit(device=True)

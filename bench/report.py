@@ -305,7 +305,7 @@ def staging_table(before: Path, after: Path) -> str:
 
 # our base step before the register-tiled decode attention (86b1aa9, `bench/engine.py --systems ours`) and
 # after it (d5a5080, the engine file of the same machine session)
-ATTENTION_AB_RUNS = ("base_step_86b1aa9_h100.json", "engine_h100.json")
+ATTENTION_AB_RUNS = ("base_step_86b1aa9_h100.json", "engine_h100_d5a5080.json")
 # k_chunk 1 on every group with the readers of compensated outputs launched early (86b1aa9) and not (9dc08f9)
 EDGE_RULE_RUNS = {"held back": "edge_rule_k1_9dc08f9_h100.json", "launched early": "edge_rule_k1_86b1aa9_h100.json"}
 

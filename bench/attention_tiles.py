@@ -85,6 +85,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--models", default=",".join(SHAPES))
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--tiles", type=lambda v: [int(x) for x in v.split(",")], default=[0],
+                    help="tiles to time, comma list (0: the default plan's and half of it)")
+    ap.add_argument("--splits", type=lambda v: [int(x) for x in v.split(",")], default=[64, 128, 256],
+                    help="split counts to time beside the default plan's, comma list")
     args_ = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/attention_tiles.py needs a CUDA GPU", file=sys.stderr)
@@ -99,11 +103,11 @@ def main(argv=None) -> int:
         cache, weights, qkv, position = layer_setup(args, gen)
         out = torch.empty(args.q_dim, dtype=torch.float16, device="cuda")
         default = plan_attention(args)
-        for tile in (4, 8, 16, 32, 64, 128):
-            for splits in sorted({default.splits, 64}):
+        for tile in sorted({t for t in args_.tiles for t in ((default.tile // 2, default.tile) if t == 0 else (t,))}):
+            for splits in sorted({default.splits, *(s for s in args_.splits if s)}):
                 try:
                     plan = plan_attention(args, tile, splits)
-                except ValueError:  # a tile the kernel cannot take at this head size
+                except ValueError:  # a tile or split count the kernel cannot take at this head size
                     continue
                 attn = launches(args, plan, cache, weights, qkv, position, out)
                 err = check(args, attn, cache, weights, qkv, position, out)

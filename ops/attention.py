@@ -24,8 +24,8 @@ from numba import cuda, float32, int32, uint32
 
 from decdec.args import ModelArgs
 from decdec.ops.norm import rms_norm
-from decdec.ops.ptx import (fence_acq_rel, half2_floats, load_u32x4, pack_half2, pdl_supported, release_dependents,
-                            wait_upstream)
+from decdec.ops.ptx import (fence_acq_rel, half2_floats, load_f32x4, load_u32x4, pack_half2, pdl_supported,
+                            release_dependents, wait_upstream)
 from decdec.ops.reduce import SCRATCH, lanes_sum, warp_max, warp_sum, words
 
 THREADS = 128  # 4 warps a block
@@ -33,9 +33,10 @@ WARPS = THREADS // 32
 VEC = 8  # halves of a row a lane holds: one 16-byte load
 ROWS_IN_FLIGHT = 4  # rows a lane loads per tile (keys and values) by default: the loads of one round trip
 MAX_ROWS_IN_FLIGHT = 8  # the most a plan may ask; at 8 (Llama's tile 64) ptxas keeps the two tiles on the stack
-SPLITS = 64  # blocks per kv head at most (the combine gives each split one of a warp's 2 x 32 slots)
+SPLITS = 64  # blocks per kv head at most by default
+MAX_SPLITS = 256  # the most a plan may ask: the combine's lanes weigh 8 splits each
 BLOCKS = 256  # blocks the plan aims at at long context: ~2 per SM, whatever the kv head count
-COMBINE_LOADS = 8  # splits whose partials a thread of the combine loads at once
+COMBINE_LOADS = 16  # splits whose partials (4 floats, one 16-byte load each) a thread of the combine loads at once
 HEAD_DIMS = (32, 64, 128, 256)  # powers of 2 from 4 to 32 lanes a row
 
 
@@ -160,9 +161,9 @@ def plan_attention(args: ModelArgs, tile: int | None = None, splits: int | None 
     rows = rows_at_once(hd)
     tile = tile or rows * ROWS_IN_FLIGHT
     splits = splits or min(SPLITS, max(32, BLOCKS // args.n_kv_heads))
-    if tile % rows or not 1 <= tile // rows <= MAX_ROWS_IN_FLIGHT or not 1 <= splits <= SPLITS:
+    if tile % rows or not 1 <= tile // rows <= MAX_ROWS_IN_FLIGHT or not 1 <= splits <= MAX_SPLITS:
         raise ValueError(f"tile = {tile}, splits = {splits}: at head_dim {hd} a tile is 1 to {MAX_ROWS_IN_FLIGHT} "
-                         f"times {rows} positions, splits in 1..{SPLITS}")
+                         f"times {rows} positions, splits in 1..{MAX_SPLITS}")
     return AttentionPlan(args.n_kv_heads, args.n_heads // args.n_kv_heads, hd, tile, splits)
 
 
@@ -204,8 +205,8 @@ def _attention_kernel(group: int, hd: int, tile: int, splits: int):
        registers: no barrier inside the loop.
     3. the slots' states meet in shared memory (one barrier); a kv head with one active split writes
        its output, otherwise each split writes (max, sum, acc) and the last to arrive (an int32 atomic
-       counter per kv head) combines them: a lane per split (two above 32) finds the weights, then a
-       thread per (head, fp16 pair) sums the splits, COMBINE_LOADS of them loaded at once.
+       counter per kv head) combines them: a lane per split (up to 8 per lane) finds the weights, then a
+       thread per (head, 4 dims) sums the splits, COMBINE_LOADS 16-byte loads of them at once.
     Bytes at Llama-3-8B shapes and position P: keys and values 4 KiB x (P + 1) per layer (all kv heads);
     per active block ~1.5 KiB of qkv read, ~2 KiB of partials written and read back; output 8 KiB.
     """
@@ -221,6 +222,8 @@ def _attention_kernel(group: int, hd: int, tile: int, splits: int):
     PDL = pdl_supported()
     # shared and local sizes must be literal constants for Numba: each its own closure variable
     q_size, v_size, r_size, stat_size, coef_size = qk, hd, group + 1, 2 * group, group * splits
+    split_lanes = -(-splits // 32)  # splits a lane of the combine weighs
+    quads = hd // 4
     acc_size, slot_size, slot_acc_size = group * hd, rows * group, rows * group * hd
     tile_regs, q_regs, sc_regs = 4 * nj, group * VEC, group * nj
     QKV_ITEMS = -(-(group + 2) * hw // THREADS)  # fp16 pairs of q, k, v a thread loads
@@ -467,38 +470,43 @@ def _attention_kernel(group: int, hd: int, tile: int, splits: int):
         cuda.syncthreads()
         if flag[0] == 0:
             return
-        for g0 in range(0, group, WARPS):  # a warp per head, a lane per split (two above 32 splits)
-            g = g0 + warp
-            l0 = l1 = float32(0)
-            m0 = m1 = neg_inf
-            if g < group:
-                if lane < n_active:
-                    m0 = part_ml[2 * ((h * splits + lane) * group + g)]
-                    l0 = part_ml[2 * ((h * splits + lane) * group + g) + 1]
-                if lane + 32 < n_active:
-                    m1 = part_ml[2 * ((h * splits + lane + 32) * group + g)]
-                    l1 = part_ml[2 * ((h * splits + lane + 32) * group + g) + 1]
-            m_all = warp_max(max(m0, m1), scratch)
-            e0 = math.exp(m0 - m_all) if m0 > neg_inf else float32(0)
-            e1 = math.exp(m1 - m_all) if m1 > neg_inf else float32(0)
-            total = warp_sum(e0 * l0 + e1 * l1, scratch)
-            if g < group and lane < n_active:
-                coef[g * splits + lane] = e0 / total
-            if g < group and lane + 32 < n_active:
-                coef[g * splits + lane + 32] = e1 / total
+        sm = cuda.local.array(split_lanes, float32)  # a lane's splits: max, then weight
+        sl = cuda.local.array(split_lanes, float32)  # ... and sum
+        for g0 in range(0, group, WARPS):  # a warp per head, a lane per split (up to 8 each)
+            g = min(g0 + warp, group - 1)  # a warp past the last head repeats it and writes nothing
+            m_lane = neg_inf
+            for u in range(split_lanes):  # loads unconditional (index clamped): all issue before the first use
+                s = min(lane + 32 * u, n_active - 1)
+                sm[u] = part_ml[2 * ((h * splits + s) * group + g)]
+                sl[u] = part_ml[2 * ((h * splits + s) * group + g) + 1]
+                if lane + 32 * u >= n_active:
+                    sm[u] = neg_inf
+                m_lane = max(m_lane, sm[u])
+            m_all = warp_max(m_lane, scratch)
+            t_lane = float32(0)
+            for u in range(split_lanes):
+                sm[u] = math.exp(sm[u] - m_all) if sm[u] > neg_inf else float32(0)
+                t_lane += sm[u] * sl[u]
+            total = warp_sum(t_lane, scratch)
+            for u in range(split_lanes):
+                if g0 + warp < group and lane + 32 * u < n_active:
+                    coef[g * splits + lane + 32 * u] = sm[u] / total
         cuda.syncthreads()
-        for it in range(tid, items, THREADS):
-            g = it // hw
-            o0 = float32(0)
-            o1 = float32(0)
+        for it in range(tid, group * quads, THREADS):  # a thread per (head, 4 dims): item it is head g's quad
+            g = it // quads
+            src0 = (h * splits * group + g) * hd + 4 * (it % quads)
+            o0 = o1 = o2 = o3 = float32(0)
             for s0 in range(0, n_active, COMBINE_LOADS):
                 for u in range(COMBINE_LOADS):  # unrolled: the loads of COMBINE_LOADS splits issue together
                     s = min(s0 + u, n_active - 1)
                     c = coef[g * splits + s] if s0 + u < n_active else float32(0)
-                    src = ((h * splits + s) * group + g) * hd + 2 * (it % hw)
-                    o0 += c * part_acc[src]
-                    o1 += c * part_acc[src + 1]
-            out[out_base + it] = pack_half2(o0, o1)
+                    a0, a1, a2, a3 = load_f32x4(part_acc, src0 + s * group * hd)
+                    o0 += c * a0
+                    o1 += c * a1
+                    o2 += c * a2
+                    o3 += c * a3
+            out[out_base + 2 * it] = pack_half2(o0, o1)
+            out[out_base + 2 * it + 1] = pack_half2(o2, o3)
 
     return kernel
 

@@ -15,6 +15,8 @@ patterns so that no fp16x2 type is needed in Numba:
 - `load_u32x4(a, i)`, `load_u32x2(a, i)`: a[i .. i+3] (a[i], a[i+1]) of a global uint32 array in one
   128-bit (64-bit) load, i a multiple of 4 (2), through the read-only path (`ld.global.nc`: the
   operand must not be written during the kernel).
+- `load_f32x4(a, i)`: a[i .. i+3] of a global float32 array in one ordinary (coherent) 128-bit load,
+  i a multiple of 4: for data other blocks of the same kernel wrote (behind an acquire).
 - `wait_upstream()`, `release_dependents()`: programmatic dependent launch (sm_90+, `griddepcontrol`).
   A kernel launched behind a programmatic graph edge may start while the kernel before it still runs;
   `wait_upstream()` blocks until that kernel has completed and its writes are visible, so a kernel
@@ -74,6 +76,10 @@ if SIMULATED:
         return np.uint32(a[i]), np.uint32(a[i + 1])
 
     @cuda.jit(device=True)
+    def load_f32x4(a, i):
+        return np.float32(a[i]), np.float32(a[i + 1]), np.float32(a[i + 2]), np.float32(a[i + 3])
+
+    @cuda.jit(device=True)
     def wait_upstream():
         pass
 
@@ -115,8 +121,8 @@ else:
 
     _i32, _f32 = ir.IntType(32), ir.FloatType()
 
-    def _asm(builder, ret, args, text: str, constraints: str, values):
-        fn = ir.InlineAsm(ir.FunctionType(ret, args), text, constraints)
+    def _asm(builder, ret, args, text: str, constraints: str, values, side_effect: bool = False):
+        fn = ir.InlineAsm(ir.FunctionType(ret, args), text, constraints, side_effect=side_effect)
         return builder.call(fn, values)
 
     @intrinsic
@@ -156,28 +162,34 @@ else:
 
         return sig, codegen
 
-    def _load_vector(n: int):
-        """An intrinsic loading a[i .. i + n - 1] of a global uint32 array in one n x 32-bit load."""
+    def _load_vector(n: int, op: str, ty, reg: str):
+        """An intrinsic loading a[i .. i + n - 1] of a global array in one n x 32-bit `op` (ty, reg: the
+        elements' Numba type and inline-asm register class). A coherent load is marked as having side
+        effects: LLVM would otherwise take it for a pure function of the address and could hoist it
+        above the fence and barrier that make other blocks' writes visible."""
         regs = ", ".join(f"${k}" for k in range(n))
+        llvm_ty = _i32 if reg == "r" else _f32
 
         @intrinsic
         def load(typingctx, a, i):
-            sig = types.UniTuple(types.uint32, n)(a, i)
+            sig = types.UniTuple(ty, n)(a, i)
 
             def codegen(context, builder, sig, args):
                 ary = context.make_array(sig.args[0])(context, builder, value=args[0])
                 idx = context.cast(builder, args[1], sig.args[1], types.intp)
                 ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary, [idx], wraparound=False)
-                d = _asm(builder, ir.LiteralStructType([_i32] * n), [ptr.type],
-                         f"ld.global.nc.v{n}.u32 {{{regs}}}, [${n}];", ",".join(["=r"] * n) + ",l", [ptr])
+                d = _asm(builder, ir.LiteralStructType([llvm_ty] * n), [ptr.type],
+                         f"{op}.v{n}.{'u32' if reg == 'r' else 'f32'} {{{regs}}}, [${n}];",
+                         ",".join([f"={reg}"] * n) + ",l", [ptr], side_effect=".nc" not in op)
                 return context.make_tuple(builder, sig.return_type, [builder.extract_value(d, k) for k in range(n)])
 
             return sig, codegen
 
         return load
 
-    load_u32x4 = _load_vector(4)
-    load_u32x2 = _load_vector(2)
+    load_u32x4 = _load_vector(4, "ld.global.nc", types.uint32, "r")
+    load_u32x2 = _load_vector(2, "ld.global.nc", types.uint32, "r")
+    load_f32x4 = _load_vector(4, "ld.global", types.float32, "f")
 
     def _ordered(text: str):
         """An intrinsic issuing one ordering instruction (`griddepcontrol`, `fence`); a memory clobber

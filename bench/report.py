@@ -305,18 +305,21 @@ def staging_table(before: Path, after: Path) -> str:
 
 # our base step before the register-tiled decode attention (86b1aa9, `bench/engine.py --systems ours`) and
 # after it (d5a5080, the engine file of the same machine session)
-ATTENTION_AB_RUNS = ("base_step_86b1aa9_h100.json", "engine_h100_d5a5080.json")
+BASE_AB_RUNS = {  # a change to our base step -> (the step before it, after it), timed in one machine session
+    "the register-tiled attention": ("base_step_86b1aa9_h100.json", "engine_h100_d5a5080.json"),
+    "the attention's split combine in 16-byte loads": ("base_step_736a89e_h100.json", "engine_h100.json"),
+}
 # k_chunk 1 on every group with the readers of compensated outputs launched early (86b1aa9) and not (9dc08f9)
 EDGE_RULE_RUNS = {"held back": "edge_rule_k1_9dc08f9_h100.json", "launched early": "edge_rule_k1_86b1aa9_h100.json"}
 
 
-def base_ab_table(before: Path, after: Path) -> str:
-    """Our base step before and after a change, one machine session: per model and KV length, wall
+def base_ab_table(change: str, before: Path, after: Path) -> str:
+    """Our base step before and after `change`, one machine session: per model and KV length, wall
     tokens/s (device tokens/s)."""
     d0, d1 = (json.loads(p.read_text()) for p in (before, after))
     after_rows = {(r["model"], r["kv_len"]): r for r in d1["rows"] if r["system"] == "ours" and _base(r)}
     commits = {x["id"]: x["commit"][:7] for x in d1["runs"]}
-    lines = [f"Our base step with the register-tiled attention (commit "
+    lines = [f"Our base step with {change} (commit "
              f"{', '.join(sorted({commits[r['run']] for r in after_rows.values()}))}) "
              f"beside the one before it (commit {d0['commit']}), wall tokens/s (device tokens/s), one machine "
              f"session ({source(before)}, {source(after)}; {d0['device']}):", "",
@@ -525,7 +528,8 @@ def page() -> str:
                    + ([layout_table(*existing(LAYOUT_RUNS))] if len(existing(LAYOUT_RUNS)) == 2 else [])
                    + [k_warps_table(p) for p in existing(KW_RUNS)]
                    + ([staging_table(*existing(STAGING_RUNS))] if len(existing(STAGING_RUNS)) == 2 else [])
-                   + ([base_ab_table(*existing(ATTENTION_AB_RUNS))] if len(existing(ATTENTION_AB_RUNS)) == 2 else [])
+                   + [base_ab_table(change, *existing(runs)) for change, runs in BASE_AB_RUNS.items()
+                      if len(existing(runs)) == 2]
                    + ([edge_rule_table({k: RESULTS / f for k, f in EDGE_RULE_RUNS.items()})]
                       if len(existing(EDGE_RULE_RUNS.values())) == 2 else [])
                    + ([floor_table(existing(FLOOR_RUNS))] if existing(FLOOR_RUNS) else [])

@@ -5,10 +5,9 @@ step of the static graph.
 With `decdec.target_slowdown` (device cuda only) compile tunes: it loads this GPU's device profile
 (`decdec tune`), captures the base-only step and times its replays, and lets the tuner spend
 target x that time over the model's (kind, bits) group shapes; the decode graph then carries each
-group's k_chunk and n_tb. The tuned step is captured and timed too, retuned with a smaller budget
-while it is over the target, then raised one group at a time while budget is left, each group's cost
-in the step learned from its measurement (`scheduler.tuner.tune_measured`); `engine.tuning` keeps the
-choices, the predicted and the measured step time of every round.
+group's k_chunk and n_tb. The tuned step is captured and timed too, and retuned with a smaller
+budget while it is over the target (`scheduler.tuner.tune_measured`); `engine.tuning` keeps the
+choices, the predicted and the measured step time.
 
 Generation: `tokens()` yields token ids as they are decoded, continuing the current sequence;
 `stream()` yields the text of a new sequence piece by piece; `generate()` returns it whole.

@@ -9,7 +9,7 @@ latency model, the measured step -> a `Tuning` (choices and the predicted step).
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -19,8 +19,8 @@ from decdec.scheduler.latency import MeasuredModel
 
 TOLERANCE = 0.005  # a measured step may exceed the target slowdown by this (half a point of the step)
 SPENT = 0.01  # ... and a plan measured this far under the target leaves budget to spend (`tune_measured`)
-ROUNDS = 8  # tune-and-measure rounds: to meet the target, then to spend it (`tune_measured`)
-MIN_SCALE = 0.25  # the least measured / predicted cost a group's moves are taken at (a noisy free move)
+ROUNDS = 6  # tune-and-measure rounds: to meet the target, then to spend it (`tune_measured`)
+BISECTIONS = 8  # budget halvings in search of a plan between two measured ones (`tune_measured`)
 REPEATS = 3  # measurements of a tuned step, each in turns with the base step; the median decides
 # every k_chunk up to 128: on a large layer (Llama-3-8B's gate_up) one step of k can cost about a point of
 # the step, and a coarser grid leaves a budget of a few points unspent
@@ -194,64 +194,29 @@ def tune_groups(model: MeasuredModel, shapes: dict, step_us: float, target: floa
     return Tuning(target, step_us, predicted_step_us(model, shapes, choices, step_us), choices, shapes, str(where))
 
 
-@dataclass
-class StepCosts:
-    """What the measured rounds say a group's move costs in the whole step: the profile's extra time
-    times `scale`, plus `on` µs where the move turns the group's correction on (on the H100 a group's
-    first correction costs points of the step that the profile's isolated pair does not show). A value
-    measured on one group stands for its kind at other bits until those are measured themselves."""
-
-    scale: dict  # (kind, bits) -> measured / predicted extra time of its moves
-    on: dict  # (kind, bits) -> µs beyond that of turning it on
-    measured: set = field(default_factory=set)  # ((kind, bits), turns_on) measured on their own
-
-    @classmethod
-    def start(cls, shapes: dict, ratio: float) -> "StepCosts":
-        """Every group's moves cost `ratio` times the profile's, as the first plan that met the target did."""
-        return cls({name: max(MIN_SCALE, ratio) for name in shapes}, {name: 0.0 for name in shapes})
-
-    def cost(self, name, move: float, turns_on: bool) -> float:
-        return move * self.scale[name] + (self.on[name] if turns_on else 0.0)
-
-    def learn(self, name, move: float, turns_on: bool, measured: float) -> None:
-        """A move of `name` whose profile extra time is `move` µs measured `measured` µs in the step."""
-        if turns_on:
-            table, value = self.on, max(0.0, measured - move * self.scale[name])
-        else:
-            table, value = self.scale, max(MIN_SCALE, measured / max(move, 1e-3))
-        self.measured.add((name, turns_on))
-        for other in table:
-            if other == name or (other[0] == name[0] and (other, turns_on) not in self.measured):
-                table[other] = value
-
-
 def tune_measured(model: MeasuredModel, shapes: dict, step_us: float, target: float, build: Callable,
                   measure: Callable, where: str | Path = "") -> tuple[Tuning, object]:
     """`tune_groups`, checked on the device: build(tuning) captures the tuned step and measure(built)
     times it (µs, like `step_us`). The profile times each pair on its own, and a whole step can cost
     more than the sum (seen on Llama-3-8B shapes: gigabytes of residual tables, whose host pages the
-    GPU must translate on every fetch, against a profile that rotated a few tables; and a group's first
-    correction costs more in the step than in isolation) or less (the pairs overlap their neighbours in
-    the step's graph). So the plan is searched on measurements, in two phases:
-    - to meet the target: while no plan has, the budget is rescaled by the measured over the predicted
-      extra time and shrunk while the measured slowdown exceeds target + TOLERANCE (a budget below the
-      least compensation, one shape at its smallest k_chunk, becomes that plan's cost, tried once);
-    - to spend it: while the best plan that met it is more than SPENT under, each round raises one group
-      (`_raised`) and learns from the measurement what that move costs in the whole step (`StepCosts`:
-      the groups are told apart because only one changes a round).
-    `measure` times the tuned step in turns with the base step and scales it to `step_us` (a
-    fetch-heavy step moves by a few % of itself between measurements minutes apart); each plan is
-    measured `REPEATS` times and the median decides. Returns (the tuning of the most compensating plan
-    that met the target, with every round, and its build); ConfigError when no round meets the target."""
-    budget, history, best = target, [], None  # best: (tuning, build, round index)
+    GPU must translate on every fetch, against a profile that rotated a few tables) or less (the
+    pairs overlap their neighbours in the step's graph). So the budget is searched on measurements:
+    rescaled by the measured over the predicted extra time, down while the measured slowdown exceeds
+    target + TOLERANCE (a budget below the least compensation, one shape at its smallest k_chunk,
+    becomes that plan's cost, tried once) and up while it is more than SPENT under the target; once
+    a plan met the target and a larger one went over, the budget is bisected between theirs (the
+    plans are discrete: gate_up's next k_chunk alone can jump past the target). `measure` times the
+    tuned step in turns with the base step and scales it to `step_us` (a fetch-heavy step moves by a
+    few % of itself between measurements minutes apart); each plan is measured `REPEATS` times and the
+    median decides. Returns (the tuning of the most compensating plan that met the target, with
+    every round, and its build); ConfigError when no round meets the target."""
+    budget, history, best, over = target, [], None, None  # best: (tuning, build, round, budget); over: a budget
     floor = cheapest_slowdown(model, shapes, step_us) * (1 + 1e-9)  # the least compensation's budget
-    costs, raised = None, None  # StepCosts once a plan met the target; this round's (group, profile µs, turns on)
     for _ in range(ROUNDS):
         if best is None:
             t = tune_groups(model, shapes, step_us, budget, where)  # ConfigError when even round 1 cannot fit
         else:
-            t, budget, raised = _raised(model, shapes, step_us, target, best[0], history[best[2]].measured_step_us,
-                                        costs, where)
+            budget, t = _untried(model, shapes, step_us, budget, best, over, where)
             if t is None:
                 break
         built = build(t)
@@ -260,17 +225,16 @@ def tune_measured(model: MeasuredModel, shapes: dict, step_us: float, target: fl
         history.append(Round(budget, t.predicted_step_us, measured, samples,
                              tuple((key, k) for key, k in sorted(t.k_chunks.items()) if k)))
         predicted_extra, measured_extra = t.predicted_step_us - step_us, measured - step_us
-        if raised is not None:
-            costs.learn(*raised, measured - history[best[2]].measured_step_us)
         if measured / step_us - 1 <= target + TOLERANCE:
-            if best is None:
-                costs = StepCosts.start(shapes, measured_extra / predicted_extra if predicted_extra > 0 else 1.0)
-            best = (t, built, len(history) - 1)
+            best = (t, built, len(history) - 1, budget)
             if measured / step_us - 1 >= target - SPENT:
                 break
+            grown = target * predicted_extra / measured_extra if measured_extra > 0 else 2 * budget
+            budget = min(2 * budget, grown) if over is None else (budget + over) / 2
             continue
         del built  # frees the rejected capture before the next one
         if best is not None:
+            over, budget = budget, (best[3] + budget) / 2
             continue
         budget = min(0.9 * budget, target * max(predicted_extra, 0.0) / measured_extra)  # measured_extra > 0 here
         if budget < floor:  # below the least compensation: try that one plan, unless this round was it
@@ -278,7 +242,7 @@ def tune_measured(model: MeasuredModel, shapes: dict, step_us: float, target: fl
                 break
             budget = floor
     if best is not None:
-        t, built, accepted = best
+        t, built, accepted, _ = best
         return replace(t, target=target, rounds=tuple(history), accepted=accepted), built
     tried = "; ".join(f"tuned for {r.budget:.2%}: predicted {r.predicted_step_us / step_us - 1:+.1%}, measured "
                       f"{r.measured_step_us / step_us - 1:+.1%}" for r in history)
@@ -286,29 +250,22 @@ def tune_measured(model: MeasuredModel, shapes: dict, step_us: float, target: fl
                       f"the compensation the tuner could afford cost more ({tried})")
 
 
-def _raised(model: MeasuredModel, shapes: dict, step_us: float, target: float, best: Tuning, best_us: float,
-            costs: StepCosts, where) -> tuple[Tuning | None, float, tuple | None]:
-    """`best` (measured `best_us`) with one group raised: for each group, the largest k_chunk on its
-    frontier whose cost in the step (`costs`) fits what the target leaves; of those, the one that adds
-    the most corrected residual weights per µs (as `tune` moves). Returns (its tuning, the slowdown it
-    is expected to measure, (the group, the profile's extra µs of the move, whether it turns the group
-    on)); (None, 0, None) when no group's move fits."""
-    left = target * step_us - (best_us - step_us)
-    options = []
-    for name, (o, i, b, n) in shapes.items():
-        cur = best.choices[name]
-        on = cur.k_chunk == 0
-        fits = [c for c in frontier(model, o, i, b)
-                if c.k_chunk > cur.k_chunk and costs.cost(name, (c.pair_us - cur.pair_us) * n, on) <= left]
-        if fits:
-            c = fits[-1]
-            move = (c.pair_us - cur.pair_us) * n
-            gain = (n_selected(i, c.k_chunk) - n_selected(i, cur.k_chunk)) * o * n
-            options.append((gain / max(costs.cost(name, move, on), 1e-9), name, c, move))
-    if not options:
-        return None, 0.0, None
-    _, name, c, move = max(options, key=lambda m: (m[0], m[1]))
-    choices = {**best.choices, name: c}
-    on = best.choices[name].k_chunk == 0
-    t = Tuning(target, step_us, predicted_step_us(model, shapes, choices, step_us), choices, shapes, str(where))
-    return t, (best_us + costs.cost(name, move, on)) / step_us - 1, (name, move, on)
+def _untried(model: MeasuredModel, shapes: dict, step_us: float, budget: float, best: tuple, over: float | None,
+             where) -> tuple[float, Tuning | None]:
+    """(budget, its tuning) for a plan that compensates more than `best` (tuning, build, round, budget)
+    and, once a budget went `over`, less than that one's: a budget that buys `best`'s plan again grows
+    by a tenth (before any went over: a plan measured a point under the target is worth its next move
+    even where the measured ratio asks for less) or moves halfway up towards `over`; one that buys
+    `over`'s moves halfway down. (budget, None) when no new plan turns up within BISECTIONS tries."""
+    low, high = best[3], over
+    over_choices = None if over is None else tune_groups(model, shapes, step_us, over, where).choices
+    for _ in range(BISECTIONS):
+        t = tune_groups(model, shapes, step_us, budget, where)
+        if t.predicted_step_us <= best[0].predicted_step_us:
+            low = budget
+        elif over_choices is None or t.choices != over_choices:
+            return budget, t
+        else:
+            high = budget  # buys over's plan, so over_choices still describes high
+        budget = 1.1 * budget if high is None else (low + high) / 2
+    return budget, None

@@ -12,8 +12,8 @@ from decdec.errors import ConfigError
 from decdec.scheduler.latency import MeasuredModel
 from decdec.scheduler.plan import schedule
 from decdec.scheduler.profile import MeasuredProfile, default_path, slug
-from decdec.scheduler.tuner import (ROUNDS, SPENT, TOLERANCE, cheapest_slowdown, frontier, predicted_step_us, tune_groups,
-                                    tune_measured)
+from decdec.scheduler.tuner import (BISECTIONS, ROUNDS, SPENT, TOLERANCE, _untried, cheapest_slowdown, frontier, predicted_step_us,
+                                    tune_groups, tune_measured)
 
 ARGS = ModelArgs("llama", 100, 1024, 4, 2, 1, 512, 2048, 1e-5, 1e4)  # dim 1024 (whole chunks), 4 layers, ffn 2048
 MIXED_BITS = [4, 3, 3, 4]  # a 3.5-bit model: half the layers at 4 bits
@@ -255,43 +255,30 @@ def test_tune_measured_spends_the_budget_when_the_whole_step_costs_less_than_pre
     tuning, built = tune_measured(model, SHAPES, step, 0.05, *whole_step(step, 0.5, builds))
     assert built is builds[-1] and len(tuning.rounds) >= 2 and tuning.accepted == len(tuning.rounds) - 1
     assert 0.05 - SPENT <= tuning.measured_step_us / step - 1 <= 0.05 + TOLERANCE
+    assert tuning.rounds[1].budget > tuning.rounds[0].budget
     assert sum(tuning.k_chunks.values()) > sum(builds[0].k_chunks.values())  # more compensation than round 1
     assert "(this plan)" in tuning.format().splitlines()[-1]
 
 
-def raised_groups(tuning) -> list[set]:
-    """Per round after the first: the groups whose k_chunk differs from the best plan measured before it."""
-    out, best = [], dict(tuning.rounds[0].k_chunks)
-    for r in tuning.rounds[1:]:
-        plan = dict(r.k_chunks)
-        out.append({g for g in set(plan) | set(best) if plan.get(g, 0) != best.get(g, 0)})
-        if r.measured_step_us / tuning.step_us - 1 <= tuning.target + TOLERANCE:
-            best = plan
-    return out
-
-
-@pytest.mark.parametrize("target, down", [(0.05, 0), (0.1, 5)])
-def test_tune_measured_learns_what_each_group_costs_in_the_step(target, down):
-    """Seen on Llama-3-8B shapes on the H100 at 5 %: gate_up at k_chunk 8 measured +3.8 %, and every larger
-    plan the profile offered went over: down or qkv at their smallest k_chunk cost 2 to 3.5 points each
-    in the whole step, where the profile saw under one. Once a plan meets the target, each round raises
-    one group, so the cost of turning a group on is measured on its own: too dear for 5 % here, where the
-    budget goes to the others; at 10 % down fits at a smaller k_chunk than the first one tried."""
+def test_tune_measured_bisects_between_the_plan_that_met_the_target_and_a_grown_one_that_went_over():
+    """Seen on Llama-3-8B shapes at 10 %: gate_up at k_chunk 16 measured +7.8 %, the grown plan went over,
+    and the first one stood with two points of the budget unspent."""
     model, step, builds = hand_made(SHAPES, COST), 1000.0, []
-    fixed = 12.0  # µs per down group in the step beyond the profile, once its correction runs
+    build, _ = whole_step(step, 1.0, builds)
 
-    def measure(t):
-        extra = sum((c.pair_us - c.base_us) * SHAPES[name][3] * 0.5 for name, c in t.choices.items())
-        return step + extra + sum(fixed * SHAPES[name][3] for name, c in t.choices.items()
-                                  if name[0] == "down" and c.k_chunk)
+    def measure(tuning):  # cheap while small, dear once the plan grows past 6 % predicted
+        extra = tuning.predicted_step_us - step
+        return step + (0.5 if extra <= 0.06 * step else 2.0) * extra
 
-    tuning, built = tune_measured(model, SHAPES, step, target, *whole_step(step, 1.0, builds)[:1], measure)
-    assert target - SPENT <= tuning.measured_step_us / step - 1 <= target + TOLERANCE
-    assert built is builds[tuning.accepted] and tuning.k_chunks["down", 3] == 0 and tuning.k_chunks["down", 4] == down
-    assert all(len(groups) == 1 for groups in raised_groups(tuning))  # one group raised a round
-    assert len({r.k_chunks for r in tuning.rounds}) == len(tuning.rounds)  # no plan measured twice
-    turned_on = [r for r in tuning.rounds[1:] if any(g[0] == "down" for g, _ in r.k_chunks)]
-    assert len(turned_on) <= 2  # the cost of turning down on, measured at one bit width, holds for the other
+    tuning, built = tune_measured(model, SHAPES, step, 0.05, build, measure)
+    slowdowns = [r.measured_step_us / step - 1 for r in tuning.rounds]
+    assert slowdowns[0] < 0.05 - SPENT and slowdowns[1] > 0.05 + TOLERANCE  # round 1 under, the grown plan over
+    met = [i for i, s in enumerate(slowdowns) if s <= 0.05 + TOLERANCE]
+    assert len(met) >= 2 and tuning.accepted == max(met, key=lambda i: tuning.rounds[i].predicted_step_us)
+    assert built is builds[tuning.accepted] and tuning.measured_step_us == tuning.rounds[tuning.accepted].measured_step_us
+    assert tuning.predicted_step_us > tuning.rounds[0].predicted_step_us  # more compensation than round 1
+    assert len({r.predicted_step_us for r in tuning.rounds}) == len(tuning.rounds)  # no plan measured twice
+    assert all(tuning.rounds[0].budget < r.budget < tuning.rounds[1].budget for r in tuning.rounds[2:])
 
 
 def test_tune_measured_keeps_the_first_plan_when_every_larger_one_goes_over():
@@ -306,6 +293,16 @@ def test_tune_measured_keeps_the_first_plan_when_every_larger_one_goes_over():
 
     tuning, built = tune_measured(model, shapes, step, 0.05, build, measure)
     assert tuning.accepted == 0 and built is builds[0] and tuning.choices == first.choices
-    assert all(r.measured_step_us / step - 1 > 0.05 + TOLERANCE for r in tuning.rounds[1:])
-    # each group's move measured once, then known too dear: the search ends before its rounds run out
-    assert 1 < len(tuning.rounds) < ROUNDS and len({r.k_chunks for r in tuning.rounds}) == len(tuning.rounds)
+    assert len(tuning.rounds) == ROUNDS and len({r.predicted_step_us for r in tuning.rounds}) == ROUNDS
+
+
+def test_bisection_ends_where_no_plan_lies_between():
+    model, step = hand_made(SHAPES, COST), 1000.0
+    best = tune_groups(model, SHAPES, step, 0.05)
+    over = 0.05 * (1 + 1e-9)  # no budget in between buys another plan
+    assert _untried(model, SHAPES, step, over, (best, None, 0, 0.05), over, "")[1] is None
+    budget, t = _untried(model, SHAPES, step, 0.05, (best, None, 0, 0.05), None, "")  # the same plan: the next move
+    assert 0.05 < budget <= 0.05 * 1.1 ** BISECTIONS and t.predicted_step_us > best.predicted_step_us
+    assert tune_groups(model, SHAPES, step, budget / 1.1).predicted_step_us == best.predicted_step_us  # the least growth
+    budget, t = _untried(model, SHAPES, step, 0.1, (best, None, 0, 0.05), None, "")
+    assert budget == 0.1 and t.predicted_step_us > best.predicted_step_us

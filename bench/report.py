@@ -223,6 +223,19 @@ def gemv_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def step_profile_table(path: Path) -> str:
+    """bench/step_profile.py: where our decode step goes, per op, and the glue share."""
+    d = json.loads(path.read_text())
+    lines = []
+    for r in d["rows"]:
+        lines += [f"Where {r['model']}'s decode step goes (k_chunk {r.get('k_chunk', 0)}; {source(path)}; {d['device']}, "
+                  f"commit {d['commit'][:7]}): µs per step in the profiled graph ({r['span_us']:.0f} µs with two timing "
+                  f"events per op; the plain replay takes {r['replay_us']:.0f} µs), glue (all but the base GEMVs and the "
+                  f"lm_head) {r['glue_share']:.1%} of it:", "", *header("op", "µs", "share")]
+        lines += [row(op, f"{us:.1f}", _pct(us / r["span_us"])) for op, us in r["ops_us"].items()] + [""]
+    return "\n".join(lines).rstrip()
+
+
 def attention_table(path: Path) -> str:
     """bench/attention_tiles.py: decode attention per launch for each tile and split count."""
     d = json.loads(path.read_text())
@@ -518,6 +531,9 @@ def page() -> str:
                    + [parity_table(p) for p in existing(["parity.json"])]
                    + [recall_table(p) for p in sorted(RESULTS.glob("selector_recall_*.json"))],
         "CPU step": [cpu_step_table(p) for p in sorted(RESULTS.glob("cpu_step_*.json"))],
+        "Where the GPU step goes (`bench/step_profile.py`)":
+            [step_profile_table(p) for p in sorted(RESULTS.glob("step_profile_*.json"),  # newest run first
+                                                   key=lambda p: json.loads(p.read_text())["date"], reverse=True)],
         "Kernels": [pdl_table(p) for p in sorted(RESULTS.glob("pdl_*.json"))]
                    + [pair_table(p) for p in sorted(RESULTS.glob("pair_slots_*.json"))]
                    + [attention_table(p) for p in sorted(RESULTS.glob("attention_tiles_*.json"))]

@@ -103,7 +103,7 @@ def main(argv=None) -> int:
         cache, weights, qkv, position = layer_setup(args, gen)
         out = torch.empty(args.q_dim, dtype=torch.float16, device="cuda")
         default = plan_attention(args)
-        for tile in sorted({t for t in args_.tiles for t in ((default.tile // 2, default.tile) if t == 0 else (t,))}):
+        for tile in sorted({x for t in args_.tiles for x in ((default.tile // 2, default.tile) if t == 0 else (t,))}):
             for splits in sorted({default.splits, *(s for s in args_.splits if s)}):
                 try:
                     plan = plan_attention(args, tile, splits)

@@ -316,8 +316,6 @@ def staging_table(before: Path, after: Path) -> str:
     return "\n".join(lines)
 
 
-# our base step before the register-tiled decode attention (86b1aa9, `bench/engine.py --systems ours`) and
-# after it (d5a5080, the engine file of the same machine session)
 BASE_AB_RUNS = {  # a change to our base step -> (the step before it, after it), timed in one machine session
     "the register-tiled attention": ("base_step_86b1aa9_h100.json", "engine_h100_d5a5080.json"),
     "the attention's split combine in 16-byte loads": ("base_step_736a89e_h100.json", "engine_h100.json"),

@@ -206,9 +206,18 @@ class StepCosts:
     measured: set = field(default_factory=set)  # ((kind, bits), turns_on) measured on their own
 
     @classmethod
-    def start(cls, shapes: dict, ratio: float) -> "StepCosts":
-        """Every group's moves cost `ratio` times the profile's, as the first plan that met the target did."""
-        return cls({name: max(MIN_SCALE, ratio) for name in shapes}, {name: 0.0 for name in shapes})
+    def start(cls, shapes: dict, first: Tuning, measured_us: float) -> "StepCosts":
+        """From the first plan that met the target, measured `measured_us`: where the step cost more than
+        predicted, the excess is the cost of turning its groups on (on the H100 a group's correction
+        costs about the same at its smallest k_chunk as at four times that), spread over their instances
+        and assumed alike for every other group's until measured; where less, every move costs the
+        measured share of the prediction."""
+        predicted, excess = first.predicted_step_us - first.step_us, measured_us - first.predicted_step_us
+        if excess <= 0:
+            ratio = max(MIN_SCALE, (measured_us - first.step_us) / predicted) if predicted > 0 else 1.0
+            return cls({name: ratio for name in shapes}, {name: 0.0 for name in shapes})
+        instances = sum(shapes[name][3] for name, c in first.choices.items() if c.k_chunk)
+        return cls({name: 1.0 for name in shapes}, {name: excess * shapes[name][3] / instances for name in shapes})
 
     def cost(self, name, move: float, turns_on: bool) -> float:
         return move * self.scale[name] + (self.on[name] if turns_on else 0.0)
@@ -264,7 +273,7 @@ def tune_measured(model: MeasuredModel, shapes: dict, step_us: float, target: fl
             costs.learn(*raised, measured - history[best[2]].measured_step_us)
         if measured / step_us - 1 <= target + TOLERANCE:
             if best is None:
-                costs = StepCosts.start(shapes, measured_extra / predicted_extra if predicted_extra > 0 else 1.0)
+                costs = StepCosts.start(shapes, t, measured)
             best = (t, built, len(history) - 1)
             if measured / step_us - 1 >= target - SPENT:
                 break

@@ -235,9 +235,9 @@ def programmatic_pairs(edges: list[tuple[int, int]], kernel_name) -> list[tuple[
     except into a kernel (no correction) that follows a correction's predecessor. Those are the base
     GEMV forked beside a correction (`programmatic_edges`) and, as the side stream's corrections
     follow one another, the kernel that reads a compensated group's output (every group's but the
-    last). Launching those readers early as well doubled the cost of k_chunk 1 on every Llama-3-8B
-    group (bench/results/edge_rule_k1_*_h100.json). `kernel_name(node)` is the kernel's mangled
-    name, None for a node that is no kernel."""
+    last): with those readers launched early as well the compensated step measured slower
+    (bench/results/edge_rule_k1_*).
+    `kernel_name(node)` is the kernel's mangled name, None for a node that is no kernel."""
     name = lambda node: kernel_name(node) or b""  # noqa: E731
     corrections = {b for _, b in edges if b"_correction_kernel" in name(b)}
     before = {a for a, b in edges if b in corrections}

@@ -42,7 +42,8 @@ def act_mul_reference(args: ModelArgs, gate_up: torch.Tensor) -> torch.Tensor:
 
 
 @cuda.jit(device=True)
-def _act(g, gelu):
+def act_value(g, gelu):
+    """act(g) in float32 (also the down GEMV's folded prologue, ops.base_gemv)."""
     if gelu:
         return float32(0.5) * g * (float32(1) + math.tanh(float32(GELU_C) * (g + float32(0.044715) * g * g * g)))
     return g / (float32(1) + math.exp(-g))
@@ -64,7 +65,7 @@ def _act_mul_kernel():
         if p < half_pairs:
             g0, g1 = half2_floats(gate_up[p])
             u0, u1 = half2_floats(gate_up[half_pairs + p])
-            out[p] = pack_half2(_act(g0, gelu) * u0, _act(g1, gelu) * u1)
+            out[p] = pack_half2(act_value(g0, gelu) * u0, act_value(g1, gelu) * u1)
 
     return kernel
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import inspect
 import linecache
 from dataclasses import dataclass
@@ -33,11 +34,12 @@ import numpy as np
 import torch
 from numba import cuda, float32, int32, uint32, uint64
 
+from decdec.ops.act import act_value
 from decdec.ops.layout import dequantize, unpack_codes  # noqa: F401 - re-exported: the reference's decoding
 from decdec.ops.layout import words_to_int32
 from decdec.ops.ptx import (MMA_SWAP, fence_acq_rel, half2_floats, load_u32x2, load_u32x4, mma_f16, pack_half2,
                             pdl_supported, release_dependents, wait_upstream)
-from decdec.ops.reduce import SCRATCH, lanes8_max, lanes8_sum
+from decdec.ops.reduce import SCRATCH, lanes8_max, lanes8_sum, warp_sum
 
 SIMULATED = cuda.jit.__module__.startswith("numba.cuda.simulator")  # the CUDA simulator runs these kernels
 
@@ -58,6 +60,8 @@ _MASK_LO, _MASK_HI = 0x000F000F, 0x00F000F0  # 4-bit pairs (j, j + 4), j even / 
 _FIELD_3BIT = 0x00070007  # 3-bit: a pair's codes at bits 0..2 of each half (x 8, x 64 one and two fields up)
 _SPARE_SLOT = 15  # 3-bit: the slot whose codes sit one bit in each of a lane-row's 3 words (bit 9 of a half)
 MMA_GROUP_WORDS = {4: 256, 3: 192}  # uint32 per (16-row block, group) in `mma_layout`
+PROLOGUES = ("fp16", "rms_norm", "silu", "gelu_tanh")  # what the staging computes from the kernel's input x
+# (`_mma_kernel`): the plain fp16 input, or the glue op before the GEMV folded into it
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -100,13 +104,14 @@ def jit_with_bounds(max_threads: int, min_blocks: int):
 
 
 @cuda.jit(device=True)
-def arrive_tiles(partials, counters, out, n_out, n_parts, tile_rows, first_tile, n_tiles, flags):
+def arrive_tiles(partials, counters, out, n_out, n_parts, tile_rows, first_tile, n_tiles, flags, resid, has_resid):
     """Count this block's part in at row tiles [first_tile, first_tile + n_tiles); finish full tiles.
 
     Every thread of the block calls it after writing its float32 partial rows to `partials` (flat,
     [n_parts * n_out]). For each tile one int32 atomic counts the arrivals; the block that brings the
     count to n_parts sums the parts in order 0..n_parts-1 (deterministic whoever arrives last), writes
-    `out` and resets the counter to 0 for the next step. Nothing waits, so the kernels that share a tile
+    `out` (plus `resid`'s row when `has_resid`: a residual add folded into the GEMV) and resets the
+    counter to 0 for the next step. Nothing waits, so the kernels that share a tile
     may run in any order or concurrently. Fences (`ptx.fence_acq_rel`) only in the threads that count:
     release before the count (the block's rows, ordered before it by the barrier), acquire after the
     count that completes a tile (the other parts' rows, ordered before the block's reads by the next
@@ -133,27 +138,28 @@ def arrive_tiles(partials, counters, out, n_out, n_parts, tile_rows, first_tile,
                 s = float32(0)
                 for p in range(n_parts):
                     s += partials[p * n_out + row]
-                out[row] = s
+                out[row] = s + resid[row] if has_resid else s
         cuda.syncthreads()  # flags are reused by the next round
 
 
 @cuda.jit(device=True)
-def write_row(out, partials, n_out, kb, row, v, direct):
-    """Row `row`'s value: the fp16 output (`direct`) or K block kb's float32 part of the split output."""
+def write_row(out, partials, n_out, kb, row, v, direct, resid, has_resid):
+    """Row `row`'s value: the output (`direct`; plus `resid`'s row when `has_resid`) or K block kb's
+    float32 part of the split output."""
     if direct:
-        out[row] = v
+        out[row] = v + resid[row] if has_resid else v
     else:
         partials[kb * n_out + row] = v
 
 
 @cuda.jit(device=True)
-def arrive_gemv_tile(partials, counters, out, n_out, n_parts, tile_rows, tile, flags):
+def arrive_gemv_tile(partials, counters, out, n_out, n_parts, tile_rows, tile, flags, resid, has_resid):
     """`arrive_tiles` for GEMV row tile `tile` of `tile_rows` rows: on its merge tiles of
     min(tile_rows, MERGE_ROWS) rows (`GemvPlan.merge_rows`) that hold rows."""
     merge = min(tile_rows, MERGE_ROWS)
     first = tile * (tile_rows // merge)
     arrive_tiles(partials, counters, out, n_out, n_parts, merge, first,
-                 min(tile_rows // merge, (n_out + merge - 1) // merge - first), flags)
+                 min(tile_rows // merge, (n_out + merge - 1) // merge - first), flags, resid, has_resid)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -466,11 +472,18 @@ def _make_mma_step(bits: int, m_tiles: int, n_groups: int, exact_rows: bool):
 
 
 @functools.lru_cache(maxsize=None)
-def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warps: int = 1, early_load: bool = False):
+def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warps: int = 1, early_load: bool = False,
+                prologue: str = "fp16", residual: bool = False):
     """The tensor-core kernel for one (bits, m_tiles, group count, k_warps); `exact_rows`: the rows fill
     whole tiles (no clamps on scale / zero rows); `early_load`: the first weights are loaded before the
-    staging. See the section comment."""
+    staging; `prologue` (`PROLOGUES`) and `residual`: the glue folded into it. See the section comment."""
+    if prologue not in PROLOGUES:
+        raise ValueError(f"prologue = {prologue!r}: allowed {PROLOGUES}")
     SHIFTS = slot_shifts(bits)
+    NORM = prologue == "rms_norm"
+    ACT = prologue in ("silu", "gelu_tanh")
+    GELU = prologue == "gelu_tanh"
+    RESID = residual
     PDL = pdl_supported()
     KW = k_warps
     EARLY = early_load
@@ -486,9 +499,11 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
     load, dots = _make_mma_step(bits, m_tiles, n_groups, exact_rows)
 
     @cuda.jit(device=True)
-    def finish_mma_tile(acc, red, out, partials, counters, flags, n_out, n_parts, kb, tile, row_warp, kw, direct):
-        """A row tile's end: each row's sum (over the K warps, through `red`, when KW > 1) written as fp16
-        (`direct`) or as this K block's float32 part, then the arrival. Lanes t = 0 and 2 hold rows g, g + 8."""
+    def finish_mma_tile(acc, red, out, partials, counters, flags, n_out, n_parts, kb, tile, row_warp, kw, direct,
+                        row_scale, resid):
+        """A row tile's end: each row's sum times `row_scale` (over the K warps, through `red`, when KW > 1)
+        written as the output (`direct`) or as this K block's float32 part, then the arrival. Lanes t = 0
+        and 2 hold rows g, g + 8."""
         tid = cuda.threadIdx.x
         lane = tid % 32
         t = lane % 4
@@ -496,9 +511,9 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
             r = row_warp * MMA_ROWS * m_tiles + MMA_ROWS * mt + lane // 4 + 8 * (t // 2)  # row within the tile
             if t % 2 == 0:
                 if KW > 1:
-                    red[kw * TILE + r] = acc[mt]
+                    red[kw * TILE + r] = acc[mt] * row_scale
                 elif tile * TILE + r < n_out:
-                    write_row(out, partials, n_out, kb, tile * TILE + r, acc[mt], direct)
+                    write_row(out, partials, n_out, kb, tile * TILE + r, acc[mt] * row_scale, direct, resid, RESID)
             acc[mt] = float32(0)
         if KW > 1:
             cuda.syncthreads()
@@ -506,16 +521,20 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
                 total = float32(0)
                 for q in range(KW):  # in a fixed order: deterministic
                     total += red[q * TILE + tid]
-                write_row(out, partials, n_out, kb, tile * TILE + tid, total, direct)
+                write_row(out, partials, n_out, kb, tile * TILE + tid, total, direct, resid, RESID)
         if not direct:
-            arrive_gemv_tile(partials, counters, out, n_out, n_parts, TILE, tile, flags)
+            arrive_gemv_tile(partials, counters, out, n_out, n_parts, TILE, tile, flags, resid, RESID)
         elif KW > 1:
             cuda.syncthreads()  # `red` is rewritten at the next tile's end
 
     @jit_with_bounds(THREADS, MMA_MIN_BLOCKS)
-    def kernel(x, act_scale, qw, scale_zero, out, partials, counters, n_out, n_in, groups_per_kblock,
-               direct, n_parts, magic_bits):
-        """y[row] = sum over this block's K range of deq(Q)[row, i] * x[i] * act_scale[i], on tensor cores.
+    def kernel(x, act_scale, qw, scale_zero, out, partials, counters, resid, n_out, n_in, groups_per_kblock,
+               direct, n_parts, magic_bits, eps):
+        """y[row] = sum over this block's K range of deq(Q)[row, i] * x~[i], on tensor cores, where x~ is
+        the prologue's input times act_scale: x[i] (fp16), x[i] / rms(x) (rms_norm: x float32, the norm's
+        weight folded into act_scale; every block sums all of x's squares, 1 / rms scales its rows at
+        the end), or act(x[i]) * x[n_in + i] (silu / gelu_tanh: x the gate_up output, fp16 [2 n_in]).
+        With `residual` the output is float32 out[row] = resid[row] + y[row] (the residual add).
 
         Layout: qw flat uint32 in `mma_layout`; scale_zero flat uint32 [out * n_groups], the fp16 pair
         (scale, zero) of a (row, group) (one load, one register); out fp16 [out];
@@ -526,8 +545,9 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
         (tile, group) step after another with the next step's loads in flight; with KW > 1 the K warps'
         row sums meet in shared memory at the tile's end.
         Bytes: the packed weights once (128-bit loads, a warp's 1 KiB of a step contiguous),
-        scales + zeros once (4 B per row and group), x and act_scale once per block (6 B per input),
-        2 B per row out (+ 4 B per row and K block when K is split or merged).
+        scales + zeros once (4 B per row and group), x and act_scale once per block (6 B per input; 8 B
+        with rms_norm, its whole x; 8 B with an activation), 2 B per row out (+ 4 B per row and K block
+        when K is split or merged; 8 B with `residual`).
         Launched behind a programmatic edge, the block loads its first weights (EARLY) before
         `wait_upstream`, while the kernel before it still runs.
         """
@@ -540,6 +560,7 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
         flags = cuda.shared.array(FLAG_CAP, int32)
         swap = cuda.shared.array(SWAP, uint32)
         red = cuda.shared.array(RED, float32)
+        sq = cuda.shared.array(WARPS, float32)  # rms_norm: each warp's square sum of x
         tid = cuda.threadIdx.x
         lane = tid % 32
         warp = tid // 32
@@ -583,14 +604,34 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
         e0 = uint32((grp0 + sg) * MMA_GROUP + CHUNK * p)
         last_in = uint32(n_in - 1)
         vals = cuda.local.array(CHUNK, float32)
+        raw = cuda.local.array(CHUNK, float32)  # rms_norm: x itself, for its square sum
         if sg < n_grp:  # one branch around every load (index clamped), so all issue before the first use; a
             for i in range(CHUNK):  # branch around each made it wait for its data before the next issued
                 j = min(e0 + uint32(i), last_in)
-                vals[i] = float32(x[j]) * act_scale[j]
+                if ACT:
+                    vals[i] = act_value(float32(x[j]), GELU) * float32(x[uint32(n_in) + j]) * act_scale[j]
+                else:
+                    raw[i] = float32(x[j])
+                    vals[i] = raw[i] * act_scale[j]
         vmax = float32(0)
+        ss = float32(0)
         for i in range(CHUNK):
-            vals[i] = vals[i] if sg < n_grp and e0 + i < n_in else float32(0)
+            valid = sg < n_grp and e0 + i < n_in
+            vals[i] = vals[i] if valid else float32(0)
             vmax = max(vmax, abs(vals[i]))
+            if NORM and valid:
+                ss += raw[i] * raw[i]
+        if NORM:  # the squares of x outside this block's K range, then one slot per warp (summed after the
+            # staging's barrier: the norm adds none)
+            k_lo = grp0 * MMA_GROUP
+            k_hi = min(n_in, k_lo + n_grp * MMA_GROUP)
+            if k_lo > 0 or k_hi < n_in:
+                for j in range(tid, n_in, THREADS):
+                    if j < k_lo or j >= k_hi:
+                        ss += x[j] * x[j]
+            ss = warp_sum(ss, scratch)
+            if lane == 0:
+                sq[warp] = ss
         vmax = lanes8_max(vmax, scratch)
         f_exp = min(max(268 - ((float_as_int(vmax) >> 23) & 0xFF), 1), 253)  # largest |b| in [2^14, 2^15)
         f = int_as_float(int32(f_exp << 23))
@@ -614,6 +655,12 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
             grp_s[sg] = s_sum
             grp_f[sg] = int_as_float(int32((254 - f_exp) << 23))
         cuda.syncthreads()
+        row_scale = float32(1)
+        if NORM:
+            total = float32(0)
+            for w in range(WARPS):
+                total += sq[w]
+            row_scale = float32(1) / math.sqrt(total / float32(n_in) + eps)
 
         # the next (tile, step)'s weights are loaded while this one is computed (one step ahead: deeper
         # prefetch, or all staging loads before their use, timed slower in bench/gemv_variants.py)
@@ -650,7 +697,7 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
                     acc[mt] += e[mt]
             if next_step == 0:  # tile complete: lanes t = 0 and 2 hold whole rows g and g + 8
                 finish_mma_tile(acc, red, out, partials, counters, flags, n_out, n_parts, kb, tile, row_warp, kw,
-                                direct)
+                                direct, row_scale, resid)
             tile = next_tile
             step = next_step
 
@@ -704,9 +751,14 @@ class BaseGemv:
                                             torch.as_tensor(zeros, device="cuda")], -1).view(torch.int32)
             self.qw = _flat(_device(self._qw_tiled), np.uint32)
             self.weights = (self.qw, _flat(_device(self._scale_zero), np.uint32))
-        self.kernel = _mma_kernel(bits, p.rows_per_warp // MMA_ROWS, -(-in_features // MMA_GROUP),
-                                  p.out_features % p.tile_rows == 0, p.k_warps, p.early_load)
+        self.kernel = self.kernel_for("fp16", False)
         self._own_split: SplitOutput | None = None
+
+    def kernel_for(self, prologue: str, residual: bool):
+        """The kernel of this plan with `prologue` and the residual add folded in (`_mma_kernel`)."""
+        p = self.plan
+        return _mma_kernel(p.bits, p.rows_per_warp // MMA_ROWS, -(-p.in_features // MMA_GROUP),
+                           p.out_features % p.tile_rows == 0, p.k_warps, p.early_load, prologue, residual)
 
     def beside(self, blocks: int) -> "BaseGemv":
         """This GEMV re-planned to run beside `blocks` resident blocks of another kernel that each fill
@@ -732,9 +784,17 @@ class BaseGemv:
         p = self.plan
         return SplitOutput.allocate(p.out_features, p.merge_rows, p.k_blocks, extra_parts)
 
-    def __call__(self, x, out, stream=0, merge: SplitOutput | None = None) -> None:
-        """Launch on `stream`: out (fp16 [out]) = deq(Q) @ (x * act_scale), plus any merged part."""
+    def __call__(self, x, out, stream=0, merge: SplitOutput | None = None, *, prologue: str = "fp16",
+                 act_scale=None, eps: float = 0.0, resid=None) -> None:
+        """Launch on `stream`: out = deq(Q) @ x~ plus any merged part; x~ = x * act_scale with the plain
+        fp16 prologue, else as `_mma_kernel`'s `prologue` makes it (rms_norm: give `act_scale` = the norm's
+        weight times this GEMV's act_scale, and `eps`). out is fp16 [out], or float32 with `resid` (float32
+        [out]): out = resid + deq(Q) @ x~, the residual add (out may be resid itself)."""
         p = self.plan
+        width = p.in_features * (2 if prologue in ("silu", "gelu_tanh") else 1)
+        if x.shape[0] != width:
+            raise ValueError(f"x has {x.shape[0]} elements; the {prologue} prologue of a {p.in_features}-input "
+                             f"GEMV reads {width}")
         if merge is None and p.k_blocks > 1:
             if self._own_split is None:
                 self._own_split = self.split_output()
@@ -746,9 +806,11 @@ class BaseGemv:
         partials = merge.partials if merge else _dummy(np.float32)
         counters = merge.counters if merge else _dummy(np.int32)
         n_parts = merge.n_parts if merge else 1
-        self.kernel[p.grid, THREADS, stream](
-            x, self.act_scale, *self.weights, out, partials, counters,
-            p.out_features, p.in_features, p.groups_per_kblock, direct, n_parts, MMA_MAGIC)
+        kernel = self.kernel if prologue == "fp16" and resid is None else self.kernel_for(prologue, resid is not None)
+        kernel[p.grid, THREADS, stream](
+            x, self.act_scale if act_scale is None else act_scale, *self.weights, out, partials, counters,
+            _dummy(np.float32) if resid is None else resid, p.out_features, p.in_features, p.groups_per_kblock,
+            direct, n_parts, MMA_MAGIC, np.float32(eps))
 
 
 @functools.lru_cache(maxsize=None)

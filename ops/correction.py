@@ -141,12 +141,15 @@ def _correction_kernel(merge: bool):
 
     @jit_with_bounds(THREADS, 1)
     def kernel(x, act_scale, rows, rscale, base_out, out, partials, counters, n_parts, a, b, hi_scale,
-               lo_scale, k_chunk, k_last, batch, span, n_out, tile_rows, n_tiles, tiles_per_block, wc_n, ks_n):
+               lo_scale, k_chunk, k_last, batch, span, n_out, tile_rows, n_tiles, tiles_per_block, wc_n, ks_n,
+               resid, has_resid):
         """Correction of rows [t0 * tile_rows, t1 * tile_rows) of block (t0, t1 = its tiles) from the
         picks of chunks [y * span, (y + 1) * span), y = blockIdx.y.
 
         Layout: x fp16 [in], act_scale f32 [in], rows uint32 [in, stride / 4] (mapped host or device),
-        rscale fp16 [out]; out / base_out [out]; partials flat f32 [n_parts * out], counters i32 [tiles].
+        rscale fp16 [out]; out / base_out [out]; partials flat f32 [n_parts * out], counters i32 [tiles];
+        merged, whichever block completes a tile adds resid f32 [out] to it when `has_resid` (the base
+        GEMV's folded residual add).
         Launch: grid (blocks, chunk groups), block `threads` (plan_correction); thread (ks, wc) =
         (tid // wc_n, tid % wc_n) owns word column wc (8 outputs) of each pass and picks ks, ks + ks_n,
         ... in groups of UNROLL loads in flight. Every block selects its group's chunks itself
@@ -255,7 +258,7 @@ def _correction_kernel(merge: bool):
                 cuda.syncthreads()
             wp += wc_n
         if merge:
-            arrive_tiles(partials, counters, out, n_out, n_parts, tile_rows, t0, t1 - t0, flags)
+            arrive_tiles(partials, counters, out, n_out, n_parts, tile_rows, t0, t1 - t0, flags, resid, has_resid)
 
     return kernel
 
@@ -311,9 +314,10 @@ class Correction:
         return self.plan.blocks * self.parts
 
     def __call__(self, x, act_scale=None, *, base_out=None, out=None, merge: SplitOutput | None = None,
-                 stream=0) -> None:
-        """Launch on `stream`. With `merge`: add into the base GEMV's split output (concurrently with it);
-        else out = base_out + correction (out defaults to base_out, in place)."""
+                 resid=None, stream=0) -> None:
+        """Launch on `stream`. With `merge`: add into the base GEMV's split output (concurrently with it;
+        `resid`: the GEMV's folded residual, added by whichever kernel completes a tile); else out =
+        base_out + correction (out defaults to base_out, in place)."""
         p = self.plan
         if x.shape[0] != self.rows.shape[0]:
             raise ValueError(f"x has {x.shape[0]} channels, the residual table {self.rows.shape[0]} rows")
@@ -338,7 +342,8 @@ class Correction:
         kernel[(p.blocks, groups), p.threads, stream](
             x, act_scale, self.rows, self.rscale, base_out, out, partials, counters, n_parts,
             a, b, hi_scale, lo_scale, self.k_chunk, self.k_last,
-            pass_chunks(self.k_chunk), span, self.out_features, p.tile_rows, p.n_tiles, p.tiles_per_block, p.wc_n, p.ks_n)
+            pass_chunks(self.k_chunk), span, self.out_features, p.tile_rows, p.n_tiles, p.tiles_per_block, p.wc_n, p.ks_n,
+            _dummy(np.float32) if resid is None else resid, resid is not None)
 
 
 def correction_cuda(x, base_out, residual_rows, residual_scales, bounds: BucketBounds, k_chunk: int,

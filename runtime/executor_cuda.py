@@ -97,16 +97,26 @@ def _width(args: ModelArgs, node: Node) -> int:
             "act_mul": args.ffn_dim, "lm_head": args.vocab_size}[node.op]
 
 
-def buffer_specs(args: ModelArgs, nodes: list[Node]) -> tuple[dict[str, tuple[int, torch.dtype]], dict[str, str]]:
+def buffer_specs(args: ModelArgs, launches: tuple[Launch, ...]) -> tuple[dict[str, tuple[int, torch.dtype]],
+                                                                         dict[str, str]]:
     """(specs, aliases): width and dtype of every tensor kept in a static buffer, and the tensors that
     share another's buffer. fp16 where a GEMV kernel or the fp16 lm_head reads it or a GEMV writes it,
-    float32 elsewhere. The fused side nodes' tensors (indices, rows, correction) get no buffer, and a
-    merge's output is its base GEMV's buffer, which the split-output arrival completes."""
+    float32 elsewhere. The fused side nodes' tensors (indices, rows, correction) and the tensors that
+    live inside one GEMV launch (the glue folded into it) get no buffer, and a merge's output is its base
+    GEMV's buffer, which the split-output arrival completes."""
+    nodes = [n for launch in launches for n in launch.nodes]
     fp16 = {t for n in nodes if n.op in FP16_INPUTS for t in n.inputs}
     fp16 |= {t for n in nodes if n.op in FP16_OUTPUTS for t in n.outputs}
+    readers: dict[str, set[int]] = {}  # tensor -> the launches that read it
+    for i, launch in enumerate(launches):
+        for n in launch.nodes:
+            for t in n.inputs:
+                readers.setdefault(t, set()).add(i)
+    inside = {t for i, launch in enumerate(launches) if "base_gemv" in launch.op for n in launch.nodes
+              for t in n.outputs if readers.get(t) == {i}}  # folded glue: made and read by one GEMV launch
     specs, aliases = {}, {}
     for n in nodes:
-        if n.op in CORRECTION_OPS[:-1]:
+        if n.op in CORRECTION_OPS[:-1] or n.outputs[0] in inside:
             continue
         if n.op == "merge":
             aliases[n.outputs[0]] = n.inputs[0]
@@ -148,12 +158,12 @@ class DecodeState:
     (cos, sin) float32 [max_seq, head_dim / 2] per RoPE base of the model's layers.
     """
 
-    def __init__(self, args: ModelArgs, weights: dict[str, torch.Tensor], nodes: list[Node], max_seq_len: int,
-                 device, cache: KVCache | None = None):
+    def __init__(self, args: ModelArgs, weights: dict[str, torch.Tensor], launches: tuple[Launch, ...],
+                 max_seq_len: int, device, cache: KVCache | None = None):
         self.args, self.weights = args, weights  # weights: from device_weights()
         self.inputs = torch.zeros(2, dtype=torch.int64, device=device)  # written by one copy a step
         self.token, self.position = self.inputs[0:1], self.inputs[1:2]
-        specs, aliases = buffer_specs(args, nodes)
+        specs, aliases = buffer_specs(args, launches)
         self.buf = {name: torch.zeros(width, dtype=dtype, device=device) for name, (width, dtype) in specs.items()}
         for name, target in aliases.items():
             self.buf[name] = self.buf[target]
@@ -331,7 +341,7 @@ class CUDAExecutor:
         check_plan(plan)  # the GPU itself was checked for by `model`
         self.model, self.plan = model, plan
         nodes = [n for launch in plan.launches for n in launch.nodes]
-        self.state = DecodeState(model.args, model.weights, nodes, max_seq_len, DEVICE, cache)
+        self.state = DecodeState(model.args, model.weights, plan.launches, max_seq_len, DEVICE, cache)
         self.pinned = self.state.inputs.is_cuda  # host buffers the device copies from and into are pinned
         self.host_inputs = torch.zeros(2, dtype=torch.int64, pin_memory=self.pinned)  # (token, position) of a step
         self.cache = self.state.cache
@@ -350,6 +360,7 @@ class CUDAExecutor:
         for n in nodes:
             if n.op == "correction":
                 self._prepare_correction(n)
+        self.folded_scales: list[torch.Tensor] = []  # folded norms' scales, which the GEMV launches read
         self.launches = [self._bind(launch) for launch in plan.launches]
         self.profiled: tuple[torch.cuda.CUDAGraph, StepEvents] | None = None  # captured by the first timed run
         # warm-up on the capture stream: Numba compiles, cuBLAS / SDPA initialise, lazy scratch is made
@@ -388,12 +399,30 @@ class CUDAExecutor:
             return functools.partial(self.corrections[key], self.views[node.inputs[0]], act,
                                      out=self.views[self.base_out[key]], merge=self.splits[key],
                                      stream=self.numba_streams[SIDE])
-        if node.op == "base_gemv":
-            return functools.partial(self.gemvs.get(key, self.model.groups[key].gemv), self.views[node.inputs[0]],
-                                     self.views[node.outputs[0]], self.numba_streams[MAIN], merge=self.splits.get(key))
+        if "base_gemv" in launch.op:
+            return self._gemv(launch)
         if launch.op in TORCH_OPS:  # torch launches on its current stream: the main one
             return functools.partial(TORCH_OPS[launch.op], self.state, node)
         return functools.partial(self._layer_kernel(launch), self.numba_streams[MAIN])
+
+    def _gemv(self, launch: Launch):
+        """A base GEMV launch, with the glue the plan folded into it (`scheduler.plan.FOLDS`): the norm or
+        act x up before it as the kernel's prologue, the residual add after it as its epilogue."""
+        first, last = launch.nodes[0], launch.nodes[-1]
+        gemv_node = next(n for n in launch.nodes if n.op == "base_gemv")
+        key = (gemv_node.layer, gemv_node.attr("group"))
+        gemv = self.gemvs.get(key, self.model.groups[key].gemv)
+        fold = {}
+        if first.op == "rms_norm":  # the norm's weight times the GEMV's act_scale, made once
+            scale = self.model.weights[first.attr("weight")] * torch.as_tensor(gemv.act_scale, device=DEVICE)
+            self.folded_scales.append(scale)
+            fold = dict(prologue="rms_norm", act_scale=_view(scale), eps=self.model.args.norm_eps)
+        elif first.op == "act_mul":
+            fold = dict(prologue=first.attr("act"))
+        if last.op == "residual_add":
+            fold["resid"] = self.views[last.inputs[0]]
+        return functools.partial(gemv, self.views[first.inputs[0]], self.views[last.outputs[0]],
+                                 self.numba_streams[MAIN], merge=self.splits.get(key), **fold)
 
     def _layer_kernel(self, launch: Launch):
         """The kernel of a launch between the GEMVs: the fused norm (after a residual add, or alone),

@@ -10,7 +10,12 @@ Pure Python over the graph (no torch, no GPU), so it is tested on the CPU. The G
   kernels add their parts into the GEMV's split output, and whichever finishes a tile last writes it,
   so the merge makes neither launch wait for the other; the next reader of the merged output waits
   for the side launch.
-- a residual_add and the rms_norm that reads its output into one launch (the fused norm kernel).
+- the glue around an uncompensated base GEMV into the GEMV's own launch (`FOLDS`): the rms_norm or
+  act_mul that makes its input (the GEMV computes it while staging its input), and the residual_add
+  (without a post-norm) that adds its output to the residual stream (added as rows are written). A
+  compensated GEMV keeps its input op apart: the correction reads that input too.
+- a residual_add and the rms_norm that reads its output into one launch (the fused norm kernel), where
+  the add is not folded into its GEMV (Gemma's post-norm needs the whole branch).
 
 The CPU runs the unfused plan (`schedule(graph, fuse=False)`): one launch per node, in graph order,
 one stream. Every launch waits for the tensors it reads that the other stream produced, by an event
@@ -26,6 +31,7 @@ from decdec.graph import Graph, Node
 
 MAIN, SIDE = 0, 1
 CORRECTION_OPS = ("selector", "dma", "correction", "merge")  # one fused correction launch on the GPU
+FOLDS = ("rms_norm", "act_mul", "residual_add")  # the glue ops that fold into an uncompensated base GEMV's launch
 LARGE_WEIGHT = 4096 * 4096  # weights of at least this many elements get 16 correction blocks by default
 
 
@@ -60,7 +66,9 @@ class Launch:
 
     @property
     def name(self) -> str:
-        head = self.nodes[-1].name.rsplit(".", 1)[0] if self.nodes[-1].layer is not None else ""
+        """L<layer>.<group>.<op>: named after its linear group's node where it has one."""
+        node = next((n for n in self.nodes if n.attr("group")), self.nodes[-1])
+        head = node.name.rsplit(".", 1)[0] if node.layer is not None else ""
         return f"{head}.{self.op}" if head else self.op
 
     def attr(self, name: str, default=None):
@@ -92,14 +100,24 @@ class Plan:
         return "\n".join(lines)
 
 
-def schedule(graph: Graph, fuse: bool = True) -> Plan:
-    """The GPU plan (fused launches on two streams) or, with fuse=False, the CPU's (a node a launch)."""
+def schedule(graph: Graph, fuse: bool = True, folds: tuple[str, ...] = FOLDS) -> Plan:
+    """The GPU plan (fused launches on two streams; `folds`: the glue ops that may fold into a GEMV's
+    launch) or, with fuse=False, the CPU's (a node a launch)."""
     if not fuse:
         return Plan(tuple(Launch((n,)) for n in graph.nodes))
     corrections: dict[tuple, list[Node]] = {}
+    readers: dict[str, list[Node]] = {}
     for n in graph.nodes:
         if n.op in CORRECTION_OPS:
             corrections.setdefault((n.layer, n.attr("group")), []).append(n)
+        for t in n.inputs:
+            readers.setdefault(t, []).append(n)
+
+    def feeds(last: Launch | None, n: Node, ops: tuple[str, ...], port: int = 0) -> bool:
+        """`last` ends with one of `ops`, whose output only n reads (at input `port`)."""
+        return (last is not None and last.nodes[-1].op in ops and last.stream == MAIN
+                and n.inputs[port] == last.nodes[-1].outputs[0] and readers[n.inputs[port]] == [n])
+
     launches: list[Launch] = []
     for n in graph.nodes:
         if n.op in CORRECTION_OPS:
@@ -108,7 +126,12 @@ def schedule(graph: Graph, fuse: bool = True) -> Plan:
         if n.op == "base_gemv" and key in corrections:
             launches.append(Launch(tuple(corrections[key]), SIDE))
         last = launches[-1] if launches else None
-        if n.op == "rms_norm" and last and last.op == "residual_add" and n.inputs[0] == last.nodes[0].outputs[0]:
+        folded_input = n.op == "base_gemv" and len(last.nodes if last else ()) == 1 and feeds(
+            last, n, tuple(op for op in ("rms_norm", "act_mul") if op in folds))
+        folded_add = (n.op == "residual_add" and "residual_add" in folds and n.attr("post_norm") is None
+                      and feeds(last, n, ("base_gemv",), port=1))
+        fused_norm = n.op == "rms_norm" and last and last.op == "residual_add" and n.inputs[0] == last.nodes[0].outputs[0]
+        if folded_input or folded_add or fused_norm:
             launches[-1] = Launch(last.nodes + (n,))
         else:
             launches.append(Launch((n,)))

@@ -11,6 +11,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from decdec.ops import base_gemv as bg  # noqa: E402
+from decdec.ops.act import act_mul_reference  # noqa: E402
+from decdec.ops.norm import rms_norm  # noqa: E402
+from tests.ops.test_norm import norm_args  # noqa: E402
 
 
 
@@ -239,6 +242,46 @@ def test_tensor_core_kernel_scales_wide_ranges_without_overflow():
     x[17] = 0  # and only tiny inputs: scaled up, not lost to fp16 subnormals
     got, ref, *_ = run_kernel(np.random.default_rng(9), 4, 24, 256, 1, rows_per_warp=16, x=x)
     assert_close_fp16(got, ref)
+
+
+def fused_reference(rng, prologue, in_features, act, norm_weight):
+    """(kernel input, act_scale to pass, reference x~ @ W^T) for a prologue, from the ops' CPU references:
+    x~ = rms_norm(x, w) * act_scale (x float32) or act_mul(gate_up) * act_scale (gate_up fp16)."""
+    if prologue == "rms_norm":
+        x = (rng.standard_normal(in_features) * 3).astype(np.float32)
+        h = rms_norm(torch.from_numpy(x), torch.from_numpy(norm_weight), 1e-5)
+        return x, norm_weight * act, h
+    gate_up = rng.standard_normal(2 * in_features).astype(np.float16)
+    args = norm_args("gemma3" if prologue == "gelu_tanh" else "llama")
+    return gate_up, act, act_mul_reference(args, torch.from_numpy(gate_up)).float()
+
+
+@kernels
+@pytest.mark.parametrize("prologue, bits, out_features, in_features, k_blocks, k_warps, residual", [
+    ("rms_norm", 4, 40, 576, None, 1, False),  # K in 5 blocks: each sums the squares outside its own range
+    ("rms_norm", 3, 72, 384, 1, 8, True),  # one K block stages all of x; K warps; the residual add, direct
+    ("silu", 4, 40, 576, None, 1, True),  # the activation of gate_up's two halves; residual add at the arrival
+    ("gelu_tanh", 3, 24, 256, 1, 1, False),
+])
+def test_folded_glue_matches_the_ops_references(prologue, bits, out_features, in_features, k_blocks, k_warps,
+                                                residual):
+    """The glue folded into the GEMV (`PROLOGUES`, the residual add) against the unfused references: the
+    norm or act x up, the GEMV, then + the residual stream (float32 out, poisoned first)."""
+    rng = np.random.default_rng(900 + in_features + bits)
+    _, q, scales, zeros, act = random_linear(rng, bits, out_features, in_features)
+    norm_weight = (rng.random(in_features) + 0.5).astype(np.float32)
+    x, scale, h = fused_reference(rng, prologue, in_features, act, norm_weight)
+    ref = bg.base_gemv_reference(h, *map(torch.from_numpy, (q, scales, zeros, act)), bits).numpy()
+    plan = bg.plan_gemv(out_features, in_features, bits, k_blocks=k_blocks, k_warps=k_warps, rows_per_warp=16)
+    gemv = bg.BaseGemv(*(cuda.to_device(a) for a in (q, scales, zeros, act)), bits, plan=plan)
+    resid = rng.standard_normal(out_features).astype(np.float32) * 4
+    out = cuda.to_device(np.full(out_features, np.nan, np.float32 if residual else np.float16))
+    gemv(cuda.to_device(x), out, prologue=prologue, act_scale=cuda.to_device(scale), eps=1e-5,
+         resid=cuda.to_device(resid) if residual else None)
+    got = out.copy_to_host().astype(np.float32)
+    assert_close_fp16(got - resid if residual else got, ref)
+    with pytest.raises(ValueError, match="prologue"):
+        gemv(cuda.to_device(x[: in_features // 2]), out, prologue=prologue)
 
 
 # ---------------------------------------------------------------------------------------------------

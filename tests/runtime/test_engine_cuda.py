@@ -50,6 +50,7 @@ from decdec.runtime import engine as runtime_engine, executor_cuda as xc  # noqa
 from decdec.errors import DeviceError, ModelFileError  # noqa: E402
 from decdec.scheduler.plan import MAIN, SIDE, Plan, schedule  # noqa: E402
 from decdec.scheduler.tuner import REPEATS  # noqa: E402
+from tests.ops.test_norm import norm_args  # noqa: E402
 from tests.runtime.test_engine import TINY, tiny_cfg  # noqa: E402
 
 STEPS = 32
@@ -94,7 +95,7 @@ def small_args(family: str) -> tuple[ModelArgs, dict]:
 def test_buffer_plan_dtypes_and_aliases():
     args, _ = small_args("llama")
     plan = schedule(build_graph(args, [3, 3], 64))
-    specs, aliases = xc.buffer_specs(args, [n for launch in plan.launches for n in launch.nodes])
+    specs, aliases = xc.buffer_specs(args, plan.launches)
     for i in range(args.n_layers):
         for name in (f"h.{i}", f"attn.{i}", f"h2.{i}", f"a.{i}"):  # GEMV inputs
             assert specs[name][1] == torch.float16
@@ -107,6 +108,21 @@ def test_buffer_plan_dtypes_and_aliases():
     assert specs["hf"] == (args.dim, torch.float16)
     assert specs["logits"] == (args.vocab_size, torch.float32)
     assert specs["gate_up.0.base"][0] == 2 * args.ffn_dim and specs["a.0"][0] == args.ffn_dim
+
+
+def test_glue_folded_into_a_gemv_gets_no_buffer():
+    """Uncompensated: norms, act x up and residual adds fold into the GEMV launches, so their GEMV-side
+    tensors (h, a, the GEMV outputs o and d) live inside one launch; the residual stream, qkv and gate_up
+    still get buffers. With gate_up compensated, its input h2 (read by the correction) keeps its buffer."""
+    args, _ = small_args("llama")
+    specs, aliases = xc.buffer_specs(args, schedule(build_graph(args, [3, 3], 0)).launches)
+    for i in range(args.n_layers):
+        assert not any(f"{name}.{i}" in specs for name in ("h", "h2", "a", "o", "d"))
+        assert specs[f"qkv.{i}"][1] == specs[f"gu.{i}"][1] == torch.float16
+        assert specs[f"xa.{i}"][1] == specs[f"x.{i + 1}"][1] == torch.float32
+    k = {("qkv", 3): 0, ("o", 3): 0, ("gate_up", 3): 16, ("down", 3): 0}
+    specs, _ = xc.buffer_specs(args, schedule(build_graph(args, [3, 3], k)).launches)
+    assert specs["h2.0"][1] == torch.float16 and "h.0" not in specs and "a.0" not in specs
 
 
 def test_check_plan_accepts_schedules_and_rejects_broken_ones():
@@ -228,10 +244,20 @@ class FakeGemv:
         assert blocks >= 1
         return self
 
-    def __call__(self, x, out, stream=0, merge=None):
-        assert x.dtype == out.dtype == torch.float16 and tuple(x.shape) == (self.plan.in_features,)
-        assert tuple(out.shape) == (self.plan.out_features,) and stream.name == "main"
-        y = (x.float() * self.act_scale) @ self.weight.T
+    def __call__(self, x, out, stream=0, merge=None, *, prologue="fp16", act_scale=None, eps=0.0, resid=None):
+        """The folded glue as `ops.base_gemv._mma_kernel` computes it: rms_norm's 1 / rms from x, its weight
+        in act_scale; act(gate) * up of gate_up; the residual added to the float32 output."""
+        n_in = self.plan.in_features
+        assert x.dtype == (torch.float32 if prologue == "rms_norm" else torch.float16) and stream.name == "main"
+        assert tuple(x.shape) == (2 * n_in if prologue in ("silu", "gelu_tanh") else n_in,)
+        assert out.dtype == (torch.float16 if resid is None else torch.float32) and tuple(out.shape) == (self.plan.out_features,)
+        if prologue in ("silu", "gelu_tanh"):
+            xs = act.act_mul(norm_args("gemma3" if prologue == "gelu_tanh" else "llama"), x.float()) * self.act_scale
+        else:
+            xs = x.float() * (self.act_scale if act_scale is None else act_scale)
+        if prologue == "rms_norm":
+            xs = xs * torch.rsqrt(x.pow(2).mean() + eps)
+        y = xs @ self.weight.T + (0 if resid is None else resid)
         merge.arrive(y, out) if merge is not None else out.copy_(y)
 
 

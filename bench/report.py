@@ -318,7 +318,8 @@ def staging_table(before: Path, after: Path) -> str:
 
 BASE_AB_RUNS = {  # a change to our base step -> (the step before it, after it), timed in one machine session
     "the register-tiled attention": ("base_step_86b1aa9_h100.json", "engine_h100_d5a5080.json"),
-    "the attention's split combine in 16-byte loads": ("base_step_736a89e_h100.json", "engine_h100.json"),
+    "the attention's split combine in 16-byte loads": ("base_step_736a89e_h100.json", "engine_h100_844aad3.json"),
+    "the glue folded into the GEMV launches": ("base_step_64152f1_h100.json", "engine_h100.json"),
 }
 # k_chunk 1 on every group with the readers of compensated outputs launched early (86b1aa9) and not (9dc08f9)
 EDGE_RULE_RUNS = {"held back": "edge_rule_k1_9dc08f9_h100.json", "launched early": "edge_rule_k1_86b1aa9_h100.json"}

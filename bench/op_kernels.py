@@ -19,7 +19,8 @@ from decdec.constants import CHUNK_SIZE, chunk_ks, n_selected
 from decdec.ops.dma import PinnedTable, _check, _runtime  # the product's cuda-python access and errors
 from decdec.ops.selector import BucketBounds
 from decdec.ops.selector_cuda import (CHUNK_THREADS, CUTS_SIZE, GROUP_SIZE, HIST_SIZE, MAX_CHUNK, PASS_CHUNKS,
-                                      SCAN_SIZE, STASH_SIZE, bucket_of, select_chunks)
+                                      SCAN_SIZE, STASH_SIZE, XT_RAW, XT_SCALED, bucket_of,
+                                      select_chunks)
 
 FETCH_THREADS = 256
 
@@ -58,8 +59,8 @@ def _select_kernel(x, act_scale, has_scale, k_chunk, k_last, chunk, a, b, hi_sca
     xr = x[row]
     start = c * chunk
     k = k_chunk if start + chunk <= xr.shape[0] else k_last
-    select_chunks(xr, act_scale, has_scale, chunk, c, 1, k_chunk, k_last, a, b, hi_scale, lo_scale,
-                  hist, cuts, scan, group_sums, x_stash, sel_idx, sel_x)
+    select_chunks(xr, act_scale, XT_SCALED if has_scale else XT_RAW, float32(1), xr.shape[0], chunk, c, 1, k_chunk,
+                  k_last, a, b, hi_scale, lo_scale, hist, cuts, scan, group_sums, x_stash, sel_idx, sel_x)
     cut = cuts[0]
     need = cuts[PASS_CHUNKS]
     for p in range(cuda.threadIdx.x, k, cuda.blockDim.x):

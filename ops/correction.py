@@ -31,6 +31,7 @@ round trip for the fetch; bench/correction_floor.py breaks it down.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,8 +43,9 @@ from decdec.ops.layout import unpack_rows
 from decdec.ops.ptx import pdl_supported, release_dependents, wait_upstream
 from decdec.constants import chunk_ks
 from decdec.ops.selector import BucketBounds, select_bucket, selection_mask
+from decdec.ops.reduce import SCRATCH, WARPS_MAX, block_sum
 from decdec.ops.selector_cuda import (CUTS_SIZE, GROUP_SIZE, HIST_SIZE, MAX_CHUNK, SCAN_SIZE, SEL_CAP, STASH_SIZE,
-                                      pass_chunks, select_chunks)
+                                      XT_NORM, XT_OF_PROLOGUE, pass_chunks, select_chunks)
 
 WORD_OUTPUTS = 8  # outputs per uint32 word of a residual row (8 nibbles)
 UNROLL = 8  # chosen rows whose (PCIe) loads one thread has in flight at once
@@ -125,9 +127,12 @@ def nib_float(word, j):
 
 
 @functools.lru_cache(maxsize=None)
-def _correction_kernel(merge: bool):
-    """The fused select + fetch + dequantize + GEMV + merge kernel (one compiled variant per merge mode)."""
+def _correction_kernel(merge: bool, prologue: str = "fp16"):
+    """The fused select + fetch + dequantize + GEMV + merge kernel (one compiled variant per merge mode and
+    base GEMV prologue: x~ is made from x as the GEMV makes it, `ops.selector_cuda._xt`)."""
     PDL = pdl_supported()
+    MODE = XT_OF_PROLOGUE[prologue]
+    NORM = MODE == XT_NORM
 
     @cuda.jit(device=True)
     def emit(o, v, o_hi, rscale, base_out, out, partials, part, n_out):
@@ -142,11 +147,12 @@ def _correction_kernel(merge: bool):
     @jit_with_bounds(THREADS, 1)
     def kernel(x, act_scale, rows, rscale, base_out, out, partials, counters, n_parts, a, b, hi_scale,
                lo_scale, k_chunk, k_last, batch, span, n_out, tile_rows, n_tiles, tiles_per_block, wc_n, ks_n,
-               resid, has_resid):
+               resid, has_resid, width, eps):
         """Correction of rows [t0 * tile_rows, t1 * tile_rows) of block (t0, t1 = its tiles) from the
         picks of chunks [y * span, (y + 1) * span), y = blockIdx.y.
 
-        Layout: x fp16 [in], act_scale f32 [in], rows uint32 [in, stride / 4] (mapped host or device),
+        Layout: x fp16 [in] (rms_norm: float32 [in]; an activation: gate_up fp16 [2 in]), act_scale f32 [in]
+        (rms_norm: times the norm's weight), rows uint32 [in, stride / 4] (mapped host or device),
         rscale fp16 [out]; out / base_out [out]; partials flat f32 [n_parts * out], counters i32 [tiles];
         merged, whichever block completes a tile adds resid f32 [out] to it when `has_resid` (the base
         GEMV's folded residual add).
@@ -167,11 +173,19 @@ def _correction_kernel(merge: bool):
         sel_idx = cuda.shared.array(SEL_CAP, int32)
         sel_x = cuda.shared.array(RED_SIZE, float32)  # the picks' x~; after the last pass, the reduction
         flags = cuda.shared.array(FLAG_CAP, int32)
+        red = cuda.shared.array(WARPS_MAX, float32)  # rms_norm: the block's square sum
+        scratch = cuda.shared.array(SCRATCH, float32)
         if PDL:
             wait_upstream()
             release_dependents()
         tid = cuda.threadIdx.x
         nthr = cuda.blockDim.x
+        inv_rms = float32(1)
+        if NORM:  # every block its own 1 / rms(x), as the GEMV's blocks do (x from L2)
+            ss = float32(0)
+            for i in range(tid, width, nthr):
+                ss += x[i] * x[i]
+            inv_rms = float32(1) / math.sqrt(block_sum(ss, red, scratch) / float32(width) + eps)
         t0 = cuda.blockIdx.x * tiles_per_block
         t1 = min(t0 + tiles_per_block, n_tiles)
         if t0 >= t1:
@@ -181,7 +195,6 @@ def _correction_kernel(merge: bool):
         c_begin = cuda.blockIdx.y * span
         w_lo = t0 * tile_rows // 8
         w_hi = (o_hi + 7) // 8
-        width = x.shape[0]
         n_chunks = (width + MAX_CHUNK - 1) // MAX_CHUNK
         c_end = min(c_begin + span, n_chunks)
         ks = tid // wc_n
@@ -199,8 +212,8 @@ def _correction_kernel(merge: bool):
             c0 = c_begin
             while c0 < c_end and k_chunk > 0:
                 nb = min(batch, c_end - c0)
-                select_chunks(x, act_scale, True, MAX_CHUNK, c0, nb, k_chunk, k_last, a, b, hi_scale, lo_scale,
-                              hist, cuts, scan, group_sums, x_stash, sel_idx, sel_x)
+                select_chunks(x, act_scale, MODE, inv_rms, width, MAX_CHUNK, c0, nb, k_chunk, k_last, a, b,
+                              hi_scale, lo_scale, hist, cuts, scan, group_sums, x_stash, sel_idx, sel_x)
                 n_sel = (nb - 1) * k_chunk + (k_last if c0 + nb == n_chunks else k_chunk)
                 s0 = ks * UNROLL
                 while mine and s0 < n_sel:
@@ -314,28 +327,31 @@ class Correction:
         return self.plan.blocks * self.parts
 
     def __call__(self, x, act_scale=None, *, base_out=None, out=None, merge: SplitOutput | None = None,
-                 resid=None, stream=0) -> None:
+                 resid=None, prologue: str = "fp16", eps: float = 0.0, stream=0) -> None:
         """Launch on `stream`. With `merge`: add into the base GEMV's split output (concurrently with it;
         `resid`: the GEMV's folded residual, added by whichever kernel completes a tile); else out =
-        base_out + correction (out defaults to base_out, in place)."""
+        base_out + correction (out defaults to base_out, in place). `prologue`, `act_scale`, `eps`: x~
+        made from x as the base GEMV's prologue makes it (`BaseGemv.__call__`)."""
         p = self.plan
-        if x.shape[0] != self.rows.shape[0]:
-            raise ValueError(f"x has {x.shape[0]} channels, the residual table {self.rows.shape[0]} rows")
+        width = self.rows.shape[0]
+        if x.shape[0] != width * (2 if prologue in ("silu", "gelu_tanh") else 1):
+            raise ValueError(f"x has {x.shape[0]} elements; the residual table has {width} rows and the "
+                             f"{prologue} prologue reads {'2 x ' if prologue in ('silu', 'gelu_tanh') else ''}that many")
         if act_scale is None:
-            act_scale = _ones(x.shape[0])
+            act_scale = _ones(width)
         if merge is not None:
             if (merge.tile_rows != p.tile_rows or merge.n_out != self.out_features
                     or merge.n_parts != merge.k_blocks + self.parts):
                 raise ValueError("merge scratch and correction disagree on tile rows, outputs or parts "
                                  f"(the correction writes {self.parts}: split_output(extra_parts=corr.parts))")
             kernel, base_out, partials, counters, n_parts = (
-                _correction_kernel(True), _dummy(np.float16), merge.partials, merge.counters, merge.n_parts)
+                _correction_kernel(True, prologue), _dummy(np.float16), merge.partials, merge.counters, merge.n_parts)
             groups, span = self.parts, pass_chunks(self.k_chunk)
         else:
             if base_out is None:
                 raise ValueError("give base_out (stand-alone) or merge (fused with the base GEMV)")
             out = base_out if out is None else out
-            kernel, partials, counters, n_parts = (_correction_kernel(False), _dummy(np.float32),
+            kernel, partials, counters, n_parts = (_correction_kernel(False, prologue), _dummy(np.float32),
                                                    _dummy(np.int32), 1)
             groups, span = 1, self.parts * pass_chunks(self.k_chunk)  # one writer per output: every chunk
         a, b, hi_scale, lo_scale = self.bounds
@@ -343,7 +359,7 @@ class Correction:
             x, act_scale, self.rows, self.rscale, base_out, out, partials, counters, n_parts,
             a, b, hi_scale, lo_scale, self.k_chunk, self.k_last,
             pass_chunks(self.k_chunk), span, self.out_features, p.tile_rows, p.n_tiles, p.tiles_per_block, p.wc_n, p.ks_n,
-            _dummy(np.float32) if resid is None else resid, resid is not None)
+            _dummy(np.float32) if resid is None else resid, resid is not None, width, np.float32(eps))
 
 
 def correction_cuda(x, base_out, residual_rows, residual_scales, bounds: BucketBounds, k_chunk: int,

@@ -31,6 +31,7 @@ from __future__ import annotations
 from numba import cuda, float32, int32, uint32, uint64
 
 from decdec.constants import N_BUCKETS, PASS_CHUNKS
+from decdec.ops.act import act_value
 
 
 MAX_CHUNK = 1024  # shared arrays are laid out per 1024 channels; smaller chunks work too
@@ -75,13 +76,25 @@ def bucket_of(v, a, b, hi_scale, lo_scale):
     return 0 if v >= a else mid
 
 
+# What x~ is made of (`_xt`, the GEMV's prologue: ops.base_gemv.PROLOGUES): x itself; x * act_scale; x *
+# act_scale * inv_rms, an rms_norm folded in (x its float32 input, its weight in act_scale, inv_rms = 1 /
+# rms(x));
+# act(x[i]) * x[width + i] * act_scale[i], act x up folded in (x the gate_up output).
+XT_RAW, XT_SCALED, XT_NORM, XT_SILU, XT_GELU = range(5)
+XT_OF_PROLOGUE = {"fp16": XT_SCALED, "rms_norm": XT_NORM, "silu": XT_SILU, "gelu_tanh": XT_GELU}
+
+
 @cuda.jit(device=True)
-def _xt(x, act_scale, has_scale, i):
-    """x~ = x * act_scale in float32, exactly as the GEMV stages it."""
+def _xt(x, act_scale, mode, inv_rms, width, i):
+    """x~[i] in float32, exactly as the GEMV stages it (`mode`: XT_*)."""
     u = uint64(i)  # i >= 0: an unsigned index needs no negative-index wraparound (two selects a load)
     v = float32(x[u])
-    if has_scale:
+    if mode == XT_SILU or mode == XT_GELU:
+        v = act_value(v, mode == XT_GELU) * float32(x[u + uint64(width)])
+    if mode != XT_RAW:
         v = v * float32(act_scale[u])
+    if mode == XT_NORM:
+        v = v * inv_rms
     return v
 
 
@@ -118,9 +131,10 @@ def _select_one(packed, q, nb, j, first, run, c0, chunk, width, k_last, best, cu
 
 
 @cuda.jit(device=True)
-def select_chunks(x, act_scale, has_scale, chunk, c0, nb, k_chunk, k_last, a, b, hi_scale, lo_scale,
+def select_chunks(x, act_scale, mode, inv_rms, width, chunk, c0, nb, k_chunk, k_last, a, b, hi_scale, lo_scale,
                   hist, cuts, scan, group_sums, x_stash, sel_idx, sel_x):
-    """Block-wide: the picks of chunks c0 .. c0 + nb - 1 (nb <= 4, chunk <= 1024) of x [width].
+    """Block-wide: the picks of chunks c0 .. c0 + nb - 1 (nb <= 4, chunk <= 1024) of x~ [width] (`_xt`:
+    x, act_scale, mode, inv_rms).
 
     Every thread of the block must call it (it synchronises). On return, chunk c0 + q's k_q picks are
     sel_idx[q * k_chunk : q * k_chunk + k_q] (global channel indices, ascending) with their x~ in
@@ -133,7 +147,6 @@ def select_chunks(x, act_scale, has_scale, chunk, c0, nb, k_chunk, k_last, a, b,
     L1/L2, all in flight at once; 5 barriers.
     """
     tid = int32(cuda.threadIdx.x)
-    width = x.shape[0]
     run = (chunk + CHUNK_THREADS - 1) // CHUNK_THREADS
     q = int32(tid // CHUNK_THREADS)  # whole warps per chunk: threads past the last chunk skip step 1 together
     j = int32(tid % CHUNK_THREADS)
@@ -155,7 +168,7 @@ def select_chunks(x, act_scale, has_scale, chunk, c0, nb, k_chunk, k_last, a, b,
     if q < nb:
         xv = cuda.local.array(RUN_MAX, float32)
         for r in range(RUN_MAX):  # unconditional loads, all in flight (past the chunk: its last channel, unused)
-            xv[r] = _xt(x, act_scale, has_scale, start + min(first + r, wc - 1))
+            xv[r] = _xt(x, act_scale, mode, inv_rms, width, start + min(first + r, wc - 1))
         for r in range(RUN_MAX):  # interleaved by thread: no bank conflicts
             x_stash[q * MAX_CHUNK + r * CHUNK_THREADS + j] = xv[r]
         for w in range(PACKED_WORDS):

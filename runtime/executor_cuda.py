@@ -63,7 +63,7 @@ from decdec.ops.selector import bucket_bounds
 from decdec.errors import ConfigError, DeviceError
 from decdec.graph import Node
 from decdec.runtime.tune import require_gpu
-from decdec.scheduler.plan import CORRECTION_OPS, MAIN, SIDE, Launch, Plan, default_n_tb
+from decdec.scheduler.plan import CORRECTION_OPS, FOLDS, MAIN, SIDE, Launch, Plan, default_n_tb
 
 # our kernels that wait for the kernel before them (`ops.ptx.wait_upstream`) before reading what it writes:
 # only an edge into one of these may become programmatic (matched in the kernel's mangled name)
@@ -102,8 +102,8 @@ def buffer_specs(args: ModelArgs, launches: tuple[Launch, ...]) -> tuple[dict[st
     """(specs, aliases): width and dtype of every tensor kept in a static buffer, and the tensors that
     share another's buffer. fp16 where a GEMV kernel or the fp16 lm_head reads it or a GEMV writes it,
     float32 elsewhere. The fused side nodes' tensors (indices, rows, correction) and the tensors that
-    live inside one GEMV launch (the glue folded into it) get no buffer, and a merge's output is its base
-    GEMV's buffer, which the split-output arrival completes."""
+    live inside a GEMV's launch and its correction's (the glue folded into them) get no buffer, and a
+    merge's output is its base GEMV's buffer, which the split-output arrival completes."""
     nodes = [n for launch in launches for n in launch.nodes]
     fp16 = {t for n in nodes if n.op in FP16_INPUTS for t in n.inputs}
     fp16 |= {t for n in nodes if n.op in FP16_OUTPUTS for t in n.outputs}
@@ -112,8 +112,10 @@ def buffer_specs(args: ModelArgs, launches: tuple[Launch, ...]) -> tuple[dict[st
         for n in launch.nodes:
             for t in n.inputs:
                 readers.setdefault(t, set()).add(i)
-    inside = {t for i, launch in enumerate(launches) if "base_gemv" in launch.op for n in launch.nodes
-              for t in n.outputs if readers.get(t) == {i}}  # folded glue: made and read by one GEMV launch
+    made = [{t for n in launch.nodes for t in n.outputs} for launch in launches]
+    # folded glue: read only by GEMV or correction launches that make it themselves
+    inside = {t for i, launch in enumerate(launches) if "base_gemv" in launch.op for t in made[i]
+              if readers.get(t) and all(t in made[j] for j in readers[t])}
     specs, aliases = {}, {}
     for n in nodes:
         if n.op in CORRECTION_OPS[:-1] or n.outputs[0] in inside:
@@ -125,23 +127,28 @@ def buffer_specs(args: ModelArgs, launches: tuple[Launch, ...]) -> tuple[dict[st
     return specs, aliases
 
 
+def _side_ops(launch: Launch) -> tuple[str, ...]:
+    """A side launch's ops without the glue folded in beside its GEMV (`scheduler.plan.FOLDS`)."""
+    return tuple(n.op for n in launch.nodes if n.op not in FOLDS)
+
+
 def check_plan(plan: Plan) -> None:
-    """What the executor relies on: only fused corrections on the side stream; every wait names an
-    event recorded earlier; every event the side stream records is waited for later on the main stream
-    (so the side stream joins back before the step, and the capture, ends)."""
-    recorded: dict[str, int] = {}
+    """What the executor relies on: only fused corrections (with their GEMV's folded glue) on the side
+    stream; every wait names an event the other stream recorded earlier; every event the side stream
+    records is waited for later on the main stream (so the side stream joins back before the step, and
+    the capture, ends)."""
+    recorded: set[tuple[str, int]] = set()
     waited_on_main: set[str] = set()
     for i, launch in enumerate(plan.launches):
-        if launch.stream == SIDE and tuple(n.op for n in launch.nodes) != CORRECTION_OPS:
+        if launch.stream == SIDE and _side_ops(launch) != CORRECTION_OPS:
             raise ValueError(f"launch {i} ({launch.name}) runs on the side stream: only the fused {CORRECTION_OPS} may")
         for name in launch.waits:
-            if name not in recorded:
-                raise ValueError(f"launch {i} ({launch.name}) waits for '{name}' before anything records it")
+            if (name, 1 - launch.stream) not in recorded:
+                raise ValueError(f"launch {i} ({launch.name}) waits for '{name}' before the other stream records it")
             if launch.stream == MAIN:
                 waited_on_main.add(name)
-        for name in launch.records:
-            recorded[name] = launch.stream
-    unjoined = sorted(name for name, stream in recorded.items() if stream == SIDE and name not in waited_on_main)
+        recorded |= {(name, launch.stream) for name in launch.records}
+    unjoined = sorted(name for name, stream in recorded if stream == SIDE and name not in waited_on_main)
     if unjoined:
         raise ValueError(f"the side stream never joins back after {unjoined}")
 
@@ -348,7 +355,8 @@ class CUDAExecutor:
         # index MAIN / SIDE; priority -1 dispatches the correction's few blocks before the GEMV's
         self.streams = (torch.cuda.Stream(), torch.cuda.Stream(priority=-1))
         self.numba_streams = tuple(cuda.external_stream(s.cuda_stream) for s in self.streams)
-        self.events = {name: torch.cuda.Event() for launch in plan.launches for name in launch.records}
+        # per (tensor, recording stream): a folded add's output is recorded on both streams, for the other
+        self.events = {(name, launch.stream): torch.cuda.Event() for launch in plan.launches for name in launch.records}
         # Numba views of the buffers, made once: a conversion inside the capture could synchronize
         self.views = {name: _view(t) for name, t in self.state.buf.items()}
         self.attention_plan = plan_attention(model.args)
@@ -360,7 +368,7 @@ class CUDAExecutor:
         for n in nodes:
             if n.op == "correction":
                 self._prepare_correction(n)
-        self.folded_scales: list[torch.Tensor] = []  # folded norms' scales, which the GEMV launches read
+        self.folded_scales: dict[tuple, torch.Tensor] = {}  # per group: its folded norm's weight x act_scale
         self.launches = [self._bind(launch) for launch in plan.launches]
         self.profiled: tuple[torch.cuda.CUDAGraph, StepEvents] | None = None  # captured by the first timed run
         # warm-up on the capture stream: Numba compiles, cuBLAS / SDPA initialise, lazy scratch is made
@@ -391,38 +399,40 @@ class CUDAExecutor:
     def _bind(self, launch: Launch):
         """The call that issues one launch, with every argument bound (nothing is looked up per step)."""
         node = launch.nodes[0]
-        key = (node.layer, node.attr("group"))
         if launch.stream == SIDE:
             # the fused correction: it selects, fetches over PCIe, corrects and adds its part into the base
-            # GEMV's split output; whichever kernel completes a tile writes the fp16 output (the merge)
-            act = self.model.groups[key].gemv.act_scale
-            return functools.partial(self.corrections[key], self.views[node.inputs[0]], act,
-                                     out=self.views[self.base_out[key]], merge=self.splits[key],
-                                     stream=self.numba_streams[SIDE])
+            # GEMV's split output; whichever kernel completes a tile writes the output (the merge)
+            key = next((n.layer, n.attr("group")) for n in launch.nodes if n.op == "correction")
+            x, out, fold = self._folded(launch, key)
+            fold.setdefault("act_scale", self.model.groups[key].gemv.act_scale)
+            return functools.partial(self.corrections[key], x, out=out, merge=self.splits[key],
+                                     stream=self.numba_streams[SIDE], **fold)
         if "base_gemv" in launch.op:
-            return self._gemv(launch)
+            key = next((n.layer, n.attr("group")) for n in launch.nodes if n.op == "base_gemv")
+            x, out, fold = self._folded(launch, key)
+            return functools.partial(self.gemvs.get(key, self.model.groups[key].gemv), x, out, self.numba_streams[MAIN],
+                                     merge=self.splits.get(key), **fold)
         if launch.op in TORCH_OPS:  # torch launches on its current stream: the main one
             return functools.partial(TORCH_OPS[launch.op], self.state, node)
         return functools.partial(self._layer_kernel(launch), self.numba_streams[MAIN])
 
-    def _gemv(self, launch: Launch):
-        """A base GEMV launch, with the glue the plan folded into it (`scheduler.plan.FOLDS`): the norm or
-        act x up before it as the kernel's prologue, the residual add after it as its epilogue."""
+    def _folded(self, launch: Launch, key: tuple) -> tuple:
+        """(x, out, the folded glue's kernel arguments) of a launch of group `key`'s GEMV or correction: the
+        norm or act x up before it as the kernels' prologue (x its input), the residual add after it as
+        their epilogue (out its output, float32), else x the GEMV's input and out its output."""
         first, last = launch.nodes[0], launch.nodes[-1]
-        gemv_node = next(n for n in launch.nodes if n.op == "base_gemv")
-        key = (gemv_node.layer, gemv_node.attr("group"))
-        gemv = self.gemvs.get(key, self.model.groups[key].gemv)
         fold = {}
-        if first.op == "rms_norm":  # the norm's weight times the GEMV's act_scale, made once
-            scale = self.model.weights[first.attr("weight")] * torch.as_tensor(gemv.act_scale, device=DEVICE)
-            self.folded_scales.append(scale)
-            fold = dict(prologue="rms_norm", act_scale=_view(scale), eps=self.model.args.norm_eps)
+        if first.op == "rms_norm":  # the norm's weight times the GEMV's act_scale, made once per group
+            if key not in self.folded_scales:
+                act_scale = torch.as_tensor(self.model.groups[key].gemv.act_scale, device=DEVICE)
+                self.folded_scales[key] = self.model.weights[first.attr("weight")] * act_scale
+            fold = dict(prologue="rms_norm", act_scale=_view(self.folded_scales[key]), eps=self.model.args.norm_eps)
         elif first.op == "act_mul":
             fold = dict(prologue=first.attr("act"))
         if last.op == "residual_add":
             fold["resid"] = self.views[last.inputs[0]]
-        return functools.partial(gemv, self.views[first.inputs[0]], self.views[last.outputs[0]],
-                                 self.numba_streams[MAIN], merge=self.splits.get(key), **fold)
+        out = self.views[last.outputs[0] if last.op == "residual_add" else self.base_out[key]]
+        return self.views[first.inputs[0]], out, fold
 
     def _layer_kernel(self, launch: Launch):
         """The kernel of a launch between the GEMVs: the fused norm (after a residual add, or alone),
@@ -472,14 +482,14 @@ class CUDAExecutor:
         for i, (launch, issue) in enumerate(zip(self.plan.launches, self.launches)):
             stream = self.streams[launch.stream]
             for name in launch.waits:
-                stream.wait_event(self.events[name])
+                stream.wait_event(self.events[name, 1 - launch.stream])
             if timing is not None:
                 timing.marks[i][0].record(stream)
             issue()
             if timing is not None:
                 timing.marks[i][1].record(stream)
             for name in launch.records:
-                self.events[name].record(stream)
+                self.events[name, launch.stream].record(stream)
 
     @torch.no_grad()
     def run(self, token: int, position: int, timings: list | None = None, *, eager: bool = False) -> torch.Tensor:

@@ -131,6 +131,44 @@ def test_merged_into_base_gemv_in_either_order(bits, k_blocks, k_warps, order, o
         assert (split.counters.copy_to_host() == 0).all()
 
 
+@kernels
+@pytest.mark.parametrize("prologue, bits, out_features, width, k_chunk, residual", [
+    ("rms_norm", 3, 40, 640, 48, True),  # the norm's 1 / rms in every block of both kernels; the residual add
+    ("silu", 4, 40, 640, 48, False),  # act x up from gate_up's two halves
+    ("gelu_tanh", 3, 40, 1152, 1, True),  # two chunks at k_chunk 1
+])
+def test_merged_with_the_gemvs_folded_glue(prologue, bits, out_features, width, k_chunk, residual):
+    """The correction beside a GEMV whose glue is folded in (`ops.base_gemv.PROLOGUES`): both make x~ from
+    the glue's input, so the correction picks and weighs the channels of the unfolded reference (the norm
+    or act x up, then the GEMV and the correction, then + the residual stream), merged either way round."""
+    from tests.ops.test_base_gemv import fused_reference
+
+    rng = np.random.default_rng(60 + bits + width)
+    _, q, scales, zeros, act = random_linear(rng, bits, out_features, width)
+    gemv = bg.BaseGemv(*(cuda.to_device(a) for a in (q, scales, zeros, act)), bits,
+                       plan=bg.plan_gemv(out_features, width, bits, k_blocks=2, k_warps=1))
+    _, _, bounds, rows, rscale, _ = case(rng, width, out_features, k_chunk)
+    corr = co.Correction(cuda.to_device(dma.pad_rows(rows)), cuda.to_device(rscale), bounds, k_chunk, n_tb=2,
+                         tile_rows=gemv.plan.merge_rows)
+    split = gemv.split_output(extra_parts=corr.parts)
+    norm_weight = (rng.random(width) + 0.5).astype(np.float32)
+    resid = (rng.standard_normal(out_features) * 4).astype(np.float32)
+    for first in ("correction", "base"):
+        x, scale, h = fused_reference(rng, prologue, width, act, norm_weight)
+        base_ref = bg.base_gemv_reference(h, *map(torch.from_numpy, (q, scales, zeros, act)), bits)
+        want = co.correction_reference(h, base_ref, rows, rscale, bounds, k_chunk, act_scale=torch.from_numpy(act))
+        x_d, scale_d, resid_d = (cuda.to_device(a) for a in (x, scale, resid))
+        out = cuda.to_device(np.full(out_features, np.nan, np.float32 if residual else np.float16))
+        fold = dict(prologue=prologue, act_scale=scale_d, eps=1e-5, resid=resid_d if residual else None)
+        launches = [lambda: gemv(x_d, out, merge=split, **fold),
+                    lambda: corr(x_d, out=out, merge=split, **fold)]
+        for launch in launches if first == "base" else launches[::-1]:
+            launch()
+        got = out.copy_to_host().astype(np.float32)
+        assert_close_fp16(got - resid if residual else got, want.numpy())
+        assert (split.counters.copy_to_host() == 0).all()
+
+
 # ---------------------------------------------------------------------------------------------------
 # real GPU, real shapes: zero-copy rows, base and correction on two streams
 

@@ -94,7 +94,7 @@ def small_args(family: str) -> tuple[ModelArgs, dict]:
 
 def test_buffer_plan_dtypes_and_aliases():
     args, _ = small_args("llama")
-    plan = schedule(build_graph(args, [3, 3], 64))
+    plan = schedule(build_graph(args, [3, 3], 64), folds=())  # every glue op its own launch
     specs, aliases = xc.buffer_specs(args, plan.launches)
     for i in range(args.n_layers):
         for name in (f"h.{i}", f"attn.{i}", f"h2.{i}", f"a.{i}"):  # GEMV inputs
@@ -111,18 +111,18 @@ def test_buffer_plan_dtypes_and_aliases():
 
 
 def test_glue_folded_into_a_gemv_gets_no_buffer():
-    """Uncompensated: norms, act x up and residual adds fold into the GEMV launches, so their GEMV-side
-    tensors (h, a, the GEMV outputs o and d) live inside one launch; the residual stream, qkv and gate_up
-    still get buffers. With gate_up compensated, its input h2 (read by the correction) keeps its buffer."""
+    """Norms, act x up and residual adds fold into the GEMV launches (and their corrections'), so their
+    GEMV-side tensors (h, a, the GEMV outputs o and d) live inside those launches; the residual stream,
+    qkv and gate_up still get buffers, and a compensated GEMV's output the one its merge aliases."""
     args, _ = small_args("llama")
     specs, aliases = xc.buffer_specs(args, schedule(build_graph(args, [3, 3], 0)).launches)
     for i in range(args.n_layers):
         assert not any(f"{name}.{i}" in specs for name in ("h", "h2", "a", "o", "d"))
         assert specs[f"qkv.{i}"][1] == specs[f"gu.{i}"][1] == torch.float16
         assert specs[f"xa.{i}"][1] == specs[f"x.{i + 1}"][1] == torch.float32
-    k = {("qkv", 3): 0, ("o", 3): 0, ("gate_up", 3): 16, ("down", 3): 0}
-    specs, _ = xc.buffer_specs(args, schedule(build_graph(args, [3, 3], k)).launches)
-    assert specs["h2.0"][1] == torch.float16 and "h.0" not in specs and "a.0" not in specs
+    specs, aliases = xc.buffer_specs(args, schedule(build_graph(args, [3, 3], 16)).launches)
+    assert not any(f"{name}.0" in specs for name in ("h", "h2", "a"))
+    assert specs["xa.0"][1] == specs["x.1"][1] == torch.float32 and aliases["gu.0"] == "gate_up.0.base"
 
 
 def test_check_plan_accepts_schedules_and_rejects_broken_ones():
@@ -137,7 +137,7 @@ def test_check_plan_accepts_schedules_and_rejects_broken_ones():
         xc.check_plan(Plan((dataclasses.replace(items[0], stream=SIDE),) + items[1:]))
     first_side = next(i for i, it in enumerate(items) if it.stream == SIDE)
     early = (items[first_side],) + items[:first_side] + items[first_side + 1:]
-    with pytest.raises(ValueError, match="before anything records it"):
+    with pytest.raises(ValueError, match="before the other stream records it"):
         xc.check_plan(Plan(early))
 
 
@@ -219,11 +219,23 @@ class FakeSplit:
     def __init__(self, n_parts: int):
         self.n_parts, self.parts = n_parts, []
 
-    def arrive(self, part, out):
+    def arrive(self, part, out, resid=None):
+        """`resid`: the folded residual add, fp32 out (both arrivals must agree on it)."""
+        assert out.dtype == (torch.float16 if resid is None else torch.float32)
         self.parts.append(part)
         if len(self.parts) == self.n_parts:
-            out.copy_(sum(self.parts))
+            out.copy_(sum(self.parts) + (0 if resid is None else resid))
             self.parts = []
+
+
+def folded_input(x, act_scale, prologue: str, eps: float):
+    """x~ as the GEMV and the correction make it (`ops.base_gemv.PROLOGUES`): x * act_scale, the rms_norm
+    (x float32, its weight in act_scale) or act x up of gate_up (fp16) times act_scale."""
+    assert x.dtype == (torch.float32 if prologue == "rms_norm" else torch.float16)
+    if prologue in ("silu", "gelu_tanh"):
+        return act.act_mul(norm_args("gemma3" if prologue == "gelu_tanh" else "llama"), x.float()) * act_scale
+    xs = x.float() * act_scale
+    return xs * torch.rsqrt(x.pow(2).mean() + eps) if prologue == "rms_norm" else xs
 
 
 class FakeGemv:
@@ -248,17 +260,10 @@ class FakeGemv:
         """The folded glue as `ops.base_gemv._mma_kernel` computes it: rms_norm's 1 / rms from x, its weight
         in act_scale; act(gate) * up of gate_up; the residual added to the float32 output."""
         n_in = self.plan.in_features
-        assert x.dtype == (torch.float32 if prologue == "rms_norm" else torch.float16) and stream.name == "main"
-        assert tuple(x.shape) == (2 * n_in if prologue in ("silu", "gelu_tanh") else n_in,)
-        assert out.dtype == (torch.float16 if resid is None else torch.float32) and tuple(out.shape) == (self.plan.out_features,)
-        if prologue in ("silu", "gelu_tanh"):
-            xs = act.act_mul(norm_args("gemma3" if prologue == "gelu_tanh" else "llama"), x.float()) * self.act_scale
-        else:
-            xs = x.float() * (self.act_scale if act_scale is None else act_scale)
-        if prologue == "rms_norm":
-            xs = xs * torch.rsqrt(x.pow(2).mean() + eps)
-        y = xs @ self.weight.T + (0 if resid is None else resid)
-        merge.arrive(y, out) if merge is not None else out.copy_(y)
+        assert stream.name == "main" and tuple(x.shape) == (2 * n_in if prologue in ("silu", "gelu_tanh") else n_in,)
+        assert tuple(out.shape) == (self.plan.out_features,)
+        y = folded_input(x, self.act_scale if act_scale is None else act_scale, prologue, eps) @ self.weight.T
+        merge.arrive(y, out, resid) if merge is not None else out.copy_(y + (0 if resid is None else resid))
 
 
 class FakeCorrection:
@@ -270,11 +275,12 @@ class FakeCorrection:
         assert n_tb >= 1 and tile_rows == 64
         self.n_tb = n_tb
 
-    def __call__(self, x, act_scale=None, *, base_out=None, out=None, merge=None, stream=0):
-        assert x.dtype == out.dtype == torch.float16 and merge is not None and stream.name == "side"
-        corr = correction_reference(x.float(), torch.zeros(out.shape[0]), self.rows, self.scales, self.bounds,
-                                    self.k_chunk, act_scale=act_scale)
-        merge.arrive(corr, out)
+    def __call__(self, x, act_scale=None, *, base_out=None, out=None, merge=None, resid=None, prologue="fp16", eps=0.0,
+                 stream=0):
+        assert merge is not None and stream.name == "side"
+        corr = correction_reference(folded_input(x, act_scale, prologue, eps), torch.zeros(out.shape[0]), self.rows,
+                                    self.scales, self.bounds, self.k_chunk)
+        merge.arrive(corr, out, resid)
 
 
 class FakeNorm:

@@ -56,17 +56,33 @@ def test_plan_fuses_logical_ops_into_launches():
     graph = build_graph(args, [3, 3], 16)
     plan = schedule(graph)
     ops = [(launch.op, launch.stream) for launch in plan.launches if launch.layer == 0]
-    assert ops[:6] == [("rms_norm", 0), ("selector+dma+correction+merge", 1), ("base_gemv", 0), ("attention", 0),
-                       ("selector+dma+correction+merge", 1), ("base_gemv", 0)]
-    assert ("residual_add+rms_norm", 0) in ops  # the norm after a residual add is fused into it
-    # every logical node is carried out by exactly one launch, in a topological order
-    assert sorted(n.name for launch in plan.launches for n in launch.nodes) == sorted(n.name for n in graph.nodes)
-    waits = {t for launch in plan.launches for t in launch.waits}
-    records = {t for launch in plan.launches for t in launch.records}
-    assert waits == records  # every wait has its event recorded
-    first_side = next(launch for launch in plan.launches if launch.stream == 1)
-    assert first_side.waits == ("h.0",)  # the correction waits for its input only, never for the base GEMV
-    assert "fuse" not in plan.format() and "selector+dma+correction+merge" in plan.format()
+    corr = "selector+dma+correction+merge"
+    assert ops == [  # the glue folds into each GEMV and, beside it, into its correction
+        ("rms_norm+" + corr, 1), ("rms_norm+base_gemv", 0), ("attention", 0),
+        (corr + "+residual_add", 1), ("base_gemv+residual_add", 0),
+        ("rms_norm+" + corr, 1), ("rms_norm+base_gemv", 0),
+        ("act_mul+" + corr + "+residual_add", 1), ("act_mul+base_gemv+residual_add", 0)]
+    # every logical node is carried out, in a topological order; only folded glue twice (GEMV and correction)
+    done = [n for launch in plan.launches for n in launch.nodes]
+    assert set(done) == set(graph.nodes)
+    assert {n.op for n in done if done.count(n) > 1} == {"rms_norm", "act_mul", "residual_add"}
+    # events: a side launch waits for its input's maker; what both streams complete (the merged output,
+    # the folded add's) is waited for from the other stream, whose maker records it there
+    launches = plan.launches
+    assert launches[1].waits == ("x.0",) and launches[1].records == ("qkv.0",)
+    attention = launches[3]
+    assert attention.waits == ("qkv.0",) and attention.records == ("attn.0",)
+    side_o, main_o, side_gu, main_gu = launches[4:8]
+    assert (side_o.waits, side_o.records) == (("attn.0", "x.0"), ("xa.0",))
+    assert (main_o.records, side_gu.waits, main_gu.waits) == (("xa.0",), ("xa.0",), ("xa.0",))
+    assert "fuse" not in plan.format() and corr in plan.format()
+    uncompensated = schedule(build_graph(args, [3, 3], 0))
+    assert [launch.op for launch in uncompensated.launches if launch.layer == 0] == [
+        "rms_norm+base_gemv", "attention", "base_gemv+residual_add", "rms_norm+base_gemv",
+        "act_mul+base_gemv+residual_add"]
+    assert not any(launch.waits or launch.records for launch in uncompensated.launches)
+    unfolded = schedule(graph, folds=())  # the corrections read the norm's output: the side waits for it
+    assert [(launch.op, launch.waits) for launch in unfolded.launches[1:3]] == [("rms_norm", ()), (corr, ("h.0",))]
     cpu = schedule(graph, fuse=False)
     assert [launch.nodes[0] for launch in cpu.launches] == graph.nodes
     assert all(launch.stream == 0 and not launch.waits for launch in cpu.launches)  # one stream

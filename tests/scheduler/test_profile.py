@@ -113,8 +113,8 @@ def test_build_graph_takes_k_chunk_and_n_tb_per_kind_and_bits():
 def test_plan_format_shows_n_tb_where_set():
     text = schedule(build_graph(ARGS, [3] * 4, 16, {("qkv", 3): 12, ("o", 3): 0, ("gate_up", 3): 0, ("down", 3): 0})).format()
     assert "n_tb" in text.splitlines()[0]
-    qkv = next(line for line in text.splitlines() if "L0.qkv.selector+dma+correction+merge" in line)
-    down = next(line for line in text.splitlines() if "L0.down.selector+dma+correction+merge" in line)
+    qkv = next(line for line in text.splitlines() if "L0.qkv.rms_norm+selector+dma+correction+merge " in line)
+    down = next(line for line in text.splitlines() if "L0.down.act_mul+selector+dma+correction+merge+residual_add " in line)
     assert qkv.split()[6:8] == ["16", "12"] and down.split()[6:8] == ["16", "8*"]  # * : the default n_tb
 
 

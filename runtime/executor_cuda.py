@@ -8,17 +8,19 @@ Everything is allocated at construction; a step allocates nothing and costs one 
 - `DecodeState`: one static buffer per graph tensor, the step's inputs (token, position) as device
   tensors the graph reads, the fp16 KV cache [n_layers, max_seq, n_kv, hd] and the RoPE tables; the
   two torch ops of a step (`TORCH_OPS`: the embedding row, the fp16 lm_head).
-- `CUDAExecutor`: binds every plan launch to a kernel (base GEMV; the fused correction; residual
-  add + RMSNorm, attention with RoPE and the KV write, act x up from ops/), warms everything up on
-  the capture stream and captures the step with `torch.cuda.graph(g, stream=main)`.
+- `CUDAExecutor`: binds every plan launch to a kernel (the base GEMV and the fused correction, each
+  with the glue the plan folds into them: the norm or act x up before, the residual add after; the
+  fused residual add + RMSNorm where it stays apart; attention with RoPE and the KV write; all from
+  ops/), warms everything up on the capture stream and captures the step with
+  `torch.cuda.graph(g, stream=main)`.
   `run(token, position)` writes the inputs on the replay stream, replays, and returns the logits.
 
 Streams (scheduler/plan.py): every launch but the corrections runs on the main stream. A compensated
 group's fused correction (selector -> dma -> correction -> merge) waits for its input's event on a
 high-priority side stream, so its few blocks are dispatched before the GEMV's; it adds its part into
-the base GEMV's `SplitOutput`, and whichever kernel completes a row tile last writes the fp16 output.
-The next reader of that output waits for the side launch's event, which also joins the side stream
-back before the capture ends.
+the base GEMV's `SplitOutput`, and whichever kernel completes a row tile last writes the output (fp16,
+or the float32 residual stream where the add is folded). The next reader of that output waits for the
+side launch's event, which also joins the side stream back before the capture ends.
 
 Programmatic dependent launch (compute capability 9.0+): after the capture, every edge from a kernel to
 one of our kernels (`PDL_KERNELS`) becomes a programmatic edge (`programmatic_edges`), so a kernel's
@@ -52,7 +54,6 @@ from numba import cuda
 from decdec.args import ModelArgs
 from decdec.constants import LINEAR_KINDS
 from decdec.models.arch import embed
-from decdec.ops.act import ActMul
 from decdec.ops.attention import AttentionScratch, DecodeAttention, KVCache, plan_attention, rope_table
 from decdec.ops.base_gemv import BaseGemv
 from decdec.ops.correction import Correction
@@ -67,7 +68,7 @@ from decdec.scheduler.plan import CORRECTION_OPS, FOLDS, MAIN, SIDE, Launch, Pla
 
 # our kernels that wait for the kernel before them (`ops.ptx.wait_upstream`) before reading what it writes:
 # only an edge into one of these may become programmatic (matched in the kernel's mangled name)
-PDL_KERNELS = ("_mma_kernel", "_correction_kernel", "_add_rms_norm_kernel", "_attention_kernel", "_act_mul_kernel")
+PDL_KERNELS = ("_mma_kernel", "_correction_kernel", "_add_rms_norm_kernel", "_attention_kernel")
 FP16_INPUTS = ("base_gemv", "lm_head")  # ops that read fp16 buffers (the GEMV kernels, torch's fp16 matmul)
 FP16_OUTPUTS = ("base_gemv",)  # ops that write fp16 buffers (a merge's output is its base GEMV's buffer)
 DEVICE = "cuda"  # where DeviceModel and CUDAExecutor put their tensors
@@ -435,8 +436,8 @@ class CUDAExecutor:
         return self.views[first.inputs[0]], out, fold
 
     def _layer_kernel(self, launch: Launch):
-        """The kernel of a launch between the GEMVs: the fused norm (after a residual add, or alone),
-        attention, or act x up; its arguments are views made here, once."""
+        """The kernel of a launch between the GEMVs: the fused norm (after a residual add, or alone) or
+        attention; its arguments are views made here, once."""
         args, w, v, node = self.model.args, self.model.weights, self.views, launch.nodes[-1]
         if launch.op in ("rms_norm", "residual_add+rms_norm"):
             add = launch.nodes[0] if len(launch.nodes) == 2 else None
@@ -453,9 +454,8 @@ class CUDAExecutor:
                                    **{name: _view(w[p + key]) for name, key in
                                       (("bias", "qkv_bias"), ("q_norm", "q_norm"), ("k_norm", "k_norm"))
                                       if p + key in w})
-        if launch.op == "act_mul":
-            return ActMul(args, v[node.inputs[0]], v[node.outputs[0]])
-        raise ValueError(f"the CUDA executor has no launch for {launch.op}")
+        raise ValueError(f"the CUDA executor has no launch for {launch.op} (act_mul runs folded into the down GEMV: "
+                         "scheduler.plan.FOLDS)")
 
     def _capture(self, timing: StepEvents | None = None, pdl: bool = False) -> tuple[torch.cuda.CUDAGraph, int]:
         """The step captured on the main stream (with `timing`: its events become nodes of the graph;

@@ -3,7 +3,7 @@
 On the CPU: the buffer plan and the plan checks; the executor's own code (binding, events,
 capture/replay, run, prefill, per-op timing) on a fake device whose GPU-only parts are CPU stand-ins
 with the same signatures: the GEMV and the correction with the split-output merge semantics, and the
-layer kernels (fused norm, attention, act x up) as their ops' CPU references on the fp16 buffers and
+layer kernels (fused norm, attention) as their ops' CPU references on the fp16 buffers and
 cache, against the CPU engine. The kernels themselves are checked against those references in
 tests/ops/.
 
@@ -41,7 +41,6 @@ from decdec.models.arch import KVCache, ModelArgs  # noqa: E402
 from decdec.models.graph import build_graph  # noqa: E402
 from decdec.models.loader import synthetic_model  # noqa: E402
 from decdec.ops import act, attention, dma, norm  # noqa: E402
-from decdec.ops.act import act_mul_reference  # noqa: E402
 from decdec.ops.attention import decode_attention_reference  # noqa: E402
 from decdec.ops.correction import correction_reference  # noqa: E402
 from decdec.ops.norm import add_rms_norm_reference  # noqa: E402
@@ -146,13 +145,13 @@ def test_gemvs_beside_corrections_and_readers_of_compensated_outputs_keep_ordina
     that writes their input, the side stream's corrections follow one another, and the next kernel reads
     from both streams. The edges into the GEMVs stay ordinary, and so do those into the readers of every
     group but the last (their correction precedes the next one); the corrections launch early."""
-    kinds = {"norm": b"_add_rms_norm_kernel", "attn": b"_attention_kernel", "act": b"_act_mul_kernel",
-             "C": b"_correction_kernel", "G": b"_mma_kernel", "embed": b"index_elementwise_kernel"}
-    order = ["embed", "norm0", "C1", "G1", "attn", "C2", "G2", "norm1", "C3", "G3", "act", "C4", "G4", "norm2"]
+    kinds = {"norm": b"_add_rms_norm_kernel", "attn": b"_attention_kernel", "C": b"_correction_kernel",
+             "G": b"_mma_kernel", "embed": b"index_elementwise_kernel"}
+    order = ["embed", "norm0", "C1", "G1", "attn", "C2", "G2", "norm1", "C3", "G3", "norm3", "C4", "G4", "norm2"]
     node = {name: i for i, name in enumerate(order)}
     edges = [("embed", "norm0")]
-    groups = (("norm0", "C1", "G1", "attn"), ("attn", "C2", "G2", "norm1"), ("norm1", "C3", "G3", "act"),
-              ("act", "C4", "G4", "norm2"))
+    groups = (("norm0", "C1", "G1", "attn"), ("attn", "C2", "G2", "norm1"), ("norm1", "C3", "G3", "norm3"),
+              ("norm3", "C4", "G4", "norm2"))
     for u, c, g, reader in groups:
         edges += [(u, c), (u, g), (c, reader), (g, reader)]
     edges += [("C1", "C2"), ("C2", "C3"), ("C3", "C4")]  # the side stream's order
@@ -318,18 +317,6 @@ class FakeAttention:
                                                   self.cache))
 
 
-class FakeActMul:
-    """`ActMul` on the CPU (its reference), same signatures."""
-
-    def __init__(self, args, gate_up, out):
-        assert gate_up.dtype == out.dtype == torch.float16
-        self.args, self.gate_up, self.out = args, gate_up, out
-
-    def __call__(self, stream=0):
-        assert stream.name == "main"
-        self.out.copy_(act_mul_reference(self.args, self.gate_up))
-
-
 class FakeTable:
     def __init__(self, table):
         self.table, self.nbytes = torch.from_numpy(dma.pad_rows(table)), table.nbytes
@@ -399,8 +386,8 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(runtime_engine, "require_gpu", lambda what: None)
     for name, value in {"DEVICE": "cpu", "require_gpu": lambda what: None, "cuda": fake_numba, "BaseGemv": FakeGemv,
                         "Correction": FakeCorrection, "PinnedTable": FakeTable, "AddRmsNorm": FakeNorm,
-                        "DecodeAttention": FakeAttention, "ActMul": FakeActMul,
-                        "AttentionScratch": types.SimpleNamespace(allocate=lambda plan: None)}.items():
+                        "DecodeAttention": FakeAttention, "AttentionScratch": types.SimpleNamespace(allocate=lambda plan: None)
+                        }.items():
         monkeypatch.setattr(xc, name, value)
     for name, value in {"is_available": lambda: True, "Stream": make_stream, "Event": FakeEvent,
                         "stream": lambda s: contextlib.nullcontext(), "synchronize": lambda: None,
@@ -478,10 +465,10 @@ def on_simulator(kernel_class):
 
 @pytest.mark.skipif(not SIMULATED, reason="needs Numba's CUDA simulator")
 def test_layer_kernels_in_the_simulator_match_cpu_engine(tmp_path, fake_cuda, monkeypatch):
-    """The fake device with the real fused norm, attention and act x up kernels (Numba's CUDA simulator on
-    the CPU buffers, cache and RoPE tables): the executor's binding of every kernel argument, end to end,
-    on the tiny Gemma 3 (post-norms, q/k norms, sliding window, tanh-GELU; ~2 minutes on 2 cores)."""
-    for module, name in ((norm, "AddRmsNorm"), (attention, "DecodeAttention"), (act, "ActMul")):
+    """The fake device with the real fused norm and attention kernels (Numba's CUDA simulator on the CPU
+    buffers, cache and RoPE tables): the executor's binding of every kernel argument, end to end, on the
+    tiny Gemma 3 (post-norms, q/k norms, sliding window; ~2 minutes on 2 cores)."""
+    for module, name in ((norm, "AddRmsNorm"), (attention, "DecodeAttention")):
         monkeypatch.setattr(xc, name, on_simulator(getattr(module, name)))
     monkeypatch.setattr(xc, "AttentionScratch", attention.AttentionScratch)
     cfg = tiny_k_cfg(tmp_path, 0, "gemma3", "rtn")

@@ -36,7 +36,7 @@ def test_prepare_eval_graph_profile(cfg_file, tmp_path, capsys):
     assert rows[0]["bits"] == 32  # the reference runs the float32 weights
     assert main(["graph", str(cfg_file)]) == 0
     out = capsys.readouterr().out
-    assert "L0.qkv.selector" in out and "side" in out
+    assert "L0.qkv.rms_norm+selector" in out and "side" in out
     trace = tmp_path / "trace.json"
     assert main(["profile", str(cfg_file), "--steps", "3", "--trace", str(trace), "--eager"]) == 0
     out = capsys.readouterr().out

@@ -18,7 +18,10 @@ before that, so the kernel
   float atomics: each writes its float32 partial row sums, and the last block to arrive at a merge tile
   (an int32 atomic counter per tile) adds the parts in a fixed order and writes fp16. The same arrival
   merges the DecDEC correction (`ops.correction`), which runs concurrently on another stream and is
-  simply one more part.
+  simply one more part;
+- folds in the glue around it where the plan asks (`PROLOGUES`, scheduler/plan.py): its staging makes
+  the input from the RMSNorm's float32 input (1 / rms applied to its rows at the end) or from gate_up
+  (act x up), and its rows add the residual stream as they are written (float32 out).
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from decdec.graph import Graph, Node
 
 MAIN, SIDE = 0, 1
 CORRECTION_OPS = ("selector", "dma", "correction", "merge")  # one fused correction launch on the GPU
-FOLDS = ("rms_norm", "act_mul", "residual_add")  # the glue ops that fold into an uncompensated base GEMV's launch
+FOLDS = ("rms_norm", "act_mul", "residual_add")  # the glue ops that fold into a base GEMV's launch (and its correction's)
 LARGE_WEIGHT = 4096 * 4096  # weights of at least this many elements get 16 correction blocks by default
 
 
@@ -133,7 +133,7 @@ def schedule(graph: Graph, fuse: bool = True, folds: tuple[str, ...] = FOLDS) ->
             launches.append(Launch(producer + (n,)))
         elif (n.op == "residual_add" and "residual_add" in folds and n.attr("post_norm") is None and last
               and last.nodes[-1].op == "base_gemv" and readers[n.inputs[1]] == [n]
-              and n.inputs[1] in (last.nodes[-1].outputs[0], *(m for m, i in side_of.items() if i == len(launches) - 2))):
+              and (n.inputs[1] == last.nodes[-1].outputs[0] or side_of.get(n.inputs[1]) == len(launches) - 2)):
             # the GEMV adds its output to the residual stream; beside a correction, whichever of the two
             # completes a row tile adds it, so the side launch carries the add as well
             launches[-1] = Launch(last.nodes + (n,))
@@ -150,9 +150,9 @@ def schedule(graph: Graph, fuse: bool = True, folds: tuple[str, ...] = FOLDS) ->
 def _with_events(launches: list[Launch]) -> tuple[Launch, ...]:
     """Each launch waits for the tensors it reads from the other stream and does not make itself; their
     makers on the other stream record them (events are per tensor and recording stream: a folded add's
-    output is made on both, and each stream waits for the other's). A group's merged output is made by its base GEMV's launch as well as by its side
-    launch (the arrival completes it in either), and a merge's inputs make no wait (see the module
-    docstring)."""
+    output is made on both, and each stream waits for the other's). A group's merged output is made by
+    its base GEMV's launch as well as by its side launch (the arrival completes it in either), and a
+    merge's inputs make no wait (see the module docstring)."""
     merged = {(n.layer, n.attr("group")): n.outputs[0] for launch in launches for n in launch.nodes if n.op == "merge"}
 
     def makes(launch: Launch) -> set[str]:

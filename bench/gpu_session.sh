@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU runs behind the README's GPU numbers, in stages that fit one device call each.
 #   bash bench/gpu_session.sh STAGE      ($OUT: where logs and results go; DECDEC_COMMIT: the commit measured)
-# check:  the layer kernels and the engine on the GPU (real shapes), against their CPU references
+# check:  the layer kernels, the glue folded into the GEMV and its correction, and the engine on the GPU,
+#         against their CPU references
 # llama:  bench/engine.py on Llama-3-8B shapes: ours beside the anchor at KV 256 / 2048 / 8192, tuned targets
 # small:  the same on Gemma 3 270M and SmolLM2-135M shapes (merged into the same results file)
 # gemv:   the base GEMV's GPU tests, then its default plans timed beside torch's int4 kernel (Llama, small shapes)
@@ -18,6 +19,8 @@ case $stage in
 check)
   DECDEC_GPU_TESTS=1 timeout 240 python -m pytest -q -x -m gpu $kernels 2>&1 | tee $OUT/kernel_tests.log | tail -4 \
     || exit 1
+  DECDEC_GPU_TESTS=1 timeout 120 python -m pytest -q -x tests/ops/test_base_gemv.py tests/ops/test_correction.py \
+    -k folded 2>&1 | tee $OUT/fold_tests.log | tail -2 || exit 1
   DECDEC_GPU_TESTS=1 timeout 200 python -m pytest -q -x -m gpu tests/runtime/test_engine_cuda.py -k "not on_gemma3" \
     2>&1 | tee $OUT/engine_cuda_tests.log | tail -4
   ;;

@@ -65,6 +65,7 @@ _SPARE_SLOT = 15  # 3-bit: the slot whose codes sit one bit in each of a lane-ro
 MMA_GROUP_WORDS = {4: 256, 3: 192}  # uint32 per (16-row block, group) in `mma_layout`
 PROLOGUES = ("fp16", "rms_norm", "silu", "gelu_tanh")  # what the staging computes from the kernel's input x
 # (`_mma_kernel`): the plain fp16 input, or the glue op before the GEMV folded into it
+ACT_PROLOGUES = ("silu", "gelu_tanh")  # act x up: x is gate_up, both halves
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -167,6 +168,13 @@ def arrive_gemv_tile(partials, counters, out, n_out, n_parts, tile_rows, tile, f
 
 # ----------------------------------------------------------------------------------------------------
 # launch plan and the split-output scratch
+
+
+def check_prologue_input(x, prologue: str, in_features: int) -> None:
+    """x is what `prologue` reads for `in_features` inputs (gate_up: both halves); ValueError if not."""
+    width = in_features * (2 if prologue in ACT_PROLOGUES else 1)
+    if x.shape[0] != width:
+        raise ValueError(f"x has {x.shape[0]} elements; the {prologue} prologue of {in_features} inputs reads {width}")
 
 
 def _check_group(group_size: int) -> None:
@@ -484,7 +492,7 @@ def _mma_kernel(bits: int, m_tiles: int, n_groups: int, exact_rows: bool, k_warp
         raise ValueError(f"prologue = {prologue!r}: allowed {PROLOGUES}")
     SHIFTS = slot_shifts(bits)
     NORM = prologue == "rms_norm"
-    ACT = prologue in ("silu", "gelu_tanh")
+    ACT = prologue in ACT_PROLOGUES
     GELU = prologue == "gelu_tanh"
     RESID = residual
     PDL = pdl_supported()
@@ -794,10 +802,7 @@ class BaseGemv:
         weight times this GEMV's act_scale, and `eps`). out is fp16 [out], or float32 with `resid` (float32
         [out]): out = resid + deq(Q) @ x~, the residual add (out may be resid itself)."""
         p = self.plan
-        width = p.in_features * (2 if prologue in ("silu", "gelu_tanh") else 1)
-        if x.shape[0] != width:
-            raise ValueError(f"x has {x.shape[0]} elements; the {prologue} prologue of a {p.in_features}-input "
-                             f"GEMV reads {width}")
+        check_prologue_input(x, prologue, p.in_features)
         if merge is None and p.k_blocks > 1:
             if self._own_split is None:
                 self._own_split = self.split_output()
@@ -806,17 +811,17 @@ class BaseGemv:
                                   or merge.k_blocks != p.k_blocks):
             raise ValueError("merge scratch was made for another GEMV plan")
         direct = merge is None
-        partials = merge.partials if merge else _dummy(np.float32)
-        counters = merge.counters if merge else _dummy(np.int32)
+        partials = merge.partials if merge else dummy_array(np.float32)
+        counters = merge.counters if merge else dummy_array(np.int32)
         n_parts = merge.n_parts if merge else 1
         kernel = self.kernel if prologue == "fp16" and resid is None else self.kernel_for(prologue, resid is not None)
         kernel[p.grid, THREADS, stream](
             x, self.act_scale if act_scale is None else act_scale, *self.weights, out, partials, counters,
-            _dummy(np.float32) if resid is None else resid, p.out_features, p.in_features, p.groups_per_kblock,
+            dummy_array(np.float32) if resid is None else resid, p.out_features, p.in_features, p.groups_per_kblock,
             direct, n_parts, MMA_MAGIC, np.float32(eps))
 
 
 @functools.lru_cache(maxsize=None)
-def _dummy(dtype) -> object:
+def dummy_array(dtype) -> object:
     """A 1-element device array for kernel arguments a launch does not use."""
     return cuda.to_device(np.zeros(1, dtype))

@@ -38,7 +38,8 @@ import numpy as np
 import torch
 from numba import cuda, float32, int32, uint32, uint64
 
-from decdec.ops.base_gemv import FLAG_CAP, SplitOutput, arrive_tiles, int_as_float, jit_with_bounds
+from decdec.ops.base_gemv import (FLAG_CAP, SplitOutput, arrive_tiles, check_prologue_input, dummy_array, int_as_float,
+                                  jit_with_bounds)
 from decdec.ops.layout import unpack_rows
 from decdec.ops.ptx import pdl_supported, release_dependents, wait_upstream
 from decdec.constants import chunk_ks
@@ -282,11 +283,6 @@ def _ones(width: int):
     return cuda.to_device(np.ones(width, np.float32))
 
 
-@functools.lru_cache(maxsize=None)
-def _dummy(dtype):
-    return cuda.to_device(np.zeros(1, dtype))
-
-
 def _row_words(rows):
     """The residual table as uint32 [in, stride / 4] (rows: uint8 [in, stride], stride % 4 == 0)."""
     if rows.dtype == np.uint32:
@@ -333,10 +329,8 @@ class Correction:
         base_out + correction (out defaults to base_out, in place). `prologue`, `act_scale`, `eps`: x~
         made from x as the base GEMV's prologue makes it (`BaseGemv.__call__`)."""
         p = self.plan
-        width = self.rows.shape[0]
-        if x.shape[0] != width * (2 if prologue in ("silu", "gelu_tanh") else 1):
-            raise ValueError(f"x has {x.shape[0]} elements; the residual table has {width} rows and the "
-                             f"{prologue} prologue reads {'2 x ' if prologue in ('silu', 'gelu_tanh') else ''}that many")
+        width = self.rows.shape[0]  # inputs: the residual table's rows
+        check_prologue_input(x, prologue, width)
         if act_scale is None:
             act_scale = _ones(width)
         if merge is not None:
@@ -345,21 +339,21 @@ class Correction:
                 raise ValueError("merge scratch and correction disagree on tile rows, outputs or parts "
                                  f"(the correction writes {self.parts}: split_output(extra_parts=corr.parts))")
             kernel, base_out, partials, counters, n_parts = (
-                _correction_kernel(True, prologue), _dummy(np.float16), merge.partials, merge.counters, merge.n_parts)
+                _correction_kernel(True, prologue), dummy_array(np.float16), merge.partials, merge.counters, merge.n_parts)
             groups, span = self.parts, pass_chunks(self.k_chunk)
         else:
             if base_out is None:
                 raise ValueError("give base_out (stand-alone) or merge (fused with the base GEMV)")
             out = base_out if out is None else out
-            kernel, partials, counters, n_parts = (_correction_kernel(False, prologue), _dummy(np.float32),
-                                                   _dummy(np.int32), 1)
+            kernel, partials, counters, n_parts = (_correction_kernel(False, prologue), dummy_array(np.float32),
+                                                   dummy_array(np.int32), 1)
             groups, span = 1, self.parts * pass_chunks(self.k_chunk)  # one writer per output: every chunk
         a, b, hi_scale, lo_scale = self.bounds
         kernel[(p.blocks, groups), p.threads, stream](
             x, act_scale, self.rows, self.rscale, base_out, out, partials, counters, n_parts,
             a, b, hi_scale, lo_scale, self.k_chunk, self.k_last,
             pass_chunks(self.k_chunk), span, self.out_features, p.tile_rows, p.n_tiles, p.tiles_per_block, p.wc_n, p.ks_n,
-            _dummy(np.float32) if resid is None else resid, resid is not None, width, np.float32(eps))
+            dummy_array(np.float32) if resid is None else resid, resid is not None, width, np.float32(eps))
 
 
 def correction_cuda(x, base_out, residual_rows, residual_scales, bounds: BucketBounds, k_chunk: int,

@@ -76,10 +76,9 @@ def bucket_of(v, a, b, hi_scale, lo_scale):
     return 0 if v >= a else mid
 
 
-# What x~ is made of (`_xt`, the GEMV's prologue: ops.base_gemv.PROLOGUES): x itself; x * act_scale; x *
-# act_scale * inv_rms, an rms_norm folded in (x its float32 input, its weight in act_scale, inv_rms = 1 /
-# rms(x));
-# act(x[i]) * x[width + i] * act_scale[i], act x up folded in (x the gate_up output).
+# What x~ is made of (`_xt`, the GEMV's prologue: ops.base_gemv.PROLOGUES): x itself; x * act_scale;
+# x * act_scale * inv_rms, an rms_norm folded in (x its float32 input, its weight in act_scale,
+# inv_rms = 1 / rms(x)); act(x[i]) * x[width + i] * act_scale[i], act x up folded in (x = gate_up).
 XT_RAW, XT_SCALED, XT_NORM, XT_SILU, XT_GELU = range(5)
 XT_OF_PROLOGUE = {"fp16": XT_SCALED, "rms_norm": XT_NORM, "silu": XT_SILU, "gelu_tanh": XT_GELU}
 

@@ -405,7 +405,6 @@ class CUDAExecutor:
             # GEMV's split output; whichever kernel completes a tile writes the output (the merge)
             key = next((n.layer, n.attr("group")) for n in launch.nodes if n.op == "correction")
             x, out, fold = self._folded(launch, key)
-            fold.setdefault("act_scale", self.model.groups[key].gemv.act_scale)
             return functools.partial(self.corrections[key], x, out=out, merge=self.splits[key],
                                      stream=self.numba_streams[SIDE], **fold)
         if "base_gemv" in launch.op:
@@ -422,14 +421,15 @@ class CUDAExecutor:
         norm or act x up before it as the kernels' prologue (x its input), the residual add after it as
         their epilogue (out its output, float32), else x the GEMV's input and out its output."""
         first, last = launch.nodes[0], launch.nodes[-1]
-        fold = {}
+        act_scale = self.model.groups[key].gemv.act_scale
+        fold = dict(act_scale=act_scale)
         if first.op == "rms_norm":  # the norm's weight times the GEMV's act_scale, made once per group
             if key not in self.folded_scales:
-                act_scale = torch.as_tensor(self.model.groups[key].gemv.act_scale, device=DEVICE)
-                self.folded_scales[key] = self.model.weights[first.attr("weight")] * act_scale
+                self.folded_scales[key] = (self.model.weights[first.attr("weight")]
+                                           * torch.as_tensor(act_scale, device=DEVICE))
             fold = dict(prologue="rms_norm", act_scale=_view(self.folded_scales[key]), eps=self.model.args.norm_eps)
         elif first.op == "act_mul":
-            fold = dict(prologue=first.attr("act"))
+            fold["prologue"] = first.attr("act")
         if last.op == "residual_add":
             fold["resid"] = self.views[last.inputs[0]]
         out = self.views[last.outputs[0] if last.op == "residual_add" else self.base_out[key]]

@@ -107,11 +107,11 @@ def schedule(graph: Graph, fuse: bool = True, folds: tuple[str, ...] = FOLDS) ->
     launch) or, with fuse=False, the CPU's (a node a launch)."""
     if not fuse:
         return Plan(tuple(Launch((n,)) for n in graph.nodes))
-    corrections: dict[tuple, tuple[Node, ...]] = {}
+    corrections: dict[tuple, list[Node]] = {}
     readers: dict[str, list[Node]] = {}
     for n in graph.nodes:
         if n.op in CORRECTION_OPS:
-            corrections[n.layer, n.attr("group")] = corrections.get((n.layer, n.attr("group")), ()) + (n,)
+            corrections.setdefault((n.layer, n.attr("group")), []).append(n)
         for t in n.inputs:
             readers.setdefault(t, []).append(n)
     input_folds = tuple(op for op in ("rms_norm", "act_mul") if op in folds)
@@ -122,7 +122,7 @@ def schedule(graph: Graph, fuse: bool = True, folds: tuple[str, ...] = FOLDS) ->
             continue
         last = launches[-1] if launches else None
         if n.op == "base_gemv":
-            side = corrections.get((n.layer, n.attr("group")), ())
+            side = tuple(corrections.get((n.layer, n.attr("group")), ()))
             producer = ()  # the input's op, folded into the GEMV (and made again by the correction)
             if (last and len(last.nodes) == 1 and last.nodes[0].op in input_folds and n.inputs[0] in last.nodes[0].outputs
                     and all(r is n or r in side for r in readers[n.inputs[0]])):

@@ -68,6 +68,21 @@ def quality_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def lm_head_table(path: Path) -> str:
+    """Perplexity with the lm_head as it is, int8 and 4-bit (rows) for each system and domain (columns)."""
+    d = json.loads(path.read_text())
+    systems, domains = list(dict.fromkeys(r["system"] for r in d["rows"])), list(d["domains"])
+    ppl = {(r["lm_head"], r["system"], r["domain"]): r["ppl"] for r in d["rows"]}
+    texts = ", ".join(f"{dom}-domain `{v['corpus']}` {v['tokens']} tokens" for dom, v in d["domains"].items())
+    lines = [f"**{d['model']}**, the lm_head quantized (`bench/lm_head_quality.py`): {texts}, windows of {d['ctx']}; "
+             f"{d['device']}, commit {d['commit'][:7]} ({source(path)})", "",
+             *header("lm_head", "share of the step's weight bytes", *(f"{s} {dom}" for s in systems for dom in domains))]
+    for head, b in d["bytes"].items():
+        cells = [ppl.get((head, s, dom)) for s in systems for dom in domains]
+        lines.append(row(head, f"{b['lm_head_share']:.0%}", *(f"{c:.2f}" if c else "–" for c in cells)))
+    return "\n".join(lines)
+
+
 def parity_table(path: Path) -> str:
     d = json.loads(path.read_text())
     lines = header("model", "tokens", "top-1 agreement", "max abs logit diff")
@@ -527,6 +542,7 @@ def page() -> str:
         "End to end: our engine beside the anchor (`bench/engine.py`)":
             [engine_summary(p) for p in engine_files()] + [engine_table(p) for p in engine_files()],
         "Quality": [quality_table(p) for p in sorted(RESULTS.glob("quality_*.json"))]
+                   + [lm_head_table(p) for p in sorted(RESULTS.glob("lm_head_quality_*.json"))]
                    + [parity_table(p) for p in existing(["parity.json"])]
                    + [recall_table(p) for p in sorted(RESULTS.glob("selector_recall_*.json"))],
         "CPU step": [cpu_step_table(p) for p in sorted(RESULTS.glob("cpu_step_*.json"))],

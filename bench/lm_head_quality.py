@@ -16,7 +16,6 @@ Texts as bench/quality.py's: in-domain (the calibration corpus' evaluation half)
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -26,9 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.meta import run_meta  # noqa: E402
-from bench.quality import BITS, DOMAINS  # noqa: E402
+from bench.quality import BITS, domain_windows  # noqa: E402
 from decdec.config import load_config  # noqa: E402
-from decdec.models.corpus import corpus_text, token_windows  # noqa: E402
 from decdec.models.loader import load_model  # noqa: E402
 from decdec.models.prepare import prepare  # noqa: E402
 from decdec.models.quantize import quant_dequant  # noqa: E402
@@ -54,14 +52,9 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     model = load_model(a.model)
-    result = {**run_meta(), "model": a.model, "bits": BITS, "ctx": a.ctx, "k_chunk": a.k_chunk, "domains": {},
+    windows, domains = domain_windows(model, a.ctx, a.tokens)
+    result = {**run_meta(), "model": a.model, "bits": BITS, "ctx": a.ctx, "k_chunk": a.k_chunk, "domains": domains,
               "rows": []}
-    windows = {}
-    for domain, corpus in DOMAINS.items():
-        text = corpus_text(corpus, "eval")
-        windows[domain] = token_windows(model.tokenizer, text, a.ctx, a.tokens)
-        result["domains"][domain] = {"corpus": corpus, "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
-                                     "tokens": sum(w.shape[0] - 1 for w in windows[domain])}
     prepared = prepare(load_config({"model": {"source": a.model}, "quant": {"bits": BITS}}), progress=False, model=model)
     groups = dense_groups(prepared)
     lm_head = model.weights["lm_head"].float()

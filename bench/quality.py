@@ -32,6 +32,17 @@ DOMAINS = {"in": "pydoc", "off": "pysource"}
 BITS = 3
 
 
+def domain_windows(model, ctx: int, tokens: int) -> tuple[dict, dict]:
+    """Per domain of DOMAINS: the evaluation text's token windows, and what the results file records of it."""
+    windows, meta = {}, {}
+    for domain, corpus in DOMAINS.items():
+        text = corpus_text(corpus, "eval")
+        windows[domain] = token_windows(model.tokenizer, text, ctx, tokens)
+        meta[domain] = {"corpus": corpus, "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+                        "tokens": sum(w.shape[0] - 1 for w in windows[domain])}
+    return windows, meta
+
+
 def points(ks: list[int]) -> list[tuple[str, int | None, list[int]]]:
     """(method, the k_chunk robust is prepared for, the k_chunks evaluated), most telling first."""
     return [("rtn", None, [0, *ks]), ("awq", None, [0, *ks]), ("robust", ks[-1], [ks[-1]]),
@@ -67,12 +78,7 @@ def main() -> None:
         result["kept_from"] = {"commit": origin["commit"], "command": origin["command"], "methods": sorted(keep)}
         result["rows"] = [r for r in old["rows"] if kept(r["method"], r["quant_k"], keep | {"reference"})]
         result["prepare_seconds"] = {m: t for m, t in old["prepare_seconds"].items() if kept(*m.partition("@")[::2], keep)}
-    windows = {}
-    for domain, corpus in DOMAINS.items():
-        text = corpus_text(corpus, "eval")
-        windows[domain] = token_windows(model.tokenizer, text, a.ctx, a.tokens)
-        result["domains"][domain] = {"corpus": corpus, "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
-                                     "tokens": sum(w.shape[0] - 1 for w in windows[domain])}
+    windows, result["domains"] = domain_windows(model, a.ctx, a.tokens)
     started = time.time()
 
     def add(row: dict, linear) -> None:

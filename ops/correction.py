@@ -344,6 +344,8 @@ class Correction:
         else:
             if base_out is None:
                 raise ValueError("give base_out (stand-alone) or merge (fused with the base GEMV)")
+            if resid is not None:
+                raise ValueError("resid is the merged GEMV's folded residual add: give merge, or add it to base_out")
             out = base_out if out is None else out
             kernel, partials, counters, n_parts = (_correction_kernel(False, prologue), dummy_array(np.float32),
                                                    dummy_array(np.int32), 1)

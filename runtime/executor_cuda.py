@@ -371,6 +371,7 @@ class CUDAExecutor:
                 self._prepare_correction(n)
         self.folded_scales: dict[tuple, torch.Tensor] = {}  # per group: its folded norm's weight x act_scale
         self.launches = [self._bind(launch) for launch in plan.launches]
+        torch.cuda.synchronize()  # the folded scales, made on torch's default stream, before our streams read them
         self.profiled: tuple[torch.cuda.CUDAGraph, StepEvents] | None = None  # captured by the first timed run
         # warm-up on the capture stream: Numba compiles, cuBLAS / SDPA initialise, lazy scratch is made
         # (a first cuBLAS call inside a capture invalidates it); it writes the cache at position 0 only

@@ -117,6 +117,10 @@ def test_merged_into_base_gemv_in_either_order(bits, k_blocks, k_warps, order, o
     with pytest.raises(ValueError, match="disagree"):  # one part too many: the tiles would never complete
         corr(cuda.to_device(np.ones(width, np.float16)), act_d, out=cuda.to_device(np.zeros(out_features, np.float16)),
              merge=gemv.split_output(extra_parts=corr.parts + 1))
+    with pytest.raises(ValueError, match="resid"):  # stand-alone, no merged GEMV makes the folded add
+        corr(cuda.to_device(np.ones(width, np.float16)), act_d,
+             base_out=cuda.to_device(np.zeros(out_features, np.float16)),
+             resid=cuda.to_device(np.zeros(out_features, np.float32)))
     for first in order:
         x = rng.standard_t(df=3, size=width).astype(np.float16)
         xt = torch.from_numpy(x.astype(np.float32))

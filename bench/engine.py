@@ -17,6 +17,8 @@ position L - 1, attending to L cached positions; max_seq 8192):
                (tuned, captured, measured and retuned, `scheduler.tuner.tune_measured`); the row
                keeps the tuner's k_chunk and n_tb per group, its predicted slowdown and the measured
                one (device step over the base step at the same position)
+  ours-lm8, ours-3.5bit, ours-4bit   our base step with an int8 lm_head (`quant.lm_head_bits: 8`), at 3.5
+               bits (every other layer at 4), at 4 bits
   anchor-int4  the anchor with torch's int4 kernel (group 128) and a bf16 lm_head; `"error"` where
                torch cannot pack a shape (in_features not a multiple of 128, e.g. SmolLM2's 576)
   anchor-bf16  the anchor with bf16 linear layers
@@ -67,7 +69,7 @@ from decdec.errors import ConfigError  # noqa: E402
 from decdec.models.arch import ModelArgs  # noqa: E402
 from decdec.models.graph import build_graph, group_shapes  # noqa: E402
 from decdec.models.loader import LoadedModel  # noqa: E402
-from decdec.models.prepare import Prepared, PreparedGroup  # noqa: E402
+from decdec.models.prepare import Prepared, PreparedGroup, with_lm_head  # noqa: E402
 from decdec.models.quantize import QuantizedLinear  # noqa: E402
 from decdec.models.residual import ResidualTable  # noqa: E402
 from decdec.runtime.engine import Engine, compile_cuda  # noqa: E402
@@ -76,9 +78,9 @@ from decdec.runtime.executor_cpu import CPUExecutor  # noqa: E402
 from decdec.scheduler import latency  # noqa: E402
 from decdec.scheduler.plan import MAIN, schedule  # noqa: E402
 
-SYSTEMS = ("ours", "ours-3.5bit", "ours-4bit", "anchor-int4", "anchor-bf16")
-BITS = 3  # ours (base, fixed k_chunk and tuned steps); "ours-3.5bit" and "ours-4bit" are base steps only
-OTHER_BITS = {"ours-3.5bit": 3.5, "ours-4bit": 4}
+SYSTEMS = ("ours", "ours-lm8", "ours-3.5bit", "ours-4bit", "anchor-int4", "anchor-bf16")
+BITS = 3  # ours (base, fixed k_chunk and tuned steps); the other systems of ours are base steps only
+OTHER = {"ours-lm8": (BITS, 8), "ours-3.5bit": (3.5, 16), "ours-4bit": (4, 16)}  # system -> (bits, lm_head_bits)
 MAX_SEQ = 8192
 POSITIONS = (256, 2048, 8192)
 TOKEN = 1  # the token fed at every step (timing does not depend on it)
@@ -188,10 +190,11 @@ def engine_args(s: Shapes, max_seq: int) -> dict:
             "rope_base": s.rope_base, "max_seq_len": max_seq}
 
 
-def engine_config(spec: dict, device: str, decdec: dict, bits: int = BITS):
+def engine_config(spec: dict, device: str, decdec: dict, bits: int = BITS, lm_head_bits: int = 16):
     """The config a user would write for this synthetic model (validated by `load_config`)."""
     return load_config({"model": {"source": {"synthetic": spec}, "max_seq_len": spec["max_seq_len"]},
-                        "quant": {"method": "rtn", "bits": bits}, "decdec": decdec, "device": device})
+                        "quant": {"method": "rtn", "bits": bits, "lm_head_bits": lm_head_bits}, "decdec": decdec,
+                        "device": device})
 
 
 def threshold_profile(rng, width: int) -> torch.Tensor:
@@ -205,13 +208,13 @@ def synthetic_layer_bits(bits: float, n_layers: int) -> list[int]:
     return [4 if bits == 4 or (bits == 3.5 and i % 2) else 3 for i in range(n_layers)]
 
 
-def synthetic_prepared(s: Shapes, max_seq: int, device: str, bits: float = BITS) -> Prepared:
+def synthetic_prepared(s: Shapes, max_seq: int, device: str, bits: float = BITS, lm_head_bits: int = 16) -> Prepared:
     """A `bits`-bit model of shapes `s` as `prepare` would hand it over, with random contents: packed codes
     and scales on `device` (scales keep each output about as large as the input, codes centred on the
     zero point, so activations stay finite through the layers), residual tables (random bytes, made on
     `device`, kept on the host) and calibrated-looking thresholds."""
     spec = engine_args(s, max_seq)
-    cfg = engine_config(spec, device, {"k_chunk": 0}, bits)
+    cfg = engine_config(spec, device, {"k_chunk": 0}, bits, lm_head_bits)
     args = ModelArgs(**spec)
     gen = torch.Generator(device=device).manual_seed(0)
     rng = np.random.default_rng(0)
@@ -234,7 +237,7 @@ def synthetic_prepared(s: Shapes, max_seq: int, device: str, bits: float = BITS)
             groups[i, kind] = PreparedGroup(q, residual, threshold_profile(rng, in_f), torch.ones(in_f))
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
     model = LoadedModel(args, weights, None, "synthetic", digest)
-    return Prepared(model, groups, layer_bits, cfg, Path(tempfile.gettempdir()))
+    return with_lm_head(Prepared(model, groups, layer_bits, cfg, Path(tempfile.gettempdir())))
 
 
 def our_engine(prepared: Prepared, profile=None, profile_path: Path | None = None) -> Engine:
@@ -278,20 +281,22 @@ def our_steps(engine: Engine, p: int, run: Run) -> tuple:
     return user_step, lambda: ex.run(TOKEN, p), None
 
 
-def our_bytes(s: Shapes, bits: float = BITS) -> int:
-    """Our step's minimal HBM read: packed codes with fp16 scale and zero per group of 128, fp16 lm_head."""
+def our_bytes(s: Shapes, bits: float = BITS, lm_head_bits: int = 16) -> int:
+    """Our step's minimal HBM read: packed codes with fp16 scale and zero per group of 128, and the lm_head
+    (fp16, or int8 with a float32 scale per row)."""
+    lm_head = s.vocab_size * s.dim * 2 if lm_head_bits == 16 else s.vocab_size * (s.dim + 4)
     return int(sum(latency.weight_bytes(o, i, b) for b in synthetic_layer_bits(bits, s.n_layers)
-                   for o, i in s.linear_shapes().values()) + 2 * s.vocab_size * s.dim)
+                   for o, i in s.linear_shapes().values()) + lm_head)
 
 
 def base_step(name: str, s: Shapes, run: Run, system: str, emit) -> tuple[Prepared, Engine, int]:
-    """`system`'s base step (ours at BITS, or OTHER_BITS) at every position: (the model, its engine, which
+    """`system`'s base step (ours at BITS, or as OTHER says) at every position: (the model, its engine, which
     the caller closes, its bytes)."""
-    bits = OTHER_BITS.get(system, BITS)
+    bits, lm_head_bits = OTHER.get(system, (BITS, 16))
     t0 = time.perf_counter()
-    prepared = synthetic_prepared(s, run.max_seq, run.device, bits)
-    log(f"{name}: random {bits}-bit model made in {time.perf_counter() - t0:.1f} s")
-    nbytes = our_bytes(s, bits)
+    prepared = synthetic_prepared(s, run.max_seq, run.device, bits, lm_head_bits)
+    log(f"{name}: random {bits}-bit model, {lm_head_bits}-bit lm_head, made in {time.perf_counter() - t0:.1f} s")
+    nbytes = our_bytes(s, bits, lm_head_bits)
     engine = our_engine(prepared)
     log(f"{name}: {system} built; timing the base step")
     try:
@@ -524,7 +529,7 @@ def main(argv=None) -> dict:
             except Exception as e:  # noqa: BLE001 - one model failing must not lose the others' numbers
                 traceback.print_exc()
                 emit(error_row(name, "ours", 0.0, e))
-        for system in (x for x in OTHER_BITS if x in systems):
+        for system in (x for x in OTHER if x in systems):
             try:
                 close(base_step(name, s, run, system, emit)[1])
             except Exception as e:  # noqa: BLE001

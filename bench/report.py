@@ -500,7 +500,7 @@ def engine_table(path: Path) -> str:
              *header("model", "KV length", "system", "target", "tokens/s", "device tokens/s", "of roofline",
                      "ours / int4", "ours / int4, device", "slowdown (predicted)",
                      "k_chunk (n_tb): qkv / o / gate_up / down", "ppl in-domain", "ppl off-domain")]
-    order = {"ours": 0, "ours-3.5bit": 1, "ours-4bit": 2, "anchor-int4": 3, "anchor-bf16": 4}
+    order = {"ours": 0, "ours-lm8": 1, "ours-3.5bit": 2, "ours-4bit": 3, "anchor-int4": 4, "anchor-bf16": 5}
     errors = []
     for r in sorted(rows, key=lambda r: (r["model"], r.get("position", math.inf), order[r["system"]], r["target"],
                                          "slowdown" in r)):

@@ -4,6 +4,7 @@
         [--prologue fp16] [--residual] [--sass FILE]
     python bench/sass.py --kernel correction [--prologue P] [--stand-alone]
     python bench/sass.py --kernel attention [--model gemma3-270m] [--splits S]
+    python bench/sass.py --kernel lm_head [--in 4096]
 
 Each kernel is built as its launch site builds it (`BaseGemv.__call__`, `Correction.__call__`,
 `DecodeAttention`), so a kernel that would not compile on the GPU fails here first, for the price of
@@ -40,6 +41,7 @@ from bench.attention_tiles import SHAPES as ATTENTION_SHAPES, model_args  # noqa
 from decdec.ops import attention as at  # noqa: E402
 from decdec.ops import base_gemv as bg  # noqa: E402
 from decdec.ops import correction as corr  # noqa: E402
+from decdec.ops import lm_head  # noqa: E402
 
 dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=(9, 0))
 for module in (bg, corr, at):
@@ -107,7 +109,13 @@ def attention(a) -> tuple:
     return kernel, sig, (at.THREADS, 1)
 
 
-KERNELS = {"gemv": gemv, "correction": correction, "attention": attention}
+def int8_lm_head(a) -> tuple:
+    """The int8 lm_head for --in inputs (Int8LmHead's arguments: h pairs, codes, scale, out, rows)."""
+    sig = nt.void(u32, u32, f32, f32, nt.int64)
+    return lm_head._lm_head_kernel(a.inp // lm_head.VECTOR), sig, (lm_head.THREADS, lm_head.BLOCKS_PER_SM)
+
+
+KERNELS = {"gemv": gemv, "correction": correction, "attention": attention, "lm_head": int8_lm_head}
 
 
 def main() -> None:

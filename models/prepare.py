@@ -34,6 +34,7 @@ from decdec.models.corpus import check_disjoint, corpus_text, token_windows
 from decdec.models.loader import LoadedModel, load_model
 from decdec.models.quantize import QuantizedLinear, quantize_awq, quantize_robust, quantize_rtn
 from decdec.models.residual import ResidualTable, build_residual, effective_weight
+from decdec.ops.lm_head import dequantize_rows, quantize_rows_int8
 from decdec.config import Config, load_config
 
 Group = tuple[int, str]
@@ -61,14 +62,18 @@ class Prepared:
     config: Config
     folder: Path
     reused: bool = False  # True: loaded from an earlier prepare, False: built by this one
+    # quant.lm_head_bits 8: (codes uint8, scale float32) of `ops.lm_head`; model.weights["lm_head"] is then
+    # their dequantized float32 weight, so every CPU path computes what the GPU's int8 kernel does
+    lm_head_int8: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def artifact_key(model: LoadedModel, cfg: Config) -> dict:
     """What artifacts depend on: the model's bytes and the config that shapes preparation."""
     robust = {"k_chunk": cfg.quant_k_chunk()} if cfg.quant.method == "robust" else {}
+    quant = {k: v for k, v in dataclasses.asdict(cfg.quant).items() if k != "lm_head_bits"}  # made at load: cheap
     return {
         "model_sha256": model.sha256,
-        "quant": {**dataclasses.asdict(cfg.quant), **robust},
+        "quant": {**quant, **robust},
         "calibration": dataclasses.asdict(cfg.calibration),
         "residual_bits": cfg.decdec.residual_bits,
     }
@@ -195,9 +200,19 @@ def prepare(cfg, force: bool = False, progress: bool = True, model: LoadedModel 
         if not force and artifacts.read_manifest(folder) is not None:
             tensors, info = artifacts.load_artifacts(folder, key)
             groups = _from_tensors(tensors, info["layer_bits"], cfg)
-            return Prepared(model, groups, info["layer_bits"], cfg, folder, reused=True)
+            return with_lm_head(Prepared(model, groups, info["layer_bits"], cfg, folder, reused=True))
         say(announcement(model, cfg, folder))
         groups, layer_bits = build(model, cfg, progress)
         info = {"layer_bits": layer_bits, "source": model.source, "family": model.args.family}
         artifacts.save_artifacts(folder, key, _to_tensors(groups), info)
-    return Prepared(model, groups, layer_bits, cfg, folder)
+    return with_lm_head(Prepared(model, groups, layer_bits, cfg, folder))
+
+
+def with_lm_head(prepared: Prepared) -> Prepared:
+    """`prepared` with its lm_head as `quant.lm_head_bits` asks (the model passed in is not changed)."""
+    if prepared.config.quant.lm_head_bits == 16:
+        return prepared
+    codes, scale = quantize_rows_int8(prepared.model.weights["lm_head"])
+    weights = {**prepared.model.weights, "lm_head": dequantize_rows(codes, scale)}
+    return dataclasses.replace(prepared, model=dataclasses.replace(prepared.model, weights=weights),
+                               lm_head_int8=(codes, scale))

@@ -208,7 +208,8 @@ def compile_cuda(prepared: Prepared, k_chunk: int | None, profile: MeasuredProfi
     shapes = group_shapes(args, bits)
     if profile is not None:  # before the weights go to the GPU
         check_shapes(profile.model, shapes, profile_path)
-    model = DeviceModel(args, prepared.model.weights, prepared.groups, residuals=k_chunk != 0)
+    model = DeviceModel(args, prepared.model.weights, prepared.groups, residuals=k_chunk != 0,
+                        lm_head_int8=prepared.lm_head_int8)
     base_graph = build_graph(args, bits, 0)
     base = CUDAExecutor(model, schedule(base_graph), max_seq)
     if k_chunk == 0:

@@ -58,6 +58,7 @@ from decdec.ops.attention import AttentionScratch, DecodeAttention, KVCache, pla
 from decdec.ops.base_gemv import BaseGemv
 from decdec.ops.correction import Correction
 from decdec.ops.dma import PinnedTable
+from decdec.ops.lm_head import Int8LmHead
 from decdec.ops.norm import AddRmsNorm
 from decdec.ops.ptx import pdl_supported
 from decdec.ops.selector import bucket_bounds
@@ -78,15 +79,17 @@ DEVICE = "cuda"  # where DeviceModel and CUDAExecutor put their tensors
 # pure helpers (any device; tested on the CPU)
 
 
-def device_weights(weights: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
-    """The weights the torch ops use, on `device`: embed / lm_head fp16 (one tensor when tied), norms
-    and biases float32 (a few KB; the math around them is float32). The linear groups' weights stay
-    behind: the GEMV kernels hold their quantized form."""
+def device_weights(weights: dict[str, torch.Tensor], device, lm_head: bool = True) -> dict[str, torch.Tensor]:
+    """The weights the torch ops use, on `device`: embed / lm_head fp16 (one tensor when tied; no lm_head
+    without `lm_head`: the int8 kernel reads its own), norms and biases float32 (a few KB; the math
+    around them is float32). The linear groups' weights stay behind: the GEMV kernels hold their
+    quantized form."""
     out = {name: w.to(device, torch.float32) for name, w in weights.items()
            if name not in ("embed", "lm_head") and name.rsplit(".", 1)[-1] not in LINEAR_KINDS}
     out["embed"] = weights["embed"].to(device, torch.float16)
-    tied = weights["lm_head"] is weights["embed"]
-    out["lm_head"] = out["embed"] if tied else weights["lm_head"].to(device, torch.float16)
+    if lm_head:
+        tied = weights["lm_head"] is weights["embed"]
+        out["lm_head"] = out["embed"] if tied else weights["lm_head"].to(device, torch.float16)
     return out
 
 
@@ -227,14 +230,16 @@ def device_group(g, residuals: bool) -> DeviceGroup:
 
 class DeviceModel:
     """A model's weights on the GPU (residual tables in pinned host memory), shared by executors:
-    from `models.prepare.Prepared` parts; without `residuals` no pinned memory is taken."""
+    from `models.prepare.Prepared` parts; without `residuals` no pinned memory is taken. `lm_head_int8`:
+    (codes, scale) of an int8 lm_head (`ops.lm_head`), else the lm_head is fp16."""
 
     def __init__(self, args: ModelArgs, weights: dict[str, torch.Tensor], prepared_groups: dict,
-                 residuals: bool = True):
+                 residuals: bool = True, lm_head_int8: tuple | None = None):
         require_gpu("config asks for device 'cuda'")
         self.args = args
         self.groups = {key: device_group(g, residuals) for key, g in prepared_groups.items()}
-        self.weights = device_weights(weights, DEVICE)
+        self.weights = device_weights(weights, DEVICE, lm_head=lm_head_int8 is None)
+        self.lm_head_int8 = None if lm_head_int8 is None else tuple(t.to(DEVICE).contiguous() for t in lm_head_int8)
 
     def close(self) -> None:
         """Free the pinned residual tables (no executor of this model may run afterwards)."""
@@ -413,7 +418,8 @@ class CUDAExecutor:
             x, out, fold = self._folded(launch, key)
             return functools.partial(self.gemvs.get(key, self.model.groups[key].gemv), x, out, self.numba_streams[MAIN],
                                      merge=self.splits.get(key), **fold)
-        if launch.op in TORCH_OPS:  # torch launches on its current stream: the main one
+        if launch.op in TORCH_OPS and not (launch.op == "lm_head" and self.model.lm_head_int8):
+            # torch launches on its current stream: the main one
             return functools.partial(TORCH_OPS[launch.op], self.state, node)
         return functools.partial(self._layer_kernel(launch), self.numba_streams[MAIN])
 
@@ -455,6 +461,9 @@ class CUDAExecutor:
                                    **{name: _view(w[p + key]) for name, key in
                                       (("bias", "qkv_bias"), ("q_norm", "q_norm"), ("k_norm", "k_norm"))
                                       if p + key in w})
+        if launch.op == "lm_head":
+            codes, scale = self.model.lm_head_int8
+            return Int8LmHead(_view(codes), _view(scale), v[node.inputs[0]], v[node.outputs[0]])
         raise ValueError(f"the CUDA executor has no launch for {launch.op} (act_mul runs folded into the down GEMV: "
                          "scheduler.plan.FOLDS)")
 

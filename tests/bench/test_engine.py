@@ -22,7 +22,7 @@ def test_dry_run_rows(dry_run):
     d = json.loads(dry_run.read_text())
     assert {"device", "commit", "command", "date", "runs", "rows", "max_seq"} <= set(d)
     measured = [r for r in d["rows"] if "error" not in r]
-    systems = ("ours", "ours-3.5bit", "ours-4bit", "anchor-bf16")
+    systems = ("ours", "ours-lm8", "ours-3.5bit", "ours-4bit", "anchor-bf16")
     assert {(r["system"], r["position"]) for r in measured} == {(s, p) for s in systems for p in (3, 7)}
     for r in measured:
         assert ROW_KEYS <= set(r) and r["model"] == "tiny" and r["target"] == 0 and r["kv_len"] == r["position"] + 1

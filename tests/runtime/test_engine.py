@@ -76,6 +76,29 @@ def test_step_without_decdec_equals_quantized_model(tmp_path):
     assert_close_logits(step_logits(engine, tokens), want)
 
 
+def test_int8_lm_head_is_what_every_cpu_path_multiplies_by(tmp_path):
+    """quant.lm_head_bits 8: the prepared model's lm_head is the int8 codes' dequantized weight (the
+    embedding untied from it and unchanged), the artifacts are the fp16 config's, and the step's
+    logits change by the quantization only."""
+    from decdec.models.prepare import artifact_folder
+    from decdec.ops.lm_head import dequantize_rows
+
+    cfg = tiny_cfg(tmp_path, family="gemma3")  # tied embeddings
+    fp16 = runtime.compile(cfg, progress=False)
+    int8 = runtime.compile({**cfg, "quant": {**cfg["quant"], "lm_head_bits": 8}}, progress=False)
+    p, loaded = int8.prepared, fp16.prepared.model
+    assert p.reused and artifact_folder(loaded, p.config) == fp16.prepared.folder
+    codes, scale = p.lm_head_int8
+    assert codes.dtype == torch.uint8 and (p.model.weights["lm_head"] == dequantize_rows(codes, scale)).all()
+    assert torch.equal(p.model.weights["embed"], loaded.weights["embed"]) and loaded.weights["lm_head"] is loaded.weights["embed"]
+    assert fp16.prepared.lm_head_int8 is None
+    tokens = torch.randint(0, TINY["vocab_size"], (8,), generator=torch.Generator().manual_seed(9))
+    want = forward(p.model.args, p.model.weights, tokens, decdec_linear(dense_groups(p), "bucket", 64))
+    got, plain = step_logits(int8, tokens), step_logits(fp16, tokens)
+    assert_close_logits(got, want)
+    assert 0 < (got - plain).abs().max() < 0.05 * plain.abs().max()
+
+
 def test_prefill_then_steps_continue_the_sequence(tmp_path):
     engine = runtime.compile(tiny_cfg(tmp_path, selection="none"), progress=False)
     tokens = torch.randint(0, TINY["vocab_size"], (12,), generator=torch.Generator().manual_seed(6))

@@ -40,7 +40,7 @@ from decdec import runtime  # noqa: E402
 from decdec.models.arch import KVCache, ModelArgs  # noqa: E402
 from decdec.models.graph import build_graph  # noqa: E402
 from decdec.models.loader import synthetic_model  # noqa: E402
-from decdec.ops import act, attention, dma, norm  # noqa: E402
+from decdec.ops import act, attention, dma, lm_head, norm  # noqa: E402
 from decdec.ops.attention import decode_attention_reference  # noqa: E402
 from decdec.ops.correction import correction_reference  # noqa: E402
 from decdec.ops.norm import add_rms_norm_reference  # noqa: E402
@@ -477,6 +477,19 @@ def test_layer_kernels_in_the_simulator_match_cpu_engine(tmp_path, fake_cuda, mo
     assert_close(cpu_steps(dev, tokens), cpu_steps(cpu, tokens), GPU_TOL)
 
 
+@pytest.mark.skipif(not SIMULATED, reason="needs Numba's CUDA simulator")
+def test_int8_lm_head_in_the_simulator_matches_cpu_engine(tmp_path, fake_cuda, monkeypatch):
+    """quant.lm_head_bits 8 on the fake device: the int8 kernel (Numba's simulator) replaces torch's fp16
+    lm_head, no fp16 lm_head goes to the device, and the logits are the CPU engine's."""
+    monkeypatch.setattr(xc, "Int8LmHead", on_simulator(lm_head.Int8LmHead))
+    cfg = tiny_k_cfg(tmp_path, 0, "gemma3", "rtn")
+    cfg["quant"]["lm_head_bits"] = 8
+    cpu, dev = (runtime.compile({**cfg, "device": device}, progress=False) for device in ("cpu", "cuda"))
+    assert "lm_head" not in dev.executor.model.weights and dev.executor.model.lm_head_int8[0].dtype == torch.uint8
+    tokens = torch.randint(0, TINY["vocab_size"], (3,), generator=torch.Generator().manual_seed(3))
+    assert_close(cpu_steps(dev, tokens), cpu_steps(cpu, tokens), GPU_TOL)
+
+
 def test_node_n_tb_reaches_the_correction(tmp_path, fake_cuda):
     dev = runtime.compile({**tiny_k_cfg(tmp_path, 64, "llama", "rtn"), "device": "cuda"}, progress=False)
     args = dev.prepared.model.args
@@ -622,6 +635,18 @@ def test_captured_replay_equals_eager_launches(tmp_path):
 
     report = profile_steps(dev, 3, eager=True)
     assert "summary by op type" in report and "inside the graph replay" in report and "eager step" in report
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("k_chunk", [0, 64])
+def test_gpu_steps_with_int8_lm_head_equal_cpu_engine(tmp_path, k_chunk):
+    cfg = tiny_k_cfg(tmp_path, k_chunk, "gemma3", "rtn")
+    cfg["quant"]["lm_head_bits"] = 8
+    cpu, dev = cpu_and_gpu(cfg)
+    base = runtime.compile({**tiny_k_cfg(tmp_path, 0, "gemma3", "rtn"), "quant": cfg["quant"]}, progress=False)
+    tokens = torch.randint(0, TINY["vocab_size"], (STEPS,), generator=torch.Generator().manual_seed(7))
+    assert_matches_cpu(cpu_steps(dev, tokens), cpu_steps(cpu, tokens), cpu_steps(base, tokens), k_chunk)
 
 
 @pytest.fixture(scope="module")

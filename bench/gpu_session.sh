@@ -6,6 +6,8 @@
 # llama:  bench/engine.py on Llama-3-8B shapes: ours beside the anchor at KV 256 / 2048 / 8192, tuned targets
 # small:  the same on Gemma 3 270M and SmolLM2-135M shapes (merged into the same results file)
 # gemv:   the base GEMV's GPU tests, then its default plans timed beside torch's int4 kernel (Llama, small shapes)
+# lm_head: the int8 lm_head's GPU tests and memcheck, then Llama-3-8B shapes: ours with the fp16 and the int8
+#         lm_head beside the int4 anchor (MODELS, POSITIONS to change what is timed)
 # memcheck: compute-sanitizer over the layer kernels' and the engine's GPU tests
 # Each stage runs on a bare machine: it installs the NumPy wheel that numba-cuda needs (carry .whl).
 set -uo pipefail
@@ -39,6 +41,14 @@ gemv)
     | tee $OUT/gemv_tests.log | tail -2
   timeout 200 python bench/gemv_variants.py --default-only --out $OUT/gemv.json \
     --shapes 28672x4096,14336x4096,6144x4096,4096x4096,4096x14336,1024x4096,1536x640,640x2048 2>&1 | tee $OUT/gemv.log
+  ;;
+lm_head)
+  DECDEC_GPU_TESTS=1 timeout 150 python -m pytest -q -x -m gpu tests/ops/test_lm_head.py tests/runtime/test_engine_cuda.py \
+    -k lm_head 2>&1 | tee $OUT/lm_head_tests.log | tail -2 || exit 1
+  DECDEC_GPU_TESTS=1 timeout 60 compute-sanitizer --tool memcheck python -m pytest -q -p no:cacheprovider -m gpu \
+    tests/ops/test_lm_head.py -k 49152 2>&1 | tee $OUT/memcheck_lm_head.log | grep -v cuGetProcAddress | tail -2
+  timeout 330 python bench/engine.py --models "${MODELS:-llama3-8b}" --systems ours,ours-lm8,anchor-int4 \
+    --positions "${POSITIONS:-256,8192}" --out $OUT/engine_lm8.json 2>&1 | tee $OUT/engine_lm8.log | grep -v "^\[" | tail -12
   ;;
 memcheck)
   DECDEC_GPU_TESTS=1 timeout 300 compute-sanitizer --tool memcheck python -m pytest -q -p no:cacheprovider -m gpu \

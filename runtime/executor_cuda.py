@@ -58,6 +58,7 @@ from decdec.ops.attention import AttentionScratch, DecodeAttention, KVCache, pla
 from decdec.ops.base_gemv import BaseGemv
 from decdec.ops.correction import Correction
 from decdec.ops.dma import PinnedTable
+from decdec.ops import lm_head
 from decdec.ops.lm_head import Int8LmHead
 from decdec.ops.norm import AddRmsNorm
 from decdec.ops.ptx import pdl_supported
@@ -236,6 +237,9 @@ class DeviceModel:
     def __init__(self, args: ModelArgs, weights: dict[str, torch.Tensor], prepared_groups: dict,
                  residuals: bool = True, lm_head_int8: tuple | None = None):
         require_gpu("config asks for device 'cuda'")
+        if lm_head_int8 is not None and (args.dim % lm_head.VECTOR or args.dim > lm_head.MAX_DIM):
+            raise ConfigError(f"quant.lm_head_bits = 8: the int8 lm_head kernel takes a width that is a multiple of "
+                              f"{lm_head.VECTOR} up to {lm_head.MAX_DIM}, this model's is {args.dim}: use 16")
         self.args = args
         self.groups = {key: device_group(g, residuals) for key, g in prepared_groups.items()}
         self.weights = device_weights(weights, DEVICE, lm_head=lm_head_int8 is None)

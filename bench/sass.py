@@ -44,7 +44,7 @@ from decdec.ops import correction as corr  # noqa: E402
 from decdec.ops import lm_head  # noqa: E402
 
 dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=(9, 0))
-for module in (bg, corr, at):
+for module in (bg, corr, at, lm_head):
     module.pdl_supported = lambda: True  # the kernels as the H100 builds them (asking would need a driver)
 f16, f32, i32, u32 = nt.float16[::1], nt.float32[::1], nt.int32[::1], nt.uint32[::1]
 

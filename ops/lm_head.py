@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from numba import cuda, float32
 
-from decdec.ops.ptx import byte_floats, half2_floats, load_u32x4
+from decdec.ops.ptx import byte_floats, half2_floats, load_u32x4, pdl_supported, wait_upstream
 from decdec.ops.reduce import SCRATCH, warp_sum
 
 SIMULATED = cuda.jit.__module__.startswith("numba.cuda.simulator")
@@ -54,6 +54,7 @@ def _dot4(w, xs, v, e, acc):
 def _lm_head_kernel(vecs: int):
     """The kernel for inputs of vecs 16-byte vectors (dim = 16 * vecs: shared size and offsets are constants)."""
     STAGED = (vecs, PITCH)  # shared sizes must be literal constants for Numba
+    PDL = pdl_supported()
 
     @cuda.jit
     def kernel(h, q, scale, out, rows):
@@ -65,11 +66,14 @@ def _lm_head_kernel(vecs: int):
         of vector v at xs[PITCH * v ..]: PITCH is odd, so 32 lanes reading element e of 32 consecutive
         vectors hit 32 banks, and the element's offset is an immediate. Lane l then reads vectors l, l + 32,
         ... of its warp's row: each warp-wide load is 512 contiguous bytes. Bytes moved: rows * dim (codes)
-        + 8 * rows (scale, out) + blocks * 2 * dim (h, from L2).
+        + 8 * rows (scale, out) + blocks * 2 * dim (h, from L2). Launched behind a programmatic edge, the
+        blocks are resident while the norm before it runs, and wait for it before reading h.
         """
         xs = cuda.shared.array(STAGED, float32)
         scratch = cuda.shared.array(SCRATCH, float32)
         tid = cuda.threadIdx.x
+        if PDL:
+            wait_upstream()
         for p in range(tid, vecs * VECTOR // 2, THREADS):
             lo, hi = half2_floats(h[p])
             v, e = p // (VECTOR // 2), p % (VECTOR // 2) * 2

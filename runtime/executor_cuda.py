@@ -70,7 +70,7 @@ from decdec.scheduler.plan import CORRECTION_OPS, FOLDS, MAIN, SIDE, Launch, Pla
 
 # our kernels that wait for the kernel before them (`ops.ptx.wait_upstream`) before reading what it writes:
 # only an edge into one of these may become programmatic (matched in the kernel's mangled name)
-PDL_KERNELS = ("_mma_kernel", "_correction_kernel", "_add_rms_norm_kernel", "_attention_kernel")
+PDL_KERNELS = ("_mma_kernel", "_correction_kernel", "_add_rms_norm_kernel", "_attention_kernel", "_lm_head_kernel")
 FP16_INPUTS = ("base_gemv", "lm_head")  # ops that read fp16 buffers (the GEMV kernels, torch's fp16 matmul)
 FP16_OUTPUTS = ("base_gemv",)  # ops that write fp16 buffers (a merge's output is its base GEMV's buffer)
 DEVICE = "cuda"  # where DeviceModel and CUDAExecutor put their tensors

@@ -457,13 +457,15 @@ def _engine_runs(path: Path, d: dict) -> list[str]:
 
 
 def engine_summary(path: Path) -> str:
-    """The README's end-to-end table: per model, at the shortest KV length measured, our base step
-    beside the anchor (wall tokens/s, token in and logits out), and ours / anchor-int4 both ways."""
+    """The README's end-to-end table: per model, at the shortest KV length measured, our base step (and
+    with the int8 lm_head, where measured) beside the anchor (wall tokens/s, token in and logits out), and
+    ours / anchor-int4 both ways."""
     d = json.loads(path.read_text())
     int4, rows = _engine_rows(d)
     lines = [f"{d['device']}, batch 1, wall tokens/s (token in, logits on the host out); device tokens/s in "
              f"brackets ({source(path)}):", "",
-             *header("model", "KV length", "ours 3-bit", "anchor int4", "anchor bf16", "ours / int4", "ours / int4, device")]
+             *header("model", "KV length", "ours 3-bit", "ours, int8 lm_head", "anchor int4", "anchor bf16",
+                     "ours / int4", "ours / int4, device")]
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model and "error" not in r]
         if not mine:
@@ -477,12 +479,15 @@ def engine_summary(path: Path) -> str:
                 return "-"
             return "fails" if "error" in r else f"{r['tokens_per_s']:.1f} ({r['device_tokens_per_s']:.1f})"
 
-        ours = next((r for r in mine if r["system"] == "ours" and _base(r) and r["position"] == pos), None)
         anchor = int4.get((model, pos))
-        both = ours is not None and anchor is not None
-        lines.append(row(model, pos + 1, cell("ours"), cell("anchor-int4"), cell("anchor-bf16"),
-                         f"{ours['tokens_per_s'] / anchor['tokens_per_s']:.2f}x" if both else "",
-                         f"{ours['device_tokens_per_s'] / anchor['device_tokens_per_s']:.2f}x" if both else ""))
+
+        def ratio(key: str) -> str:  # ours (and ours with the int8 lm_head) / anchor-int4
+            ours = [r for r in mine if r["system"] in ("ours", "ours-lm8") and _base(r) and r["position"] == pos]
+            return " / ".join(f"{r[key] / anchor[key]:.2f}x" for r in sorted(ours, key=lambda r: r["system"] != "ours")
+                              ) if anchor else ""
+
+        lines.append(row(model, pos + 1, cell("ours"), cell("ours-lm8"), cell("anchor-int4"), cell("anchor-bf16"),
+                         ratio("tokens_per_s"), ratio("device_tokens_per_s")))
     return "\n".join(lines)
 
 
@@ -511,7 +516,7 @@ def engine_table(path: Path) -> str:
             errors.append(f"- {r['model']}, {r['system']}{f' at {target}' if r['target'] else ''}: {r['error'][:300]}")
             lines.append(row(r["model"], "", r["system"], target, f"{what} (below)", *[""] * 7))
             continue
-        anchor = int4.get((r["model"], r["position"])) if r["system"] == "ours" else None
+        anchor = int4.get((r["model"], r["position"])) if r["system"] in ("ours", "ours-lm8") else None
         tuned = "slowdown" in r
         lines.append(row(
             r["model"], r["kv_len"], r["system"], target, f"{r['tokens_per_s']:.1f}", f"{r['device_tokens_per_s']:.1f}",

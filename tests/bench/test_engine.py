@@ -56,6 +56,7 @@ def fake_gpu_file(tmp_path):
     run = engine.Run("cuda", 8192, (256,), 64, 5, False, 3000.0)
     t = lambda wall, dev: {"wall_ms": wall, "device_ms": dev}  # noqa: E731
     rows = [engine.make_row("llama3-8b", "ours", 0.0, 255, t(2.0, 1.5), 3_000_000_000, run),
+            engine.make_row("llama3-8b", "ours-lm8", 0.0, 255, t(1.6, 1.2), 2_500_000_000, run),
             engine.make_row("llama3-8b", "ours", 0.05, 255, t(2.1, 1.575), 3_000_000_000, run, slowdown=0.05,
                             predicted_slowdown=0.04, tuner_slowdown=0.045, k_chunk={"qkv@3": 0, "o@3": 0,
                             "gate_up@3": 12, "down@3": 4}, n_tb={"qkv@3": 0, "o@3": 0, "gate_up@3": 16, "down@3": 8}),
@@ -84,7 +85,9 @@ def test_report_ratios_and_tuned_rows(tmp_path, monkeypatch):
     assert "| smollm2-135m |  | anchor-int4 |  | fails (below) |" in table
     assert "- smollm2-135m, anchor-int4: RuntimeError: Expected isEvenDivisor" in table
     summary = report.engine_summary(path)
-    assert "| llama3-8b | 256 | 500.0 (666.7) | 250.0 (333.3) | 166.7 (181.8) | 2.00x | 2.00x |" in summary
+    assert "| llama3-8b | 256 | ours-lm8 | base | 625.0 | 833.3 | 52% | 2.50x | 2.50x |" in table
+    assert ("| llama3-8b | 256 | 500.0 (666.7) | 625.0 (833.3) | 250.0 (333.3) | 166.7 (181.8) | 2.00x / 2.50x "
+            "| 2.00x / 2.50x |") in summary
 
 
 def test_results_page_has_the_engine_section(tmp_path, monkeypatch):

@@ -19,12 +19,15 @@ import torch
 from numba import cuda, float32
 
 from decdec.ops.ptx import byte_floats, half2_floats, load_u32x4, pdl_supported, wait_upstream
-from decdec.ops.reduce import SCRATCH, warp_sum
+from decdec.ops.reduce import SCRATCH, lanes_sum
 
 SIMULATED = cuda.jit.__module__.startswith("numba.cuda.simulator")
 WARPS = 8  # warps per block
 THREADS = 32 * WARPS
 BLOCKS_PER_SM = 2048 // THREADS  # a full SM: one 16-byte load in flight per thread covers HBM's latency
+LANES = 8  # lanes per row: a row's vectors (40 at Gemma 3's width 640, 36 at SmolLM2's) fill 8 lanes evenly
+# where a whole warp would leave most lanes idle in its last pass; 4 rows a warp also share one reduction
+ROWS_PER_PASS = THREADS // LANES  # rows a block takes at once
 VECTOR = 16  # weights per 16-byte load
 MAX_DIM = 8192  # inputs staged in shared memory (34 KiB of float32)
 PITCH = VECTOR + 1  # float32 slots per vector in shared memory
@@ -61,11 +64,12 @@ def _lm_head_kernel(vecs: int):
         """out[r] = scale[r] * sum_i (q[r, i] - 128) * h[i], float32 accumulation.
 
         h: the fp16 input as pairs, uint32 [dim / 2]; q: the codes as uint32 [rows * dim / 4], row-major;
-        scale, out: float32 [rows]. Launch: [any grid, THREADS]; warp w of the grid takes rows w,
-        w + (warps of the grid), ... Each block first stages h as float32 in shared memory, the 16 inputs
-        of vector v at xs[PITCH * v ..]: PITCH is odd, so 32 lanes reading element e of 32 consecutive
-        vectors hit 32 banks, and the element's offset is an immediate. Lane l then reads vectors l, l + 32,
-        ... of its warp's row: each warp-wide load is 512 contiguous bytes. Bytes moved: rows * dim (codes)
+        scale, out: float32 [rows]. Launch: [any grid, THREADS]; each group of LANES lanes takes one row at a
+        time: group g of the grid takes rows g, g + (groups of the grid), ... Each block first stages h as
+        float32 in shared memory, the 16 inputs of vector v at xs[v, 0 .. 15]: the row pitch is odd, so
+        lanes reading element e of consecutive vectors hit distinct banks (the other groups read the same
+        words: a broadcast), and the element's offset is an immediate. Lane l of a group reads vectors
+        l, l + LANES, ... of its row: 128 contiguous bytes per group and load. Bytes moved: rows * dim (codes)
         + 8 * rows (scale, out) + blocks * 2 * dim (h, from L2). Launched behind a programmatic edge, the
         blocks are resident while the norm before it runs, and wait for it before reading h.
         """
@@ -79,17 +83,17 @@ def _lm_head_kernel(vecs: int):
             v, e = p // (VECTOR // 2), p % (VECTOR // 2) * 2
             xs[v, e], xs[v, e + 1] = lo, hi
         cuda.syncthreads()
-        lane = tid % 32
-        # a block's warps take one row each per pass, all passing together (the simulator's warp_sum
+        lane = tid % LANES
+        # a block's groups take one row each per pass, all passing together (the simulator's lanes_sum
         # needs every thread of the block at it)
-        for first in range(cuda.blockIdx.x * WARPS, rows, cuda.gridDim.x * WARPS):
-            row = first + tid // 32
+        for first in range(cuda.blockIdx.x * ROWS_PER_PASS, rows, cuda.gridDim.x * ROWS_PER_PASS):
+            row = first + tid // LANES
             acc = float32(0)
             if row < rows:
-                for v in range(lane, vecs, 32):
+                for v in range(lane, vecs, LANES):
                     w0, w1, w2, w3 = load_u32x4(q, (row * vecs + v) * 4)
                     acc = _dot4(w0, xs, v, 0, _dot4(w1, xs, v, 4, _dot4(w2, xs, v, 8, _dot4(w3, xs, v, 12, acc))))
-            acc = warp_sum(acc, scratch)
+            acc = lanes_sum(acc, LANES, scratch)
             if row < rows and lane == 0:
                 out[row] = acc * scale[row]
 
@@ -108,7 +112,7 @@ class Int8LmHead:
         if dim % VECTOR or dim > MAX_DIM:
             raise ValueError(f"lm_head width {dim}: the int8 kernel takes a multiple of {VECTOR} up to {MAX_DIM}")
         n_sm = 2 if SIMULATED else cuda.get_current_device().MULTIPROCESSOR_COUNT
-        self.blocks = min(n_sm * BLOCKS_PER_SM, -(-rows // WARPS))
+        self.blocks = min(n_sm * BLOCKS_PER_SM, -(-rows // ROWS_PER_PASS))
         self.kernel = _lm_head_kernel(dim // VECTOR)
         self.args = (h.reshape(h.size).view(np.uint32), codes.reshape(codes.size).view(np.uint32), scale, out, rows)
 

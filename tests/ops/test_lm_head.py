@@ -33,8 +33,9 @@ def test_quantize_rows_int8_round_trip():
 
 @kernels
 @pytest.mark.parametrize("rows, dim", [
-    (37, 48),  # rows not a multiple of the warps, 3 vectors a row: lanes 3.. idle
-    (20, 1056),  # 66 vectors a row: lanes 0 and 1 take a third
+    (37, 48),  # rows not a multiple of a block's pass (32 rows), 3 vectors a row: lanes 3.. of a group idle
+    (70, 1056),  # 66 vectors a row: lanes 0 and 1 of a group take a ninth
+    (600, 16),  # more rows than the simulator's grid (2 "SMs" x 8 blocks x 32 rows) takes in one pass
 ])
 def test_kernel_matches_reference(rows, dim):
     got, want = run_lm_head(rows, dim, rows + dim)

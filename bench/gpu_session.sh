@@ -47,7 +47,7 @@ lm_head)
     -k lm_head 2>&1 | tee $OUT/lm_head_tests.log | tail -2 || exit 1
   DECDEC_GPU_TESTS=1 timeout 60 compute-sanitizer --tool memcheck python -m pytest -q -p no:cacheprovider -m gpu \
     tests/ops/test_lm_head.py -k 49152 2>&1 | tee $OUT/memcheck_lm_head.log | grep -v cuGetProcAddress | tail -2
-  timeout 330 python bench/engine.py --models "${MODELS:-llama3-8b}" --systems ours,ours-lm8,anchor-int4 \
+  timeout 420 python bench/engine.py --models "${MODELS:-llama3-8b}" --systems ours,ours-lm8,anchor-int4 \
     --positions "${POSITIONS:-256,8192}" --out $OUT/engine_lm8.json 2>&1 | tee $OUT/engine_lm8.log | grep -v "^\[" | tail -12
   ;;
 memcheck)

@@ -465,7 +465,7 @@ def engine_summary(path: Path) -> str:
     lines = [f"{d['device']}, batch 1, wall tokens/s (token in, logits on the host out); device tokens/s in "
              f"brackets ({source(path)}):", "",
              *header("model", "KV length", "ours 3-bit", "ours, int8 lm_head", "anchor int4", "anchor bf16",
-                     "ours / int4", "ours / int4, device")]
+                     "ours / int4 (int8 lm_head)", "the same, device")]
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model and "error" not in r]
         if not mine:
@@ -481,10 +481,12 @@ def engine_summary(path: Path) -> str:
 
         anchor = int4.get((model, pos))
 
-        def ratio(key: str) -> str:  # ours (and ours with the int8 lm_head) / anchor-int4
-            ours = [r for r in mine if r["system"] in ("ours", "ours-lm8") and _base(r) and r["position"] == pos]
-            return " / ".join(f"{r[key] / anchor[key]:.2f}x" for r in sorted(ours, key=lambda r: r["system"] != "ours")
-                              ) if anchor else ""
+        def ratio(key: str) -> str:  # "ours / anchor-int4 (ours-lm8 / anchor-int4)", "-" for one not measured
+            if anchor is None:
+                return ""
+            ours = {r["system"]: f"{r[key] / anchor[key]:.2f}x" for r in mine
+                    if r["system"] in ("ours", "ours-lm8") and _base(r) and r["position"] == pos}
+            return ours.get("ours", "-") + (f" ({ours['ours-lm8']})" if "ours-lm8" in ours else "")
 
         lines.append(row(model, pos + 1, cell("ours"), cell("ours-lm8"), cell("anchor-int4"), cell("anchor-bf16"),
                          ratio("tokens_per_s"), ratio("device_tokens_per_s")))

@@ -25,8 +25,10 @@ SIMULATED = cuda.jit.__module__.startswith("numba.cuda.simulator")
 WARPS = 8  # warps per block
 THREADS = 32 * WARPS
 BLOCKS_PER_SM = 2048 // THREADS  # a full SM: one 16-byte load in flight per thread covers HBM's latency
-LANES = 8  # lanes per row: a row's vectors (40 at Gemma 3's width 640, 36 at SmolLM2's) fill 8 lanes evenly
-# where a whole warp would leave most lanes idle in its last pass; 4 rows a warp also share one reduction
+SHARED_PER_SM = 227 * 1024  # bytes of shared memory one block may use on an SM (sm_80 / sm_90), less 1 KiB
+LANES = 8  # lanes per row: a row's vectors (40 at Gemma 3's width 640, 36 at SmolLM2's) keep 8 lanes busy
+# (5 / 4.5 loads each) where a whole warp would leave most lanes idle in its last pass; 4 rows a warp also
+# share one reduction
 ROWS_PER_PASS = THREADS // LANES  # rows a block takes at once
 VECTOR = 16  # weights per 16-byte load
 MAX_DIM = 8192  # inputs staged in shared memory (34 KiB of float32)
@@ -112,7 +114,8 @@ class Int8LmHead:
         if dim % VECTOR or dim > MAX_DIM:
             raise ValueError(f"lm_head width {dim}: the int8 kernel takes a multiple of {VECTOR} up to {MAX_DIM}")
         n_sm = 2 if SIMULATED else cuda.get_current_device().MULTIPROCESSOR_COUNT
-        self.blocks = min(n_sm * BLOCKS_PER_SM, -(-rows // ROWS_PER_PASS))
+        resident = min(BLOCKS_PER_SM, SHARED_PER_SM // (dim // VECTOR * PITCH * 4))  # one wave: all resident
+        self.blocks = min(n_sm * resident, -(-rows // ROWS_PER_PASS))
         self.kernel = _lm_head_kernel(dim // VECTOR)
         self.args = (h.reshape(h.size).view(np.uint32), codes.reshape(codes.size).view(np.uint32), scale, out, rows)
 

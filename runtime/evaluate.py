@@ -102,11 +102,13 @@ def eval_windows(prepared: Prepared) -> list[torch.Tensor]:
 
 def eval_rows(prepared: Prepared, k_chunks: list[int | dict], selections: list[str],
               reference: bool = True) -> list[dict]:
-    """Rows {model, method, bits, selection, k_chunk, ppl, tokens}: the reference (optionally), the
-    quantized model alone, and quantized + DecDEC for every k_chunk > 0 and selection mode."""
+    """Rows {model, method, bits, lm_head_bits, selection, k_chunk, ppl, tokens}: the reference (optionally),
+    the quantized model alone, and quantized + DecDEC for every k_chunk > 0 and selection mode. Every row
+    has the config's lm_head (the reference's too: its other weights are the float32 ones)."""
     model, cfg = prepared.model, prepared.config
     windows = eval_windows(prepared)
-    base = {"model": model.source, "method": cfg.quant.method, "bits": cfg.quant.bits}
+    base = {"model": model.source, "method": cfg.quant.method, "bits": cfg.quant.bits,
+            "lm_head_bits": cfg.quant.lm_head_bits}
     rows = []
 
     def add(row: dict, linear) -> None:
@@ -115,7 +117,7 @@ def eval_rows(prepared: Prepared, k_chunks: list[int | dict], selections: list[s
         rows.append({**row, "ppl": ppl, "tokens": tokens})
 
     if reference:
-        add({**base, "method": "reference", "bits": 32, "selection": "none", "k_chunk": 0}, None)  # float32 weights
+        add({**base, "method": "reference", "bits": 32, "selection": "none", "k_chunk": 0}, None)  # float32 layers
     groups = dense_groups(prepared)
     add({**base, "selection": "none", "k_chunk": 0}, decdec_linear(groups))
     for k in (k for k in k_chunks if isinstance(k, dict) or k > 0):

@@ -4,10 +4,11 @@ Everything is allocated at construction; a step allocates nothing and costs one 
 
 - `DeviceModel` (built once, shared by executors): the quantized weights as `BaseGemv` objects, the
   residual tables in pinned, device-mapped host memory (`PinnedTable`, zero-copy) with their
-  per-output scales on the GPU, and the other weights (embedding / lm_head fp16, norms float32).
+  per-output scales on the GPU, and the other weights (embedding fp16, lm_head fp16 or int8 codes with
+  float32 row scales, norms float32).
 - `DecodeState`: one static buffer per graph tensor, the step's inputs (token, position) as device
   tensors the graph reads, the fp16 KV cache [n_layers, max_seq, n_kv, hd] and the RoPE tables; the
-  two torch ops of a step (`TORCH_OPS`: the embedding row, the fp16 lm_head).
+  torch ops of a step (`TORCH_OPS`: the embedding row, an fp16 lm_head; an int8 one is our kernel).
 - `CUDAExecutor`: binds every plan launch to a kernel (the base GEMV and the fused correction, each
   with the glue the plan folds into them: the norm or act x up before, the residual add after; the
   fused residual add + RMSNorm where it stays apart; attention with RoPE and the KV write; all from
@@ -58,8 +59,7 @@ from decdec.ops.attention import AttentionScratch, DecodeAttention, KVCache, pla
 from decdec.ops.base_gemv import BaseGemv
 from decdec.ops.correction import Correction
 from decdec.ops.dma import PinnedTable
-from decdec.ops import lm_head
-from decdec.ops.lm_head import Int8LmHead
+from decdec.ops.lm_head import MAX_DIM as LM_HEAD_MAX_DIM, VECTOR as LM_HEAD_VECTOR, Int8LmHead
 from decdec.ops.norm import AddRmsNorm
 from decdec.ops.ptx import pdl_supported
 from decdec.ops.selector import bucket_bounds
@@ -71,7 +71,7 @@ from decdec.scheduler.plan import CORRECTION_OPS, FOLDS, MAIN, SIDE, Launch, Pla
 # our kernels that wait for the kernel before them (`ops.ptx.wait_upstream`) before reading what it writes:
 # only an edge into one of these may become programmatic (matched in the kernel's mangled name)
 PDL_KERNELS = ("_mma_kernel", "_correction_kernel", "_add_rms_norm_kernel", "_attention_kernel", "_lm_head_kernel")
-FP16_INPUTS = ("base_gemv", "lm_head")  # ops that read fp16 buffers (the GEMV kernels, torch's fp16 matmul)
+FP16_INPUTS = ("base_gemv", "lm_head")  # ops that read fp16 buffers (the GEMV kernels, the lm_head)
 FP16_OUTPUTS = ("base_gemv",)  # ops that write fp16 buffers (a merge's output is its base GEMV's buffer)
 DEVICE = "cuda"  # where DeviceModel and CUDAExecutor put their tensors
 
@@ -80,15 +80,15 @@ DEVICE = "cuda"  # where DeviceModel and CUDAExecutor put their tensors
 # pure helpers (any device; tested on the CPU)
 
 
-def device_weights(weights: dict[str, torch.Tensor], device, lm_head: bool = True) -> dict[str, torch.Tensor]:
+def device_weights(weights: dict[str, torch.Tensor], device, fp16_lm_head: bool = True) -> dict[str, torch.Tensor]:
     """The weights the torch ops use, on `device`: embed / lm_head fp16 (one tensor when tied; no lm_head
-    without `lm_head`: the int8 kernel reads its own), norms and biases float32 (a few KB; the math
+    without `fp16_lm_head`: the int8 kernel reads its own codes), norms and biases float32 (a few KB; the math
     around them is float32). The linear groups' weights stay behind: the GEMV kernels hold their
     quantized form."""
     out = {name: w.to(device, torch.float32) for name, w in weights.items()
            if name not in ("embed", "lm_head") and name.rsplit(".", 1)[-1] not in LINEAR_KINDS}
     out["embed"] = weights["embed"].to(device, torch.float16)
-    if lm_head:
+    if fp16_lm_head:
         tied = weights["lm_head"] is weights["embed"]
         out["lm_head"] = out["embed"] if tied else weights["lm_head"].to(device, torch.float16)
     return out
@@ -237,12 +237,12 @@ class DeviceModel:
     def __init__(self, args: ModelArgs, weights: dict[str, torch.Tensor], prepared_groups: dict,
                  residuals: bool = True, lm_head_int8: tuple | None = None):
         require_gpu("config asks for device 'cuda'")
-        if lm_head_int8 is not None and (args.dim % lm_head.VECTOR or args.dim > lm_head.MAX_DIM):
+        if lm_head_int8 is not None and (args.dim % LM_HEAD_VECTOR or args.dim > LM_HEAD_MAX_DIM):
             raise ConfigError(f"quant.lm_head_bits = 8: the int8 lm_head kernel takes a width that is a multiple of "
-                              f"{lm_head.VECTOR} up to {lm_head.MAX_DIM}, this model's is {args.dim}: use 16")
+                              f"{LM_HEAD_VECTOR} up to {LM_HEAD_MAX_DIM}, this model's is {args.dim}: use 16")
         self.args = args
         self.groups = {key: device_group(g, residuals) for key, g in prepared_groups.items()}
-        self.weights = device_weights(weights, DEVICE, lm_head=lm_head_int8 is None)
+        self.weights = device_weights(weights, DEVICE, fp16_lm_head=lm_head_int8 is None)
         self.lm_head_int8 = None if lm_head_int8 is None else tuple(t.to(DEVICE).contiguous() for t in lm_head_int8)
 
     def close(self) -> None:

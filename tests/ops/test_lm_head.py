@@ -45,7 +45,7 @@ def test_kernel_matches_reference(rows, dim):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("rows, dim", [(128256, 4096), (262144, 640), (49152, 576)])
+@pytest.mark.parametrize("rows, dim", [(128256, 4096), (262144, 640), (49152, 576), (1024, 8192)])
 def test_kernel_matches_reference_on_gpu(rows, dim):
     got, want = run_lm_head(rows, dim, 0)
     assert not np.isnan(got).any()

@@ -43,6 +43,7 @@ from decdec.models.loader import synthetic_model  # noqa: E402
 from decdec.ops import act, attention, dma, lm_head, norm  # noqa: E402
 from decdec.ops.attention import decode_attention_reference  # noqa: E402
 from decdec.ops.correction import correction_reference  # noqa: E402
+from decdec.ops.lm_head import dequantize_rows  # noqa: E402
 from decdec.ops.norm import add_rms_norm_reference  # noqa: E402
 from decdec.ops.ptx import pdl_supported  # noqa: E402
 from decdec.runtime import engine as runtime_engine, executor_cuda as xc  # noqa: E402
@@ -647,6 +648,12 @@ def test_gpu_steps_with_int8_lm_head_equal_cpu_engine(tmp_path, k_chunk):
     base = runtime.compile({**tiny_k_cfg(tmp_path, 0, "gemma3", "rtn"), "quant": cfg["quant"]}, progress=False)
     tokens = torch.randint(0, TINY["vocab_size"], (STEPS,), generator=torch.Generator().manual_seed(7))
     assert_matches_cpu(cpu_steps(dev, tokens), cpu_steps(cpu, tokens), cpu_steps(base, tokens), k_chunk)
+    # the int8 kernel made the last step's logits: the int8 weight's product with the step's own fp16 input
+    # (switching the lm_head to int8 moves the tiny model's logits by less than GPU_TOL)
+    ex = dev.executor
+    assert "lm_head" not in ex.model.weights
+    want = dequantize_rows(*ex.model.lm_head_int8) @ ex.state.buf["hf"].float()
+    assert_close(ex.state.buf["logits"], want, 1e-4)
 
 
 @pytest.fixture(scope="module")

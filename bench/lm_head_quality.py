@@ -1,12 +1,12 @@
-"""Perplexity with the lm_head quantized: what a smaller lm_head would cost in quality (the GPU step keeps
-it in fp16, and it is a large share of the bytes a decode step reads: the file's `bytes`).
+"""Perplexity with the lm_head quantized: what a smaller lm_head costs in quality (it is a large share of the
+bytes a decode step reads: the file's `bytes`; `quant.lm_head_bits: 8` is the int8 row below).
 
     python bench/lm_head_quality.py --model gemma3-270m [--tokens 4094] [--ctx 512] --out FILE.json
 
 On the CPU (`runtime.evaluate`), the packaged model at the default config (robust 3-bit layers), without
 DecDEC and with it at --k-chunk (bucket selection), and the reference weights; each with the lm_head as
 it is and quantized, as dequantized float32 weights:
-  int8    symmetric, one scale per output row (what an int8 weight-only GEMV reads: 1 byte a weight)
+  int8    symmetric, one scale per output row (`ops.lm_head`, what `quant.lm_head_bits: 8` runs: 1 byte a weight)
   4-bit   asymmetric, groups of 128 inputs, round to nearest (`models.quantize.quant_dequant`, the base
           GEMV's format: 0.5 byte a weight + 4 bytes of scale and zero per group)
 Texts as bench/quality.py's: in-domain (the calibration corpus' evaluation half) and off-domain
@@ -30,16 +30,12 @@ from decdec.config import load_config  # noqa: E402
 from decdec.models.loader import load_model  # noqa: E402
 from decdec.models.prepare import prepare  # noqa: E402
 from decdec.models.quantize import quant_dequant  # noqa: E402
+from decdec.ops.lm_head import dequantize_rows, quantize_rows_int8  # noqa: E402
 from decdec.runtime.evaluate import decdec_linear, dense_groups, perplexity  # noqa: E402
 
 
-def int8_rows(w: torch.Tensor) -> torch.Tensor:
-    """Symmetric int8 with one scale per output row, dequantized."""
-    scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
-    return (w / scale).round().clamp(-127, 127) * scale
-
-
-LM_HEADS = {"fp": lambda w: w, "int8": int8_rows, "4-bit": lambda w: quant_dequant(w, 4)}
+LM_HEADS = {"fp": lambda w: w, "int8": lambda w: dequantize_rows(*quantize_rows_int8(w)),
+            "4-bit": lambda w: quant_dequant(w, 4)}
 BYTES_PER_WEIGHT = {"fp": 2.0, "int8": 1.0, "4-bit": 0.5 + 4 / 128}  # as the GPU step would read it
 
 

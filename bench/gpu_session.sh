@@ -6,8 +6,9 @@
 # llama:  bench/engine.py on Llama-3-8B shapes: ours beside the anchor at KV 256 / 2048 / 8192, tuned targets
 # small:  the same on Gemma 3 270M and SmolLM2-135M shapes (merged into the same results file)
 # gemv:   the base GEMV's GPU tests, then its default plans timed beside torch's int4 kernel (Llama, small shapes)
-# lm_head: the int8 lm_head's GPU tests and memcheck, then Llama-3-8B shapes: ours with the fp16 and the int8
-#         lm_head beside the int4 anchor (MODELS, POSITIONS to change what is timed)
+# lm_head: the int8 lm_head's GPU tests and memcheck, the kernel beside torch's fp16 / bf16 matmuls
+#         (bench/lm_head_speed.py), then Llama-3-8B shapes: ours with the fp16 and the int8 lm_head beside the
+#         int4 anchor (MODELS, POSITIONS to change what is timed)
 # memcheck: compute-sanitizer over the layer kernels' and the engine's GPU tests
 # Each stage runs on a bare machine: it installs the NumPy wheel that numba-cuda needs (carry .whl).
 set -uo pipefail
@@ -47,6 +48,7 @@ lm_head)
     -k lm_head 2>&1 | tee $OUT/lm_head_tests.log | tail -2 || exit 1
   DECDEC_GPU_TESTS=1 timeout 60 compute-sanitizer --tool memcheck python -m pytest -q -p no:cacheprovider -m gpu \
     tests/ops/test_lm_head.py -k 49152 2>&1 | tee $OUT/memcheck_lm_head.log | grep -v cuGetProcAddress | tail -2
+  timeout 120 python bench/lm_head_speed.py --out $OUT/lm_head_speed.json 2>&1 | tail -9
   timeout 420 python bench/engine.py --models "${MODELS:-llama3-8b}" --systems ours,ours-lm8,anchor-int4 \
     --positions "${POSITIONS:-256,8192}" --out $OUT/engine_lm8.json 2>&1 | tee $OUT/engine_lm8.log | grep -v "^\[" | tail -12
   ;;

@@ -35,9 +35,10 @@ def shape_rows(vocab: int, dim: int, reps: int, streams: timing.Streams, hbm_GBp
     gen = torch.Generator(device="cuda").manual_seed(vocab + dim)
     l2 = timing.device_info()["l2_bytes"]
     h = torch.randn(dim, device="cuda", generator=gen).half()
+    # as many copies as the int8 codes need to stream from HBM (the fp16 copies, twice their size, then do too)
     weights = [torch.randn(vocab, dim, device="cuda", generator=gen).half()
-               for _ in range(timing.copies_for(vocab * dim * 2, l2))]
-    int8 = [quantize_rows_int8(w) for w in weights[:timing.copies_for(vocab * dim, l2)]]
+               for _ in range(timing.copies_for(vocab * dim, l2))]
+    int8 = [quantize_rows_int8(w) for w in weights]
     logits = torch.empty(vocab, device="cuda")
     view = lambda t: cuda.as_cuda_array(t, sync=False)  # noqa: E731
     kernels = [Int8LmHead(view(q), view(s), view(h), view(logits)) for q, s in int8]
@@ -48,13 +49,13 @@ def shape_rows(vocab: int, dim: int, reps: int, streams: timing.Streams, hbm_GBp
     del want
     h_bf16, weights_bf16 = h.bfloat16()[None], [w.bfloat16() for w in weights]
     systems = {
-        "ours-int8": (lambda i: kernels[i](streams.main_n), len(kernels), vocab * (dim + 4)),
-        "torch-fp16": (lambda i: F.linear(h[None], weights[i]), len(weights), vocab * dim * 2),
-        "torch-bf16": (lambda i: F.linear(h_bf16, weights_bf16[i]), len(weights), vocab * dim * 2),
+        "ours-int8": (lambda i: kernels[i](streams.main_n), vocab * (dim + 4)),
+        "torch-fp16": (lambda i: F.linear(h[None], weights[i]), vocab * dim * 2),
+        "torch-bf16": (lambda i: F.linear(h_bf16, weights_bf16[i]), vocab * dim * 2),
     }
     rows = []
-    for system, (step, n, nbytes) in systems.items():
-        t = timing.graph_us(step, n, reps, streams)
+    for system, (step, nbytes) in systems.items():
+        t = timing.graph_us(step, len(weights), reps, streams)
         rows.append({"shape": [vocab, dim], "system": system, **t, "bytes": nbytes,
                      "frac_hbm": nbytes / (hbm_GBps * 1e3) / t["us"]})
         if system == "ours-int8":

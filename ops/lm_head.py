@@ -2,7 +2,7 @@
 
 The lm_head is the largest matrix a decode step reads (Llama-3-8B: 128256 x 4096; a tied Gemma 3 270M
 embedding is most of the model), and the step reads all of it for one token: at 1 byte a weight it
-takes half the time of fp16. Symmetric with a scale per row, it moves perplexity by well under 1 %
+reads half the bytes of fp16. Symmetric with a scale per row, it moves perplexity by well under 1 %
 (`bench/lm_head_quality.py`), where 4-bit groups cost 9 to 32 %.
 
 `quantize_rows_int8` makes the stored form: codes q + 128 as uint8 [vocab, dim] and float32 scales
@@ -33,6 +33,11 @@ ROWS_PER_PASS = THREADS // LANES  # rows a block takes at once
 VECTOR = 16  # weights per 16-byte load
 MAX_DIM = 8192  # inputs staged in shared memory (34 KiB of float32)
 PITCH = VECTOR + 1  # float32 slots per vector in shared memory
+
+
+def width_supported(dim: int) -> bool:
+    """Whether the kernel takes inputs of this width (whole 16-byte vectors, staged in shared memory)."""
+    return dim % VECTOR == 0 and dim <= MAX_DIM
 
 
 def quantize_rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +116,7 @@ class Int8LmHead:
 
     def __init__(self, codes, scale, h, out):
         rows, dim = codes.shape
-        if dim % VECTOR or dim > MAX_DIM:
+        if not width_supported(dim):
             raise ValueError(f"lm_head width {dim}: the int8 kernel takes a multiple of {VECTOR} up to {MAX_DIM}")
         n_sm = 2 if SIMULATED else cuda.get_current_device().MULTIPROCESSOR_COUNT
         resident = min(BLOCKS_PER_SM, SHARED_PER_SM // (dim // VECTOR * PITCH * 4))  # one wave: all resident

@@ -59,7 +59,7 @@ from decdec.ops.attention import AttentionScratch, DecodeAttention, KVCache, pla
 from decdec.ops.base_gemv import BaseGemv
 from decdec.ops.correction import Correction
 from decdec.ops.dma import PinnedTable
-from decdec.ops.lm_head import MAX_DIM as LM_HEAD_MAX_DIM, VECTOR as LM_HEAD_VECTOR, Int8LmHead
+from decdec.ops.lm_head import MAX_DIM as LM_HEAD_MAX_DIM, VECTOR as LM_HEAD_VECTOR, Int8LmHead, width_supported
 from decdec.ops.norm import AddRmsNorm
 from decdec.ops.ptx import pdl_supported
 from decdec.ops.selector import bucket_bounds
@@ -237,7 +237,7 @@ class DeviceModel:
     def __init__(self, args: ModelArgs, weights: dict[str, torch.Tensor], prepared_groups: dict,
                  residuals: bool = True, lm_head_int8: tuple | None = None):
         require_gpu("config asks for device 'cuda'")
-        if lm_head_int8 is not None and (args.dim % LM_HEAD_VECTOR or args.dim > LM_HEAD_MAX_DIM):
+        if lm_head_int8 is not None and not width_supported(args.dim):
             raise ConfigError(f"quant.lm_head_bits = 8: the int8 lm_head kernel takes a width that is a multiple of "
                               f"{LM_HEAD_VECTOR} up to {LM_HEAD_MAX_DIM}, this model's is {args.dim}: use 16")
         self.args = args
